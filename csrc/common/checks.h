@@ -1,0 +1,45 @@
+// Argument checks shared by the CPU and CUDA kernels. Messages follow torch's style: the op, the
+// argument, what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace torch_cs231n {
+
+// float32/float64 everywhere; float16/bfloat16 only where a CUDA kernel exists for them.
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  const auto st = t.scalar_type();
+  const bool ok = st == at::kFloat || st == at::kDouble ||
+                  (t.is_cuda() && (st == at::kHalf || st == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": expected ", arg, " to have dtype float32 or float64",
+              t.is_cuda() ? ", float16 or bfloat16" : " (float16 and bfloat16 are supported on CUDA only)",
+              ", but got ", st, " on ", t.device());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name, const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": expected all tensors to be on the same device, but ",
+              a_name, " is on ", a.device(), " and ", b_name, " is on ", b.device());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name, const char* op) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": expected ", b_name, " to have the dtype of ",
+              a_name, " (", a.scalar_type(), "), but got ", b.scalar_type());
+}
+
+inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name, const char* op) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": expected ", b_name, " to have the shape of ", a_name, " ",
+              a.sizes(), ", but got ", b.sizes());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* arg) {
+  TORCH_CHECK(t.dim() == dim, op, ": expected ", arg, " to be ", dim, "-D, but got a ", t.dim(),
+              "-D tensor of shape ", t.sizes());
+}
+
+}  // namespace torch_cs231n

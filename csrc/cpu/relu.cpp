@@ -1,0 +1,80 @@
+// ReLU on the CPU: a parallel loop over memory, calling the per-element math of common/relu.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "common/relu.h"
+
+namespace torch_cs231n {
+namespace {
+
+// Elements per task: large enough that the OpenMP hand-off costs little against a memory-bound loop.
+constexpr int64_t kGrain = 1 << 15;
+
+template <typename scalar_t>
+void relu_loop(const scalar_t* x, scalar_t* y, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) y[i] = relu_value(x[i]);
+  });
+}
+
+at::Tensor relu_forward_cpu(const at::Tensor& input) {
+  check_float_dtype(input, "relu_forward", "input");
+  at::Tensor output = at::empty_like(input);
+  if (output.numel() == 0) return output;
+  const at::Tensor x = dense_like(input, output);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_forward_cpu", [&] {
+    relu_loop(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel());
+  });
+  return output;
+}
+
+void relu_forward_inplace_cpu(at::Tensor& self) {
+  check_float_dtype(self, "relu_forward_", "self");
+  // Writing through a tensor whose elements share memory (an expanded view) is undefined: refuse it.
+  at::assert_no_internal_overlap(self);
+  if (self.numel() == 0) return;
+  if (self.is_non_overlapping_and_dense()) {
+    AT_DISPATCH_FLOATING_TYPES(self.scalar_type(), "relu_forward_inplace_cpu", [&] {
+      scalar_t* p = self.mutable_data_ptr<scalar_t>();
+      relu_loop<scalar_t>(p, p, self.numel());
+    });
+  } else {
+    self.copy_(relu_forward_cpu(self));  // a view with gaps: compute densely, write back through the view
+  }
+}
+
+at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output) {
+  constexpr const char* op = "relu_backward";
+  check_float_dtype(output, op, "output");
+  check_same_device(output, "output", grad_output, "grad_output", op);
+  check_same_dtype(output, "output", grad_output, "grad_output", op);
+  check_same_shape(output, "output", grad_output, "grad_output", op);
+  at::Tensor grad_input = at::empty_like(output);
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor y = dense_like(output, grad_input);
+  const at::Tensor dy = dense_like(grad_output, grad_input);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "relu_backward_cpu", [&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dxp[i] = relu_grad(dyp[i], yp[i]);
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
+  m.impl("relu_forward", &relu_forward_cpu);
+  m.impl("relu_forward_", &relu_forward_inplace_cpu);
+  m.impl("relu_backward", &relu_backward_cpu);
+}
+
+}  // namespace torch_cs231n

@@ -1,0 +1,107 @@
+// ReLU on CUDA: grid-stride loops over memory, calling the per-element math of common/relu.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/layout.h"
+#include "common/relu.h"
+#include "cuda/launch.cuh"
+
+namespace torch_cs231n {
+namespace {
+
+template <typename scalar_t>
+__global__ void relu_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    y[i] = relu_value(x[i]);
+  }
+}
+
+// In place: x and y alias, so no __restrict__.
+template <typename scalar_t>
+__global__ void relu_inplace_kernel(scalar_t* x, int64_t n) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    x[i] = relu_value(x[i]);
+  }
+}
+
+template <typename scalar_t>
+__global__ void relu_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
+                                     scalar_t* __restrict__ dx, int64_t n) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    dx[i] = relu_grad(dy[i], y[i]);
+  }
+}
+
+at::Tensor relu_forward_cuda(const at::Tensor& input) {
+  check_float_dtype(input, "relu_forward", "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = at::empty_like(input);
+  const int64_t n = output.numel();
+  if (n == 0) return output;
+  const at::Tensor x = dense_like(input, output);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_cuda", [&] {
+    relu_forward_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+void relu_forward_inplace_cuda(at::Tensor& self) {
+  check_float_dtype(self, "relu_forward_", "self");
+  at::assert_no_internal_overlap(self);
+  const c10::cuda::CUDAGuard guard(self.device());
+  const int64_t n = self.numel();
+  if (n == 0) return;
+  if (!self.is_non_overlapping_and_dense()) {
+    self.copy_(relu_forward_cuda(self));  // a view with gaps: compute densely, write back through the view
+    return;
+  }
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_inplace_cuda", [&] {
+    relu_inplace_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        self.mutable_data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output) {
+  constexpr const char* op = "relu_backward";
+  check_float_dtype(output, op, "output");
+  check_same_device(output, "output", grad_output, "grad_output", op);
+  check_same_dtype(output, "output", grad_output, "grad_output", op);
+  check_same_shape(output, "output", grad_output, "grad_output", op);
+  const c10::cuda::CUDAGuard guard(output.device());
+  at::Tensor grad_input = at::empty_like(output);
+  const int64_t n = grad_input.numel();
+  if (n == 0) return grad_input;
+  const at::Tensor y = dense_like(output, grad_input);
+  const at::Tensor dy = dense_like(grad_output, grad_input);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_backward_cuda", [&] {
+    relu_backward_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+        n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
+  m.impl("relu_forward", &relu_forward_cuda);
+  m.impl("relu_forward_", &relu_forward_inplace_cuda);
+  m.impl("relu_backward", &relu_backward_cuda);
+}
+
+}  // namespace torch_cs231n

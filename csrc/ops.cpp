@@ -1,0 +1,53 @@
+// Every operator schema of the torch_cs231n library, in one place. The kernels live in cpu/<op>.cpp and
+// cuda/<op>.cu (TORCH_LIBRARY_IMPL); fake kernels for torch.compile and opcheck in
+// torch_cs231n/_fake.py; autograd in torch_cs231n/functional.py.
+//
+// Built ahead of time this file is the Python module torch_cs231n._C, whose import loads the library and
+// runs the registrations; built by the JIT it is a plain shared library (is_python_module=False).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef TORCH_CS231N_VERSION
+#define TORCH_CS231N_VERSION "0.1.0"
+#endif
+
+namespace torch_cs231n {
+
+// What this binary was built with, for tests, `python -m torch_cs231n demo` and `check`.
+std::string build_info() {
+  std::string info = std::string("version=") + TORCH_CS231N_VERSION;
+#ifdef WITH_CUDA
+  info += ";cuda=1";
+#else
+  info += ";cuda=0";
+#endif
+#ifdef _OPENMP
+  info += ";openmp=1";
+#else
+  info += ";openmp=0";
+#endif
+  return info;
+}
+
+}  // namespace torch_cs231n
+
+TORCH_LIBRARY(torch_cs231n, m) {
+  m.def("build_info() -> str", &torch_cs231n::build_info);
+
+  // ReLU. The backward masks by the forward's output, so autograd saves only the output.
+  m.def("relu_forward(Tensor input) -> Tensor");
+  // In place. It returns nothing: torch's functionalization (torch.compile, opcheck) takes custom ops
+  // that mutate an argument only when they do not also return an alias of it.
+  m.def("relu_forward_(Tensor(a!) self) -> ()");
+  m.def("relu_backward(Tensor grad_output, Tensor output) -> Tensor");
+}
+
+extern "C" {
+// The module init of torch_cs231n._C. The module is empty: importing it is what registers the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,34 @@
+"""Helpers for the tests: memory layouts to try, dtypes per device, tolerances."""
+import torch
+
+LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]
+
+
+def dtypes_for(device):
+    """float32/float64 everywhere; float16/bfloat16 where our CUDA kernels take them."""
+    base = [torch.float32, torch.float64]
+    return base + [torch.float16, torch.bfloat16] if device == "cuda" else base
+
+
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as the 4-D tensor `x`, held in memory in the given way."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # a view whose last two dims are swapped in memory
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "sliced":  # a view with gaps: every other column of a wider tensor
+        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    raise ValueError(layout)
+
+
+def assert_same_layout(actual: torch.Tensor, expected: torch.Tensor):
+    """Same strides wherever strides mean something: dims of size > 1 of a non-empty tensor."""
+    if actual.numel() == 0:
+        return
+    a = [s for s, n in zip(actual.stride(), actual.shape) if n > 1]
+    e = [s for s, n in zip(expected.stride(), expected.shape) if n > 1]
+    assert a == e, f"strides {actual.stride()} differ from torch's {expected.stride()} for shape {tuple(actual.shape)}"

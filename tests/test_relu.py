@@ -1,0 +1,197 @@
+"""ReLU: our kernels against torch.nn.functional.relu, forward and backward, in every layout."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+import torch_cs231n
+from torch_cs231n import functional as ours
+from helpers import LAYOUTS, assert_same_layout, dtypes_for, with_layout
+
+ops = torch.ops.torch_cs231n
+
+
+def away_from_zero(shape, device, dtype=torch.float64):
+    """Random values with none near 0, where ReLU's derivative jumps and finite differences mislead."""
+    x = torch.randn(shape, device=device, dtype=dtype)
+    return torch.where(x.abs() < 0.1, torch.full_like(x, 0.5), x)
+
+
+def test_gradcheck(device):
+    x = away_from_zero((2, 3, 4, 5), device).requires_grad_()
+    assert gradcheck(ours.relu, (x,))
+
+
+def test_gradgradcheck(device):
+    x = away_from_zero((2, 3, 4, 5), device).requires_grad_()
+    assert gradgradcheck(ours.relu, (x,))
+
+
+def test_double_backward_matches_torch(device):
+    x = away_from_zero((2, 3, 4, 5), device)
+    g0 = torch.randn_like(x)
+    results = []
+    for fn in (ours.relu, F.relu):
+        xi = x.clone().requires_grad_()
+        g = g0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(xi), xi, g, create_graph=True)
+        results.append(torch.autograd.grad((gx * gx).sum(), g))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@given(
+    n=st.integers(0, 3), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
+    layout=st.sampled_from(LAYOUTS), dtype_index=st.integers(0, 3), seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_torch(device, n, c, h, w, layout, dtype_index, seed):
+    dtypes = dtypes_for(device)
+    dtype = dtypes[dtype_index % len(dtypes)]
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, c, h, w, generator=gen).to(device=device, dtype=dtype)
+    x = with_layout(base, layout)
+    grad = torch.randn(n, c, h, w, generator=gen).to(device=device, dtype=dtype)
+
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours.relu(x_ours), F.relu(x_ref)
+    # ReLU is exact: no rounding anywhere, so the results must be identical.
+    torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=0)
+    assert_same_layout(y_ours, y_ref)
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=0)
+
+
+def test_nan_and_inf(device):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 2.0], device=device)
+    torch.testing.assert_close(ours.relu(x), F.relu(x), equal_nan=True, rtol=0, atol=0)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours.relu(xo).sum().backward()
+    F.relu(xr).sum().backward()
+    torch.testing.assert_close(xo.grad, xr.grad, equal_nan=True, rtol=0, atol=0)
+
+
+def test_gradient_at_zero_is_zero(device):
+    x = torch.zeros(5, device=device, requires_grad=True)
+    ours.relu(x).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(5, device=device))
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    y = ours.relu(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------- in place
+def test_inplace_writes_input(device):
+    x = torch.randn(2, 3, 4, 5, device=device)
+    expected = F.relu(x)
+    ptr = x.data_ptr()
+    y = ours.relu(x, inplace=True)
+    assert y is x and x.data_ptr() == ptr
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inplace_any_layout(device, layout):
+    x = with_layout(torch.randn(2, 3, 4, 5, device=device), layout)
+    expected = F.relu(x)
+    ours.relu(x, inplace=True)
+    assert torch.equal(x, expected)
+
+
+def test_inplace_under_autograd(device):
+    leaf_ours = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    leaf_ref = leaf_ours.detach().clone().requires_grad_()
+    y_ours = ours.relu(leaf_ours * 2, inplace=True)
+    y_ref = F.relu(leaf_ref * 2, inplace=True)
+    torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=0)
+    g = torch.randn_like(y_ref)
+    y_ours.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(leaf_ours.grad, leaf_ref.grad, rtol=0, atol=0)
+
+
+def test_inplace_on_leaf_requiring_grad_raises_like_torch(device):
+    x = torch.randn(3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        F.relu(x, inplace=True)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        ours.relu(x, inplace=True)
+
+
+def test_module_matches_torch(device):
+    for inplace in (False, True):
+        mod, ref = torch_cs231n.ReLU(inplace=inplace), torch.nn.ReLU(inplace=inplace)
+        assert isinstance(mod, torch.nn.ReLU) and repr(mod) == repr(ref)
+        x = torch.randn(2, 3, 4, 5, device=device)
+        assert torch.equal(mod(x.clone()), ref(x.clone()))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_integer_input_is_refused(device):
+    x = torch.arange(6, device=device)
+    with pytest.raises(RuntimeError, match=r"relu_forward: expected input to have dtype float32 or float64.*Long"):
+        ours.relu(x)
+    with pytest.raises(RuntimeError, match=r"relu_forward_: expected self to have dtype float32 or float64"):
+        ours.relu(x, inplace=True)
+
+
+def test_half_on_cpu_is_refused():
+    with pytest.raises(RuntimeError, match="float16 and bfloat16 are supported on CUDA only"):
+        ours.relu(torch.randn(4).half())
+
+
+def test_inplace_on_overlapping_memory_is_refused(device):
+    x = torch.randn(1, 4, device=device).expand(3, 4)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        ours.relu(x, inplace=True)
+
+
+def test_backward_argument_checks(device):
+    y = torch.rand(2, 3, device=device)
+    with pytest.raises(RuntimeError, match=r"relu_backward: expected grad_output to have the shape of output \[2, 3\], but got \[3, 2\]"):
+        ops.relu_backward(torch.rand(3, 2, device=device), y)
+    with pytest.raises(RuntimeError, match=r"relu_backward: expected grad_output to have the dtype of output \(Float\), but got Double"):
+        ops.relu_backward(y.double(), y)
+
+
+def test_not_a_tensor_is_refused():
+    with pytest.raises(TypeError, match="must be Tensor, not list"):
+        ours.relu([1.0, -1.0])
+
+
+# ---------------------------------------------------------------------------------- opcheck and compile
+def _samples(device):
+    yield torch.randn(2, 3, 4, 5, device=device)
+    yield torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    yield torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64).transpose(1, 3)
+    yield torch.randn(0, 3, 4, 5, device=device)
+
+
+def test_opcheck(device):
+    for x in _samples(device):
+        torch.library.opcheck(ops.relu_forward.default, (x,))
+        torch.library.opcheck(ops.relu_forward_.default, (x.clone(),))
+        y = ops.relu_forward(x)
+        torch.library.opcheck(ops.relu_backward.default, (torch.randn_like(y), y))
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch_cs231n.ReLU(), torch.nn.Linear(16, 16), torch_cs231n.ReLU(inplace=True),
+        torch.nn.Linear(16, 4),
+    ).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 8, device=device)
+    out_eager, out_compiled = model(x), compiled(x)
+    torch.testing.assert_close(out_compiled, out_eager)
+    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
+    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,124 @@
+"""How to compile csrc/: one place for setup.py (ahead of time) and _extension.py (JIT).
+
+This module must import nothing from torch at module level, because
+``torch.utils.cpp_extension`` reads ``CUDA_HOME`` once, when it is first imported:
+``configure_cuda_env()`` has to run before that.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# Architectures compiled when no GPU is visible to ask. 8.0 = A100, 9.0 = H100/H200; the PTX of 9.0
+# lets newer cards JIT-compile the kernels.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit's own folder, or None.
+
+    ``nvcc`` on PATH may be a wrapper script that lives outside the toolkit, so the folder above it is
+    not trusted unless it holds the toolkit's headers; the script's text is read for the real path.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if _is_toolkit(candidate):
+            return os.path.realpath(candidate)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    real = os.path.realpath(nvcc)
+    root = os.path.dirname(os.path.dirname(real))
+    if _is_toolkit(root):
+        return root
+    try:
+        with open(real, "r", errors="ignore") as f:
+            text = f.read(4096)
+    except OSError:
+        return None
+    for path in re.findall(r"(/[^\s\"']+)/bin/nvcc", text):
+        if _is_toolkit(path):
+            return os.path.realpath(path)
+    return None
+
+
+def want_cuda(torch_version_cuda: str | None) -> bool:
+    """Build the CUDA kernels? FORCE_CUDA=1/0 decides; otherwise a toolkit and a CUDA build of torch.
+
+    Never ``torch.cuda.is_available()``: a build machine without a GPU still builds for users with one.
+    """
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None and force.strip() != "":
+        return force.strip() not in ("0", "false", "False", "no")
+    return torch_version_cuda is not None and find_cuda_home() is not None
+
+
+def configure_cuda_env() -> str | None:
+    """Point CUDA_HOME at the toolkit and give a default arch list; call before importing cpp_extension."""
+    home = find_cuda_home()
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    return home
+
+
+def sources(with_cuda: bool) -> list[str]:
+    files = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    if with_cuda:
+        files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    return files
+
+
+def _site_dirs() -> list[str]:
+    return [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+
+
+def include_dirs(with_cuda: bool) -> list[str]:
+    """csrc/ itself, and with CUDA the cuBLAS/cuSPARSE headers that pip's nvidia wheels carry."""
+    dirs = [CSRC]
+    if with_cuda:
+        for site in _site_dirs():
+            dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include")))
+    return dirs
+
+
+def library_dirs(with_cuda: bool) -> list[str]:
+    """Toolkits that keep libcudart in lib/ rather than lib64/ (torch only adds lib64)."""
+    if not with_cuda:
+        return []
+    home = find_cuda_home()
+    return [os.path.join(home, "lib")] if home and os.path.isdir(os.path.join(home, "lib")) else []
+
+
+def debug() -> bool:
+    return os.environ.get("DEBUG", "0") not in ("", "0")
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    opt = ["-O0", "-g"] if debug() else ["-O3"]
+    # at::parallel_for is OpenMP underneath: without -fopenmp it quietly runs on one thread.
+    flags = opt + ["-fopenmp"]  # the C++ standard is torch's choice (C++20 for torch 2.10+)
+    if with_cuda:
+        flags.append("-DWITH_CUDA")
+    return flags
+
+
+def nvcc_flags() -> list[str]:
+    opt = ["-O0", "-g", "-G"] if debug() else ["-O3"]
+    return opt + ["-DWITH_CUDA", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+
+
+def ld_flags() -> list[str]:
+    return ["-fopenmp"]

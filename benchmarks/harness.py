@@ -1,0 +1,146 @@
+"""Times every case of the suite, ours against torch's, and prints the ratio ours/torch.
+
+    python -m benchmarks.harness [--quick] [--device cpu|cuda] [--op relu ...] [--json PATH]
+    python -m torch_cs231n bench ...            (the same)
+
+Method: torch.utils.benchmark.Timer with num_threads=2 (its default of 1 would override
+torch.set_num_threads), the median of blocked_autorange, ours and torch's interleaved in one process over
+several rounds (the median of the rounds is reported, and their spread). Forward+backward is
+``torch.autograd.grad(fn(*inputs), inputs, grad)``: no .grad accumulation is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+# glibc otherwise returns blocks over 32 MiB to the kernel after each use and page-faults them in again on
+# the next call: large-shape timings then swing by 2x with heap history (see DESIGN.md).
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def reexec_with_tunables(argv: list[str]) -> None:
+    """Restart this process with GLIBC_TUNABLES set (it is read only when the process starts)."""
+    if os.environ.get("GLIBC_TUNABLES") == GLIBC_TUNABLES or os.environ.get("TORCH_CS231N_NO_REEXEC"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + argv, env)
+
+
+def _time(stmt_fn, threads: int, min_run_time: float) -> float:
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": stmt_fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -> dict:
+    import torch
+
+    inputs = case.make_inputs(device, torch.float32)
+    grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    with torch.no_grad():
+        out_shape_ref = case.reference(*inputs)
+    grad = torch.randn_like(out_shape_ref)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+
+    def forward_backward(fn):
+        def run():
+            torch.autograd.grad(fn(*inputs), grad_inputs, grad)
+        return run
+
+    samples = {k: [] for k in ("fwd_ours", "fwd_torch", "fb_ours", "fb_torch")}
+    for _ in range(rounds):  # interleaved, so that drifts in machine load hit both alike
+        samples["fwd_ours"].append(_time(forward(case.ours), threads, min_run_time))
+        samples["fwd_torch"].append(_time(forward(case.reference), threads, min_run_time))
+        samples["fb_ours"].append(_time(forward_backward(case.ours), threads, min_run_time))
+        samples["fb_torch"].append(_time(forward_backward(case.reference), threads, min_run_time))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    spread = {k: (min(v), max(v)) for k, v in samples.items()}
+    return {
+        "op": case.op,
+        "case": case.name,
+        "describe": case.describe,
+        "device": device,
+        **{f"{k}_s": v for k, v in med.items()},
+        "spread_s": spread,
+        "ratio_fwd": med["fwd_ours"] / med["fwd_torch"],
+        "ratio_fwd_bwd": med["fb_ours"] / med["fb_torch"],
+        "target": case.target,
+    }
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:9.3f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'op':<10} {'case':<11} {'shape / arguments':<44} {'fwd ours':>9} {'fwd torch':>9} {'ratio':>6}"
+            f" {'f+b ours':>9} {'f+b torch':>9} {'ratio':>6} {'target':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        target = "" if r["target"] is None else f"{r['target']:.2f}"
+        flag = "" if r["target"] is None or r["ratio_fwd_bwd"] <= r["target"] else "  MISSED"
+        print(f"{r['op']:<10} {r['case']:<11} {r['describe'][:44]:<44} {_ms(r['fwd_ours_s'])} {_ms(r['fwd_torch_s'])}"
+              f" {r['ratio_fwd']:6.2f} {_ms(r['fb_ours_s'])} {_ms(r['fb_torch_s'])} {r['ratio_fwd_bwd']:6.2f}"
+              f" {target:>6}{flag}")
+    print("times in ms (median of rounds of blocked_autorange medians); ratio = ours / torch")
+
+
+def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, one short round each")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--op", action="append", help="only this layer (repeatable): relu, conv2d, ...")
+    parser.add_argument("--case", action="append", help="only this shape name (repeatable)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+
+    reexec_with_tunables(reexec_argv if reexec_argv is not None else ["-m", "benchmarks.harness"] + sys.argv[1:])
+
+    import torch
+
+    import torch_cs231n
+
+    from .suite import all_cases
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (1 if args.quick else 3)
+    min_run_time = 0.2 if args.quick else 0.5
+    cases = [c for c in all_cases() if (not args.op or c.op in args.op) and (not args.case or c.name in args.case)
+             and (c.quick or not args.quick)]
+    info = torch_cs231n.build_info()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"torch_cs231n {info['version']} ({info['backend']}, cuda={info['cuda']}), torch {torch.__version__}, "
+          f"device {args.device} ({device_name}), {args.threads} threads, {rounds} round(s)")
+    rows = []
+    for case in cases:
+        rows.append(measure(case, args.device, args.threads, rounds, min_run_time))
+        print(f"  {case.op} {case.name}: fwd+bwd ratio {rows[-1]['ratio_fwd_bwd']:.2f}", flush=True)
+    print()
+    print_table(rows)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name, "threads": args.threads,
+                       "torch": torch.__version__, "build": info, "results": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

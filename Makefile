@@ -1,0 +1,37 @@
+# make demo / make test / make bench: each sets up everything first (a .venv with torch and the rest, then
+# the build), so a fresh clone needs nothing else. The build is redone only when csrc/ or the build
+# rules change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The release a Linux user gets from PyPI (a CUDA 13.0 build); the CUDA kernels compile against it.
+TORCH ?= torch==2.14.1
+BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml torch_cs231n/_build_config.py
+
+.PHONY: demo test bench build clean
+
+demo: $(VENV)/.built
+	$(PY) -m torch_cs231n demo
+
+test: $(VENV)/.built
+	$(PY) -m pytest
+
+bench: $(VENV)/.built
+	$(PY) -m torch_cs231n bench
+
+build: $(VENV)/.built
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install ninja numpy pytest hypothesis expecttest scikit-learn matplotlib tqdm
+	touch $@
+
+# --no-build-isolation: compile against the torch in the venv, not a fresh download of another one.
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build *.egg-info torch_cs231n/_C*.so bench-results demo-output

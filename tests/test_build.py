@@ -1,0 +1,130 @@
+"""The build: CUDA kernels exist for every op when built with CUDA, and the JIT path builds and works."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_cs231n
+from torch_cs231n import _build_config as cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_ops():
+    """Every op of the library but build_info (which has no tensors, so no per-device kernel)."""
+    names = [o for o in torch._C._dispatch_get_all_op_names() if o.startswith("torch_cs231n::")]
+    return sorted(o for o in names if o != "torch_cs231n::build_info")
+
+
+def test_ops_are_registered():
+    assert "torch_cs231n::relu_forward" in kernel_ops()
+
+
+@pytest.mark.parametrize("op", kernel_ops())
+def test_every_op_has_a_cpu_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
+
+
+def test_built_with_cuda_when_the_toolkit_allows():
+    """Where a toolkit and a CUDA torch are present (CI's machine), the build must have taken CUDA.
+
+    Without this, a CUDA source that stops compiling could silently give a CPU-only build.
+    """
+    expected = cfg.want_cuda(torch.version.cuda)
+    assert torch_cs231n.build_info()["cuda"] == expected, (
+        f"built with cuda={torch_cs231n.build_info()['cuda']}, but this machine's toolkit "
+        f"({cfg.find_cuda_home()}) and torch ({torch.version.cuda}) ask for cuda={expected} "
+        "(FORCE_CUDA=0/1 overrides both)"
+    )
+
+
+@pytest.mark.parametrize("op", kernel_ops())
+def test_every_op_has_a_cuda_kernel_when_built_with_cuda(op):
+    if not torch_cs231n.build_info()["cuda"]:
+        pytest.skip("this build has no CUDA kernels (no toolkit, a CPU torch, or FORCE_CUDA=0)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+
+
+def test_build_info_reports_openmp():
+    # Without -fopenmp, at::parallel_for runs everything on one thread.
+    assert torch_cs231n.build_info()["openmp"] is True
+
+
+def test_find_cuda_home_reads_through_a_wrapper_script(tmp_path, monkeypatch):
+    """`nvcc` on PATH may be a script outside the toolkit that execs the real one."""
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    script = wrappers / "nvcc"
+    script.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrappers))
+    monkeypatch.setattr(cfg, "_is_toolkit", lambda p, real=cfg._is_toolkit: p != "/usr/local/cuda" and real(p))
+    assert cfg.find_cuda_home() == os.path.realpath(toolkit)
+
+
+def test_force_cuda_overrides(monkeypatch):
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    assert cfg.want_cuda("13.0") is False
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    assert cfg.want_cuda(None) is True
+    monkeypatch.delenv("FORCE_CUDA")
+    assert cfg.want_cuda(None) is False  # a CPU build of torch never gets CUDA kernels
+
+
+# ------------------------------------------------------------------------------------------------ JIT
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+    """A source checkout without a compiled _C: the package and csrc/ only."""
+    root = tmp_path_factory.mktemp("checkout")
+    shutil.copytree(os.path.join(ROOT, "csrc"), root / "csrc")
+    shutil.copytree(os.path.join(ROOT, "torch_cs231n"), root / "torch_cs231n",
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    return root
+
+
+PROBE = (
+    "import torch, torch_cs231n; "
+    "x = torch.tensor([-1.0, 2.0], requires_grad=True); y = torch_cs231n.functional.relu(x); y.sum().backward(); "
+    "assert y.tolist() == [0.0, 2.0] and x.grad.tolist() == [0.0, 1.0]; "
+    "print('backend', torch_cs231n.build_info()['backend'], torch_cs231n.__file__)"
+)
+
+
+def run_probe(checkout, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "TORCH_CS231N_JIT"}
+    full_env.update(PYTHONPATH=str(checkout), **env)
+    return subprocess.run([sys.executable, "-c", PROBE], cwd=checkout, env=full_env, capture_output=True,
+                          text=True, timeout=1800)
+
+
+@pytest.mark.slow
+def test_jit_build_in_a_checkout_without_c(source_copy, tmp_path_factory):
+    # CPU-only JIT keeps CI short; the CUDA sources are proven by the ahead-of-time build above.
+    ext_dir = tmp_path_factory.mktemp("torch_extensions")
+    env = {"FORCE_CUDA": "0", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
+    first = run_probe(source_copy, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "JIT-building" in first.stderr, "the JIT build must say so, once"
+    assert f"backend jit {source_copy}" in first.stdout
+
+    # A compiled _C beside the package is preferred, unless TORCH_CS231N_JIT=1 forces the JIT (cached now).
+    built = [f for f in os.listdir(os.path.join(ROOT, "torch_cs231n")) if f.startswith("_C") and f.endswith(".so")]
+    if not built or torch_cs231n.build_info()["backend"] != "aot":
+        pytest.skip("no ahead-of-time build of _C to compare with")
+    shutil.copy(os.path.join(ROOT, "torch_cs231n", built[0]), source_copy / "torch_cs231n")
+    aot = run_probe(source_copy, **env)
+    assert aot.returncode == 0, aot.stderr[-3000:]
+    assert "backend aot" in aot.stdout and "JIT-building" not in aot.stderr
+    forced = run_probe(source_copy, TORCH_CS231N_JIT="1", **env)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "backend jit" in forced.stdout

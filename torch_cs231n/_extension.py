@@ -21,9 +21,11 @@ BACKEND: str | None = None
 
 
 def _jit_build() -> None:
-    cfg.configure_cuda_env()  # before cpp_extension is imported: it reads CUDA_HOME once
+    home = cfg.configure_cuda_env()  # before cpp_extension is imported: it reads CUDA_HOME once
     from torch.utils import cpp_extension
 
+    if home is not None:
+        cpp_extension.CUDA_HOME = home  # in case it was imported earlier (torch.utils.benchmark does)
     with_cuda = cfg.want_cuda(torch.version.cuda)
     name = "torch_cs231n_jit_" + ("cuda" if with_cuda else "cpu")
     log.warning("torch_cs231n: no compiled _C found; JIT-building %s from %s (cached after the first time)",

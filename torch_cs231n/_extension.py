@@ -7,8 +7,11 @@ registered only once per process, so exactly one of them is ever loaded.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -43,6 +46,29 @@ def _jit_build() -> None:
     )
 
 
+def _compiled_library() -> str | None:
+    """The path of the compiled _C beside this file, if there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_C" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _import_compiled(path: str) -> None:
+    """Import torch_cs231n._C from exactly this file (importing it registers the ops).
+
+    By path, not by ``from . import _C``: an editable install's import hook would otherwise answer with
+    the _C of the checkout it was installed from, whichever copy of the package is running.
+    """
+    name = f"{__package__}._C"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+
+
 def load() -> str:
     """Make the ops available under ``torch.ops.torch_cs231n``; returns "aot" or "jit"."""
     global BACKEND
@@ -52,11 +78,11 @@ def load() -> str:
         _jit_build()
         BACKEND = "jit"
         return BACKEND
-    try:
-        from . import _C  # noqa: F401  (importing it registers the ops)
-
+    compiled = _compiled_library()
+    if compiled is not None:
+        _import_compiled(compiled)
         BACKEND = "aot"
-    except ImportError:
+    else:
         if not os.path.isfile(os.path.join(cfg.CSRC, "ops.cpp")):
             raise ImportError(
                 "torch_cs231n: the compiled extension torch_cs231n._C is missing and there is no csrc/ "

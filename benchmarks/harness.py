@@ -58,6 +58,12 @@ def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -
             torch.autograd.grad(fn(*inputs), grad_inputs, grad)
         return run
 
+    # Warm up: the first calls grow the heap (page faults) and fill caches; they are not what is measured.
+    for fn in (case.ours, case.reference):
+        for _ in range(2):
+            forward(fn)()
+            forward_backward(fn)()
+
     samples = {k: [] for k in ("fwd_ours", "fwd_torch", "fb_ours", "fb_torch")}
     for _ in range(rounds):  # interleaved, so that drifts in machine load hit both alike
         samples["fwd_ours"].append(_time(forward(case.ours), threads, min_run_time))

@@ -8,6 +8,7 @@
 #include "common/checks.h"
 #include "common/layout.h"
 #include "common/relu.h"
+#include "cpu/streaming.h"
 
 namespace torch_cs231n {
 namespace {
@@ -17,9 +18,7 @@ constexpr int64_t kGrain = 1 << 15;
 
 template <typename scalar_t>
 void relu_loop(const scalar_t* x, scalar_t* y, int64_t n) {
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) y[i] = relu_value(x[i]);
-  });
+  cpu::parallel_map(y, n, kGrain, [x](int64_t i) { return relu_value(x[i]); });
 }
 
 at::Tensor relu_forward_cpu(const at::Tensor& input) {
@@ -62,9 +61,7 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) dxp[i] = relu_grad(dyp[i], yp[i]);
-    });
+    cpu::parallel_map(dxp, y.numel(), kGrain, [dyp, yp](int64_t i) { return relu_grad(dyp[i], yp[i]); });
   });
   return grad_input;
 }

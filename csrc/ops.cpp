@@ -42,6 +42,15 @@ TORCH_LIBRARY(torch_cs231n, m) {
   // that mutate an argument only when they do not also return an alias of it.
   m.def("relu_forward_(Tensor(a!) self) -> ()");
   m.def("relu_backward(Tensor grad_output, Tensor output) -> Tensor");
+
+  // Conv2d (cross-correlation, as torch's). Symmetric zero padding; padding='same' with an odd total and
+  // the other padding modes are done in Python by padding the input first. The backward computes only
+  // the gradients that output_mask asks for (d_input, d_weight, d_bias); the others come back as empty
+  // tensors of shape [0].
+  m.def("conv2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" {

@@ -21,3 +21,31 @@ def _relu_forward_(self):
 def _relu_backward(grad_output, output):
     torch._check(grad_output.shape == output.shape, lambda: "relu_backward: grad_output and output differ in shape")
     return torch.empty_like(output)
+
+
+# ------------------------------------------------------------------------------------------------- Conv2d
+def _conv_out(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake(_lib + "conv2d_forward")
+def _conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
+    for name, t in (("weight", weight), ("bias", bias)):
+        torch._check(t is None or t.device == input.device, lambda: (
+            f"conv2d_forward: expected all tensors to be on the same device, but input is on {input.device} "
+            f"and {name} is on {t.device}"))
+    torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "conv2d_forward: expected 4-D input and weight")
+    torch._check(input.shape[1] == weight.shape[1] * groups, lambda: "conv2d_forward: channels do not match")
+    n, _, h, w = input.shape
+    f, _, kh, kw = weight.shape
+    oh = _conv_out(h, kh, stride[0], padding[0], dilation[0])
+    ow = _conv_out(w, kw, stride[1], padding[1], dilation[1])
+    return input.new_empty((n, f, oh, ow))  # contiguous, as the kernels return it
+
+
+@torch.library.register_fake(_lib + "conv2d_backward")
+def _conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    dx = input.new_empty(input.shape if output_mask[0] else (0,))  # contiguous, as the kernels
+    dw = weight.new_empty(weight.shape if output_mask[1] else (0,))
+    db = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
+    return dx, dw, db

@@ -63,3 +63,127 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
     return _ReLU.apply(input, bool(inplace))
+
+
+# ------------------------------------------------------------------------------------------------- Conv2d
+__all__ += ["conv2d"]
+
+
+def _conv_pair(value, name):
+    """An int or a pair of ints, as F.conv2d takes them, as a list of 2 ints."""
+    if isinstance(value, int):
+        return [value, value]
+    value = list(value)
+    if len(value) == 1:
+        return [int(value[0])] * 2
+    if len(value) != 2:
+        raise RuntimeError(f"conv2d: expected {name} to be a single integer or a pair of integers, but got {name}={value}")
+    return [int(v) for v in value]
+
+
+class _Conv2d(torch.autograd.Function):
+    """y = conv2d(x, W) + b through our ops; backward through _Conv2dBackward, itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(input, weight)
+        ctx.args = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        # Only the gradients autograd asks for are computed: a first layer does not pay for d_input.
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        if not any(mask):
+            return (None,) * 7
+        grads = _Conv2dBackward.apply(grad_output, input, weight, ctx.args, mask)
+        dx, dw, db = (g if m else None for g, m in zip(grads, mask))
+        return dx, dw, db, None, None, None, None
+
+
+class _Conv2dBackward(torch.autograd.Function):
+    """(d_x, d_W, d_b) = conv2d_backward(dY, x, W), differentiable so that double backward is right.
+
+    d_x = Dx(dY, W) and d_W = Dw(x, dY) are bilinear, and the adjoint identities
+        <g, Dx(dY, W)> = <dY, conv(g, W)>   and   <g, Dw(x, dY)> = <dY, conv(x, g)>
+    give every second derivative in terms of the same two ops:
+        d/d(dY) = conv(g_dx, W) + conv(x, g_dW) + g_db,   d/dW = Dw(g_dx, dY),   d/dx = Dx(dY, g_dW).
+    """
+
+    @staticmethod
+    def forward(ctx, grad_output, input, weight, args, mask):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_output, input, weight)
+        ctx.args, ctx.mask = args, mask
+        dx, dw, db = ops.conv2d_backward(grad_output, input, weight, *args, list(mask))
+        ctx.mark_non_differentiable(*(g for g, m in zip((dx, dw, db), mask) if not m))
+        return dx, dw, db
+
+    @staticmethod
+    def backward(ctx, g_dx, g_dw, g_db):
+        dy, x, w = ctx.saved_tensors
+        g_dx, g_dw, g_db = (g if m else None for g, m in zip((g_dx, g_dw, g_db), ctx.mask))
+        need_dy, need_x, need_w = ctx.needs_input_grad[:3]
+        gdy = gx = gw = None
+        if need_dy:
+            terms = []
+            if g_dx is not None:
+                terms.append(_Conv2d.apply(g_dx, w, None, *ctx.args))
+            if g_dw is not None:
+                terms.append(_Conv2d.apply(x, g_dw, None, *ctx.args))
+            if g_db is not None:
+                terms.append(g_db.view(1, -1, 1, 1).expand_as(dy))
+            if terms:
+                gdy = terms[0]
+                for t in terms[1:]:
+                    gdy = gdy + t
+        if need_w and g_dx is not None:
+            gw = _Conv2dBackward.apply(dy, g_dx, w, ctx.args, (False, True, False))[1]
+        if need_x and g_dw is not None:
+            gx = _Conv2dBackward.apply(dy, x, g_dw, ctx.args, (True, False, False))[0]
+        return gdy, gx, gw, None, None
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Like ``torch.nn.functional.conv2d`` (cross-correlation), computed by our kernels.
+
+    ``stride``, ``padding`` and ``dilation`` are an int or a pair; ``padding`` may also be ``'valid'``
+    (no padding) or ``'same'`` (stride 1 only; when ``dilation*(k-1)`` is odd the extra row/column of
+    zeros goes at the bottom/right, as in torch). ``input`` is (N, C, H, W) or unbatched (C, H, W);
+    N = 0 works. float32/float64, and float16/bfloat16 on CUDA.
+
+    Memory format: the output is always contiguous (NCHW), also for a channels_last input (torch would
+    return channels_last there); values and gradients are the same.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"conv2d(): argument 'weight' must be Tensor, not {type(weight).__name__}")
+    stride = _conv_pair(stride, "stride")
+    dilation = _conv_pair(dilation, "dilation")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            if stride != [1, 1]:
+                raise RuntimeError("conv2d: padding='same' is not supported for strided convolutions")
+            padding = [0, 0]
+            if weight.dim() == 4 and input.dim() == 4:  # otherwise the op reports the bad shape
+                # A total of d*(k-1) zeros per axis: half on each side, the odd one at the bottom/right
+                # (torch's rule). The odd one is padded here, explicitly, the rest by the op.
+                totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+                padding = [t // 2 for t in totals]
+                extra_h, extra_w = (t % 2 for t in totals)
+                if extra_h or extra_w:
+                    input = torch.nn.functional.pad(input, [0, extra_w, 0, extra_h])
+        else:
+            raise ValueError(f"conv2d: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+    else:
+        padding = _conv_pair(padding, "padding")
+    output = _Conv2d.apply(input, weight, bias, stride, padding, dilation, int(groups))
+    return output.squeeze(0) if unbatched else output

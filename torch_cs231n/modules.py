@@ -15,3 +15,23 @@ class ReLU(nn.ReLU):
 
     def forward(self, input):
         return F.relu(input, inplace=self.inplace)
+
+
+# ------------------------------------------------------------------------------------------------- Conv2d
+from torch.nn import functional as _torch_F  # noqa: E402  (F.pad for the non-zero padding modes)
+
+__all__ += ["Conv2d"]
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by torch_cs231n's kernels; every constructor argument is torch's.
+
+    The output is contiguous (NCHW), also for a channels_last input.
+    """
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            # As torch's: pad explicitly ('reflect', 'replicate', 'circular'), then convolve unpadded.
+            padded = _torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -1,0 +1,394 @@
+// Conv2d on the CPU: im2col + GEMM (MKL through at::mm), and a direct kernel for depthwise.
+//
+// The index maps (which input pixel an output position and a filter tap read, and back) are those of
+// common/conv2d.h, shared with the CUDA kernels; docs/conv2d.md derives every formula used here.
+//
+// Work split. The batch is cut into one chunk per thread; each thread owns one column buffer of one
+// sample, [C*kH*kW, oH*oW] (bounded: it does not grow with N), builds the columns of its samples one
+// after the other and multiplies them by the weights with a single-threaded GEMM (MKL runs on one thread
+// inside a parallel region). The GEMM then works on data that the same core has just written, in its
+// cache. With fewer samples than threads (N = 1), the samples run one after the other, and im2col/col2im
+// and MKL are parallel inside each.
+//
+// Memory format: the output and d_input are contiguous (NCHW) whatever the input's strides; inputs that
+// are not contiguous (channels_last, views) are copied to contiguous first.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/conv2d.h"
+
+namespace torch_cs231n {
+namespace {
+
+// Elements per parallel task for the memory-bound loops.
+constexpr int64_t kGrain = 1 << 14;
+
+// ------------------------------------------------------------------------------------- im2col, col2im
+// Row r = (c, t_h, t_w) of one sample's column matrix:
+//     col[r, (o_h, o_w)] = x[c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
+// The valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, no test per element.
+template <typename T>
+void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r) {
+  const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
+  const T* x_plane = x_sample + c * g.h * g.w;
+  int64_t lo, hi;
+  conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+  const int64_t off = tw * g.dw - g.pw;  // i_w = o_w*sW + off
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    T* dst = col_row + o_h * g.ow;
+    const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+    if (i_h < 0 || i_h >= g.h) {
+      std::fill(dst, dst + g.ow, T(0));
+      continue;
+    }
+    const T* x_row = x_plane + i_h * g.w;
+    std::fill(dst, dst + lo, T(0));
+    if (g.sw == 1) {
+      for (int64_t o_w = lo; o_w < hi; ++o_w) dst[o_w] = x_row[o_w + off];
+    } else {
+      for (int64_t o_w = lo; o_w < hi; ++o_w) dst[o_w] = x_row[o_w * g.sw + off];
+    }
+    std::fill(dst + hi, dst + g.ow, T(0));
+  }
+}
+
+template <typename T>
+void im2col(const T* x_sample, T* col, const ConvGeometry& g) {
+  const int64_t rows = g.col_rows(), cols = g.col_cols();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) im2col_row(x_sample, col + r * cols, g, r);
+  });
+}
+
+// col2im as a gather, one input row (c, i_h) at a time: the transposed convolution.
+//     d_x[c, i_h, i_w] = Σ_{t_h, t_w} d_col[(c, t_h, t_w), (o_h, o_w)]
+// over the taps for which o_h = (i_h + pH - t_h*dH)/sH and o_w = (i_w + pW - t_w*dW)/sW are integers
+// in range. For a fixed tap, the inputs i_w = i0, i0+sW, ... take the outputs o_w = o0, o0+1, ... .
+template <typename T>
+void col2im_row(const T* __restrict__ dcol, T* __restrict__ dx_row, const ConvGeometry& g, int64_t c,
+                int64_t i_h) {
+  std::fill(dx_row, dx_row + g.w, T(0));
+  const int64_t cols = g.col_cols();
+  for (int64_t th = 0; th < g.kh; ++th) {
+    int64_t o_h;
+    if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
+    for (int64_t tw = 0; tw < g.kw; ++tw) {
+      const T* src = dcol + ((c * g.kh + th) * g.kw + tw) * cols + o_h * g.ow;
+      int64_t i0, o0;
+      conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
+      if (i0 >= g.w || o0 >= g.ow) continue;
+      const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
+      if (g.sw == 1) {
+        for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += src[o0 + k];
+      } else {
+        for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += src[o0 + k];
+      }
+    }
+  }
+}
+
+template <typename T>
+void col2im(const T* dcol, T* dx_sample, const ConvGeometry& g) {
+  const int64_t rows = g.c * g.h;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / (g.w * g.taps())), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) col2im_row(dcol, dx_sample + row * g.w, g, row / g.h, row % g.h);
+  });
+}
+
+// Sample ranges: the batch cut into one chunk per thread (fewer when N is small). Used by forward and
+// backward alike; the backward sums its per-chunk weight gradients in chunk order, so the result is
+// deterministic for a given thread count.
+int64_t chunk_count(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
+int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
+
+// ------------------------------------------------------------------------------- forward: im2col + GEMM
+// Per sample and group:  y[n, g] (Fg x oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x oH*oW) + b_g
+// written straight into the NCHW output (no copy around the GEMM).
+template <typename T>
+void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  at::Tensor& y, const ConvGeometry& g) {
+  const bool pointwise = conv2d_is_pointwise(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
+  const at::Tensor w2d = w.view({g.f, kg});
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t chunks = chunk_count(g.n);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
+    // caller already is (the inputs may require grad; these products are not part of any graph).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows(), cols}, x.options());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        at::Tensor cols_n;
+        if (pointwise) {
+          cols_n = x[n].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
+        } else {
+          im2col(x.const_data_ptr<T>() + n * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g);
+          cols_n = col;
+        }
+        at::Tensor y_n = y[n].view({g.f, cols});
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          at::Tensor y_g = y_n.narrow(0, grp * fg, fg);
+          const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
+          const at::Tensor c_g = cols_n.narrow(0, grp * kg, kg);
+          if (has_bias) {
+            at::addmm_out(y_g, bias->narrow(0, grp * fg, fg).unsqueeze(1), w_g, c_g);  // b broadcast over columns
+          } else {
+            at::mm_out(y_g, w_g, c_g);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- backward: GEMM + col2im
+//   d_W_g += dY_g[n] · col_gᵀ           (summed over the samples of a chunk, then over the chunks)
+//   d_col_g = W_gᵀ · dY_g[n]            then d_x[n] = col2im(d_col): the transposed convolution
+// Pointwise: the columns are x[n] itself and d_x[n] = Wᵀ · dY[n] directly.
+template <typename T>
+void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                   const ConvGeometry& g, bool need_dx, bool need_dw) {
+  const bool pointwise = conv2d_is_pointwise(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
+  const at::Tensor w2d = w.view({g.f, kg});
+  const int64_t chunks = chunk_count(g.n);
+  at::Tensor partial = need_dw ? at::zeros({chunks, g.f, kg}, x.options()) : at::Tensor();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
+    // caller already is (the inputs may require grad; these products are not part of any graph).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows(), cols}, x.options());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        const at::Tensor dy_n = dy[n].view({g.f, cols});
+        if (need_dw) {
+          at::Tensor cols_n;
+          if (pointwise) {
+            cols_n = x[n].view({g.c, cols});
+          } else {
+            im2col(x.const_data_ptr<T>() + n * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g);
+            cols_n = col;
+          }
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            partial[chunk].narrow(0, grp * fg, fg).addmm_(dy_n.narrow(0, grp * fg, fg),
+                                                          cols_n.narrow(0, grp * kg, kg).t());
+          }
+        }
+        if (need_dx) {
+          // The column buffer is free again (d_W has used it): it now receives d_col.
+          at::Tensor dcol = pointwise ? dx[n].view({g.c, cols}) : col;
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            at::Tensor out = dcol.narrow(0, grp * kg, kg);
+            at::mm_out(out, w2d.narrow(0, grp * fg, fg).t(), dy_n.narrow(0, grp * fg, fg));
+          }
+          if (!pointwise) {
+            col2im(col.const_data_ptr<T>(), dx.mutable_data_ptr<T>() + n * g.c * g.h * g.w, g);
+          }
+        }
+      }
+    }
+  });
+  if (need_dw) dw.copy_(partial.sum(0).view(dw.sizes()));
+}
+
+// ------------------------------------------------------------------------------------------- depthwise
+// groups == C: output channel f (of m = F/C per input channel) sees only input plane c = f/m.
+//     y[n, f, o_h, o_w] = b[f] + Σ_{t_h, t_w} W[f, 0, t_h, t_w] · x[n, f/m, i_h, i_w]
+// One plane per task; rows are accumulated tap by tap over the valid interval, a loop that vectorises.
+template <typename T>
+void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       at::Tensor& y, const ConvGeometry& g) {
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  at::parallel_for(0, g.n * g.f, std::max<int64_t>(1, kGrain / plane_out), [&](int64_t begin, int64_t end) {
+    for (int64_t nf = begin; nf < end; ++nf) {
+      const int64_t n = nf / g.f, f = nf % g.f;
+      const T* x_plane = xp + (n * g.c + f / m) * plane_in;
+      const T* w_f = wp + f * g.taps();
+      T* y_plane = yp + nf * plane_out;
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        T* __restrict__ y_row = y_plane + o_h * g.ow;
+        std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
+        for (int64_t th = 0; th < g.kh; ++th) {
+          const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+          if (i_h < 0 || i_h >= g.h) continue;
+          const T* __restrict__ x_row = x_plane + i_h * g.w;
+          for (int64_t tw = 0; tw < g.kw; ++tw) {
+            int64_t lo, hi;
+            conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+            const int64_t off = tw * g.dw - g.pw;
+            const T wv = w_f[th * g.kw + tw];
+            if (g.sw == 1) {
+              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
+            } else {
+              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Depthwise backward, one input channel c (and its m filters) per task, so that every d_x plane and every
+// d_W entry has one owner: no atomics, and the sums are in a fixed order.
+//   d_x[n, c, i_h, i_w] = Σ_{f of c} Σ_taps W[f, t] · dY[n, f, o_h, o_w]      (gather: transposed conv)
+//   d_W[f, t]           = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w] · x[n, c, i_h, i_w]
+// d_W is accumulated lane by lane into one row per tap (a vectorisable loop), reduced at the end.
+template <typename T>
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
+                        at::Tensor& dw, const ConvGeometry& g, bool need_dx, bool need_dw) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* dyp = dy.const_data_ptr<T>();
+  T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
+  T* dwp = need_dw ? dw.mutable_data_ptr<T>() : nullptr;
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
+  at::parallel_for(0, g.c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(lanes.begin(), lanes.end(), T(0));
+      for (int64_t n = 0; n < g.n; ++n) {
+        const T* x_plane = xp + (n * g.c + c) * plane_in;
+        T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
+        if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t f = c * m + j;
+          const T* dy_plane = dyp + (n * g.f + f) * plane_out;
+          const T* w_f = wp + f * taps;
+          if (need_dx) {
+            for (int64_t i_h = 0; i_h < g.h; ++i_h) {
+              T* __restrict__ dx_row = dx_plane + i_h * g.w;
+              for (int64_t th = 0; th < g.kh; ++th) {
+                int64_t o_h;
+                if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
+                const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+                for (int64_t tw = 0; tw < g.kw; ++tw) {
+                  int64_t i0, o0;
+                  conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
+                  if (i0 >= g.w || o0 >= g.ow) continue;
+                  const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
+                  const T wv = w_f[th * g.kw + tw];
+                  if (g.sw == 1) {
+                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
+                  } else {
+                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
+                  }
+                }
+              }
+            }
+          }
+          if (need_dw) {
+            for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+              const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+              for (int64_t th = 0; th < g.kh; ++th) {
+                const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+                if (i_h < 0 || i_h >= g.h) continue;
+                const T* __restrict__ x_row = x_plane + i_h * g.w;
+                for (int64_t tw = 0; tw < g.kw; ++tw) {
+                  int64_t lo, hi;
+                  conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+                  const int64_t off = tw * g.dw - g.pw;
+                  T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
+                  if (g.sw == 1) {
+                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
+                  } else {
+                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      if (need_dw) {
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t t = 0; t < taps; ++t) {
+            const T* lane = lanes.data() + (j * taps + t) * g.ow;
+            acc_t s = 0;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
+            dwp[(c * m + j) * taps + t] = static_cast<T>(s);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- the ops
+at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options());  // contiguous NCHW, see the top
+  if (y.numel() == 0) return y;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+  c10::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+    if (conv2d_is_depthwise(g)) {
+      depthwise_forward<scalar_t>(x, w, b, y, g);
+    } else {
+      gemm_forward<scalar_t>(x, w, b, y, g);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "conv2d_backward";
+  const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
+  check_conv2d_grad_output(grad_output, input, g, op);
+  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  // Gradients that were not asked for come back as empty tensors of shape [0].
+  at::Tensor dx = need_dx ? at::empty({g.n, g.c, g.h, g.w}, input.options()) : at::empty({0}, input.options());
+  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  at::Tensor db = need_db ? at::empty({g.f}, weight.options()) : at::empty({0}, weight.options());
+  if (g.n == 0 || g.f == 0 || g.c == 0) {  // nothing flows: every gradient is zero
+    dx.zero_();
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  const at::Tensor dy = grad_output.contiguous();
+  if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
+  if (need_dx || need_dw) {
+    const at::Tensor x = input.contiguous();
+    const at::Tensor w = weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      if (conv2d_is_depthwise(g)) {
+        depthwise_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw);
+      } else {
+        gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw);
+      }
+    });
+  }
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
+  m.impl("conv2d_forward", &conv2d_forward_cpu);
+  m.impl("conv2d_backward", &conv2d_backward_cpu);
+}
+
+}  // namespace torch_cs231n

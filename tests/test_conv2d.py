@@ -1,0 +1,409 @@
+"""Conv2d: our kernels against torch.nn.functional.conv2d, forward and every gradient, in every layout."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+import torch_cs231n
+from torch_cs231n import functional as ours
+from helpers import LAYOUTS, dtypes_for, with_layout
+
+ops = torch.ops.torch_cs231n
+
+
+def tolerances(dtype):
+    """float64: tight. float32/16: sums of up to a few hundred products in another order than torch's."""
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=1e-4, atol=1e-4),
+        torch.float16: dict(rtol=1e-2, atol=1e-2),
+        torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+    }[dtype]
+
+
+def run_both(x, w, b, grad, **kwargs):
+    """Output and (d_x, d_W, d_b) from ours and from torch, for the same leaves."""
+    results = []
+    for fn in (ours.conv2d, F.conv2d):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        y = fn(leaves[0], leaves[1], leaves[2], **kwargs)
+        y.backward(grad)
+        results.append((y, *[t.grad if t is not None else None for t in leaves]))
+    return results
+
+
+def assert_all_close(a, b, dtype):
+    for u, v in zip(a, b):
+        if v is None:
+            assert u is None
+        else:
+            torch.testing.assert_close(u, v, **tolerances(dtype))
+
+
+# ------------------------------------------------------------------------------------------- gradcheck
+GRID = [
+    # (x shape, w shape, stride, padding, dilation, groups)
+    ((1, 1, 5, 5), (1, 1, 3, 3), 2, 0, 1, 1),  # the note's example: 5x5 input, 3x3 filter, stride 2, pad 0
+    ((2, 3, 4, 4), (3, 3, 4, 4), 2, 1, 1, 1),  # CS231n's conv_forward_naive check
+    ((2, 4, 6, 5), (6, 2, 3, 2), 1, 1, 1, 2),  # groups, non-square kernel and input
+    ((1, 2, 7, 6), (3, 2, 3, 3), (2, 1), (0, 2), (2, 1), 1),  # mixed stride, padding, dilation
+    ((2, 3, 5, 5), (6, 1, 3, 3), 1, 1, 1, 3),  # depthwise with 2 filters per channel
+    ((2, 3, 7, 7), (3, 1, 3, 2), 2, (1, 2), 2, 3),  # depthwise, strided and dilated
+    ((2, 4, 3, 5), (5, 4, 1, 1), 1, 0, 1, 1),  # pointwise fast path
+    ((2, 4, 5, 5), (4, 2, 1, 1), 2, 1, 1, 2),  # 1x1 but strided and padded: the im2col path
+    ((1, 2, 3, 3), (2, 2, 3, 3), 3, 2, 2, 1),  # stride larger than the kernel's step
+]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", GRID)
+def test_gradcheck(device, xs, ws, stride, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(xs, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(ws, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    fn = lambda x, w, b: ours.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
+    assert gradcheck(fn, (x, w, b))
+    # and the values against torch, tight
+    expected = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    torch.testing.assert_close(fn(x, w, b), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", [GRID[1], GRID[2], GRID[4], GRID[6]])
+def test_gradgradcheck(device, xs, ws, stride, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(xs, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(ws, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    fn = lambda x, w, b: ours.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
+    assert gradgradcheck(fn, (x, w, b))
+
+
+def test_double_backward_matches_torch(device):
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64).to(device)
+    w0 = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64).to(device)
+    results = []
+    for fn in (ours.conv2d, F.conv2d):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = fn(x, w, None, 1, 1, 1, 2)
+        gx, gw = torch.autograd.grad((y * y).sum(), (x, w), create_graph=True)
+        results.append(torch.autograd.grad((gx.sin().sum() + (gw * gw).sum()), (x, w)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_note_example_by_hand():
+    """The note's 5x5/3x3/stride 2 example: y[k, l] = Σ_{p,q} x[p + 2k, q + 2l] w[p, q] + b."""
+    x = torch.arange(25, dtype=torch.float64).view(1, 1, 5, 5)
+    w = torch.arange(9, dtype=torch.float64).view(1, 1, 3, 3) - 4
+    b = torch.tensor([0.5], dtype=torch.float64)
+    y = ours.conv2d(x, w, b, stride=2)
+    expected = torch.empty(2, 2, dtype=torch.float64)
+    for k in range(2):
+        for l in range(2):
+            expected[k, l] = (x[0, 0, 2 * k:2 * k + 3, 2 * l:2 * l + 3] * w[0, 0]).sum() + b
+    assert torch.equal(y[0, 0], expected)
+
+
+# ------------------------------------------------------------------------------- hypothesis vs torch
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    cg = 1 if depthwise else draw(st.integers(1, 3))
+    fg = draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    # the input at least as large as the dilated kernel once padded
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
+    n = draw(st.integers(0, 5))
+    return dict(n=n, c=cg * groups, f=fg * groups, h=h, w=w, kh=kh, kw=kw, stride=(sh, sw), padding=(ph, pw),
+                dilation=(dh, dw), groups=groups)
+
+
+@settings(max_examples=30)
+@given(case=conv_cases(), layout=st.sampled_from(LAYOUTS), dtype_index=st.integers(0, 3), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_matches_torch(device, case, layout, dtype_index, bias, seed):
+    dtypes = dtypes_for(device)
+    dtype = dtypes[dtype_index % len(dtypes)]
+    gen = torch.Generator().manual_seed(seed)
+    c = case
+    x = with_layout(torch.randn(c["n"], c["c"], c["h"], c["w"], generator=gen).to(device, dtype), layout)
+    w = torch.randn(c["f"], c["c"] // c["groups"], c["kh"], c["kw"], generator=gen).to(device, dtype)
+    b = torch.randn(c["f"], generator=gen).to(device, dtype) if bias else None
+    kwargs = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    with torch.no_grad():
+        shape = F.conv2d(x, w, b, **kwargs).shape
+    grad = with_layout(torch.randn(shape, generator=gen).to(device, dtype), layout)
+    mine, ref = run_both(x, w, b, grad, **kwargs)
+    assert mine[0].shape == ref[0].shape
+    assert mine[0].is_contiguous()  # the documented memory format
+    assert_all_close(mine, ref, dtype)
+
+
+@settings(max_examples=10)
+@given(case=conv_cases(), seed=st.integers(0, 2**31 - 1),
+       needs=st.sampled_from([(True, False, False), (False, True, False), (False, False, True), (True, True, False)]))
+def test_only_asked_gradients(device, case, seed, needs):
+    """The backward honours requires_grad: what is not asked is not computed, what is asked is right."""
+    gen = torch.Generator().manual_seed(seed)
+    c = case
+    x = torch.randn(c["n"], c["c"], c["h"], c["w"], generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(c["f"], c["c"] // c["groups"], c["kh"], c["kw"], generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(c["f"], generator=gen, dtype=torch.float64).to(device)
+    kwargs = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    grads = []
+    for fn in (ours.conv2d, F.conv2d):
+        leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), needs)]
+        fn(*leaves, **kwargs).sum().backward() if any(needs) else None
+        grads.append([t.grad for t in leaves])
+    for u, v, r in zip(*grads, needs):
+        assert (u is None) == (not r)
+        if r:
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    y = ops.conv2d_forward(x, w, b, list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"])
+    out = ops.conv2d_backward(torch.ones_like(y), x, w, list(c["stride"]), list(c["padding"]),
+                              list(c["dilation"]), c["groups"], list(needs))
+    for t, r in zip(out, needs):
+        assert (t.numel() == 0) == (not r) or t.numel() == 0
+
+
+# ----------------------------------------------------------------------------- padding, shapes, values
+@pytest.mark.parametrize("ks,dilation", [((3, 3), 1), ((4, 2), 1), ((2, 5), (2, 1)), ((3, 4), 2), ((1, 1), 3)])
+def test_padding_same_and_valid(device, ks, dilation):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(4, 3, *ks, generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(4, generator=gen, dtype=torch.float64).to(device)
+    g = torch.randn(2, 4, 7, 8, generator=gen, dtype=torch.float64).to(device)
+    mine, ref = run_both(x, w, b, g, padding="same", dilation=dilation)
+    assert mine[0].shape == x.shape[:1] + (4,) + x.shape[2:]
+    assert_all_close(mine, ref, torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.conv2d(x, w, padding="valid", dilation=dilation),
+                                   F.conv2d(x, w, padding="valid", dilation=dilation), rtol=1e-12, atol=1e-12)
+
+
+def test_padding_same_gradcheck(device):
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 2, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert gradcheck(lambda x, w: ours.conv2d(x, w, padding="same"), (x, w))
+
+
+def test_unbatched_and_empty_batch(device):
+    x = torch.randn(3, 6, 5, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    y = ours.conv2d(x, w, padding=1)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
+    assert y.shape == (4, 6, 5)
+    assert gradcheck(lambda x, w: ours.conv2d(x, w, padding=1), (x, w))
+    for groups, ws in ((1, (4, 3, 3, 3)), (3, (3, 1, 3, 3))):  # dense and depthwise
+        x0 = torch.randn(0, 3, 6, 5, device=device, requires_grad=True)
+        w0 = torch.randn(ws, device=device, requires_grad=True)
+        b0 = torch.randn(ws[0], device=device, requires_grad=True)
+        y0 = ours.conv2d(x0, w0, b0, padding=1, groups=groups)
+        assert y0.shape == (0, ws[0], 6, 5)
+        y0.sum().backward()
+        assert torch.equal(w0.grad, torch.zeros_like(w0)) and torch.equal(b0.grad, torch.zeros_like(b0))
+        assert x0.grad.shape == x0.shape
+
+
+def test_nan_and_inf_propagate_like_torch(device):
+    x = torch.randn(1, 2, 5, 5, device=device)
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 1, 0, 0] = float("inf")
+    w = torch.rand(3, 2, 3, 3, device=device) + 0.1  # positive: inf stays inf, no inf - inf
+    for groups, ws in ((1, w), (2, w[:2, :1])):
+        torch.testing.assert_close(ours.conv2d(x, ws, padding=1, groups=groups),
+                                   F.conv2d(x, ws, padding=1, groups=groups), equal_nan=True)
+
+
+def test_backward_is_deterministic(device):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 4, 9, 9, generator=gen).to(device).requires_grad_()
+    w = torch.randn(8, 4, 3, 3, generator=gen).to(device).requires_grad_()
+    wd = torch.randn(4, 1, 3, 3, generator=gen).to(device).requires_grad_()
+    runs = []
+    for _ in range(2):
+        y = ours.conv2d(x, w, padding=1, stride=2).sum() + ours.conv2d(x, wd, padding=1, groups=4).square().sum()
+        runs.append(torch.autograd.grad(y, (x, w, wd)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_larger_shapes_match_torch(device):
+    """Shapes big enough that the batch is split over threads and im2col/col2im run in parallel."""
+    gen = torch.Generator().manual_seed(5)
+    for xs, ws, kw in [((7, 16, 20, 18), (24, 16, 3, 3), dict(padding=1)),
+                       ((1, 32, 30, 30), (16, 32, 3, 3), dict(padding=1, stride=2)),
+                       ((5, 32, 17, 17), (32, 1, 3, 3), dict(padding=1, groups=32)),
+                       ((5, 32, 12, 12), (48, 32, 1, 1), dict())]:
+        x = torch.randn(xs, generator=gen).to(device)
+        w = torch.randn(ws, generator=gen).to(device) * 0.1
+        b = torch.randn(ws[0], generator=gen).to(device)
+        with torch.no_grad():
+            shape = F.conv2d(x, w, **kw).shape
+        g = torch.randn(shape, generator=gen).to(device)
+        mine, ref = run_both(x, w, b, g, **kw)
+        assert_all_close(mine, ref, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- modules
+PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_module_state_dict_round_trip(device, padding_mode):
+    torch.manual_seed(6)
+    kwargs = dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(1, 2), padding=(2, 1), dilation=(1, 2),
+                  groups=2, bias=True, padding_mode=padding_mode, device=device, dtype=torch.float64)
+    ref = torch.nn.Conv2d(**kwargs)
+    mine = torch_cs231n.Conv2d(**kwargs)
+    assert isinstance(mine, torch.nn.Conv2d) and repr(mine) == repr(ref)
+    mine.load_state_dict(ref.state_dict())  # torch -> ours
+    x = torch.randn(2, 4, 7, 9, device=device, dtype=torch.float64)
+    for a, b in zip(run_module(mine, x), run_module(ref, x)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    back = torch.nn.Conv2d(**kwargs)
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.mul_(1.5)
+    back.load_state_dict(mine.state_dict())  # ours -> torch
+    for a, b in zip(run_module(mine, x), run_module(back, x)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def run_module(module, x):
+    module.zero_grad()
+    xi = x.clone().requires_grad_()
+    y = module(xi)
+    y.backward(torch.ones_like(y))
+    return y, xi.grad, module.weight.grad, module.bias.grad
+
+
+def test_module_same_padding_and_no_bias(device):
+    torch.manual_seed(7)
+    ref = torch.nn.Conv2d(3, 4, (4, 3), padding="same", bias=False, device=device)
+    mine = torch_cs231n.Conv2d(3, 4, (4, 3), padding="same", bias=False, device=device)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 6, 5, device=device)
+    assert mine.bias is None
+    torch.testing.assert_close(mine(x), ref(x), **tolerances(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def bad(device, **over):
+    """Good arguments, some replaced; returns the keyword arguments of conv2d."""
+    args = dict(input=torch.randn(2, 4, 5, 5, device=device), weight=torch.randn(6, 2, 3, 3, device=device),
+                bias=None, stride=1, padding=0, dilation=1, groups=2)
+    args.update(over)
+    return args
+
+
+BAD = [
+    (dict(weight=torch.randn(6, 2, 3)), r"conv2d_forward: expected weight to be 4-D .* but got a 3-D tensor of shape \[6, 2, 3\]"),
+    (dict(input=torch.randn(2, 2, 4, 5, 5)), r"conv2d_forward: expected input to be 4-D .* but got a 5-D tensor"),
+    (dict(input=torch.randn(4, 5)), r"conv2d_forward: expected input to be 4-D .* but got a 2-D tensor"),
+    (dict(groups=1), r"given groups=1 and weight of size \[6, 2, 3, 3\], expected input to have weight.size\(1\) \* groups = 2 channels, but got input of size \[2, 4, 5, 5\] with 4 channels"),
+    (dict(groups=3), r"expected input to have weight.size\(1\) \* groups = 6 channels, but got .* with 4 channels"),
+    (dict(weight=torch.randn(5, 2, 3, 3)), r"expected weight.size\(0\) \(out_channels\) to be divisible by groups=2, but got weight of size \[5, 2, 3, 3\]"),
+    (dict(weight=torch.randn(6, 2, 7, 7)), r"the padded input \(5 x 5 .*\) is smaller than the dilated kernel \(7 x 7"),
+    (dict(dilation=3), r"the padded input \(5 x 5 .*\) is smaller than the dilated kernel \(7 x 7 from kernel 3 x 3 and dilation \[3, 3\]"),
+    (dict(stride=0), r"conv2d_forward: expected stride to be positive, but got stride=\[0, 0\]"),
+    (dict(stride=(1, -1)), r"expected stride to be positive, but got stride=\[1, -1\]"),
+    (dict(dilation=(0, 1)), r"expected dilation to be positive, but got dilation=\[0, 1\]"),
+    (dict(padding=(-1, 0)), r"expected padding to be non-negative, but got padding=\[-1, 0\]"),
+    (dict(groups=0), r"expected groups to be positive, but got groups=0"),
+    (dict(bias=torch.randn(5)), r"given weight of size \[6, 2, 3, 3\], expected bias to be 1-D with 6 elements, but got bias of size \[5\]"),
+    (dict(bias=torch.randn(6, 1)), r"expected bias to be 1-D with 6 elements, but got bias of size \[6, 1\]"),
+    (dict(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), r"expected weight to have the dtype of input \(Float\), but got Double"),
+    (dict(bias=torch.randn(6, dtype=torch.float64)), r"expected bias to have the dtype of input \(Float\), but got Double"),
+    (dict(input=torch.randint(0, 3, (2, 4, 5, 5)), weight=torch.randint(0, 3, (6, 2, 3, 3))), r"expected input to have dtype float32 or float64.*Long"),
+]
+
+
+@pytest.mark.parametrize("over,match", BAD)
+def test_bad_input(device, over, match):
+    over = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in over.items()}
+    with pytest.raises(RuntimeError, match=match):
+        ours.conv2d(**bad(device, **over))
+
+
+def test_bad_input_devices():
+    meta = torch.randn(6, 2, 3, 3, device="meta")
+    with pytest.raises(RuntimeError, match=r"expected all tensors to be on the same device, but input is on cpu and weight is on meta"):
+        ops.conv2d_forward(torch.randn(2, 4, 5, 5), meta, None, [1, 1], [0, 0], [1, 1], 2)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"same device, but input is on cpu and weight is on cuda"):
+            ours.conv2d(torch.randn(2, 4, 5, 5), torch.randn(6, 2, 3, 3, device="cuda"), groups=2)
+        with pytest.raises(RuntimeError, match=r"same device, but input is on cuda:0 and bias is on cpu"):
+            ours.conv2d(torch.randn(2, 4, 5, 5, device="cuda"), torch.randn(6, 2, 3, 3, device="cuda"),
+                        torch.randn(6), groups=2)
+
+
+def test_half_on_cpu_is_refused():
+    with pytest.raises(RuntimeError, match="float16 and bfloat16 are supported on CUDA only"):
+        ours.conv2d(torch.randn(1, 2, 4, 4).half(), torch.randn(3, 2, 3, 3).half())
+
+
+def test_same_padding_with_stride_is_refused(device):
+    with pytest.raises(RuntimeError, match="padding='same' is not supported for strided convolutions"):
+        ours.conv2d(torch.randn(1, 2, 5, 5, device=device), torch.randn(3, 2, 3, 3, device=device), stride=2,
+                    padding="same")
+    with pytest.raises(ValueError, match="invalid padding string 'full'"):
+        ours.conv2d(torch.randn(1, 2, 5, 5, device=device), torch.randn(3, 2, 3, 3, device=device), padding="full")
+
+
+def test_backward_argument_checks(device):
+    x = torch.randn(2, 4, 5, 5, device=device)
+    w = torch.randn(6, 2, 3, 3, device=device)
+    args = ([1, 1], [0, 0], [1, 1], 2, [True, True, True])
+    with pytest.raises(RuntimeError, match=r"conv2d_backward: expected grad_output to have the output's shape \[2, 6, 3, 3\], but got \[2, 6, 3, 4\]"):
+        ops.conv2d_backward(torch.randn(2, 6, 3, 4, device=device), x, w, *args)
+    with pytest.raises(RuntimeError, match=r"conv2d_backward: expected grad_output to have the dtype of input \(Float\), but got Double"):
+        ops.conv2d_backward(torch.randn(2, 6, 3, 3, device=device, dtype=torch.float64), x, w, *args)
+    with pytest.raises(RuntimeError, match=r"conv2d_backward: given groups=2 and weight of size \[6, 2, 3, 3\], expected input to have"):
+        ops.conv2d_backward(torch.randn(2, 6, 3, 3, device=device), x[:, :3], w, *args)
+
+
+# ------------------------------------------------------------------------------- opcheck and compile
+def _op_samples(device):
+    g = torch.Generator().manual_seed(8)
+    r = lambda *s, dtype=torch.float32: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
+    yield r(2, 4, 6, 5), r(6, 2, 3, 3), r(6), [1, 1], [1, 1], [1, 1], 2
+    yield r(2, 4, 6, 5).contiguous(memory_format=torch.channels_last), r(6, 4, 1, 1), None, [1, 1], [0, 0], [1, 1], 1
+    yield r(1, 3, 7, 7, dtype=torch.float64).transpose(2, 3), r(3, 1, 3, 3, dtype=torch.float64), None, [2, 1], [1, 0], [1, 2], 3
+    yield r(0, 3, 5, 5), r(4, 3, 3, 3), r(4), [1, 1], [0, 0], [1, 1], 1
+
+
+def test_opcheck(device):
+    for x, w, b, stride, padding, dilation, groups in _op_samples(device):
+        torch.library.opcheck(ops.conv2d_forward.default, (x, w, b, stride, padding, dilation, groups))
+        y = ops.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+            torch.library.opcheck(ops.conv2d_backward.default,
+                                  (torch.randn_like(y), x, w, stride, padding, dilation, groups, mask))
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(
+        torch_cs231n.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch_cs231n.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"),
+        torch_cs231n.Conv2d(8, 16, 1), torch.nn.ReLU(),
+        torch_cs231n.Conv2d(16, 4, (3, 2), stride=2, dilation=(1, 2), bias=False),
+    ).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 12, 12, device=device)
+    out_eager, out_compiled = model(x), compiled(x)
+    torch.testing.assert_close(out_compiled, out_eager)
+    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
+    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)

@@ -11,3 +11,8 @@ from ._extension import build_info  # noqa: E402
 from .modules import ReLU  # noqa: E402
 
 __all__ = ["functional", "build_info", "ReLU", "__version__"]
+
+# MaxPool2d
+from .modules import MaxPool2d  # noqa: E402
+
+__all__ += ["MaxPool2d"]

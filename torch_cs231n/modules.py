@@ -15,3 +15,15 @@ class ReLU(nn.ReLU):
 
     def forward(self, input):
         return F.relu(input, inplace=self.inplace)
+
+
+# -------------------------------------------------------------------------------------------- MaxPool2d
+__all__ += ["MaxPool2d"]
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` computed by torch_cs231n's kernels (all its arguments, return_indices too)."""
+
+    def forward(self, input):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)

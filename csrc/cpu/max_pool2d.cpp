@@ -64,46 +64,89 @@ AxisPlan plan_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int
 }
 
 // ------------------------------------------------------------------------------------- forward, NCHW
+// The innermost loop: one tap, at input offset `off` of row `xrow`, against every output ow in [b, e)
+// of an output row, which meets it at column ow*sw + off (pool::outputs_with_tap gives [b, e), so no
+// bounds tests). `best` and `arg` hold the running maximum and its flat index per output.
+//
+// Written for the vectoriser: compares and selects only, the index kept in `index_t` = int32 when the
+// plane has fewer than 2^31 elements (the same lane width as float, which SSE2 needs to vectorise the
+// select; it is widened to int64 when the row is stored), and the column stride a compile-time constant
+// for the common strides 1 and 2 (contiguous or stride-2 loads); kStride = 0 reads it at run time.
+template <int kStride, typename scalar_t, typename index_t>
+inline void scan_tap(const scalar_t* __restrict__ xrow, scalar_t* __restrict__ best, index_t* __restrict__ arg,
+                     int64_t b, int64_t e, int64_t sw_runtime, int64_t off, index_t base) {
+  const int64_t sw = kStride > 0 ? kStride : sw_runtime;
+  for (int64_t ow = b; ow < e; ++ow) {
+    const scalar_t v = xrow[ow * sw + off];
+    const bool take = pool::takes(v, best[ow]);
+    best[ow] = take ? v : best[ow];
+    arg[ow] = take ? static_cast<index_t>(base + static_cast<index_t>(ow) * static_cast<index_t>(sw)) : arg[ow];
+  }
+}
+
 // One plane. For each output row, start every output at (-inf, first existing tap), then run the taps
-// in row-major order (kh outer, kw inner: torch's scan order) over the whole row: tap (th, tw) meets
-// output ow at input column ow*sw + offset[tw], for ow in [begin[tw], end[tw]). Per output this is
+// in row-major order (kh outer, kw inner: torch's scan order) over the whole row. Per output this is
 // exactly pool::scan_window, the order of the compares included, so ties and NaN come out alike.
-template <typename scalar_t>
-void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g, const AxisPlan& rows,
-                        const AxisPlan& cols) {
-  const int64_t W = g.width, OW = g.out_w, sw = g.sw;
+// `arg` is scratch for one row of indices.
+template <int kStride, typename scalar_t, typename index_t>
+void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* arg, const Geometry& g,
+                        const AxisPlan& rows, const AxisPlan& cols) {
+  const int64_t W = g.width, OW = g.out_w;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     scalar_t* __restrict__ yrow = y + oh * OW;
-    int64_t* __restrict__ irow = ind + oh * OW;
     const int64_t first_row = rows.first[oh] * W;
     for (int64_t ow = 0; ow < OW; ++ow) {
       yrow[ow] = -std::numeric_limits<scalar_t>::infinity();
-      irow[ow] = first_row + cols.first[ow];
+      arg[ow] = static_cast<index_t>(first_row + cols.first[ow]);
     }
     int64_t th0, th1;
     pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
     for (int64_t th = th0; th < th1; ++th) {
       const int64_t ih = oh * g.sh - g.ph + th * g.dh;
-      const scalar_t* __restrict__ xrow = x + ih * W;
       for (int64_t tw = 0; tw < g.kw; ++tw) {
         const int64_t off = cols.offset[tw];
-        const int64_t base = ih * W + off;  // the flat index of this tap for ow = 0
-        for (int64_t ow = cols.begin[tw]; ow < cols.end[tw]; ++ow) {
-          const scalar_t v = xrow[ow * sw + off];
-          const bool take = pool::takes(v, yrow[ow]);
-          yrow[ow] = take ? v : yrow[ow];
-          irow[ow] = take ? base + ow * sw : irow[ow];
-        }
+        scan_tap<kStride>(x + ih * W, yrow, arg, cols.begin[tw], cols.end[tw], g.sw, off,
+                          static_cast<index_t>(ih * W + off));  // the flat index of this tap at ow = 0
       }
     }
+    int64_t* __restrict__ irow = ind + oh * OW;
+    for (int64_t ow = 0; ow < OW; ++ow) irow[ow] = arg[ow];
+  }
+}
+
+// All planes, in parallel; each task has its own row of index scratch.
+template <int kStride, typename scalar_t, typename index_t>
+void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+  const AxisPlan rows = plan_axis(g.height, g.out_h, g.kh, g.sh, g.ph, g.dh);
+  const AxisPlan cols = plan_axis(g.width, g.out_w, g.kw, g.sw, g.pw, g.dw);
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
+  at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
+    std::vector<index_t> arg(g.out_w);
+    for (int64_t p = begin; p < end; ++p) {
+      forward_plane_nchw<kStride>(x + p * in_plane, y + p * out_plane, ind + p * out_plane, arg.data(), g, rows,
+                                  cols);
+    }
+  });
+}
+
+template <typename scalar_t, typename index_t>
+void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+  if (g.sw == 1) {
+    forward_nchw<1, scalar_t, index_t>(x, y, ind, g);
+  } else if (g.sw == 2) {
+    forward_nchw<2, scalar_t, index_t>(x, y, ind, g);
+  } else {
+    forward_nchw<0, scalar_t, index_t>(x, y, ind, g);
   }
 }
 
 // ------------------------------------------------------------------------------------- forward, NHWC
 // One output row (n, oh) of a channels_last tensor: for each output pixel, the same scan, with all C
-// channels carried along in the innermost loop (they share the taps, so the index is one number).
-template <typename scalar_t>
-void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, int64_t n, int64_t oh, const Geometry& g) {
+// channels carried along in the innermost loop (they share the taps, so the index is one number per
+// tap). As above, the running index is kept in `arg` (C values of index_t) and widened when stored.
+template <typename scalar_t, typename index_t>
+void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __restrict__ arg, int64_t n,
+                      int64_t oh, const Geometry& g) {
   const int64_t C = g.channels, W = g.width;
   int64_t th0, th1;
   pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
@@ -113,27 +156,37 @@ void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, int64_t n, i
     const int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
     const int64_t o = ((n * g.out_h + oh) * g.out_w + ow) * C;
     scalar_t* __restrict__ yp = y + o;
-    int64_t* __restrict__ ip = ind + o;
-    const int64_t first = (h0 + th0 * g.dh) * W + (w0 + tw0 * g.dw);
+    const index_t first = static_cast<index_t>((h0 + th0 * g.dh) * W + (w0 + tw0 * g.dw));
     for (int64_t c = 0; c < C; ++c) {
       yp[c] = -std::numeric_limits<scalar_t>::infinity();
-      ip[c] = first;
+      arg[c] = first;
     }
     for (int64_t th = th0; th < th1; ++th) {
       const int64_t ih = h0 + th * g.dh;
       for (int64_t tw = tw0; tw < tw1; ++tw) {
         const int64_t iw = w0 + tw * g.dw;
-        const int64_t index = ih * W + iw;
+        const index_t index = static_cast<index_t>(ih * W + iw);
         const scalar_t* __restrict__ xp = x + ((n * g.height + ih) * W + iw) * C;
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t v = xp[c];
           const bool take = pool::takes(v, yp[c]);
           yp[c] = take ? v : yp[c];
-          ip[c] = take ? index : ip[c];
+          arg[c] = take ? index : arg[c];
         }
       }
     }
+    int64_t* __restrict__ ip = ind + o;
+    for (int64_t c = 0; c < C; ++c) ip[c] = arg[c];
   }
+}
+
+template <typename scalar_t, typename index_t>
+void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+  const int64_t rows = g.batch * g.out_h;
+  at::parallel_for(0, rows, grain_for(g.out_w * g.channels * g.kh * g.kw), [&](int64_t begin, int64_t end) {
+    std::vector<index_t> arg(g.channels);
+    for (int64_t r = begin; r < end; ++r) forward_row_nhwc(x, y, ind, arg.data(), r / g.out_h, r % g.out_h, g);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
@@ -151,20 +204,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     int64_t* ip = indices.mutable_data_ptr<int64_t>();
+    // int32 indices while they fit (they are widened to int64 when stored), int64 beyond.
+    const bool small = g.height * g.width <= std::numeric_limits<int32_t>::max();
     if (nhwc) {
-      const int64_t rows = g.batch * g.out_h;
-      at::parallel_for(0, rows, grain_for(g.out_w * g.channels * g.kh * g.kw), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) forward_row_nhwc(xp, yp, ip, r / g.out_h, r % g.out_h, g);
-      });
+      small ? forward_nhwc<scalar_t, int32_t>(xp, yp, ip, g) : forward_nhwc<scalar_t, int64_t>(xp, yp, ip, g);
     } else {
-      const AxisPlan rows = plan_axis(g.height, g.out_h, g.kh, g.sh, g.ph, g.dh);
-      const AxisPlan cols = plan_axis(g.width, g.out_w, g.kw, g.sw, g.pw, g.dw);
-      const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-      at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          forward_plane_nchw(xp + p * in_plane, yp + p * out_plane, ip + p * out_plane, g, rows, cols);
-        }
-      });
+      small ? forward_nchw_dispatch<scalar_t, int32_t>(xp, yp, ip, g)
+            : forward_nchw_dispatch<scalar_t, int64_t>(xp, yp, ip, g);
     }
   });
   return {output, indices};

@@ -58,9 +58,9 @@ C10_HOST_DEVICE inline int64_t output_size(int64_t in, int64_t k, int64_t s, int
   return out;
 }
 
-// The taps t of output o that exist, as the half-open range [*t_begin, *t_end) of (1). Empty never
-// happens for a valid geometry (padding <= half the effective kernel, and rule (2)), but the loops
-// that use it stay correct if it does.
+// The taps t of output o that exist, as the half-open range [*t_begin, *t_end) of (1). It is never
+// empty without dilation (padding <= half the kernel and rule (2) see to that); with dilation it can
+// be, and make_geometry refuses such a geometry.
 C10_HOST_DEVICE inline void valid_taps(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
                                        int64_t* t_begin, int64_t* t_end) {
   const int64_t start = o * s - p;  // input position of tap 0
@@ -174,12 +174,11 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
               dilation);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": expected padding to be non-negative, but got padding=",
               padding);
-  for (int i = 0; i < 2; ++i) {
-    const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1;  // the effective kernel
-    TORCH_CHECK(padding[i] <= span / 2, op, ": expected padding to be at most half the effective kernel size "
-                "dilation*(kernel_size-1)+1, but got padding=", padding, " with kernel_size=", kernel_size,
-                " and dilation=", dilation, " (effective kernel ", span, " in dimension ", i, ")");
-  }
+  // torch checks the padding twice, against half the effective kernel dilation*(kernel_size-1)+1 and
+  // against half the kernel_size itself; the second is the binding one, so it is ours.
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
+              ": expected padding to be at most half the kernel size, but got padding=", padding,
+              " with kernel_size=", kernel_size);
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4, op, ": expected input to be 3-D (C, H, W) or 4-D "
               "(N, C, H, W), but got a ", input.dim(), "-D tensor of shape ", input.sizes());
   const int64_t d = input.dim();
@@ -205,6 +204,21 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
               " and width ", g.width, " with kernel_size=", kernel_size, ", stride=", stride, ", padding=",
               padding, ", dilation=", dilation, " and ceil_mode=", ceil_mode, " gives an output of ", g.out_h,
               "x", g.out_w);
+  // With dilation a window may step over the whole input, all its taps in the padding (kernel_size=2,
+  // dilation=3, padding=1 on a width of 2: taps at -1 and 2). Its maximum would be -inf with no
+  // element to point to (torch then returns an index outside the plane); we refuse it.
+  const int64_t dims[2][6] = {{g.height, g.out_h, g.kh, g.sh, g.ph, g.dh}, {g.width, g.out_w, g.kw, g.sw, g.pw, g.dw}};
+  for (int i = 0; i < 2; ++i) {
+    const int64_t* a = dims[i];
+    for (int64_t o = 0; o < a[1]; ++o) {
+      int64_t t0, t1;
+      valid_taps(o, a[0], a[2], a[3], a[4], a[5], &t0, &t1);
+      TORCH_CHECK(t0 < t1, op, ": expected every pooling window to hold at least one input element, but window ",
+                  o, " along the ", i == 0 ? "height" : "width", " falls entirely in the padding (input size ", a[0],
+                  ", kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
+                  ")");
+    }
+  }
   // torch's choice: a 4-D input's suggested format (channels_last stays channels_last), 3-D contiguous.
   g.format = g.batched ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
   return g;

@@ -51,6 +51,13 @@ TORCH_LIBRARY(torch_cs231n, m) {
         "int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Max pooling. The forward returns the int64 argmax of each window, flat h*W + w within its plane,
+  // as torch does; the backward sends each gradient there. It takes the input only for its shape and
+  // memory format (and checks the geometry again), so autograd saves it as torch's own max-pool does.
+  m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
 }
 
 extern "C" {

@@ -16,3 +16,7 @@ __all__ = ["functional", "build_info", "ReLU", "__version__"]
 from .modules import Conv2d  # noqa: E402
 
 __all__ += ["Conv2d"]
+# MaxPool2d
+from .modules import MaxPool2d  # noqa: E402
+
+__all__ += ["MaxPool2d"]

@@ -11,3 +11,8 @@ from ._extension import build_info  # noqa: E402
 from .modules import ReLU  # noqa: E402
 
 __all__ = ["functional", "build_info", "ReLU", "__version__"]
+
+# Batch norm.
+from .modules import BatchNorm2d  # noqa: E402
+
+__all__.append("BatchNorm2d")

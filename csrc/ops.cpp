@@ -58,6 +58,17 @@ TORCH_LIBRARY(torch_cs231n, m) {
         "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
   m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  // Batch norm (per channel over N and the spatial dims). The training forward returns the batch's
+  // mean and inverse std for the backward, and its biased variance, from which functional.py updates the
+  // running variance (unbiased: var * M / (M - 1)); the kernels never write the running statistics.
+  m.def("batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> "
+        "(Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def("batch_norm_forward_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps) -> Tensor");
+  // mean/invstd: the saved batch statistics (training) or the running mean and 1/sqrt(running_var + eps).
+  // A gradient that output_mask does not ask for is None.
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+        "bool training, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
 }
 
 extern "C" {

@@ -20,3 +20,7 @@ __all__ += ["Conv2d"]
 from .modules import MaxPool2d  # noqa: E402
 
 __all__ += ["MaxPool2d"]
+# Batch norm.
+from .modules import BatchNorm2d  # noqa: E402
+
+__all__.append("BatchNorm2d")

@@ -265,3 +265,104 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     output, indices = _MaxPool2d.apply(input, kernel, strides, _pool_pair(padding, "padding"),
                                        _pool_pair(dilation, "dilation"), bool(ceil_mode))
     return (output, indices) if return_indices else output
+# --------------------------------------------------------------------------------------------- batch norm
+__all__.append("batch_norm")
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training: normalise with the batch's statistics, which depend on x (so dx has three terms).
+
+    Returns (output, mean, invstd, var); only the output is differentiable. The backward is our kernel's
+    closed form, not a graph of differentiable ops, hence once_differentiable: a double backward raises
+    torch's clear error instead of giving a silently wrong answer.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps):
+        output, mean, invstd, var = ops.batch_norm_forward_train(input, weight, bias, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return output, mean, invstd, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, _mean, _invstd, _var):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, mask)
+        return dx, dw, db, None
+
+
+class _BatchNormEval(torch.autograd.Function):
+    """Eval: normalise with the running statistics, constants for autograd: dx = gamma * invstd * dy."""
+
+    @staticmethod
+    def forward(ctx, input, running_mean, running_var, weight, bias, eps):
+        ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.eps = eps
+        return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, running_mean, running_var = ctx.saved_tensors
+        invstd = torch.rsqrt(running_var + ctx.eps)  # C values: the kernel computes it the same way
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
+        dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, running_mean, invstd, False, mask)
+        return dx, None, None, dw, db, None
+
+
+def _values_per_channel(size) -> int:
+    n = size[0]
+    for s in size[2:]:
+        n *= s
+    return n
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Like ``torch.nn.functional.batch_norm``: per-channel normalisation over dim 0 and dims 2.. .
+
+    Training normalises with the batch's biased variance and, when running statistics are given, updates
+    them in place (running_mean <- (1 - momentum) running_mean + momentum mean; running_var likewise with
+    the unbiased variance var * M / (M - 1), M = values per channel). Eval normalises with the running
+    statistics. Input of 2 or more dims, (N, C, ...), as F.batch_norm; the output has the input's
+    suggested memory format (channels_last stays channels_last).
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+    # F.batch_norm's own checks, with its messages and exception types.
+    if training:
+        size = input.size()
+        if input.dim() >= 2 and _values_per_channel(size) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+    if not training:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode" if running_mean is None
+                               else "running_var must be defined in evaluation mode")
+        return _BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+
+    output, mean, _invstd, var = _BatchNormTrain.apply(input, weight, bias, eps)
+    if (running_mean is not None or running_var is not None) and input.numel() > 0:
+        # An empty batch leaves the running statistics alone, as torch does.
+        m = _values_per_channel(input.size())
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                unbiased = var * (m / (m - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return output

@@ -1,0 +1,102 @@
+// Batch norm's per-channel and per-element math, called by the CPU loops (cpu/batch_norm.cpp) and the
+// CUDA kernels (cuda/batch_norm.cu). Statistics are per channel c over the M = N*H*W values x_i of it.
+//
+//   forward   mu = (1/M) sum_i x_i           var = (1/M) sum_i (x_i - mu)^2       (biased: it normalises)
+//             invstd = 1 / sqrt(var + eps)    xhat_i = (x_i - mu) * invstd       y_i = gamma * xhat_i + beta
+//   running   running_mean <- (1-m) running_mean + m mu
+//             running_var  <- (1-m) running_var  + m var * M/(M-1)                (unbiased)
+//   backward  dbeta  = sum_i dy_i             dgamma = sum_i dy_i xhat_i
+//             dx_i   = gamma invstd / M * (M dy_i - sum_j dy_j - xhat_i sum_j dy_j xhat_j)
+//                    = gamma invstd * (dy_i - mean(dy) - (x_i - mu) * invstd^2 * sum_j dy_j (x_j - mu) / M)
+//   eval      mu, invstd come from the running statistics, which do not depend on x: dx_i = gamma invstd dy_i
+//
+// The variance is never E[x^2] - E[x]^2 (it cancels catastrophically when |mu| >> std). Each backend
+// computes (count, mean, M2 = sum (x - mean)^2) of small blocks with a two-pass in fast memory, then
+// merges blocks with Chan et al.'s pairwise update (bn_merge below), which is exact in exact arithmetic
+// and stable in floating point.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace torch_cs231n {
+
+// Welford/Chan state of a set of values: how many, their mean, and M2 = sum (x - mean)^2.
+template <typename acc_t>
+struct BnStats {
+  acc_t n;
+  acc_t mean;
+  acc_t m2;
+};
+
+// Chan, Golub and LeVeque: the statistics of the union of two disjoint sets a and b,
+//   n = na + nb,   delta = mean_b - mean_a,
+//   mean = mean_a + delta * nb / n,   M2 = M2_a + M2_b + delta^2 * na * nb / n.
+// An empty side leaves the other unchanged (no 0/0).
+template <typename acc_t>
+C10_HOST_DEVICE inline BnStats<acc_t> bn_merge(BnStats<acc_t> a, BnStats<acc_t> b) {
+  const acc_t n = a.n + b.n;
+  if (b.n == acc_t(0)) return a;
+  if (a.n == acc_t(0)) return b;
+  const acc_t delta = b.mean - a.mean;
+  const acc_t nb_over_n = b.n / n;
+  BnStats<acc_t> r;
+  r.n = n;
+  r.mean = a.mean + delta * nb_over_n;
+  r.m2 = a.m2 + b.m2 + delta * delta * a.n * nb_over_n;
+  return r;
+}
+
+// One Welford step: add the value x to the set s.
+template <typename acc_t>
+C10_HOST_DEVICE inline BnStats<acc_t> bn_welford_add(BnStats<acc_t> s, acc_t x) {
+  s.n += acc_t(1);
+  const acc_t delta = x - s.mean;
+  s.mean += delta / s.n;
+  s.m2 += delta * (x - s.mean);
+  return s;
+}
+
+// The statistics of a block from its two-pass sums: `shift` is an approximate mean (the first pass),
+// sum_d = sum (x - shift) and sum_d2 = sum (x - shift)^2 (the second pass). The corrected two-pass
+// formula M2 = sum_d2 - sum_d^2 / n removes the error of the rounded shift (Chan, Golub, LeVeque 1983);
+// sum_d is small, so nothing cancels.
+template <typename acc_t>
+C10_HOST_DEVICE inline BnStats<acc_t> bn_block_stats(acc_t n, acc_t shift, acc_t sum_d, acc_t sum_d2) {
+  BnStats<acc_t> s;
+  s.n = n;
+  s.mean = shift + sum_d / n;
+  const acc_t m2 = sum_d2 - sum_d * sum_d / n;
+  s.m2 = m2 > acc_t(0) ? m2 : acc_t(0);  // rounding can leave a tiny negative for constant data
+  return s;
+}
+
+// invstd = 1 / sqrt(var + eps): finite for a zero-variance channel as long as eps > 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_invstd(acc_t var, double eps) {
+  return acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
+}
+
+// y = (x - mu) * scale + beta with scale = gamma * invstd. Subtracting the mean first (instead of the
+// folded y = x * scale + (beta - mu * scale)) keeps large-mean inputs exact: x - mu has no rounding
+// error when x and mu are close, whereas x * scale and mu * scale would each round at the size of |mu|.
+template <typename T>
+C10_HOST_DEVICE inline T bn_normalize(T x, T mean, T scale, T beta) {
+  return (x - mean) * scale + beta;
+}
+
+// dx = gamma invstd * (dy - mean(dy) - (x - mu) * proj) in training, with the per-channel constants
+//   gi = gamma * invstd,   dy_mean = sum dy / M,   proj = invstd^2 * sum dy (x - mu) / M.
+template <typename T>
+C10_HOST_DEVICE inline T bn_backward_train(T dy, T x, T mean, T dy_mean, T proj, T gi) {
+  return (dy - dy_mean - (x - mean) * proj) * gi;
+}
+
+// Eval: the statistics are constants, so dx = gamma * invstd * dy.
+template <typename T>
+C10_HOST_DEVICE inline T bn_backward_eval(T dy, T gi) {
+  return dy * gi;
+}
+
+}  // namespace torch_cs231n

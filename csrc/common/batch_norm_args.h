@@ -1,0 +1,84 @@
+// Host-side argument handling of batch norm, shared by the CPU and CUDA kernels: checks with torch-grade
+// messages, the dtype of the statistics, and the (N, C, S) view of the input that both backends loop over.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+
+#include "common/checks.h"
+
+namespace torch_cs231n {
+
+// Statistics and per-channel parameters are held in the "op math" type: float for float, half and
+// bfloat16 inputs (torch's mixed batch norm), double for double.
+inline at::ScalarType bn_stat_dtype(at::ScalarType input) { return at::toOpMathType(input); }
+
+inline void bn_check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() >= 2, op, ": expected input to have 2 or more dimensions (N, C, ...), but got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  check_float_dtype(input, op, "input");
+}
+
+// A per-channel tensor (weight, bias, running or saved statistics): same device as input, 1-D with C
+// elements, and the input's dtype, or float for a half/bfloat16 input (mixed precision, as torch allows).
+inline void bn_check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
+                                    const char* op) {
+  check_same_device(input, "input", t, name, op);
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " to have shape [", C,
+              "] (the channels of input, dim 1 of ", input.sizes(), "), but got shape ", t.sizes());
+  const auto in = input.scalar_type();
+  const bool mixed = (in == at::kHalf || in == at::kBFloat16) && t.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == in || mixed, op, ": expected ", name, " to have the dtype of input (", in,
+              in == at::kHalf || in == at::kBFloat16 ? " or Float" : "", "), but got ", t.scalar_type());
+}
+
+inline void bn_check_optional(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input,
+                              const char* op) {
+  if (t.has_value() && t->defined()) bn_check_channel_tensor(*t, name, input, op);
+}
+
+// Training divides by the batch's own variance, which is 0 for a single value: torch refuses it.
+inline void bn_check_training_size(const at::Tensor& input, const char* op) {
+  int64_t per_channel = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+  TORCH_CHECK_VALUE(per_channel != 1, op, ": Expected more than 1 value per channel when training, got input size ",
+                    input.sizes());
+}
+
+// The per-channel tensor as a contiguous tensor of the statistics dtype; `fill` when it is absent.
+inline at::Tensor bn_channel_values(const std::optional<at::Tensor>& t, const at::Tensor& input, double fill) {
+  const auto dtype = bn_stat_dtype(input.scalar_type());
+  if (t.has_value() && t->defined()) return t->to(dtype).contiguous();
+  return at::full({input.size(1)}, fill, input.options().dtype(dtype));
+}
+
+// The memory format of batch norm's outputs, as torch chooses it: the input's suggested format
+// (channels_last in, channels_last out; anything else, contiguous).
+inline at::Tensor bn_empty_output(const at::Tensor& input) {
+  return at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
+}
+
+// A dense tensor viewed as channel-first (N, C, S) or channel-last (N, S, C), S = product of dims 2..
+// Both backends loop over one of the two; any other layout is copied into the output's layout first.
+struct BnLayout {
+  int64_t N, C, S;
+  bool channels_last;  // C innermost: rows of C values; otherwise planes of S values per (n, c)
+  int64_t M() const { return N * S; }  // values per channel
+};
+
+// `x` must be dense in the layout of bn_empty_output (contiguous or channels_last/channels_last_3d).
+inline BnLayout bn_layout(const at::Tensor& x) {
+  BnLayout l;
+  l.N = x.size(0);
+  l.C = x.size(1);
+  l.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) l.S *= x.size(d);
+  // S == 1 (an (N, C) batch) is both; rows of C values vectorise better than planes of one value.
+  l.channels_last = l.S == 1 || !x.is_contiguous();
+  return l;
+}
+
+}  // namespace torch_cs231n

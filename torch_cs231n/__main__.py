@@ -1,32 +1,14 @@
-"""Command line: ``python -m torch_cs231n demo | bench``.
+"""Command line: ``python -m torch_cs231n demo | bench | check``.
 
-    demo   what is built (ops, CUDA or not, version) and ReLU on a sample
+    demo   train a CS231n conv-net built from our layers beside the same net from torch.nn (demo.py)
     bench  the benchmark suite, ours against torch (needs the source checkout's benchmarks/)
+    check  gradcheck and comparison with torch.nn.functional for every op; PASS/FAIL table, exit status
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
-
-def _demo(args) -> int:
-    import torch
-
-    import torch_cs231n
-
-    info = torch_cs231n.build_info()
-    ops = sorted(o.split("::")[1] for o in torch._C._dispatch_get_all_op_names() if o.startswith("torch_cs231n::"))
-    print(f"torch_cs231n {info['version']} ({info['backend']} build, CUDA kernels: {'yes' if info['cuda'] else 'no'},"
-          f" OpenMP: {'yes' if info['openmp'] else 'no'}) on torch {info['torch']}")
-    print("ops:", ", ".join(ops))
-    device = args.device
-    x = torch.linspace(-2, 2, 9, device=device).reshape(1, 1, 3, 3).requires_grad_()
-    y = torch_cs231n.ReLU()(x)
-    y.sum().backward()
-    print(f"ReLU on {device}:\n input  {x.detach().flatten().tolist()}\n output {y.detach().flatten().tolist()}"
-          f"\n d/dx   {x.grad.flatten().tolist()}")
-    return 0
 
 
 def _bench(argv: list[str]) -> int:
@@ -48,12 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_cs231n", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show the build and run the layers on a sample")
-    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo = sub.add_parser("demo", help="train a conv-net built from our layers beside torch.nn's (see --help)")
+    from . import demo as demo_module
+
+    demo_module.add_arguments(demo)
     sub.add_parser("bench", help="time every op against torch (see `bench --help`)")
+    check = sub.add_parser("check", help="gradcheck and compare every op with torch.nn.functional here")
+    check.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return _demo(args)
+        return demo_module.main(args)
+    if args.command == "check":
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        from .check import run
+
+        return run(args.device)
     return 0
 
 

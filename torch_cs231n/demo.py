@@ -1,0 +1,216 @@
+"""The main job: train a CS231n-style conv-net built from our layers, beside the same net built from
+torch.nn, from the same initial weights on the same batches, and show that they learn the same thing.
+
+    python -m torch_cs231n demo [--epochs 8] [--batch-size 32] [--lr 0.05] [--seed 0]
+                                [--device cpu|cuda] [--out demo-output] [--threads N]
+                                [--dataset digits|cifar10 --data-dir PATH] [--subset N]
+
+The default data set is scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes; no
+download), split 75/25 with a fixed seed. CIFAR-10 is read from its standard Python-pickle batches
+(data_batch_1 ... data_batch_5, test_batch), the format CS231n students already have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def load_digits(seed: int):
+    """sklearn's digits as (N, 1, 8, 8) float tensors in [0, 1], with a fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_digits()
+    x = digits.images.astype(np.float32)[:, None] / 16.0
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te)
+
+
+def load_cifar10(data_dir: str):
+    """CIFAR-10 from its Python-pickle batches, as (N, 3, 32, 32) float tensors in [0, 1]."""
+    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(data_dir or "", f))]
+    if not data_dir or missing:
+        raise FileNotFoundError(
+            f"CIFAR-10: expected the Python-pickle batches {', '.join(CIFAR_FILES)} in --data-dir "
+            f"{data_dir!r}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+            "(download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it)"
+        )
+
+    def read(name):
+        with open(os.path.join(data_dir, name), "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+        return torch.from_numpy(x), torch.tensor(batch[b"labels"], dtype=torch.int64)
+
+    train = [read(f) for f in CIFAR_FILES[:-1]]
+    x_te, y_te = read(CIFAR_FILES[-1])
+    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_te, y_te
+
+
+# ----------------------------------------------------------------------------------------------------- net
+def build_net(layers, in_channels: int, image_size: int, num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """[conv3x3 - batch norm - ReLU - max-pool 2x2] x 2, then a linear classifier.
+
+    ``layers`` is the namespace the four layers come from: ``torch_cs231n`` or ``torch.nn``.
+    """
+    c1, c2 = width, 2 * width
+    side = image_size // 4
+    return nn.Sequential(
+        layers.Conv2d(in_channels, c1, 3, padding=1, bias=False), layers.BatchNorm2d(c1), layers.ReLU(inplace=True),
+        layers.MaxPool2d(2),
+        layers.Conv2d(c1, c2, 3, padding=1, bias=False), layers.BatchNorm2d(c2), layers.ReLU(inplace=True),
+        layers.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * side * side, num_classes),
+    )
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    net.eval()
+    correct = sum((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    net.train()
+    return correct / max(1, len(x))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def run(args) -> dict:
+    """Train both nets; write demo.png and summary.json into args.out; return the summary."""
+    device = torch.device(args.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or (1 if args.dataset == "digits" else threads_before))
+    try:
+        return _train(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(args, device) -> dict:
+    import torch_cs231n
+
+    from tqdm import tqdm
+
+    if args.dataset == "cifar10":
+        x_tr, y_tr, x_te, y_te = load_cifar10(args.data_dir)
+    else:
+        x_tr, y_tr, x_te, y_te = load_digits(args.seed)
+    if args.subset:
+        x_tr, y_tr = x_tr[:args.subset], y_tr[:args.subset]
+    mean, std = x_tr.mean(), x_tr.std()  # normalise with the training set's statistics
+    x_tr, x_te = ((x_tr - mean) / std).to(device), ((x_te - mean) / std).to(device)
+    y_tr, y_te = y_tr.to(device), y_te.to(device)
+
+    torch.manual_seed(args.seed)
+    reference = build_net(nn, x_tr.shape[1], x_tr.shape[-1]).to(device)
+    ours = build_net(torch_cs231n, x_tr.shape[1], x_tr.shape[-1]).to(device)
+    ours.load_state_dict(reference.state_dict())  # the same initial weights: a torch checkpoint loads as is
+    nets = {"torch_cs231n": ours, "torch": reference}
+    optims = {k: torch.optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4) for k, n in nets.items()}
+    losses = {k: [] for k in nets}
+    accs = {k: [] for k in nets}
+    steps_per_epoch = (len(x_tr) + args.batch_size - 1) // args.batch_size
+    order = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        perm = torch.randperm(len(x_tr), generator=order).to(device)  # the same batches for both nets
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=True, dynamic_ncols=True)
+        for step in bar:
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            for key, net in nets.items():
+                loss = nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx])
+                optims[key].zero_grad(set_to_none=True)
+                loss.backward()
+                optims[key].step()
+                losses[key].append(loss.item())
+            bar.set_postfix(loss=f"{losses['torch_cs231n'][-1]:.4f}",
+                            torch=f"{losses['torch'][-1]:.4f}")
+        for key, net in nets.items():
+            accs[key].append(accuracy(net, x_te, y_te))
+        bar.write(f"epoch {epoch}: test accuracy {accs['torch_cs231n'][-1]:.2%} (torch.nn: {accs['torch'][-1]:.2%})")
+    seconds = time.perf_counter() - start
+
+    diffs = np.abs(np.array(losses["torch_cs231n"]) - np.array(losses["torch"]))
+    summary = {
+        "test_accuracy": {k: accs[k][-1] for k in nets},
+        "loss_max_abs_diff_first_epoch": float(diffs[:steps_per_epoch].max()),
+        "loss_max_abs_diff_all_steps": float(diffs.max()),
+        "seconds": seconds,
+        "device": str(device),
+        "dataset": args.dataset,
+        "epochs": args.epochs,
+        "train_size": len(x_tr),
+        "test_size": len(x_te),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    summary["plot"] = plot(losses, accs, steps_per_epoch, os.path.join(args.out, "demo.png"))
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def plot(losses: dict, accs: dict, steps_per_epoch: int, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("torch", "-"), ("torch_cs231n", "--")):
+        left.plot(np.arange(1, len(losses[key]) + 1) / steps_per_epoch, losses[key], style, label=key, lw=1)
+        right.plot(range(1, len(accs[key]) + 1), [100 * a for a in accs[key]], style + "o", label=key)
+    left.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log", title="loss at every step")
+    right.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy after each epoch")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default="demo-output", help="folder for demo.png and summary.json")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10's Python-pickle batches (with --dataset cifar10)")
+    parser.add_argument("--subset", type=int, default=0, help="train on only the first N training images")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: 1 for the 8x8 digits, whose tiny tensors gain nothing from "
+                             "more and lose much when the cores are busy; all cores for CIFAR-10)")
+
+
+def main(args) -> int:
+    import torch_cs231n
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("demo --device cuda: no CUDA device is available")
+    info = torch_cs231n.build_info()
+    print(f"torch_cs231n {info['version']} ({info['backend']} build, CUDA kernels: {'yes' if info['cuda'] else 'no'})"
+          f" on torch {info['torch']}, device {args.device}")
+    try:
+        summary = run(args)
+    except FileNotFoundError as err:
+        raise SystemExit(f"demo: {err}") from None
+    acc = summary["test_accuracy"]
+    print(f"\ntest accuracy: torch_cs231n {acc['torch_cs231n']:.2%}, torch.nn {acc['torch']:.2%}")
+    print(f"loss curves: max |difference| {summary['loss_max_abs_diff_first_epoch']:.2e} over the first epoch, "
+          f"{summary['loss_max_abs_diff_all_steps']:.2e} over all steps")
+    print(f"{summary['seconds']:.1f} s for both nets; plot: {summary['plot']}; "
+          f"summary: {os.path.join(args.out, 'summary.json')}")
+    return 0

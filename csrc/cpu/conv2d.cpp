@@ -34,7 +34,10 @@ namespace {
 constexpr int64_t kGrain = 1 << 14;
 
 // ------------------------------------------------------------------------------------- im2col, col2im
-// Row r = (c, t_h, t_w) of one sample's column matrix:
+// The column matrix of a block of nb samples is [C*kH*kW, nb*oH*oW]: sample s fills the columns
+// s*oH*oW .. (s+1)*oH*oW - 1, so one GEMM covers the whole block. `ld` is the row length nb*oH*oW.
+//
+// Row r = (c, t_h, t_w) of one sample's columns:
 //     col[r, (o_h, o_w)] = x[c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
 // The valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, no test per element.
 template <typename T>
@@ -62,28 +65,32 @@ void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const C
   }
 }
 
+// The columns of samples x[0 .. nb-1] (x points at the first), rows in parallel.
 template <typename T>
-void im2col(const T* x_sample, T* col, const ConvGeometry& g) {
-  const int64_t rows = g.col_rows(), cols = g.col_cols();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) im2col_row(x_sample, col + r * cols, g, r);
+void im2col(const T* x, int64_t nb, T* col, const ConvGeometry& g) {
+  const int64_t rows = g.col_rows(), cols = g.col_cols(), ld = nb * cols, in_sample = g.c * g.h * g.w;
+  at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t rs = begin; rs < end; ++rs) {
+      const int64_t r = rs / nb, s = rs % nb;
+      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r);
+    }
   });
 }
 
-// col2im as a gather, one input row (c, i_h) at a time: the transposed convolution.
+// col2im as a gather, one input row (c, i_h) of one sample at a time: the transposed convolution.
 //     d_x[c, i_h, i_w] = Σ_{t_h, t_w} d_col[(c, t_h, t_w), (o_h, o_w)]
 // over the taps for which o_h = (i_h + pH - t_h*dH)/sH and o_w = (i_w + pW - t_w*dW)/sW are integers
 // in range. For a fixed tap, the inputs i_w = i0, i0+sW, ... take the outputs o_w = o0, o0+1, ... .
+// `dcol` points at the sample's first column; rows are `ld` apart.
 template <typename T>
-void col2im_row(const T* __restrict__ dcol, T* __restrict__ dx_row, const ConvGeometry& g, int64_t c,
+void col2im_row(const T* __restrict__ dcol, int64_t ld, T* __restrict__ dx_row, const ConvGeometry& g, int64_t c,
                 int64_t i_h) {
   std::fill(dx_row, dx_row + g.w, T(0));
-  const int64_t cols = g.col_cols();
   for (int64_t th = 0; th < g.kh; ++th) {
     int64_t o_h;
     if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
     for (int64_t tw = 0; tw < g.kw; ++tw) {
-      const T* src = dcol + ((c * g.kh + th) * g.kw + tw) * cols + o_h * g.ow;
+      const T* src = dcol + ((c * g.kh + th) * g.kw + tw) * ld + o_h * g.ow;
       int64_t i0, o0;
       conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
       if (i0 >= g.w || o0 >= g.ow) continue;
@@ -97,11 +104,15 @@ void col2im_row(const T* __restrict__ dcol, T* __restrict__ dx_row, const ConvGe
   }
 }
 
+// d_x of samples 0 .. nb-1 of a block (dx points at the first), rows in parallel.
 template <typename T>
-void col2im(const T* dcol, T* dx_sample, const ConvGeometry& g) {
-  const int64_t rows = g.c * g.h;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / (g.w * g.taps())), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) col2im_row(dcol, dx_sample + row * g.w, g, row / g.h, row % g.h);
+void col2im(const T* dcol, int64_t nb, T* dx, const ConvGeometry& g) {
+  const int64_t rows = g.c * g.h, cols = g.col_cols(), ld = nb * cols;
+  at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / (g.w * g.taps())), [&](int64_t begin, int64_t end) {
+    for (int64_t rs = begin; rs < end; ++rs) {
+      const int64_t s = rs / rows, row = rs % rows;
+      col2im_row(dcol + s * cols, ld, dx + (s * rows + row) * g.w, g, row / g.h, row % g.h);
+    }
   });
 }
 
@@ -111,9 +122,21 @@ void col2im(const T* dcol, T* dx_sample, const ConvGeometry& g) {
 int64_t chunk_count(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
 
+// Samples per GEMM block: enough columns (nb*oH*oW) for MKL to amortise packing W, while the column
+// buffer of a thread stays under kColumnBudget elements (it never grows with N).
+constexpr int64_t kTargetColumns = 2048;
+constexpr int64_t kColumnBudget = int64_t(1) << 21;  // 8 MiB in float32
+int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
+  const int64_t by_target = (kTargetColumns + g.col_cols() - 1) / g.col_cols();
+  const int64_t by_budget = kColumnBudget / std::max<int64_t>(1, g.col_rows() * g.col_cols());
+  return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));
+}
+
 // ------------------------------------------------------------------------------- forward: im2col + GEMM
-// Per sample and group:  y[n, g] (Fg x oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x oH*oW) + b_g
-// written straight into the NCHW output (no copy around the GEMM).
+// Per block of nb samples and group g:
+//     Y_g (Fg x nb*oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x nb*oH*oW) + b_g
+// With nb = 1 the GEMM writes straight into the NCHW output; otherwise into a buffer whose columns are
+// then scattered to the nb output samples (one pass over the output, small next to the GEMM).
 template <typename T>
 void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   at::Tensor& y, const ConvGeometry& g) {
@@ -126,35 +149,42 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
     // caller already is (the inputs may require grad; these products are not part of any graph).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows(), cols}, x.options());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        at::Tensor cols_n;
+      const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
+      const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
+      // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
+      at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
+      at::Tensor buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
+        const int64_t nb = std::min(nb_max, n_end - n0);
+        at::Tensor cols_b;
         if (pointwise) {
-          cols_n = x[n].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
+          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
         } else {
-          im2col(x.const_data_ptr<T>() + n * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g);
-          cols_n = col;
+          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
+          im2col(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, nb, cols_b.mutable_data_ptr<T>(), g);
         }
-        at::Tensor y_n = y[n].view({g.f, cols});
+        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor y_g = y_n.narrow(0, grp * fg, fg);
+          at::Tensor y_g = out.narrow(0, grp * fg, fg);
           const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
-          const at::Tensor c_g = cols_n.narrow(0, grp * kg, kg);
+          const at::Tensor c_g = cols_b.narrow(0, grp * kg, kg);
           if (has_bias) {
             at::addmm_out(y_g, bias->narrow(0, grp * fg, fg).unsqueeze(1), w_g, c_g);  // b broadcast over columns
           } else {
             at::mm_out(y_g, w_g, c_g);
           }
         }
+        if (nb > 1) y.narrow(0, n0, nb).view({nb, g.f, cols}).copy_(out.view({g.f, nb, cols}).transpose(0, 1));
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------- backward: GEMM + col2im
-//   d_W_g += dY_g[n] · col_gᵀ           (summed over the samples of a chunk, then over the chunks)
-//   d_col_g = W_gᵀ · dY_g[n]            then d_x[n] = col2im(d_col): the transposed convolution
+// Per block of nb samples and group g, with dY_b = [dY[n0] | dY[n0+1] | ...] (Fg x nb*oH*oW):
+//   d_W_g += dY_b · col_gᵀ             (K = nb*oH*oW: one GEMM sums the block's samples)
+//   d_col_g = W_gᵀ · dY_b              then d_x[n] = col2im(d_col[n]): the transposed convolution
 // Pointwise: the columns are x[n] itself and d_x[n] = Wᵀ · dY[n] directly.
 template <typename T>
 void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
@@ -165,35 +195,46 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const int64_t chunks = chunk_count(g.n);
   at::Tensor partial = need_dw ? at::zeros({chunks, g.f, kg}, x.options()) : at::Tensor();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
-    // caller already is (the inputs may require grad; these products are not part of any graph).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows(), cols}, x.options());
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see gemm_forward
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        const at::Tensor dy_n = dy[n].view({g.f, cols});
+      const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
+      const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
+      // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
+      at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
+      at::Tensor dy_buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
+      at::Tensor dw_chunk = need_dw ? partial[chunk] : at::Tensor();
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
+        const int64_t nb = std::min(nb_max, n_end - n0);
+        at::Tensor dy_b;
+        if (nb == 1) {
+          dy_b = dy[n0].view({g.f, cols});
+        } else {  // gather the block's dY side by side: [dY[n0] | dY[n0+1] | ...]
+          dy_b = dy_buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
+          dy_b.view({g.f, nb, cols}).copy_(dy.narrow(0, n0, nb).view({nb, g.f, cols}).transpose(0, 1));
+        }
+        at::Tensor col_b =
+            pointwise ? at::Tensor() : col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
         if (need_dw) {
-          at::Tensor cols_n;
+          at::Tensor cols_b;
           if (pointwise) {
-            cols_n = x[n].view({g.c, cols});
+            cols_b = x[n0].view({g.c, cols});
           } else {
-            im2col(x.const_data_ptr<T>() + n * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g);
-            cols_n = col;
+            im2col(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, nb, col_b.mutable_data_ptr<T>(), g);
+            cols_b = col_b;
           }
           for (int64_t grp = 0; grp < g.groups; ++grp) {
-            partial[chunk].narrow(0, grp * fg, fg).addmm_(dy_n.narrow(0, grp * fg, fg),
-                                                          cols_n.narrow(0, grp * kg, kg).t());
+            dw_chunk.narrow(0, grp * fg, fg).addmm_(dy_b.narrow(0, grp * fg, fg), cols_b.narrow(0, grp * kg, kg).t());
           }
         }
         if (need_dx) {
           // The column buffer is free again (d_W has used it): it now receives d_col.
-          at::Tensor dcol = pointwise ? dx[n].view({g.c, cols}) : col;
+          at::Tensor dcol = pointwise ? dx[n0].view({g.c, cols}) : col_b;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
             at::Tensor out = dcol.narrow(0, grp * kg, kg);
-            at::mm_out(out, w2d.narrow(0, grp * fg, fg).t(), dy_n.narrow(0, grp * fg, fg));
+            at::mm_out(out, w2d.narrow(0, grp * fg, fg).t(), dy_b.narrow(0, grp * fg, fg));
           }
           if (!pointwise) {
-            col2im(col.const_data_ptr<T>(), dx.mutable_data_ptr<T>() + n * g.c * g.h * g.w, g);
+            col2im(col_b.const_data_ptr<T>(), nb, dx.mutable_data_ptr<T>() + n0 * g.c * g.h * g.w, g);
           }
         }
       }

@@ -214,10 +214,15 @@ class _MaxPool2d(torch.autograd.Function):
         ctx.save_for_backward(input, indices)
         ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(indices)
+        # Otherwise autograd fills a tensor of zeros for the indices' (never used) gradient on every
+        # backward, which costs as much as the backward itself.
+        ctx.set_materialize_grads(False)
         return output, indices
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:
+            return None, None, None, None, None, None
         input, indices = ctx.saved_tensors
         grad_input = _MaxPool2dBackward.apply(grad_output, input, indices, *ctx.geometry)
         return grad_input, None, None, None, None, None

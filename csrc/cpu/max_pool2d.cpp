@@ -71,11 +71,11 @@ AxisPlan plan_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int
 // Written for the vectoriser: compares and selects only, the index kept in `index_t` = int32 when the
 // plane has fewer than 2^31 elements (the same lane width as float, which SSE2 needs to vectorise the
 // select; it is widened to int64 when the row is stored), and the column stride a compile-time constant
-// for the common strides 1 and 2 (contiguous or stride-2 loads); kStride = 0 reads it at run time.
+// for the common strides 1 and 2 (contiguous or stride-2 loads).
 template <int kStride, typename scalar_t, typename index_t>
 inline void scan_tap(const scalar_t* __restrict__ xrow, scalar_t* __restrict__ best, index_t* __restrict__ arg,
-                     int64_t b, int64_t e, int64_t sw_runtime, int64_t off, index_t base) {
-  const int64_t sw = kStride > 0 ? kStride : sw_runtime;
+                     int64_t b, int64_t e, int64_t off, index_t base) {
+  constexpr int64_t sw = kStride;
   for (int64_t ow = b; ow < e; ++ow) {
     const scalar_t v = xrow[ow * sw + off];
     const bool take = pool::takes(v, best[ow]);
@@ -105,7 +105,7 @@ void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* a
       const int64_t ih = oh * g.sh - g.ph + th * g.dh;
       for (int64_t tw = 0; tw < g.kw; ++tw) {
         const int64_t off = cols.offset[tw];
-        scan_tap<kStride>(x + ih * W, yrow, arg, cols.begin[tw], cols.end[tw], g.sw, off,
+        scan_tap<kStride>(x + ih * W, yrow, arg, cols.begin[tw], cols.end[tw], off,
                           static_cast<index_t>(ih * W + off));  // the flat index of this tap at ow = 0
       }
     }
@@ -129,6 +129,26 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
   });
 }
 
+// Column strides other than 1 and 2 (rare, and poor for vector loads anyway): one output at a time,
+// by pool::scan_window itself, the very function each CUDA thread runs.
+template <typename scalar_t>
+void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
+  at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* plane = x + p * in_plane;
+      const auto load = [plane, &g](int64_t ih, int64_t iw) { return plane[ih * g.width + iw]; };
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t o = p * out_plane + oh * g.out_w + ow;
+          pool::scan_window<scalar_t>(oh, ow, g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                                      load, &y[o], &ind[o]);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename index_t>
 void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
   if (g.sw == 1) {
@@ -136,7 +156,7 @@ void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const G
   } else if (g.sw == 2) {
     forward_nchw<2, scalar_t, index_t>(x, y, ind, g);
   } else {
-    forward_nchw<0, scalar_t, index_t>(x, y, ind, g);
+    forward_nchw_per_output(x, y, ind, g);
   }
 }
 

@@ -1,0 +1,189 @@
+// Max pooling on CUDA: grid-stride loops over the shared window math of common/max_pool2d.h.
+//
+//   forward   one thread per output: pool::scan_window over its window, in the accumulation type
+//             (float for half and bfloat16), writing the value and the flat index h*W + w.
+//   backward  one thread per input: a gather, rule (3), over the outputs whose window can hold it
+//             (pool::candidate_outputs), adding dy[o] where index[o] is this input. Each gradient is
+//             written once by one thread, in a fixed order: deterministic, without atomics.
+//
+// Layouts are as on the CPU: the output, the indices and the gradient take torch's memory format (the
+// input's suggested one), and inputs in any other layout are first copied into it. Threads walk the
+// output (or input) in memory order, so neighbouring threads touch neighbouring addresses in NCHW and
+// in NHWC alike. All indexing is int64.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/max_pool2d.h"
+#include "cuda/launch.cuh"
+
+namespace torch_cs231n {
+namespace {
+
+using pool::Geometry;
+
+// The geometry, by value into the kernels.
+struct Params {
+  int64_t channels, height, width, out_h, out_w;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+Params params_of(const Geometry& g) {
+  return {g.channels, g.height, g.width, g.out_h, g.out_w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
+}
+
+// (n, c, h, w) of the element at memory offset `i` of a dense (N, C, rows, cols) tensor in NCHW or NHWC.
+template <bool kChannelsLast>
+__device__ inline void decode(int64_t i, int64_t C, int64_t rows, int64_t cols, int64_t* n, int64_t* c,
+                              int64_t* h, int64_t* w) {
+  if (kChannelsLast) {
+    *c = i % C;
+    i /= C;
+    *w = i % cols;
+    i /= cols;
+    *h = i % rows;
+    *n = i / rows;
+  } else {
+    *w = i % cols;
+    i /= cols;
+    *h = i % rows;
+    i /= rows;
+    *c = i % C;
+    *n = i / C;
+  }
+}
+
+// Memory offset of (n, c, h, w) in a dense (N, C, rows, cols) tensor in NCHW or NHWC.
+template <bool kChannelsLast>
+__device__ inline int64_t offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t rows,
+                                 int64_t cols) {
+  return kChannelsLast ? ((n * rows + h) * cols + w) * C + c : ((n * C + c) * rows + h) * cols + w;
+}
+
+// Reads element (ih, iw) of one plane, whose pixels lie `step` elements apart (1 in NCHW, C in NHWC).
+template <typename scalar_t>
+struct PlaneLoad {
+  const scalar_t* plane;
+  int64_t width, step;
+  C10_HOST_DEVICE scalar_t operator()(int64_t ih, int64_t iw) const { return plane[(ih * width + iw) * step]; }
+};
+
+template <typename scalar_t, bool kChannelsLast>
+__global__ void max_pool2d_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                          int64_t* __restrict__ ind, int64_t total, Params p) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += step) {
+    int64_t n, c, oh, ow;
+    decode<kChannelsLast>(o, p.channels, p.out_h, p.out_w, &n, &c, &oh, &ow);
+    const PlaneLoad<scalar_t> load{x + offset<kChannelsLast>(n, c, 0, 0, p.channels, p.height, p.width), p.width,
+                                   kChannelsLast ? p.channels : 1};
+    acc_t best;
+    int64_t index;
+    pool::scan_window<acc_t>(oh, ow, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load,
+                             &best, &index);
+    y[o] = static_cast<scalar_t>(best);
+    ind[o] = index;
+  }
+}
+
+template <typename scalar_t, bool kChannelsLast>
+__global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, const int64_t* __restrict__ ind,
+                                           scalar_t* __restrict__ dx, int64_t total, Params p) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    int64_t n, c, ih, iw;
+    decode<kChannelsLast>(i, p.channels, p.height, p.width, &n, &c, &ih, &iw);
+    int64_t oh0, oh1, ow0, ow1;
+    pool::candidate_outputs(ih, p.out_h, p.kh, p.sh, p.ph, p.dh, &oh0, &oh1);
+    pool::candidate_outputs(iw, p.out_w, p.kw, p.sw, p.pw, p.dw, &ow0, &ow1);
+    const int64_t target = ih * p.width + iw;
+    acc_t sum = acc_t(0);
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ow = ow0; ow < ow1; ++ow) {
+        const int64_t o = offset<kChannelsLast>(n, c, oh, ow, p.channels, p.out_h, p.out_w);
+        if (ind[o] == target) sum += static_cast<acc_t>(dy[o]);
+      }
+    }
+    dx[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                                           at::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g = pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode,
+                                         "max_pool2d_forward");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options().memory_format(g.format);
+  at::Tensor output = at::empty(g.output_sizes(), opts);
+  at::Tensor indices = at::empty(g.output_sizes(), opts.dtype(at::kLong));
+  const int64_t total = output.numel();
+  if (total == 0) return {output, indices};
+  const at::Tensor x = input.contiguous(g.format);
+  const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
+  const Params p = params_of(g);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = output.mutable_data_ptr<scalar_t>();
+    int64_t* ip = indices.mutable_data_ptr<int64_t>();
+    if (nhwc) {
+      max_pool2d_forward_kernel<scalar_t, true><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+          xp, yp, ip, total, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      max_pool2d_forward_kernel<scalar_t, false><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+          xp, yp, ip, total, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {output, indices};
+}
+
+at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                    const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g =
+      pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input = at::empty(g.input_sizes(), input.options().memory_format(g.format));
+  const int64_t total = grad_input.numel();
+  if (total == 0) return grad_input;
+  const at::Tensor dy = grad_output.contiguous(g.format);
+  const at::Tensor ind = indices.contiguous(g.format);
+  const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
+  const Params p = params_of(g);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "max_pool2d_backward_cuda", [&] {
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const int64_t* ip = ind.const_data_ptr<int64_t>();
+    scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
+    if (nhwc) {
+      max_pool2d_backward_kernel<scalar_t, true><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+          dyp, ip, dxp, total, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      max_pool2d_backward_kernel<scalar_t, false><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+          dyp, ip, dxp, total, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
+  m.impl("max_pool2d_forward", &max_pool2d_forward_cuda);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cuda);
+}
+
+}  // namespace torch_cs231n

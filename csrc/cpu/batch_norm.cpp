@@ -356,18 +356,18 @@ void for_each_channel_run(const BnLayout& lay, F f) {
   }
 }
 
-// y = (x - mean) * scale + beta, the constants per channel (common/batch_norm.h: bn_normalize).
+// y = ((x - mean_hi) - mean_lo) * scale + beta, the constants per channel (common/batch_norm.h: bn_normalize).
 template <typename scalar_t>
-void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const scalar_t* mean,
+void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const scalar_t* mean, const scalar_t* mean_lo,
                     const scalar_t* scale, const scalar_t* beta) {
   for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
     const scalar_t* xi = x + off;
     scalar_t* yo = y + off;
     if (cl) {
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], mean[k], scale[k], beta[k]);
+      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], mean[k], mean_lo[k], scale[k], beta[k]);
     } else {
-      const scalar_t m = mean[c], s = scale[c], b = beta[c];
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], m, s, b);
+      const scalar_t m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
+      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
     }
   });
 }
@@ -426,12 +426,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     const scalar_t* g = gamma.const_data_ptr<scalar_t>();
     const scalar_t* b = beta.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> scale(C);
-    // From a channel's (n, mean, M2): the saved statistics and scale = gamma * invstd.
+    std::vector<scalar_t> scale(C), mean_lo(C);
+    // From a channel's (n, mean, M2): the saved statistics, scale = gamma * invstd, and the part of the
+    // double mean that the saved scalar_t mean does not hold.
     auto finish = [&](int64_t c, const BnStats<acc_t>& st) {
       const acc_t var = lay.M() > 0 ? st.m2 / st.n : acc_t(0);  // biased: this is what normalises
       const acc_t invstd = bn_invstd<acc_t>(var, eps);
       mean_p[c] = static_cast<scalar_t>(st.mean);  // 0 for an empty batch
+      mean_lo[c] = static_cast<scalar_t>(st.mean - static_cast<acc_t>(mean_p[c]));
       var_p[c] = static_cast<scalar_t>(var);
       invstd_p[c] = static_cast<scalar_t>(invstd);
       scale[c] = static_cast<scalar_t>(invstd * g[c]);
@@ -444,10 +446,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
       at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           finish(c, channel_first_stats<scalar_t, acc_t>(xp, lay, c));
-          const scalar_t m = mean_p[c], sc = scale[c], bc = b[c];
+          const scalar_t m = mean_p[c], lo = mean_lo[c], sc = scale[c], bc = b[c];
           for (int64_t n = 0; n < lay.N; ++n) {  // the channel's planes again, now from cache
             const int64_t off = (n * C + c) * S;
-            for (int64_t k = 0; k < S; ++k) yp[off + k] = bn_normalize(xp[off + k], m, sc, bc);
+            for (int64_t k = 0; k < S; ++k) yp[off + k] = bn_normalize(xp[off + k], m, lo, sc, bc);
           }
         }
       });
@@ -455,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     }
     const std::vector<BnStats<acc_t>> stats = channel_stats<scalar_t, acc_t>(xp, lay);
     for (int64_t c = 0; c < C; ++c) finish(c, stats[c]);
-    normalize_loop<scalar_t>(xp, yp, lay, mean_p, scale.data(), b);
+    normalize_loop<scalar_t>(xp, yp, lay, mean_p, mean_lo.data(), scale.data(), b);
   });
   return {output, save_mean, save_invstd, save_var};
 }
@@ -483,8 +485,9 @@ at::Tensor batch_norm_forward_eval_cpu(const at::Tensor& input, const at::Tensor
     const scalar_t* g = gamma.const_data_ptr<scalar_t>();
     std::vector<scalar_t> scale(lay.C);
     for (int64_t c = 0; c < lay.C; ++c) scale[c] = static_cast<scalar_t>(bn_invstd<acc_t>(v[c], eps) * g[c]);
+    const std::vector<scalar_t> zeros(lay.C, scalar_t(0));  // the running mean is exactly a scalar_t
     normalize_loop<scalar_t>(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), lay,
-                             rm.const_data_ptr<scalar_t>(), scale.data(), beta.const_data_ptr<scalar_t>());
+                             rm.const_data_ptr<scalar_t>(), zeros.data(), scale.data(), beta.const_data_ptr<scalar_t>());
   });
   return output;
 }

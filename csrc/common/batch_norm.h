@@ -78,12 +78,15 @@ C10_HOST_DEVICE inline acc_t bn_invstd(acc_t var, double eps) {
   return acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
 }
 
-// y = (x - mu) * scale + beta with scale = gamma * invstd. Subtracting the mean first (instead of the
-// folded y = x * scale + (beta - mu * scale)) keeps large-mean inputs exact: x - mu has no rounding
-// error when x and mu are close, whereas x * scale and mu * scale would each round at the size of |mu|.
+// y = ((x - mean_hi) - mean_lo) * scale + beta with scale = gamma * invstd, where mean_hi + mean_lo is
+// the mean in two parts (mean_hi the mean rounded to T, mean_lo the rest; 0 where the mean is exactly a
+// T). Subtracting the mean first, instead of the folded y = x * scale + (beta - mu * scale), keeps
+// large-mean inputs exact: x - mean_hi has no rounding error when x and the mean are close (Sterbenz),
+// whereas x * scale and mu * scale would each round at the size of |mu|; and mean_lo restores the part of
+// the mean that float32 cannot hold next to |mu| (up to half an ulp of 1e4 = 5e-4 for mean 1e4).
 template <typename T>
-C10_HOST_DEVICE inline T bn_normalize(T x, T mean, T scale, T beta) {
-  return (x - mean) * scale + beta;
+C10_HOST_DEVICE inline T bn_normalize(T x, T mean_hi, T mean_lo, T scale, T beta) {
+  return ((x - mean_hi) - mean_lo) * scale + beta;
 }
 
 // dx = gamma invstd * (dy - mean(dy) - (x - mu) * proj) in training, with the per-channel constants

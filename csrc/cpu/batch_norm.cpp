@@ -1,17 +1,18 @@
 // Batch norm on the CPU: parallel per-channel reductions and fused elementwise passes over the math of
 // common/batch_norm.h.
 //
-// Memory traffic, for M values per channel (the passes are what the time is, the op being memory-bound):
+// Memory traffic (the op is memory-bound, so the passes over memory are what the time is):
 //   training forward   1 read of x for the statistics, then 1 read of x and 1 write of y
 //   backward           1 read of x and dy for the two sums, then 1 read of x and dy and 1 write of dx
 //   eval forward       1 read of x, 1 write of y
+// Channel-first with at least one channel per thread, each thread runs both passes over one channel before
+// the next, so the second pass reads the channel back from cache (per_channel_fused).
 //
 // Two layouts are walked directly (common/batch_norm_args.h): channel-first, where each (n, c) plane is S
 // contiguous values, and channel-last (channels_last), where each row holds the C channels of one pixel.
 //
 // Reductions. Sums over a block of at most kBlock values go into kLanes independent accumulators of the
-// input's type: lane l sums elements l, l + kLanes, ... That is the loop the compiler vectorises without
-// -ffast-math (nothing is reassociated), and with at most kBlock / kLanes terms per lane the float error
+// input's type (four 16-byte vectors), so that with at most kBlock / kLanes terms per lane the float error
 // stays far below float32's resolution of the result. Block results are then combined in double
 // (at::acc_type). The variance of a block is a two-pass in L1 cache (mean, then sum (x - mean)^2), and
 // blocks are merged with Chan's formula (bn_merge): one read of x from memory, and no cancellation.
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -40,89 +42,171 @@ constexpr int64_t kGrain = 1 << 15;     // values per parallel task, so the Open
 constexpr int64_t kMaxRowsPerBlock = 256;  // channel-last: rows summed per lane before folding into double
 constexpr int64_t kMaxGroups = 64;      // channel-last: row groups reduced in parallel, merged in order
 
-template <typename scalar_t>
-struct Lanes {
-  static constexpr int value = 64 / sizeof(scalar_t);  // 16 floats or 8 doubles: four SSE registers
+// Reductions run on explicit 16-byte vectors (GCC/Clang vector extensions; SSE2 is x86-64's baseline,
+// so no -m flag is needed), four accumulators deep to hide the adder's latency: kLanes = 16 floats or 8
+// doubles. Left to itself, GCC vectorises a lanes-in-an-array loop across the wrong axis, with shuffles.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(16)));
 };
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <typename T>
+using vec_t = typename Simd<T>::type;
+template <typename T>
+constexpr int kWidth = 16 / sizeof(T);       // values per vector
+template <typename T>
+constexpr int kLanes = 4 * kWidth<T>;        // values per step of four accumulators
 
-// ------------------------------------------------------------------------------------- contiguous runs
-// Sum of a run of n values, in lanes.
-template <typename scalar_t, typename acc_t>
-acc_t run_sum(const scalar_t* x, int64_t n) {
-  constexpr int L = Lanes<scalar_t>::value;
-  scalar_t lane[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int l = 0; l < L; ++l) lane[l] += x[i + l];
-  }
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned load (movups)
+  return v;
+}
+
+template <typename T>
+inline vec_t<T> vsplat(T s) {
+  vec_t<T> v;
+  for (int l = 0; l < kWidth<T>; ++l) v[l] = s;
+  return v;
+}
+
+// a0 + a1 + a2 + a3, summed across lanes in acc_t.
+template <typename T, typename acc_t>
+inline acc_t vsum4(vec_t<T> a0, vec_t<T> a1, vec_t<T> a2, vec_t<T> a3) {
+  const vec_t<T> v = (a0 + a1) + (a2 + a3);
   acc_t total = 0;
-  for (; i < n; ++i) total += x[i];
-  for (int l = 0; l < L; ++l) total += lane[l];
+  for (int l = 0; l < kWidth<T>; ++l) total += static_cast<acc_t>(v[l]);
   return total;
 }
 
-// (count, mean, M2) of a run of n <= kBlock values: two passes while the run is in cache.
-template <typename scalar_t, typename acc_t>
-BnStats<acc_t> run_stats(const scalar_t* x, int64_t n) {
-  constexpr int L = Lanes<scalar_t>::value;
-  const scalar_t shift = static_cast<scalar_t>(run_sum<scalar_t, acc_t>(x, n) / n);
-  scalar_t sd[L] = {}, sd2[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int l = 0; l < L; ++l) {
-      const scalar_t d = x[i + l] - shift;
-      sd[l] += d;
-      sd2[l] += d * d;
-    }
-  }
-  acc_t sum_d = 0, sum_d2 = 0;
-  for (; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i] - shift);
-    sum_d += d;
-    sum_d2 += d * d;
-  }
-  for (int l = 0; l < L; ++l) {
-    sum_d += sd[l];
-    sum_d2 += sd2[l];
-  }
-  return bn_block_stats<acc_t>(static_cast<acc_t>(n), static_cast<acc_t>(shift), sum_d, sum_d2);
-}
+// ------------------------------------------------------------------------------------------- blocks
+// A block is `count` runs of `len` contiguous values, run r at x + r * stride, count * len <= kBlock:
+// several small planes of one channel, or a piece of one large plane. Lanes carry over from run to run,
+// so small planes (14x14) cost no more than one long run; a run's tail (len % kLanes values) is added
+// straight into the double accumulators.
 
-// Statistics of a whole plane of S values: blocks of at most kBlock, merged.
+// Sum of a block, in lanes.
 template <typename scalar_t, typename acc_t>
-BnStats<acc_t> plane_stats(const scalar_t* x, int64_t S) {
-  BnStats<acc_t> s{0, 0, 0};
-  for (int64_t b = 0; b < S; b += kBlock) s = bn_merge(s, run_stats<scalar_t, acc_t>(x + b, std::min(kBlock, S - b)));
-  return s;
-}
-
-// The backward's two sums over a plane: sum dy and sum dy * (x - mean).
-template <typename scalar_t, typename acc_t>
-void plane_grad_sums(const scalar_t* dy, const scalar_t* x, scalar_t mean, int64_t S, acc_t& sum_dy,
-                     acc_t& sum_dy_xmu) {
-  constexpr int L = Lanes<scalar_t>::value;
-  sum_dy = 0;
-  sum_dy_xmu = 0;
-  for (int64_t b = 0; b < S; b += kBlock) {
-    const int64_t n = std::min(kBlock, S - b);
-    const scalar_t* g = dy + b;
-    const scalar_t* v = x + b;
-    scalar_t a[L] = {}, p[L] = {};
+acc_t block_sum(const scalar_t* x, int64_t count, int64_t stride, int64_t len) {
+  using V = vec_t<scalar_t>;
+  constexpr int W = kWidth<scalar_t>, L = kLanes<scalar_t>;
+  V s0{}, s1{}, s2{}, s3{};
+  acc_t total = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* v = x + r * stride;
     int64_t i = 0;
-    for (; i + L <= n; i += L) {
-      for (int l = 0; l < L; ++l) {
-        a[l] += g[i + l];
-        p[l] += g[i + l] * (v[i + l] - mean);
-      }
+    for (; i + L <= len; i += L) {
+      s0 += vload(v + i);
+      s1 += vload(v + i + W);
+      s2 += vload(v + i + 2 * W);
+      s3 += vload(v + i + 3 * W);
     }
-    for (; i < n; ++i) {
+    for (; i < len; ++i) total += v[i];
+  }
+  return total + vsum4<scalar_t, acc_t>(s0, s1, s2, s3);
+}
+
+// (count, mean, M2) of a block: two passes while the block is in L1 (common/batch_norm.h: bn_block_stats).
+template <typename scalar_t, typename acc_t>
+BnStats<acc_t> block_stats(const scalar_t* x, int64_t count, int64_t stride, int64_t len) {
+  using V = vec_t<scalar_t>;
+  constexpr int W = kWidth<scalar_t>, L = kLanes<scalar_t>;
+  const acc_t n = static_cast<acc_t>(count * len);
+  const scalar_t shift = static_cast<scalar_t>(block_sum<scalar_t, acc_t>(x, count, stride, len) / n);
+  const V k = vsplat(shift);
+  V d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
+  acc_t sum_d = 0, sum_d2 = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* v = x + r * stride;
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      const V e0 = vload(v + i) - k, e1 = vload(v + i + W) - k;
+      const V e2 = vload(v + i + 2 * W) - k, e3 = vload(v + i + 3 * W) - k;
+      d0 += e0; d1 += e1; d2 += e2; d3 += e3;
+      q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
+    }
+    for (; i < len; ++i) {
+      const acc_t d = static_cast<acc_t>(v[i] - shift);
+      sum_d += d;
+      sum_d2 += d * d;
+    }
+  }
+  sum_d += vsum4<scalar_t, acc_t>(d0, d1, d2, d3);
+  sum_d2 += vsum4<scalar_t, acc_t>(q0, q1, q2, q3);
+  return bn_block_stats<acc_t>(n, static_cast<acc_t>(shift), sum_d, sum_d2);
+}
+
+// The backward's two sums over a block: sum dy and sum dy * (x - mean), added to sum_dy and sum_dy_xmu.
+template <typename scalar_t, typename acc_t>
+void block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t count, int64_t stride, int64_t len,
+                     scalar_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+  using V = vec_t<scalar_t>;
+  constexpr int W = kWidth<scalar_t>, L = kLanes<scalar_t>;
+  const V m = vsplat(mean);
+  V a0{}, a1{}, a2{}, a3{}, p0{}, p1{}, p2{}, p3{};
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* g = dy + r * stride;
+    const scalar_t* v = x + r * stride;
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      const V g0 = vload(g + i), g1 = vload(g + i + W), g2 = vload(g + i + 2 * W), g3 = vload(g + i + 3 * W);
+      a0 += g0; a1 += g1; a2 += g2; a3 += g3;
+      p0 += g0 * (vload(v + i) - m);
+      p1 += g1 * (vload(v + i + W) - m);
+      p2 += g2 * (vload(v + i + 2 * W) - m);
+      p3 += g3 * (vload(v + i + 3 * W) - m);
+    }
+    for (; i < len; ++i) {
       sum_dy += g[i];
       sum_dy_xmu += static_cast<acc_t>(g[i]) * static_cast<acc_t>(v[i] - mean);
     }
-    for (int l = 0; l < L; ++l) {
-      sum_dy += a[l];
-      sum_dy_xmu += p[l];
-    }
+  }
+  sum_dy += vsum4<scalar_t, acc_t>(a0, a1, a2, a3);
+  sum_dy_xmu += vsum4<scalar_t, acc_t>(p0, p1, p2, p3);
+}
+
+// Channel-first: the values of channel c are cut into U "units", reduced one by one and combined in
+// order u = 0, 1, ... . Small planes (S <= kBlock): unit u is the block of planes n in
+// [u * per, (u + 1) * per), per = kBlock / S. Large planes: unit u is plane u, in blocks of kBlock.
+struct PlaneUnits {
+  int64_t per;    // planes per unit (1 for large planes)
+  int64_t count;  // units per channel
+};
+
+inline PlaneUnits plane_units(const BnLayout& lay) {
+  const int64_t per = lay.S <= kBlock ? std::max<int64_t>(1, kBlock / std::max<int64_t>(lay.S, 1)) : 1;
+  return {per, (lay.N + per - 1) / per};
+}
+
+template <typename scalar_t, typename acc_t>
+BnStats<acc_t> unit_stats(const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c, int64_t u) {
+  const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
+  const scalar_t* base = x + (n0 * C + c) * S;
+  if (S <= kBlock) return block_stats<scalar_t, acc_t>(base, std::min(pu.per, lay.N - n0), C * S, S);
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t b = 0; b < S; b += kBlock) s = bn_merge(s, block_stats<scalar_t, acc_t>(base + b, 1, 0, std::min(kBlock, S - b)));
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c,
+                    int64_t u, scalar_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+  const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
+  const int64_t off = (n0 * C + c) * S;
+  sum_dy = 0;
+  sum_dy_xmu = 0;
+  if (S <= kBlock) {
+    block_grad_sums<scalar_t, acc_t>(dy + off, x + off, std::min(pu.per, lay.N - n0), C * S, S, mean, sum_dy, sum_dy_xmu);
+    return;
+  }
+  for (int64_t b = 0; b < S; b += kBlock) {
+    block_grad_sums<scalar_t, acc_t>(dy + off + b, x + off + b, 1, 0, std::min(kBlock, S - b), mean, sum_dy, sum_dy_xmu);
   }
 }
 
@@ -133,16 +217,16 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   std::vector<BnStats<acc_t>> out(C, BnStats<acc_t>{0, 0, 0});
   if (!lay.channels_last) {
-    // Planes in memory order, one result each; then each channel merges its N planes in order.
-    std::vector<BnStats<acc_t>> planes(N * C);
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) planes[p] = plane_stats<scalar_t, acc_t>(x + p * S, S);
+    // Units of all channels in parallel, one result each; then each channel merges its units in order.
+    const PlaneUnits pu = plane_units(lay);
+    std::vector<BnStats<acc_t>> units(pu.count * C);
+    const int64_t unit_values = pu.per * S;
+    at::parallel_for(0, pu.count * C, std::max<int64_t>(1, kGrain / unit_values), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) units[i] = unit_stats<scalar_t, acc_t>(x, lay, pu, i % C, i / C);
     });
-    at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        for (int64_t n = 0; n < N; ++n) out[c] = bn_merge(out[c], planes[n * C + c]);
-      }
-    });
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t u = 0; u < pu.count; ++u) out[c] = bn_merge(out[c], units[u * C + c]);
+    }
     return out;
   }
   // Channel-last: rows of C values. Blocks of rows, vectorised over c; each of G groups of consecutive
@@ -203,16 +287,18 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* me
   sum_dy.assign(C, 0);
   sum_dy_xmu.assign(C, 0);
   if (!lay.channels_last) {
-    std::vector<acc_t> p_dy(N * C), p_dyx(N * C);
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        plane_grad_sums<scalar_t, acc_t>(dy + p * S, x + p * S, mean[p % C], S, p_dy[p], p_dyx[p]);
+    const PlaneUnits pu = plane_units(lay);
+    std::vector<acc_t> u_dy(pu.count * C), u_dyx(pu.count * C);
+    at::parallel_for(0, pu.count * C, std::max<int64_t>(1, kGrain / (pu.per * S)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i % C;
+        unit_grad_sums<scalar_t, acc_t>(dy, x, lay, pu, c, i / C, mean[c], u_dy[i], u_dyx[i]);
       }
     });
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t u = 0; u < pu.count; ++u) {
       for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += p_dy[n * C + c];
-        sum_dy_xmu[c] += p_dyx[n * C + c];
+        sum_dy[c] += u_dy[u * C + c];
+        sum_dy_xmu[c] += u_dyx[u * C + c];
       }
     }
     return;
@@ -270,18 +356,18 @@ void for_each_channel_run(const BnLayout& lay, F f) {
   }
 }
 
-// y = (x - mean) * scale + beta, the constants per channel (common/batch_norm.h: bn_normalize).
+// y = ((x - mean_hi) - mean_lo) * scale + beta, the constants per channel (common/batch_norm.h: bn_normalize).
 template <typename scalar_t>
-void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const scalar_t* mean,
+void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const scalar_t* mean, const scalar_t* mean_lo,
                     const scalar_t* scale, const scalar_t* beta) {
   for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
     const scalar_t* xi = x + off;
     scalar_t* yo = y + off;
     if (cl) {
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], mean[k], scale[k], beta[k]);
+      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], mean[k], mean_lo[k], scale[k], beta[k]);
     } else {
-      const scalar_t m = mean[c], s = scale[c], b = beta[c];
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], m, s, b);
+      const scalar_t m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
+      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
     }
   });
 }
@@ -292,6 +378,24 @@ std::tuple<at::Tensor, at::Tensor, BnLayout> dense_input(const at::Tensor& input
   at::Tensor out = bn_empty_output(input);
   at::Tensor x = dense_like(input, out);
   return {x, out, bn_layout(x)};
+}
+
+// Channel-first with at least one channel per thread: each thread takes whole channels and runs both
+// passes over one channel before the next. The second pass then reads the channel from cache (its
+// N*S values are at most a few hundred KiB at the suite's shapes), so x (and dy) come from memory once.
+// With fewer channels than threads, the reduction is split over planes instead (channel_stats).
+bool per_channel_fused(const BnLayout& lay) {
+  return !lay.channels_last && lay.C >= at::get_num_threads();
+}
+
+// The statistics of channel c of a channel-first tensor: its units merged in order (the same order as
+// channel_stats, so both paths give the same bits).
+template <typename scalar_t, typename acc_t>
+BnStats<acc_t> channel_first_stats(const scalar_t* x, const BnLayout& lay, int64_t c) {
+  const PlaneUnits pu = plane_units(lay);
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t u = 0; u < pu.count; ++u) s = bn_merge(s, unit_stats<scalar_t, acc_t>(x, lay, pu, c, u));
+  return s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train_cpu(
@@ -314,31 +418,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_forward_train_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;  // double
-    const int64_t C = lay.C;
+    const int64_t C = lay.C, S = lay.S;
     scalar_t* mean_p = save_mean.mutable_data_ptr<scalar_t>();
     scalar_t* invstd_p = save_invstd.mutable_data_ptr<scalar_t>();
     scalar_t* var_p = save_var.mutable_data_ptr<scalar_t>();
-    if (lay.M() == 0) {  // an empty batch: nothing to normalise; finite placeholder statistics
-      for (int64_t c = 0; c < C; ++c) {
-        mean_p[c] = 0;
-        var_p[c] = 0;
-        invstd_p[c] = static_cast<scalar_t>(bn_invstd<acc_t>(0, eps));
-      }
-      return;
-    }
-    const std::vector<BnStats<acc_t>> stats = channel_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), lay);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     const scalar_t* g = gamma.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t var = stats[c].m2 / stats[c].n;  // biased: this is what normalises
+    const scalar_t* b = beta.const_data_ptr<scalar_t>();
+    std::vector<scalar_t> scale(C), mean_lo(C);
+    // From a channel's (n, mean, M2): the saved statistics, scale = gamma * invstd, and the part of the
+    // double mean that the saved scalar_t mean does not hold.
+    auto finish = [&](int64_t c, const BnStats<acc_t>& st) {
+      const acc_t var = lay.M() > 0 ? st.m2 / st.n : acc_t(0);  // biased: this is what normalises
       const acc_t invstd = bn_invstd<acc_t>(var, eps);
-      mean_p[c] = static_cast<scalar_t>(stats[c].mean);
+      mean_p[c] = static_cast<scalar_t>(st.mean);  // 0 for an empty batch
+      mean_lo[c] = static_cast<scalar_t>(st.mean - static_cast<acc_t>(mean_p[c]));
       var_p[c] = static_cast<scalar_t>(var);
       invstd_p[c] = static_cast<scalar_t>(invstd);
       scale[c] = static_cast<scalar_t>(invstd * g[c]);
+    };
+    if (lay.M() == 0) {  // an empty batch: nothing to normalise; finite placeholder statistics
+      for (int64_t c = 0; c < C; ++c) finish(c, BnStats<acc_t>{0, 0, 0});
+      return;
     }
-    normalize_loop<scalar_t>(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), lay, mean_p,
-                             scale.data(), beta.const_data_ptr<scalar_t>());
+    if (per_channel_fused(lay)) {
+      at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          finish(c, channel_first_stats<scalar_t, acc_t>(xp, lay, c));
+          const scalar_t m = mean_p[c], lo = mean_lo[c], sc = scale[c], bc = b[c];
+          for (int64_t n = 0; n < lay.N; ++n) {  // the channel's planes again, now from cache
+            const int64_t off = (n * C + c) * S;
+            for (int64_t k = 0; k < S; ++k) yp[off + k] = bn_normalize(xp[off + k], m, lo, sc, bc);
+          }
+        }
+      });
+      return;
+    }
+    const std::vector<BnStats<acc_t>> stats = channel_stats<scalar_t, acc_t>(xp, lay);
+    for (int64_t c = 0; c < C; ++c) finish(c, stats[c]);
+    normalize_loop<scalar_t>(xp, yp, lay, mean_p, mean_lo.data(), scale.data(), b);
   });
   return {output, save_mean, save_invstd, save_var};
 }
@@ -366,8 +485,9 @@ at::Tensor batch_norm_forward_eval_cpu(const at::Tensor& input, const at::Tensor
     const scalar_t* g = gamma.const_data_ptr<scalar_t>();
     std::vector<scalar_t> scale(lay.C);
     for (int64_t c = 0; c < lay.C; ++c) scale[c] = static_cast<scalar_t>(bn_invstd<acc_t>(v[c], eps) * g[c]);
+    const std::vector<scalar_t> zeros(lay.C, scalar_t(0));  // the running mean is exactly a scalar_t
     normalize_loop<scalar_t>(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), lay,
-                             rm.const_data_ptr<scalar_t>(), scale.data(), beta.const_data_ptr<scalar_t>());
+                             rm.const_data_ptr<scalar_t>(), zeros.data(), scale.data(), beta.const_data_ptr<scalar_t>());
   });
   return output;
 }
@@ -390,11 +510,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
   const BnLayout lay = bn_layout(x);
-  const int64_t C = lay.C;
+  const int64_t C = lay.C, S = lay.S;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor grad_weight = output_mask[1] ? at::empty({C}, stat_opts) : at::Tensor();
   at::Tensor grad_bias = output_mask[2] ? at::empty({C}, stat_opts) : at::Tensor();
-  // The weight's gradient has the weight's dtype (float in a mixed-precision call).
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
   const at::Tensor is = invstd.to(stat_opts.dtype()).contiguous();
@@ -406,53 +525,69 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const scalar_t* g = gamma.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    // Pass 1 (training, or when dgamma/dbeta are asked): sum dy and sum dy (x - mean), once per channel.
-    std::vector<acc_t> sum_dy(C, 0), sum_dy_xmu(C, 0);
+    scalar_t* dxp = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dwp = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dbp = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     const bool need_sums = training || output_mask[1] || output_mask[2];
-    if (need_sums && lay.M() > 0) channel_grad_sums<scalar_t, acc_t>(dyp, xp, mean_p, lay, sum_dy, sum_dy_xmu);
-    if (output_mask[1]) {  // dgamma = sum dy * xhat = invstd * sum dy (x - mean)
-      scalar_t* p = grad_weight.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(sum_dy_xmu[c] * invstd_p[c]);
-    }
-    if (output_mask[2]) {  // dbeta = sum dy
-      scalar_t* p = grad_bias.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(sum_dy[c]);
-    }
-    if (!output_mask[0] || grad_input.numel() == 0) return;
-    // Pass 2: dx, with per-channel constants (common/batch_norm.h).
-    scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
-    std::vector<scalar_t> gi(C), dy_mean(C), proj(C);
     const acc_t M = static_cast<acc_t>(lay.M());
-    for (int64_t c = 0; c < C; ++c) {
+    std::vector<scalar_t> gi(C), dy_mean(C), proj(C);
+    // From a channel's two sums: dgamma = invstd * sum dy (x - mean), dbeta = sum dy, and the constants
+    // of dx (common/batch_norm.h: bn_backward_train).
+    auto finish = [&](int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) {
       const acc_t inv = invstd_p[c];
+      if (dwp) dwp[c] = static_cast<scalar_t>(sum_dy_xmu * inv);
+      if (dbp) dbp[c] = static_cast<scalar_t>(sum_dy);
       gi[c] = static_cast<scalar_t>(g[c] * inv);
-      dy_mean[c] = static_cast<scalar_t>(sum_dy[c] / M);
-      proj[c] = static_cast<scalar_t>(sum_dy_xmu[c] / M * inv * inv);
-    }
-    if (training) {
-      for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
-        const scalar_t* gr = dyp + off;
-        const scalar_t* xi = xp + off;
-        scalar_t* out = dxp + off;
-        if (cl) {
-          for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_train(gr[k], xi[k], mean_p[k], dy_mean[k], proj[k], gi[k]);
-        } else {
-          const scalar_t m = mean_p[c], dm = dy_mean[c], pj = proj[c], s = gi[c];
-          for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_train(gr[k], xi[k], m, dm, pj, s);
+      dy_mean[c] = M > 0 ? static_cast<scalar_t>(sum_dy / M) : scalar_t(0);
+      proj[c] = M > 0 ? static_cast<scalar_t>(sum_dy_xmu / M * inv * inv) : scalar_t(0);
+    };
+    // dx over one contiguous run of a channel-first plane.
+    auto dx_plane = [&](int64_t off, int64_t c) {
+      const scalar_t s = gi[c];
+      if (training) {
+        const scalar_t m = mean_p[c], dm = dy_mean[c], pj = proj[c];
+        for (int64_t k = 0; k < S; ++k) dxp[off + k] = bn_backward_train(dyp[off + k], xp[off + k], m, dm, pj, s);
+      } else {
+        for (int64_t k = 0; k < S; ++k) dxp[off + k] = bn_backward_eval(dyp[off + k], s);
+      }
+    };
+
+    if (need_sums && lay.M() > 0 && per_channel_fused(lay)) {
+      // Both passes per channel, the second from cache.
+      at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          const PlaneUnits pu = plane_units(lay);
+          acc_t sum_dy = 0, sum_dy_xmu = 0;
+          for (int64_t u = 0; u < pu.count; ++u) {  // in channel_grad_sums's order: the same bits
+            acc_t a, p;
+            unit_grad_sums<scalar_t, acc_t>(dyp, xp, lay, pu, c, u, mean_p[c], a, p);
+            sum_dy += a;
+            sum_dy_xmu += p;
+          }
+          finish(c, sum_dy, sum_dy_xmu);
+          if (dxp) {
+            for (int64_t n = 0; n < lay.N; ++n) dx_plane((n * C + c) * S, c);
+          }
         }
       });
-    } else {
-      for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
-        const scalar_t* gr = dyp + off;
-        scalar_t* out = dxp + off;
-        if (cl) {
-          for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_eval(gr[k], gi[k]);
-        } else {
-          const scalar_t s = gi[c];
-          for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_eval(gr[k], s);
-        }
-      });
+      return;
     }
+    // Otherwise pass 1 over the whole tensor, then pass 2.
+    std::vector<acc_t> sum_dy(C, 0), sum_dy_xmu(C, 0);
+    if (need_sums && lay.M() > 0) channel_grad_sums<scalar_t, acc_t>(dyp, xp, mean_p, lay, sum_dy, sum_dy_xmu);
+    for (int64_t c = 0; c < C; ++c) finish(c, sum_dy[c], sum_dy_xmu[c]);
+    if (!dxp || grad_input.numel() == 0) return;
+    for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
+      if (!cl) return dx_plane(off, c);
+      const scalar_t* gr = dyp + off;
+      const scalar_t* xi = xp + off;
+      scalar_t* out = dxp + off;
+      if (training) {
+        for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_train(gr[k], xi[k], mean_p[k], dy_mean[k], proj[k], gi[k]);
+      } else {
+        for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_eval(gr[k], gi[k]);
+      }
+    });
   });
   return {output_mask[0] ? std::optional<at::Tensor>(grad_input) : std::nullopt,
           output_mask[1] ? std::optional<at::Tensor>(grad_weight) : std::nullopt,

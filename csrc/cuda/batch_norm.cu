@@ -1,0 +1,391 @@
+// Batch norm on CUDA: two-stage per-channel reductions (blocks of partial results, then one merge per
+// channel) and grid-stride elementwise passes, all over the math of common/batch_norm.h.
+//
+//   statistics  grid (C, G): each block reduces a 1/G slice of one channel. Each thread runs Welford over
+//               its values (bn_welford_add); the threads' states are merged with Chan's formula
+//               (bn_merge), first across a warp with shuffles, then across the block's warps through shared
+//               memory. A second kernel merges a channel's G block results in order.
+//   normalise   y = (x - mean) * (gamma * invstd) + beta per element (bn_normalize; the mean is an
+//               acc_t here, so it has no low part)
+//   backward    the same two-stage shape for sum dy and sum dy (x - mean); then dx per element
+//               (bn_backward_train / bn_backward_eval)
+//
+// Statistics, parameters and accumulators are at::acc_type: float for float, half and bfloat16 inputs,
+// double for double. Indices are int64. The input is made dense in the output's layout first
+// (common/batch_norm_args.h): channel-first (N, C, S) or channel-last (N, S, C).
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "common/batch_norm.h"
+#include "common/batch_norm_args.h"
+#include "common/checks.h"
+#include "common/layout.h"
+#include "cuda/launch.cuh"
+
+namespace torch_cs231n {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = cuda::kThreads / kWarp;
+
+// The memory offset of the m-th value (m in [0, N*S)) of channel c.
+struct ChannelIndex {
+  int64_t C, S;
+  bool channels_last;
+  __device__ int64_t operator()(int64_t c, int64_t m) const {
+    const int64_t n = m / S, s = m - n * S;
+    return channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
+  }
+  // The channel of the value at memory offset i.
+  __device__ int64_t channel(int64_t i) const { return channels_last ? i % C : (i / S) % C; }
+};
+
+template <typename acc_t>
+__device__ BnStats<acc_t> warp_merge(BnStats<acc_t> s) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    BnStats<acc_t> o;
+    o.n = __shfl_down_sync(0xffffffffu, s.n, offset);
+    o.mean = __shfl_down_sync(0xffffffffu, s.mean, offset);
+    o.m2 = __shfl_down_sync(0xffffffffu, s.m2, offset);
+    s = bn_merge(s, o);
+  }
+  return s;
+}
+
+template <typename acc_t>
+__device__ acc_t warp_sum(acc_t v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Stage 1 of the statistics: block (c, g) writes the (n, mean, M2) of its slice of channel c.
+template <typename scalar_t, typename acc_t>
+__global__ void stats_partial_kernel(const scalar_t* __restrict__ x, ChannelIndex idx, int64_t M,
+                                     BnStats<acc_t>* __restrict__ partial) {
+  const int64_t c = blockIdx.x;
+  const int64_t G = gridDim.y;
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; m < M; m += G * blockDim.x) {
+    s = bn_welford_add(s, static_cast<acc_t>(x[idx(c, m)]));
+  }
+  s = warp_merge(s);
+  __shared__ acc_t sh_n[kWarps], sh_mean[kWarps], sh_m2[kWarps];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) {
+    sh_n[warp] = s.n;
+    sh_mean[warp] = s.mean;
+    sh_m2[warp] = s.m2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    BnStats<acc_t> t{0, 0, 0};
+    for (int w = 0; w < kWarps; ++w) t = bn_merge(t, BnStats<acc_t>{sh_n[w], sh_mean[w], sh_m2[w]});
+    partial[c * G + blockIdx.y] = t;
+  }
+}
+
+// Stage 2: one thread per channel merges its G partial results in order; the saved statistics and the
+// normalisation's scale = gamma * invstd.
+template <typename acc_t>
+__global__ void stats_final_kernel(const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G, double eps,
+                                   const acc_t* __restrict__ gamma, acc_t* __restrict__ mean,
+                                   acc_t* __restrict__ invstd, acc_t* __restrict__ var, acc_t* __restrict__ scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t g = 0; g < G; ++g) s = bn_merge(s, partial[c * G + g]);
+  const acc_t v = s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);  // biased: this is what normalises
+  const acc_t is = bn_invstd<acc_t>(v, eps);
+  mean[c] = s.mean;
+  var[c] = v;
+  invstd[c] = is;
+  scale[c] = is * gamma[c];
+}
+
+// Eval: scale = gamma / sqrt(running_var + eps) per channel.
+template <typename acc_t>
+__global__ void eval_scale_kernel(const acc_t* __restrict__ running_var, const acc_t* __restrict__ gamma, int64_t C,
+                                  double eps, acc_t* __restrict__ scale) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) scale[c] = bn_invstd<acc_t>(running_var[c], eps) * gamma[c];
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelIndex idx,
+                                 int64_t n, const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                                 const acc_t* __restrict__ beta) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t c = idx.channel(i);
+    y[i] = static_cast<scalar_t>(bn_normalize(static_cast<acc_t>(x[i]), mean[c], acc_t(0), scale[c], beta[c]));
+  }
+}
+
+// Stage 1 of the backward's sums: block (c, g) writes sum dy and sum dy (x - mean) of its slice.
+template <typename scalar_t, typename acc_t>
+__global__ void grad_sums_partial_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                         ChannelIndex idx, int64_t M, const acc_t* __restrict__ mean,
+                                         acc_t* __restrict__ partial) {
+  const int64_t c = blockIdx.x;
+  const int64_t G = gridDim.y;
+  const acc_t mu = mean[c];
+  acc_t a = 0, p = 0;
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; m < M; m += G * blockDim.x) {
+    const int64_t off = idx(c, m);
+    const acc_t g = static_cast<acc_t>(dy[off]);
+    a += g;
+    p += g * (static_cast<acc_t>(x[off]) - mu);
+  }
+  a = warp_sum(a);
+  p = warp_sum(p);
+  __shared__ acc_t sh_a[kWarps], sh_p[kWarps];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) {
+    sh_a[warp] = a;
+    sh_p[warp] = p;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t ta = 0, tp = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      ta += sh_a[w];
+      tp += sh_p[w];
+    }
+    partial[(c * G + blockIdx.y) * 2] = ta;
+    partial[(c * G + blockIdx.y) * 2 + 1] = tp;
+  }
+}
+
+// Stage 2: per channel, dgamma = invstd * sum dy (x - mean), dbeta = sum dy, and the constants of dx:
+// k[0] = gamma * invstd, k[1] = sum dy / M, k[2] = invstd^2 * sum dy (x - mean) / M.
+template <typename acc_t>
+__global__ void grad_sums_final_kernel(const acc_t* __restrict__ partial, int64_t C, int64_t G, int64_t M,
+                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ invstd,
+                                       acc_t* __restrict__ dgamma, acc_t* __restrict__ dbeta, acc_t* __restrict__ k) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t a = 0, p = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    a += partial[(c * G + g) * 2];
+    p += partial[(c * G + g) * 2 + 1];
+  }
+  const acc_t is = invstd[c];
+  if (dgamma != nullptr) dgamma[c] = p * is;
+  if (dbeta != nullptr) dbeta[c] = a;
+  k[c] = gamma[c] * is;
+  k[C + c] = M > 0 ? a / static_cast<acc_t>(M) : acc_t(0);
+  k[2 * C + c] = M > 0 ? p / static_cast<acc_t>(M) * is * is : acc_t(0);
+}
+
+// Eval without dgamma/dbeta: only k[0] = gamma * invstd is needed.
+template <typename acc_t>
+__global__ void eval_grad_scale_kernel(const acc_t* __restrict__ gamma, const acc_t* __restrict__ invstd, int64_t C,
+                                       acc_t* __restrict__ k) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) k[c] = gamma[c] * invstd[c];
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  scalar_t* __restrict__ dx, ChannelIndex idx, int64_t n,
+                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ k, bool training) {
+  const int64_t C = idx.C;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t c = idx.channel(i);
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    const acc_t r = training ? bn_backward_train(g, static_cast<acc_t>(x[i]), mean[c], k[C + c], k[2 * C + c], k[c])
+                             : bn_backward_eval(g, k[c]);
+    dx[i] = static_cast<scalar_t>(r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- host
+ChannelIndex channel_index(const BnLayout& lay) { return ChannelIndex{lay.C, lay.S, lay.channels_last}; }
+
+// Blocks per channel for the reductions: enough blocks in all to fill the GPU, at least a few values per
+// thread, and within gridDim.y's limit.
+int64_t blocks_per_channel(const BnLayout& lay) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = std::max<int64_t>(1, (4 * sms + lay.C - 1) / std::max<int64_t>(lay.C, 1));
+  const int64_t useful = std::max<int64_t>(1, lay.M() / (cuda::kThreads * 4));
+  return std::min<int64_t>({want, useful, 65535});
+}
+
+unsigned int blocks_for(int64_t n) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, (n + cuda::kThreads - 1) / cuda::kThreads));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps) {
+  constexpr const char* op = "batch_norm_forward_train";
+  bn_check_input(input, op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_optional(bias, "bias", input, op);
+  TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
+  bn_check_training_size(input, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  at::Tensor output = bn_empty_output(input);
+  const at::Tensor x = dense_like(input, output);
+  const BnLayout lay = bn_layout(x);
+  const int64_t C = lay.C;
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor save_mean = at::empty({C}, stat_opts);
+  at::Tensor save_invstd = at::empty({C}, stat_opts);
+  at::Tensor save_var = at::empty({C}, stat_opts);
+  at::Tensor scale = at::empty({C}, stat_opts);
+  const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
+  const at::Tensor beta = bn_channel_values(bias, input, 0.0);
+  if (C == 0) return {output, save_mean, save_invstd, save_var};
+  const int64_t G = lay.M() > 0 ? blocks_per_channel(lay) : 1;
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_forward_train_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    // (n, mean, M2) per block: three acc_t each.
+    at::Tensor partial = at::empty({C * G * 3}, stat_opts);
+    auto* partial_p = reinterpret_cast<BnStats<acc_t>*>(partial.mutable_data_ptr<acc_t>());
+    if (lay.M() > 0) {
+      stats_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(), partial_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      partial.zero_();  // an empty batch: finite placeholder statistics (mean 0, var 0)
+    }
+    stats_final_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        partial_p, C, G, eps, gamma.const_data_ptr<acc_t>(), save_mean.mutable_data_ptr<acc_t>(),
+        save_invstd.mutable_data_ptr<acc_t>(), save_var.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = output.numel();
+    if (n > 0) {
+      normalize_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), channel_index(lay), n,
+          save_mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {output, save_mean, save_invstd, save_var};
+}
+
+at::Tensor batch_norm_forward_eval_cuda(const at::Tensor& input, const at::Tensor& running_mean,
+                                        const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  constexpr const char* op = "batch_norm_forward_eval";
+  bn_check_input(input, op);
+  bn_check_channel_tensor(running_mean, "running_mean", input, op);
+  bn_check_channel_tensor(running_var, "running_var", input, op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_optional(bias, "bias", input, op);
+  TORCH_CHECK(eps >= 0, op, ": expected eps to be non-negative, but got ", eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  at::Tensor output = bn_empty_output(input);
+  const int64_t n = output.numel();
+  if (n == 0) return output;
+  const at::Tensor x = dense_like(input, output);
+  const BnLayout lay = bn_layout(x);
+  const at::Tensor rm = bn_channel_values(running_mean, input, 0.0);
+  const at::Tensor rv = bn_channel_values(running_var, input, 1.0);
+  const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
+  const at::Tensor beta = bn_channel_values(bias, input, 0.0);
+  at::Tensor scale = at::empty_like(rm);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_forward_eval_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    eval_scale_kernel<acc_t><<<blocks_for(lay.C), cuda::kThreads, 0, stream>>>(
+        rv.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), lay.C, eps, scale.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    normalize_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), channel_index(lay), n,
+        rm.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "batch_norm_backward";
+  bn_check_input(input, op);
+  check_same_device(input, "input", grad_output, "grad_output", op);
+  check_same_dtype(input, "input", grad_output, "grad_output", op);
+  check_same_shape(input, "input", grad_output, "grad_output", op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_channel_tensor(mean, "mean", input, op);
+  bn_check_channel_tensor(invstd, "invstd", input, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  at::Tensor grad_input = bn_empty_output(input);
+  const at::Tensor x = dense_like(input, grad_input);
+  const at::Tensor dy = dense_like(grad_output, grad_input);
+  const BnLayout lay = bn_layout(x);
+  const int64_t C = lay.C;
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor grad_weight = output_mask[1] ? at::empty({C}, stat_opts) : at::Tensor();
+  at::Tensor grad_bias = output_mask[2] ? at::empty({C}, stat_opts) : at::Tensor();
+  const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
+  const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
+  const at::Tensor is = invstd.to(stat_opts.dtype()).contiguous();
+  at::Tensor k = at::empty({3 * C}, stat_opts);
+  const bool need_sums = training || output_mask[1] || output_mask[2];
+  const int64_t G = lay.M() > 0 ? blocks_per_channel(lay) : 1;
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  if (C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      if (need_sums) {
+        at::Tensor partial = at::empty({C * G * 2}, stat_opts);
+        if (lay.M() > 0) {
+          grad_sums_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
+              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(),
+              mu.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          partial.zero_();
+        }
+        grad_sums_final_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), C, G, lay.M(), gamma.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(),
+            output_mask[1] ? grad_weight.mutable_data_ptr<acc_t>() : nullptr,
+            output_mask[2] ? grad_bias.mutable_data_ptr<acc_t>() : nullptr, k.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        eval_grad_scale_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+            gamma.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), C, k.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const int64_t n = grad_input.numel();
+      if (output_mask[0] && n > 0) {
+        grad_input_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            channel_index(lay), n, mu.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(), training);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  return {output_mask[0] ? std::optional<at::Tensor>(grad_input) : std::nullopt,
+          output_mask[1] ? std::optional<at::Tensor>(grad_weight) : std::nullopt,
+          output_mask[2] ? std::optional<at::Tensor>(grad_bias) : std::nullopt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
+  m.impl("batch_norm_forward_train", &batch_norm_forward_train_cuda);
+  m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+}
+
+}  // namespace torch_cs231n

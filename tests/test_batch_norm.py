@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
@@ -72,7 +72,6 @@ def run_both(x, weight, bias, running, training, momentum, eps, grad):
     return results
 
 
-@settings(max_examples=60)
 @given(
     n=st.integers(1, 4), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6),
     layout=st.sampled_from(LAYOUTS), dtype_index=st.integers(0, 1), affine=st.sampled_from(["both", "weight", "bias", "none"]),

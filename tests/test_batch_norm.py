@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
@@ -72,7 +72,6 @@ def run_both(x, weight, bias, running, training, momentum, eps, grad):
     return results
 
 
-@settings(max_examples=60)
 @given(
     n=st.integers(1, 4), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6),
     layout=st.sampled_from(LAYOUTS), dtype_index=st.integers(0, 1), affine=st.sampled_from(["both", "weight", "bias", "none"]),
@@ -197,8 +196,11 @@ def test_large_mean_is_stable(device):
         # CUDA accumulates in float, as torch does there: its mean is good to ~1 ulp of 1e4.
         tol = 1e-5 if device == "cpu" else 2e-3
         torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
-        # torch itself folds x * scale + shift and is off by ~1 ulp of 1e4 (1e-3): agree within that.
-        torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), rtol=0, atol=2e-3)
+        # torch's CPU kernel folds x * scale + shift, which rounds at the size of 1e4 (ulp 9.8e-4): it is off
+        # by a few such ulps. Agree with it within 5 ulps, and be at least as close to float64 as it is.
+        y_ref = F.batch_norm(x, None, None, training=True)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=5 * 9.8e-4)
+        assert (y.double() - y64).abs().max() <= (y_ref.double() - y64).abs().max() + 1e-6
         rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
         rm_ref, rv_ref = rm.clone(), rv.clone()
         ours.batch_norm(x, rm, rv, training=True)
@@ -216,7 +218,8 @@ def test_zero_variance_channel_is_finite(device):
     assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
     y.backward(torch.randn_like(y))
     assert torch.isfinite(x.grad).all()
-    torch.testing.assert_close(y, F.batch_norm(x.detach(), None, None, training=True))
+    # torch's folded x * scale + shift leaves ~3e-5 where the exact answer (ours) is 0.
+    torch.testing.assert_close(y, F.batch_norm(x.detach(), None, None, training=True), rtol=1e-5, atol=1e-4)
 
 
 def test_empty_batch(device):

@@ -286,6 +286,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx, input, weight, bias, eps):
         output, mean, invstd, var = ops.batch_norm_forward_train(input, weight, bias, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, invstd, var)
         return output, mean, invstd, var
 
@@ -295,7 +296,7 @@ class _BatchNormTrain(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, mask)
-        return dx, dw, db, None
+        return dx, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
 
 class _BatchNormEval(torch.autograd.Function):
@@ -305,6 +306,7 @@ class _BatchNormEval(torch.autograd.Function):
     def forward(ctx, input, running_mean, running_var, weight, bias, eps):
         ctx.save_for_backward(input, weight, running_mean, running_var)
         ctx.eps = eps
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
 
     @staticmethod
@@ -314,7 +316,14 @@ class _BatchNormEval(torch.autograd.Function):
         invstd = torch.rsqrt(running_var + ctx.eps)  # C values: the kernel computes it the same way
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
         dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, running_mean, invstd, False, mask)
-        return dx, None, None, dw, db, None
+        return dx, None, None, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
+
+
+def _as_param(grad, like):
+    """The kernels give dgamma/dbeta in the statistics dtype (float for a half input); the parameter's own
+    dtype is what autograd expects (`like`: the parameter, or its dtype)."""
+    dtype = like.dtype if isinstance(like, torch.Tensor) else like
+    return grad if grad is None or dtype is None or grad.dtype == dtype else grad.to(dtype)
 
 
 def _values_per_channel(size) -> int:

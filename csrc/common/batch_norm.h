@@ -48,6 +48,16 @@ C10_HOST_DEVICE inline BnStats<acc_t> bn_merge(BnStats<acc_t> a, BnStats<acc_t> 
   return r;
 }
 
+// bn_merge for many sets that share their counts (the channels of one block of rows): with
+// r = nb / n and w = na * nb / n computed once, mean += delta * r and M2 += M2_b + delta^2 * w.
+// na = 0 gives r = 1, w = 0: the block itself.
+template <typename acc_t>
+C10_HOST_DEVICE inline void bn_merge_shared_counts(acc_t& mean, acc_t& m2, acc_t mean_b, acc_t m2_b, acc_t r, acc_t w) {
+  const acc_t delta = mean_b - mean;
+  mean += delta * r;
+  m2 += m2_b + delta * delta * w;
+}
+
 // One Welford step: add the value x to the set s.
 template <typename acc_t>
 C10_HOST_DEVICE inline BnStats<acc_t> bn_welford_add(BnStats<acc_t> s, acc_t x) {

@@ -211,6 +211,52 @@ void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BnLayout& lay, 
 }
 
 // ---------------------------------------------------------------------------------------- reductions
+// Channel-last: the two-pass of one block of nr rows of C values (in L1), for every channel: shift = the
+// block's mean, sd = sum (x - shift), sd2 = sum (x - shift)^2. Channels are taken kLanes at a time with the
+// accumulators in registers, walking down the rows; the last C % kLanes channels one by one.
+template <typename scalar_t>
+void rows_two_pass(const scalar_t* xb, int64_t nr, int64_t C, scalar_t* shift, scalar_t* sd, scalar_t* sd2) {
+  using V = vec_t<scalar_t>;
+  constexpr int W = kWidth<scalar_t>, L = kLanes<scalar_t>;
+  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(nr);
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {
+    const scalar_t* col = xb + c0;
+    V s0{}, s1{}, s2{}, s3{};
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* p = col + r * C;
+      s0 += vload(p); s1 += vload(p + W); s2 += vload(p + 2 * W); s3 += vload(p + 3 * W);
+    }
+    const V v = vsplat(inv);
+    const V k0 = s0 * v, k1 = s1 * v, k2 = s2 * v, k3 = s3 * v;
+    V d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t* p = col + r * C;
+      const V e0 = vload(p) - k0, e1 = vload(p + W) - k1, e2 = vload(p + 2 * W) - k2, e3 = vload(p + 3 * W) - k3;
+      d0 += e0; d1 += e1; d2 += e2; d3 += e3;
+      q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
+    }
+    const V ks[4] = {k0, k1, k2, k3}, ds[4] = {d0, d1, d2, d3}, qs[4] = {q0, q1, q2, q3};
+    std::memcpy(shift + c0, ks, sizeof ks);
+    std::memcpy(sd + c0, ds, sizeof ds);
+    std::memcpy(sd2 + c0, qs, sizeof qs);
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    scalar_t sum = 0;
+    for (int64_t r = 0; r < nr; ++r) sum += xb[r * C + c];
+    const scalar_t k = sum * inv;
+    scalar_t d = 0, q = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t e = xb[r * C + c] - k;
+      d += e;
+      q += e * e;
+    }
+    shift[c] = k;
+    sd[c] = d;
+    sd2[c] = q;
+  }
+}
+
 // Per-channel statistics of x.
 template <typename scalar_t, typename acc_t>
 std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay) {
@@ -237,39 +283,24 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_n(G, 0), g_mean(G * C, 0), g_m2(G * C, 0);
   at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
-    std::vector<scalar_t> sum(C), shift(C), sd(C), sd2(C);
+    std::vector<scalar_t> shift(C), sd(C), sd2(C);
     for (int64_t g = gb; g < ge; ++g) {
       acc_t* mean = &g_mean[g * C];
       acc_t* m2 = &g_m2[g * C];
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
         const scalar_t* xb = x + r0 * C;
-        // Pass 1: the block's mean per channel.
-        std::fill(sum.begin(), sum.end(), scalar_t(0));
-        for (int64_t r = 0; r < nr; ++r) {
-          const scalar_t* row = xb + r * C;
-          for (int64_t c = 0; c < C; ++c) sum[c] += row[c];
-        }
-        for (int64_t c = 0; c < C; ++c) shift[c] = sum[c] / static_cast<scalar_t>(nr);
-        // Pass 2, from cache: sum (x - shift) and sum (x - shift)^2.
-        std::fill(sd.begin(), sd.end(), scalar_t(0));
-        std::fill(sd2.begin(), sd2.end(), scalar_t(0));
-        for (int64_t r = 0; r < nr; ++r) {
-          const scalar_t* row = xb + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t d = row[c] - shift[c];
-            sd[c] += d;
-            sd2[c] += d * d;
-          }
-        }
+        rows_two_pass<scalar_t>(xb, nr, C, shift.data(), sd.data(), sd2.data());
+        // Every channel of the block has nr values and of the group g_n[g]: Chan's weights are shared,
+        // computed once, and the per-channel merge has no division (bn_merge_shared_counts).
+        const acc_t na = g_n[g], nb = static_cast<acc_t>(nr), n = na + nb;
+        const acc_t inv_nb = acc_t(1) / nb, r = nb / n, w = na * nb / n;
         for (int64_t c = 0; c < C; ++c) {
-          const BnStats<acc_t> merged =
-              bn_merge(BnStats<acc_t>{g_n[g], mean[c], m2[c]},
-                       bn_block_stats<acc_t>(static_cast<acc_t>(nr), static_cast<acc_t>(shift[c]), sd[c], sd2[c]));
-          mean[c] = merged.mean;
-          m2[c] = merged.m2;
+          const acc_t d = sd[c], mean_b = static_cast<acc_t>(shift[c]) + d * inv_nb;
+          const acc_t m2_raw = static_cast<acc_t>(sd2[c]) - d * d * inv_nb;  // corrected two-pass
+          bn_merge_shared_counts(mean[c], m2[c], mean_b, m2_raw > acc_t(0) ? m2_raw : acc_t(0), r, w);
         }
-        g_n[g] += static_cast<acc_t>(nr);
+        g_n[g] = n;
       }
     }
   });

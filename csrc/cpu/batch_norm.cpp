@@ -282,7 +282,7 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
   const int64_t blocks = (R + rows - 1) / rows;
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_n(G, 0), g_mean(G * C, 0), g_m2(G * C, 0);
-  at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+  at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
     std::vector<scalar_t> shift(C), sd(C), sd2(C);
     for (int64_t g = gb; g < ge; ++g) {
       acc_t* mean = &g_mean[g * C];
@@ -339,7 +339,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* me
   const int64_t blocks = (R + rows - 1) / rows;
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_dy(G * C, 0), g_dyx(G * C, 0);
-  at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+  at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
     std::vector<scalar_t> a(C), p(C);
     for (int64_t g = gb; g < ge; ++g) {
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
       return;
     }
     if (per_channel_fused(lay)) {
-      at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           finish(c, channel_first_stats<scalar_t, acc_t>(xp, lay, c));
           const scalar_t m = mean_p[c], lo = mean_lo[c], sc = scale[c], bc = b[c];
@@ -585,7 +585,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 
     if (need_sums && lay.M() > 0 && per_channel_fused(lay)) {
       // Both passes per channel, the second from cache.
-      at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           const PlaneUnits pu = plane_units(lay);
           acc_t sum_dy = 0, sum_dy_xmu = 0;

@@ -6,7 +6,8 @@
 //
 //   NCHW (contiguous)   each (n, c) plane is one block: parallel over planes, and within a plane the
 //                       forward runs the window scan for a whole output row at once, tap by tap, so
-//                       the innermost loop is over ow, free of bounds tests and vectorisable.
+//                       the innermost loop is over ow, free of bounds tests and vectorisable (2x2
+//                       windows inside the input: all four taps in one pass per output).
 //                       The backward scatter-adds dy into the plane's gradient, one thread per plane.
 //   NHWC (channels_last) the channels of a pixel are one block: parallel over (n, output row), and the
 //                       innermost loop is over c, contiguous and vectorisable, for every tap. The

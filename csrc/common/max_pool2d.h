@@ -101,9 +101,9 @@ C10_HOST_DEVICE inline bool takes(acc_t v, acc_t best) {
   return v > best || v != v;
 }
 
-// The forward for one output of one plane: the maximum over the existing taps of rows
-// [h_begin, h_end) x columns [w_begin, w_end) of the tap grid, read through `load(ih, iw)`, and the
-// flat index ih*width + iw of the winner. `best` starts at -inf and the index at the first existing
+// The forward for one output (oh, ow) of one plane: the maximum over the existing taps of its window
+// (valid_taps in each dimension), read through `load(ih, iw)`, and the flat index ih*width + iw of the
+// winner. `best` starts at -inf and the index at the first existing
 // tap, torch's choice for an all -inf window. The CUDA kernel runs this per thread; the CPU loops
 // run the same scan over whole rows (or channel vectors) at once, using `takes` and `valid_taps`.
 template <typename acc_t, typename Load>
@@ -131,7 +131,6 @@ C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, 
   *best_out = best;
   *index_out = index;
 }
-
 
 // ------------------------------------------------------------------------------------------ host side
 // The argument checks and the shape of the problem, shared by the CPU and CUDA entry points. Messages

@@ -6,7 +6,8 @@
 //
 //   NCHW (contiguous)   each (n, c) plane is one block: parallel over planes, and within a plane the
 //                       forward runs the window scan for a whole output row at once, tap by tap, so
-//                       the innermost loop is over ow, free of bounds tests and vectorisable.
+//                       the innermost loop is over ow, free of bounds tests and vectorisable (2x2
+//                       windows inside the input: all four taps in one pass per output).
 //                       The backward scatter-adds dy into the plane's gradient, one thread per plane.
 //   NHWC (channels_last) the channels of a pixel are one block: parallel over (n, output row), and the
 //                       innermost loop is over c, contiguous and vectorisable, for every tap. The
@@ -19,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <tuple>
@@ -84,30 +86,78 @@ inline void scan_tap(const scalar_t* __restrict__ xrow, scalar_t* __restrict__ b
   }
 }
 
-// One plane. For each output row, start every output at (-inf, first existing tap), then run the taps
-// in row-major order (kh outer, kw inner: torch's scan order) over the whole row. Per output this is
-// exactly pool::scan_window, the order of the compares included, so ties and NaN come out alike.
-// `arg` is scratch for one row of indices.
+// Outputs [from, to) of output row oh, tap by tap: start each at (-inf, first existing tap), then run
+// the taps in row-major order (kh outer, kw inner: torch's scan order) over the whole range. Per output
+// this is exactly pool::scan_window, the order of the compares included, so ties and NaN come out alike.
 template <int kStride, typename scalar_t, typename index_t>
+void scan_row_by_tap(const scalar_t* x, scalar_t* yrow, index_t* arg, int64_t oh, int64_t from, int64_t to,
+                     const Geometry& g, const AxisPlan& rows, const AxisPlan& cols) {
+  const int64_t W = g.width;
+  const int64_t first_row = rows.first[oh] * W;
+  for (int64_t ow = from; ow < to; ++ow) {
+    yrow[ow] = -std::numeric_limits<scalar_t>::infinity();
+    arg[ow] = static_cast<index_t>(first_row + cols.first[ow]);
+  }
+  int64_t th0, th1;
+  pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
+  for (int64_t th = th0; th < th1; ++th) {
+    const int64_t ih = oh * g.sh - g.ph + th * g.dh;
+    for (int64_t tw = 0; tw < g.kw; ++tw) {
+      const int64_t off = cols.offset[tw];
+      scan_tap<kStride>(x + ih * W, yrow, arg, std::max(cols.begin[tw], from), std::min(cols.end[tw], to), off,
+                        static_cast<index_t>(ih * W + off));  // the flat index of this tap at ow = 0
+    }
+  }
+}
+
+// Outputs [lo, hi) of an output row whose whole kK x kK window lies inside the input (no padding
+// reached): all taps in one pass per output, in scan order, the maximum and index kept in registers
+// and stored once. The same scan as above with the bookkeeping gone; it is most of the work for
+// small rows such as 32x32 planes, where the per-tap passes cost more in loop overhead than in compares.
+template <int kStride, int kK, typename scalar_t, typename index_t>
+void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow, index_t* __restrict__ arg,
+                    int64_t lo, int64_t hi, int64_t ih0, const Geometry& g) {
+  const int64_t W = g.width, dh = g.dh, dw = g.dw, pw = g.pw;
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+    const index_t col0 = static_cast<index_t>(ow) * kStride - static_cast<index_t>(pw);
+    index_t index = static_cast<index_t>(ih0 * W) + col0;  // tap (0, 0), the first existing one
+#pragma GCC unroll 4
+    for (int th = 0; th < kK; ++th) {
+      const index_t row = static_cast<index_t>((ih0 + th * dh) * W);
+#pragma GCC unroll 4
+      for (int tw = 0; tw < kK; ++tw) {
+        const index_t i = row + col0 + static_cast<index_t>(tw * dw);
+        const scalar_t v = x[i];
+        const bool take = pool::takes(v, best);
+        best = take ? v : best;
+        index = take ? i : index;
+      }
+    }
+    yrow[ow] = best;
+    arg[ow] = index;
+  }
+}
+
+// One plane, row by row. `arg` is scratch for one row of indices. kK > 0 is a square kernel known
+// at compile time: the rows whose window lies inside the input vertically use scan_row_fused
+// for the columns whose window does too; everything else (kK = 0, edges) goes tap by tap.
+template <int kStride, int kK, typename scalar_t, typename index_t>
 void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* arg, const Geometry& g,
                         const AxisPlan& rows, const AxisPlan& cols) {
-  const int64_t W = g.width, OW = g.out_w;
+  const int64_t OW = g.out_w;
+  // Columns whose taps all exist: the first tap binds on the left, the last one on the right.
+  const int64_t lo = cols.begin[0], hi = std::max(lo, cols.end[g.kw - 1]);
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     scalar_t* __restrict__ yrow = y + oh * OW;
-    const int64_t first_row = rows.first[oh] * W;
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      yrow[ow] = -std::numeric_limits<scalar_t>::infinity();
-      arg[ow] = static_cast<index_t>(first_row + cols.first[ow]);
-    }
     int64_t th0, th1;
     pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
-    for (int64_t th = th0; th < th1; ++th) {
-      const int64_t ih = oh * g.sh - g.ph + th * g.dh;
-      for (int64_t tw = 0; tw < g.kw; ++tw) {
-        const int64_t off = cols.offset[tw];
-        scan_tap<kStride>(x + ih * W, yrow, arg, cols.begin[tw], cols.end[tw], off,
-                          static_cast<index_t>(ih * W + off));  // the flat index of this tap at ow = 0
-      }
+    if (kK > 0 && th0 == 0 && th1 == g.kh) {
+      scan_row_by_tap<kStride>(x, yrow, arg, oh, 0, lo, g, rows, cols);
+      scan_row_fused<kStride, kK>(x, yrow, arg, lo, hi, oh * g.sh - g.ph, g);
+      scan_row_by_tap<kStride>(x, yrow, arg, oh, hi, OW, g, rows, cols);
+    } else {
+      scan_row_by_tap<kStride>(x, yrow, arg, oh, 0, OW, g, rows, cols);
     }
     int64_t* __restrict__ irow = ind + oh * OW;
     for (int64_t ow = 0; ow < OW; ++ow) irow[ow] = arg[ow];
@@ -115,7 +165,7 @@ void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* a
 }
 
 // All planes, in parallel; each task has its own row of index scratch.
-template <int kStride, typename scalar_t, typename index_t>
+template <int kStride, int kK, typename scalar_t, typename index_t>
 void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
   const AxisPlan rows = plan_axis(g.height, g.out_h, g.kh, g.sh, g.ph, g.dh);
   const AxisPlan cols = plan_axis(g.width, g.out_w, g.kw, g.sw, g.pw, g.dw);
@@ -123,10 +173,22 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
   at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
     std::vector<index_t> arg(g.out_w);
     for (int64_t p = begin; p < end; ++p) {
-      forward_plane_nchw<kStride>(x + p * in_plane, y + p * out_plane, ind + p * out_plane, arg.data(), g, rows,
-                                  cols);
+      forward_plane_nchw<kStride, kK>(x + p * in_plane, y + p * out_plane, ind + p * out_plane, arg.data(), g,
+                                      rows, cols);
     }
   });
+}
+
+// The 2x2 kernel (the CS231n pool) gets the fused interior: measured here, it is about 25% faster on
+// (50, 32, 32, 32). A fused 3x3 was slower than tap by tap on (32, 64, 56, 56) (nine stride-2 loads
+// in flight exhaust SSE's 16 registers), so 3x3 and the rest go tap by tap.
+template <int kStride, typename scalar_t, typename index_t>
+void forward_nchw_kernel_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+  if (g.kh == 2 && g.kw == 2) {
+    forward_nchw<kStride, 2, scalar_t, index_t>(x, y, ind, g);
+  } else {
+    forward_nchw<kStride, 0, scalar_t, index_t>(x, y, ind, g);
+  }
 }
 
 // Column strides other than 1 and 2 (rare, and poor for vector loads anyway): one output at a time,
@@ -152,9 +214,9 @@ void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const
 template <typename scalar_t, typename index_t>
 void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
   if (g.sw == 1) {
-    forward_nchw<1, scalar_t, index_t>(x, y, ind, g);
+    forward_nchw_kernel_dispatch<1, scalar_t, index_t>(x, y, ind, g);
   } else if (g.sw == 2) {
-    forward_nchw<2, scalar_t, index_t>(x, y, ind, g);
+    forward_nchw_kernel_dispatch<2, scalar_t, index_t>(x, y, ind, g);
   } else {
     forward_nchw_per_output(x, y, ind, g);
   }

@@ -48,6 +48,39 @@ inline void bn_check_training_size(const at::Tensor& input, const char* op) {
                     input.sizes());
 }
 
+// All the arguments of each op, checked once for both backends.
+inline void bn_check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, double eps, const char* op) {
+  bn_check_input(input, op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_optional(bias, "bias", input, op);
+  TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
+  bn_check_training_size(input, op);
+}
+
+inline void bn_check_forward_eval_args(const at::Tensor& input, const at::Tensor& running_mean,
+                                       const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, double eps, const char* op) {
+  bn_check_input(input, op);
+  bn_check_channel_tensor(running_mean, "running_mean", input, op);
+  bn_check_channel_tensor(running_var, "running_var", input, op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_optional(bias, "bias", input, op);
+  TORCH_CHECK(eps >= 0, op, ": expected eps to be non-negative, but got ", eps);
+}
+
+inline void bn_check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                   const at::Tensor& invstd, const char* op) {
+  bn_check_input(input, op);
+  check_same_device(input, "input", grad_output, "grad_output", op);
+  check_same_dtype(input, "input", grad_output, "grad_output", op);
+  check_same_shape(input, "input", grad_output, "grad_output", op);
+  bn_check_optional(weight, "weight", input, op);
+  bn_check_channel_tensor(mean, "mean", input, op);
+  bn_check_channel_tensor(invstd, "invstd", input, op);
+}
+
 // The per-channel tensor as a contiguous tensor of the statistics dtype; `fill` when it is absent.
 inline at::Tensor bn_channel_values(const std::optional<at::Tensor>& t, const at::Tensor& input, double fill) {
   const auto dtype = bn_stat_dtype(input.scalar_type());

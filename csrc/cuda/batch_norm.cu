@@ -229,11 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps) {
   constexpr const char* op = "batch_norm_forward_train";
-  bn_check_input(input, op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_optional(bias, "bias", input, op);
-  TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
-  bn_check_training_size(input, op);
+  bn_check_forward_train_args(input, weight, bias, eps, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor output = bn_empty_output(input);
@@ -282,12 +278,7 @@ at::Tensor batch_norm_forward_eval_cuda(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "batch_norm_forward_eval";
-  bn_check_input(input, op);
-  bn_check_channel_tensor(running_mean, "running_mean", input, op);
-  bn_check_channel_tensor(running_var, "running_var", input, op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_optional(bias, "bias", input, op);
-  TORCH_CHECK(eps >= 0, op, ": expected eps to be non-negative, but got ", eps);
+  bn_check_forward_eval_args(input, running_mean, running_var, weight, bias, eps, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor output = bn_empty_output(input);
@@ -318,13 +309,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   constexpr const char* op = "batch_norm_backward";
-  bn_check_input(input, op);
-  check_same_device(input, "input", grad_output, "grad_output", op);
-  check_same_dtype(input, "input", grad_output, "grad_output", op);
-  check_same_shape(input, "input", grad_output, "grad_output", op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_channel_tensor(mean, "mean", input, op);
-  bn_check_channel_tensor(invstd, "invstd", input, op);
+  bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor grad_input = bn_empty_output(input);

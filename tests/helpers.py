@@ -32,3 +32,14 @@ def assert_same_layout(actual: torch.Tensor, expected: torch.Tensor):
     a = [s for s, n in zip(actual.stride(), actual.shape) if n > 1]
     e = [s for s, n in zip(expected.stride(), expected.shape) if n > 1]
     assert a == e, f"strides {actual.stride()} differ from torch's {expected.stride()} for shape {tuple(actual.shape)}"
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor):
+    """torch.compile(fullgraph=True) of `model` gives eager mode's output and parameter gradients."""
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_eager, out_compiled = model(x), compiled(x)
+    torch.testing.assert_close(out_compiled, out_eager)
+    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
+    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)

@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
-from helpers import LAYOUTS, assert_same_layout, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
 NAN, INF = float("nan"), float("inf")
@@ -400,11 +400,4 @@ def test_compile_fullgraph_matches_eager(device):
         torch.nn.Conv2d(8, 8, 3, padding=1), torch_cs231n.MaxPool2d(2, ceil_mode=True), torch.nn.Flatten(),
         torch.nn.Linear(8 * 3 * 3, 4),
     ).to(device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 11, 11, device=device)
-    out_eager, out_compiled = model(x), compiled(x)
-    torch.testing.assert_close(out_compiled, out_eager)
-    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
-    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
-    for a, b in zip(grads_compiled, grads_eager):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 11, 11, device=device))

@@ -8,7 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
-from helpers import LAYOUTS, assert_same_layout, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
 
@@ -187,14 +187,7 @@ def test_compile_fullgraph_matches_eager(device):
         torch.nn.Linear(8, 16), torch_cs231n.ReLU(), torch.nn.Linear(16, 16), torch_cs231n.ReLU(inplace=True),
         torch.nn.Linear(16, 4),
     ).to(device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(5, 8, device=device)
-    out_eager, out_compiled = model(x), compiled(x)
-    torch.testing.assert_close(out_compiled, out_eager)
-    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
-    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
-    for a, b in zip(grads_compiled, grads_eager):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, torch.randn(5, 8, device=device))
 
 
 def test_tensors_larger_than_the_cache(device):

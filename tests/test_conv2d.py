@@ -242,6 +242,7 @@ def test_larger_shapes_match_torch(device):
     gen = torch.Generator().manual_seed(5)
     for xs, ws, kw in [((7, 16, 20, 18), (24, 16, 3, 3), dict(padding=1)),
                        ((7, 8, 30, 30), (12, 4, 3, 3), dict(padding=1, groups=2)),  # a last, partial block
+                       ((1, 16, 40, 40), (8, 16, 3, 3), dict(padding=1)),  # one big sample: column tiles
                        ((1, 32, 30, 30), (16, 32, 3, 3), dict(padding=1, stride=2)),
                        ((5, 32, 17, 17), (32, 1, 3, 3), dict(padding=1, groups=32)),
                        ((5, 32, 12, 12), (48, 32, 1, 1), dict())]:

@@ -41,14 +41,15 @@ constexpr int64_t kGrain = 1 << 14;
 //     col[r, (o_h, o_w)] = x[c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
 // The valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, no test per element.
 template <typename T>
-void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r) {
+void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r,
+                int64_t oh_begin, int64_t oh_end) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
   const T* x_plane = x_sample + c * g.h * g.w;
   int64_t lo, hi;
   conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
   const int64_t off = tw * g.dw - g.pw;  // i_w = o_w*sW + off
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    T* dst = col_row + o_h * g.ow;
+  for (int64_t o_h = oh_begin; o_h < oh_end; ++o_h) {
+    T* dst = col_row + (o_h - oh_begin) * g.ow;
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
     if (i_h < 0 || i_h >= g.h) {
       std::fill(dst, dst + g.ow, T(0));
@@ -72,8 +73,17 @@ void im2col(const T* x, int64_t nb, T* col, const ConvGeometry& g) {
   at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
     for (int64_t rs = begin; rs < end; ++rs) {
       const int64_t r = rs / nb, s = rs % nb;
-      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r);
+      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r, 0, g.oh);
     }
+  });
+}
+
+// The columns of output rows [oh_begin, oh_end) of one sample: a tile [C*kH*kW, (oh_end-oh_begin)*oW].
+template <typename T>
+void im2col_tile(const T* x_sample, int64_t oh_begin, int64_t oh_end, T* col, const ConvGeometry& g) {
+  const int64_t rows = g.col_rows(), ld = (oh_end - oh_begin) * g.ow;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / ld), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) im2col_row(x_sample, col + r * ld, g, r, oh_begin, oh_end);
   });
 }
 
@@ -132,6 +142,12 @@ int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
   return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));
 }
 
+// Output rows per column tile when one sample's columns are too big for the cache (forward and d_W).
+int64_t tile_size(const ConvGeometry& g) {
+  constexpr int64_t budget = int64_t(1) << 17;  // 512 KiB in float32: about a core's L2; measured best of 2^16..2^18
+  return std::max<int64_t>(1, std::min(g.oh, budget / std::max<int64_t>(1, g.col_rows() * g.ow)));
+}
+
 // ------------------------------------------------------------------------------- forward: im2col + GEMM
 // Per block of nb samples and group g:
 //     Y_g (Fg x nb*oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x nb*oH*oW) + b_g
@@ -153,18 +169,12 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
       // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
-      at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
+      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
+      at::Tensor col = pointwise ? at::Tensor()
+                                 : at::empty({g.col_rows() * (tile_rows < g.oh ? tile_rows * g.ow : nb_max * cols)}, x.options());
       at::Tensor buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
-        const int64_t nb = std::min(nb_max, n_end - n0);
-        at::Tensor cols_b;
-        if (pointwise) {
-          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
-        } else {
-          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-          im2col(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, nb, cols_b.mutable_data_ptr<T>(), g);
-        }
-        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
+      // Y_g = W_g · col_g (+ b_g) for every group, into `out` (rows F, columns those of `cols_b`)
+      auto gemm = [&](at::Tensor& out, const at::Tensor& cols_b) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor y_g = out.narrow(0, grp * fg, fg);
           const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
@@ -175,6 +185,31 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
             at::mm_out(y_g, w_g, c_g);
           }
         }
+      };
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
+        const int64_t nb = std::min(nb_max, n_end - n0);
+        const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
+        if (tile_rows < g.oh) {
+          // One large sample: its columns in tiles of tile_rows output rows, each still in cache when the
+          // GEMM reads it; the GEMM writes its columns of Y[n] in place (leading dimension oH*oW).
+          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
+            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
+            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
+            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
+            at::Tensor out = y[n0].view({g.f, cols}).narrow(1, oh0 * g.ow, tcols);
+            gemm(out, cols_t);
+          }
+          continue;
+        }
+        at::Tensor cols_b;
+        if (pointwise) {
+          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
+        } else {
+          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
+          im2col(x_n, nb, cols_b.mutable_data_ptr<T>(), g);
+        }
+        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
+        gemm(out, cols_b);
         if (nb > 1) y.narrow(0, n0, nb).view({nb, g.f, cols}).copy_(out.view({g.f, nb, cols}).transpose(0, 1));
       }
     }
@@ -199,7 +234,9 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
+      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
       // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
+      // (d_col needs the whole sample; the tiles of d_W use its beginning)
       at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
       at::Tensor dy_buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
       at::Tensor dw_chunk = need_dw ? partial[chunk] : at::Tensor();
@@ -214,7 +251,19 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         at::Tensor col_b =
             pointwise ? at::Tensor() : col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-        if (need_dw) {
+        if (need_dw && tile_rows < g.oh) {
+          // One large sample: d_W += dY[:, tile] · col_tileᵀ, tile by tile, each tile still in cache.
+          const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
+          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
+            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
+            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
+            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
+            const at::Tensor dy_t = dy_b.narrow(1, oh0 * g.ow, tcols);
+            for (int64_t grp = 0; grp < g.groups; ++grp) {
+              dw_chunk.narrow(0, grp * fg, fg).addmm_(dy_t.narrow(0, grp * fg, fg), cols_t.narrow(0, grp * kg, kg).t());
+            }
+          }
+        } else if (need_dw) {
           at::Tensor cols_b;
           if (pointwise) {
             cols_b = x[n0].view({g.c, cols});

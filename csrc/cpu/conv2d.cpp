@@ -3,12 +3,15 @@
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels; docs/conv2d.md derives every formula used here.
 //
-// Work split. The batch is cut into one chunk per thread; each thread owns one column buffer of one
-// sample, [C*kH*kW, oH*oW] (bounded: it does not grow with N), builds the columns of its samples one
-// after the other and multiplies them by the weights with a single-threaded GEMM (MKL runs on one thread
-// inside a parallel region). The GEMM then works on data that the same core has just written, in its
-// cache. With fewer samples than threads (N = 1), the samples run one after the other, and im2col/col2im
-// and MKL are parallel inside each.
+// Work split. The batch is cut into one chunk per thread. Each thread owns its column buffer (bounded:
+// it does not grow with N) and runs im2col and a single-threaded GEMM (MKL runs on one thread inside a
+// parallel region) on its own samples, so the GEMM reads columns the same core has just written:
+//   * small samples (oH*oW < 2048) go in blocks of nb, side by side in one column matrix
+//     [C*kH*kW, nb*oH*oW], so that one bigger GEMM covers the block (W packed once, d_W summed over the
+//     block inside the GEMM);
+//   * large samples are cut, for the forward and d_W, into tiles of a few output rows whose columns fit
+//     in a core's L2 (512 KiB), and the GEMM writes each tile's columns of the output in place.
+// With fewer samples than threads (N = 1), im2col/col2im and MKL are parallel inside the sample.
 //
 // Memory format: the output and d_input are contiguous (NCHW) whatever the input's strides; inputs that
 // are not contiguous (channels_last, views) are copied to contiguous first.

@@ -319,32 +319,32 @@ template <typename T>
 CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
                                             int64_t begin, int64_t end) {
   const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
-    for (int64_t nf = begin; nf < end; ++nf) {
-      const int64_t n = nf / g.f, f = nf % g.f;
-      const T* x_plane = xp + (n * g.c + f / m) * plane_in;
-      const T* w_f = wp + f * g.taps();
-      T* y_plane = yp + nf * plane_out;
-      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-        T* __restrict__ y_row = y_plane + o_h * g.ow;
-        std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
-        for (int64_t th = 0; th < g.kh; ++th) {
-          const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-          if (i_h < 0 || i_h >= g.h) continue;
-          const T* __restrict__ x_row = x_plane + i_h * g.w;
-          for (int64_t tw = 0; tw < g.kw; ++tw) {
-            int64_t lo, hi;
-            conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-            const int64_t off = tw * g.dw - g.pw;
-            const T wv = w_f[th * g.kw + tw];
-            if (g.sw == 1) {
-              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
-            } else {
-              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
-            }
+  for (int64_t nf = begin; nf < end; ++nf) {
+    const int64_t n = nf / g.f, f = nf % g.f;
+    const T* x_plane = xp + (n * g.c + f / m) * plane_in;
+    const T* w_f = wp + f * g.taps();
+    T* y_plane = yp + nf * plane_out;
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      T* __restrict__ y_row = y_plane + o_h * g.ow;
+      std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
+      for (int64_t th = 0; th < g.kh; ++th) {
+        const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+        if (i_h < 0 || i_h >= g.h) continue;
+        const T* __restrict__ x_row = x_plane + i_h * g.w;
+        for (int64_t tw = 0; tw < g.kw; ++tw) {
+          int64_t lo, hi;
+          conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+          const int64_t off = tw * g.dw - g.pw;
+          const T wv = w_f[th * g.kw + tw];
+          if (g.sw == 1) {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
+          } else {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
           }
         }
       }
     }
+  }
 }
 
 template <typename T>
@@ -380,89 +380,89 @@ CS231N_INLINE void depthwise_backward_channels(const T* dyp, const T* xp, const 
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
   const bool need_dx = dxp != nullptr, need_dw = dwp != nullptr, need_db = dbp != nullptr;
   const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
-    std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
-    std::vector<T> bias_lanes(need_db ? m * g.ow : 0);  // d_b[f] = Σ dY[n, f], lane by lane, while dY is in cache
-    for (int64_t c = begin; c < end; ++c) {
-      std::fill(lanes.begin(), lanes.end(), T(0));
-      std::fill(bias_lanes.begin(), bias_lanes.end(), T(0));
-      for (int64_t n = 0; n < g.n; ++n) {
-        const T* x_plane = xp + (n * g.c + c) * plane_in;
-        T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
-        if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t f = c * m + j;
-          const T* dy_plane = dyp + (n * g.f + f) * plane_out;
-          const T* w_f = wp + f * taps;
-          if (need_dx) {
-            for (int64_t i_h = 0; i_h < g.h; ++i_h) {
-              T* __restrict__ dx_row = dx_plane + i_h * g.w;
-              for (int64_t th = 0; th < g.kh; ++th) {
-                int64_t o_h;
-                if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
-                const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
-                for (int64_t tw = 0; tw < g.kw; ++tw) {
-                  int64_t i0, o0;
-                  conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
-                  if (i0 >= g.w || o0 >= g.ow) continue;
-                  const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
-                  const T wv = w_f[th * g.kw + tw];
-                  if (g.sw == 1) {
-                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
-                  } else {
-                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
-                  }
-                }
-              }
-            }
-          }
-          if (need_db) {
-            T* __restrict__ lane = bias_lanes.data() + j * g.ow;
-            for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+  std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
+  std::vector<T> bias_lanes(need_db ? m * g.ow : 0);  // d_b[f] = Σ dY[n, f], lane by lane, while dY is in cache
+  for (int64_t c = begin; c < end; ++c) {
+    std::fill(lanes.begin(), lanes.end(), T(0));
+    std::fill(bias_lanes.begin(), bias_lanes.end(), T(0));
+    for (int64_t n = 0; n < g.n; ++n) {
+      const T* x_plane = xp + (n * g.c + c) * plane_in;
+      T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
+      if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t f = c * m + j;
+        const T* dy_plane = dyp + (n * g.f + f) * plane_out;
+        const T* w_f = wp + f * taps;
+        if (need_dx) {
+          for (int64_t i_h = 0; i_h < g.h; ++i_h) {
+            T* __restrict__ dx_row = dx_plane + i_h * g.w;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              int64_t o_h;
+              if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
               const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
-              for (int64_t o_w = 0; o_w < g.ow; ++o_w) lane[o_w] += dy_row[o_w];
-            }
-          }
-          if (need_dw) {
-            for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-              const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
-              for (int64_t th = 0; th < g.kh; ++th) {
-                const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-                if (i_h < 0 || i_h >= g.h) continue;
-                const T* __restrict__ x_row = x_plane + i_h * g.w;
-                for (int64_t tw = 0; tw < g.kw; ++tw) {
-                  int64_t lo, hi;
-                  conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-                  const int64_t off = tw * g.dw - g.pw;
-                  T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
-                  if (g.sw == 1) {
-                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
-                  } else {
-                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
-                  }
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t i0, o0;
+                conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
+                if (i0 >= g.w || o0 >= g.ow) continue;
+                const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
+                const T wv = w_f[th * g.kw + tw];
+                if (g.sw == 1) {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
+                } else {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
                 }
               }
             }
           }
         }
-      }
-      if (need_dw) {
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t t = 0; t < taps; ++t) {
-            const T* lane = lanes.data() + (j * taps + t) * g.ow;
-            acc_t s = 0;
-            for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
-            dwp[(c * m + j) * taps + t] = static_cast<T>(s);
+        if (need_db) {
+          T* __restrict__ lane = bias_lanes.data() + j * g.ow;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) lane[o_w] += dy_row[o_w];
           }
         }
-      }
-      if (need_db) {
-        for (int64_t j = 0; j < m; ++j) {
-          acc_t s = 0;
-          for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(bias_lanes[j * g.ow + o_w]);
-          dbp[c * m + j] = static_cast<T>(s);
+        if (need_dw) {
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+              if (i_h < 0 || i_h >= g.h) continue;
+              const T* __restrict__ x_row = x_plane + i_h * g.w;
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t lo, hi;
+                conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+                const int64_t off = tw * g.dw - g.pw;
+                T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
+                if (g.sw == 1) {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
+                } else {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
+                }
+              }
+            }
+          }
         }
       }
     }
+    if (need_dw) {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* lane = lanes.data() + (j * taps + t) * g.ow;
+          acc_t s = 0;
+          for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
+          dwp[(c * m + j) * taps + t] = static_cast<T>(s);
+        }
+      }
+    }
+    if (need_db) {
+      for (int64_t j = 0; j < m; ++j) {
+        acc_t s = 0;
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(bias_lanes[j * g.ow + o_w]);
+        dbp[c * m + j] = static_cast<T>(s);
+      }
+    }
+  }
 }
 
 template <typename T>

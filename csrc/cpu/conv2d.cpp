@@ -3,12 +3,15 @@
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels; docs/conv2d.md derives every formula used here.
 //
-// Work split. The batch is cut into one chunk per thread; each thread owns one column buffer of one
-// sample, [C*kH*kW, oH*oW] (bounded: it does not grow with N), builds the columns of its samples one
-// after the other and multiplies them by the weights with a single-threaded GEMM (MKL runs on one thread
-// inside a parallel region). The GEMM then works on data that the same core has just written, in its
-// cache. With fewer samples than threads (N = 1), the samples run one after the other, and im2col/col2im
-// and MKL are parallel inside each.
+// Work split. The batch is cut into one chunk per thread. Each thread owns its column buffer (bounded:
+// it does not grow with N) and runs im2col and a single-threaded GEMM (MKL runs on one thread inside a
+// parallel region) on its own samples, so the GEMM reads columns the same core has just written:
+//   * small samples (oH*oW < 2048) go in blocks of nb, side by side in one column matrix
+//     [C*kH*kW, nb*oH*oW], so that one bigger GEMM covers the block (W packed once, d_W summed over the
+//     block inside the GEMM);
+//   * large samples are cut, for the forward and d_W, into tiles of a few output rows whose columns fit
+//     in a core's L2 (512 KiB), and the GEMM writes each tile's columns of the output in place.
+// With fewer samples than threads (N = 1), im2col/col2im and MKL are parallel inside the sample.
 //
 // Memory format: the output and d_input are contiguous (NCHW) whatever the input's strides; inputs that
 // are not contiguous (channels_last, views) are copied to contiguous first.
@@ -30,6 +33,22 @@
 namespace torch_cs231n {
 namespace {
 
+// The extension is compiled for the baseline x86-64 ISA (SSE2: 4 floats per instruction). The direct
+// depthwise loops are compiled a second time for AVX2+FMA (8 floats, fused multiply-add) and chosen at
+// run time when the CPU has them; elsewhere (other CPUs, other compilers) the baseline runs.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CS231N_AVX2 __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define CS231N_AVX2
+inline bool cpu_has_avx2_fma() { return false; }
+#endif
+// The body shared by both versions: always inlined, so that it is compiled with its caller's ISA.
+#define CS231N_INLINE inline __attribute__((always_inline))
+
 // Elements per parallel task for the memory-bound loops.
 constexpr int64_t kGrain = 1 << 14;
 
@@ -41,14 +60,15 @@ constexpr int64_t kGrain = 1 << 14;
 //     col[r, (o_h, o_w)] = x[c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
 // The valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, no test per element.
 template <typename T>
-void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r) {
+void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r,
+                int64_t oh_begin, int64_t oh_end) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
   const T* x_plane = x_sample + c * g.h * g.w;
   int64_t lo, hi;
   conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
   const int64_t off = tw * g.dw - g.pw;  // i_w = o_w*sW + off
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    T* dst = col_row + o_h * g.ow;
+  for (int64_t o_h = oh_begin; o_h < oh_end; ++o_h) {
+    T* dst = col_row + (o_h - oh_begin) * g.ow;
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
     if (i_h < 0 || i_h >= g.h) {
       std::fill(dst, dst + g.ow, T(0));
@@ -72,8 +92,17 @@ void im2col(const T* x, int64_t nb, T* col, const ConvGeometry& g) {
   at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
     for (int64_t rs = begin; rs < end; ++rs) {
       const int64_t r = rs / nb, s = rs % nb;
-      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r);
+      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r, 0, g.oh);
     }
+  });
+}
+
+// The columns of output rows [oh_begin, oh_end) of one sample: a tile [C*kH*kW, (oh_end-oh_begin)*oW].
+template <typename T>
+void im2col_tile(const T* x_sample, int64_t oh_begin, int64_t oh_end, T* col, const ConvGeometry& g) {
+  const int64_t rows = g.col_rows(), ld = (oh_end - oh_begin) * g.ow;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / ld), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) im2col_row(x_sample, col + r * ld, g, r, oh_begin, oh_end);
   });
 }
 
@@ -132,6 +161,12 @@ int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
   return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));
 }
 
+// Output rows per column tile when one sample's columns are too big for the cache (forward and d_W).
+int64_t tile_size(const ConvGeometry& g) {
+  constexpr int64_t budget = int64_t(1) << 17;  // 512 KiB in float32: about a core's L2; measured best of 2^16..2^18
+  return std::max<int64_t>(1, std::min(g.oh, budget / std::max<int64_t>(1, g.col_rows() * g.ow)));
+}
+
 // ------------------------------------------------------------------------------- forward: im2col + GEMM
 // Per block of nb samples and group g:
 //     Y_g (Fg x nb*oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x nb*oH*oW) + b_g
@@ -153,18 +188,12 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
       // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
-      at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
+      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
+      at::Tensor col = pointwise ? at::Tensor()
+                                 : at::empty({g.col_rows() * (tile_rows < g.oh ? tile_rows * g.ow : nb_max * cols)}, x.options());
       at::Tensor buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
-        const int64_t nb = std::min(nb_max, n_end - n0);
-        at::Tensor cols_b;
-        if (pointwise) {
-          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
-        } else {
-          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-          im2col(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, nb, cols_b.mutable_data_ptr<T>(), g);
-        }
-        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
+      // Y_g = W_g · col_g (+ b_g) for every group, into `out` (rows F, columns those of `cols_b`)
+      auto gemm = [&](at::Tensor& out, const at::Tensor& cols_b) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor y_g = out.narrow(0, grp * fg, fg);
           const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
@@ -175,6 +204,31 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
             at::mm_out(y_g, w_g, c_g);
           }
         }
+      };
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
+        const int64_t nb = std::min(nb_max, n_end - n0);
+        const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
+        if (tile_rows < g.oh) {
+          // One large sample: its columns in tiles of tile_rows output rows, each still in cache when the
+          // GEMM reads it; the GEMM writes its columns of Y[n] in place (leading dimension oH*oW).
+          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
+            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
+            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
+            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
+            at::Tensor out = y[n0].view({g.f, cols}).narrow(1, oh0 * g.ow, tcols);
+            gemm(out, cols_t);
+          }
+          continue;
+        }
+        at::Tensor cols_b;
+        if (pointwise) {
+          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
+        } else {
+          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
+          im2col(x_n, nb, cols_b.mutable_data_ptr<T>(), g);
+        }
+        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
+        gemm(out, cols_b);
         if (nb > 1) y.narrow(0, n0, nb).view({nb, g.f, cols}).copy_(out.view({g.f, nb, cols}).transpose(0, 1));
       }
     }
@@ -199,7 +253,9 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
+      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
       // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
+      // (d_col needs the whole sample; the tiles of d_W use its beginning)
       at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
       at::Tensor dy_buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
       at::Tensor dw_chunk = need_dw ? partial[chunk] : at::Tensor();
@@ -214,7 +270,19 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
         }
         at::Tensor col_b =
             pointwise ? at::Tensor() : col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-        if (need_dw) {
+        if (need_dw && tile_rows < g.oh) {
+          // One large sample: d_W += dY[:, tile] · col_tileᵀ, tile by tile, each tile still in cache.
+          const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
+          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
+            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
+            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
+            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
+            const at::Tensor dy_t = dy_b.narrow(1, oh0 * g.ow, tcols);
+            for (int64_t grp = 0; grp < g.groups; ++grp) {
+              dw_chunk.narrow(0, grp * fg, fg).addmm_(dy_t.narrow(0, grp * fg, fg), cols_t.narrow(0, grp * kg, kg).t());
+            }
+          }
+        } else if (need_dw) {
           at::Tensor cols_b;
           if (pointwise) {
             cols_b = x[n0].view({g.c, cols});
@@ -248,39 +316,55 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 //     y[n, f, o_h, o_w] = b[f] + Σ_{t_h, t_w} W[f, 0, t_h, t_w] · x[n, f/m, i_h, i_w]
 // One plane per task; rows are accumulated tap by tap over the valid interval, a loop that vectorises.
 template <typename T>
+CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+                                            int64_t begin, int64_t end) {
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  for (int64_t nf = begin; nf < end; ++nf) {
+    const int64_t n = nf / g.f, f = nf % g.f;
+    const T* x_plane = xp + (n * g.c + f / m) * plane_in;
+    const T* w_f = wp + f * g.taps();
+    T* y_plane = yp + nf * plane_out;
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      T* __restrict__ y_row = y_plane + o_h * g.ow;
+      std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
+      for (int64_t th = 0; th < g.kh; ++th) {
+        const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+        if (i_h < 0 || i_h >= g.h) continue;
+        const T* __restrict__ x_row = x_plane + i_h * g.w;
+        for (int64_t tw = 0; tw < g.kw; ++tw) {
+          int64_t lo, hi;
+          conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+          const int64_t off = tw * g.dw - g.pw;
+          const T wv = w_f[th * g.kw + tw];
+          if (g.sw == 1) {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
+          } else {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+CS231N_AVX2 void depthwise_forward_planes_avx2(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+                                               int64_t begin, int64_t end) {
+  depthwise_forward_planes<T>(xp, wp, bp, yp, g, begin, end);
+}
+
+template <typename T>
 void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        at::Tensor& y, const ConvGeometry& g) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
   T* yp = y.mutable_data_ptr<T>();
-  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
-  at::parallel_for(0, g.n * g.f, std::max<int64_t>(1, kGrain / plane_out), [&](int64_t begin, int64_t end) {
-    for (int64_t nf = begin; nf < end; ++nf) {
-      const int64_t n = nf / g.f, f = nf % g.f;
-      const T* x_plane = xp + (n * g.c + f / m) * plane_in;
-      const T* w_f = wp + f * g.taps();
-      T* y_plane = yp + nf * plane_out;
-      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-        T* __restrict__ y_row = y_plane + o_h * g.ow;
-        std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
-        for (int64_t th = 0; th < g.kh; ++th) {
-          const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-          if (i_h < 0 || i_h >= g.h) continue;
-          const T* __restrict__ x_row = x_plane + i_h * g.w;
-          for (int64_t tw = 0; tw < g.kw; ++tw) {
-            int64_t lo, hi;
-            conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-            const int64_t off = tw * g.dw - g.pw;
-            const T wv = w_f[th * g.kw + tw];
-            if (g.sw == 1) {
-              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
-            } else {
-              for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
-            }
-          }
-        }
-      }
+  at::parallel_for(0, g.n * g.f, std::max<int64_t>(1, kGrain / (g.oh * g.ow)), [&](int64_t begin, int64_t end) {
+    if (cpu_has_avx2_fma()) {
+      depthwise_forward_planes_avx2<T>(xp, wp, bp, yp, g, begin, end);
+    } else {
+      depthwise_forward_planes<T>(xp, wp, bp, yp, g, begin, end);
     }
   });
 }
@@ -291,82 +375,117 @@ void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::opti
 //   d_W[f, t]           = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w] · x[n, c, i_h, i_w]
 // d_W is accumulated lane by lane into one row per tap (a vectorisable loop), reduced at the end.
 template <typename T>
-void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
-                        at::Tensor& dw, const ConvGeometry& g, bool need_dx, bool need_dw) {
+CS231N_INLINE void depthwise_backward_channels(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
+                                               const ConvGeometry& g, int64_t begin, int64_t end) {
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  const bool need_dx = dxp != nullptr, need_dw = dwp != nullptr, need_db = dbp != nullptr;
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
+  std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
+  std::vector<T> bias_lanes(need_db ? m * g.ow : 0);  // d_b[f] = Σ dY[n, f], lane by lane, while dY is in cache
+  for (int64_t c = begin; c < end; ++c) {
+    std::fill(lanes.begin(), lanes.end(), T(0));
+    std::fill(bias_lanes.begin(), bias_lanes.end(), T(0));
+    for (int64_t n = 0; n < g.n; ++n) {
+      const T* x_plane = xp + (n * g.c + c) * plane_in;
+      T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
+      if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t f = c * m + j;
+        const T* dy_plane = dyp + (n * g.f + f) * plane_out;
+        const T* w_f = wp + f * taps;
+        if (need_dx) {
+          for (int64_t i_h = 0; i_h < g.h; ++i_h) {
+            T* __restrict__ dx_row = dx_plane + i_h * g.w;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              int64_t o_h;
+              if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
+              const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t i0, o0;
+                conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
+                if (i0 >= g.w || o0 >= g.ow) continue;
+                const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
+                const T wv = w_f[th * g.kw + tw];
+                if (g.sw == 1) {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
+                } else {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
+                }
+              }
+            }
+          }
+        }
+        if (need_db) {
+          T* __restrict__ lane = bias_lanes.data() + j * g.ow;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) lane[o_w] += dy_row[o_w];
+          }
+        }
+        if (need_dw) {
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+              if (i_h < 0 || i_h >= g.h) continue;
+              const T* __restrict__ x_row = x_plane + i_h * g.w;
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t lo, hi;
+                conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+                const int64_t off = tw * g.dw - g.pw;
+                T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
+                if (g.sw == 1) {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
+                } else {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    if (need_dw) {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* lane = lanes.data() + (j * taps + t) * g.ow;
+          acc_t s = 0;
+          for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
+          dwp[(c * m + j) * taps + t] = static_cast<T>(s);
+        }
+      }
+    }
+    if (need_db) {
+      for (int64_t j = 0; j < m; ++j) {
+        acc_t s = 0;
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(bias_lanes[j * g.ow + o_w]);
+        dbp[c * m + j] = static_cast<T>(s);
+      }
+    }
+  }
+}
+
+template <typename T>
+CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
+                                                  const ConvGeometry& g, int64_t begin, int64_t end) {
+  depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
+}
+
+template <typename T>
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
+                        at::Tensor& dw, at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw,
+                        bool need_db) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* dyp = dy.const_data_ptr<T>();
   T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
   T* dwp = need_dw ? dw.mutable_data_ptr<T>() : nullptr;
-  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
+  T* dbp = need_db ? db.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(0, g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
-    for (int64_t c = begin; c < end; ++c) {
-      std::fill(lanes.begin(), lanes.end(), T(0));
-      for (int64_t n = 0; n < g.n; ++n) {
-        const T* x_plane = xp + (n * g.c + c) * plane_in;
-        T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
-        if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t f = c * m + j;
-          const T* dy_plane = dyp + (n * g.f + f) * plane_out;
-          const T* w_f = wp + f * taps;
-          if (need_dx) {
-            for (int64_t i_h = 0; i_h < g.h; ++i_h) {
-              T* __restrict__ dx_row = dx_plane + i_h * g.w;
-              for (int64_t th = 0; th < g.kh; ++th) {
-                int64_t o_h;
-                if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
-                const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
-                for (int64_t tw = 0; tw < g.kw; ++tw) {
-                  int64_t i0, o0;
-                  conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
-                  if (i0 >= g.w || o0 >= g.ow) continue;
-                  const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
-                  const T wv = w_f[th * g.kw + tw];
-                  if (g.sw == 1) {
-                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
-                  } else {
-                    for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
-                  }
-                }
-              }
-            }
-          }
-          if (need_dw) {
-            for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-              const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
-              for (int64_t th = 0; th < g.kh; ++th) {
-                const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-                if (i_h < 0 || i_h >= g.h) continue;
-                const T* __restrict__ x_row = x_plane + i_h * g.w;
-                for (int64_t tw = 0; tw < g.kw; ++tw) {
-                  int64_t lo, hi;
-                  conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-                  const int64_t off = tw * g.dw - g.pw;
-                  T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
-                  if (g.sw == 1) {
-                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
-                  } else {
-                    for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-      if (need_dw) {
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t t = 0; t < taps; ++t) {
-            const T* lane = lanes.data() + (j * taps + t) * g.ow;
-            acc_t s = 0;
-            for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
-            dwp[(c * m + j) * taps + t] = static_cast<T>(s);
-          }
-        }
-      }
+    if (cpu_has_avx2_fma()) {
+      depthwise_backward_channels_avx2<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
+    } else {
+      depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
     }
   });
 }
@@ -410,14 +529,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     return {dx, dw, db};
   }
   const at::Tensor dy = grad_output.contiguous();
-  if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
-  if (need_dx || need_dw) {
+  const bool depthwise = conv2d_is_depthwise(g);
+  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]; the depthwise kernel sums it in its own pass over dY
+  if (need_db && !depthwise) db.copy_(dy.sum({0, 2, 3}));
+  if (need_dx || need_dw || (need_db && depthwise)) {
     const at::Tensor x = input.contiguous();
     const at::Tensor w = weight.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
-      if (conv2d_is_depthwise(g)) {
-        depthwise_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw);
-      } else {
+      if (depthwise) {
+        depthwise_backward<scalar_t>(dy, x, w, dx, dw, db, g, need_dx, need_dw, need_db);
+      } else if (need_dx || need_dw) {
         gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw);
       }
     });

@@ -8,7 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
-from helpers import LAYOUTS, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_compiled_matches_eager, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
 
@@ -401,11 +401,4 @@ def test_compile_fullgraph_matches_eager(device):
         torch_cs231n.Conv2d(8, 16, 1), torch.nn.ReLU(),
         torch_cs231n.Conv2d(16, 4, (3, 2), stride=2, dilation=(1, 2), bias=False),
     ).to(device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 12, 12, device=device)
-    out_eager, out_compiled = model(x), compiled(x)
-    torch.testing.assert_close(out_compiled, out_eager)
-    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
-    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
-    for a, b in zip(grads_compiled, grads_eager):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 12, 12, device=device))

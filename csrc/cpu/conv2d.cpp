@@ -148,7 +148,14 @@ void col2im(const T* dcol, int64_t nb, T* dx, const ConvGeometry& g) {
 // Sample ranges: the batch cut into one chunk per thread (fewer when N is small). Used by forward and
 // backward alike; the backward sums its per-chunk weight gradients in chunk order, so the result is
 // deterministic for a given thread count.
-int64_t chunk_count(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
+// Threads that share the batch: one chunk of samples each, or a single chunk when the whole convolution
+// is too small to pay for waking another thread (gradcheck-sized inputs, for one).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
+int64_t chunk_count(const ConvGeometry& g) {
+  const int64_t macs = g.n * g.f * g.c_per_group() * g.taps() * g.col_cols();
+  if (macs < kMinParallelMacs) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+}
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
 
 // Samples per GEMM block: enough columns (nb*oH*oW) for MKL to amortise packing W, while the column
@@ -179,7 +186,7 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const at::Tensor w2d = w.view({g.f, kg});
   const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t chunks = chunk_count(g.n);
+  const int64_t chunks = chunk_count(g);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
     // caller already is (the inputs may require grad; these products are not part of any graph).
@@ -246,7 +253,7 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const bool pointwise = conv2d_is_pointwise(g);
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const at::Tensor w2d = w.view({g.f, kg});
-  const int64_t chunks = chunk_count(g.n);
+  const int64_t chunks = chunk_count(g);
   at::Tensor partial = need_dw ? at::zeros({chunks, g.f, kg}, x.options()) : at::Tensor();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see gemm_forward
@@ -481,7 +488,8 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
   T* dwp = need_dw ? dw.mutable_data_ptr<T>() : nullptr;
   T* dbp = need_db ? db.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, g.c, 1, [&](int64_t begin, int64_t end) {
+  const int64_t per_channel = std::max<int64_t>(1, g.n * g.oh * g.ow * g.taps());
+  at::parallel_for(0, g.c, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t begin, int64_t end) {
     if (cpu_has_avx2_fma()) {
       depthwise_backward_channels_avx2<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
     } else {

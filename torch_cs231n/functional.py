@@ -35,7 +35,9 @@ class _ReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
-        return _ReLUBackward.apply(grad_output, output), None
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+            return _ReLUBackward.apply(grad_output, output), None
+        return ops.relu_backward(grad_output, output), None
 
 
 class _ReLUBackward(torch.autograd.Function):
@@ -62,6 +64,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        # Nothing to differentiate: skip the autograd.Function's bookkeeping (a large share of the time
+        # of a ReLU whose tensor fits in cache).
+        if inplace:
+            ops.relu_forward_(input)
+            return input
+        return ops.relu_forward(input)
     return _ReLU.apply(input, bool(inplace))
 
 

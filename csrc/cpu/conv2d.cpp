@@ -29,23 +29,12 @@
 
 #include "common/checks.h"
 #include "common/conv2d.h"
+#include "cpu/cpu_features.h"
 
 namespace torch_cs231n {
 namespace {
 
-// The extension is compiled for the baseline x86-64 ISA (SSE2: 4 floats per instruction). The direct
-// depthwise loops are compiled a second time for AVX2+FMA (8 floats, fused multiply-add) and chosen at
-// run time when the CPU has them; elsewhere (other CPUs, other compilers) the baseline runs.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CS231N_AVX2 __attribute__((target("avx2,fma")))
-inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#else
-#define CS231N_AVX2
-inline bool cpu_has_avx2_fma() { return false; }
-#endif
+using cpu::cpu_has_avx2_fma;  // the depthwise loops come in a baseline and an AVX2+FMA version
 // The body shared by both versions: always inlined, so that it is compiled with its caller's ISA.
 #define CS231N_INLINE inline __attribute__((always_inline))
 

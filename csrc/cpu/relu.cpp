@@ -8,7 +8,7 @@
 #include "common/checks.h"
 #include "common/layout.h"
 #include "common/relu.h"
-#include "cpu/streaming.h"
+#include "cpu/elementwise.h"
 
 namespace torch_cs231n {
 namespace {

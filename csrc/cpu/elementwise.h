@@ -1,4 +1,5 @@
-// Elementwise maps over large tensors with non-temporal ("streaming") stores.
+// Parallel elementwise maps out[i] = f(i) for the CPU kernels: compiled for AVX2 as well as the baseline
+// (cpu_features.h), and with non-temporal ("streaming") stores for outputs larger than the cache.
 //
 // A normal store first reads the destination's cache line from memory (read-for-ownership), so an
 // elementwise y = f(x) over tensors larger than the cache moves 3 bytes for every 2 it needs. Streaming
@@ -11,6 +12,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+
+#include "cpu/cpu_features.h"
 
 #include <unistd.h>
 
@@ -61,26 +64,49 @@ inline void stream_out(T* dst, const T* src, int64_t n) {
 #endif
 }
 
-// out[i] = f(i) for i in [0, n), in parallel; with streaming stores when `out_bytes_total` (all the bytes
-// the op writes) exceeds the last-level cache. f must be a pure function of the index.
+// One thread's share of the map, [begin, end). Always inlined into the two versions below, so that the
+// loop is vectorised for each one's instruction set.
+template <typename T, typename F>
+inline __attribute__((always_inline)) void map_range(T* out, int64_t begin, int64_t end, bool streaming,
+                                                      const F& f) {
+  if (!streaming) {
+    for (int64_t i = begin; i < end; ++i) out[i] = f(i);
+    return;
+  }
+  constexpr int64_t kBlock = 1024;  // 4-8 KiB: the buffer stays in L1
+  alignas(64) T buffer[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t len = std::min(kBlock, end - start);
+    for (int64_t j = 0; j < len; ++j) buffer[j] = f(start + j);
+    stream_out(out + start, buffer, len);
+  }
+#if defined(__SSE2__)
+  _mm_sfence();  // make the streamed lines visible before the parallel region ends
+#endif
+}
+
+template <typename T, typename F>
+void map_range_baseline(T* out, int64_t begin, int64_t end, bool streaming, const F& f) {
+  map_range(out, begin, end, streaming, f);
+}
+
+template <typename T, typename F>
+CS231N_AVX2 void map_range_avx2(T* out, int64_t begin, int64_t end, bool streaming, const F& f) {
+  map_range(out, begin, end, streaming, f);
+}
+
+// out[i] = f(i) for i in [0, n), in parallel; with streaming stores when the output exceeds the
+// last-level cache. f must be a pure function of the index (a lambda over csrc/common/ math).
 template <typename T, typename F>
 void parallel_map(T* out, int64_t n, int64_t grain, F f) {
   const bool streaming = n * static_cast<int64_t>(sizeof(T)) > last_level_cache_bytes();
+  const bool avx2 = cpu_has_avx2_fma();
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    if (!streaming) {
-      for (int64_t i = begin; i < end; ++i) out[i] = f(i);
-      return;
+    if (avx2) {
+      map_range_avx2(out, begin, end, streaming, f);
+    } else {
+      map_range_baseline(out, begin, end, streaming, f);
     }
-    constexpr int64_t kBlock = 1024;  // 4-8 KiB: the buffer stays in L1
-    alignas(64) T buffer[kBlock];
-    for (int64_t start = begin; start < end; start += kBlock) {
-      const int64_t len = std::min(kBlock, end - start);
-      for (int64_t j = 0; j < len; ++j) buffer[j] = f(start + j);
-      stream_out(out + start, buffer, len);
-    }
-#if defined(__SSE2__)
-    _mm_sfence();  // make the streamed lines visible before the parallel region ends
-#endif
   });
 }
 

@@ -49,6 +49,8 @@ def _conv2d_backward(grad_output, input, weight, stride, padding, dilation, grou
     dw = weight.new_empty(weight.shape if output_mask[1] else (0,))
     db = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
     return dx, dw, db
+
+
 # -------------------------------------------------------------------------------------------- MaxPool2d
 def _pool_output_size(size, k, s, p, d, ceil_mode):
     """Rule (2) of csrc/common/max_pool2d.h: torch's pooling output size, the ceil_mode rule included."""
@@ -88,6 +90,8 @@ def _max_pool2d_backward(grad_output, input, indices, kernel_size, stride, paddi
     torch._check(tuple(grad_output.shape) == tuple(shape), lambda: "max_pool2d_backward: grad_output's shape")
     torch._check(tuple(indices.shape) == tuple(shape), lambda: "max_pool2d_backward: indices' shape")
     return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_pool_memory_format(input))
+
+
 # ------------------------------------------------------------------------------------------- batch norm
 def _bn_output(input):
     # The kernels' bn_empty_output: the input's suggested memory format (channels_last in, channels_last out).

@@ -14,7 +14,7 @@ from . import _fake  # noqa: E402,F401  (fake kernels need the ops registered fi
 
 ops = torch.ops.torch_cs231n
 
-__all__ = ["relu"]
+__all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 
 
 # --------------------------------------------------------------------------------------------------- ReLU
@@ -75,9 +75,6 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- Conv2d
-__all__ += ["conv2d"]
-
-
 def _conv_pair(value, name):
     """An int or a pair of ints, as F.conv2d takes them, as a list of 2 ints."""
     if isinstance(value, int):
@@ -196,10 +193,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         padding = _conv_pair(padding, "padding")
     output = _Conv2d.apply(input, weight, bias, stride, padding, dilation, int(groups))
     return output.squeeze(0) if unbatched else output
+
+
 # -------------------------------------------------------------------------------------------- MaxPool2d
-__all__ += ["max_pool2d"]
-
-
 def _pool_pair(value, name: str) -> list[int]:
     """An int or a pair of ints, as F.max_pool2d takes them, as [height, width]."""
     if isinstance(value, (list, tuple, torch.Size)):
@@ -279,10 +275,9 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     output, indices = _MaxPool2d.apply(input, kernel, strides, _pool_pair(padding, "padding"),
                                        _pool_pair(dilation, "dilation"), bool(ceil_mode))
     return (output, indices) if return_indices else output
+
+
 # --------------------------------------------------------------------------------------------- batch norm
-__all__.append("batch_norm")
-
-
 class _BatchNormTrain(torch.autograd.Function):
     """Training: normalise with the batch's statistics, which depend on x (so dx has three terms).
 

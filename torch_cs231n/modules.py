@@ -4,10 +4,11 @@ Each subclasses torch's module, so it keeps its constructor arguments, parameter
 ``state_dict`` keys, ``repr`` and every ``isinstance`` check; only the computation is ours.
 """
 from torch import nn
+from torch.nn import functional as _torch_F  # F.pad, for Conv2d's non-zero padding modes
 
 from . import functional as F
 
-__all__ = ["ReLU"]
+__all__ = ["ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d"]
 
 
 class ReLU(nn.ReLU):
@@ -18,10 +19,6 @@ class ReLU(nn.ReLU):
 
 
 # ------------------------------------------------------------------------------------------------- Conv2d
-from torch.nn import functional as _torch_F  # noqa: E402  (F.pad for the non-zero padding modes)
-
-__all__ += ["Conv2d"]
-
 
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` computed by torch_cs231n's kernels; every constructor argument is torch's.
@@ -35,9 +32,9 @@ class Conv2d(nn.Conv2d):
             padded = _torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-# -------------------------------------------------------------------------------------------- MaxPool2d
-__all__ += ["MaxPool2d"]
 
+
+# -------------------------------------------------------------------------------------------- MaxPool2d
 
 class MaxPool2d(nn.MaxPool2d):
     """``torch.nn.MaxPool2d`` computed by torch_cs231n's kernels (all its arguments, return_indices too)."""
@@ -45,9 +42,9 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, input):
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
-# --------------------------------------------------------------------------------------------- batch norm
-__all__.append("BatchNorm2d")
 
+
+# --------------------------------------------------------------------------------------------- batch norm
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` computed by torch_cs231n's kernels.

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -79,6 +81,14 @@ inline void bn_check_backward_args(const at::Tensor& grad_output, const at::Tens
   bn_check_optional(weight, "weight", input, op);
   bn_check_channel_tensor(mean, "mean", input, op);
   bn_check_channel_tensor(invstd, "invstd", input, op);
+}
+
+// The backward's result: each gradient where output_mask asks for it, None where it does not.
+using BnGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+inline BnGrads bn_masked_grads(const at::Tensor& grad_input, const at::Tensor& grad_weight,
+                               const at::Tensor& grad_bias, std::array<bool, 3> output_mask) {
+  auto pick = [](bool want, const at::Tensor& t) { return want ? std::optional<at::Tensor>(t) : std::nullopt; };
+  return {pick(output_mask[0], grad_input), pick(output_mask[1], grad_weight), pick(output_mask[2], grad_bias)};
 }
 
 // The per-channel tensor as a contiguous tensor of the statistics dtype; `fill` when it is absent.

@@ -26,7 +26,9 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <array>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
@@ -257,6 +259,17 @@ inline void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Te
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expected), op,
               ": expected grad_output to have the output's shape ", at::IntArrayRef(expected), ", but got ",
               grad_output.sizes());
+}
+
+// The backward's outputs, (d_x, d_W, d_b): allocated where output_mask asks for them, empty tensors of
+// shape [0] where it does not (the schema returns three Tensors either way).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grad_buffers(const at::Tensor& input,
+                                                                          const at::Tensor& weight,
+                                                                          const ConvGeometry& g,
+                                                                          std::array<bool, 3> output_mask) {
+  return {output_mask[0] ? at::empty({g.n, g.c, g.h, g.w}, input.options()) : at::empty({0}, input.options()),
+          output_mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options()),
+          output_mask[2] ? at::empty({g.f}, weight.options()) : at::empty({0}, weight.options())};
 }
 
 // Depthwise: every group has exactly one input channel. The direct kernels handle it.

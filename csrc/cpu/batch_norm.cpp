@@ -605,9 +605,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
       }
     });
   });
-  return {output_mask[0] ? std::optional<at::Tensor>(grad_input) : std::nullopt,
-          output_mask[1] ? std::optional<at::Tensor>(grad_weight) : std::nullopt,
-          output_mask[2] ? std::optional<at::Tensor>(grad_bias) : std::nullopt};
+  return bn_masked_grads(grad_input, grad_weight, grad_bias, output_mask);
 }
 
 }  // namespace

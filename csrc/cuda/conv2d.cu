@@ -252,9 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   check_conv2d_grad_output(grad_output, input, g, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
-  at::Tensor dx = need_dx ? at::empty({g.n, g.c, g.h, g.w}, input.options()) : at::empty({0}, input.options());
-  at::Tensor dw = need_dw ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
-  at::Tensor db = need_db ? at::empty({g.f}, weight.options()) : at::empty({0}, weight.options());
+  auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask);
   if (g.n == 0 || g.f == 0 || g.c == 0) {
     dx.zero_();
     dw.zero_();

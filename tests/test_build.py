@@ -28,6 +28,13 @@ def test_every_op_has_a_cpu_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
 
 
+@pytest.mark.parametrize("op", ["torch_cs231n::relu_forward", "torch_cs231n::relu_backward"])
+def test_relu_derivatives_are_registered_in_cpp(op):
+    """ReLU's autograd lives in csrc/autograd/relu.cpp, under the Autograd key (every backend)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), f"{op} has no Autograd kernel"
+    assert "csrc/autograd/relu.cpp" in torch._C._dispatch_dump_table(op)
+
+
 def test_built_with_cuda_when_the_toolkit_allows():
     """Where a toolkit and a CUDA torch are present (CI's machine), the build must have taken CUDA.
 

@@ -29,6 +29,22 @@ def test_gradgradcheck(device):
     assert gradgradcheck(ours.relu, (x,))
 
 
+def test_inplace_gradgradcheck(device):
+    x = away_from_zero((2, 3, 4, 5), device).requires_grad_()
+    assert gradcheck(lambda t: ours.relu(t * 1.0, inplace=True), (x,))
+    assert gradgradcheck(lambda t: ours.relu(t * 1.0, inplace=True), (x,))
+
+
+def test_the_backward_node_is_the_cpp_one(device):
+    """The out-of-place ReLU records a C++ node (csrc/autograd/relu.cpp), not a Python Function."""
+    x = torch.randn(3, device=device, requires_grad=True)
+    node = ours.relu(x).grad_fn
+    assert "ReLUForward" in node.name()
+    assert not isinstance(node, torch.autograd.function.BackwardCFunction)
+    (gx,) = torch.autograd.grad(ours.relu(x).sum(), x, create_graph=True)
+    assert "ReLUBackward" in gx.grad_fn.name()
+
+
 def test_double_backward_matches_torch(device):
     x = away_from_zero((2, 3, 4, 5), device)
     g0 = torch.randn_like(x)
@@ -179,6 +195,11 @@ def test_opcheck(device):
         torch.library.opcheck(ops.relu_forward_.default, (x.clone(),))
         y = ops.relu_forward(x)
         torch.library.opcheck(ops.relu_backward.default, (torch.randn_like(y), y))
+        # With inputs that require grad, opcheck also checks the C++ autograd registration.
+        xg = x.clone().requires_grad_()
+        torch.library.opcheck(ops.relu_forward.default, (xg,))
+        yg = ops.relu_forward(xg)
+        torch.library.opcheck(ops.relu_backward.default, (torch.randn_like(y).requires_grad_(), yg))
 
 
 def test_compile_fullgraph_matches_eager(device):

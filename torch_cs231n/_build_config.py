@@ -75,7 +75,9 @@ def configure_cuda_env() -> str | None:
 
 
 def sources(with_cuda: bool) -> list[str]:
-    files = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    files = [os.path.join(CSRC, "ops.cpp")]
+    files += sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))  # derivatives, any backend
+    files += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return files

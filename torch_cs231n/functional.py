@@ -1,7 +1,9 @@
 """The functional API, with the signatures of ``torch.nn.functional``.
 
 Each layer is a ``torch.autograd.Function`` whose forward and backward call our ops
-(``torch.ops.torch_cs231n.*``). What backward needs is saved in forward: for ReLU, the output.
+(``torch.ops.torch_cs231n.*``), saving in forward what backward needs. ReLU is the exception: its
+derivative is registered in C++ (csrc/autograd/relu.cpp), because its kernels are cheap enough for a
+Python Function's overhead to show; only its in-place form has a Function here.
 """
 from __future__ import annotations
 
@@ -18,43 +20,24 @@ __all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 
 
 # --------------------------------------------------------------------------------------------------- ReLU
-class _ReLU(torch.autograd.Function):
-    """y = max(x, 0); dx = dy * [y > 0]."""
+# relu_forward and relu_backward carry their derivatives in C++ (csrc/autograd/relu.cpp), so the
+# out-of-place ReLU is a plain op call. Only the in-place one needs a Function here, to mark its input
+# dirty.
+class _ReLUInplace(torch.autograd.Function):
+    """x <- max(x, 0) in place; dx = dy * [x > 0], read from the overwritten x."""
 
     @staticmethod
-    def forward(ctx, input, inplace):
-        if inplace:
-            ops.relu_forward_(input)
-            ctx.mark_dirty(input)
-            output = input
-        else:
-            output = ops.relu_forward(input)
-        ctx.save_for_backward(output)
-        return output
+    def forward(ctx, input):
+        ops.relu_forward_(input)
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(input)
+        return input
 
     @staticmethod
     def backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
-            return _ReLUBackward.apply(grad_output, output), None
-        return ops.relu_backward(grad_output, output), None
-
-
-class _ReLUBackward(torch.autograd.Function):
-    """dx = dy * [y > 0], itself differentiable so that double backward is right.
-
-    d(dx)/d(dy) is the same mask; d(dx)/dy is zero almost everywhere (the mask is a step), as in torch.
-    """
-
-    @staticmethod
-    def forward(ctx, grad_output, output):
-        ctx.save_for_backward(output)
+        # Differentiable in its turn (C++ autograd), so double backward is exact with create_graph=True.
         return ops.relu_backward(grad_output, output)
-
-    @staticmethod
-    def backward(ctx, grad_grad_input):
-        (output,) = ctx.saved_tensors
-        return _ReLUBackward.apply(grad_grad_input, output), None
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -64,14 +47,12 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
-    if not (torch.is_grad_enabled() and input.requires_grad):
-        # Nothing to differentiate: skip the autograd.Function's bookkeeping (a large share of the time
-        # of a ReLU whose tensor fits in cache).
-        if inplace:
-            ops.relu_forward_(input)
-            return input
+    if not inplace:
         return ops.relu_forward(input)
-    return _ReLU.apply(input, bool(inplace))
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _ReLUInplace.apply(input)
+    ops.relu_forward_(input)
+    return input
 
 
 # ------------------------------------------------------------------------------------------------- Conv2d

@@ -5,7 +5,7 @@
 
 Method: torch.utils.benchmark.Timer with num_threads=2 (its default of 1 would override
 torch.set_num_threads), the median of blocked_autorange, ours and torch's interleaved in one process over
-several rounds (the median of the rounds is reported, and their spread). Forward+backward is
+several rounds, in ABBA order (the median of the rounds is reported, and their spread). Forward+backward is
 ``torch.autograd.grad(fn(*inputs), inputs, grad)``: no .grad accumulation is timed.
 """
 from __future__ import annotations
@@ -65,11 +65,15 @@ def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -
             forward_backward(fn)()
 
     samples = {k: [] for k in ("fwd_ours", "fwd_torch", "fb_ours", "fb_torch")}
-    for _ in range(rounds):  # interleaved, so that drifts in machine load hit both alike
-        samples["fwd_ours"].append(_time(forward(case.ours), threads, min_run_time))
-        samples["fwd_torch"].append(_time(forward(case.reference), threads, min_run_time))
-        samples["fb_ours"].append(_time(forward_backward(case.ours), threads, min_run_time))
-        samples["fb_torch"].append(_time(forward_backward(case.reference), threads, min_run_time))
+    timed = {"ours": case.ours, "torch": case.reference}
+    for r in range(rounds):
+        # Interleaved, so that drifts in machine load hit both alike, and in ABBA order (ours first in
+        # even rounds, torch first in odd ones), so that neither always runs in the other's wake.
+        order = ("ours", "torch") if r % 2 == 0 else ("torch", "ours")
+        for who in order:
+            samples[f"fwd_{who}"].append(_time(forward(timed[who]), threads, min_run_time))
+        for who in order:
+            samples[f"fb_{who}"].append(_time(forward_backward(timed[who]), threads, min_run_time))
     med = {k: statistics.median(v) for k, v in samples.items()}
     spread = {k: (min(v), max(v)) for k, v in samples.items()}
     return {

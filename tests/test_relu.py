@@ -45,6 +45,27 @@ def test_the_backward_node_is_the_cpp_one(device):
     assert "ReLUBackward" in gx.grad_fn.name()
 
 
+def test_no_graph_without_grad(device):
+    x = torch.randn(3, device=device, requires_grad=True)
+    with torch.no_grad():
+        assert ours.relu(x).grad_fn is None
+    assert ours.relu(x.detach()).grad_fn is None
+
+
+def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(device):
+    """Our C++ Function has no jvp: a dual input must get an error, even under no_grad, never an output
+    whose tangent is silently lost."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(4, device=device), torch.randn(4, device=device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            ours.relu(dual)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+            ours.relu(dual)
+
+
 def test_double_backward_matches_torch(device):
     x = away_from_zero((2, 3, 4, 5), device)
     g0 = torch.randn_like(x)
@@ -212,8 +233,8 @@ def test_compile_fullgraph_matches_eager(device):
 
 
 def test_tensors_larger_than_the_cache(device):
-    """Outputs beyond the last-level cache take the streaming-store path on the CPU; its unaligned head
-    (a view starting one element in) and its tail must be right too."""
+    """Outputs beyond the last-level cache (32 MiB on CI's machine) take the streaming-store path on the
+    CPU; its unaligned head (a view starting one element in) and its tail must be right too."""
     n = 10 * 1024 * 1024 + 3  # 40 MiB of float32
     storage = torch.randn(n + 1, device=device)
     x = storage[1:]  # data pointer 4 bytes past an aligned address

@@ -5,7 +5,9 @@
 // elementwise y = f(x) over tensors larger than the cache moves 3 bytes for every 2 it needs. Streaming
 // stores write whole lines straight to memory, skipping that read. They also skip the cache, which is a
 // loss when the result would still be in cache for the next op; so they are used only for outputs larger
-// than the last-level cache, where nothing would stay there anyway.
+// than the last-level cache, where nothing would stay there anyway. Measured on a 2-core AMD EPYC guest
+// (32 MiB L3), ReLU forward then backward in a C++ loop: 5% faster with 100 MiB tensors, 2% with 25 MiB;
+// but 7% slower with 19 MiB and 50% slower with 6 MiB, which is why the bar is the whole cache.
 //
 // The per-element function runs into a small buffer that stays in L1 (so the compiler vectorises the same
 // scalar math the CUDA kernels call), and the buffer is then streamed out.
@@ -19,7 +21,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <string>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -28,9 +32,31 @@
 namespace torch_cs231n {
 namespace cpu {
 
-// Bytes of the last-level cache (sysconf where the C library knows it; 32 MiB otherwise).
+// Bytes of the largest cache that CPU 0 reads from, as Linux reports it in sysfs ("32768K"). This is the
+// share this core actually has. sysconf's figure can be the whole package's L3: 256 MiB on the 2-core
+// AMD EPYC guest this was measured on, whose cores share one 32 MiB L3.
+inline int64_t sysfs_last_level_cache_bytes() {
+  int64_t best = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+    std::FILE* file = std::fopen(path.c_str(), "r");
+    if (file == nullptr) break;
+    long long value = 0;
+    char unit = 0;
+    const int got = std::fscanf(file, "%lld%c", &value, &unit);
+    std::fclose(file);
+    if (got < 1) continue;
+    const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+    best = std::max<int64_t>(best, static_cast<int64_t>(value) << shift);
+  }
+  return best;
+}
+
+// Bytes of the last-level cache: sysfs, else sysconf where the C library knows it, else 32 MiB.
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
+    const int64_t from_sysfs = sysfs_last_level_cache_bytes();
+    if (from_sysfs > 0) return from_sysfs;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (l3 > 0) return static_cast<int64_t>(l3);

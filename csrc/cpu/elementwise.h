@@ -96,6 +96,9 @@ template <typename T, typename F>
 inline __attribute__((always_inline)) void map_range(T* out, int64_t begin, int64_t end, bool streaming,
                                                       const F& f) {
   if (!streaming) {
+    // Two vectors per iteration, as ATen's own vectorised loops do: with one, a lone core streaming
+    // 6 MiB from the L3 ran up to 20% slower than torch's ReLU (2-core AMD EPYC guest).
+#pragma GCC unroll 2
     for (int64_t i = begin; i < end; ++i) out[i] = f(i);
     return;
   }

@@ -1,7 +1,7 @@
 // Every operator schema of the torch_cs231n library, in one place. The kernels live in cpu/<op>.cpp and
 // cuda/<op>.cu (TORCH_LIBRARY_IMPL); fake kernels for torch.compile and opcheck in
 // torch_cs231n/_fake.py; autograd in torch_cs231n/functional.py, except ReLU's, which is in
-// autograd/relu.cpp.
+// autograd/relu_autograd.cpp.
 //
 // Built ahead of time this file is the Python module torch_cs231n._C, whose import loads the library and
 // runs the registrations; built by the JIT it is a plain shared library (is_python_module=False).

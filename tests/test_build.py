@@ -30,9 +30,9 @@ def test_every_op_has_a_cpu_kernel(op):
 
 @pytest.mark.parametrize("op", ["torch_cs231n::relu_forward", "torch_cs231n::relu_backward"])
 def test_relu_derivatives_are_registered_in_cpp(op):
-    """ReLU's autograd lives in csrc/autograd/relu.cpp, under the Autograd key (every backend)."""
+    """ReLU's autograd is in csrc/autograd/relu_autograd.cpp, under the Autograd key (every backend)."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), f"{op} has no Autograd kernel"
-    assert "csrc/autograd/relu.cpp" in torch._C._dispatch_dump_table(op)
+    assert "csrc/autograd/relu_autograd.cpp" in torch._C._dispatch_dump_table(op)
 
 
 def test_built_with_cuda_when_the_toolkit_allows():
@@ -77,6 +77,14 @@ def test_find_cuda_home_reads_through_a_wrapper_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(wrappers))
     monkeypatch.setattr(cfg, "_is_toolkit", lambda p, real=cfg._is_toolkit: p != "/usr/local/cuda" and real(p))
     assert cfg.find_cuda_home() == os.path.realpath(toolkit)
+
+
+def test_object_file_names_are_unique():
+    """torch.utils.cpp_extension.load names each object after its source's base name (x.cpp -> x.o,
+    x.cu -> x.cuda.o), so two sources called relu.cpp in different folders break the JIT build."""
+    stems_and_exts = [os.path.splitext(os.path.basename(f)) for f in cfg.sources(with_cuda=True)]
+    objects = [stem + (".cuda.o" if ext == ".cu" else ".o") for stem, ext in stems_and_exts]
+    assert len(objects) == len(set(objects)), sorted(objects)
 
 
 def test_force_cuda_overrides(monkeypatch):

@@ -36,7 +36,8 @@ def test_inplace_gradgradcheck(device):
 
 
 def test_the_backward_node_is_the_cpp_one(device):
-    """The out-of-place ReLU records a C++ node (csrc/autograd/relu.cpp), not a Python Function."""
+    """The out-of-place ReLU records a C++ node (csrc/autograd/relu_autograd.cpp), not a Python
+    Function."""
     x = torch.randn(3, device=device, requires_grad=True)
     node = ours.relu(x).grad_fn
     assert "ReLUForward" in node.name()

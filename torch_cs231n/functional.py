@@ -2,8 +2,8 @@
 
 Each layer is a ``torch.autograd.Function`` whose forward and backward call our ops
 (``torch.ops.torch_cs231n.*``), saving in forward what backward needs. ReLU is the exception: its
-derivative is registered in C++ (csrc/autograd/relu.cpp), because its kernels are cheap enough for a
-Python Function's overhead to show; only its in-place form has a Function here.
+derivative is registered in C++ (csrc/autograd/relu_autograd.cpp), because its kernels are cheap enough
+for a Python Function's overhead to show; only its in-place form has a Function here.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ __all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 
 
 # --------------------------------------------------------------------------------------------------- ReLU
-# relu_forward and relu_backward carry their derivatives in C++ (csrc/autograd/relu.cpp), so the
-# out-of-place ReLU is a plain op call. Only the in-place one needs a Function here, to mark its input
-# dirty.
+# relu_forward and relu_backward carry their derivatives in C++ (csrc/autograd/relu_autograd.cpp), so
+# the out-of-place ReLU is a plain op call. Only the in-place one needs a Function here, to mark its
+# input dirty.
 class _ReLUInplace(torch.autograd.Function):
     """x <- max(x, 0) in place; dx = dy * [x > 0], read from the overwritten x."""
 

@@ -35,7 +35,7 @@ def all_cases() -> list[Case]:
     from . import cases_relu
 
     cases = list(cases_relu.cases())
-    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm"):
+    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["cases"])
         except ModuleNotFoundError:

@@ -34,12 +34,17 @@ def assert_same_layout(actual: torch.Tensor, expected: torch.Tensor):
     assert a == e, f"strides {actual.stride()} differ from torch's {expected.stride()} for shape {tuple(actual.shape)}"
 
 
+def assert_same_output_and_grads(out_compiled, compiled_model, out_eager, eager_model):
+    """Equal outputs, and equal gradients of their sums with respect to each model's parameters."""
+    torch.testing.assert_close(out_compiled, out_eager)
+    grads_eager = torch.autograd.grad(out_eager.sum(), list(eager_model.parameters()))
+    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(compiled_model.parameters()))
+    assert len(grads_compiled) == len(grads_eager)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
 def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor):
     """torch.compile(fullgraph=True) of `model` gives eager mode's output and parameter gradients."""
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out_eager, out_compiled = model(x), compiled(x)
-    torch.testing.assert_close(out_compiled, out_eager)
-    grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
-    grads_compiled = torch.autograd.grad(out_compiled.sum(), list(model.parameters()))
-    for a, b in zip(grads_compiled, grads_eager):
-        torch.testing.assert_close(a, b)
+    assert_same_output_and_grads(compiled(x), model, model(x), model)

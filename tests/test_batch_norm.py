@@ -11,7 +11,7 @@ from torch.autograd import gradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
-from helpers import LAYOUTS, assert_same_layout, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_same_layout, assert_same_output_and_grads, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
 
@@ -453,12 +453,7 @@ def test_compile_fullgraph_matches_eager(device):
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     for step in range(2):
         x = torch.randn(3, 3, 6, 6, device=device)
-        out_eager, out_compiled = model(x), compiled(x)
-        torch.testing.assert_close(out_compiled, out_eager)
-        grads_eager = torch.autograd.grad(out_eager.sum(), list(model.parameters()))
-        grads_compiled = torch.autograd.grad(out_compiled.sum(), list(twin.parameters()))
-        for a, b in zip(grads_compiled, grads_eager):
-            torch.testing.assert_close(a, b)
+        assert_same_output_and_grads(compiled(x), twin, model(x), model)
     for (k, a), b in zip(twin.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     model.eval()

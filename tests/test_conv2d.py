@@ -57,12 +57,16 @@ GRID = [
 ]
 
 
+def float64_leaves(device, seed, xs, ws):
+    """Input, weight and bias of the given shapes, float64, requiring grad, from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+                 for shape in (xs, ws, ws[0]))
+
+
 @pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", GRID)
 def test_gradcheck(device, xs, ws, stride, padding, dilation, groups):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(xs, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(ws, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x, w, b = float64_leaves(device, 0, xs, ws)
     fn = lambda x, w, b: ours.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
     assert gradcheck(fn, (x, w, b))
     # and the values against torch, tight
@@ -72,10 +76,7 @@ def test_gradcheck(device, xs, ws, stride, padding, dilation, groups):
 
 @pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", [GRID[1], GRID[2], GRID[4], GRID[6]])
 def test_gradgradcheck(device, xs, ws, stride, padding, dilation, groups):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(xs, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(ws, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x, w, b = float64_leaves(device, 1, xs, ws)
     fn = lambda x, w, b: ours.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
     assert gradgradcheck(fn, (x, w, b))
 

@@ -37,12 +37,18 @@ std::string build_info() {
 TORCH_LIBRARY(torch_cs231n, m) {
   m.def("build_info() -> str", &torch_cs231n::build_info);
 
-  // ReLU. The backward masks by the forward's output, so autograd saves only the output.
+  // ReLU. The backward masks by the forward's output.
   m.def("relu_forward(Tensor input) -> Tensor");
   // In place. It returns nothing: torch's functionalization (torch.compile, opcheck) takes custom ops
   // that mutate an argument only when they do not also return an alias of it.
   m.def("relu_forward_(Tensor(a!) self) -> ()");
   m.def("relu_backward(Tensor grad_output, Tensor output) -> Tensor");
+  // What autograd uses: the forward also returns the mask [x > 0] packed 32 elements to an int32 word,
+  // in the output's memory order, and the backward reads the mask's bits instead of the output's values
+  // (a 32nd of the bytes in float32). It takes the output only for its shape and strides, which say
+  // the order of the mask's bits and the layout of the grad_input returned.
+  m.def("relu_forward_with_mask(Tensor input) -> (Tensor output, Tensor mask)");
+  m.def("relu_backward_with_mask(Tensor grad_output, Tensor output, Tensor mask) -> Tensor");
 
   // Conv2d (cross-correlation, as torch's). Symmetric zero padding; padding='same' with an odd total and
   // the other padding modes are done in Python by padding the input first. The backward computes only

@@ -28,9 +28,10 @@ def test_every_op_has_a_cpu_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
 
 
-@pytest.mark.parametrize("op", ["torch_cs231n::relu_forward", "torch_cs231n::relu_backward"])
+@pytest.mark.parametrize("op", ["relu_forward", "relu_backward", "relu_forward_with_mask", "relu_backward_with_mask"])
 def test_relu_derivatives_are_registered_in_cpp(op):
     """ReLU's autograd is in csrc/autograd/relu_autograd.cpp, under the Autograd key (every backend)."""
+    op = f"torch_cs231n::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd"), f"{op} has no Autograd kernel"
     assert "csrc/autograd/relu_autograd.cpp" in torch._C._dispatch_dump_table(op)
 

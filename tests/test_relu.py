@@ -75,7 +75,9 @@ def test_double_backward_matches_torch(device):
         xi = x.clone().requires_grad_()
         g = g0.clone().requires_grad_()
         (gx,) = torch.autograd.grad(fn(xi), xi, g, create_graph=True)
-        results.append(torch.autograd.grad((gx * gx).sum(), g))
+        assert gx.requires_grad
+        # To g through the mask; to x through y, whose derivative is zero: zeros, not None, as torch.
+        results.append(torch.autograd.grad((gx * gx).sum(), (g, xi)))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
@@ -99,6 +101,53 @@ def test_matches_torch(device, n, c, h, w, layout, dtype_index, seed):
     y_ours.backward(grad)
     y_ref.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=0)
+
+
+def packed_mask(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[x > 0] (NaN counted as passing), one bit per element in the memory order of `like`, 32 to an
+    int32 word: what relu_forward_with_mask returns, computed here with plain tensor ops."""
+    keep = torch.empty_like(like, dtype=torch.int64).copy_((x > 0) | x.isnan())
+    flat = keep.as_strided((keep.numel(),), (1,))  # memory order (empty_like is dense)
+    words = (flat.numel() + 31) // 32
+    bits = torch.zeros(words * 32, dtype=torch.int64, device=x.device)
+    bits[: flat.numel()] = flat
+    value = (bits.view(words, 32) << torch.arange(32, device=x.device)).sum(1)
+    return (value - (value >= 2**31).long() * 2**32).to(torch.int32)  # as a signed int32
+
+
+@given(
+    n=st.integers(0, 3), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
+    layout=st.sampled_from(LAYOUTS), grad_layout=st.sampled_from(LAYOUTS), dtype_index=st.integers(0, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mask_ops_match_torch(device, n, c, h, w, layout, grad_layout, dtype_index, seed):
+    """relu_forward_with_mask and relu_backward_with_mask, the ops autograd runs, on their own: the output,
+    the bits (sizes that leave a partial last word, any layout), and a gradient in another layout."""
+    dtypes = dtypes_for(device)
+    dtype = dtypes[dtype_index % len(dtypes)]
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, c, h, w, generator=gen)
+    base.view(-1)[:3] = torch.tensor([0.0, float("nan"), -0.0])[: base.numel()]
+    x = with_layout(base.to(device=device, dtype=dtype), layout)
+    y, mask = ops.relu_forward_with_mask(x)
+    torch.testing.assert_close(y, F.relu(x), rtol=0, atol=0, equal_nan=True)
+    assert_same_layout(y, F.relu(x))
+    assert torch.equal(mask, packed_mask(x, y))
+    g = with_layout(torch.randn(n, c, h, w, generator=gen).to(device=device, dtype=dtype), grad_layout)
+    dx = ops.relu_backward_with_mask(g, y, mask)
+    torch.testing.assert_close(dx, torch.ops.aten.threshold_backward(g, F.relu(x), 0), rtol=0, atol=0)
+    assert_same_layout(dx, y)
+
+
+def test_inplace_change_of_the_output_raises_like_torch(device):
+    """y is saved (though only its shape and strides are read): changing it in place before backward
+    raises torch's error, as it does for F.relu."""
+    for fn in (ours.relu, F.relu):
+        x = torch.randn(4, device=device, requires_grad=True)
+        y = fn(x)
+        y.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 def test_nan_and_inf(device):
@@ -198,6 +247,25 @@ def test_backward_argument_checks(device):
         ops.relu_backward(y.double(), y)
 
 
+def test_mask_backward_argument_checks(device):
+    x = torch.randn(2, 3, 5, device=device)
+    y, mask = ops.relu_forward_with_mask(x)
+    g = torch.randn_like(y)
+    with pytest.raises(RuntimeError, match=r"relu_backward_with_mask: expected mask to have dtype int32 .*but got Long"):
+        ops.relu_backward_with_mask(g, y, mask.long())
+    with pytest.raises(RuntimeError, match=r"expected mask to be a contiguous 1-D tensor of 1 words .*but got shape \[2\]"):
+        ops.relu_backward_with_mask(g, y, torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match=r"relu_backward_with_mask: expected grad_output to have the shape of output \[2, 3, 5\], but got \[3, 2, 5\]"):
+        ops.relu_backward_with_mask(g.view(3, 2, 5), y, mask)
+    with pytest.raises(RuntimeError, match=r"relu_backward_with_mask: expected grad_output to have the dtype of output \(Float\), but got Double"):
+        ops.relu_backward_with_mask(g.double(), y, mask)
+    gapped = torch.randn(2, 3, 10, device=device)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"expected output to be the output of relu_forward_with_mask, which is dense"):
+        ops.relu_backward_with_mask(torch.randn(2, 3, 5, device=device), gapped, mask)
+    with pytest.raises(RuntimeError, match=r"relu_forward_with_mask: expected input to have dtype float32 or float64.*Long"):
+        ops.relu_forward_with_mask(torch.arange(6, device=device))
+
+
 def test_not_a_tensor_is_refused():
     with pytest.raises(TypeError, match="must be Tensor, not list"):
         ours.relu([1.0, -1.0])
@@ -222,6 +290,13 @@ def test_opcheck(device):
         torch.library.opcheck(ops.relu_forward.default, (xg,))
         yg = ops.relu_forward(xg)
         torch.library.opcheck(ops.relu_backward.default, (torch.randn_like(y).requires_grad_(), yg))
+        # The masked pair, which autograd runs.
+        torch.library.opcheck(ops.relu_forward_with_mask.default, (x,))
+        torch.library.opcheck(ops.relu_forward_with_mask.default, (xg,))
+        y, mask = ops.relu_forward_with_mask(x)
+        torch.library.opcheck(ops.relu_backward_with_mask.default, (torch.randn_like(y), y, mask))
+        yg, mask = ops.relu_forward_with_mask(xg)
+        torch.library.opcheck(ops.relu_backward_with_mask.default, (torch.randn_like(y).requires_grad_(), yg, mask))
 
 
 def test_compile_fullgraph_matches_eager(device):
@@ -243,6 +318,12 @@ def test_tensors_larger_than_the_cache(device):
     y = F.relu(x)
     g = torch.randn_like(x)
     torch.testing.assert_close(ops.relu_backward(g, y), torch.where(y > 0, g, 0), rtol=0, atol=0)
+    # Under autograd: the masked forward and backward, streamed word by word.
+    xg = x.detach().requires_grad_()
+    yg = ours.relu(xg)
+    torch.testing.assert_close(yg, y, rtol=0, atol=0)
+    (dx,) = torch.autograd.grad(yg, xg, g)
+    torch.testing.assert_close(dx, torch.where(y > 0, g, 0), rtol=0, atol=0)
     expected = F.relu(x)
     ours.relu(x, inplace=True)  # streams into the unaligned view itself
     torch.testing.assert_close(x, expected, rtol=0, atol=0)

@@ -23,6 +23,24 @@ def _relu_backward(grad_output, output):
     return torch.empty_like(output)
 
 
+@torch.library.register_fake(_lib + "relu_forward_with_mask")
+def _relu_forward_with_mask(input):
+    output = torch.empty_like(input)
+    mask = input.new_empty(((input.numel() + 31) // 32,), dtype=torch.int32)  # one int32 word per 32 elements
+    return output, mask
+
+
+@torch.library.register_fake(_lib + "relu_backward_with_mask")
+def _relu_backward_with_mask(grad_output, output, mask):
+    torch._check(grad_output.shape == output.shape,
+                 lambda: "relu_backward_with_mask: grad_output and output differ in shape")
+    words = (output.numel() + 31) // 32
+    torch._check(mask.dtype == torch.int32 and mask.shape == (words,),
+                 lambda: f"relu_backward_with_mask: expected an int32 mask of shape ({words},), got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    return torch.empty_like(output)
+
+
 # ------------------------------------------------------------------------------------------------- Conv2d
 def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1

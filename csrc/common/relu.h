@@ -5,9 +5,16 @@
 //
 // Both are written as `v <= 0 ? 0 : v`: a NaN compares false, so it is kept, and the single compare
 // keeps the CPU loop vectorisable.
+//
+// Under autograd the forward also packs the mask [x > 0] (NaN counted as kept, as above) into bits, and
+// the backward reads those bits instead of y: 1 bit per element rather than 32 (float) or 64 (double),
+// so the backward moves about a third fewer bytes. Bit j of mask word w belongs to the element at memory
+// offset 32 * w + j of the output.
 #pragma once
 
 #include <c10/macros/Macros.h>
+
+#include <cstdint>
 
 namespace torch_cs231n {
 
@@ -20,6 +27,26 @@ C10_HOST_DEVICE inline T relu_value(T x) {
 template <typename T>
 C10_HOST_DEVICE inline T relu_grad(T dy, T y) {
   return y <= T(0) ? T(0) : dy;
+}
+
+// ---- the bit-packed mask ----
+constexpr int kReluMaskBits = 32;  // elements per mask word (an int32)
+
+// Mask words for n elements: ceil(n / 32).
+C10_HOST_DEVICE inline int64_t relu_mask_words(int64_t n) {
+  return (n + kReluMaskBits - 1) / kReluMaskBits;
+}
+
+// Whether x passes the ReLU, so its gradient passes too: the same test as relu_value and relu_grad.
+template <typename T>
+C10_HOST_DEVICE inline bool relu_keeps(T x) {
+  return !(x <= T(0));
+}
+
+// dy masked by bit `bit` of a mask word: relu_grad(dy, y) with [y > 0] read from the mask.
+template <typename T>
+C10_HOST_DEVICE inline T relu_grad_from_mask(T dy, uint32_t word, int bit) {
+  return ((word >> bit) & 1u) != 0u ? dy : T(0);
 }
 
 }  // namespace torch_cs231n

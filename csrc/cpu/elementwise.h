@@ -139,5 +139,63 @@ void parallel_map(T* out, int64_t n, int64_t grain, F f) {
   });
 }
 
+// ---- maps in blocks of 32 elements, for ops that pack one bit per element into an int32 word ----
+
+// The elements of words [w0, w1): word_fn(w, dst, len) writes the len (32, or fewer for the last word)
+// outputs of word w, out[32 w, 32 w + len), to dst. Streaming as in map_range: whole words go through the
+// L1 buffer.
+constexpr int64_t kWord = 32;  // elements per word
+
+template <typename T, typename F>
+inline __attribute__((always_inline)) void map_words_range(T* out, int64_t n, int64_t w0, int64_t w1,
+                                                            bool streaming, const F& word_fn) {
+  auto len_of = [n](int64_t w) { return static_cast<int>(std::min(kWord, n - w * kWord)); };
+  if (!streaming) {
+    for (int64_t w = w0; w < w1; ++w) word_fn(w, out + w * kWord, len_of(w));
+    return;
+  }
+  constexpr int64_t kBlockWords = 32;  // 1024 elements: the buffer stays in L1
+  alignas(64) T buffer[kBlockWords * kWord];
+  for (int64_t start = w0; start < w1; start += kBlockWords) {
+    const int64_t stop = std::min(w1, start + kBlockWords);
+    int64_t len = 0;
+    for (int64_t w = start; w < stop; ++w) {
+      const int l = len_of(w);
+      word_fn(w, buffer + len, l);
+      len += l;
+    }
+    stream_out(out + start * kWord, buffer, len);
+  }
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+template <typename T, typename F>
+void map_words_range_baseline(T* out, int64_t n, int64_t w0, int64_t w1, bool streaming, const F& f) {
+  map_words_range(out, n, w0, w1, streaming, f);
+}
+
+template <typename T, typename F>
+CS231N_AVX2 void map_words_range_avx2(T* out, int64_t n, int64_t w0, int64_t w1, bool streaming, const F& f) {
+  map_words_range(out, n, w0, w1, streaming, f);
+}
+
+// parallel_map by words of 32 elements: word_fn(w, dst, len) as in map_words_range, for every word of
+// n elements, in parallel (grain in words).
+template <typename T, typename F>
+void parallel_map_words(T* out, int64_t n, int64_t grain_words, F word_fn) {
+  const bool streaming = n * static_cast<int64_t>(sizeof(T)) > last_level_cache_bytes();
+  const bool avx2 = cpu_has_avx2_fma();
+  const int64_t words = (n + kWord - 1) / kWord;
+  at::parallel_for(0, words, grain_words, [&](int64_t w0, int64_t w1) {
+    if (avx2) {
+      map_words_range_avx2(out, n, w0, w1, streaming, word_fn);
+    } else {
+      map_words_range_baseline(out, n, w0, w1, streaming, word_fn);
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace torch_cs231n

@@ -8,6 +8,7 @@
 #include "common/checks.h"
 #include "common/layout.h"
 #include "common/relu.h"
+#include "common/relu_args.h"
 #include "cpu/elementwise.h"
 
 namespace torch_cs231n {
@@ -66,12 +67,81 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
   return grad_input;
 }
 
+// ---- with the bit mask (what autograd uses) ----
+
+// Mask words per task: kGrain elements.
+constexpr int64_t kGrainWords = kGrain / kReluMaskBits;
+
+// y = relu(x) for the len elements of mask word w, written to dst, and the word's bits. The fixed
+// 32-element loop of a full word compiles to vector compares, shifts and an OR reduction.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void relu_word(const scalar_t* x, scalar_t* dst, int32_t* mask, int64_t w,
+                                                     int len) {
+  const scalar_t* src = x + w * kReluMaskBits;
+  uint32_t bits = 0;
+  if (len == kReluMaskBits) {
+    for (int j = 0; j < kReluMaskBits; ++j) {
+      dst[j] = relu_value(src[j]);
+      bits |= static_cast<uint32_t>(relu_keeps(src[j])) << j;
+    }
+  } else {
+    for (int j = 0; j < len; ++j) {
+      dst[j] = relu_value(src[j]);
+      bits |= static_cast<uint32_t>(relu_keeps(src[j])) << j;
+    }
+  }
+  mask[w] = static_cast<int32_t>(bits);
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cpu(const at::Tensor& input) {
+  check_float_dtype(input, "relu_forward_with_mask", "input");
+  at::Tensor output = at::empty_like(input);
+  at::Tensor mask = relu_empty_mask(output);
+  if (output.numel() == 0) return {output, mask};
+  const at::Tensor x = dense_like(input, output);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_forward_with_mask_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    int32_t* mp = mask.mutable_data_ptr<int32_t>();
+    cpu::parallel_map_words(output.mutable_data_ptr<scalar_t>(), x.numel(), kGrainWords,
+                            [xp, mp](int64_t w, scalar_t* dst, int len) { relu_word(xp, dst, mp, w, len); });
+  });
+  return {output, mask};
+}
+
+// dx = dy masked by the bits of word w, for its len elements.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void relu_grad_word(const scalar_t* dy, const int32_t* mask, scalar_t* dst,
+                                                          int64_t w, int len) {
+  const scalar_t* src = dy + w * kReluMaskBits;
+  const uint32_t word = static_cast<uint32_t>(mask[w]);
+  if (len == kReluMaskBits) {
+    for (int j = 0; j < kReluMaskBits; ++j) dst[j] = relu_grad_from_mask(src[j], word, j);
+  } else {
+    for (int j = 0; j < len; ++j) dst[j] = relu_grad_from_mask(src[j], word, j);
+  }
+}
+
+at::Tensor relu_backward_with_mask_cpu(const at::Tensor& grad_output, const at::Tensor& output,
+                                       const at::Tensor& mask) {
+  auto [grad_input, dy] = relu_backward_with_mask_args(grad_output, output, mask);
+  if (grad_input.numel() == 0) return grad_input;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "relu_backward_with_mask_cpu", [&] {
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const int32_t* mp = mask.const_data_ptr<int32_t>();
+    cpu::parallel_map_words(grad_input.mutable_data_ptr<scalar_t>(), dy.numel(), kGrainWords,
+                            [dyp, mp](int64_t w, scalar_t* dst, int len) { relu_grad_word(dyp, mp, dst, w, len); });
+  });
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
   m.impl("relu_forward", &relu_forward_cpu);
   m.impl("relu_forward_", &relu_forward_inplace_cpu);
   m.impl("relu_backward", &relu_backward_cpu);
+  m.impl("relu_forward_with_mask", &relu_forward_with_mask_cpu);
+  m.impl("relu_backward_with_mask", &relu_backward_with_mask_cpu);
 }
 
 }  // namespace torch_cs231n

@@ -20,9 +20,9 @@ __all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 
 
 # --------------------------------------------------------------------------------------------------- ReLU
-# relu_forward and relu_backward carry their derivatives in C++ (csrc/autograd/relu_autograd.cpp), so
-# the out-of-place ReLU is a plain op call. Only the in-place one needs a Function here, to mark its
-# input dirty.
+# relu_forward carries its derivative in C++ (csrc/autograd/relu_autograd.cpp: under autograd it runs
+# relu_forward_with_mask and its backward reads a bit mask), so the out-of-place ReLU is a plain op call.
+# Only the in-place one needs a Function here, to mark its input dirty.
 class _ReLUInplace(torch.autograd.Function):
     """x <- max(x, 0) in place; dx = dy * [x > 0], read from the overwritten x."""
 

@@ -48,8 +48,6 @@ TORCH_LIBRARY(torch_cs231n, m) {
   // (a 32nd of the bytes in float32). It takes the output only for its shape and strides, which say
   // the order of the mask's bits and the layout of the grad_input returned.
   m.def("relu_forward_with_mask(Tensor input) -> (Tensor output, Tensor mask)");
-  // In place, returning the mask (a new tensor, not an alias, so functionalization takes it).
-  m.def("relu_forward_with_mask_(Tensor(a!) self) -> Tensor mask");
   m.def("relu_backward_with_mask(Tensor grad_output, Tensor output, Tensor mask) -> Tensor");
 
   // Conv2d (cross-correlation, as torch's). Symmetric zero padding; padding='same' with an odd total and

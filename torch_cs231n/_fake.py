@@ -30,11 +30,6 @@ def _relu_forward_with_mask(input):
     return output, mask
 
 
-@torch.library.register_fake(_lib + "relu_forward_with_mask_")
-def _relu_forward_with_mask_(self):
-    return self.new_empty(((self.numel() + 31) // 32,), dtype=torch.int32)
-
-
 @torch.library.register_fake(_lib + "relu_backward_with_mask")
 def _relu_backward_with_mask(grad_output, output, mask):
     torch._check(grad_output.shape == output.shape,

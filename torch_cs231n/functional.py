@@ -24,20 +24,20 @@ __all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 # relu_forward_with_mask and its backward reads a bit mask), so the out-of-place ReLU is a plain op call.
 # Only the in-place one needs a Function here, to mark its input dirty.
 class _ReLUInplace(torch.autograd.Function):
-    """x <- max(x, 0) in place; dx = dy * [x > 0], read from the bit mask the forward returns."""
+    """x <- max(x, 0) in place; dx = dy * [x > 0], read from the overwritten x."""
 
     @staticmethod
     def forward(ctx, input):
-        mask = ops.relu_forward_with_mask_(input)
+        ops.relu_forward_(input)
         ctx.mark_dirty(input)
-        ctx.save_for_backward(input, mask)  # the output, for its shape and strides, as out of place
+        ctx.save_for_backward(input)
         return input
 
     @staticmethod
     def backward(ctx, grad_output):
-        output, mask = ctx.saved_tensors
+        (output,) = ctx.saved_tensors
         # Differentiable in its turn (C++ autograd), so double backward is exact with create_graph=True.
-        return ops.relu_backward_with_mask(grad_output, output, mask)
+        return ops.relu_backward(grad_output, output)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -14,9 +14,8 @@
 // Why C++ and not a Python autograd.Function, as the other layers use: ReLU's kernels are so cheap that
 // the Python Function's bookkeeping (a Python forward and a Python backward called from the engine, some
 // 25-75 us per step) is a visible share of its time. This is the pattern torch uses for its own
-// ops and torchvision for its custom ones. The in-place ReLU stays in Python (functional.py): its ops
-// return no output (relu_forward_with_mask_ returns only the mask), so a C++ Function has none to mark
-// dirty.
+// ops and torchvision for its custom ones. The in-place op relu_forward_ stays in Python
+// (functional.py): it returns nothing, so a C++ Function has no output to mark dirty.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -67,6 +66,7 @@ at::Tensor zero_grad_for(AutogradContext* ctx, size_t input_index, const at::Ten
 }
 
 // dx = relu_backward(dy, y) as a differentiable function of dy, so that double backward is exact.
+// (The in-place ReLU's backward, in functional.py, calls it.)
 class ReLUBackward : public torch::autograd::Function<ReLUBackward> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& output) {

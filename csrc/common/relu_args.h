@@ -1,6 +1,5 @@
-// Host-side argument handling of ReLU's masked ops (relu_forward_with_mask, its in-place form, and
-// relu_backward_with_mask), shared by the CPU and CUDA kernels: the mask tensor, and the checks and
-// layout of the backward.
+// Host-side argument handling of ReLU's masked ops (relu_forward_with_mask, relu_backward_with_mask),
+// shared by the CPU and CUDA kernels: the mask tensor, and the checks and layout of the backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,16 +12,14 @@
 
 namespace torch_cs231n {
 
-// The mask of an output: one int32 word per 32 elements, in the output's memory order (output dense).
+// The mask of an output: one int32 word per 32 elements, in the output's memory order.
 inline at::Tensor relu_empty_mask(const at::Tensor& output) {
   return at::empty({relu_mask_words(output.numel())}, output.options().dtype(at::kInt));
 }
 
-// Checks the backward's arguments and returns {grad_input, dy}: grad_input = empty_like(output), whose
-// memory order is the one the mask bits follow, and grad_output in that layout. That order is output's
-// own when output is dense (always, out of place); when the in-place forward ran on a view with gaps, it
-// computed in an empty_like(self) buffer, the same layout. The output gives only its shape, strides and
-// dtype; its values are not read.
+// Checks the backward's arguments and returns {grad_input, dy}: grad_input laid out as the forward's
+// output is, which is the order the mask bits follow, and grad_output in that layout. The output gives
+// only its shape, strides and dtype; its values are not read.
 inline std::pair<at::Tensor, at::Tensor> relu_backward_with_mask_args(const at::Tensor& grad_output,
                                                                       const at::Tensor& output,
                                                                       const at::Tensor& mask) {
@@ -32,6 +29,9 @@ inline std::pair<at::Tensor, at::Tensor> relu_backward_with_mask_args(const at::
   check_same_device(output, "output", mask, "mask", op);
   check_same_dtype(output, "output", grad_output, "grad_output", op);
   check_same_shape(output, "output", grad_output, "grad_output", op);
+  TORCH_CHECK(output.is_non_overlapping_and_dense(), op, ": expected output to be the output of ",
+              "relu_forward_with_mask, which is dense (no gaps or overlaps), but got strides ", output.strides(),
+              " for shape ", output.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kInt, op, ": expected mask to have dtype int32 (from ",
               "relu_forward_with_mask), but got ", mask.scalar_type());
   const int64_t words = relu_mask_words(output.numel());

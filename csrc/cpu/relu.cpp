@@ -72,20 +72,17 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
 // Mask words per task: kGrain elements.
 constexpr int64_t kGrainWords = kGrain / kReluMaskBits;
 
-// y = relu(x) for the len elements of mask word w, written to dst, and the word's bits. A full word is
-// first loaded into registers (dst may be the same memory as x, in place), and its fixed 32-element loop
-// compiles to vector compares, shifts and an OR reduction.
+// y = relu(x) for the len elements of mask word w, written to dst, and the word's bits. The fixed
+// 32-element loop of a full word compiles to vector compares, shifts and an OR reduction.
 template <typename scalar_t>
 inline __attribute__((always_inline)) void relu_word(const scalar_t* x, scalar_t* dst, int32_t* mask, int64_t w,
                                                      int len) {
   const scalar_t* src = x + w * kReluMaskBits;
   uint32_t bits = 0;
   if (len == kReluMaskBits) {
-    scalar_t v[kReluMaskBits];
-    for (int j = 0; j < kReluMaskBits; ++j) v[j] = src[j];
     for (int j = 0; j < kReluMaskBits; ++j) {
-      dst[j] = relu_value(v[j]);
-      bits |= static_cast<uint32_t>(relu_keeps(v[j])) << j;
+      dst[j] = relu_value(src[j]);
+      bits |= static_cast<uint32_t>(relu_keeps(src[j])) << j;
     }
   } else {
     for (int j = 0; j < len; ++j) {
@@ -109,28 +106,6 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cpu(const at::Tensor& 
                             [xp, mp](int64_t w, scalar_t* dst, int len) { relu_word(xp, dst, mp, w, len); });
   });
   return {output, mask};
-}
-
-// In place: x <- relu(x), and the mask. A view with gaps is computed densely (in empty_like(self), whose
-// layout the backward's empty_like(output) will repeat) and written back through the view.
-at::Tensor relu_forward_with_mask_inplace_cpu(at::Tensor& self) {
-  check_float_dtype(self, "relu_forward_with_mask_", "self");
-  at::assert_no_internal_overlap(self);
-  if (!self.is_non_overlapping_and_dense()) {
-    auto [output, mask] = relu_forward_with_mask_cpu(self);
-    self.copy_(output);
-    return mask;
-  }
-  at::Tensor mask = relu_empty_mask(self);
-  if (self.numel() == 0) return mask;
-  AT_DISPATCH_FLOATING_TYPES(self.scalar_type(), "relu_forward_with_mask_inplace_cpu", [&] {
-    scalar_t* p = self.mutable_data_ptr<scalar_t>();
-    int32_t* mp = mask.mutable_data_ptr<int32_t>();
-    // Each word's elements are read before they are overwritten (or written to a buffer, when streaming).
-    cpu::parallel_map_words(p, self.numel(), kGrainWords,
-                            [p, mp](int64_t w, scalar_t* dst, int len) { relu_word<scalar_t>(p, dst, mp, w, len); });
-  });
-  return mask;
 }
 
 // dx = dy masked by the bits of word w, for its len elements.
@@ -166,7 +141,6 @@ TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
   m.impl("relu_forward_", &relu_forward_inplace_cpu);
   m.impl("relu_backward", &relu_backward_cpu);
   m.impl("relu_forward_with_mask", &relu_forward_with_mask_cpu);
-  m.impl("relu_forward_with_mask_", &relu_forward_with_mask_inplace_cpu);
   m.impl("relu_backward_with_mask", &relu_backward_with_mask_cpu);
 }
 

@@ -43,11 +43,10 @@ __global__ void relu_backward_kernel(const scalar_t* __restrict__ dy, const scal
 
 // y = relu(x) and the bit mask. The loop runs warp by warp (every lane of a warp takes the same trip
 // count, because blockDim and the stride are multiples of 32), so that __ballot_sync gathers the 32
-// lanes' [x > 0] into the warp's mask word, which lane 0 writes. x and y may be the same memory (in
-// place), so they are not __restrict__.
+// lanes' [x > 0] into the warp's mask word, which lane 0 writes.
 template <typename scalar_t>
-__global__ void relu_forward_with_mask_kernel(const scalar_t* x, scalar_t* y, int32_t* __restrict__ mask,
-                                              int64_t n) {
+__global__ void relu_forward_with_mask_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                              int32_t* __restrict__ mask, int64_t n) {
   const int lane = threadIdx.x % kReluMaskBits;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x - lane; base < n; base += step) {
@@ -147,30 +146,6 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cuda(const at::Tensor&
   return {output, mask};
 }
 
-at::Tensor relu_forward_with_mask_inplace_cuda(at::Tensor& self) {
-  check_float_dtype(self, "relu_forward_with_mask_", "self");
-  at::assert_no_internal_overlap(self);
-  const c10::cuda::CUDAGuard guard(self.device());
-  if (!self.is_non_overlapping_and_dense()) {
-    // A view with gaps: computed densely (in empty_like(self), the layout the backward repeats) and
-    // written back through the view.
-    auto [output, mask] = relu_forward_with_mask_cuda(self);
-    self.copy_(output);
-    return mask;
-  }
-  at::Tensor mask = relu_empty_mask(self);
-  const int64_t n = self.numel();
-  if (n == 0) return mask;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_forward_with_mask_inplace_cuda", [&] {
-    scalar_t* p = self.mutable_data_ptr<scalar_t>();
-    relu_forward_with_mask_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
-        p, p, mask.mutable_data_ptr<int32_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return mask;
-}
-
 at::Tensor relu_backward_with_mask_cuda(const at::Tensor& grad_output, const at::Tensor& output,
                                         const at::Tensor& mask) {
   const c10::cuda::CUDAGuard guard(output.device());
@@ -193,7 +168,6 @@ TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
   m.impl("relu_forward_", &relu_forward_inplace_cuda);
   m.impl("relu_backward", &relu_backward_cuda);
   m.impl("relu_forward_with_mask", &relu_forward_with_mask_cuda);
-  m.impl("relu_forward_with_mask_", &relu_forward_with_mask_inplace_cuda);
   m.impl("relu_backward_with_mask", &relu_backward_with_mask_cuda);
 }
 

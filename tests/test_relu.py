@@ -139,6 +139,24 @@ def test_mask_ops_match_torch(device, n, c, h, w, layout, grad_layout, dtype_ind
     assert_same_layout(dx, y)
 
 
+def test_no_gradient_for_y_gives_none_like_torch(device):
+    """When the layer after ReLU sends back no gradient (None), x gets none either, as with torch's own
+    node, rather than an error from the backward op."""
+
+    class DropGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    for fn in (ours.relu, F.relu):
+        x = torch.randn(5, device=device, requires_grad=True)
+        assert torch.autograd.grad(DropGrad.apply(fn(x)).sum(), x, allow_unused=True) == (None,)
+
+
 def test_inplace_change_of_the_output_raises_like_torch(device):
     """y is saved (though only its shape and strides are read): changing it in place before backward
     raises torch's error, as it does for F.relu."""

@@ -1,5 +1,6 @@
-// Host-side argument handling of ReLU's masked ops (relu_forward_with_mask, relu_backward_with_mask),
-// shared by the CPU and CUDA kernels: the mask tensor, and the checks and layout of the backward.
+// Host-side argument handling of ReLU's ops, shared by the CPU and CUDA kernels: the backward's checks,
+// and for the masked pair (relu_forward_with_mask, relu_backward_with_mask) the mask tensor and the
+// backward's layout.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,14 @@
 #include "common/relu.h"
 
 namespace torch_cs231n {
+
+// What both backward ops (relu_backward, relu_backward_with_mask) check of grad_output and output.
+inline void relu_check_backward(const at::Tensor& grad_output, const at::Tensor& output, const char* op) {
+  check_float_dtype(output, op, "output");
+  check_same_device(output, "output", grad_output, "grad_output", op);
+  check_same_dtype(output, "output", grad_output, "grad_output", op);
+  check_same_shape(output, "output", grad_output, "grad_output", op);
+}
 
 // The mask of an output: one int32 word per 32 elements, in the output's memory order.
 inline at::Tensor relu_empty_mask(const at::Tensor& output) {
@@ -24,11 +33,8 @@ inline std::pair<at::Tensor, at::Tensor> relu_backward_with_mask_args(const at::
                                                                       const at::Tensor& output,
                                                                       const at::Tensor& mask) {
   constexpr const char* op = "relu_backward_with_mask";
-  check_float_dtype(output, op, "output");
-  check_same_device(output, "output", grad_output, "grad_output", op);
+  relu_check_backward(grad_output, output, op);
   check_same_device(output, "output", mask, "mask", op);
-  check_same_dtype(output, "output", grad_output, "grad_output", op);
-  check_same_shape(output, "output", grad_output, "grad_output", op);
   TORCH_CHECK(output.is_non_overlapping_and_dense(), op, ": expected output to be the output of ",
               "relu_forward_with_mask, which is dense (no gaps or overlaps), but got strides ", output.strides(),
               " for shape ", output.sizes());

@@ -50,10 +50,7 @@ void relu_forward_inplace_cpu(at::Tensor& self) {
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output) {
   constexpr const char* op = "relu_backward";
-  check_float_dtype(output, op, "output");
-  check_same_device(output, "output", grad_output, "grad_output", op);
-  check_same_dtype(output, "output", grad_output, "grad_output", op);
-  check_same_shape(output, "output", grad_output, "grad_output", op);
+  relu_check_backward(grad_output, output, op);
   at::Tensor grad_input = at::empty_like(output);
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor y = dense_like(output, grad_input);
@@ -69,6 +66,8 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
 
 // ---- with the bit mask (what autograd uses) ----
 
+// parallel_map_words hands out words of cpu::kWord elements: one mask word each.
+static_assert(cpu::kWord == kReluMaskBits, "a map word must be a mask word");
 // Mask words per task: kGrain elements.
 constexpr int64_t kGrainWords = kGrain / kReluMaskBits;
 

@@ -108,10 +108,7 @@ void relu_forward_inplace_cuda(at::Tensor& self) {
 
 at::Tensor relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output) {
   constexpr const char* op = "relu_backward";
-  check_float_dtype(output, op, "output");
-  check_same_device(output, "output", grad_output, "grad_output", op);
-  check_same_dtype(output, "output", grad_output, "grad_output", op);
-  check_same_shape(output, "output", grad_output, "grad_output", op);
+  relu_check_backward(grad_output, output, op);
   const c10::cuda::CUDAGuard guard(output.device());
   at::Tensor grad_input = at::empty_like(output);
   const int64_t n = grad_input.numel();

@@ -122,5 +122,14 @@ def nvcc_flags() -> list[str]:
     return opt + ["-DWITH_CUDA", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
 
 
+# libstdc++ must be the shared one that torch itself uses. Some g++ drivers link it statically (their
+# specs, or -static-libstdc++ in LDFLAGS); the process then holds two copies, and a C++ stream of one
+# copy formatting a number with the other's locale crashed every error message on a GPU machine
+# (c10::str -> std::ostream::_M_insert). Naming the shared library ourselves, in -Bdynamic mode whatever
+# mode the flags before put the linker in, resolves every libstdc++ symbol from it, so the driver's static
+# archive, linked after, has nothing left to contribute. tests/test_build.py proves both the rule and _C.
+SHARED_LIBSTDCXX = ["-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
+
+
 def ld_flags() -> list[str]:
-    return ["-fopenmp"]
+    return ["-fopenmp"] + SHARED_LIBSTDCXX

@@ -6,7 +6,9 @@ facts, and exits non-zero if anything failed.
 """
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -121,6 +123,34 @@ def _bn_cmp(device):
         torch.testing.assert_close(a, r)
     _compare(lambda x, w, b: ours.batch_norm(x, *stats["ours"], w, b, training=False),
              lambda x, w, b: F.batch_norm(x, *stats["torch"], w, b, training=False), [x, w, b])
+
+
+# A bad call must raise a RuntimeError carrying its whole message. A build that links a second copy of
+# libstdc++ cuts the message at its first number, or crashes the process (docs/building.md), so the call
+# runs in a child process: a crash there is a FAIL here, not the end of this check.
+_BAD_CALL = """
+import sys, torch, torch_cs231n
+x = torch.zeros(1, 1, 3, 3, device=sys.argv[1]); w = torch.zeros(1, 1, 5, 5, device=sys.argv[1])
+try:
+    torch.ops.torch_cs231n.conv2d_forward(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+except RuntimeError as err:
+    print(str(err).splitlines()[0])
+"""
+_BAD_CALL_MESSAGE = ("conv2d_forward: the padded input (3 x 3 from input 3 x 3 and padding [0, 0]) is smaller "
+                     "than the dilated kernel (5 x 5 from kernel 5 x 5 and dilation [1, 1]); the kernel can't be "
+                     "larger than the padded input")
+
+
+@check("errors", "a bad call raises its whole message (child process)")
+def _error_message(device):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, "-c", _BAD_CALL, device], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert child.returncode == 0, (f"the child process died (exit code {child.returncode}) on a bad call: "
+                                   f"{child.stderr.strip()[-200:]}")
+    got = child.stdout.strip()
+    assert got == _BAD_CALL_MESSAGE, f"expected the RuntimeError {_BAD_CALL_MESSAGE!r}, but got {got!r}"
 
 
 # ----------------------------------------------------------------------------------------------------- run

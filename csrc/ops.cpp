@@ -6,9 +6,12 @@
 // Built ahead of time this file is the Python module torch_cs231n._C, whose import loads the library and
 // runs the registrations; built by the JIT it is a plain shared library (is_python_module=False).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "cpu/cpu_features.h"
 
 #ifndef TORCH_CS231N_VERSION
 #define TORCH_CS231N_VERSION "0.1.0"
@@ -32,10 +35,31 @@ std::string build_info() {
   return info;
 }
 
+// The instruction set the CPU kernels use now (cpu/cpu_features.h): "avx512", "avx2" or "baseline".
+std::string cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
+
+// Caps the CPU kernels' instruction set ("auto" lifts the cap); returns the previous setting, so that a
+// caller can restore it. A cap above what the CPU has changes nothing: cpu_isa() says what runs.
+std::string set_cpu_isa(const std::string& isa) {
+  int cap = -1;
+  cpu::Isa parsed;
+  if (isa != "auto") {
+    TORCH_CHECK(cpu::parse_isa(isa.c_str(), &parsed), "set_cpu_isa: expected isa to be one of 'avx512', 'avx2', ",
+                "'baseline' or 'auto', but got '", isa, "'");
+    cap = static_cast<int>(parsed);
+  }
+  const int previous = cpu::isa_cap().exchange(cap);
+  return previous < 0 ? "auto" : cpu::isa_name(static_cast<cpu::Isa>(previous));
+}
+
 }  // namespace torch_cs231n
 
 TORCH_LIBRARY(torch_cs231n, m) {
   m.def("build_info() -> str", &torch_cs231n::build_info);
+  m.def("cpu_isa() -> str", &torch_cs231n::cpu_isa);
+  m.def("set_cpu_isa(str isa) -> str", &torch_cs231n::set_cpu_isa);
+  // The convolution's float32 GEMM on its own, for tests: a (m, k) @ b (k, n), any strides.
+  m.def("gemm(Tensor a, Tensor b) -> Tensor");
 
   // ReLU. The backward masks by the forward's output.
   m.def("relu_forward(Tensor input) -> Tensor");

@@ -13,10 +13,16 @@ from torch_cs231n import _build_config as cfg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Ops with no tensor arguments: one kernel for every device, none per backend.
+TENSORLESS_OPS = {"torch_cs231n::build_info", "torch_cs231n::cpu_isa", "torch_cs231n::set_cpu_isa"}
+# The CPU convolution's GEMM, exposed for its tests; CUDA uses cuBLAS.
+CPU_ONLY_OPS = {"torch_cs231n::gemm"}
+
+
 def kernel_ops():
-    """Every op of the library but build_info (which has no tensors, so no per-device kernel)."""
+    """Every op of the library that has tensors, so a kernel per device."""
     names = [o for o in torch._C._dispatch_get_all_op_names() if o.startswith("torch_cs231n::")]
-    return sorted(o for o in names if o != "torch_cs231n::build_info")
+    return sorted(o for o in names if o not in TENSORLESS_OPS)
 
 
 def test_ops_are_registered():
@@ -49,7 +55,7 @@ def test_built_with_cuda_when_the_toolkit_allows():
     )
 
 
-@pytest.mark.parametrize("op", kernel_ops())
+@pytest.mark.parametrize("op", [o for o in kernel_ops() if o not in CPU_ONLY_OPS])
 def test_every_op_has_a_cuda_kernel_when_built_with_cuda(op):
     if not torch_cs231n.build_info()["cuda"]:
         pytest.skip("this build has no CUDA kernels (no toolkit, a CPU torch, or FORCE_CUDA=0)")
@@ -86,6 +92,57 @@ def test_object_file_names_are_unique():
     stems_and_exts = [os.path.splitext(os.path.basename(f)) for f in cfg.sources(with_cuda=True)]
     objects = [stem + (".cuda.o" if ext == ".cu" else ".o") for stem, ext in stems_and_exts]
     assert len(objects) == len(set(objects)), sorted(objects)
+
+
+# ------------------------------------------------------------------------------------------ libstdc++
+def _needed_and_stream_symbols(library):
+    """(the DT_NEEDED entries, how many std::ostream insert functions it defines itself) of a library."""
+    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[1].split("]")[0] for line in dynamic.splitlines() if "(NEEDED)" in line]
+    symbols = subprocess.run(["nm", "-D", "--defined-only", library], capture_output=True, text=True,
+                             check=True).stdout
+    return needed, sum("_M_insert" in line for line in symbols.splitlines())
+
+
+needs_binutils = pytest.mark.skipif(not (shutil.which("readelf") and shutil.which("nm") and shutil.which("g++")),
+                                    reason="needs readelf, nm and g++")
+
+
+@needs_binutils
+def test_link_flags_keep_libstdcxx_shared_even_when_the_driver_links_it_statically(tmp_path):
+    """A driver that links libstdc++ statically (here forced with -static-libstdc++, as LDFLAGS or a
+    distribution's specs would) gives a library with its own copy of the C++ streams; with our link
+    flags it must still use the shared libstdc++ and define no stream functions of its own."""
+    source = tmp_path / "streams.cpp"
+    source.write_text('#include <sstream>\n#include <string>\n'
+                      'std::string describe(long x) { std::ostringstream s; s << "got " << x; return s.str(); }\n')
+    static = tmp_path / "static.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(static), "-static-libstdc++"], check=True)
+    needed, own = _needed_and_stream_symbols(static)
+    assert not any(n.startswith("libstdc++") for n in needed) and own > 0, (
+        "the control case should have linked libstdc++ statically", needed, own)
+    ours = tmp_path / "ours.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(ours), "-static-libstdc++", *cfg.ld_flags()],
+                   check=True)
+    needed, own = _needed_and_stream_symbols(ours)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+    assert own == 0, f"{own} std::ostream functions are defined inside the library"
+
+
+@needs_binutils
+def test_built_extension_uses_the_shared_libstdcxx():
+    library = _loaded_library()
+    needed, own = _needed_and_stream_symbols(library)
+    assert any(n.startswith("libstdc++.so") for n in needed), (library, needed)
+    assert own == 0, f"{library} defines {own} std::ostream functions: a second libstdc++ is linked in"
+
+
+def _loaded_library():
+    """The file of the torch_cs231n library this process loaded (_C or the JIT's .so)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "torch_cs231n" in line and line.rstrip().endswith(".so")}
+    assert len(paths) == 1, paths
+    return paths.pop()
 
 
 def test_force_cuda_overrides(monkeypatch):

@@ -30,6 +30,7 @@
 #include "common/checks.h"
 #include "common/conv2d.h"
 #include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 
 namespace torch_cs231n {
 namespace {
@@ -40,6 +41,29 @@ using cpu::cpu_has_avx2_fma;  // the depthwise loops come in a baseline and an A
 
 // Elements per parallel task for the memory-bound loops.
 constexpr int64_t kGrain = 1 << 14;
+
+// ------------------------------------------------------------------------------------------------ GEMM
+// out = a · b (+ row_bias[i] on row i), or out += a · b with `accumulate`; 2-D views whose rows or
+// columns may be strided (a transposed operand is a view, not a copy). float32 runs our packed GEMM
+// (gemm.h), threaded when called outside a parallel region; float64 keeps at::mm.
+void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+               const c10::optional<at::Tensor>& row_bias = c10::nullopt) {
+  if (out.scalar_type() == at::kFloat) {
+    TORCH_INTERNAL_ASSERT(out.stride(1) == 1 || out.size(1) <= 1);
+    cpu::GemmEpilogue ep;
+    ep.accumulate = accumulate;
+    ep.row_bias = row_bias.has_value() ? row_bias->const_data_ptr<float>() : nullptr;
+    cpu::sgemm_parallel(out.size(0), out.size(1), a.size(1), {a.const_data_ptr<float>(), a.stride(0), a.stride(1)},
+                        {b.const_data_ptr<float>(), b.stride(0), b.stride(1)}, out.mutable_data_ptr<float>(),
+                        out.stride(0), ep);
+  } else if (row_bias.has_value()) {
+    at::addmm_out(out, row_bias->unsqueeze(1), a, b);  // b broadcast over columns
+  } else if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
 
 // ------------------------------------------------------------------------------------- im2col, col2im
 // The column matrix of a block of nb samples is [C*kH*kW, nb*oH*oW]: sample s fills the columns
@@ -194,11 +218,8 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
           at::Tensor y_g = out.narrow(0, grp * fg, fg);
           const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
           const at::Tensor c_g = cols_b.narrow(0, grp * kg, kg);
-          if (has_bias) {
-            at::addmm_out(y_g, bias->narrow(0, grp * fg, fg).unsqueeze(1), w_g, c_g);  // b broadcast over columns
-          } else {
-            at::mm_out(y_g, w_g, c_g);
-          }
+          gemm_into(y_g, w_g, c_g, /*accumulate=*/false,
+                    has_bias ? c10::optional<at::Tensor>(bias->narrow(0, grp * fg, fg)) : c10::nullopt);
         }
       };
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
@@ -275,7 +296,8 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
             im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
             const at::Tensor dy_t = dy_b.narrow(1, oh0 * g.ow, tcols);
             for (int64_t grp = 0; grp < g.groups; ++grp) {
-              dw_chunk.narrow(0, grp * fg, fg).addmm_(dy_t.narrow(0, grp * fg, fg), cols_t.narrow(0, grp * kg, kg).t());
+              at::Tensor dw_g = dw_chunk.narrow(0, grp * fg, fg);
+              gemm_into(dw_g, dy_t.narrow(0, grp * fg, fg), cols_t.narrow(0, grp * kg, kg).t(), /*accumulate=*/true);
             }
           }
         } else if (need_dw) {
@@ -287,7 +309,8 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
             cols_b = col_b;
           }
           for (int64_t grp = 0; grp < g.groups; ++grp) {
-            dw_chunk.narrow(0, grp * fg, fg).addmm_(dy_b.narrow(0, grp * fg, fg), cols_b.narrow(0, grp * kg, kg).t());
+            at::Tensor dw_g = dw_chunk.narrow(0, grp * fg, fg);
+            gemm_into(dw_g, dy_b.narrow(0, grp * fg, fg), cols_b.narrow(0, grp * kg, kg).t(), /*accumulate=*/true);
           }
         }
         if (need_dx) {
@@ -295,7 +318,7 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
           at::Tensor dcol = pointwise ? dx[n0].view({g.c, cols}) : col_b;
           for (int64_t grp = 0; grp < g.groups; ++grp) {
             at::Tensor out = dcol.narrow(0, grp * kg, kg);
-            at::mm_out(out, w2d.narrow(0, grp * fg, fg).t(), dy_b.narrow(0, grp * fg, fg));
+            gemm_into(out, w2d.narrow(0, grp * fg, fg).t(), dy_b.narrow(0, grp * fg, fg), /*accumulate=*/false);
           }
           if (!pointwise) {
             col2im(col_b.const_data_ptr<T>(), nb, dx.mutable_data_ptr<T>() + n0 * g.c * g.h * g.w, g);

@@ -1,26 +1,86 @@
 // Run-time choice of instruction set for hot CPU loops.
 //
-// The extension is compiled for the baseline x86-64 ISA (SSE2: 4 floats per instruction). Hot loops are
-// compiled a second time for AVX2+FMA (8 floats, fused multiply-add) with CS231N_AVX2, and chosen at run
-// time when the CPU has them; elsewhere (other CPUs, other compilers) the baseline runs. A function
-// without target attributes (the per-element math of csrc/common/) inlines into either version.
+// The extension is compiled for the baseline x86-64 ISA (SSE2: 4 floats per instruction). Hot code is
+// compiled again for AVX2+FMA (8 floats, fused multiply-add; CS231N_AVX2) and, for the GEMM micro-kernel,
+// for AVX-512 F/BW/VL (16 floats, 32 registers; CS231N_AVX512), and chosen at run time from what the
+// CPU reports, never from the build machine. A function without target attributes (the per-element maths
+// of csrc/common/) inlines into either version.
+//
+// The choice can be lowered, never raised above what the CPU has, so that tests run every path on one
+// machine: the environment variable TORCH_CS231N_CPU_ISA (read once, at the first call) or the op
+// torch.ops.torch_cs231n.set_cpu_isa ("avx512", "avx2", "baseline" or "auto").
 #pragma once
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CS231N_X86 1
 #define CS231N_AVX2 __attribute__((target("avx2,fma")))
-namespace torch_cs231n {
-namespace cpu {
-inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-}  // namespace cpu
-}  // namespace torch_cs231n
+#define CS231N_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #else
+#define CS231N_X86 0
 #define CS231N_AVX2
+#define CS231N_AVX512
+#endif
+
 namespace torch_cs231n {
 namespace cpu {
-inline bool cpu_has_avx2_fma() { return false; }
+
+// Ordered: a path may run wherever the CPU has at least its level.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+}
+
+// What the CPU can run (cpuid through the compiler's runtime; the OS's saving of the wide registers
+// included).
+inline Isa detected_isa() {
+#if CS231N_X86
+  static const Isa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+// Parses "avx512" / "avx2" / "baseline"; false for anything else.
+inline bool parse_isa(const char* text, Isa* out) {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (std::strcmp(text, isa_name(isa)) == 0) {
+      *out = isa;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The cap set by the user (-1: none). Starts from TORCH_CS231N_CPU_ISA when it names an ISA.
+inline std::atomic<int>& isa_cap() {
+  static std::atomic<int> cap{[] {
+    const char* env = std::getenv("TORCH_CS231N_CPU_ISA");
+    Isa isa;
+    return env != nullptr && parse_isa(env, &isa) ? static_cast<int>(isa) : -1;
+  }()};
+  return cap;
+}
+
+// The instruction set the kernels use: what the CPU has, lowered to the cap if one is set.
+inline Isa cpu_isa() {
+  const int cap = isa_cap().load(std::memory_order_relaxed);
+  const Isa have = detected_isa();
+  return cap >= 0 && cap < static_cast<int>(have) ? static_cast<Isa>(cap) : have;
+}
+
+inline bool cpu_has_avx2_fma() { return cpu_isa() >= Isa::kAvx2; }
+
 }  // namespace cpu
 }  // namespace torch_cs231n
-#endif

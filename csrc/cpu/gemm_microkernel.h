@@ -1,0 +1,192 @@
+// The GEMM's micro-kernels: one MR x NR tile of C = A·B kept in registers while k runs, for AVX-512,
+// AVX2+FMA and portable C++. gemm.cpp packs the operands and picks one at run time (cpu_features.h).
+//
+// Each k step reads one packed column of A (MR floats, broadcast one at a time) and one packed row of B
+// (NR floats, NR/L vector loads, L = floats per vector), and does MR * NR/L fused multiply-adds into the
+// accumulators; C is read and written once per tile, after the k loop. The register block is chosen so
+// that (1) the accumulators plus the B vectors and one broadcast fit in the register file, and (2) there
+// are enough independent accumulators to keep both FMA pipes busy through the FMA latency (2 pipes x 4
+// cycles = 8 chains at least), with as few loads per FMA as the register file allows:
+//
+//   ISA        vector   registers   MR x NR    accumulators   loads per k step   FMAs per k step
+//   AVX-512    16 fp32  32 zmm      8 x 48     24 zmm         8 bcast + 3 = 11   24
+//   AVX2+FMA    8 fp32  16 ymm      6 x 16     12 ymm         6 bcast + 2 = 8    12
+//   portable    scalar  -           4 x 8      32 floats      (the compiler vectorises the 8 columns)
+//
+// AVX-512's 8 x 48 (rather than 12 x 32 or 14 x 32) is the one with the fewest loads per FMA, and MR = 8
+// divides the conv layers' channel counts (32, 64, 128, 256), which are M in the NCHW forward: no
+// wasted edge rows there. Measured on Zen 5 (2 FMA pipes of 512 bits) in docs/conv2d.md.
+//
+// Edges: the packed panels are zero-padded to whole MR and NR, so the k loop never tests; only the first
+// m rows and n columns of the tile are written (masked stores on AVX-512).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/cpu_features.h"
+
+#if CS231N_X86
+#include <immintrin.h>
+#endif
+
+namespace torch_cs231n {
+namespace cpu {
+
+// What the kernel adds when it writes the tile (GemmEpilogue for this tile; the biases point at the
+// tile's first row / column).
+struct TileEpilogue {
+  bool accumulate;
+  const float* row_bias;
+  const float* col_bias;
+};
+
+// a: kc x MR packed (MR values per k), b: kc x NR packed; c: the tile's top-left, row stride ldc;
+// m <= MR rows and n <= NR columns are written.
+using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int m, int n,
+                             const TileEpilogue& ep);
+
+// ---------------------------------------------------------------------------------------- portable C++
+template <int MR, int NR>
+void microkernel_portable(int64_t kc, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
+                          int64_t ldc, int m, int n, const TileEpilogue& ep) {
+  float acc[MR][NR] = {};
+  for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
+    for (int r = 0; r < MR; ++r) {
+      for (int j = 0; j < NR; ++j) acc[r][j] += a[r] * b[j];
+    }
+  }
+  for (int r = 0; r < m; ++r) {
+    float* c_row = c + r * ldc;
+    for (int j = 0; j < n; ++j) {
+      float v = acc[r][j];
+      if (ep.accumulate) v += c_row[j];
+      if (ep.row_bias) v += ep.row_bias[r];
+      if (ep.col_bias) v += ep.col_bias[j];
+      c_row[j] = v;
+    }
+  }
+}
+
+#if CS231N_X86
+// -------------------------------------------------------------------------------------------- AVX2+FMA
+template <int MR, int NV>
+CS231N_AVX2 void microkernel_avx2(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
+                                  float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue& ep) {
+  constexpr int NR = 8 * NV;
+  __m256 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  // The tile through a buffer when it is cut by the right edge (AVX2 has no cheap masked store).
+  alignas(32) float edge[MR][NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+    float* c_row = c + r * ldc;
+    const __m256 rb = ep.row_bias ? _mm256_set1_ps(ep.row_bias[r]) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m256 x = _mm256_add_ps(acc[r][v], rb);
+      if (n == NR) {
+        if (ep.accumulate) x = _mm256_add_ps(x, _mm256_loadu_ps(c_row + 8 * v));
+        if (ep.col_bias) x = _mm256_add_ps(x, _mm256_loadu_ps(ep.col_bias + 8 * v));
+        _mm256_storeu_ps(c_row + 8 * v, x);
+      } else {
+        _mm256_store_ps(edge[r] + 8 * v, x);
+      }
+    }
+    if (n != NR) {
+      for (int j = 0; j < n; ++j) {
+        float v = edge[r][j];
+        if (ep.accumulate) v += c_row[j];
+        if (ep.col_bias) v += ep.col_bias[j];
+        c_row[j] = v;
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------- AVX-512
+template <int MR, int NV>
+CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
+                                      float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue& ep) {
+  constexpr int NR = 16 * NV;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  // The tile of C is read after the loop: ask for its lines now.
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + std::min(n, NR) - 1), _MM_HINT_T0);
+  }
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int lanes = std::clamp(n - 16 * v, 0, 16);
+    mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+    float* c_row = c + r * ldc;
+    const __m512 rb = ep.row_bias ? _mm512_set1_ps(ep.row_bias[r]) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m512 x = _mm512_add_ps(acc[r][v], rb);
+      if (ep.accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c_row + 16 * v));
+      if (ep.col_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], ep.col_bias + 16 * v));
+      _mm512_mask_storeu_ps(c_row + 16 * v, mask[v], x);
+    }
+  }
+}
+#endif  // CS231N_X86
+
+// The register block of each path (see the table above).
+struct MicroKernelInfo {
+  int mr, nr;
+  MicroKernel kernel;
+};
+
+inline MicroKernelInfo microkernel_for(Isa isa) {
+#if CS231N_X86
+  if (isa == Isa::kAvx512) return {8, 48, &microkernel_avx512<8, 3>};
+  if (isa == Isa::kAvx2) return {6, 16, &microkernel_avx2<6, 2>};
+#endif
+  (void)isa;
+  return {4, 8, &microkernel_portable<4, 8>};
+}
+
+}  // namespace cpu
+}  // namespace torch_cs231n

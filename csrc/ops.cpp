@@ -58,7 +58,7 @@ TORCH_LIBRARY(torch_cs231n, m) {
   m.def("build_info() -> str", &torch_cs231n::build_info);
   m.def("cpu_isa() -> str", &torch_cs231n::cpu_isa);
   m.def("set_cpu_isa(str isa) -> str", &torch_cs231n::set_cpu_isa);
-  // The convolution's float32 GEMM on its own, for tests: a (m, k) @ b (k, n), any strides.
+  // The convolution's GEMM on its own, for tests: a (m, k) @ b (k, n), float32 or float64, any strides.
   m.def("gemm(Tensor a, Tensor b) -> Tensor");
 
   // ReLU. The backward masks by the forward's output.

@@ -1,17 +1,18 @@
-// Conv2d on the CPU: im2col + GEMM (MKL through at::mm), and a direct kernel for depthwise.
+// Conv2d on the CPU: an implicit GEMM (our packed GEMM, cpu/gemm.h, with im2col done while it packs its
+// panels), and a direct kernel for depthwise.
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels; docs/conv2d.md derives every formula used here.
 //
-// Work split. The batch is cut into one chunk per thread. Each thread owns its column buffer (bounded:
-// it does not grow with N) and runs im2col and a single-threaded GEMM (MKL runs on one thread inside a
-// parallel region) on its own samples, so the GEMM reads columns the same core has just written:
-//   * small samples (oH*oW < 2048) go in blocks of nb, side by side in one column matrix
-//     [C*kH*kW, nb*oH*oW], so that one bigger GEMM covers the block (W packed once, d_W summed over the
-//     block inside the GEMM);
-//   * large samples are cut, for the forward and d_W, into tiles of a few output rows whose columns fit
-//     in a core's L2 (512 KiB), and the GEMM writes each tile's columns of the output in place.
-// With fewer samples than threads (N = 1), im2col/col2im and MKL are parallel inside the sample.
+//   forward   Y = W · col(x) + b                  col(x) is never stored: the GEMM packs it from x
+//   d_W       d_W = dY · col(x)ᵀ                  the same, transposed, packed from x
+//   d_x       stride 1: the convolution of dY with the flipped, transposed filters (the forward again);
+//             strided: d_col = Wᵀ · dY, then col2im (a gather)
+//
+// Work split. The batch is cut into one chunk per thread; each thread runs single-threaded GEMMs on its
+// own samples, several side by side when they are small (block_size). With fewer samples than threads
+// (N = 1), each GEMM splits its columns among the threads instead. Buffers are per thread and bounded:
+// they do not grow with N (docs/conv2d.md states the bound).
 //
 // Memory format: the output and d_input are contiguous (NCHW) whatever the input's strides; inputs that
 // are not contiguous (channels_last, views) are copied to contiguous first.
@@ -19,7 +20,6 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,81 +42,90 @@ using cpu::cpu_has_avx2_fma;  // the depthwise loops come in a baseline and an A
 // Elements per parallel task for the memory-bound loops.
 constexpr int64_t kGrain = 1 << 14;
 
-// ------------------------------------------------------------------------------------------------ GEMM
-// out = a · b (+ row_bias[i] on row i), or out += a · b with `accumulate`; 2-D views whose rows or
-// columns may be strided (a transposed operand is a view, not a copy). float32 runs our packed GEMM
-// (gemm.h), threaded when called outside a parallel region; float64 keeps at::mm.
-void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-               const c10::optional<at::Tensor>& row_bias = c10::nullopt) {
-  if (out.scalar_type() == at::kFloat) {
-    TORCH_INTERNAL_ASSERT(out.stride(1) == 1 || out.size(1) <= 1);
-    cpu::GemmEpilogue ep;
-    ep.accumulate = accumulate;
-    ep.row_bias = row_bias.has_value() ? row_bias->const_data_ptr<float>() : nullptr;
-    cpu::sgemm_parallel(out.size(0), out.size(1), a.size(1), {a.const_data_ptr<float>(), a.stride(0), a.stride(1)},
-                        {b.const_data_ptr<float>(), b.stride(0), b.stride(1)}, out.mutable_data_ptr<float>(),
-                        out.stride(0), ep);
-  } else if (row_bias.has_value()) {
-    at::addmm_out(out, row_bias->unsqueeze(1), a, b);  // b broadcast over columns
-  } else if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::mm_out(out, a, b);
-  }
-}
-
-// ------------------------------------------------------------------------------------- im2col, col2im
+// ---------------------------------------------------------------------------------- im2col, col2im
 // The column matrix of a block of nb samples is [C*kH*kW, nb*oH*oW]: sample s fills the columns
-// s*oH*oW .. (s+1)*oH*oW - 1, so one GEMM covers the whole block. `ld` is the row length nb*oH*oW.
+// s*oH*oW .. (s+1)*oH*oW - 1, so one GEMM covers the whole block. It is never stored whole: the GEMM's
+// packing (cpu/gemm.h, PackB) asks for pieces of it, which im2col_segment writes.
 //
-// Row r = (c, t_h, t_w) of one sample's columns:
-//     col[r, (o_h, o_w)] = x[c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
-// The valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, no test per element.
+// Row r = (c, t_h, t_w), column q = (s, o_h, o_w):
+//     col[r, q] = x[s, c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
+// Within an output row the valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, with
+// no test per element. `in_sample` is the distance between samples in x.
 template <typename T>
-void im2col_row(const T* __restrict__ x_sample, T* __restrict__ col_row, const ConvGeometry& g, int64_t r,
-                int64_t oh_begin, int64_t oh_end) {
-  const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
-  const T* x_plane = x_sample + c * g.h * g.w;
+void im2col_segment(const T* __restrict__ x, int64_t in_sample, const ConvGeometry& g, int64_t r, int64_t q0,
+                    int64_t q1, T* __restrict__ dst) {
+  const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps(), cols = g.col_cols();
   int64_t lo, hi;
   conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
   const int64_t off = tw * g.dw - g.pw;  // i_w = o_w*sW + off
-  for (int64_t o_h = oh_begin; o_h < oh_end; ++o_h) {
-    T* dst = col_row + (o_h - oh_begin) * g.ow;
+  // (s, o_h, o_w) of q0, then stepped along: no division per output row (they cost more than a
+  // 14-wide row's copy).
+  int64_t s = q0 / cols, o_h = (q0 % cols) / g.ow, w0 = q0 % g.ow;
+  const T* x_plane = x + s * in_sample + c * g.h * g.w;
+  for (int64_t q = q0; q < q1;) {
+    const int64_t w1 = std::min(g.ow, w0 + (q1 - q));
+    T* out = dst + (q - q0) - w0;  // out[o_w] is column (s, o_h, o_w)
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-    if (i_h < 0 || i_h >= g.h) {
-      std::fill(dst, dst + g.ow, T(0));
-      continue;
-    }
-    const T* x_row = x_plane + i_h * g.w;
-    std::fill(dst, dst + lo, T(0));
-    if (g.sw == 1) {
-      for (int64_t o_w = lo; o_w < hi; ++o_w) dst[o_w] = x_row[o_w + off];
+    const int64_t a = std::max(w0, lo), b = std::min(w1, hi);
+    if (i_h < 0 || i_h >= g.h || a >= b) {
+      std::fill(out + w0, out + w1, T(0));
     } else {
-      for (int64_t o_w = lo; o_w < hi; ++o_w) dst[o_w] = x_row[o_w * g.sw + off];
+      const T* x_row = x_plane + i_h * g.w;
+      std::fill(out + w0, out + a, T(0));
+      if (g.sw == 1) {
+        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = x_row[o_w + off];
+      } else {
+        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = x_row[o_w * g.sw + off];
+      }
+      std::fill(out + b, out + w1, T(0));
     }
-    std::fill(dst + hi, dst + g.ow, T(0));
+    q += w1 - w0;
+    w0 = 0;
+    if (++o_h == g.oh) {
+      o_h = 0;
+      x_plane += in_sample;
+    }
   }
 }
 
-// The columns of samples x[0 .. nb-1] (x points at the first), rows in parallel.
+// A scratch row of the calling thread, at least `size` elements (the segments above, before they are
+// scattered into the GEMM's panels; at most a GEMM block long).
 template <typename T>
-void im2col(const T* x, int64_t nb, T* col, const ConvGeometry& g) {
-  const int64_t rows = g.col_rows(), cols = g.col_cols(), ld = nb * cols, in_sample = g.c * g.h * g.w;
-  at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / cols), [&](int64_t begin, int64_t end) {
-    for (int64_t rs = begin; rs < end; ++rs) {
-      const int64_t r = rs / nb, s = rs % nb;
-      im2col_row(x + s * in_sample, col + r * ld + s * cols, g, r, 0, g.oh);
-    }
-  });
+T* scratch_row(int64_t size) {
+  thread_local std::vector<T> row;
+  if (static_cast<int64_t>(row.size()) < size) row.resize(size);
+  return row.data();
 }
 
-// The columns of output rows [oh_begin, oh_end) of one sample: a tile [C*kH*kW, (oh_end-oh_begin)*oW].
+// The forward's B = col_g (rows r0 .. of group g's columns, columns = the block's pixels), packed.
 template <typename T>
-void im2col_tile(const T* x_sample, int64_t oh_begin, int64_t oh_end, T* col, const ConvGeometry& g) {
-  const int64_t rows = g.col_rows(), ld = (oh_end - oh_begin) * g.ow;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / ld), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) im2col_row(x_sample, col + r * ld, g, r, oh_begin, oh_end);
-  });
+cpu::PackB<T> pack_columns(const T* x, int64_t in_sample, const ConvGeometry& g, int64_t r0) {
+  return [=, &g](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+    T* row = scratch_row<T>(nc);
+    for (int64_t p = 0; p < kc; ++p) {
+      im2col_segment(x, in_sample, g, r0 + p0 + p, j0, j0 + nc, row);
+      cpu::scatter_row_to_slivers(row, p, kc, nc, nr, dst);
+    }
+  };
+}
+
+// d_W's B = col_gᵀ (rows = the block's pixels, columns = rows r0 .. of group g's columns), packed: each
+// column of the block is one segment of a row of col, written down its sliver.
+template <typename T>
+cpu::PackB<T> pack_columns_transposed(const T* x, int64_t in_sample, const ConvGeometry& g, int64_t r0) {
+  return [=, &g](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+    T* row = scratch_row<T>(kc);
+    for (int64_t j = 0; j < nc; ++j) {
+      im2col_segment(x, in_sample, g, r0 + j0 + j, p0, p0 + kc, row);
+      T* out = dst + (j / nr) * kc * nr + j % nr;
+      for (int64_t p = 0; p < kc; ++p) out[p * nr] = row[p];
+    }
+    const int64_t tail = nc % nr;  // the last sliver's missing columns are zeros
+    if (tail != 0) {
+      T* last = dst + (nc / nr) * kc * nr;
+      for (int64_t p = 0; p < kc; ++p) std::fill(last + p * nr + tail, last + (p + 1) * nr, T(0));
+    }
+  };
 }
 
 // col2im as a gather, one input row (c, i_h) of one sample at a time: the transposed convolution.
@@ -158,11 +167,10 @@ void col2im(const T* dcol, int64_t nb, T* dx, const ConvGeometry& g) {
   });
 }
 
-// Sample ranges: the batch cut into one chunk per thread (fewer when N is small). Used by forward and
-// backward alike; the backward sums its per-chunk weight gradients in chunk order, so the result is
-// deterministic for a given thread count.
-// Threads that share the batch: one chunk of samples each, or a single chunk when the whole convolution
-// is too small to pay for waking another thread (gradcheck-sized inputs, for one).
+// Sample ranges: the batch cut into one chunk per thread (fewer when N is small), or a single chunk when
+// the whole convolution is too small to pay for waking another thread (gradcheck-sized inputs, for one).
+// With a single chunk the GEMMs split their columns among the threads instead. The backward sums its
+// per-chunk weight gradients in chunk order, so the result is deterministic for a given thread count.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
 int64_t chunk_count(const ConvGeometry& g) {
   const int64_t macs = g.n * g.f * g.c_per_group() * g.taps() * g.col_cols();
@@ -171,163 +179,273 @@ int64_t chunk_count(const ConvGeometry& g) {
 }
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
 
-// Samples per GEMM block: enough columns (nb*oH*oW) for MKL to amortise packing W, while the column
-// buffer of a thread stays under kColumnBudget elements (it never grows with N).
-constexpr int64_t kTargetColumns = 2048;
+// Samples per GEMM: enough columns (nb*oH*oW) that the micro-kernel's 48-column slivers are mostly
+// full (a 14x14 output alone fills 4 of 5), bounded so that the d_col buffer of the strided backward
+// stays under kColumnBudget elements (it never grows with N).
+constexpr int64_t kMinColumns = 512;
 constexpr int64_t kColumnBudget = int64_t(1) << 21;  // 8 MiB in float32
 int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
-  const int64_t by_target = (kTargetColumns + g.col_cols() - 1) / g.col_cols();
+  const int64_t by_target = (kMinColumns + g.col_cols() - 1) / g.col_cols();
   const int64_t by_budget = kColumnBudget / std::max<int64_t>(1, g.col_rows() * g.col_cols());
   return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));
 }
 
-// Output rows per column tile when one sample's columns are too big for the cache (forward and d_W).
-int64_t tile_size(const ConvGeometry& g) {
-  constexpr int64_t budget = int64_t(1) << 17;  // 512 KiB in float32: about a core's L2; measured best of 2^16..2^18
-  return std::max<int64_t>(1, std::min(g.oh, budget / std::max<int64_t>(1, g.col_rows() * g.ow)));
+// ------------------------------------------------------------------------ stride 1: shifted planes
+// With stride 1, pad each input plane once, to Hp x Wp, and index the outputs with the padded row pitch
+// Wp: output j = o_h*Wp + o_w (o_w < Wp, the columns past oW thrown away). Then tap (t_h, t_w) of
+// channel c reads, for every output, the padded plane shifted by one offset:
+//     col[(c, t_h, t_w), j] = x_pad[c*Hp*Wp + t_h*dH*Wp + t_w*dW + j]
+// so each row of the GEMM's B is a contiguous run of x_pad, and packing it is one copy: no index maths,
+// no padding tests. The price is the thrown-away columns, (Wp - oW) of every Wp, and the padded copy.
+struct ShiftedPlanes {
+  int64_t hp, wp;  // the padded plane
+  int64_t cols;    // GEMM columns per sample: (oH-1)*Wp + oW
+};
+
+ShiftedPlanes shifted_planes(const ConvGeometry& g) {
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+  return {hp, wp, (g.oh - 1) * wp + g.ow};
 }
 
-// ------------------------------------------------------------------------------- forward: im2col + GEMM
+// Worth it when the thrown-away columns are few: at least 3/4 of the GEMM's columns are outputs, and
+// the output rows are long enough to amortise the padded copy (the tiny images go through im2col).
+bool use_shifted_planes(const ConvGeometry& g) {
+  if (g.sh != 1 || g.sw != 1) return false;
+  const ShiftedPlanes sp = shifted_planes(g);
+  return g.ow >= 8 && 4 * g.col_cols() >= 3 * sp.cols;
+}
+
+// x_pad[c] = the plane x[c] with pH rows and pW columns of zeros around it; `x_pad` holds C*Hp*Wp.
+template <typename T>
+void pad_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  for (int64_t c = 0; c < g.c; ++c) {
+    T* plane = x_pad + c * sp.hp * sp.wp;
+    std::fill(plane, plane + g.ph * sp.wp, T(0));
+    for (int64_t i = 0; i < g.h; ++i) {
+      T* row = plane + (g.ph + i) * sp.wp;
+      std::fill(row, row + g.pw, T(0));
+      std::copy(x + (c * g.h + i) * g.w, x + (c * g.h + i + 1) * g.w, row + g.pw);
+      std::fill(row + g.pw + g.w, row + sp.wp, T(0));
+    }
+    std::fill(plane + (g.ph + g.h) * sp.wp, plane + sp.hp * sp.wp, T(0));
+  }
+}
+
+// The offset of row r = (c, t_h, t_w) of B in x_pad.
+inline int64_t shifted_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t r) {
+  const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
+  return (c * sp.hp + th * g.dh) * sp.wp + tw * g.dw;
+}
+
+// B = rows r0 .. of the shifted planes, packed: one copy per row and sliver.
+template <typename T>
+cpu::PackB<T> pack_shifted(const T* x_pad, const ConvGeometry& g, const ShiftedPlanes& sp, int64_t r0) {
+  return [=, &g, &sp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+    for (int64_t p = 0; p < kc; ++p) {
+      const T* src = x_pad + shifted_offset(g, sp, r0 + p0 + p) + j0;
+      for (int64_t s = 0; s < nc; s += nr) {
+        T* out = dst + s * kc + p * nr;
+        const int64_t len = std::min<int64_t>(nr, nc - s);
+        std::copy(src + s, src + s + len, out);
+        std::fill(out + len, out + nr, T(0));
+      }
+    }
+  };
+}
+
+// The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wp,
+// then the oW real columns of each row copied to y.
+template <typename T>
+void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
+  const int64_t chunks = chunk_count(g);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> x_pad(g.c * sp.hp * sp.wp), out(g.f * sp.cols);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_planes(x + n * in_sample, g, sp, x_pad.data());
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::GemmEpilogue<T> ep;
+          ep.row_bias = b ? b + grp * fg : nullptr;
+          cpu::gemm<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, pack_shifted(x_pad.data(), g, sp, grp * kg),
+                       out.data() + grp * fg * sp.cols, sp.cols, ep);
+        }
+        T* y_n = y + n * out_sample;
+        for (int64_t f = 0; f < g.f; ++f) {
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* src = out.data() + f * sp.cols + o_h * sp.wp;
+            std::copy(src, src + g.ow, y_n + (f * g.oh + o_h) * g.ow);
+          }
+        }
+      }
+    }
+  });
+}
+
+// d_W by shifted planes, per sample and group:
+//     d_W_g (Fg x Cg*kH*kW) += dY'_g (Fg x cols) · B_gᵀ
+// dY' is dY in the padded pitch, zero in the thrown-away columns (so they add nothing), and the
+// columns of B_gᵀ are the runs of x_pad that the forward's rows of B are (pack_transposed_rows).
+template <typename T>
+void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
+  const int64_t chunks = chunk_count(g);
+  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> x_pad(g.c * sp.hp * sp.wp), dy_pitch(g.f * sp.cols, T(0));
+    std::vector<const T*> runs(kg);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_planes(x + n * in_sample, g, sp, x_pad.data());
+        for (int64_t f = 0; f < g.f; ++f) {  // the gaps stay zero from the allocation
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* src = dy + n * out_sample + (f * g.oh + o_h) * g.ow;
+            std::copy(src, src + g.ow, dy_pitch.data() + f * sp.cols + o_h * sp.wp);
+          }
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t r = 0; r < kg; ++r) runs[r] = x_pad.data() + shifted_offset(g, sp, grp * kg + r);
+          const cpu::PackB<T> pack = [&runs](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+            cpu::pack_transposed_rows(runs.data() + j0, p0, kc, nc, nr, dst);
+          };
+          cpu::GemmEpilogue<T> ep;
+          ep.accumulate = true;
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch.data() + grp * fg * sp.cols, sp.cols, 1}, pack,
+                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < g.f * kg; ++i) {
+    T sum = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
+    dw[i] = sum;
+  }
+}
+
+// ------------------------------------------------------------------------------ forward: implicit GEMM
 // Per block of nb samples and group g:
 //     Y_g (Fg x nb*oH*oW) = W_g (Fg x Cg*kH*kW) · col_g (Cg*kH*kW x nb*oH*oW) + b_g
-// With nb = 1 the GEMM writes straight into the NCHW output; otherwise into a buffer whose columns are
-// then scattered to the nb output samples (one pass over the output, small next to the GEMM).
+// with col_g packed straight from x (pack_columns). With nb = 1 the GEMM writes into the NCHW output;
+// otherwise into a buffer whose columns are then copied to the nb samples (one pass over the output,
+// small next to the GEMM). Raw pointers, contiguous NCHW tensors: the backward's d_x reuses it.
 template <typename T>
-void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                  at::Tensor& y, const ConvGeometry& g) {
-  const bool pointwise = conv2d_is_pointwise(g);
+void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+  if (use_shifted_planes(g) && !std::getenv("NOSHIFT")) {
+    conv_forward_shifted(x, w, b, y, g);
+    return;
+  }
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
-  const at::Tensor w2d = w.view({g.f, kg});
-  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    // OpenMP workers do not inherit the caller's dispatch state: keep the GEMMs below autograd, where the
-    // caller already is (the inputs may require grad; these products are not part of any graph).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
-      const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
-      // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
-      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
-      at::Tensor col = pointwise ? at::Tensor()
-                                 : at::empty({g.col_rows() * (tile_rows < g.oh ? tile_rows * g.ow : nb_max * cols)}, x.options());
-      at::Tensor buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
-      // Y_g = W_g · col_g (+ b_g) for every group, into `out` (rows F, columns those of `cols_b`)
-      auto gemm = [&](at::Tensor& out, const at::Tensor& cols_b) {
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor y_g = out.narrow(0, grp * fg, fg);
-          const at::Tensor w_g = w2d.narrow(0, grp * fg, fg);
-          const at::Tensor c_g = cols_b.narrow(0, grp * kg, kg);
-          gemm_into(y_g, w_g, c_g, /*accumulate=*/false,
-                    has_bias ? c10::optional<at::Tensor>(bias->narrow(0, grp * fg, fg)) : c10::nullopt);
-        }
-      };
+      const int64_t nb_max = block_size(g, n_end - n_begin);
+      std::vector<T> buffer(nb_max > 1 ? g.f * nb_max * cols : 0);
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
-        const int64_t nb = std::min(nb_max, n_end - n0);
-        const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
-        if (tile_rows < g.oh) {
-          // One large sample: its columns in tiles of tile_rows output rows, each still in cache when the
-          // GEMM reads it; the GEMM writes its columns of Y[n] in place (leading dimension oH*oW).
-          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
-            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
-            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
-            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
-            at::Tensor out = y[n0].view({g.f, cols}).narrow(1, oh0 * g.ow, tcols);
-            gemm(out, cols_t);
+        const int64_t nb = std::min(nb_max, n_end - n0), ld = nb * cols;
+        T* out = nb == 1 ? y + n0 * out_sample : buffer.data();
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::GemmEpilogue<T> ep;
+          ep.row_bias = b ? b + grp * fg : nullptr;
+          cpu::gemm<T>(fg, ld, kg, {w + grp * fg * kg, kg, 1}, pack_columns(x + n0 * in_sample, in_sample, g, grp * kg),
+                       out + grp * fg * ld, ld, ep);
+        }
+        for (int64_t s = 0; nb > 1 && s < nb; ++s) {  // buffer [F, (s, q)] -> y[n0 + s, F, q]
+          for (int64_t f = 0; f < g.f; ++f) {
+            std::copy(out + f * ld + s * cols, out + f * ld + (s + 1) * cols, y + (n0 + s) * out_sample + f * cols);
           }
-          continue;
         }
-        at::Tensor cols_b;
-        if (pointwise) {
-          cols_b = x[n0].view({g.c, cols});  // 1x1, stride 1, no padding: the input is its own columns
-        } else {
-          cols_b = col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-          im2col(x_n, nb, cols_b.mutable_data_ptr<T>(), g);
-        }
-        at::Tensor out = nb == 1 ? y[n0].view({g.f, cols}) : buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
-        gemm(out, cols_b);
-        if (nb > 1) y.narrow(0, n0, nb).view({nb, g.f, cols}).copy_(out.view({g.f, nb, cols}).transpose(0, 1));
       }
     }
   });
 }
 
-// ---------------------------------------------------------------------------- backward: GEMM + col2im
+// ------------------------------------------------------------------------------------------- backward
+// d_x for stride 1 is itself a convolution: the transposed convolution of dY is the convolution of dY
+// with the filters flipped in space and with in and out channels swapped, padded by d*(k-1) - p
+// (docs/conv2d.md). It runs through conv_forward_gemm. The geometry of that convolution, or false when
+// the layer is strided (or padded beyond d*(k-1)), where d_x goes through d_col and col2im instead.
+bool transposed_geometry(const ConvGeometry& g, ConvGeometry* t) {
+  const int64_t ph = g.dh * (g.kh - 1) - g.ph, pw = g.dw * (g.kw - 1) - g.pw;
+  if (g.sh != 1 || g.sw != 1 || ph < 0 || pw < 0) return false;
+  *t = g;
+  t->c = g.f;
+  t->h = g.oh;
+  t->w = g.ow;
+  t->f = g.c;
+  t->oh = g.h;
+  t->ow = g.w;
+  t->ph = ph;
+  t->pw = pw;
+  return true;
+}
+
+// The filters of that convolution: W_t[g*Cg + c, f, kH-1-t_h, kW-1-t_w] = W[g*Fg + f, c, t_h, t_w].
+at::Tensor transposed_filters(const at::Tensor& w, const ConvGeometry& g) {
+  return w.view({g.groups, g.f_per_group(), g.c_per_group(), g.kh, g.kw})
+      .transpose(1, 2)
+      .flip({3, 4})
+      .contiguous()
+      .view({g.c, g.f_per_group(), g.kh, g.kw});
+}
+
 // Per block of nb samples and group g, with dY_b = [dY[n0] | dY[n0+1] | ...] (Fg x nb*oH*oW):
-//   d_W_g += dY_b · col_gᵀ             (K = nb*oH*oW: one GEMM sums the block's samples)
-//   d_col_g = W_gᵀ · dY_b              then d_x[n] = col2im(d_col[n]): the transposed convolution
-// Pointwise: the columns are x[n] itself and d_x[n] = Wᵀ · dY[n] directly.
+//   d_W_g += dY_b · col_gᵀ        (K = nb*oH*oW; B packed straight from x: pack_columns_transposed)
+// and, when the layer is strided, d_col_g = W_gᵀ · dY_b, then d_x[n] = col2im(d_col[n]).
 template <typename T>
-void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                   const ConvGeometry& g, bool need_dx, bool need_dw) {
-  const bool pointwise = conv2d_is_pointwise(g);
+void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const ConvGeometry& g, bool dx_by_col2im) {
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
-  const at::Tensor w2d = w.view({g.f, kg});
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);
-  at::Tensor partial = need_dw ? at::zeros({chunks, g.f, kg}, x.options()) : at::Tensor();
+  std::vector<T> partial(dw ? chunks * g.f * kg : 0, T(0));  // d_W of each chunk, summed in order below
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // see gemm_forward
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
-      const int64_t nb_max = pointwise ? 1 : block_size(g, n_end - n_begin);
-      const int64_t tile_rows = pointwise || nb_max > 1 ? g.oh : tile_size(g);
-      // flat buffers; a block of nb samples uses their first rows*nb*cols elements as a [rows, nb*cols] matrix
-      // (d_col needs the whole sample; the tiles of d_W use its beginning)
-      at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows() * nb_max * cols}, x.options());
-      at::Tensor dy_buf = nb_max > 1 ? at::empty({g.f * nb_max * cols}, x.options()) : at::Tensor();
-      at::Tensor dw_chunk = need_dw ? partial[chunk] : at::Tensor();
+      const int64_t nb_max = block_size(g, n_end - n_begin);
+      std::vector<T> dy_buffer(nb_max > 1 ? g.f * nb_max * cols : 0);
+      std::vector<T> dcol(dx_by_col2im ? g.col_rows() * nb_max * cols : 0);
+      T* dw_chunk = dw ? partial.data() + chunk * g.f * kg : nullptr;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
-        const int64_t nb = std::min(nb_max, n_end - n0);
-        at::Tensor dy_b;
-        if (nb == 1) {
-          dy_b = dy[n0].view({g.f, cols});
-        } else {  // gather the block's dY side by side: [dY[n0] | dY[n0+1] | ...]
-          dy_b = dy_buf.narrow(0, 0, g.f * nb * cols).view({g.f, nb * cols});
-          dy_b.view({g.f, nb, cols}).copy_(dy.narrow(0, n0, nb).view({nb, g.f, cols}).transpose(0, 1));
-        }
-        at::Tensor col_b =
-            pointwise ? at::Tensor() : col.narrow(0, 0, g.col_rows() * nb * cols).view({g.col_rows(), nb * cols});
-        if (need_dw && tile_rows < g.oh) {
-          // One large sample: d_W += dY[:, tile] · col_tileᵀ, tile by tile, each tile still in cache.
-          const T* x_n = x.const_data_ptr<T>() + n0 * g.c * g.h * g.w;
-          for (int64_t oh0 = 0; oh0 < g.oh; oh0 += tile_rows) {
-            const int64_t oh1 = std::min(g.oh, oh0 + tile_rows), tcols = (oh1 - oh0) * g.ow;
-            at::Tensor cols_t = col.narrow(0, 0, g.col_rows() * tcols).view({g.col_rows(), tcols});
-            im2col_tile(x_n, oh0, oh1, cols_t.mutable_data_ptr<T>(), g);
-            const at::Tensor dy_t = dy_b.narrow(1, oh0 * g.ow, tcols);
-            for (int64_t grp = 0; grp < g.groups; ++grp) {
-              at::Tensor dw_g = dw_chunk.narrow(0, grp * fg, fg);
-              gemm_into(dw_g, dy_t.narrow(0, grp * fg, fg), cols_t.narrow(0, grp * kg, kg).t(), /*accumulate=*/true);
+        const int64_t nb = std::min(nb_max, n_end - n0), ld = nb * cols;
+        const T* dy_b = dy + n0 * out_sample;
+        if (nb > 1) {  // gather the block's dY side by side: [dY[n0] | dY[n0+1] | ...]
+          for (int64_t s = 0; s < nb; ++s) {
+            for (int64_t f = 0; f < g.f; ++f) {
+              const T* src = dy + (n0 + s) * out_sample + f * cols;
+              std::copy(src, src + cols, dy_buffer.data() + f * ld + s * cols);
             }
           }
-        } else if (need_dw) {
-          at::Tensor cols_b;
-          if (pointwise) {
-            cols_b = x[n0].view({g.c, cols});
-          } else {
-            im2col(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, nb, col_b.mutable_data_ptr<T>(), g);
-            cols_b = col_b;
+          dy_b = dy_buffer.data();
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const cpu::MatrixView<T> dy_g{dy_b + grp * fg * ld, ld, 1};
+          if (dw) {
+            cpu::GemmEpilogue<T> ep;
+            ep.accumulate = true;
+            cpu::gemm<T>(fg, kg, ld, dy_g, pack_columns_transposed(x + n0 * in_sample, in_sample, g, grp * kg),
+                         dw_chunk + grp * fg * kg, kg, ep);
           }
-          for (int64_t grp = 0; grp < g.groups; ++grp) {
-            at::Tensor dw_g = dw_chunk.narrow(0, grp * fg, fg);
-            gemm_into(dw_g, dy_b.narrow(0, grp * fg, fg), cols_b.narrow(0, grp * kg, kg).t(), /*accumulate=*/true);
+          if (dx_by_col2im) {  // d_col_g = W_gᵀ · dY_b: A is W_g read down its columns
+            cpu::gemm<T>(kg, ld, fg, {w + grp * fg * kg, 1, kg}, dy_g, dcol.data() + grp * kg * ld, ld);
           }
         }
-        if (need_dx) {
-          // The column buffer is free again (d_W has used it): it now receives d_col.
-          at::Tensor dcol = pointwise ? dx[n0].view({g.c, cols}) : col_b;
-          for (int64_t grp = 0; grp < g.groups; ++grp) {
-            at::Tensor out = dcol.narrow(0, grp * kg, kg);
-            gemm_into(out, w2d.narrow(0, grp * fg, fg).t(), dy_b.narrow(0, grp * fg, fg), /*accumulate=*/false);
-          }
-          if (!pointwise) {
-            col2im(col_b.const_data_ptr<T>(), nb, dx.mutable_data_ptr<T>() + n0 * g.c * g.h * g.w, g);
-          }
-        }
+        if (dx_by_col2im) col2im(dcol.data(), nb, dx + n0 * in_sample, g);
       }
     }
   });
-  if (need_dw) dw.copy_(partial.sum(0).view(dw.sizes()));
+  if (dw) {
+    for (int64_t i = 0; i < g.f * kg; ++i) {
+      T sum = T(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
+      dw[i] = sum;
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------- depthwise
@@ -525,7 +643,8 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     if (conv2d_is_depthwise(g)) {
       depthwise_forward<scalar_t>(x, w, b, y, g);
     } else {
-      gemm_forward<scalar_t>(x, w, b, y, g);
+      conv_forward_gemm<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                  b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
     }
   });
   return y;
@@ -556,7 +675,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (depthwise) {
         depthwise_backward<scalar_t>(dy, x, w, dx, dw, db, g, need_dx, need_dw, need_db);
       } else if (need_dx || need_dw) {
-        gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw);
+        // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels
+        // (our in channels) fill the micro-kernel's rows; otherwise d_col and col2im.
+        ConvGeometry t;
+        const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
+        const bool dx_by_col2im = need_dx && !dx_by_conv;
+        // d_W: by shifted planes where the forward uses them, otherwise from im2col panels.
+        const bool dw_by_shift = need_dw && use_shifted_planes(g);
+        scalar_t* dxp = dx_by_col2im ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* dwp = need_dw && !dw_by_shift ? dw.mutable_data_ptr<scalar_t>() : nullptr;
+        if (dxp || dwp) {
+          conv_backward_gemm<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                       w.const_data_ptr<scalar_t>(), dxp, dwp, g, dx_by_col2im);
+        }
+        if (dw_by_shift) {
+          conv_weight_grad_shifted<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                             dw.mutable_data_ptr<scalar_t>(), g);
+        }
+        if (dx_by_conv) {
+          const at::Tensor w_t = transposed_filters(w, g);
+          conv_forward_gemm<scalar_t>(dy.const_data_ptr<scalar_t>(), w_t.const_data_ptr<scalar_t>(), nullptr,
+                                      dx.mutable_data_ptr<scalar_t>(), t);
+        }
       }
     });
   }

@@ -9,16 +9,18 @@
 // A k step of the kernel reads MR + NR floats for MR * NR multiply-adds; C is loaded and stored once
 // per tile and KC, so a long k is cut into a few equal blocks rather than a full one and a stub.
 //
-// Memory: each thread owns two packing buffers, at most MC * KC and KC * NC floats (about 0.2 and
-// 2 MiB), whatever the sizes of the product.
+// Memory: each thread owns two packing buffers, at most MC * KC and KC * NC elements (0.24 and 2.4 MiB
+// in float32), whatever the sizes of the product.
 #include "cpu/gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -46,53 +48,52 @@ int64_t even_block(int64_t total, int64_t block, int64_t unit) {
 
 // A[i0 .. i0+mc, p0 .. p0+kc) into slivers of mr rows: sliver s holds, for each k, its mr values
 // (rows past mc are zeros).
-void pack_a(const MatrixView& a, int64_t i0, int64_t p0, int64_t mc, int64_t kc, int mr, float* dst) {
+template <typename T>
+void pack_a(const MatrixView<T>& a, int64_t i0, int64_t p0, int64_t mc, int64_t kc, int mr, T* dst) {
   for (int64_t s = 0; s < mc; s += mr) {
     const int rows = static_cast<int>(std::min<int64_t>(mr, mc - s));
-    const float* base = a.data + (i0 + s) * a.rs + p0 * a.cs;
-    if (a.rs == 1) {  // A's rows are contiguous for a fixed k (a transposed operand)
-      for (int64_t p = 0; p < kc; ++p, dst += mr) {
-        const float* src = base + p * a.cs;
+    const T* base = a.data + (i0 + s) * a.rs + p0 * a.cs;
+    for (int64_t p = 0; p < kc; ++p, dst += mr) {
+      const T* src = base + p * a.cs;
+      if (a.rs == 1) {  // A's rows are contiguous for a fixed k (a transposed operand)
         for (int r = 0; r < rows; ++r) dst[r] = src[r];
-        for (int r = rows; r < mr; ++r) dst[r] = 0.f;
-      }
-    } else {
-      for (int64_t p = 0; p < kc; ++p, dst += mr) {
-        const float* src = base + p * a.cs;
+      } else {
         for (int r = 0; r < rows; ++r) dst[r] = src[r * a.rs];
-        for (int r = rows; r < mr; ++r) dst[r] = 0.f;
       }
+      for (int r = rows; r < mr; ++r) dst[r] = T(0);
     }
   }
 }
 
 // B[p0 .. p0+kc, j0 .. j0+nc) into slivers of nr columns: sliver s holds, for each k, its nr values
 // (columns past nc are zeros).
-void pack_b(const MatrixView& b, int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, float* dst) {
+template <typename T>
+void pack_b(const MatrixView<T>& b, int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
   for (int64_t s = 0; s < nc; s += nr, dst += kc * nr) {
     const int cols = static_cast<int>(std::min<int64_t>(nr, nc - s));
-    const float* base = b.data + p0 * b.rs + (j0 + s) * b.cs;
+    const T* base = b.data + p0 * b.rs + (j0 + s) * b.cs;
     if (b.cs == 1) {  // rows of B are contiguous: copy runs
       for (int64_t p = 0; p < kc; ++p) {
-        float* out = dst + p * nr;
-        std::memcpy(out, base + p * b.rs, sizeof(float) * cols);
-        std::fill(out + cols, out + nr, 0.f);
+        T* out = dst + p * nr;
+        std::memcpy(out, base + p * b.rs, sizeof(T) * cols);
+        std::fill(out + cols, out + nr, T(0));
       }
     } else {  // columns of B are (nearly) contiguous: read each column once, write it across the rows
       for (int j = 0; j < cols; ++j) {
-        const float* src = base + j * b.cs;
+        const T* src = base + j * b.cs;
         for (int64_t p = 0; p < kc; ++p) dst[p * nr + j] = src[p * b.rs];
       }
-      for (int64_t p = 0; p < kc; ++p) std::fill(dst + p * nr + cols, dst + (p + 1) * nr, 0.f);
+      for (int64_t p = 0; p < kc; ++p) std::fill(dst + p * nr + cols, dst + (p + 1) * nr, T(0));
     }
   }
 }
 
 // The product of an empty k: C is only the epilogue's terms.
-void epilogue_only(int64_t m, int64_t n, float* c, int64_t ldc, const GemmEpilogue& ep) {
+template <typename T>
+void epilogue_only(int64_t m, int64_t n, T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      float v = ep.accumulate ? c[i * ldc + j] : 0.f;
+      T v = ep.accumulate ? c[i * ldc + j] : T(0);
       if (ep.row_bias) v += ep.row_bias[i];
       if (ep.col_bias) v += ep.col_bias[j];
       c[i * ldc + j] = v;
@@ -101,35 +102,38 @@ void epilogue_only(int64_t m, int64_t n, float* c, int64_t ldc, const GemmEpilog
 }
 
 // The thread's packing buffers, grown to the largest size asked for (at most kMc*kKc and kKc*kNc
-// floats, plus one sliver of slack for rounding up to MR/NR).
-float* thread_buffer(std::vector<float>& buffer, int64_t size) {
+// elements, rounded up to whole slivers).
+template <typename T>
+T* thread_buffer(int which, int64_t size) {
+  thread_local std::vector<T> buffers[2];
+  std::vector<T>& buffer = buffers[which];
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
   return buffer.data();
 }
 
-}  // namespace
-
-void sgemm(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c, int64_t ldc,
-           const GemmEpilogue& ep) {
+// The blocked loops (top of the file), on the calling thread; pack_b_block(p0, j0, kc, nc, nr, dst)
+// packs B as a PackB does.
+template <typename T, typename PackBlock>
+void gemm_blocked(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const PackBlock& pack_b_block, T* c,
+                  int64_t ldc, const GemmEpilogue<T>& ep) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     epilogue_only(m, n, c, ldc, ep);
     return;
   }
-  const MicroKernelInfo uk = microkernel_for(cpu_isa());
+  const MicroKernelInfo<T> uk = microkernel_for<T>(cpu_isa());
   const int mr = uk.mr, nr = uk.nr;
   const int64_t kc_block = even_block(k, kKc, 1);
   const int64_t mc_block = even_block(m, kMc / mr * mr, mr);
   const int64_t nc_block = even_block(n, kNc / nr * nr, nr);
-  thread_local std::vector<float> a_buffer, b_buffer;
-  float* a_pack = thread_buffer(a_buffer, mc_block * kc_block);
-  float* b_pack = thread_buffer(b_buffer, kc_block * nc_block);
+  T* a_pack = thread_buffer<T>(0, mc_block * kc_block);
+  T* b_pack = thread_buffer<T>(1, kc_block * nc_block);
 
   for (int64_t jc = 0; jc < n; jc += nc_block) {
     const int64_t nc = std::min(nc_block, n - jc);
     for (int64_t pc = 0; pc < k; pc += kc_block) {
       const int64_t kc = std::min(kc_block, k - pc);
-      pack_b(b, pc, jc, kc, nc, nr, b_pack);
+      pack_b_block(pc, jc, kc, nc, nr, b_pack);
       // The first k block writes C with the epilogue's terms; the later ones add to it.
       const bool first = pc == 0;
       for (int64_t ic = 0; ic < m; ic += mc_block) {
@@ -140,8 +144,8 @@ void sgemm(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c
           for (int64_t ir = 0; ir < mc; ir += mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
             const int64_t i = ic + ir, j = jc + jr;
-            const TileEpilogue tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
-                                    first && ep.col_bias ? ep.col_bias + j : nullptr};
+            const TileEpilogue<T> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
+                                       first && ep.col_bias ? ep.col_bias + j : nullptr};
             uk.kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c + i * ldc + j, ldc, m_tile, n_tile, tile);
           }
         }
@@ -150,35 +154,143 @@ void sgemm(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c
   }
 }
 
-void sgemm_parallel(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c, int64_t ldc,
-                    const GemmEpilogue& ep) {
+// Splits C among the threads along its longer side, in whole tiles, and runs gemm_blocked on each part
+// (each thread packs its own panels). One thread inside a parallel region, or for a small product.
+template <typename T, typename PackBlock>
+void gemm_split(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const PackBlock& pack_b_block, T* c,
+                int64_t ldc, const GemmEpilogue<T>& ep) {
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const MicroKernelInfo uk = microkernel_for(cpu_isa());
-  // Split the longer side of C, in whole tiles, so that every thread packs its own operands.
+  const MicroKernelInfo<T> uk = microkernel_for<T>(cpu_isa());
   const bool by_columns = n / uk.nr >= m / uk.mr;
   const int64_t units = by_columns ? (n + uk.nr - 1) / uk.nr : (m + uk.mr - 1) / uk.mr;
   if (threads <= 1 || units < 2 || 2 * m * n * k < (int64_t(1) << 20)) {
-    sgemm(m, n, k, a, b, c, ldc, ep);
+    gemm_blocked(m, n, k, a, pack_b_block, c, ldc, ep);
     return;
   }
   const int64_t parts = std::min<int64_t>(threads, units);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t u0 = part * units / parts, u1 = (part + 1) * units / parts;
-      if (by_columns) {
+      GemmEpilogue<T> e = ep;
+      if (by_columns) {  // columns [j0, j1): B's and C's columns shift, A stays
         const int64_t j0 = u0 * uk.nr, j1 = std::min(n, u1 * uk.nr);
-        GemmEpilogue e = ep;
         if (e.col_bias) e.col_bias += j0;
-        sgemm(m, j1 - j0, k, a, {b.data + j0 * b.cs, b.rs, b.cs}, c + j0, ldc, e);
-      } else {
+        auto pack = [&](int64_t p0, int64_t jb, int64_t kc, int64_t nc, int nr, T* dst) {
+          pack_b_block(p0, j0 + jb, kc, nc, nr, dst);
+        };
+        gemm_blocked(m, j1 - j0, k, a, pack, c + j0, ldc, e);
+      } else {  // rows [i0, i1): A's and C's rows shift, B stays
         const int64_t i0 = u0 * uk.mr, i1 = std::min(m, u1 * uk.mr);
-        GemmEpilogue e = ep;
         if (e.row_bias) e.row_bias += i0;
-        sgemm(i1 - i0, n, k, {a.data + i0 * a.rs, a.rs, a.cs}, b, c + i0 * ldc, ldc, e);
+        gemm_blocked(i1 - i0, n, k, MatrixView<T>{a.data + i0 * a.rs, a.rs, a.cs}, pack_b_block, c + i0 * ldc,
+                     ldc, e);
       }
     }
   });
 }
+
+#if CS231N_X86
+// The 16 x 16 transpose of r[0..15] in registers: out[i] lane j = r[j] lane i.
+CS231N_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // interleave pairs of rows, 32-bit elements
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then 64-bit pairs
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {  // then 128-bit lanes: rows i, i+4, i+8, i+12
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// pack_transposed_rows for AVX-512 with nr a multiple of 16: blocks of 16 columns (runs) x 16 rows (p),
+// loaded (masked past kc; missing runs read as zeros), transposed, stored into the sliver.
+CS231N_AVX512 void pack_transposed_rows_avx512(const float* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr,
+                                               float* dst) {
+  const int64_t slivers = (nc + nr - 1) / nr;
+  for (int64_t s = 0; s < slivers; ++s) {
+    for (int64_t jb = 0; jb < nr; jb += 16) {
+      const int64_t j0 = s * nr + jb;
+      for (int64_t pb = 0; pb < kc; pb += 16) {
+        const int valid = static_cast<int>(std::min<int64_t>(16, kc - pb));
+        const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          r[i] = j0 + i < nc ? _mm512_maskz_loadu_ps(mask, rows[j0 + i] + p0 + pb) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        float* out = dst + s * kc * nr + pb * nr + jb;
+        for (int i = 0; i < valid; ++i) _mm512_storeu_ps(out + i * nr, r[i]);
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr, T* dst) {
+#if CS231N_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_isa() == Isa::kAvx512 && nr % 16 == 0) {
+      pack_transposed_rows_avx512(rows, p0, kc, nc, nr, dst);
+      return;
+    }
+  }
+#endif
+  for (int64_t s = 0; s < nc; s += nr) {
+    T* sliver = dst + s * kc;
+    const int64_t cols = std::min<int64_t>(nr, nc - s);
+    for (int64_t j = 0; j < cols; ++j) {
+      const T* src = rows[s + j] + p0;
+      for (int64_t p = 0; p < kc; ++p) sliver[p * nr + j] = src[p];
+    }
+    for (int64_t p = 0; p < kc; ++p) std::fill(sliver + p * nr + cols, sliver + (p + 1) * nr, T(0));
+  }
+}
+
+template void pack_transposed_rows<float>(const float* const*, int64_t, int64_t, int64_t, int, float*);
+template void pack_transposed_rows<double>(const double* const*, int64_t, int64_t, int64_t, int, double*);
+
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, MatrixView<T> b, T* c, int64_t ldc,
+          const GemmEpilogue<T>& ep) {
+  auto pack = [&b](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+    pack_b(b, p0, j0, kc, nc, nr, dst);
+  };
+  gemm_split(m, n, k, a, pack, c, ldc, ep);
+}
+
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T* c, int64_t ldc,
+          const GemmEpilogue<T>& ep) {
+  gemm_split(m, n, k, a, b, c, ldc, ep);
+}
+
+template void gemm<float>(int64_t, int64_t, int64_t, MatrixView<float>, MatrixView<float>, float*, int64_t,
+                          const GemmEpilogue<float>&);
+template void gemm<double>(int64_t, int64_t, int64_t, MatrixView<double>, MatrixView<double>, double*, int64_t,
+                           const GemmEpilogue<double>&);
+template void gemm<float>(int64_t, int64_t, int64_t, MatrixView<float>, const PackB<float>&, float*, int64_t,
+                          const GemmEpilogue<float>&);
+template void gemm<double>(int64_t, int64_t, int64_t, MatrixView<double>, const PackB<double>&, double*, int64_t,
+                           const GemmEpilogue<double>&);
 
 }  // namespace cpu
 }  // namespace torch_cs231n
@@ -193,12 +305,15 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
               " and b of shape ", b.sizes());
   TORCH_CHECK(a.size(1) == b.size(0), op, ": expected a.size(1) == b.size(0), but got a of shape ", a.sizes(),
               " and b of shape ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, op,
-              ": expected a and b to be float32, but got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+              op, ": expected a and b to be both float32 or both float64, but got ", a.scalar_type(), " and ",
+              b.scalar_type());
   at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-  cpu::sgemm_parallel(a.size(0), b.size(1), a.size(1), {a.const_data_ptr<float>(), a.stride(0), a.stride(1)},
-                      {b.const_data_ptr<float>(), b.stride(0), b.stride(1)}, c.mutable_data_ptr<float>(),
-                      c.size(1), {});
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), op, [&] {
+    cpu::gemm<scalar_t>(a.size(0), b.size(1), a.size(1), {a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1)},
+                        cpu::MatrixView<scalar_t>{b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1)},
+                        c.mutable_data_ptr<scalar_t>(), c.size(1));
+  });
   return c;
 }
 

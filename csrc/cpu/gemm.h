@@ -1,38 +1,66 @@
-// Our float32 GEMM for the convolution: C = A·B, with packed panels and register-blocked micro-kernels
+// Our GEMM for the convolution: C = A·B, with packed panels and register-blocked micro-kernels
 // (gemm_microkernel.h), BLIS-style. docs/conv2d.md ("The GEMM") draws the blocking.
 //
-// A and B are strided views, so a transposed operand needs no copy of its own: packing reads it in
+// float32 and float64 (the latter for gradcheck, portable code). A and B are strided views, so a transposed operand needs no copy of its own: packing reads it in
 // whatever order it lies. C is row-major with unit column stride.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace torch_cs231n {
 namespace cpu {
 
 // Element (i, j) of a matrix view lies at data[i * rs + j * cs].
+template <typename T>
 struct MatrixView {
-  const float* data;
+  const T* data;
   int64_t rs, cs;
 };
 
 // What is added to A·B when C is written:
 //   C[i, j] = A·B[i, j] + (accumulate ? C[i, j] : 0) + (row_bias ? row_bias[i] : 0) + (col_bias ? col_bias[j] : 0)
+template <typename T>
 struct GemmEpilogue {
   bool accumulate = false;
-  const float* row_bias = nullptr;
-  const float* col_bias = nullptr;
+  const T* row_bias = nullptr;
+  const T* col_bias = nullptr;
 };
 
-// C (m x n, row stride ldc) from A (m x k) and B (k x n), on the calling thread, with the micro-kernel
-// of cpu_isa(). Its packing buffers are the thread's own and bounded (gemm.cpp), whatever m, n and k.
-void sgemm(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c, int64_t ldc,
-           const GemmEpilogue& epilogue = {});
+// Writes B[p0 .. p0+kc, j0 .. j0+nc) into dst in the packed layout: slivers of nr columns one after the
+// other, sliver s holding for each k its nr values (kc * nr floats; columns past nc are zero). Lets the
+// convolution run im2col straight into the GEMM's panels, so that the column matrix is never stored.
+template <typename T>
+using PackB = std::function<void(int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst)>;
 
-// The same, with the columns of C (or its rows, when it has few columns) split among at::parallel_for's
-// threads. Inside a parallel region it runs on the calling thread alone.
-void sgemm_parallel(int64_t m, int64_t n, int64_t k, MatrixView a, MatrixView b, float* c, int64_t ldc,
-                    const GemmEpilogue& epilogue = {});
+// One row of B's block, row[0 .. nc) = B[p0 + p, j0 .. j0+nc), into its place in the slivers of a PackB.
+template <typename T>
+inline void scatter_row_to_slivers(const T* row, int64_t p, int64_t kc, int64_t nc, int nr, T* dst) {
+  for (int64_t s = 0; s < nc; s += nr) {
+    T* out = dst + s * kc + p * nr;
+    const int64_t cols = nc - s < nr ? nc - s : nr;
+    for (int64_t j = 0; j < cols; ++j) out[j] = row[s + j];
+    for (int64_t j = cols; j < nr; ++j) out[j] = T(0);
+  }
+}
+
+// For a PackB whose B is the transpose of rows that lie in memory: B[p0 + p, j] = rows[j][p0 + p] for
+// p < kc, j < nc (d_W's col(x)ᵀ, whose columns are runs of the input). Reads each run once and writes
+// it down its sliver; on AVX-512 in 16 x 16 blocks transposed in registers.
+template <typename T>
+void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr, T* dst);
+
+// C (m x n, row stride ldc) from A (m x k) and B (k x n), with B a strided view or written by a PackB.
+// float32 runs the micro-kernel of cpu_isa(), float64 the portable one (gemm_microkernel.h). The packing
+// buffers are the thread's own and bounded (gemm.cpp), whatever m, n and k. The columns of C (or its
+// rows, when it has few columns) are split among at::parallel_for's threads; inside a parallel region
+// it runs on the calling thread alone.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, MatrixView<T> b, T* c, int64_t ldc,
+          const GemmEpilogue<T>& epilogue = {});
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T* c, int64_t ldc,
+          const GemmEpilogue<T>& epilogue = {});
 
 }  // namespace cpu
 }  // namespace torch_cs231n

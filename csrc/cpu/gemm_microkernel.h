@@ -11,7 +11,8 @@
 //   ISA        vector   registers   MR x NR    accumulators   loads per k step   FMAs per k step
 //   AVX-512    16 fp32  32 zmm      8 x 48     24 zmm         8 bcast + 3 = 11   24
 //   AVX2+FMA    8 fp32  16 ymm      6 x 16     12 ymm         6 bcast + 2 = 8    12
-//   portable    scalar  -           4 x 8      32 floats      (the compiler vectorises the 8 columns)
+//   portable    scalar  -           4 x 8      32 scalars     (the compiler vectorises the 8 columns;
+//                                                             float64 always runs this one)
 //
 // AVX-512's 8 x 48 (rather than 12 x 32 or 14 x 32) is the one with the fewest loads per FMA, and MR = 8
 // divides the conv layers' channel counts (32, 64, 128, 256), which are M in the NCHW forward: no
@@ -35,31 +36,33 @@ namespace cpu {
 
 // What the kernel adds when it writes the tile (GemmEpilogue for this tile; the biases point at the
 // tile's first row / column).
+template <typename T>
 struct TileEpilogue {
   bool accumulate;
-  const float* row_bias;
-  const float* col_bias;
+  const T* row_bias;
+  const T* col_bias;
 };
 
 // a: kc x MR packed (MR values per k), b: kc x NR packed; c: the tile's top-left, row stride ldc;
 // m <= MR rows and n <= NR columns are written.
-using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int m, int n,
-                             const TileEpilogue& ep);
+template <typename T>
+using MicroKernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int m, int n,
+                             const TileEpilogue<T>& ep);
 
 // ---------------------------------------------------------------------------------------- portable C++
-template <int MR, int NR>
-void microkernel_portable(int64_t kc, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
-                          int64_t ldc, int m, int n, const TileEpilogue& ep) {
-  float acc[MR][NR] = {};
+template <typename T, int MR, int NR>
+void microkernel_portable(int64_t kc, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c,
+                          int64_t ldc, int m, int n, const TileEpilogue<T>& ep) {
+  T acc[MR][NR] = {};
   for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
     for (int r = 0; r < MR; ++r) {
       for (int j = 0; j < NR; ++j) acc[r][j] += a[r] * b[j];
     }
   }
   for (int r = 0; r < m; ++r) {
-    float* c_row = c + r * ldc;
+    T* c_row = c + r * ldc;
     for (int j = 0; j < n; ++j) {
-      float v = acc[r][j];
+      T v = acc[r][j];
       if (ep.accumulate) v += c_row[j];
       if (ep.row_bias) v += ep.row_bias[r];
       if (ep.col_bias) v += ep.col_bias[j];
@@ -72,7 +75,7 @@ void microkernel_portable(int64_t kc, const float* __restrict__ a, const float* 
 // -------------------------------------------------------------------------------------------- AVX2+FMA
 template <int MR, int NV>
 CS231N_AVX2 void microkernel_avx2(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
-                                  float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue& ep) {
+                                  float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
   constexpr int NR = 8 * NV;
   __m256 acc[MR][NV];
 #pragma GCC unroll 16
@@ -124,7 +127,7 @@ CS231N_AVX2 void microkernel_avx2(int64_t kc, const float* __restrict__ a, const
 // --------------------------------------------------------------------------------------------- AVX-512
 template <int MR, int NV>
 CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
-                                      float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue& ep) {
+                                      float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
 #pragma GCC unroll 16
@@ -174,18 +177,26 @@ CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, c
 #endif  // CS231N_X86
 
 // The register block of each path (see the table above).
+template <typename T>
 struct MicroKernelInfo {
   int mr, nr;
-  MicroKernel kernel;
+  MicroKernel<T> kernel;
 };
 
-inline MicroKernelInfo microkernel_for(Isa isa) {
+// float64 (gradcheck's dtype) always takes the portable kernel.
+template <typename T>
+inline MicroKernelInfo<T> microkernel_for(Isa) {
+  return {4, 8, &microkernel_portable<T, 4, 8>};
+}
+
+template <>
+inline MicroKernelInfo<float> microkernel_for<float>(Isa isa) {
 #if CS231N_X86
   if (isa == Isa::kAvx512) return {8, 48, &microkernel_avx512<8, 3>};
   if (isa == Isa::kAvx2) return {6, 16, &microkernel_avx2<6, 2>};
 #endif
   (void)isa;
-  return {4, 8, &microkernel_portable<4, 8>};
+  return {4, 8, &microkernel_portable<float, 4, 8>};
 }
 
 }  // namespace cpu

@@ -42,6 +42,17 @@ def assert_all_close(a, b, dtype):
             torch.testing.assert_close(u, v, **tolerances(dtype))
 
 
+def memory_format_of(t):
+    """Which dense layouts a tensor has (both, for the ambiguous ones: a size-1 channel or plane)."""
+    return (t.is_contiguous(), t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def assert_same_memory_format(mine, ref):
+    """Output, d_x and d_W in torch's layout: channels_last when the input (or weight) is."""
+    for name, u, v in zip(("output", "d_input", "d_weight"), mine[:3], ref[:3]):
+        assert memory_format_of(u) == memory_format_of(v), (name, u.stride(), v.stride())
+
+
 # ------------------------------------------------------------------------------------------- gradcheck
 GRID = [
     # (x shape, w shape, stride, padding, dilation, groups)
@@ -144,7 +155,7 @@ def test_matches_torch(device, case, layout, dtype_index, bias, seed):
     grad = with_layout(torch.randn(shape, generator=gen).to(device, dtype), layout)
     mine, ref = run_both(x, w, b, grad, **kwargs)
     assert mine[0].shape == ref[0].shape
-    assert mine[0].is_contiguous()  # the documented memory format
+    assert_same_memory_format(mine, ref)
     assert_all_close(mine, ref, dtype)
 
 

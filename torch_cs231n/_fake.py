@@ -46,6 +46,15 @@ def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _conv_memory_format(input, weight):
+    """csrc/common/conv2d.h's conv2d_memory_format (torch's rule): channels_last when the input or the
+    weight suggests it."""
+    from torch._prims_common import suggest_memory_format
+
+    cl = torch.channels_last
+    return cl if cl in (suggest_memory_format(input), suggest_memory_format(weight)) else torch.contiguous_format
+
+
 @torch.library.register_fake(_lib + "conv2d_forward")
 def _conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
     for name, t in (("weight", weight), ("bias", bias)):
@@ -58,13 +67,14 @@ def _conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
     f, _, kh, kw = weight.shape
     oh = _conv_out(h, kh, stride[0], padding[0], dilation[0])
     ow = _conv_out(w, kw, stride[1], padding[1], dilation[1])
-    return input.new_empty((n, f, oh, ow))  # contiguous, as the kernels return it
+    return input.new_empty((n, f, oh, ow)).contiguous(memory_format=_conv_memory_format(input, weight))
 
 
 @torch.library.register_fake(_lib + "conv2d_backward")
 def _conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-    dx = input.new_empty(input.shape if output_mask[0] else (0,))  # contiguous, as the kernels
-    dw = weight.new_empty(weight.shape if output_mask[1] else (0,))
+    fmt = _conv_memory_format(input, weight)
+    dx = input.new_empty(input.shape).contiguous(memory_format=fmt) if output_mask[0] else input.new_empty((0,))
+    dw = weight.new_empty(weight.shape).contiguous(memory_format=fmt) if output_mask[1] else weight.new_empty((0,))
     db = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
     return dx, dw, db
 

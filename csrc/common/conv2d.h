@@ -261,14 +261,23 @@ inline void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Te
               grad_output.sizes());
 }
 
-// The backward's outputs, (d_x, d_W, d_b): allocated where output_mask asks for them, empty tensors of
-// shape [0] where it does not (the schema returns three Tensors either way).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grad_buffers(const at::Tensor& input,
-                                                                          const at::Tensor& weight,
-                                                                          const ConvGeometry& g,
-                                                                          std::array<bool, 3> output_mask) {
-  return {output_mask[0] ? at::empty({g.n, g.c, g.h, g.w}, input.options()) : at::empty({0}, input.options()),
-          output_mask[1] ? at::empty(weight.sizes(), weight.options()) : at::empty({0}, weight.options()),
+// torch's rule for the memory format of the output and of d_input and d_W: channels_last when the input
+// or the weight suggests it (a channels_last tensor, not an ambiguous one), contiguous NCHW otherwise.
+inline at::MemoryFormat conv2d_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The backward's outputs, (d_x, d_W, d_b): allocated where output_mask asks for them, in `format`, and
+// empty tensors of shape [0] where it does not (the schema returns three Tensors either way).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grad_buffers(
+    const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g, std::array<bool, 3> output_mask,
+    at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  return {output_mask[0] ? at::empty({g.n, g.c, g.h, g.w}, input.options().memory_format(format))
+                         : at::empty({0}, input.options()),
+          output_mask[1] ? at::empty(weight.sizes(), weight.options().memory_format(format))
+                         : at::empty({0}, weight.options()),
           output_mask[2] ? at::empty({g.f}, weight.options()) : at::empty({0}, weight.options())};
 }
 

@@ -14,8 +14,9 @@
 // (N = 1), each GEMM splits its columns among the threads instead. Buffers are per thread and bounded:
 // they do not grow with N (docs/conv2d.md states the bound).
 //
-// Memory format: the output and d_input are contiguous (NCHW) whatever the input's strides; inputs that
-// are not contiguous (channels_last, views) are copied to contiguous first.
+// Memory format: torch's rule (conv2d_memory_format): channels_last results when the input or the weight
+// is channels_last, contiguous NCHW otherwise. Stride-1 channels_last layers run NHWC kernels of their
+// own (pixels as GEMM rows, channels as k); the others run the NCHW kernels on contiguous copies.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -335,7 +336,7 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry
 // small next to the GEMM). Raw pointers, contiguous NCHW tensors: the backward's d_x reuses it.
 template <typename T>
 void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
-  if (use_shifted_planes(g) && !std::getenv("NOSHIFT")) {
+  if (use_shifted_planes(g)) {
     conv_forward_shifted(x, w, b, y, g);
     return;
   }
@@ -628,25 +629,240 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   });
 }
 
+// ---------------------------------------------------------------------------- channels_last (NHWC)
+// In NHWC a pixel's channels are contiguous, so pixels are the GEMM's rows and channels its k. With
+// stride 1 and the shifted planes (above), now of pixels: x_pad[Hp][Wp][C], output j = o_h*Wp + o_w,
+//     Y'[j, f] = b[f] + Σ_{t_h, t_w} Σ_c x_pad[j + t_h*dH*Wp + t_w*dW, c] · W[f, c, t_h, t_w]
+// one GEMM per tap over the channels, summed: Y' = Σ_taps A_tap · B_tap, where A_tap is x_pad shifted by
+// the tap (pixel rows C apart, read in place) and B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments).
+// The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
+// other. Strided layers take the NCHW kernels (the input copied to NCHW, the results back).
+bool channels_last_direct(const ConvGeometry& g) { return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1; }
+
+// x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
+template <typename T>
+void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  const int64_t row = sp.wp * g.c, side = g.pw * g.c, inner = g.w * g.c;
+  std::fill(x_pad, x_pad + g.ph * row, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {
+    T* dst = x_pad + (g.ph + i) * row;
+    std::fill(dst, dst + side, T(0));
+    std::copy(x + i * inner, x + (i + 1) * inner, dst + side);
+    std::fill(dst + side + inner, dst + row, T(0));
+  }
+  std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
+}
+
+// The pixel offset of tap t = (t_h, t_w) in x_pad.
+inline int64_t tap_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t t) {
+  return (t / g.kw) * g.dh * sp.wp + (t % g.kw) * g.dw;
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: a transpose in 16 x 16 tiles,
+// so that each tile's reads and writes stay within 16 cache lines.
+template <typename T>
+void transpose_tiles(const T* __restrict__ src, int64_t src_stride, int64_t rows, int64_t cols, T* __restrict__ dst,
+                     int64_t dst_stride) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
+      }
+    }
+  }
+}
+
+// x_pad from an NCHW sample: the same, each pixel's channels gathered (a transpose done while padding).
+template <typename T>
+void pad_pixels_from_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  const int64_t row = sp.wp * g.c;
+  std::fill(x_pad, x_pad + g.ph * row, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {  // input row i: the [C x W] slice x[:, i, :], transposed
+    T* dst = x_pad + (g.ph + i) * row;
+    std::fill(dst, dst + g.pw * g.c, T(0));
+    transpose_tiles(x + i * g.w, g.h * g.w, g.c, g.w, dst + g.pw * g.c, g.c);
+    std::fill(dst + (g.pw + g.w) * g.c, dst + row, T(0));
+  }
+  std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
+}
+
+// The forward in NHWC: w is W in channels_last memory; x and y are NHWC, or NCHW when `planes` is set
+// (transposed per sample on the way in and out, while the sample is in cache).
+template <typename T>
+void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g, bool planes = false) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
+  const int64_t chunks = chunk_count(g);
+  std::vector<cpu::SegmentsB<T>> filters;  // each group's B = W_gᵀ, packed once for every sample
+  for (int64_t grp = 0; grp < g.groups; ++grp) filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> x_pad(sp.hp * sp.wp * g.c), out(sp.cols * g.f);
+    std::vector<const T*> taps(g.taps());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        if (planes) {
+          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad.data());
+        } else {
+          pad_pixels(x + n * in_sample, g, sp, x_pad.data());
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad.data() + tap_offset(g, sp, t) * g.c + grp * cg;
+          cpu::GemmEpilogue<T> ep;
+          ep.col_bias = b ? b + grp * fg : nullptr;
+          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out.data() + grp * fg, g.f,
+                                ep);
+        }
+        T* y_n = y + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
+          const T* src = out.data() + o_h * sp.wp * g.f;
+          if (!planes) {
+            std::copy(src, src + g.ow * g.f, y_n + o_h * g.ow * g.f);
+            continue;
+          }
+          transpose_tiles(src, g.f, g.ow, g.f, y_n + o_h * g.ow, g.oh * g.ow);  // [oW x F] -> y[:, o_h, :]
+        }
+      }
+    }
+  });
+}
+
+// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + tap_offset(t), c], with dY' = dY in the
+// pitch Wp (zeros in the thrown-away pixels). A = dY'ᵀ, whose packing copies MR channels of a pixel;
+// B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
+// channels_last memory.
+template <typename T>
+void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
+  const int64_t chunks = chunk_count(g);
+  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> x_pad(sp.hp * sp.wp * g.c), dy_pitch(sp.cols * g.f, T(0));
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_pixels(x + n * in_sample, g, sp, x_pad.data());
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the gaps stay zero from the allocation
+          const T* src = dy + n * out_sample + o_h * g.ow * g.f;
+          std::copy(src, src + g.ow * g.f, dy_pitch.data() + o_h * sp.wp * g.f);
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* x_grp = x_pad.data() + grp * cg;
+          const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+            for (int64_t p = 0; p < kc; ++p) {
+              const T* pixel = x_grp + (p0 + p) * g.c;
+              for (int64_t k = j0; k < j0 + nc;) {  // runs of channels, one tap at a time
+                const int64_t t = k / cg, c = k % cg, len = std::min(cg - c, j0 + nc - k);
+                cpu::copy_run_to_slivers(pixel + tap_offset(g, sp, t) * g.c + c, k - j0, len, p, kc, nr, dst);
+                k += len;
+              }
+            }
+            if (nc % nr != 0) {  // the last sliver's missing columns are zeros
+              T* last = dst + (nc / nr) * kc * nr;
+              for (int64_t p = 0; p < kc; ++p) std::fill(last + p * nr + nc % nr, last + (p + 1) * nr, T(0));
+            }
+          };
+          cpu::GemmEpilogue<T> ep;
+          ep.accumulate = true;
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch.data() + grp * fg, 1, g.f}, pack,
+                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < g.f * kg; ++i) {
+    T sum = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
+    dw[i] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- the ops
+// The NCHW kernels, on contiguous tensors.
+// A stride-1 NCHW layer whose shifted planes would throw away a tenth or more of the GEMM (short rows:
+// 14 of 16 columns) but whose channels are many runs the NHWC kernel instead, transposing each sample in
+// and out while it is in cache. It throws away as many pixels, but its kernel packs nothing and runs at
+// nearly the FMA peak (docs/conv2d.md).
+bool nchw_through_pixels(const ConvGeometry& g) {
+  return channels_last_direct(g) && g.c_per_group() >= 16 && 10 * g.col_cols() < 9 * shifted_planes(g).cols;
+}
+
+// conv_forward_gemm's NCHW choices, with w the filters as a tensor (NCHW contiguous).
+template <typename T>
+void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
+  if (nchw_through_pixels(g)) {
+    const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);
+    conv_forward_nhwc<T>(x, w_cl.const_data_ptr<T>(), b, y, g, /*planes=*/true);
+  } else {
+    conv_forward_gemm<T>(x, w.const_data_ptr<T>(), b, y, g);
+  }
+}
+
+template <typename T>
+void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::Tensor& y,
+                  const ConvGeometry& g) {
+  if (conv2d_is_depthwise(g)) {
+    depthwise_forward<T>(x, w, b, y, g);
+  } else {
+    forward_nchw_dense<T>(x.const_data_ptr<T>(), w, b ? b->const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), g);
+  }
+}
+
+template <typename T>
+void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                   at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw, bool need_db) {
+  if (conv2d_is_depthwise(g)) {  // d_b too, in its own pass over dY
+    depthwise_backward<T>(dy, x, w, dx, dw, db, g, need_dx, need_dw, need_db);
+    return;
+  }
+  if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
+  // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels (our in
+  // channels) fill the micro-kernel's rows; otherwise d_col and col2im.
+  ConvGeometry t;
+  const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
+  const bool dx_by_col2im = need_dx && !dx_by_conv;
+  // d_W: by shifted planes where the forward uses them, otherwise from im2col panels.
+  const bool dw_by_shift = need_dw && use_shifted_planes(g);
+  T* dxp = dx_by_col2im ? dx.mutable_data_ptr<T>() : nullptr;
+  T* dwp = need_dw && !dw_by_shift ? dw.mutable_data_ptr<T>() : nullptr;
+  if (dxp || dwp) {
+    conv_backward_gemm<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(), dxp, dwp, g,
+                          dx_by_col2im);
+  }
+  if (dw_by_shift) {
+    conv_weight_grad_shifted<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g);
+  }
+  if (dx_by_conv) {
+    forward_nchw_dense<T>(dy.const_data_ptr<T>(), transposed_filters(w, g), nullptr, dx.mutable_data_ptr<T>(), t);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
-  at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options());  // contiguous NCHW, see the top
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
+  at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
   if (y.numel() == 0) return y;
-  const at::Tensor x = input.contiguous();
-  const at::Tensor w = weight.contiguous();
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
-    if (conv2d_is_depthwise(g)) {
-      depthwise_forward<scalar_t>(x, w, b, y, g);
-    } else {
-      conv_forward_gemm<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+  if (format == at::MemoryFormat::ChannelsLast && channels_last_direct(g)) {
+    const at::Tensor x = input.contiguous(format), w = weight.contiguous(format);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+      conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                   b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
-    }
-  });
+    });
+    return y;
+  }
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  at::Tensor y_nchw = format == at::MemoryFormat::Contiguous ? y : at::empty(y.sizes(), y.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] { forward_nchw<scalar_t>(x, w, b, y_nchw, g); });
+  if (!y.is_same(y_nchw)) y.copy_(y_nchw);
   return y;
 }
 
@@ -657,49 +873,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
-  auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask);
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
+  auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask, format);
   if (g.n == 0 || g.f == 0 || g.c == 0) {  // nothing flows: every gradient is zero
     dx.zero_();
     dw.zero_();
     db.zero_();
     return {dx, dw, db};
   }
-  const at::Tensor dy = grad_output.contiguous();
-  const bool depthwise = conv2d_is_depthwise(g);
-  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]; the depthwise kernel sums it in its own pass over dY
-  if (need_db && !depthwise) db.copy_(dy.sum({0, 2, 3}));
-  if (need_dx || need_dw || (need_db && depthwise)) {
-    const at::Tensor x = input.contiguous();
-    const at::Tensor w = weight.contiguous();
+  if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
+  ConvGeometry t;
+  if (format == at::MemoryFormat::ChannelsLast && channels_last_direct(g) && (!need_dx || transposed_geometry(g, &t))) {
+    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
+    if (need_db) db.copy_(dy.sum({0, 2, 3}));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
-      if (depthwise) {
-        depthwise_backward<scalar_t>(dy, x, w, dx, dw, db, g, need_dx, need_dw, need_db);
-      } else if (need_dx || need_dw) {
-        // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels
-        // (our in channels) fill the micro-kernel's rows; otherwise d_col and col2im.
-        ConvGeometry t;
-        const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
-        const bool dx_by_col2im = need_dx && !dx_by_conv;
-        // d_W: by shifted planes where the forward uses them, otherwise from im2col panels.
-        const bool dw_by_shift = need_dw && use_shifted_planes(g);
-        scalar_t* dxp = dx_by_col2im ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-        scalar_t* dwp = need_dw && !dw_by_shift ? dw.mutable_data_ptr<scalar_t>() : nullptr;
-        if (dxp || dwp) {
-          conv_backward_gemm<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                       w.const_data_ptr<scalar_t>(), dxp, dwp, g, dx_by_col2im);
-        }
-        if (dw_by_shift) {
-          conv_weight_grad_shifted<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             dw.mutable_data_ptr<scalar_t>(), g);
-        }
-        if (dx_by_conv) {
-          const at::Tensor w_t = transposed_filters(w, g);
-          conv_forward_gemm<scalar_t>(dy.const_data_ptr<scalar_t>(), w_t.const_data_ptr<scalar_t>(), nullptr,
-                                      dx.mutable_data_ptr<scalar_t>(), t);
-        }
+      if (need_dw) {
+        conv_weight_grad_nhwc<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                        dw.mutable_data_ptr<scalar_t>(), g);
+      }
+      if (need_dx) {  // the transposed convolution, in NHWC too
+        const at::Tensor w_t = transposed_filters(weight.contiguous(), g).contiguous(format);
+        conv_forward_nhwc<scalar_t>(dy.const_data_ptr<scalar_t>(), w_t.const_data_ptr<scalar_t>(), nullptr,
+                                    dx.mutable_data_ptr<scalar_t>(), t);
       }
     });
+    return {dx, dw, db};
   }
+  // The NCHW kernels, into NCHW buffers when the results are channels_last.
+  const at::Tensor dy = grad_output.contiguous(), x = input.contiguous(), w = weight.contiguous();
+  const bool nchw = format == at::MemoryFormat::Contiguous;
+  at::Tensor dx_nchw = nchw || !need_dx ? dx : at::empty(dx.sizes(), dx.options());
+  at::Tensor dw_nchw = nchw || !need_dw ? dw : at::empty(dw.sizes(), dw.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+    backward_nchw<scalar_t>(dy, x, w, dx_nchw, dw_nchw, db, g, need_dx, need_dw, need_db);
+  });
+  if (!dx.is_same(dx_nchw)) dx.copy_(dx_nchw);
+  if (!dw.is_same(dw_nchw)) dw.copy_(dw_nchw);
   return {dx, dw, db};
 }
 

@@ -283,6 +283,110 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T
   gemm_split(m, n, k, a, b, c, ldc, ep);
 }
 
+namespace {
+
+// gemm_segments on AVX-512: B packed once in slivers of 64 columns (all segments' rows), then every 6-row
+// tile of C runs through all segments and k in registers (the 6 x 64 block: 24 accumulators, 4 B
+// vectors, one broadcast; 64 columns are a whole number of slivers for 64, 128 and 256 filters).
+#if CS231N_X86
+constexpr int kSegmentsMr = 6, kSegmentsNr = 64;
+
+void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const float* const* a_seg, int64_t lda,
+                          const float* b_pack, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {
+  constexpr int mr = kSegmentsMr, nr = kSegmentsNr;
+  const int64_t k = nseg * kc;
+  // Segments in blocks of about kKc * 2 rows of B, so that a block of a B sliver (64 KiB to 128 KiB)
+  // stays in L2 while every row tile of C passes over it.
+  const int64_t per_block = std::max<int64_t>(1, 2 * kKc / kc);
+  std::vector<const float*> a_tile(nseg);
+  for (int64_t s0 = 0; s0 < nseg; s0 += per_block) {
+    const int64_t s1 = std::min(nseg, s0 + per_block);
+    const bool first = s0 == 0;
+    for (int64_t j = 0; j < n; j += nr) {
+      const int n_tile = static_cast<int>(std::min<int64_t>(nr, n - j));
+      for (int64_t i = 0; i < m; i += mr) {
+        const int m_tile = static_cast<int>(std::min<int64_t>(mr, m - i));
+        for (int64_t s = s0; s < s1; ++s) a_tile[s] = a_seg[s] + i * lda;
+        const TileEpilogue<float> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
+                                       first && ep.col_bias ? ep.col_bias + j : nullptr};
+        microkernel_avx512_segments<mr, 4>(s1 - s0, a_tile.data() + s0, lda, kc, b_pack + j * k + s0 * kc * nr,
+                                           c + i * ldc + j, ldc, m_tile, n_tile, tile);
+      }
+    }
+  }
+}
+#endif
+
+// Elsewhere: one packed GEMM per segment, the first writing C with the epilogue, the others adding.
+template <typename T>
+void gemm_segments_packed(int64_t m, int64_t n, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda,
+                          const MatrixView<T>& b, T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
+  for (int64_t s = 0; s < nseg; ++s) {
+    GemmEpilogue<T> e = ep;
+    if (s > 0) e = GemmEpilogue<T>{true, nullptr, nullptr};
+    auto pack = [&](int64_t p0, int64_t j0, int64_t kcb, int64_t nc, int nr, T* dst) {
+      pack_b(b, s * kc + p0, j0, kcb, nc, nr, dst);
+    };
+    gemm_blocked(m, n, kc, MatrixView<T>{a_seg[s], lda, 1}, pack, c, ldc, e);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b) {
+  SegmentsB<T> prepared{b, k, n, {}};
+#if CS231N_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_isa() == Isa::kAvx512 && k > 0 && n > 0) {
+      prepared.packed.resize(k * ((n + kSegmentsNr - 1) / kSegmentsNr) * kSegmentsNr);
+      pack_b(b, 0, 0, k, n, kSegmentsNr, prepared.packed.data());
+    }
+  }
+#endif
+  return prepared;
+}
+
+template <typename T>
+void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b,
+                   T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
+  const int64_t n = b.n;
+  if (m <= 0 || n <= 0) return;
+  if (nseg <= 0 || kc <= 0) {
+    epilogue_only(m, n, c, ldc, ep);
+    return;
+  }
+  // Rows among the threads when called outside a parallel region (a single sample).
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t parts = 2 * m * n * nseg * kc < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, (m + 5) / 6);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> a_part(nseg);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t i0 = (part * m / parts) / 6 * 6, i1 = part + 1 == parts ? m : ((part + 1) * m / parts) / 6 * 6;
+      if (i1 <= i0) continue;
+      for (int64_t s = 0; s < nseg; ++s) a_part[s] = a_seg[s] + i0 * lda;
+      GemmEpilogue<T> e = ep;
+      if (e.row_bias) e.row_bias += i0;
+#if CS231N_X86
+      if constexpr (std::is_same_v<T, float>) {
+        if (!b.packed.empty()) {
+          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_part.data(), lda, b.packed.data(), c + i0 * ldc, ldc, e);
+          continue;
+        }
+      }
+#endif
+      gemm_segments_packed(i1 - i0, n, nseg, kc, a_part.data(), lda, b.view, c + i0 * ldc, ldc, e);
+    }
+  });
+}
+
+template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, MatrixView<float>);
+template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, MatrixView<double>);
+template void gemm_segments<float>(int64_t, int64_t, int64_t, const float* const*, int64_t, const SegmentsB<float>&,
+                                   float*, int64_t, const GemmEpilogue<float>&);
+template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t,
+                                    const SegmentsB<double>&, double*, int64_t, const GemmEpilogue<double>&);
+
 template void gemm<float>(int64_t, int64_t, int64_t, MatrixView<float>, MatrixView<float>, float*, int64_t,
                           const GemmEpilogue<float>&);
 template void gemm<double>(int64_t, int64_t, int64_t, MatrixView<double>, MatrixView<double>, double*, int64_t,

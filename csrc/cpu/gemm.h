@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace torch_cs231n {
 namespace cpu {
@@ -50,6 +51,20 @@ inline void scatter_row_to_slivers(const T* row, int64_t p, int64_t kc, int64_t 
 template <typename T>
 void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr, T* dst);
 
+// A run of row p of B's block, columns [q, q+len) (q counted from the block's first column), copied into
+// its place in the slivers of a PackB.
+template <typename T>
+inline void copy_run_to_slivers(const T* run, int64_t q, int64_t len, int64_t p, int64_t kc, int nr, T* dst) {
+  while (len > 0) {
+    const int64_t sliver = q / nr, offset = q % nr, piece = len < nr - offset ? len : nr - offset;
+    T* out = dst + sliver * kc * nr + p * nr + offset;
+    for (int64_t j = 0; j < piece; ++j) out[j] = run[j];
+    run += piece;
+    q += piece;
+    len -= piece;
+  }
+}
+
 // C (m x n, row stride ldc) from A (m x k) and B (k x n), with B a strided view or written by a PackB.
 // float32 runs the micro-kernel of cpu_isa(), float64 the portable one (gemm_microkernel.h). The packing
 // buffers are the thread's own and bounded (gemm.cpp), whatever m, n and k. The columns of C (or its
@@ -61,6 +76,27 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, MatrixView<T> b, T* 
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T* c, int64_t ldc,
           const GemmEpilogue<T>& epilogue = {});
+
+// The B of gemm_segments (nseg*kc x n: the segments' B one after the other), prepared once for all the
+// products that share it (one per sample): packed in slivers of 64 columns where the AVX-512 kernel
+// will read it, the strided view itself elsewhere.
+template <typename T>
+struct SegmentsB {
+  MatrixView<T> view;
+  int64_t k, n;
+  std::vector<T> packed;  // empty unless the AVX-512 kernel runs
+};
+
+template <typename T>
+SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b);
+
+// C (m x n) = Σ_s A_s · B_s (+ the epilogue) over nseg segments of kc: A_s is m x kc with rows lda
+// apart and unit column stride, starting at a_seg[s]. The channels_last convolution's form: the
+// segments are the filter's taps, A_s the input's pixels shifted by the tap, B the filters. On AVX-512
+// (float32) A is never packed (microkernel_avx512_segments); elsewhere it is one packed GEMM per segment.
+template <typename T>
+void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b,
+                   T* c, int64_t ldc, const GemmEpilogue<T>& epilogue = {});
 
 }  // namespace cpu
 }  // namespace torch_cs231n

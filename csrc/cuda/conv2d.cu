@@ -11,7 +11,8 @@
 //     d_weight  d_W_g += Σ_n dY_g[n] · col_g[n]ᵀ          (summed in float for half/bfloat16)
 // No atomics anywhere, so every result is deterministic.
 //
-// Memory format: the output and d_input are contiguous (NCHW), as on the CPU.
+// Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
+// (conv2d_memory_format: channels_last when the input or the weight is), by a copy.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -223,8 +224,9 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
   const c10::cuda::CUDAGuard guard(input.device());
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
   at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options());  // contiguous NCHW
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.contiguous(format);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   c10::optional<at::Tensor> b;
@@ -241,7 +243,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
       gemm_forward<scalar_t>(x, w, b, y, g, stream);
     }
   });
-  return y;
+  return y.contiguous(format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
@@ -252,18 +254,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   check_conv2d_grad_output(grad_output, input, g, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask);
+  // in NCHW here; handed back in torch's format
+  auto in_format = [format](at::Tensor& t) { return t.dim() == 4 ? t.contiguous(format) : t; };
   if (g.n == 0 || g.f == 0 || g.c == 0) {
     dx.zero_();
     dw.zero_();
     db.zero_();
-    return {dx, dw, db};
+    return {in_format(dx), in_format(dw), db};
   }
   const at::Tensor dy = grad_output.contiguous();
   if (need_db) {  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w], summed in float for half/bfloat16
     db.copy_(dy.sum({0, 2, 3}, /*keepdim=*/false, at::toAccumulateType(dy.scalar_type(), /*is_cuda=*/true)));
   }
-  if (!need_dx && !need_dw) return {dx, dw, db};
+  if (!need_dx && !need_dw) return {in_format(dx), in_format(dw), db};
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -285,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
       gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
     }
   });
-  return {dx, dw, db};
+  return {in_format(dx), in_format(dw), db};
 }
 
 }  // namespace

@@ -1,0 +1,147 @@
+"""The CPU convolution's own GEMM and its instruction-set paths (csrc/cpu/gemm*.{h,cpp}).
+
+Each path (AVX-512, AVX2+FMA, portable C++) is forced in turn with set_cpu_isa, so that a machine runs
+the paths it would not choose by itself too; a path the CPU cannot run is skipped. The shapes are
+drawn to land on the micro-kernels' edge tiles (M, N, K not multiples of the register block, K = 1),
+on more than one cache block (K > 256, N > 2400), and on every route of the convolution: im2col, the
+shifted planes, the NHWC kernel, and d_x as the transposed convolution.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_cs231n.functional as ours
+from helpers import assert_same_layout
+
+ops = torch.ops.torch_cs231n
+ISAS = ["avx512", "avx2", "baseline"]
+
+
+@contextlib.contextmanager
+def forced_isa(isa):
+    """The CPU kernels capped at `isa` for the block; skips when this CPU cannot run it."""
+    previous = ops.set_cpu_isa(isa)
+    try:
+        if ops.cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run the {isa} path (it runs {ops.cpu_isa()})")
+        yield
+    finally:
+        ops.set_cpu_isa(previous)
+
+
+def test_set_cpu_isa_restores_and_refuses_unknown_names():
+    detected = ops.cpu_isa()
+    previous = ops.set_cpu_isa("baseline")
+    try:
+        assert ops.cpu_isa() == "baseline"
+        assert ops.set_cpu_isa("avx2") == "baseline"
+    finally:
+        ops.set_cpu_isa(previous)
+    assert ops.cpu_isa() == detected
+    with pytest.raises(RuntimeError, match="expected isa to be one of 'avx512', 'avx2', 'baseline' or 'auto', but got 'sse9'"):
+        ops.set_cpu_isa("sse9")
+
+
+def _view(t, transposed):
+    """The same matrix, row-major or held transposed in memory."""
+    return t.t().contiguous().t() if transposed else t
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=25)
+@given(m=st.integers(1, 70), n=st.integers(1, 130), k=st.integers(1, 300), ta=st.booleans(), tb=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_gemm_matches_float64(isa, m, n, k, ta, tb, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    with forced_isa(isa):
+        c = ops.gemm(_view(a, ta), _view(b, tb))
+    torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-4, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (9, 2500, 3), (17, 49, 600), (300, 5, 7)])
+def test_gemm_blocks_and_edges(isa, m, n, k):
+    """One row / column / k; more than one NC block of columns (2400) and KC block of k (256)."""
+    gen = torch.Generator().manual_seed(m * n * k)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    with forced_isa(isa):
+        c = ops.gemm(a, b)
+    torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-4, atol=1e-5 * k ** 0.5)
+
+
+def test_gemm_float64_is_exact_to_rounding():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 300, dtype=torch.float64, generator=gen), torch.randn(300, 53, dtype=torch.float64,
+                                                                                  generator=gen)
+    torch.testing.assert_close(ops.gemm(a, b), a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_refuses_bad_arguments():
+    with pytest.raises(RuntimeError, match=r"gemm: expected a.size\(1\) == b.size\(0\), but got a of shape \[2, 3\]"):
+        ops.gemm(torch.zeros(2, 3), torch.zeros(4, 5))
+    with pytest.raises(RuntimeError, match="gemm: expected a and b to be both float32 or both float64, but got Float and Int"):
+        ops.gemm(torch.zeros(2, 3), torch.zeros(3, 5, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------ the convolution's routes
+@st.composite
+def conv_routes(draw):
+    """Channel counts on both sides of 16 (the NHWC and transposed-convolution routes need 16 per group),
+    rows short and long (the shifted planes need oW >= 0.9 Wp), strides 1 and 2."""
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cg = draw(st.sampled_from([1, 3, 16, 20]))
+    fg = draw(st.sampled_from([1, 5, 8, 17]))
+    k = draw(st.sampled_from([1, 3, 5]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    padding = draw(st.integers(0, k // 2))
+    h = draw(st.integers(max(1, k - 2 * padding), 12))
+    w = draw(st.integers(max(1, k - 2 * padding), 40))
+    n = draw(st.integers(1, 3))
+    return dict(shape=(n, cg * groups, h, w), f=fg * groups, k=k, stride=stride, padding=padding, groups=groups)
+
+
+def _conv_against_float64(case, channels_last, seed):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(case["shape"], generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(case["f"], case["shape"][1] // case["groups"], case["k"], case["k"], generator=gen)
+    b = torch.randn(case["f"], generator=gen)
+    kwargs = dict(stride=case["stride"], padding=case["padding"], groups=case["groups"])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = ours.conv2d(*leaves, **kwargs)
+    dy = torch.randn(y.shape, generator=gen).contiguous(memory_format=fmt)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    y_ref = F.conv2d(*ref_leaves, **kwargs)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    depth = w[0].numel()  # products summed into one output
+    for got, want in zip((y, *grads), (y_ref, *ref_grads)):
+        assert_same_layout(got, want)
+        scale = max(depth, y.shape[0] * y.shape[2] * y.shape[3]) ** 0.5
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=20)
+@given(case=conv_routes(), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
+    with forced_isa(isa):
+        _conv_against_float64(case, channels_last, seed)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", [
+    dict(shape=(1, 1, 1, 1), f=1, k=1, stride=1, padding=0, groups=1),        # K = 1, one pixel
+    dict(shape=(2, 300, 3, 3), f=20, k=1, stride=1, padding=0, groups=1),     # k above one KC block
+    dict(shape=(1, 2, 2, 2600), f=9, k=3, stride=1, padding=1, groups=1),     # a row above one NC block
+    dict(shape=(2, 32, 9, 9), f=40, k=3, stride=1, padding=1, groups=2),      # NHWC-route sizes, groups
+], ids=["k1", "deep_k", "long_row", "groups"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_blocks_and_edges(isa, case, channels_last):
+    with forced_isa(isa):
+        _conv_against_float64(case, channels_last, seed=1)

@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The release a Linux user gets from PyPI (a CUDA 13.0 build); the CUDA kernels compile against it.
 TORCH ?= torch==2.14.1
+# Its matching torchvision (each release pins one torch): real models for the benchmark's model group.
+TORCHVISION ?= torchvision==0.29.1
 BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml torch_cs231n/_build_config.py
 
 .PHONY: demo test bench build clean
@@ -24,7 +26,7 @@ build: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel
-	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install "$(TORCH)" "$(TORCHVISION)"
 	$(PY) -m pip install ninja numpy pytest hypothesis expecttest scikit-learn matplotlib tqdm
 	touch $@
 

@@ -53,16 +53,17 @@ def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -
                 fn(*inputs)
         return run
 
-    def forward_backward(fn):
+    def forward_backward(fn, who):
+        targets = case.grad_targets(who) if case.grad_targets else grad_inputs
         def run():
-            torch.autograd.grad(fn(*inputs), grad_inputs, grad)
+            torch.autograd.grad(fn(*inputs), targets, grad)
         return run
 
     # Warm up: the first calls grow the heap (page faults) and fill caches; they are not what is measured.
-    for fn in (case.ours, case.reference):
+    for who, fn in (("ours", case.ours), ("torch", case.reference)):
         for _ in range(2):
             forward(fn)()
-            forward_backward(fn)()
+            forward_backward(fn, who)()
 
     samples = {k: [] for k in ("fwd_ours", "fwd_torch", "fb_ours", "fb_torch")}
     timed = {"ours": case.ours, "torch": case.reference}
@@ -73,7 +74,7 @@ def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -
         for who in order:
             samples[f"fwd_{who}"].append(_time(forward(timed[who]), threads, min_run_time))
         for who in order:
-            samples[f"fb_{who}"].append(_time(forward_backward(timed[who]), threads, min_run_time))
+            samples[f"fb_{who}"].append(_time(forward_backward(timed[who], who), threads, min_run_time))
     med = {k: statistics.median(v) for k, v in samples.items()}
     spread = {k: (min(v), max(v)) for k, v in samples.items()}
     return {

@@ -29,13 +29,16 @@ class Case:
     target: Optional[float] = None  # ratio ours/torch that forward+backward should reach
     quick: bool = True  # part of `bench --quick`
     extra: dict = field(default_factory=dict)
+    # What forward+backward differentiates, for each side ("ours", "torch"): by default the inputs that
+    # require grad; a model case gives its own model's parameters (one training step).
+    grad_targets: Optional[Callable[[str], list]] = None
 
 
 def all_cases() -> list[Case]:
     from . import cases_relu
 
     cases = list(cases_relu.cases())
-    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise"):
+    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise", "cases_model"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["cases"])
         except ModuleNotFoundError:

@@ -172,10 +172,14 @@ void col2im(const T* dcol, int64_t nb, T* dx, const ConvGeometry& g) {
 // the whole convolution is too small to pay for waking another thread (gradcheck-sized inputs, for one).
 // With a single chunk the GEMMs split their columns among the threads instead. The backward sums its
 // per-chunk weight gradients in chunk order, so the result is deterministic for a given thread count.
+// Small images (fewer than kMinPixelsPerSample outputs: ResNet's 8x8 and 4x4 stages) go as one chunk
+// too: all their samples side by side make one GEMM, which splits its filters among the threads, so the
+// filters (large in those layers) are packed and read once, not once per thread.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
+constexpr int64_t kMinPixelsPerSample = 128;
 int64_t chunk_count(const ConvGeometry& g) {
   const int64_t macs = g.n * g.f * g.c_per_group() * g.taps() * g.col_cols();
-  if (macs < kMinParallelMacs) return 1;
+  if (macs < kMinParallelMacs || g.col_cols() < kMinPixelsPerSample) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
 }
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
@@ -211,7 +215,8 @@ ShiftedPlanes shifted_planes(const ConvGeometry& g) {
 // Worth it when the thrown-away columns are few: at least 3/4 of the GEMM's columns are outputs, and
 // the output rows are long enough to amortise the padded copy (the tiny images go through im2col).
 bool use_shifted_planes(const ConvGeometry& g) {
-  if (g.sh != 1 || g.sw != 1) return false;
+  // one sample per GEMM: not for small images (chunk_count)
+  if (g.sh != 1 || g.sw != 1 || g.col_cols() < kMinPixelsPerSample) return false;
   const ShiftedPlanes sp = shifted_planes(g);
   return g.ow >= 8 && 4 * g.col_cols() >= 3 * sp.cols;
 }
@@ -637,7 +642,10 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // the tap (pixel rows C apart, read in place) and B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments).
 // The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
 // other. Strided layers take the NCHW kernels (the input copied to NCHW, the results back).
-bool channels_last_direct(const ConvGeometry& g) { return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1; }
+// It runs one sample at a time (kMinPixelsPerSample).
+bool channels_last_direct(const ConvGeometry& g) {
+  return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1 && g.col_cols() >= kMinPixelsPerSample;
+}
 
 // x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
 template <typename T>

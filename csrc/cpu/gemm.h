@@ -65,6 +65,11 @@ inline void copy_run_to_slivers(const T* run, int64_t q, int64_t len, int64_t p,
   }
 }
 
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (the layout changes of the
+// convolution: NCHW samples to pixels x channels and back); AVX-512 moves 16 x 16 blocks in registers.
+template <typename T>
+void transpose_matrix(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride);
+
 // C (m x n, row stride ldc) from A (m x k) and B (k x n), with B a strided view or written by a PackB.
 // float32 runs the micro-kernel of cpu_isa(), float64 the portable one (gemm_microkernel.h). The packing
 // buffers are the thread's own and bounded (gemm.cpp), whatever m, n and k. The columns of C (or its

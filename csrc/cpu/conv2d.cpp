@@ -268,20 +268,21 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGe
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
   const int64_t chunks = chunk_count(g);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> x_pad(g.c * sp.hp * sp.wp), out(g.f * sp.cols);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.hp * sp.wp);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_planes(x + n * in_sample, g, sp, x_pad.data());
+        pad_planes(x + n * in_sample, g, sp, x_pad);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::GemmEpilogue<T> ep;
           ep.row_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, pack_shifted(x_pad.data(), g, sp, grp * kg),
-                       out.data() + grp * fg * sp.cols, sp.cols, ep);
+          cpu::gemm<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, pack_shifted(x_pad, g, sp, grp * kg),
+                       out + grp * fg * sp.cols, sp.cols, ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t f = 0; f < g.f; ++f) {
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-            const T* src = out.data() + f * sp.cols + o_h * sp.wp;
+            const T* src = out + f * sp.cols + o_h * sp.wp;
             std::copy(src, src + g.ow, y_n + (f * g.oh + o_h) * g.ow);
           }
         }
@@ -302,25 +303,27 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry
   const int64_t chunks = chunk_count(g);
   std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> x_pad(g.c * sp.hp * sp.wp), dy_pitch(g.f * sp.cols, T(0));
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.hp * sp.wp);
+    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
+    std::fill(dy_pitch, dy_pitch + g.f * sp.cols, T(0));  // the gaps stay zero
     std::vector<const T*> runs(kg);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_planes(x + n * in_sample, g, sp, x_pad.data());
+        pad_planes(x + n * in_sample, g, sp, x_pad);
         for (int64_t f = 0; f < g.f; ++f) {  // the gaps stay zero from the allocation
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
             const T* src = dy + n * out_sample + (f * g.oh + o_h) * g.ow;
-            std::copy(src, src + g.ow, dy_pitch.data() + f * sp.cols + o_h * sp.wp);
+            std::copy(src, src + g.ow, dy_pitch + f * sp.cols + o_h * sp.wp);
           }
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          for (int64_t r = 0; r < kg; ++r) runs[r] = x_pad.data() + shifted_offset(g, sp, grp * kg + r);
+          for (int64_t r = 0; r < kg; ++r) runs[r] = x_pad + shifted_offset(g, sp, grp * kg + r);
           const cpu::PackB<T> pack = [&runs](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
             cpu::pack_transposed_rows(runs.data() + j0, p0, kc, nc, nr, dst);
           };
           cpu::GemmEpilogue<T> ep;
           ep.accumulate = true;
-          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch.data() + grp * fg * sp.cols, sp.cols, 1}, pack,
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg * sp.cols, sp.cols, 1}, pack,
                        partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
         }
       }
@@ -352,10 +355,10 @@ void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeome
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = block_size(g, n_end - n_begin);
-      std::vector<T> buffer(nb_max > 1 ? g.f * nb_max * cols : 0);
+      T* buffer = nb_max > 1 ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * nb_max * cols) : nullptr;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
         const int64_t nb = std::min(nb_max, n_end - n0), ld = nb * cols;
-        T* out = nb == 1 ? y + n0 * out_sample : buffer.data();
+        T* out = nb == 1 ? y + n0 * out_sample : buffer;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::GemmEpilogue<T> ep;
           ep.row_bias = b ? b + grp * fg : nullptr;
@@ -414,8 +417,8 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = block_size(g, n_end - n_begin);
-      std::vector<T> dy_buffer(nb_max > 1 ? g.f * nb_max * cols : 0);
-      std::vector<T> dcol(dx_by_col2im ? g.col_rows() * nb_max * cols : 0);
+      T* dy_buffer = nb_max > 1 ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * nb_max * cols) : nullptr;
+      T* dcol = dx_by_col2im ? cpu::thread_scratch<T>(cpu::Scratch::kRows, g.col_rows() * nb_max * cols) : nullptr;
       T* dw_chunk = dw ? partial.data() + chunk * g.f * kg : nullptr;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
         const int64_t nb = std::min(nb_max, n_end - n0), ld = nb * cols;
@@ -424,10 +427,10 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
           for (int64_t s = 0; s < nb; ++s) {
             for (int64_t f = 0; f < g.f; ++f) {
               const T* src = dy + (n0 + s) * out_sample + f * cols;
-              std::copy(src, src + cols, dy_buffer.data() + f * ld + s * cols);
+              std::copy(src, src + cols, dy_buffer + f * ld + s * cols);
             }
           }
-          dy_b = dy_buffer.data();
+          dy_b = dy_buffer;
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const cpu::MatrixView<T> dy_g{dy_b + grp * fg * ld, ld, 1};
@@ -438,10 +441,10 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
                          dw_chunk + grp * fg * kg, kg, ep);
           }
           if (dx_by_col2im) {  // d_col_g = W_gᵀ · dY_b: A is W_g read down its columns
-            cpu::gemm<T>(kg, ld, fg, {w + grp * fg * kg, 1, kg}, dy_g, dcol.data() + grp * kg * ld, ld);
+            cpu::gemm<T>(kg, ld, fg, {w + grp * fg * kg, 1, kg}, dy_g, dcol + grp * kg * ld, ld);
           }
         }
-        if (dx_by_col2im) col2im(dcol.data(), nb, dx + n0 * in_sample, g);
+        if (dx_by_col2im) col2im(dcol, nb, dx + n0 * in_sample, g);
       }
     }
   });
@@ -688,28 +691,34 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeome
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const int64_t chunks = chunk_count(g);
-  std::vector<cpu::SegmentsB<T>> filters;  // each group's B = W_gᵀ, packed once for every sample
-  for (int64_t grp = 0; grp < g.groups; ++grp) filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}));
+  // each group's B = W_gᵀ, packed once for every sample
+  const int64_t packed_size = cpu::segments_b_size<T>(kg, fg);
+  T* packed = cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * packed_size);
+  std::vector<cpu::SegmentsB<T>> filters;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}, packed + grp * packed_size));
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> x_pad(sp.hp * sp.wp * g.c), out(sp.cols * g.f);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.cols * g.f);
     std::vector<const T*> taps(g.taps());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
-          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad.data());
+          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
         } else {
-          pad_pixels(x + n * in_sample, g, sp, x_pad.data());
+          pad_pixels(x + n * in_sample, g, sp, x_pad);
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad.data() + tap_offset(g, sp, t) * g.c + grp * cg;
+          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + tap_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out.data() + grp * fg, g.f,
+          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f,
                                 ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
-          const T* src = out.data() + o_h * sp.wp * g.f;
+          const T* src = out + o_h * sp.wp * g.f;
           if (!planes) {
             std::copy(src, src + g.ow * g.f, y_n + o_h * g.ow * g.f);
             continue;
@@ -733,16 +742,18 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
   const int64_t chunks = chunk_count(g);
   std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> x_pad(sp.hp * sp.wp * g.c), dy_pitch(sp.cols * g.f, T(0));
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, sp.cols * g.f);
+    std::fill(dy_pitch, dy_pitch + sp.cols * g.f, T(0));  // the gaps stay zero
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_pixels(x + n * in_sample, g, sp, x_pad.data());
+        pad_pixels(x + n * in_sample, g, sp, x_pad);
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the gaps stay zero from the allocation
           const T* src = dy + n * out_sample + o_h * g.ow * g.f;
-          std::copy(src, src + g.ow * g.f, dy_pitch.data() + o_h * sp.wp * g.f);
+          std::copy(src, src + g.ow * g.f, dy_pitch + o_h * sp.wp * g.f);
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const T* x_grp = x_pad.data() + grp * cg;
+          const T* x_grp = x_pad + grp * cg;
           const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
             for (int64_t p = 0; p < kc; ++p) {
               const T* pixel = x_grp + (p0 + p) * g.c;
@@ -759,7 +770,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
           };
           cpu::GemmEpilogue<T> ep;
           ep.accumulate = true;
-          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch.data() + grp * fg, 1, g.f}, pack,
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg, 1, g.f}, pack,
                        partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
         }
       }
@@ -893,17 +904,18 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> x_pad(sp.hp * sp.wp * g.c), out(out_sample);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample);
     for (int64_t n = n0; n < n1; ++n) {
-      pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad.data());
+      pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
       if (isa == cpu::Isa::kAvx512) {
-        dw_forward_pixels_avx512(x_pad.data(), w_t.data(), b, out.data(), g, sp);
+        dw_forward_pixels_avx512(x_pad, w_t.data(), b, out, g, sp);
       } else if (isa == cpu::Isa::kAvx2) {
-        dw_forward_pixels_avx2(x_pad.data(), w_t.data(), b, out.data(), g, sp);
+        dw_forward_pixels_avx2(x_pad, w_t.data(), b, out, g, sp);
       } else {
-        dw_forward_pixels_baseline(x_pad.data(), w_t.data(), b, out.data(), g, sp);
+        dw_forward_pixels_baseline(x_pad, w_t.data(), b, out, g, sp);
       }
-      cpu::transpose_matrix(out.data(), g.c, g.col_cols(), g.c, y + n * out_sample, g.col_cols());  // -> [C][oH*oW]
+      cpu::transpose_matrix(out, g.c, g.col_cols(), g.c, y + n * out_sample, g.col_cols());  // -> [C][oH*oW]
     }
   });
 }
@@ -918,23 +930,25 @@ void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw
   std::vector<T> dw_part(dw ? chunks * g.taps() * g.c : 0, T(0)), db_part(db ? chunks * g.c : 0, T(0));
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> x_pad(dw ? sp.hp * sp.wp * g.c : 0), dx_pad(dx ? sp.hp * sp.wp * g.c : 0), dy_t(out_sample);
+    T* x_pad = dw ? cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c) : nullptr;
+    T* dx_pad = dx ? cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.hp * sp.wp * g.c) : nullptr;
+    T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       T* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
       T* db_c = db ? db_part.data() + chunk * g.c : nullptr;
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        cpu::transpose_matrix(dy + n * out_sample, g.col_cols(), g.c, g.col_cols(), dy_t.data(), g.c);  // -> [oH*oW][C]
-        if (dw) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad.data());
-        T* dxp = dx ? dx_pad.data() : nullptr;
+        cpu::transpose_matrix(dy + n * out_sample, g.col_cols(), g.c, g.col_cols(), dy_t, g.c);  // -> [oH*oW][C]
+        if (dw) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        T* dxp = dx_pad;
         if (isa == cpu::Isa::kAvx512) {
-          dw_backward_pixels_avx512(dy_t.data(), x_pad.data(), w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_avx512(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
         } else if (isa == cpu::Isa::kAvx2) {
-          dw_backward_pixels_avx2(dy_t.data(), x_pad.data(), w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_avx2(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
         } else {
-          dw_backward_pixels_baseline(dy_t.data(), x_pad.data(), w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
         }
         for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W]
-          cpu::transpose_matrix(dx_pad.data() + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c,
+          cpu::transpose_matrix(dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c,
                           dx + n * in_sample + i * g.w, g.h * g.w);
         }
       }
@@ -954,6 +968,100 @@ void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw
   }
 }
 
+// --------------------------------------------------------------------------- small images: pixel rows
+// Below kMinPixelsPerSample outputs (ResNet's 8x8 and 4x4 stages, whose filters are the largest), every
+// output pixel of a block of samples becomes a row of one GEMM, through the im2col of channels_last:
+//     A[j, (t, c)] = x_pad[s, o_h*sH + t_h*dH, o_w*sW + t_w*dW, c]        row j = (s, o_h, o_w)
+// built by copying C contiguous channels per row and tap (the NCHW im2col would copy rows of 4 or 8).
+//     Y[j, f]        = b[f] + Σ_t A[j, (t, :)] · W[f, :, t]ᵀ    (gemm_segments: taps as segments)
+//     d_W[f, (t, c)] = Σ_j dY[j, f] · A[j, (t, c)]              (one GEMM, both operands copied)
+// The samples are transposed to and from NCHW in cache. One group only (the copies of a group's channels
+// would no longer be contiguous rows).
+bool use_pixel_rows(const ConvGeometry& g) {
+  return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
+}
+
+// Samples per block: the rows (block * oH*oW x taps*C) under twice kColumnBudget, in equal blocks.
+int64_t pixel_rows_block(const ConvGeometry& g) {
+  const int64_t per_sample = g.col_cols() * g.taps() * g.c;
+  const int64_t most = std::max<int64_t>(1, 2 * kColumnBudget / std::max<int64_t>(1, per_sample));
+  const int64_t blocks = (g.n + most - 1) / most;
+  return (g.n + blocks - 1) / blocks;
+}
+
+// A's rows for samples [n0, n0 + nb) of the NCHW x, in parallel over the samples.
+template <typename T>
+void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const ConvGeometry& g, T* rows) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols();
+  at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    for (int64_t s = s0; s < s1; ++s) {
+      pad_pixels_from_planes(x + (n0 + s) * in_sample, g, sp, x_pad);
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+          T* row = rows + (s * p + o_h * g.ow + o_w) * k;
+          for (int64_t t = 0; t < g.taps(); ++t) {
+            const T* src = x_pad + dw_in_pixel(g, sp, o_h, o_w, t) * g.c;
+            std::copy(src, src + g.c, row + t * g.c);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
+  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
+  const cpu::SegmentsB<T> filters = cpu::prepare_segments_b<T>(
+      k, g.f, {w_cl.const_data_ptr<T>(), 1, k},
+      cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f)));
+  T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
+  T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f);
+  std::vector<const T*> taps(g.taps());
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    build_pixel_rows(x, n0, nb, g, rows);
+    for (int64_t t = 0; t < g.taps(); ++t) taps[t] = rows + t * g.c;
+    cpu::GemmEpilogue<T> ep;
+    ep.col_bias = b;
+    cpu::gemm_segments<T>(nb * p, g.taps(), g.c, taps.data(), k, filters, out, g.f, ep);
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // [pixels x F] -> y[n][F][pixels]
+      for (int64_t s = s0; s < s1; ++s) {
+        cpu::transpose_matrix(out + s * p * g.f, g.f, p, g.f, y + (n0 + s) * out_sample, p);
+      }
+    });
+  }
+}
+
+// d_W into dw (W's shape, NCHW memory).
+template <typename T>
+void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
+  T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
+  T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f);
+  T* dw_cl = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * k);  // d_W[f][t][c]
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    build_pixel_rows(x, n0, nb, g, rows);
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // dY[n][F][pixels] -> [pixels x F]
+      for (int64_t s = s0; s < s1; ++s) {
+        cpu::transpose_matrix(dy + (n0 + s) * out_sample, p, g.f, p, dy_t + s * p * g.f, g.f);
+      }
+    });
+    cpu::GemmEpilogue<T> ep;
+    ep.accumulate = n0 > 0;
+    cpu::gemm<T>(g.f, k, nb * p, {dy_t, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
+  }
+  for (int64_t f = 0; f < g.f; ++f) {  // [F][t][c] -> [F][c][t]
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_cl[(f * g.taps() + t) * g.c + c];
+    }
+  }
+}
+
 // The NCHW kernels, on contiguous tensors.
 // A stride-1 NCHW layer whose shifted planes would throw away a tenth or more of the GEMM (short rows:
 // 14 of 16 columns) but whose channels are many runs the NHWC kernel instead, transposing each sample in
@@ -966,7 +1074,9 @@ bool nchw_through_pixels(const ConvGeometry& g) {
 // conv_forward_gemm's NCHW choices, with w the filters as a tensor (NCHW contiguous).
 template <typename T>
 void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
-  if (nchw_through_pixels(g)) {
+  if (use_pixel_rows(g)) {
+    conv_forward_pixel_rows<T>(x, w, b, y, g);
+  } else if (nchw_through_pixels(g)) {
     const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);
     conv_forward_nhwc<T>(x, w_cl.const_data_ptr<T>(), b, y, g, /*planes=*/true);
   } else {
@@ -1007,10 +1117,14 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   ConvGeometry t;
   const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
   const bool dx_by_col2im = need_dx && !dx_by_conv;
-  // d_W: by shifted planes where the forward uses them, otherwise from im2col panels.
-  const bool dw_by_shift = need_dw && use_shifted_planes(g);
+  // d_W: by pixel rows or shifted planes where the forward uses them, otherwise from im2col panels.
+  const bool dw_by_rows = need_dw && use_pixel_rows(g);
+  const bool dw_by_shift = need_dw && !dw_by_rows && use_shifted_planes(g);
   T* dxp = dx_by_col2im ? dx.mutable_data_ptr<T>() : nullptr;
-  T* dwp = need_dw && !dw_by_shift ? dw.mutable_data_ptr<T>() : nullptr;
+  T* dwp = need_dw && !dw_by_shift && !dw_by_rows ? dw.mutable_data_ptr<T>() : nullptr;
+  if (dw_by_rows) {
+    conv_weight_grad_pixel_rows<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g);
+  }
   if (dxp || dwp) {
     conv_backward_gemm<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(), dxp, dwp, g,
                           dx_by_col2im);

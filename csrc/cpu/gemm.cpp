@@ -101,16 +101,6 @@ void epilogue_only(int64_t m, int64_t n, T* c, int64_t ldc, const GemmEpilogue<T
   }
 }
 
-// The thread's packing buffers, grown to the largest size asked for (at most kMc*kKc and kKc*kNc
-// elements, rounded up to whole slivers).
-template <typename T>
-T* thread_buffer(int which, int64_t size) {
-  thread_local std::vector<T> buffers[2];
-  std::vector<T>& buffer = buffers[which];
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
-}
-
 // The blocked loops (top of the file), on the calling thread; pack_b_block(p0, j0, kc, nc, nr, dst)
 // packs B as a PackB does.
 template <typename T, typename PackBlock>
@@ -126,8 +116,9 @@ void gemm_blocked(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const
   const int64_t kc_block = even_block(k, kKc, 1);
   const int64_t mc_block = even_block(m, kMc / mr * mr, mr);
   const int64_t nc_block = even_block(n, kNc / nr * nr, nr);
-  T* a_pack = thread_buffer<T>(0, mc_block * kc_block);
-  T* b_pack = thread_buffer<T>(1, kc_block * nc_block);
+  // at most kMc*kKc and kKc*kNc elements, rounded up to whole slivers
+  T* a_pack = thread_scratch<T>(Scratch::kPackA, mc_block * kc_block);
+  T* b_pack = thread_scratch<T>(Scratch::kPackB, kc_block * nc_block);
 
   for (int64_t jc = 0; jc < n; jc += nc_block) {
     const int64_t nc = std::min(nc_block, n - jc);
@@ -383,13 +374,38 @@ void gemm_segments_packed(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
 }  // namespace
 
 template <typename T>
-SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b) {
-  SegmentsB<T> prepared{b, k, n, {}};
+int64_t segments_b_size(int64_t k, int64_t n) {
 #if CS231N_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_isa() == Isa::kAvx512 && k > 0 && n > 0) {
-      prepared.packed.resize(k * ((n + kSegmentsNr - 1) / kSegmentsNr) * kSegmentsNr);
-      pack_b(b, 0, 0, k, n, kSegmentsNr, prepared.packed.data());
+    if (cpu_isa() == Isa::kAvx512 && k > 0 && n > 0) return k * ((n + kSegmentsNr - 1) / kSegmentsNr) * kSegmentsNr;
+  }
+#endif
+  return 0;
+}
+
+template <typename T>
+SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storage) {
+  SegmentsB<T> prepared{b, k, n, nullptr};
+#if CS231N_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (segments_b_size<float>(k, n) > 0) {
+      float* packed = storage;
+      // by slivers in parallel (large filters: 512 x 4608 in ResNet's last stage)
+      const int64_t slivers = (n + kSegmentsNr - 1) / kSegmentsNr;
+      at::parallel_for(0, slivers, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t sl = s0; sl < s1; ++sl) {
+          const int64_t j0 = sl * kSegmentsNr, nc = std::min<int64_t>(kSegmentsNr, n - j0);
+          float* dst = packed + sl * k * kSegmentsNr;
+          if (b.rs == 1) {  // Bᵀ's rows (the filters) lie in memory: 16 x 16 register transposes
+            std::vector<const float*> rows(nc);
+            for (int64_t j = 0; j < nc; ++j) rows[j] = b.data + (j0 + j) * b.cs;
+            pack_transposed_rows(rows.data(), 0, k, nc, kSegmentsNr, dst);
+          } else {
+            pack_b(b, 0, j0, k, nc, kSegmentsNr, dst);
+          }
+        }
+      });
+      prepared.packed = packed;
     }
   }
 #endif
@@ -418,8 +434,8 @@ void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, i
       if (e.row_bias) e.row_bias += i0;
 #if CS231N_X86
       if constexpr (std::is_same_v<T, float>) {
-        if (!b.packed.empty()) {
-          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_part.data(), lda, b.packed.data(), c + i0 * ldc, ldc, e);
+        if (b.packed != nullptr) {
+          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_part.data(), lda, b.packed, c + i0 * ldc, ldc, e);
           continue;
         }
       }
@@ -429,8 +445,10 @@ void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, i
   });
 }
 
-template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, MatrixView<float>);
-template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, MatrixView<double>);
+template int64_t segments_b_size<float>(int64_t, int64_t);
+template int64_t segments_b_size<double>(int64_t, int64_t);
+template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, MatrixView<float>, float*);
+template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, MatrixView<double>, double*);
 template void gemm_segments<float>(int64_t, int64_t, int64_t, const float* const*, int64_t, const SegmentsB<float>&,
                                    float*, int64_t, const GemmEpilogue<float>&);
 template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t,

@@ -200,8 +200,9 @@ int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
 // Wp: output j = o_h*Wp + o_w (o_w < Wp, the columns past oW thrown away). Then tap (t_h, t_w) of
 // channel c reads, for every output, the padded plane shifted by one offset:
 //     col[(c, t_h, t_w), j] = x_pad[c*Hp*Wp + t_h*dH*Wp + t_w*dW + j]
-// so each row of the GEMM's B is a contiguous run of x_pad, and packing it is one copy: no index maths,
-// no padding tests. The price is the thrown-away columns, (Wp - oW) of every Wp, and the padded copy.
+// so each row of the GEMM's B is a contiguous run of x_pad, which the micro-kernel reads in place
+// (cpu::gemm_rows_b): no im2col, no packing, no padding tests. The price is the thrown-away columns,
+// (Wp - oW) of every Wp, and the padded copy.
 struct ShiftedPlanes {
   int64_t hp, wp;  // the padded plane
   int64_t cols;    // GEMM columns per sample: (oH-1)*Wp + oW
@@ -243,22 +244,6 @@ inline int64_t shifted_offset(const ConvGeometry& g, const ShiftedPlanes& sp, in
   return (c * sp.hp + th * g.dh) * sp.wp + tw * g.dw;
 }
 
-// B = rows r0 .. of the shifted planes, packed: one copy per row and sliver.
-template <typename T>
-cpu::PackB<T> pack_shifted(const T* x_pad, const ConvGeometry& g, const ShiftedPlanes& sp, int64_t r0) {
-  return [=, &g, &sp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
-    for (int64_t p = 0; p < kc; ++p) {
-      const T* src = x_pad + shifted_offset(g, sp, r0 + p0 + p) + j0;
-      for (int64_t s = 0; s < nc; s += nr) {
-        T* out = dst + s * kc + p * nr;
-        const int64_t len = std::min<int64_t>(nr, nc - s);
-        std::copy(src + s, src + s + len, out);
-        std::fill(out + len, out + nr, T(0));
-      }
-    }
-  };
-}
-
 // The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wp,
 // then the oW real columns of each row copied to y.
 template <typename T>
@@ -267,8 +252,10 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGe
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
   const int64_t chunks = chunk_count(g);
+  std::vector<int64_t> offsets(g.col_rows());  // B's rows in x_pad, all groups
+  for (int64_t r = 0; r < g.col_rows(); ++r) offsets[r] = shifted_offset(g, sp, r);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.hp * sp.wp);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.hp * sp.wp + cpu::kRowsBSlack);
     T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
@@ -276,8 +263,8 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGe
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::GemmEpilogue<T> ep;
           ep.row_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, pack_shifted(x_pad, g, sp, grp * kg),
-                       out + grp * fg * sp.cols, sp.cols, ep);
+          cpu::gemm_rows_b<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, x_pad, offsets.data() + grp * kg,
+                              out + grp * fg * sp.cols, sp.cols, ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t f = 0; f < g.f; ++f) {

@@ -454,6 +454,80 @@ template void gemm_segments<float>(int64_t, int64_t, int64_t, const float* const
 template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t,
                                     const SegmentsB<double>&, double*, int64_t, const GemmEpilogue<double>&);
 
+namespace {
+
+#if CS231N_X86
+// gemm_rows_b on AVX-512, on the calling thread: gemm_blocked's loops without B's packing.
+void gemm_rows_b_avx512(int64_t m, int64_t n, int64_t k, const MatrixView<float>& a, const float* b,
+                        const int64_t* b_off, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {
+  constexpr int mr = 8, nr = 48;
+  const int64_t kc_block = even_block(k, kKc, 1), mc_block = even_block(m, kMc / mr * mr, mr);
+  float* a_pack = thread_scratch<float>(Scratch::kPackA, mc_block * kc_block);
+  for (int64_t pc = 0; pc < k; pc += kc_block) {
+    const int64_t kc = std::min(kc_block, k - pc);
+    const bool first = pc == 0;
+    for (int64_t ic = 0; ic < m; ic += mc_block) {
+      const int64_t mc = std::min(mc_block, m - ic);
+      pack_a(a, ic, pc, mc, kc, mr, a_pack);
+      for (int64_t j = 0; j < n; j += nr) {
+        const int n_tile = static_cast<int>(std::min<int64_t>(nr, n - j));
+        for (int64_t ir = 0; ir < mc; ir += mr) {
+          const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
+          const int64_t i = ic + ir;
+          const TileEpilogue<float> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
+                                         first && ep.col_bias ? ep.col_bias + j : nullptr};
+          microkernel_avx512_rows_b<mr, 3>(kc, a_pack + ir * kc, b + j, b_off + pc, c + i * ldc + j, ldc, m_tile,
+                                           n_tile, tile);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c,
+                 int64_t ldc, const GemmEpilogue<T>& ep) {
+#if CS231N_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_isa() == Isa::kAvx512 && m > 0 && n > 0 && k > 0) {
+      // columns among the threads outside a parallel region (B is read in place: nothing is duplicated
+      // but A's small panels)
+      const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+      const int64_t units = (n + 47) / 48, parts = 2 * m * n * k < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, units);
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) {
+          const int64_t j0 = part * units / parts * 48, j1 = std::min(n, (part + 1) * units / parts * 48);
+          GemmEpilogue<float> e = ep;
+          if (e.col_bias) e.col_bias += j0;
+          gemm_rows_b_avx512(m, j1 - j0, k, a, b + j0, b_off, c + j0, ldc, e);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  auto pack = [&](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+    for (int64_t p = 0; p < kc; ++p) {
+      const T* src = b + b_off[p0 + p] + j0;
+      for (int64_t s = 0; s < nc; s += nr) {
+        T* out = dst + s * kc + p * nr;
+        const int64_t len = std::min<int64_t>(nr, nc - s);
+        std::copy(src + s, src + s + len, out);
+        std::fill(out + len, out + nr, T(0));
+      }
+    }
+  };
+  gemm_split(m, n, k, a, pack, c, ldc, ep);
+}
+
+template void gemm_rows_b<float>(int64_t, int64_t, int64_t, MatrixView<float>, const float*, const int64_t*, float*,
+                                 int64_t, const GemmEpilogue<float>&);
+template void gemm_rows_b<double>(int64_t, int64_t, int64_t, MatrixView<double>, const double*, const int64_t*,
+                                  double*, int64_t, const GemmEpilogue<double>&);
+
 template void gemm<float>(int64_t, int64_t, int64_t, MatrixView<float>, MatrixView<float>, float*, int64_t,
                           const GemmEpilogue<float>&);
 template void gemm<double>(int64_t, int64_t, int64_t, MatrixView<double>, MatrixView<double>, double*, int64_t,

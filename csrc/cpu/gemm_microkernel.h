@@ -174,6 +174,54 @@ CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, c
     }
   }
 }
+// The same kernel with B read in place, row by row: row p of the tile's B starts at b + b_off[p]. For the
+// shifted planes of a stride-1 convolution (conv2d.cpp), where every row of col(x) is a run of the padded
+// input, so that B is never packed. Columns past n are loaded (the caller leaves NR elements of slack
+// after its last row) but never stored.
+template <int MR, int NV>
+CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict__ a, const float* b,
+                                             const int64_t* __restrict__ b_off, float* __restrict__ c, int64_t ldc,
+                                             int m, int n, const TileEpilogue<float>& ep) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, a += MR) {
+    const float* b_row = b + b_off[p];
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b_row + 16 * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int lanes = std::clamp(n - 16 * v, 0, 16);
+    mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+    float* c_row = c + r * ldc;
+    const __m512 rb = ep.row_bias ? _mm512_set1_ps(ep.row_bias[r]) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m512 x = _mm512_add_ps(acc[r][v], rb);
+      if (ep.accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c_row + 16 * v));
+      if (ep.col_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], ep.col_bias + 16 * v));
+      _mm512_mask_storeu_ps(c_row + 16 * v, mask[v], x);
+    }
+  }
+}
+
 // The same register block fed from A as it lies in memory, for the channels_last convolution: C = Σ_s
 // A_s · B_s over nseg segments (the filter's taps), A_s read at a_seg[s] + r*lda + p (rows r = pixels,
 // lda = C apart; p = channels, contiguous), B packed as for the kernel above (the segments' rows one

@@ -140,7 +140,9 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
     dict(shape=(2, 300, 3, 3), f=20, k=1, stride=1, padding=0, groups=1),     # k above one KC block
     dict(shape=(1, 2, 2, 2600), f=9, k=3, stride=1, padding=1, groups=1),     # a row above one NC block
     dict(shape=(2, 32, 9, 9), f=40, k=3, stride=1, padding=1, groups=2),      # NHWC-route sizes, groups
-], ids=["k1", "deep_k", "long_row", "groups"])
+    dict(shape=(2, 6, 20, 37), f=6, k=3, stride=1, padding=1, groups=6),      # depthwise 3x3, large plane
+    dict(shape=(3, 40, 5, 6), f=40, k=3, stride=2, padding=1, groups=40),     # depthwise, small plane
+], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv2d_blocks_and_edges(isa, case, channels_last):
     with forced_isa(isa):

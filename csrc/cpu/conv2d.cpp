@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -604,6 +605,83 @@ CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, con
   depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
 }
 
+// d_W and d_b of a 3x3 stride-1 depthwise layer (one filter per channel), with the nine tap sums in
+// registers: each vector of dY is loaded once for all nine taps, where the loop above keeps a lane row
+// per tap in memory. The x plane is padded once (scratch), so that no tap needs a bounds test:
+//     d_W[c, t_h, t_w] = Σ_{n, o_h, o_w} dY[n, c, o_h, o_w] · x_pad[n, c, o_h + t_h*dH, o_w + t_w*dW]
+// Vectors are GCC's generic vectors of 64 bytes, which each instruction set's build splits as it can.
+template <typename T>
+CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                      int64_t begin, int64_t end) {
+  constexpr int kLanes = 64 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(64)));
+  const int64_t wp = g.w + 2 * g.pw, hp = g.h + 2 * g.ph, plane_out = g.oh * g.ow;
+  T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, hp * wp + kLanes);
+  std::fill(x_pad, x_pad + hp * wp + kLanes, T(0));  // the border stays zero: only the interior is copied
+  auto load = [](const T* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  for (int64_t c = begin; c < end; ++c) {
+    Vec acc[9] = {}, bias = {};
+    T tail[9] = {}, tail_bias = 0;
+    for (int64_t n = 0; n < g.n; ++n) {
+      const T* x_plane = xp + (n * g.c + c) * g.h * g.w;
+      for (int64_t i = 0; i < g.h; ++i) std::copy(x_plane + i * g.w, x_plane + (i + 1) * g.w, x_pad + (g.ph + i) * wp + g.pw);
+      const T* dy_plane = dyp + (n * g.c + c) * plane_out;
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        const T* d = dy_plane + o_h * g.ow;
+        const T* rows[3] = {x_pad + o_h * wp, x_pad + (o_h + g.dh) * wp, x_pad + (o_h + 2 * g.dh) * wp};
+        int64_t o_w = 0;
+        for (; o_w + kLanes <= g.ow; o_w += kLanes) {
+          const Vec dv = load(d + o_w);
+          bias += dv;
+#pragma GCC unroll 3
+          for (int th = 0; th < 3; ++th) {
+#pragma GCC unroll 3
+            for (int tw = 0; tw < 3; ++tw) acc[th * 3 + tw] += dv * load(rows[th] + o_w + tw * g.dw);
+          }
+        }
+        for (; o_w < g.ow; ++o_w) {
+          tail_bias += d[o_w];
+          for (int t = 0; t < 9; ++t) tail[t] += d[o_w] * rows[t / 3][o_w + (t % 3) * g.dw];
+        }
+      }
+    }
+    for (int t = 0; t < 9; ++t) {
+      T sum = tail[t];
+      for (int l = 0; l < kLanes; ++l) sum += acc[t][l];
+      if (dwp) dwp[c * 9 + t] = sum;
+    }
+    if (dbp) {
+      T sum = tail_bias;
+      for (int l = 0; l < kLanes; ++l) sum += bias[l];
+      dbp[c] = sum;
+    }
+  }
+}
+
+template <typename T>
+void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                        int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+template <typename T>
+CS231N_AVX2 void depthwise_weight_grad_3x3_avx2(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+template <typename T>
+CS231N_AVX512 void depthwise_weight_grad_3x3_avx512(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                    int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+
+bool depthwise_weight_grad_is_3x3(const ConvGeometry& g) {
+  return g.f == g.c && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1;
+}
+
 template <typename T>
 void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
                         at::Tensor& dw, at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw,
@@ -615,8 +693,17 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   T* dwp = need_dw ? dw.mutable_data_ptr<T>() : nullptr;
   T* dbp = need_db ? db.mutable_data_ptr<T>() : nullptr;
   const int64_t per_channel = std::max<int64_t>(1, g.n * g.oh * g.ow * g.taps());
+  const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, g.c, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t begin, int64_t end) {
-    if (cpu_has_avx2_fma()) {
+    if (!need_dx && depthwise_weight_grad_is_3x3(g)) {
+      if (isa == cpu::Isa::kAvx512) {
+        depthwise_weight_grad_3x3_avx512<T>(dyp, xp, dwp, dbp, g, begin, end);
+      } else if (isa == cpu::Isa::kAvx2) {
+        depthwise_weight_grad_3x3_avx2<T>(dyp, xp, dwp, dbp, g, begin, end);
+      } else {
+        depthwise_weight_grad_3x3_baseline<T>(dyp, xp, dwp, dbp, g, begin, end);
+      }
+    } else if (cpu_has_avx2_fma()) {
       depthwise_backward_channels_avx2<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
     } else {
       depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
@@ -1094,8 +1181,16 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
                                  need_db ? db.mutable_data_ptr<T>() : nullptr, g);
     return;
   }
-  if (conv2d_is_depthwise(g)) {  // d_b too, in its own pass over dY
-    depthwise_backward<T>(dy, x, w, dx, dw, db, g, need_dx, need_dw, need_db);
+  if (conv2d_is_depthwise(g)) {
+    // d_x of a stride-1 layer with one filter per channel is the depthwise convolution of dY with the
+    // flipped filters (as for the dense layers): the forward's kernel, measured 7.7 against 11.8 ms for
+    // the gather at (32, 128, 56, 56). d_W and d_b (in the same pass over dY) by the backward kernel.
+    ConvGeometry t;
+    const bool dx_by_conv = need_dx && g.f == g.c && transposed_geometry(g, &t);
+    if (dx_by_conv) depthwise_forward<T>(dy, transposed_filters(w, g), c10::nullopt, dx, t);
+    if (need_dw || need_db || (need_dx && !dx_by_conv)) {
+      depthwise_backward<T>(dy, x, w, dx, dw, db, g, need_dx && !dx_by_conv, need_dw, need_db);
+    }
     return;
   }
   if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]

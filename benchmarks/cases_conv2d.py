@@ -34,6 +34,9 @@ def cases():
             return x, w, b
 
         kwargs = dict(stride=stride, padding=padding, groups=groups)
+        n, c, h, w = shape
+        oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        flops = 2 * n * f * (c // groups) * k * k * oh * ow  # forward; d_x and d_W cost as much each
         yield Case(
             op="conv2d",
             name=name,
@@ -44,4 +47,5 @@ def cases():
             reference=lambda x, w, b, kwargs=kwargs: F.conv2d(x, w, b, **kwargs),
             target=target,
             quick=name in ("cs231n", "resnet", "depthwise"),
+            extra={"flops_fwd": flops, "flops_fwd_bwd": 3 * flops},
         )

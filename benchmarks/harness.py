@@ -87,6 +87,7 @@ def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -
         "ratio_fwd": med["fwd_ours"] / med["fwd_torch"],
         "ratio_fwd_bwd": med["fb_ours"] / med["fb_torch"],
         "target": case.target,
+        **{k: v for k, v in case.extra.items() if k.startswith("flops_")},
     }
 
 
@@ -106,6 +107,21 @@ def print_table(rows: list[dict]) -> None:
               f" {r['ratio_fwd']:6.2f} {_ms(r['fb_ours_s'])} {_ms(r['fb_torch_s'])} {r['ratio_fwd_bwd']:6.2f}"
               f" {target:>6}{flag}")
     print("times in ms (median of rounds of blocked_autorange medians); ratio = ours / torch")
+
+
+def print_gflops(rows: list[dict], peak) -> None:
+    """GFLOP/s of the cases that count their flops (the convolutions), beside the machine's FMA peak."""
+    rows = [r for r in rows if "flops_fwd" in r]
+    if not rows:
+        return
+    print()
+    print(f"{'op':<10} {'case':<13} {'fwd ours':>9} {'fwd torch':>9} {'f+b ours':>9} {'f+b torch':>9}   GFLOP/s")
+    for r in rows:
+        cells = [r["flops_fwd"] / r["fwd_ours_s"], r["flops_fwd"] / r["fwd_torch_s"],
+                 r["flops_fwd_bwd"] / r["fb_ours_s"], r["flops_fwd_bwd"] / r["fb_torch_s"]]
+        print(f"{r['op']:<10} {r['case']:<13} " + " ".join(f"{c / 1e9:9.0f}" for c in cells))
+    if peak is not None:
+        print(f"measured FMA peak: {peak[0]:.0f} GFLOP/s float32 ({peak[1]}, benchmarks/peak_fma.cpp)")
 
 
 def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) -> int:
@@ -144,11 +160,18 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
         print(f"  {case.op} {case.name}: fwd+bwd ratio {rows[-1]['ratio_fwd_bwd']:.2f}", flush=True)
     print()
     print_table(rows)
+    peak = None
+    if args.device == "cpu" and any("flops_fwd" in r for r in rows):
+        from .peak import peak_gflops
+
+        peak = peak_gflops(args.threads)
+    print_gflops(rows, peak)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": device_name, "threads": args.threads,
-                       "torch": torch.__version__, "build": info, "results": rows}, f, indent=1)
+                       "torch": torch.__version__, "build": info, "fma_peak_gflops": peak and peak[0],
+                       "results": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

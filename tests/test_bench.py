@@ -48,3 +48,31 @@ def test_quick_run_writes_json(tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     assert (row["op"], row["case"]) == ("relu", "cs231n")
     assert row["fb_ours_s"] > 0 and row["fb_torch_s"] > 0 and row["ratio_fwd_bwd"] > 0
+
+
+def test_grad_targets_replace_the_inputs_for_forward_backward(monkeypatch):
+    """A model case differentiates each side's own parameters, not its inputs (which need no grad)."""
+    params = {"ours": torch.ones(3, requires_grad=True), "torch": torch.full((3,), 2.0, requires_grad=True)}
+    seen = []
+    real_grad = torch.autograd.grad
+
+    def grad(outputs, inputs, grad_outputs):
+        seen.append([t is params["ours"] or t is params["torch"] for t in inputs])
+        return real_grad(outputs, inputs, grad_outputs)
+
+    case = Case(op="model", name="m", describe="m", make_inputs=lambda device, dtype: (torch.ones(3),),
+                ours=lambda x: (x * params["ours"]).sum(), reference=lambda x: (x * params["torch"]).sum(),
+                grad_targets=lambda who: [params[who]])
+    monkeypatch.setattr(harness, "_time", lambda stmt_fn, threads, min_run_time: stmt_fn() or 1.0)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    harness.measure(case, "cpu", threads=1, rounds=1, min_run_time=0.0)
+    assert seen and all(s == [True] for s in seen)
+
+
+def test_gflops_table_uses_the_counted_flops(capsys):
+    row = {"op": "conv2d", "case": "c", "flops_fwd": 2e9, "flops_fwd_bwd": 6e9, "fwd_ours_s": 0.01,
+           "fwd_torch_s": 0.02, "fb_ours_s": 0.03, "fb_torch_s": 0.06}
+    harness.print_gflops([row, {"op": "relu", "case": "r"}], (500.0, "AVX-512"))
+    out = capsys.readouterr().out
+    assert "conv2d     c                   200       100       200       100" in out
+    assert "relu" not in out and "measured FMA peak: 500 GFLOP/s" in out

@@ -1,22 +1,28 @@
-// Conv2d on the CPU: an implicit GEMM (our packed GEMM, cpu/gemm.h, with im2col done while it packs its
-// panels), and a direct kernel for depthwise.
+// Conv2d on the CPU: every dense layer is a GEMM (our own, cpu/gemm.h), fed in the way that copies least
+// for its shape; depthwise layers have direct kernels. docs/conv2d.md derives the formulas and has the
+// table of routes; in this file, in order:
+//
+//   im2col, col2im          strided layers: im2col written straight into the GEMM's panels; col2im
+//   shifted planes          stride 1, NCHW: each row of col(x) is a run of the padded input, read in place
+//   implicit GEMM           the NCHW forward of the other layers (and the choice between the two above)
+//   backward                d_W from im2col panels; d_x by d_col + col2im, or as the transposed convolution
+//   depthwise               plane kernels (large planes), 3x3 d_W with the tap sums in registers
+//   channels_last (NHWC)    pixels as GEMM rows read in place, taps as segments (also NCHW layers with
+//                           short rows, transposed in cache)
+//   depthwise, small        channels innermost
+//   small images            all samples' pixels as the rows of one GEMM
+//   routing                 which of the above a layer takes (the table of docs/conv2d.md)
+//   the ops                 checks, memory format, dispatch
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
-// common/conv2d.h, shared with the CUDA kernels; docs/conv2d.md derives every formula used here.
-//
-//   forward   Y = W · col(x) + b                  col(x) is never stored: the GEMM packs it from x
-//   d_W       d_W = dY · col(x)ᵀ                  the same, transposed, packed from x
-//   d_x       stride 1: the convolution of dY with the flipped, transposed filters (the forward again);
-//             strided: d_col = Wᵀ · dY, then col2im (a gather)
+// common/conv2d.h, shared with the CUDA kernels.
 //
 // Work split. The batch is cut into one chunk per thread; each thread runs single-threaded GEMMs on its
-// own samples, several side by side when they are small (block_size). With fewer samples than threads
-// (N = 1), each GEMM splits its columns among the threads instead. Buffers are per thread and bounded:
-// they do not grow with N (docs/conv2d.md states the bound).
+// own samples. With one chunk (N = 1, tiny layers, small images), each GEMM splits its rows or columns
+// among the threads instead. Buffers are per thread and bounded: they do not grow with N.
 //
 // Memory format: torch's rule (conv2d_memory_format): channels_last results when the input or the weight
-// is channels_last, contiguous NCHW otherwise. Stride-1 channels_last layers run NHWC kernels of their
-// own (pixels as GEMM rows, channels as k); the others run the NCHW kernels on contiguous copies.
+// is channels_last, contiguous NCHW otherwise.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -857,7 +863,6 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
   }
 }
 
-// ---------------------------------------------------------------------------------------------- the ops
 // ------------------------------------------------------------------ depthwise, channels innermost
 // Depthwise with one filter per channel (MobileNet's): each sample is transposed in cache to pixels x
 // channels (pad_pixels_from_planes), so that every tap is a multiply-add over a contiguous run of
@@ -1136,6 +1141,7 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const ConvGeome
   }
 }
 
+// ---------------------------------------------------------------------------------------------- routing
 // The NCHW kernels, on contiguous tensors.
 // A stride-1 NCHW layer whose shifted planes would throw away a tenth or more of the GEMM (short rows:
 // 14 of 16 columns) but whose channels are many runs the NHWC kernel instead, transposing each sample in

@@ -88,6 +88,14 @@ void pack_b(const MatrixView<T>& b, int64_t p0, int64_t j0, int64_t kc, int64_t 
   }
 }
 
+// The epilogue of the tile at (i, j) in a block of k: the first block writes C with the epilogue's terms,
+// the later ones add to it.
+template <typename T>
+TileEpilogue<T> tile_epilogue(const GemmEpilogue<T>& ep, bool first, int64_t i, int64_t j) {
+  return {!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
+          first && ep.col_bias ? ep.col_bias + j : nullptr};
+}
+
 // The product of an empty k: C is only the epilogue's terms.
 template <typename T>
 void epilogue_only(int64_t m, int64_t n, T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
@@ -125,7 +133,6 @@ void gemm_blocked(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const
     for (int64_t pc = 0; pc < k; pc += kc_block) {
       const int64_t kc = std::min(kc_block, k - pc);
       pack_b_block(pc, jc, kc, nc, nr, b_pack);
-      // The first k block writes C with the epilogue's terms; the later ones add to it.
       const bool first = pc == 0;
       for (int64_t ic = 0; ic < m; ic += mc_block) {
         const int64_t mc = std::min(mc_block, m - ic);
@@ -135,8 +142,7 @@ void gemm_blocked(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const
           for (int64_t ir = 0; ir < mc; ir += mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
             const int64_t i = ic + ir, j = jc + jr;
-            const TileEpilogue<T> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
-                                       first && ep.col_bias ? ep.col_bias + j : nullptr};
+            const TileEpilogue<T> tile = tile_epilogue(ep, first, i, j);
             uk.kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c + i * ldc + j, ldc, m_tile, n_tile, tile);
           }
         }
@@ -347,8 +353,7 @@ void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
       for (int64_t i = 0; i < m; i += mr) {
         const int m_tile = static_cast<int>(std::min<int64_t>(mr, m - i));
         for (int64_t s = s0; s < s1; ++s) a_tile[s] = a_seg[s] + i * lda;
-        const TileEpilogue<float> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
-                                       first && ep.col_bias ? ep.col_bias + j : nullptr};
+        const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
         microkernel_avx512_segments<mr, 4>(s1 - s0, a_tile.data() + s0, lda, kc, b_pack + j * k + s0 * kc * nr,
                                            c + i * ldc + j, ldc, m_tile, n_tile, tile);
       }
@@ -474,8 +479,7 @@ void gemm_rows_b_avx512(int64_t m, int64_t n, int64_t k, const MatrixView<float>
         for (int64_t ir = 0; ir < mc; ir += mr) {
           const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
           const int64_t i = ic + ir;
-          const TileEpilogue<float> tile{!first || ep.accumulate, first && ep.row_bias ? ep.row_bias + i : nullptr,
-                                         first && ep.col_bias ? ep.col_bias + j : nullptr};
+          const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
           microkernel_avx512_rows_b<mr, 3>(kc, a_pack + ir * kc, b + j, b_off + pc, c + i * ldc + j, ldc, m_tile,
                                            n_tile, tile);
         }

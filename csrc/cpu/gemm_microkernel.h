@@ -125,82 +125,37 @@ CS231N_AVX2 void microkernel_avx2(int64_t kc, const float* __restrict__ a, const
 }
 
 // --------------------------------------------------------------------------------------------- AVX-512
+// The three AVX-512 kernels differ only in where a k step's A values and B row come from; these parts
+// are theirs in common (always inlined, so the accumulators stay in registers).
+#define CS231N_AVX512_INLINE CS231N_AVX512 inline __attribute__((always_inline))
+
 template <int MR, int NV>
-CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
-                                      float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
-  constexpr int NR = 16 * NV;
-  __m512 acc[MR][NV];
+CS231N_AVX512_INLINE void zero_tile(__m512 (&acc)[MR][NV]) {
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  // The tile of C is read after the loop: ask for its lines now.
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (r >= m) break;
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + std::min(n, NR) - 1), _MM_HINT_T0);
-  }
-#pragma GCC unroll 2
-  for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-  __mmask16 mask[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int lanes = std::clamp(n - 16 * v, 0, 16);
-    mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (r >= m) break;
-    float* c_row = c + r * ldc;
-    const __m512 rb = ep.row_bias ? _mm512_set1_ps(ep.row_bias[r]) : _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      __m512 x = _mm512_add_ps(acc[r][v], rb);
-      if (ep.accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c_row + 16 * v));
-      if (ep.col_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], ep.col_bias + 16 * v));
-      _mm512_mask_storeu_ps(c_row + 16 * v, mask[v], x);
-    }
   }
 }
-// The same kernel with B read in place, row by row: row p of the tile's B starts at b + b_off[p]. For the
-// shifted planes of a stride-1 convolution (conv2d.cpp), where every row of col(x) is a run of the padded
-// input, so that B is never packed. Columns past n are loaded (the caller leaves NR elements of slack
-// after its last row) but never stored.
-template <int MR, int NV>
-CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict__ a, const float* b,
-                                             const int64_t* __restrict__ b_off, float* __restrict__ c, int64_t ldc,
-                                             int m, int n, const TileEpilogue<float>& ep) {
-  __m512 acc[MR][NV];
+
+// One k step: acc[r] += a(r) · (the NV vectors at b_row), for the MR rows.
+template <int MR, int NV, typename AValue>
+CS231N_AVX512_INLINE void fma_step(__m512 (&acc)[MR][NV], const float* b_row, const AValue& a) {
+  __m512 bv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b_row + 16 * v);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
+    const __m512 av = _mm512_set1_ps(a(r));
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
   }
-#pragma GCC unroll 2
-  for (int64_t p = 0; p < kc; ++p, a += MR) {
-    const float* b_row = b + b_off[p];
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b_row + 16 * v);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
+}
+
+// The tile written: its first m rows and n columns, with the epilogue's terms, through lane masks.
+template <int MR, int NV>
+CS231N_AVX512_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, int m, int n,
+                                     const TileEpilogue<float>& ep) {
   __mmask16 mask[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -222,58 +177,60 @@ CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict
   }
 }
 
-// The same register block fed from A as it lies in memory, for the channels_last convolution: C = Σ_s
-// A_s · B_s over nseg segments (the filter's taps), A_s read at a_seg[s] + r*lda + p (rows r = pixels,
-// lda = C apart; p = channels, contiguous), B packed as for the kernel above (the segments' rows one
-// after the other). No A panel is packed: each pixel row is broadcast straight from the input, so the
-// accumulators stay in registers across all taps. Rows r >= m read row 0 (never written).
+// Both operands packed (the GEMM of the table above).
+template <int MR, int NV>
+CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, const float* __restrict__ b,
+                                      float* __restrict__ c, int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
+  constexpr int NR = 16 * NV;
+  __m512 acc[MR][NV];
+  zero_tile(acc);
+  // The tile of C is read after the loop: ask for its lines now.
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + std::min(n, NR) - 1), _MM_HINT_T0);
+  }
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) fma_step(acc, b, [a](int r) { return a[r]; });
+  store_tile(acc, c, ldc, m, n, ep);
+}
+
+// B read in place, row by row: row p of the tile's B starts at b + b_off[p]. For the shifted planes of a
+// stride-1 convolution (conv2d.cpp), where every row of col(x) is a run of the padded input, so that B
+// is never packed. Columns past n are loaded (the caller leaves NR elements of slack after its last
+// row) but never stored.
+template <int MR, int NV>
+CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict__ a, const float* b,
+                                             const int64_t* __restrict__ b_off, float* __restrict__ c, int64_t ldc,
+                                             int m, int n, const TileEpilogue<float>& ep) {
+  __m512 acc[MR][NV];
+  zero_tile(acc);
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, a += MR) fma_step(acc, b + b_off[p], [a](int r) { return a[r]; });
+  store_tile(acc, c, ldc, m, n, ep);
+}
+
+// A read in place, for the channels_last convolution: C = Σ_s A_s · B_s over nseg segments (the
+// filter's taps), A_s read at a_seg[s] + r*lda + p (rows r = pixels, lda = C apart; p = channels,
+// contiguous), B packed as for the first kernel (the segments' rows one after the other). No A panel
+// is packed: each pixel row is broadcast straight from the input, so the accumulators stay in registers
+// across all taps. Rows r >= m read row 0 (never written).
 template <int MR, int NV>
 CS231N_AVX512 void microkernel_avx512_segments(int64_t nseg, const float* const* a_seg, int64_t lda, int64_t kc,
                                                const float* __restrict__ b, float* __restrict__ c, int64_t ldc, int m,
                                                int n, const TileEpilogue<float>& ep) {
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
+  zero_tile(acc);
   for (int64_t s = 0; s < nseg; ++s) {
     const float* ar[MR];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) ar[r] = a_seg[s] + (r < m ? r : 0) * lda;
 #pragma GCC unroll 2
-    for (int64_t p = 0; p < kc; ++p, b += NR) {
-      __m512 bv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(ar[r][p]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-      }
-    }
+    for (int64_t p = 0; p < kc; ++p, b += NR) fma_step(acc, b, [&ar, p](int r) { return ar[r][p]; });
   }
-  __mmask16 mask[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int lanes = std::clamp(n - 16 * v, 0, 16);
-    mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (r >= m) break;
-    float* c_row = c + r * ldc;
-    const __m512 rb = ep.row_bias ? _mm512_set1_ps(ep.row_bias[r]) : _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      __m512 x = _mm512_add_ps(acc[r][v], rb);
-      if (ep.accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c_row + 16 * v));
-      if (ep.col_bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], ep.col_bias + 16 * v));
-      _mm512_mask_storeu_ps(c_row + 16 * v, mask[v], x);
-    }
-  }
+  store_tile(acc, c, ldc, m, n, ep);
 }
 #endif  // CS231N_X86
 

@@ -22,6 +22,16 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def full_float32_references():
+    """Every test compares with torch in full float32: on CUDA, torch's default TF32 convolutions would
+    be the less exact side (torch_cs231n.check.full_float32_references); the flags are restored."""
+    from torch_cs231n.check import full_float32_references
+
+    with full_float32_references():
+        yield
+
+
 def pytest_report_header(config):
     import torch_cs231n
 

@@ -89,3 +89,17 @@ def test_check_fails_when_a_kernel_is_wrong(monkeypatch):
     assert check.run("cpu", out=out) == 1
     assert "FAIL  relu: vs F.relu" in out.getvalue()
     assert "PASS  conv2d:" in out.getvalue()  # the other layers are still judged on their own
+
+
+def test_check_computes_references_without_tf32_and_restores_the_flags():
+    """check's torch references are full float32 (cuDNN's TF32 is torch's default); the user's flags come back."""
+    from torch_cs231n.check import full_float32_references
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        with full_float32_references():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

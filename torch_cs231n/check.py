@@ -6,6 +6,7 @@ facts, and exits non-zero if anything failed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -153,8 +154,30 @@ def _error_message(device):
     assert got == _BAD_CALL_MESSAGE, f"expected the RuntimeError {_BAD_CALL_MESSAGE!r}, but got {got!r}"
 
 
+# ------------------------------------------------------------------------------------------ references
+@contextlib.contextmanager
+def full_float32_references():
+    """torch's references in full float32: TF32 off for cuDNN's convolutions (torch's default turns it
+    on) and for cuBLAS's matmuls, the user's flags restored afterwards. On a GPU, a TF32 F.conv2d is
+    off by about 1e-3 relative, more than ours (float32 accumulation) is off from float64."""
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
 # ----------------------------------------------------------------------------------------------------- run
 def run(device: str = "cpu", out=sys.stdout) -> int:
+    with full_float32_references():
+        return _run(device, out)
+
+
+def _run(device: str, out) -> int:
     import torch_cs231n
 
     info = torch_cs231n.build_info()

@@ -10,7 +10,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml torch_cs231n/_build_config.py
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build clean gpu-check
 
 demo: $(VENV)/.built
 	$(PY) -m torch_cs231n demo
@@ -22,6 +22,11 @@ bench: $(VENV)/.built
 	$(PY) -m torch_cs231n bench
 
 build: $(VENV)/.built
+
+# On a GPU machine, with its own torch and no network: build for the local card, `check --device cuda`,
+# the CUDA tests and the GPU benchmark suite, every log in gpu-check/ (tools/gpu_check.sh).
+gpu-check:
+	bash tools/gpu_check.sh
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,4 +41,4 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info torch_cs231n/_C*.so bench-results demo-output
+	rm -rf build *.egg-info torch_cs231n/_C*.so bench-results demo-output gpu-check

@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default=None,
+                        help="the shape suite: cpu (the default on the CPU) or gpu (GPU-sized shapes, batch >= 64; "
+                             "the default with --device cuda)")
     args = parser.parse_args(argv)
+    suite = args.suite or ("gpu" if args.device == "cuda" else "cpu")
 
     reexec_with_tunables(reexec_argv if reexec_argv is not None else ["-m", "benchmarks.harness"] + sys.argv[1:])
 
@@ -148,15 +152,19 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 3)
     min_run_time = 0.2 if args.quick else 0.5
-    cases = [c for c in all_cases() if (not args.op or c.op in args.op) and (not args.case or c.name in args.case)
-             and (c.quick or not args.quick)]
+    cases = [c for c in all_cases() if c.suite == suite and (not args.op or c.op in args.op)
+             and (not args.case or c.name in args.case) and (c.quick or not args.quick)]
     info = torch_cs231n.build_info()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"torch_cs231n {info['version']} ({info['backend']}, cuda={info['cuda']}), torch {torch.__version__}, "
           f"device {args.device} ({device_name}), {args.threads} threads, {rounds} round(s)")
     rows = []
+    from torch_cs231n.check import full_float32_references
+
     for case in cases:
-        rows.append(measure(case, args.device, args.threads, rounds, min_run_time))
+        # matched precision on CUDA: our kernels compute in float32, so torch's cuDNN does too (no TF32)
+        with full_float32_references():
+            rows.append(measure(case, args.device, args.threads, rounds, min_run_time))
         print(f"  {case.op} {case.name}: fwd+bwd ratio {rows[-1]['ratio_fwd_bwd']:.2f}", flush=True)
     print()
     print_table(rows)

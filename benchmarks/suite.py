@@ -32,13 +32,16 @@ class Case:
     # What forward+backward differentiates, for each side ("ours", "torch"): by default the inputs that
     # require grad; a model case gives its own model's parameters (one training step).
     grad_targets: Optional[Callable[[str], list]] = None
+    # "cpu": the suite above, for any device; "gpu": GPU-sized shapes (cases_gpu.py), for --suite gpu.
+    suite: str = "cpu"
 
 
 def all_cases() -> list[Case]:
     from . import cases_relu
 
     cases = list(cases_relu.cases())
-    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise", "cases_model"):
+    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise", "cases_model",
+                        "cases_gpu"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["cases"])
         except ModuleNotFoundError:

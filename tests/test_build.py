@@ -201,3 +201,17 @@ def test_jit_build_in_a_checkout_without_c(source_copy, tmp_path_factory):
     forced = run_probe(source_copy, TORCH_CS231N_JIT="1", **env)
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "backend jit" in forced.stdout
+
+
+# ------------------------------------------------------------------------------------------ gpu-check
+def test_gpu_check_says_so_without_a_gpu(tmp_path):
+    """`make gpu-check` belongs on a GPU machine: elsewhere it stops at once, with a reason and exit 2,
+    before building anything."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make gpu-check runs for real here")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device is visible" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make gpu-check`: what a GPU machine should run, installing nothing (such machines may have no network;
+# they bring their own torch, pytest, pytest-xdist and hypothesis):
+#   1. build the extension for the local card, with every core;
+#   2. python -m torch_cs231n check --device cuda;
+#   3. the CUDA half of the tests (every test id with "cuda"), in parallel when pytest-xdist is there;
+#   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32.
+# Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
+# every step passed, 1 when one failed, 2 when there is no GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-gpu-check}
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu-check: no CUDA device is visible to $PY's torch: run this on a GPU machine" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+card=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")
+jobs=$(nproc)
+summary="$OUT/summary.txt"
+echo "gpu-check on $card (compute capability $arch), $jobs cores, $("$PY" -c 'import torch; print("torch", torch.__version__)')" | tee "$summary"
+
+failed=0
+# step NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log, and says how it went.
+step() {
+  local name=$1 start=$SECONDS rc
+  shift
+  "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s ($OUT/$name.log)" | tee -a "$summary"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+step build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" "$PY" setup.py build_ext --inplace || {
+  tail -n 30 "$OUT/build.log"
+  exit 1
+}
+step check "$PY" -m torch_cs231n check --device cuda
+tail -n 15 "$OUT/check.log" >>"$summary"
+parallel=()
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$jobs")
+step pytest-cuda "$PY" -m pytest -q -k cuda "${parallel[@]}"
+tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
+step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 2 --json "$OUT/bench.json"
+sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
+echo "gpu-check: $([ "$failed" -eq 0 ] && echo "every step passed" || echo "a step failed"); see $summary"
+exit "$failed"

@@ -1,0 +1,54 @@
+// The CPU convolution: how the batch is cut among threads and into GEMMs, and what the kernels share.
+// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/conv2d.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+using cpu::cpu_has_avx2_fma;  // the depthwise loops come in a baseline and an AVX2+FMA version
+// The body shared by both versions: always inlined, so that it is compiled with its caller's ISA.
+#define CS231N_INLINE inline __attribute__((always_inline))
+
+// Elements per parallel task for the memory-bound loops.
+constexpr int64_t kGrain = 1 << 14;
+
+// Sample ranges: the batch cut into one chunk per thread (fewer when N is small), or a single chunk when
+// the whole convolution is too small to pay for waking another thread (gradcheck-sized inputs, for one).
+// With a single chunk the GEMMs split their columns among the threads instead. The backward sums its
+// per-chunk weight gradients in chunk order, so the result is deterministic for a given thread count.
+// Small images (fewer than kMinPixelsPerSample outputs: ResNet's 8x8 and 4x4 stages) go as one chunk
+// too: all their samples side by side make one GEMM, which splits its filters among the threads, so the
+// filters (large in those layers) are packed and read once, not once per thread.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
+constexpr int64_t kMinPixelsPerSample = 128;
+inline int64_t chunk_count(const ConvGeometry& g) {
+  const int64_t macs = g.n * g.f * g.c_per_group() * g.taps() * g.col_cols();
+  if (macs < kMinParallelMacs || g.col_cols() < kMinPixelsPerSample) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+}
+inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
+
+// Samples per GEMM: enough columns (nb*oH*oW) that the micro-kernel's 48-column slivers are mostly
+// full (a 14x14 output alone fills 4 of 5), bounded so that the d_col buffer of the strided backward
+// stays under kColumnBudget elements (it never grows with N).
+constexpr int64_t kMinColumns = 512;
+constexpr int64_t kColumnBudget = int64_t(1) << 21;  // 8 MiB in float32
+inline int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
+  const int64_t by_target = (kMinColumns + g.col_cols() - 1) / g.col_cols();
+  const int64_t by_budget = kColumnBudget / std::max<int64_t>(1, g.col_rows() * g.col_cols());
+  return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

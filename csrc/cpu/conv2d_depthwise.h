@@ -1,0 +1,469 @@
+// The CPU convolution, depthwise: plane kernels for large planes, channels innermost for small ones.
+// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/conv2d.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+#include "cpu/conv2d_blocks.h"
+#include "cpu/conv2d_pixels.h"
+#include "cpu/conv2d_shifted.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+// ------------------------------------------------------------------------------------------- depthwise
+// groups == C: output channel f (of m = F/C per input channel) sees only input plane c = f/m.
+//     y[n, f, o_h, o_w] = b[f] + Σ_{t_h, t_w} W[f, 0, t_h, t_w] · x[n, f/m, i_h, i_w]
+// One plane per task; rows are accumulated tap by tap over the valid interval, a loop that vectorises.
+template <typename T>
+CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+                                            int64_t begin, int64_t end) {
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  for (int64_t nf = begin; nf < end; ++nf) {
+    const int64_t n = nf / g.f, f = nf % g.f;
+    const T* x_plane = xp + (n * g.c + f / m) * plane_in;
+    const T* w_f = wp + f * g.taps();
+    T* y_plane = yp + nf * plane_out;
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      T* __restrict__ y_row = y_plane + o_h * g.ow;
+      std::fill(y_row, y_row + g.ow, bp ? bp[f] : T(0));
+      for (int64_t th = 0; th < g.kh; ++th) {
+        const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+        if (i_h < 0 || i_h >= g.h) continue;
+        const T* __restrict__ x_row = x_plane + i_h * g.w;
+        for (int64_t tw = 0; tw < g.kw; ++tw) {
+          int64_t lo, hi;
+          conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+          const int64_t off = tw * g.dw - g.pw;
+          const T wv = w_f[th * g.kw + tw];
+          if (g.sw == 1) {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w + off];
+          } else {
+            for (int64_t o_w = lo; o_w < hi; ++o_w) y_row[o_w] += wv * x_row[o_w * g.sw + off];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+CS231N_AVX2 void depthwise_forward_planes_avx2(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+                                               int64_t begin, int64_t end) {
+  depthwise_forward_planes<T>(xp, wp, bp, yp, g, begin, end);
+}
+
+template <typename T>
+void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       at::Tensor& y, const ConvGeometry& g) {
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
+  at::parallel_for(0, g.n * g.f, std::max<int64_t>(1, kGrain / (g.oh * g.ow)), [&](int64_t begin, int64_t end) {
+    if (cpu_has_avx2_fma()) {
+      depthwise_forward_planes_avx2<T>(xp, wp, bp, yp, g, begin, end);
+    } else {
+      depthwise_forward_planes<T>(xp, wp, bp, yp, g, begin, end);
+    }
+  });
+}
+
+// Depthwise backward, one input channel c (and its m filters) per task, so that every d_x plane and every
+// d_W entry has one owner: no atomics, and the sums are in a fixed order.
+//   d_x[n, c, i_h, i_w] = Σ_{f of c} Σ_taps W[f, t] · dY[n, f, o_h, o_w]      (gather: transposed conv)
+//   d_W[f, t]           = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w] · x[n, c, i_h, i_w]
+// d_W is accumulated lane by lane into one row per tap (a vectorisable loop), reduced at the end.
+template <typename T>
+CS231N_INLINE void depthwise_backward_channels(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
+                                               const ConvGeometry& g, int64_t begin, int64_t end) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  const bool need_dx = dxp != nullptr, need_dw = dwp != nullptr, need_db = dbp != nullptr;
+  const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
+  std::vector<T> lanes(need_dw ? m * taps * g.ow : 0);
+  std::vector<T> bias_lanes(need_db ? m * g.ow : 0);  // d_b[f] = Σ dY[n, f], lane by lane, while dY is in cache
+  for (int64_t c = begin; c < end; ++c) {
+    std::fill(lanes.begin(), lanes.end(), T(0));
+    std::fill(bias_lanes.begin(), bias_lanes.end(), T(0));
+    for (int64_t n = 0; n < g.n; ++n) {
+      const T* x_plane = xp + (n * g.c + c) * plane_in;
+      T* dx_plane = need_dx ? dxp + (n * g.c + c) * plane_in : nullptr;
+      if (need_dx) std::fill(dx_plane, dx_plane + plane_in, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t f = c * m + j;
+        const T* dy_plane = dyp + (n * g.f + f) * plane_out;
+        const T* w_f = wp + f * taps;
+        if (need_dx) {
+          for (int64_t i_h = 0; i_h < g.h; ++i_h) {
+            T* __restrict__ dx_row = dx_plane + i_h * g.w;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              int64_t o_h;
+              if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
+              const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t i0, o0;
+                conv_tap_first(tw, g.sw, g.pw, g.dw, &i0, &o0);
+                if (i0 >= g.w || o0 >= g.ow) continue;
+                const int64_t count = std::min((g.w - i0 + g.sw - 1) / g.sw, g.ow - o0);
+                const T wv = w_f[th * g.kw + tw];
+                if (g.sw == 1) {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k] += wv * dy_row[o0 + k];
+                } else {
+                  for (int64_t k = 0; k < count; ++k) dx_row[i0 + k * g.sw] += wv * dy_row[o0 + k];
+                }
+              }
+            }
+          }
+        }
+        if (need_db) {
+          T* __restrict__ lane = bias_lanes.data() + j * g.ow;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) lane[o_w] += dy_row[o_w];
+          }
+        }
+        if (need_dw) {
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* __restrict__ dy_row = dy_plane + o_h * g.ow;
+            for (int64_t th = 0; th < g.kh; ++th) {
+              const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
+              if (i_h < 0 || i_h >= g.h) continue;
+              const T* __restrict__ x_row = x_plane + i_h * g.w;
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                int64_t lo, hi;
+                conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+                const int64_t off = tw * g.dw - g.pw;
+                T* __restrict__ lane = lanes.data() + (j * taps + th * g.kw + tw) * g.ow;
+                if (g.sw == 1) {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w + off];
+                } else {
+                  for (int64_t o_w = lo; o_w < hi; ++o_w) lane[o_w] += dy_row[o_w] * x_row[o_w * g.sw + off];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    if (need_dw) {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* lane = lanes.data() + (j * taps + t) * g.ow;
+          acc_t s = 0;
+          for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(lane[o_w]);
+          dwp[(c * m + j) * taps + t] = static_cast<T>(s);
+        }
+      }
+    }
+    if (need_db) {
+      for (int64_t j = 0; j < m; ++j) {
+        acc_t s = 0;
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) s += static_cast<acc_t>(bias_lanes[j * g.ow + o_w]);
+        dbp[c * m + j] = static_cast<T>(s);
+      }
+    }
+  }
+}
+
+template <typename T>
+CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
+                                                  const ConvGeometry& g, int64_t begin, int64_t end) {
+  depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
+}
+
+// d_W and d_b of a 3x3 stride-1 depthwise layer (one filter per channel), with the nine tap sums in
+// registers: each vector of dY is loaded once for all nine taps, where the loop above keeps a lane row
+// per tap in memory. The x plane is padded once (scratch), so that no tap needs a bounds test:
+//     d_W[c, t_h, t_w] = Σ_{n, o_h, o_w} dY[n, c, o_h, o_w] · x_pad[n, c, o_h + t_h*dH, o_w + t_w*dW]
+// Vectors are GCC's generic vectors of 64 bytes, which each instruction set's build splits as it can.
+template <typename T>
+CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                      int64_t begin, int64_t end) {
+  constexpr int kLanes = 64 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(64)));
+  const int64_t wp = g.w + 2 * g.pw, hp = g.h + 2 * g.ph, plane_out = g.oh * g.ow;
+  T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, hp * wp + kLanes);
+  std::fill(x_pad, x_pad + hp * wp + kLanes, T(0));  // the border stays zero: only the interior is copied
+  auto load = [](const T* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  for (int64_t c = begin; c < end; ++c) {
+    Vec acc[9] = {}, bias = {};
+    T tail[9] = {}, tail_bias = 0;
+    for (int64_t n = 0; n < g.n; ++n) {
+      const T* x_plane = xp + (n * g.c + c) * g.h * g.w;
+      for (int64_t i = 0; i < g.h; ++i) std::copy(x_plane + i * g.w, x_plane + (i + 1) * g.w, x_pad + (g.ph + i) * wp + g.pw);
+      const T* dy_plane = dyp + (n * g.c + c) * plane_out;
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        const T* d = dy_plane + o_h * g.ow;
+        const T* rows[3] = {x_pad + o_h * wp, x_pad + (o_h + g.dh) * wp, x_pad + (o_h + 2 * g.dh) * wp};
+        int64_t o_w = 0;
+        for (; o_w + kLanes <= g.ow; o_w += kLanes) {
+          const Vec dv = load(d + o_w);
+          bias += dv;
+#pragma GCC unroll 3
+          for (int th = 0; th < 3; ++th) {
+#pragma GCC unroll 3
+            for (int tw = 0; tw < 3; ++tw) acc[th * 3 + tw] += dv * load(rows[th] + o_w + tw * g.dw);
+          }
+        }
+        for (; o_w < g.ow; ++o_w) {
+          tail_bias += d[o_w];
+          for (int t = 0; t < 9; ++t) tail[t] += d[o_w] * rows[t / 3][o_w + (t % 3) * g.dw];
+        }
+      }
+    }
+    for (int t = 0; t < 9; ++t) {
+      T sum = tail[t];
+      for (int l = 0; l < kLanes; ++l) sum += acc[t][l];
+      if (dwp) dwp[c * 9 + t] = sum;
+    }
+    if (dbp) {
+      T sum = tail_bias;
+      for (int l = 0; l < kLanes; ++l) sum += bias[l];
+      dbp[c] = sum;
+    }
+  }
+}
+
+template <typename T>
+void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                        int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+template <typename T>
+CS231N_AVX2 void depthwise_weight_grad_3x3_avx2(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+template <typename T>
+CS231N_AVX512 void depthwise_weight_grad_3x3_avx512(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+                                                    int64_t begin, int64_t end) {
+  depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
+}
+
+inline bool depthwise_weight_grad_is_3x3(const ConvGeometry& g) {
+  return g.f == g.c && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1;
+}
+
+template <typename T>
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
+                        at::Tensor& dw, at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw,
+                        bool need_db) {
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* dyp = dy.const_data_ptr<T>();
+  T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
+  T* dwp = need_dw ? dw.mutable_data_ptr<T>() : nullptr;
+  T* dbp = need_db ? db.mutable_data_ptr<T>() : nullptr;
+  const int64_t per_channel = std::max<int64_t>(1, g.n * g.oh * g.ow * g.taps());
+  const cpu::Isa isa = cpu::cpu_isa();
+  at::parallel_for(0, g.c, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t begin, int64_t end) {
+    if (!need_dx && depthwise_weight_grad_is_3x3(g)) {
+      if (isa == cpu::Isa::kAvx512) {
+        depthwise_weight_grad_3x3_avx512<T>(dyp, xp, dwp, dbp, g, begin, end);
+      } else if (isa == cpu::Isa::kAvx2) {
+        depthwise_weight_grad_3x3_avx2<T>(dyp, xp, dwp, dbp, g, begin, end);
+      } else {
+        depthwise_weight_grad_3x3_baseline<T>(dyp, xp, dwp, dbp, g, begin, end);
+      }
+    } else if (cpu_has_avx2_fma()) {
+      depthwise_backward_channels_avx2<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
+    } else {
+      depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ depthwise, channels innermost
+// Depthwise with one filter per channel (MobileNet's): each sample is transposed in cache to pixels x
+// channels (pad_pixels_from_planes), so that every tap is a multiply-add over a contiguous run of
+// channels, vectorised across channels whatever the size of the plane (a 4x4 plane gives a row loop of
+// 4), then transposed back. With positions in the padded plane (any stride, dilation and padding):
+//   y[o, c]                 = b[c] + Σ_t W[c, t] · x_pad[o*s + t*d, c]
+//   d_x_pad[o*s + t*d, c]  += W[c, t] · dY[o, c]          (the transposed convolution, as a scatter)
+//   d_W[c, t]              += dY[o, c] · x_pad[o*s + t*d, c],   d_b[c] += dY[o, c]
+// The backward runs the samples of a chunk in order on one thread, so its sums are deterministic.
+// Taken for planes of up to 16 x 16 outputs, where the plane kernels (above) spend more on their short
+// rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and slower on
+// large planes (56 x 56: the two transposes cost more than the short rows).
+constexpr int64_t kMaxDepthwisePixels = 256;
+inline bool depthwise_by_pixels(const ConvGeometry& g) {
+  return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;
+}
+
+// out[o, :] for every output pixel o of one sample; w_t = W as [taps][C].
+template <typename T>
+CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+                                     const ShiftedPlanes& sp) {
+  const int64_t C = g.c;
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+      T* __restrict__ acc = out + (o_h * g.ow + o_w) * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] = b ? b[c] : T(0);
+      for (int64_t t = 0; t < g.taps(); ++t) {
+        const T* __restrict__ xs = x_pad + dw_in_pixel(g, sp, o_h, o_w, t) * C;
+        const T* __restrict__ wt = w_t + t * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += wt[c] * xs[c];
+      }
+    }
+  }
+}
+
+// The backward's sums for one sample: dx_pad (zeroed here) and the running dw_t [taps][C] and db [C].
+template <typename T>
+CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
+                                      const ConvGeometry& g, const ShiftedPlanes& sp) {
+  const int64_t C = g.c;
+  if (dx_pad) std::fill(dx_pad, dx_pad + sp.hp * sp.wp * C, T(0));
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+      const T* __restrict__ d = dy_t + (o_h * g.ow + o_w) * C;
+      if (db) {
+        T* __restrict__ db_r = db;
+        for (int64_t c = 0; c < C; ++c) db_r[c] += d[c];
+      }
+      for (int64_t t = 0; t < g.taps(); ++t) {
+        const int64_t pixel = dw_in_pixel(g, sp, o_h, o_w, t) * C;
+        if (dx_pad) {
+          T* __restrict__ dx = dx_pad + pixel;
+          const T* __restrict__ wt = w_t + t * C;
+          for (int64_t c = 0; c < C; ++c) dx[c] += wt[c] * d[c];
+        }
+        if (dw_t) {
+          T* __restrict__ dw = dw_t + t * C;
+          const T* __restrict__ xs = x_pad + pixel;
+          for (int64_t c = 0; c < C; ++c) dw[c] += d[c] * xs[c];
+        }
+      }
+    }
+  }
+}
+
+// The loops above compiled for each instruction set (their bodies inline into each).
+template <typename T>
+void dw_forward_pixels_baseline(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+                                const ShiftedPlanes& sp) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+}
+template <typename T>
+CS231N_AVX2 void dw_forward_pixels_avx2(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+                                        const ShiftedPlanes& sp) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+}
+template <typename T>
+CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+                                            const ShiftedPlanes& sp) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+}
+template <typename T>
+void dw_backward_pixels_baseline(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
+                                 const ConvGeometry& g, const ShiftedPlanes& sp) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+}
+template <typename T>
+CS231N_AVX2 void dw_backward_pixels_avx2(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
+                                         const ConvGeometry& g, const ShiftedPlanes& sp) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+}
+template <typename T>
+CS231N_AVX512 void dw_backward_pixels_avx512(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
+                                             const ConvGeometry& g, const ShiftedPlanes& sp) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+}
+
+// W [C, 1, kH, kW] as [taps][C].
+template <typename T>
+std::vector<T> taps_by_channel(const T* w, const ConvGeometry& g) {
+  std::vector<T> w_t(g.taps() * g.c);
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t t = 0; t < g.taps(); ++t) w_t[t * g.c + c] = w[c * g.taps() + t];
+  }
+  return w_t;
+}
+
+template <typename T>
+void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const std::vector<T> w_t = taps_by_channel(w, g);
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
+  const cpu::Isa isa = cpu::cpu_isa();
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample);
+    for (int64_t n = n0; n < n1; ++n) {
+      pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+      if (isa == cpu::Isa::kAvx512) {
+        dw_forward_pixels_avx512(x_pad, w_t.data(), b, out, g, sp);
+      } else if (isa == cpu::Isa::kAvx2) {
+        dw_forward_pixels_avx2(x_pad, w_t.data(), b, out, g, sp);
+      } else {
+        dw_forward_pixels_baseline(x_pad, w_t.data(), b, out, g, sp);
+      }
+      cpu::transpose_matrix(out, g.c, g.col_cols(), g.c, y + n * out_sample, g.col_cols());  // -> [C][oH*oW]
+    }
+  });
+}
+
+template <typename T>
+void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const std::vector<T> w_t = taps_by_channel(w, g);
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // each chunk's d_W [taps][C] and d_b [C], summed in chunk order below
+  std::vector<T> dw_part(dw ? chunks * g.taps() * g.c : 0, T(0)), db_part(db ? chunks * g.c : 0, T(0));
+  const cpu::Isa isa = cpu::cpu_isa();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = dw ? cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c) : nullptr;
+    T* dx_pad = dx ? cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.hp * sp.wp * g.c) : nullptr;
+    T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      T* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
+      T* db_c = db ? db_part.data() + chunk * g.c : nullptr;
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        cpu::transpose_matrix(dy + n * out_sample, g.col_cols(), g.c, g.col_cols(), dy_t, g.c);  // -> [oH*oW][C]
+        if (dw) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        T* dxp = dx_pad;
+        if (isa == cpu::Isa::kAvx512) {
+          dw_backward_pixels_avx512(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+        } else if (isa == cpu::Isa::kAvx2) {
+          dw_backward_pixels_avx2(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+        } else {
+          dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+        }
+        for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W]
+          cpu::transpose_matrix(dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c,
+                          dx + n * in_sample + i * g.w, g.h * g.w);
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t t = 0; dw && t < g.taps(); ++t) {
+      T sum = T(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += dw_part[(chunk * g.taps() + t) * g.c + c];
+      dw[c * g.taps() + t] = sum;
+    }
+    if (db) {
+      T sum = T(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += db_part[chunk * g.c + c];
+      db[c] = sum;
+    }
+  }
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -1,0 +1,268 @@
+// The CPU convolution with pixels as GEMM rows: channels_last (NHWC) layers, NCHW layers transposed in cache, and small images as pixel rows.
+// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/conv2d.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+#include "cpu/conv2d_blocks.h"
+#include "cpu/conv2d_shifted.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+// ---------------------------------------------------------------------------- channels_last (NHWC)
+// In NHWC a pixel's channels are contiguous, so pixels are the GEMM's rows and channels its k. With
+// stride 1 and the shifted planes (above), now of pixels: x_pad[Hp][Wp][C], output j = o_h*Wp + o_w,
+//     Y'[j, f] = b[f] + Σ_{t_h, t_w} Σ_c x_pad[j + t_h*dH*Wp + t_w*dW, c] · W[f, c, t_h, t_w]
+// one GEMM per tap over the channels, summed: Y' = Σ_taps A_tap · B_tap, where A_tap is x_pad shifted by
+// the tap (pixel rows C apart, read in place) and B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments).
+// The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
+// other. Strided layers take the NCHW kernels (the input copied to NCHW, the results back).
+// It runs one sample at a time (kMinPixelsPerSample).
+inline bool channels_last_direct(const ConvGeometry& g) {
+  return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1 && g.col_cols() >= kMinPixelsPerSample;
+}
+
+// x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
+template <typename T>
+void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  const int64_t row = sp.wp * g.c, side = g.pw * g.c, inner = g.w * g.c;
+  std::fill(x_pad, x_pad + g.ph * row, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {
+    T* dst = x_pad + (g.ph + i) * row;
+    std::fill(dst, dst + side, T(0));
+    std::copy(x + i * inner, x + (i + 1) * inner, dst + side);
+    std::fill(dst + side + inner, dst + row, T(0));
+  }
+  std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
+}
+
+// The pixel offset of tap t = (t_h, t_w) in x_pad.
+inline int64_t tap_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t t) {
+  return (t / g.kw) * g.dh * sp.wp + (t % g.kw) * g.dw;
+}
+
+// x_pad from an NCHW sample: the same, each pixel's channels gathered (a transpose done while padding).
+template <typename T>
+void pad_pixels_from_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  const int64_t row = sp.wp * g.c;
+  std::fill(x_pad, x_pad + g.ph * row, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {  // input row i: the [C x W] slice x[:, i, :], transposed
+    T* dst = x_pad + (g.ph + i) * row;
+    std::fill(dst, dst + g.pw * g.c, T(0));
+    cpu::transpose_matrix(x + i * g.w, g.h * g.w, g.c, g.w, dst + g.pw * g.c, g.c);
+    std::fill(dst + (g.pw + g.w) * g.c, dst + row, T(0));
+  }
+  std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
+}
+
+// The forward in NHWC: w is W in channels_last memory; x and y are NHWC, or NCHW when `planes` is set
+// (transposed per sample on the way in and out, while the sample is in cache).
+template <typename T>
+void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g, bool planes = false) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
+  const int64_t chunks = chunk_count(g);
+  // each group's B = W_gᵀ, packed once for every sample
+  const int64_t packed_size = cpu::segments_b_size<T>(kg, fg);
+  T* packed = cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * packed_size);
+  std::vector<cpu::SegmentsB<T>> filters;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}, packed + grp * packed_size));
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.cols * g.f);
+    std::vector<const T*> taps(g.taps());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        if (planes) {
+          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        } else {
+          pad_pixels(x + n * in_sample, g, sp, x_pad);
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + tap_offset(g, sp, t) * g.c + grp * cg;
+          cpu::GemmEpilogue<T> ep;
+          ep.col_bias = b ? b + grp * fg : nullptr;
+          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f,
+                                ep);
+        }
+        T* y_n = y + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
+          const T* src = out + o_h * sp.wp * g.f;
+          if (!planes) {
+            std::copy(src, src + g.ow * g.f, y_n + o_h * g.ow * g.f);
+            continue;
+          }
+          cpu::transpose_matrix(src, g.f, g.ow, g.f, y_n + o_h * g.ow, g.oh * g.ow);  // [oW x F] -> y[:, o_h, :]
+        }
+      }
+    }
+  });
+}
+
+// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + tap_offset(t), c], with dY' = dY in the
+// pitch Wp (zeros in the thrown-away pixels). A = dY'ᵀ, whose packing copies MR channels of a pixel;
+// B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
+// channels_last memory.
+template <typename T>
+void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
+  const int64_t chunks = chunk_count(g);
+  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, sp.cols * g.f);
+    std::fill(dy_pitch, dy_pitch + sp.cols * g.f, T(0));  // the gaps stay zero
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_pixels(x + n * in_sample, g, sp, x_pad);
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the gaps stay zero from the allocation
+          const T* src = dy + n * out_sample + o_h * g.ow * g.f;
+          std::copy(src, src + g.ow * g.f, dy_pitch + o_h * sp.wp * g.f);
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* x_grp = x_pad + grp * cg;
+          const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+            for (int64_t p = 0; p < kc; ++p) {
+              const T* pixel = x_grp + (p0 + p) * g.c;
+              for (int64_t k = j0; k < j0 + nc;) {  // runs of channels, one tap at a time
+                const int64_t t = k / cg, c = k % cg, len = std::min(cg - c, j0 + nc - k);
+                cpu::copy_run_to_slivers(pixel + tap_offset(g, sp, t) * g.c + c, k - j0, len, p, kc, nr, dst);
+                k += len;
+              }
+            }
+            if (nc % nr != 0) {  // the last sliver's missing columns are zeros
+              T* last = dst + (nc / nr) * kc * nr;
+              for (int64_t p = 0; p < kc; ++p) std::fill(last + p * nr + nc % nr, last + (p + 1) * nr, T(0));
+            }
+          };
+          cpu::GemmEpilogue<T> ep;
+          ep.accumulate = true;
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg, 1, g.f}, pack,
+                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < g.f * kg; ++i) {
+    T sum = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
+    dw[i] = sum;
+  }
+}
+
+// The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w).
+CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w,
+                                  int64_t t) {
+  return (o_h * g.sh + (t / g.kw) * g.dh) * sp.wp + o_w * g.sw + (t % g.kw) * g.dw;
+}
+
+// --------------------------------------------------------------------------- small images: pixel rows
+// Below kMinPixelsPerSample outputs (ResNet's 8x8 and 4x4 stages, whose filters are the largest), every
+// output pixel of a block of samples becomes a row of one GEMM, through the im2col of channels_last:
+//     A[j, (t, c)] = x_pad[s, o_h*sH + t_h*dH, o_w*sW + t_w*dW, c]        row j = (s, o_h, o_w)
+// built by copying C contiguous channels per row and tap (the NCHW im2col would copy rows of 4 or 8).
+//     Y[j, f]        = b[f] + Σ_t A[j, (t, :)] · W[f, :, t]ᵀ    (gemm_segments: taps as segments)
+//     d_W[f, (t, c)] = Σ_j dY[j, f] · A[j, (t, c)]              (one GEMM, both operands copied)
+// The samples are transposed to and from NCHW in cache. One group only (the copies of a group's channels
+// would no longer be contiguous rows).
+inline bool use_pixel_rows(const ConvGeometry& g) {
+  return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
+}
+
+// Samples per block: the rows (block * oH*oW x taps*C) under twice kColumnBudget, in equal blocks.
+inline int64_t pixel_rows_block(const ConvGeometry& g) {
+  const int64_t per_sample = g.col_cols() * g.taps() * g.c;
+  const int64_t most = std::max<int64_t>(1, 2 * kColumnBudget / std::max<int64_t>(1, per_sample));
+  const int64_t blocks = (g.n + most - 1) / most;
+  return (g.n + blocks - 1) / blocks;
+}
+
+// A's rows for samples [n0, n0 + nb) of the NCHW x, in parallel over the samples.
+template <typename T>
+void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const ConvGeometry& g, T* rows) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols();
+  at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    for (int64_t s = s0; s < s1; ++s) {
+      pad_pixels_from_planes(x + (n0 + s) * in_sample, g, sp, x_pad);
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+          T* row = rows + (s * p + o_h * g.ow + o_w) * k;
+          for (int64_t t = 0; t < g.taps(); ++t) {
+            const T* src = x_pad + dw_in_pixel(g, sp, o_h, o_w, t) * g.c;
+            std::copy(src, src + g.c, row + t * g.c);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
+  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
+  const cpu::SegmentsB<T> filters = cpu::prepare_segments_b<T>(
+      k, g.f, {w_cl.const_data_ptr<T>(), 1, k},
+      cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f)));
+  T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
+  T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f);
+  std::vector<const T*> taps(g.taps());
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    build_pixel_rows(x, n0, nb, g, rows);
+    for (int64_t t = 0; t < g.taps(); ++t) taps[t] = rows + t * g.c;
+    cpu::GemmEpilogue<T> ep;
+    ep.col_bias = b;
+    cpu::gemm_segments<T>(nb * p, g.taps(), g.c, taps.data(), k, filters, out, g.f, ep);
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // [pixels x F] -> y[n][F][pixels]
+      for (int64_t s = s0; s < s1; ++s) {
+        cpu::transpose_matrix(out + s * p * g.f, g.f, p, g.f, y + (n0 + s) * out_sample, p);
+      }
+    });
+  }
+}
+
+// d_W into dw (W's shape, NCHW memory).
+template <typename T>
+void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
+  T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
+  T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f);
+  T* dw_cl = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * k);  // d_W[f][t][c]
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    build_pixel_rows(x, n0, nb, g, rows);
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // dY[n][F][pixels] -> [pixels x F]
+      for (int64_t s = s0; s < s1; ++s) {
+        cpu::transpose_matrix(dy + (n0 + s) * out_sample, p, g.f, p, dy_t + s * p * g.f, g.f);
+      }
+    });
+    cpu::GemmEpilogue<T> ep;
+    ep.accumulate = n0 > 0;
+    cpu::gemm<T>(g.f, k, nb * p, {dy_t, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
+  }
+  for (int64_t f = 0; f < g.f; ++f) {  // [F][t][c] -> [F][c][t]
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_cl[(f * g.taps() + t) * g.c + c];
+    }
+  }
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -1,0 +1,178 @@
+// The CPU convolution: shifted planes (stride 1, and strided through the stride's phases).
+// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/conv2d.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+#include "cpu/conv2d_blocks.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+// ------------------------------------------------------------------------------------ shifted planes
+// With stride 1, pad each input plane once, to Hp x Wp, and index the outputs with the padded row pitch
+// Wp: output j = o_h*Wp + o_w (o_w < Wp, the columns past oW thrown away). Then tap (t_h, t_w) of
+// channel c reads, for every output, the padded plane shifted by one offset:
+//     col[(c, t_h, t_w), j] = x_pad[c*Hp*Wp + t_h*dH*Wp + t_w*dW + j]
+// so each row of the GEMM's B is a contiguous run of x_pad, which the micro-kernel reads in place
+// (cpu::gemm_rows_b): no im2col, no packing, no padding tests. The price is the thrown-away columns,
+// (Wp - oW) of every Wp, and the padded copy.
+//
+// With stride s, the padded plane is first split into its s_h x s_w phases (the rows ≡ a mod s_h and the
+// columns ≡ b mod s_w), each Hq x Wq = ceil(Hp/s_h) x ceil(Wp/s_w). Input (o*s + t*d) of output o is
+// then element o + floor(t*d/s) of phase (t*d mod s): again a shift of one plane, now in the pitch Wq:
+//     col[(c, t_h, t_w), j] = x_phases[c, (t_h*dH) % sH, (t_w*dW) % sW][j + (t_h*dH/sH)*Wq + t_w*dW/sW]
+// With s = 1 there is one phase, the padded plane itself.
+struct ShiftedPlanes {
+  int64_t hp, wp;  // the padded plane
+  int64_t sh, sw;  // phases per axis (the stride)
+  int64_t hq, wq;  // one phase; wq is the outputs' row pitch
+  int64_t cols;    // GEMM columns per sample: (oH-1)*Wq + oW
+  int64_t plane() const { return sh * sw * hq * wq; }  // one channel's phases
+};
+
+inline ShiftedPlanes shifted_planes(const ConvGeometry& g) {
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+  const int64_t hq = (hp + g.sh - 1) / g.sh, wq = (wp + g.sw - 1) / g.sw;
+  return {hp, wp, g.sh, g.sw, hq, wq, (g.oh - 1) * wq + g.ow};
+}
+
+// Worth it when the thrown-away columns are few: at least 3/4 of the GEMM's columns are outputs, and
+// the output rows are long enough to amortise the padded copy (the tiny images go through im2col).
+inline bool use_shifted_planes(const ConvGeometry& g) {
+  // one sample per GEMM: not for small images (chunk_count)
+  if (g.col_cols() < kMinPixelsPerSample) return false;
+  const ShiftedPlanes sp = shifted_planes(g);
+  return g.ow >= 8 && 4 * g.col_cols() >= 3 * sp.cols;
+}
+
+// x_pad[c] = the phases of the plane x[c] with pH rows and pW columns of zeros around it (the padded
+// plane itself when the stride is 1); `x_pad` holds C * sp.plane().
+template <typename T>
+void pad_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  if (sp.sh == 1 && sp.sw == 1) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      T* plane = x_pad + c * sp.hp * sp.wp;
+      std::fill(plane, plane + g.ph * sp.wp, T(0));
+      for (int64_t i = 0; i < g.h; ++i) {
+        T* row = plane + (g.ph + i) * sp.wp;
+        std::fill(row, row + g.pw, T(0));
+        std::copy(x + (c * g.h + i) * g.w, x + (c * g.h + i + 1) * g.w, row + g.pw);
+        std::fill(row + g.pw + g.w, row + sp.wp, T(0));
+      }
+      std::fill(plane + (g.ph + g.h) * sp.wp, plane + sp.hp * sp.wp, T(0));
+    }
+    return;
+  }
+  std::fill(x_pad, x_pad + g.c * sp.plane(), T(0));
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t i = 0; i < g.h; ++i) {
+      const int64_t pi = i + g.ph;  // padded row: phase pi % sH, row pi / sH of it
+      const T* x_row = x + (c * g.h + i) * g.w;
+      for (int64_t b = 0; b < sp.sw; ++b) {  // phase column b: padded columns b, b + sW, ...
+        T* dst = x_pad + (((c * sp.sh + pi % sp.sh) * sp.sw + b) * sp.hq + pi / sp.sh) * sp.wq;
+        // padded column q*sW + b is input column q*sW + b - pW, for q from the first one >= 0
+        const int64_t first = b >= g.pw ? 0 : (g.pw - b + sp.sw - 1) / sp.sw;
+        for (int64_t q = first, j = q * sp.sw + b - g.pw; q < sp.wq && j < g.w; ++q, j += sp.sw) dst[q] = x_row[j];
+      }
+    }
+  }
+}
+
+// The offset of row r = (c, t_h, t_w) of B in x_pad.
+inline int64_t shifted_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t r) {
+  const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
+  const int64_t vh = th * g.dh, vw = tw * g.dw;  // the tap's offset in the padded plane
+  const int64_t phase = (c * sp.sh + vh % sp.sh) * sp.sw + vw % sp.sw;
+  return (phase * sp.hq + vh / sp.sh) * sp.wq + vw / sp.sw;
+}
+
+// The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wq,
+// then the oW real columns of each row copied to y.
+template <typename T>
+void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
+  const int64_t chunks = chunk_count(g);
+  std::vector<int64_t> offsets(g.col_rows());  // B's rows in x_pad, all groups
+  for (int64_t r = 0; r < g.col_rows(); ++r) offsets[r] = shifted_offset(g, sp, r);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane() + cpu::kRowsBSlack);
+    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_planes(x + n * in_sample, g, sp, x_pad);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::GemmEpilogue<T> ep;
+          ep.row_bias = b ? b + grp * fg : nullptr;
+          cpu::gemm_rows_b<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, x_pad, offsets.data() + grp * kg,
+                              out + grp * fg * sp.cols, sp.cols, ep);
+        }
+        T* y_n = y + n * out_sample;
+        for (int64_t f = 0; f < g.f; ++f) {
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* src = out + f * sp.cols + o_h * sp.wq;
+            std::copy(src, src + g.ow, y_n + (f * g.oh + o_h) * g.ow);
+          }
+        }
+      }
+    }
+  });
+}
+
+// d_W by shifted planes, per sample and group:
+//     d_W_g (Fg x Cg*kH*kW) += dY'_g (Fg x cols) · B_gᵀ
+// dY' is dY in the pitch Wq, zero in the thrown-away columns (so they add nothing), and the
+// columns of B_gᵀ are the runs of x_pad that the forward's rows of B are (pack_transposed_rows).
+template <typename T>
+void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
+  const int64_t chunks = chunk_count(g);
+  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
+    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
+    std::fill(dy_pitch, dy_pitch + g.f * sp.cols, T(0));  // the gaps stay zero
+    std::vector<const T*> runs(kg);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_planes(x + n * in_sample, g, sp, x_pad);
+        for (int64_t f = 0; f < g.f; ++f) {  // the gaps stay zero from the allocation
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const T* src = dy + n * out_sample + (f * g.oh + o_h) * g.ow;
+            std::copy(src, src + g.ow, dy_pitch + f * sp.cols + o_h * sp.wq);
+          }
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          for (int64_t r = 0; r < kg; ++r) runs[r] = x_pad + shifted_offset(g, sp, grp * kg + r);
+          const cpu::PackB<T> pack = [&runs](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
+            cpu::pack_transposed_rows(runs.data() + j0, p0, kc, nc, nr, dst);
+          };
+          cpu::GemmEpilogue<T> ep;
+          ep.accumulate = true;
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg * sp.cols, sp.cols, 1}, pack,
+                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < g.f * kg; ++i) {
+    T sum = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
+    dw[i] = sum;
+  }
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

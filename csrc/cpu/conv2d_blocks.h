@@ -39,6 +39,17 @@ inline int64_t chunk_count(const ConvGeometry& g) {
 }
 inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
 
+// out[i] = Σ_chunk partial[chunk * size + i], the chunks' d_W added in chunk order: deterministic for a
+// given thread count.
+template <typename T>
+void sum_chunks(const std::vector<T>& partial, int64_t chunks, int64_t size, T* out) {
+  for (int64_t i = 0; i < size; ++i) {
+    T sum = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * size + i];
+    out[i] = sum;
+  }
+}
+
 // Samples per GEMM: enough columns (nb*oH*oW) that the micro-kernel's 48-column slivers are mostly
 // full (a 14x14 output alone fills 4 of 5), bounded so that the d_col buffer of the strided backward
 // stays under kColumnBudget elements (it never grows with N).

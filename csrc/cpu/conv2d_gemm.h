@@ -131,13 +131,7 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
       }
     }
   });
-  if (dw) {
-    for (int64_t i = 0; i < g.f * kg; ++i) {
-      T sum = T(0);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
-      dw[i] = sum;
-    }
-  }
+  if (dw) sum_chunks(partial, chunks, g.f * kg, dw);
 }
 
 }  // namespace conv2d_cpu

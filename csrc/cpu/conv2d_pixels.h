@@ -157,11 +157,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
       }
     }
   });
-  for (int64_t i = 0; i < g.f * kg; ++i) {
-    T sum = T(0);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
-    dw[i] = sum;
-  }
+  sum_chunks(partial, chunks, g.f * kg, dw);
 }
 
 // The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w).

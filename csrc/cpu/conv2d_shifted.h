@@ -167,11 +167,7 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry
       }
     }
   });
-  for (int64_t i = 0; i < g.f * kg; ++i) {
-    T sum = T(0);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * g.f * kg + i];
-    dw[i] = sum;
-  }
+  sum_chunks(partial, chunks, g.f * kg, dw);
 }
 
 }  // namespace conv2d_cpu

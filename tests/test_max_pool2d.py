@@ -330,6 +330,25 @@ def test_window_entirely_in_padding_is_refused(device):
     assert has_empty_window(2, 2, 1, 1, 3, False) and not has_empty_window(3, 2, 1, 1, 3, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_integer_dtypes_equal_torch_bit_for_bit(device, dtype, memory_format):
+    """Values and indices equal torch's for every integer dtype, the dtype's extremes included (the scan
+    starts below them: integers have no -inf); an all-minimum window keeps its first tap's index."""
+    info = torch.iinfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(info.min, info.max, (2, 3, 9, 10), generator=gen, dtype=torch.int64).to(dtype)
+    x[0, 0] = info.min
+    x[1, 1, :3, :3] = info.max
+    x = x.to(device).contiguous(memory_format=memory_format)
+    for args in [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                 dict(kernel_size=3, stride=1, padding=1, dilation=2, ceil_mode=True)]:
+        (y, i), (y_ref, i_ref) = both(x, **args)
+        assert y.dtype == dtype and torch.equal(y, y_ref), args
+        assert torch.equal(i, i_ref), args
+        assert_same_layout(y, y_ref)
+
+
 def test_bad_input_tensors(device):
     with pytest.raises(RuntimeError, match=r"expected input to be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), but got a "
                                            r"2-D tensor of shape \[4, 4\]"):
@@ -338,8 +357,9 @@ def test_bad_input_tensors(device):
         ours.max_pool2d(torch.randn(1, 1, 1, 4, 4, device=device), 2)
     with pytest.raises(RuntimeError, match=r"non-zero channels, height and width .* got shape \[1, 0, 4, 4\]"):
         ours.max_pool2d(torch.randn(1, 0, 4, 4, device=device), 2)
-    with pytest.raises(RuntimeError, match=r"expected input to have dtype float32 or float64.*Long"):
-        ours.max_pool2d(torch.arange(16, device=device).view(1, 1, 4, 4), 2)
+    with pytest.raises(RuntimeError, match=r"expected input to have an integer dtype or dtype float32 or float64.*"
+                                           r"but got Bool"):
+        ours.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.bool, device=device), 2)
     with pytest.raises(TypeError, match="must be Tensor, not list"):
         ours.max_pool2d([[1.0]], 2)
     with pytest.raises(ValueError, match=r"kernel_size must be an int or a pair of ints, but got \(2, 2, 2\)"):

@@ -238,11 +238,43 @@ def test_module_matches_torch(device):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_integer_input_is_refused(device):
-    x = torch.arange(6, device=device)
-    with pytest.raises(RuntimeError, match=r"relu_forward: expected input to have dtype float32 or float64.*Long"):
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_integer_dtypes_equal_torch_bit_for_bit(device, dtype, layout):
+    """torch's ReLU takes integer tensors (uint8 passes unchanged: it has no negatives), out of place and
+    in place; ours gives the same values, dtype and layout."""
+    info = torch.iinfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(info.min, info.max, (2, 3, 5, 6), generator=gen, dtype=torch.int64).to(dtype)
+    base[0, 0, 0, :2] = torch.tensor([info.min, info.max], dtype=dtype)  # the extremes
+    x = with_layout(base.to(device), layout)
+    y, y_ref = ours.relu(x), F.relu(x)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    assert_same_layout(y, y_ref)
+    z, z_ref = x.clone(), x.clone()
+    assert ours.relu(z, inplace=True) is z
+    F.relu(z_ref, inplace=True)
+    assert torch.equal(z, z_ref)
+
+
+def test_integer_input_needs_no_gradient(device):
+    """Integer tensors cannot require grad (torch's own error says so), so no graph is built."""
+    x = torch.arange(-3, 3, device=device)
+    with torch.enable_grad():
+        assert not ours.relu(x).requires_grad
+    with pytest.raises(RuntimeError, match="floating point"):
+        x.requires_grad_()
+
+
+def test_bool_input_is_refused(device):
+    x = torch.ones(6, dtype=torch.bool, device=device)
+    with pytest.raises(RuntimeError, match=r"relu_forward: expected input to have an integer dtype or dtype float32 "
+                                           r"or float64.*but got Bool"):
         ours.relu(x)
-    with pytest.raises(RuntimeError, match=r"relu_forward_: expected self to have dtype float32 or float64"):
+    with pytest.raises(RuntimeError, match=r"relu_forward_: expected self to have an integer dtype .*Bool"):
         ours.relu(x, inplace=True)
 
 

@@ -19,6 +19,18 @@ inline void check_float_dtype(const at::Tensor& t, const char* op, const char* a
               ", but got ", st, " on ", t.device());
 }
 
+// The dtypes torch's ReLU and max-pool take: the floating ones above, and the integer ones (uint8, int8,
+// int16, int32, int64), which need no backward. Not bool: torch refuses it.
+inline void check_float_or_integer_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  const auto st = t.scalar_type();
+  if (at::isIntegralType(st, /*includeBool=*/false)) return;
+  const bool ok = st == at::kFloat || st == at::kDouble ||
+                  (t.is_cuda() && (st == at::kHalf || st == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": expected ", arg, " to have an integer dtype or dtype float32 or float64",
+              t.is_cuda() ? ", float16 or bfloat16" : " (float16 and bfloat16 are supported on CUDA only)",
+              ", but got ", st, " on ", t.device());
+}
+
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                               const char* b_name, const char* op) {
   TORCH_CHECK(a.device() == b.device(), op, ": expected all tensors to be on the same device, but ",

@@ -93,6 +93,17 @@ C10_HOST_DEVICE inline void outputs_with_tap(int64_t t, int64_t in, int64_t out,
   if (*o_end < *o_begin) *o_end = *o_begin;
 }
 
+// The value a window's scan starts from: -inf for the floating types; for the integer types, which have
+// no infinity (numeric_limits<int>::infinity() is 0), the smallest value.
+template <typename T>
+C10_HOST_DEVICE inline T scan_start() {
+  if constexpr (std::numeric_limits<T>::has_infinity) {
+    return -std::numeric_limits<T>::infinity();
+  } else {
+    return std::numeric_limits<T>::lowest();
+  }
+}
+
 // One step of the window scan: does value v replace the running maximum `best`? Strictly greater
 // (ties keep the first maximum in scan order) or NaN (NaN propagates, the last NaN's index is kept, as
 // in torch). Written with compares only, so that the CPU loops vectorise; `v != v` is the NaN test.
@@ -115,7 +126,7 @@ C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, 
   valid_taps(oh, height, kh, sh, ph, dh, &th0, &th1);
   valid_taps(ow, width, kw, sw, pw, dw, &tw0, &tw1);
   const int64_t h0 = oh * sh - ph, w0 = ow * sw - pw;  // the input position of tap (0, 0)
-  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  acc_t best = scan_start<acc_t>();
   int64_t index = (h0 + th0 * dh) * width + (w0 + tw0 * dw);
   for (int64_t th = th0; th < th1; ++th) {
     const int64_t ih = h0 + th * dh;
@@ -184,7 +195,7 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
   TORCH_CHECK(input.size(d - 3) > 0 && input.size(d - 2) > 0 && input.size(d - 1) > 0, op,
               ": expected input to have non-zero channels, height and width (only the batch may be empty), "
               "but got shape ", input.sizes());
-  check_float_dtype(input, op, "input");
+  check_float_or_integer_dtype(input, op, "input");  // integers: forward only, as torch (no gradients)
 
   Geometry g;
   g.batched = d == 4;

@@ -95,7 +95,7 @@ void scan_row_by_tap(const scalar_t* x, scalar_t* yrow, index_t* arg, int64_t oh
   const int64_t W = g.width;
   const int64_t first_row = rows.first[oh] * W;
   for (int64_t ow = from; ow < to; ++ow) {
-    yrow[ow] = -std::numeric_limits<scalar_t>::infinity();
+    yrow[ow] = pool::scan_start<scalar_t>();
     arg[ow] = static_cast<index_t>(first_row + cols.first[ow]);
   }
   int64_t th0, th1;
@@ -119,7 +119,7 @@ void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow,
                     int64_t lo, int64_t hi, int64_t ih0, const Geometry& g) {
   const int64_t W = g.width, dh = g.dh, dw = g.dw, pw = g.pw;
   for (int64_t ow = lo; ow < hi; ++ow) {
-    scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+    scalar_t best = pool::scan_start<scalar_t>();
     const index_t col0 = static_cast<index_t>(ow) * kStride - static_cast<index_t>(pw);
     index_t index = static_cast<index_t>(ih0 * W) + col0;  // tap (0, 0), the first existing one
 #pragma GCC unroll 4
@@ -240,7 +240,7 @@ void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __r
     scalar_t* __restrict__ yp = y + o;
     const index_t first = static_cast<index_t>((h0 + th0 * g.dh) * W + (w0 + tw0 * g.dw));
     for (int64_t c = 0; c < C; ++c) {
-      yp[c] = -std::numeric_limits<scalar_t>::infinity();
+      yp[c] = pool::scan_start<scalar_t>();
       arg[c] = first;
     }
     for (int64_t th = th0; th < th1; ++th) {
@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
   if (output.numel() == 0) return {output, indices};
   const at::Tensor x = input.contiguous(g.format);  // a no-op unless the input is in another layout
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2d_forward_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "max_pool2d_forward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     int64_t* ip = indices.mutable_data_ptr<int64_t>();

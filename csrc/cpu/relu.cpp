@@ -22,24 +22,25 @@ void relu_loop(const scalar_t* x, scalar_t* y, int64_t n) {
   cpu::parallel_map(y, n, kGrain, [x](int64_t i) { return relu_value(x[i]); });
 }
 
+// The forward takes integer tensors too, as torch's does (uint8 passes unchanged: it has no negatives).
 at::Tensor relu_forward_cpu(const at::Tensor& input) {
-  check_float_dtype(input, "relu_forward", "input");
+  check_float_or_integer_dtype(input, "relu_forward", "input");
   at::Tensor output = at::empty_like(input);
   if (output.numel() == 0) return output;
   const at::Tensor x = dense_like(input, output);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_forward_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "relu_forward_cpu", [&] {
     relu_loop(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel());
   });
   return output;
 }
 
 void relu_forward_inplace_cpu(at::Tensor& self) {
-  check_float_dtype(self, "relu_forward_", "self");
+  check_float_or_integer_dtype(self, "relu_forward_", "self");
   // Writing through a tensor whose elements share memory (an expanded view) is undefined: refuse it.
   at::assert_no_internal_overlap(self);
   if (self.numel() == 0) return;
   if (self.is_non_overlapping_and_dense()) {
-    AT_DISPATCH_FLOATING_TYPES(self.scalar_type(), "relu_forward_inplace_cpu", [&] {
+    AT_DISPATCH_ALL_TYPES(self.scalar_type(), "relu_forward_inplace_cpu", [&] {
       scalar_t* p = self.mutable_data_ptr<scalar_t>();
       relu_loop<scalar_t>(p, p, self.numel());
     });

@@ -73,14 +73,14 @@ __global__ void relu_backward_with_mask_kernel(const scalar_t* __restrict__ dy, 
 }
 
 at::Tensor relu_forward_cuda(const at::Tensor& input) {
-  check_float_dtype(input, "relu_forward", "input");
+  check_float_or_integer_dtype(input, "relu_forward", "input");
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = at::empty_like(input);
   const int64_t n = output.numel();
   if (n == 0) return output;
   const at::Tensor x = dense_like(input, output);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_cuda", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_cuda", [&] {
     relu_forward_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -89,7 +89,7 @@ at::Tensor relu_forward_cuda(const at::Tensor& input) {
 }
 
 void relu_forward_inplace_cuda(at::Tensor& self) {
-  check_float_dtype(self, "relu_forward_", "self");
+  check_float_or_integer_dtype(self, "relu_forward_", "self");
   at::assert_no_internal_overlap(self);
   const c10::cuda::CUDAGuard guard(self.device());
   const int64_t n = self.numel();
@@ -99,7 +99,7 @@ void relu_forward_inplace_cuda(at::Tensor& self) {
     return;
   }
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_inplace_cuda", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_inplace_cuda", [&] {
     relu_inplace_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
         self.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

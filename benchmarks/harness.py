@@ -18,7 +18,7 @@ import statistics
 import sys
 
 # glibc otherwise returns blocks over 32 MiB to the kernel after each use and page-faults them in again on
-# the next call: large-shape timings then swing by 2x with heap history (see DESIGN.md).
+# the next call: large-shape timings then swing by 2x with heap history (docs/architecture.md, Benchmarks).
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 

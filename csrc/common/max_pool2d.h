@@ -145,7 +145,7 @@ C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, 
 
 // ------------------------------------------------------------------------------------------ host side
 // The argument checks and the shape of the problem, shared by the CPU and CUDA entry points. Messages
-// name the argument, what was expected and what came (DESIGN.md, Errors).
+// name the argument, what was expected and what came (docs/architecture.md, Errors).
 struct Geometry {
   bool batched;  // a 4-D input; a 3-D (C, H, W) one is pooled as a batch of one
   int64_t batch, channels, height, width, out_h, out_w;

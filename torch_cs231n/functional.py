@@ -141,8 +141,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     zeros goes at the bottom/right, as in torch). ``input`` is (N, C, H, W) or unbatched (C, H, W);
     N = 0 works. float32/float64, and float16/bfloat16 on CUDA.
 
-    Memory format: the output is always contiguous (NCHW), also for a channels_last input (torch would
-    return channels_last there); values and gradients are the same.
+    Memory format, as torch's: channels_last output and gradients when the input or the weight is
+    channels_last, contiguous NCHW otherwise.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")

@@ -23,7 +23,7 @@ class ReLU(nn.ReLU):
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` computed by torch_cs231n's kernels; every constructor argument is torch's.
 
-    The output is contiguous (NCHW), also for a channels_last input.
+    A channels_last input (or weight) gives a channels_last output and gradients, as torch's does.
     """
 
     def _conv_forward(self, input, weight, bias):

@@ -1,8 +1,10 @@
 // Our GEMM for the convolution: C = A·B, with packed panels and register-blocked micro-kernels
 // (gemm_microkernel.h), BLIS-style. docs/conv2d.md ("The GEMM") draws the blocking.
 //
-// float32 and float64 (the latter for gradcheck, portable code). A and B are strided views, so a transposed operand needs no copy of its own: packing reads it in
-// whatever order it lies. C is row-major with unit column stride.
+// float32 and float64 (the latter for gradcheck, portable code). A and B are strided views, so a
+// transposed operand needs no copy of its own: packing reads it in whatever order it lies. C is row-major
+// with unit column stride. Beside the plain product: B written by a callback (im2col into the panels),
+// B read in place by rows (shifted planes), and sums over segments with A read in place (NHWC).
 #pragma once
 
 #include <cstdint>
@@ -61,7 +63,7 @@ inline void scatter_row_to_slivers(const T* row, int64_t p, int64_t kc, int64_t 
 }
 
 // C (m x n) = A · B with B's rows read in place: B[p, j] = b[b_off[p] + j] (the shifted planes of a
-// stride-1 convolution). On AVX-512 (float32) B is never packed and the caller must leave 48 elements of
+// convolution). On AVX-512 (float32) B is never packed and the caller must leave 48 elements of
 // slack readable after the end of every row; elsewhere it is packed by copying the rows.
 template <typename T>
 void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c,

@@ -143,12 +143,14 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
     dict(shape=(2, 32, 9, 9), f=40, k=3, stride=1, padding=1, groups=2),      # NHWC-route sizes, groups
     dict(shape=(2, 6, 20, 37), f=6, k=3, stride=1, padding=1, groups=6),      # depthwise 3x3, large plane
     dict(shape=(3, 40, 5, 6), f=40, k=3, stride=2, padding=1, groups=40),     # depthwise, small plane
+    # short rows and many channels: NCHW through the NHWC kernel (transposed in cache), or NHWC itself
+    dict(shape=(2, 32, 14, 14), f=24, k=3, stride=1, padding=1, groups=1),
     # strided layers large enough for the shifted planes' phases: stem-like, stride 3, dilated
     dict(shape=(2, 3, 30, 41), f=10, k=7, stride=2, padding=3, groups=1),
     dict(shape=(1, 4, 40, 45), f=9, k=5, stride=3, padding=2, groups=1),
     dict(shape=(2, 5, 33, 36), f=8, k=3, stride=2, padding=2, groups=1, dilation=2),
-], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "stem_like", "stride3",
-        "dilated_strided"])
+], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
+        "stride3", "dilated_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv2d_blocks_and_edges(isa, case, channels_last):
     with forced_isa(isa):

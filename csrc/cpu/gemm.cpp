@@ -263,25 +263,24 @@ void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t 
 }
 
 #if CS231N_X86
-// transpose_matrix for float on AVX-512: whole 16 x 16 blocks in registers, the edges element by element.
+// transpose_matrix for float on AVX-512: 16 x 16 blocks in registers, the partial ones at the edges
+// through lane masks (a 14-pixel row is one partial block, not 14 x C scalar copies).
 CS231N_AVX512 void transpose_matrix_avx512(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
                                            float* dst, int64_t dst_stride) {
-  const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
-  for (int64_t i0 = 0; i0 < rows16; i0 += 16) {
-    for (int64_t j0 = 0; j0 < cols16; j0 += 16) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int row_count = static_cast<int>(std::min<int64_t>(16, rows - i0));
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << row_count) - 1u);  // lanes of a stored row
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int col_count = static_cast<int>(std::min<int64_t>(16, cols - j0));
+      const __mmask16 col_mask = static_cast<__mmask16>((1u << col_count) - 1u);  // lanes of a loaded row
       __m512 r[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (i0 + i) * src_stride + j0);
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < row_count ? _mm512_maskz_loadu_ps(col_mask, src + (i0 + i) * src_stride + j0) : _mm512_setzero_ps();
+      }
       transpose16(r);
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (j0 + j) * dst_stride + i0, r[j]);
+      for (int j = 0; j < col_count; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * dst_stride + i0, row_mask, r[j]);
     }
-    for (int64_t j = cols16; j < cols; ++j) {
-      for (int64_t i = i0; i < i0 + 16; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
-    }
-  }
-  for (int64_t i = rows16; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
   }
 }
 #endif

@@ -155,3 +155,17 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
 def test_conv2d_blocks_and_edges(isa, case, channels_last):
     with forced_isa(isa):
         _conv_against_float64(case, channels_last, seed=1)
+
+
+def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():
+    """TORCH_CS231N_CPU_ISA=avx-512 (a typo) must not pass silently: the kernels keep what the CPU has."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_CS231N_CPU_ISA="avx-512")
+    probe = "import torch, torch_cs231n; print(torch.ops.torch_cs231n.cpu_isa())"
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH_CS231N_CPU_ISA='avx-512' is not one of avx512, avx2, baseline or auto; ignored" in proc.stderr
+    assert proc.stdout.strip() == ops.cpu_isa()

@@ -95,11 +95,7 @@ cpu::PackB<T> pack_columns_transposed(const T* x, int64_t in_sample, const ConvG
       T* out = dst + (j / nr) * kc * nr + j % nr;
       for (int64_t p = 0; p < kc; ++p) out[p * nr] = row[p];
     }
-    const int64_t tail = nc % nr;  // the last sliver's missing columns are zeros
-    if (tail != 0) {
-      T* last = dst + (nc / nr) * kc * nr;
-      for (int64_t p = 0; p < kc; ++p) std::fill(last + p * nr + tail, last + (p + 1) * nr, T(0));
-    }
+    cpu::zero_last_sliver_tail(dst, kc, nc, nr);
   };
 }
 

@@ -45,9 +45,18 @@ void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x
   std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
 }
 
-// The pixel offset of tap t = (t_h, t_w) in x_pad.
+// The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w): common/conv2d.h's
+// conv_in_index, shifted by the padding.
+CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w,
+                                  int64_t t) {
+  const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh) + g.ph;
+  const int64_t i_w = conv_in_index(o_w, t % g.kw, g.sw, g.pw, g.dw) + g.pw;
+  return i_h * sp.wp + i_w;
+}
+
+// The pixel offset of tap t = (t_h, t_w) in x_pad, for stride 1: that of output (0, 0).
 inline int64_t tap_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t t) {
-  return (t / g.kw) * g.dh * sp.wp + (t % g.kw) * g.dw;
+  return dw_in_pixel(g, sp, 0, 0, t);
 }
 
 // x_pad from an NCHW sample: the same, each pixel's channels gathered (a transpose done while padding).
@@ -144,10 +153,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
                 k += len;
               }
             }
-            if (nc % nr != 0) {  // the last sliver's missing columns are zeros
-              T* last = dst + (nc / nr) * kc * nr;
-              for (int64_t p = 0; p < kc; ++p) std::fill(last + p * nr + nc % nr, last + (p + 1) * nr, T(0));
-            }
+            cpu::zero_last_sliver_tail(dst, kc, nc, nr);
           };
           cpu::GemmEpilogue<T> ep;
           ep.accumulate = true;
@@ -158,12 +164,6 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
     }
   });
   sum_chunks(partial, chunks, g.f * kg, dw);
-}
-
-// The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w).
-CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w,
-                                  int64_t t) {
-  return (o_h * g.sh + (t / g.kw) * g.dh) * sp.wp + o_w * g.sw + (t % g.kw) * g.dw;
 }
 
 // --------------------------------------------------------------------------- small images: pixel rows

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -63,12 +64,19 @@ inline bool parse_isa(const char* text, Isa* out) {
   return false;
 }
 
-// The cap set by the user (-1: none). Starts from TORCH_CS231N_CPU_ISA when it names an ISA.
+// The cap set by the user (-1: none). Starts from TORCH_CS231N_CPU_ISA; a value that names no ISA (nor
+// "auto") is ignored with a warning, not silently.
 inline std::atomic<int>& isa_cap() {
   static std::atomic<int> cap{[] {
     const char* env = std::getenv("TORCH_CS231N_CPU_ISA");
     Isa isa;
-    return env != nullptr && parse_isa(env, &isa) ? static_cast<int>(isa) : -1;
+    if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return -1;
+    if (parse_isa(env, &isa)) return static_cast<int>(isa);
+    std::fprintf(stderr,
+                 "torch_cs231n: TORCH_CS231N_CPU_ISA='%s' is not one of avx512, avx2, baseline or auto; "
+                 "ignored\n",
+                 env);
+    return -1;
   }()};
   return cap;
 }

@@ -76,6 +76,18 @@ constexpr int64_t kRowsBSlack = 48;
 template <typename T>
 void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr, T* dst);
 
+// The columns past nc of the last sliver of a PackB's block, zeros in all kc rows (the micro-kernels
+// read whole slivers).
+template <typename T>
+inline void zero_last_sliver_tail(T* dst, int64_t kc, int64_t nc, int nr) {
+  const int64_t tail = nc % nr;
+  if (tail == 0) return;
+  T* last = dst + (nc / nr) * kc * nr;
+  for (int64_t p = 0; p < kc; ++p) {
+    for (int64_t j = tail; j < nr; ++j) last[p * nr + j] = T(0);
+  }
+}
+
 // A run of row p of B's block, columns [q, q+len) (q counted from the block's first column), copied into
 // its place in the slivers of a PackB.
 template <typename T>

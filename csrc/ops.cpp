@@ -100,6 +100,20 @@ TORCH_LIBRARY(torch_cs231n, m) {
   // A gradient that output_mask does not ask for is None.
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
         "bool training, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  // Synchronised batch norm (torch_cs231n.SyncBatchNorm) splits the training passes where the processes
+  // exchange per-channel values (torch_cs231n/distributed.py):
+  //   forward   batch_norm_stats on each process's input (its mean and biased variance); all-gather;
+  //             batch_norm_merge_stats (rows: processes) gives the global mean, variance and invstd;
+  //             batch_norm_forward_eval normalises with them.
+  //   backward  batch_norm_backward_reduce (sum dy, sum dy (x - mean) over this process's values);
+  //             all-reduce; batch_norm_backward_elemt gives d_input from the global sums and count.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_merge_stats(Tensor counts, Tensor means, Tensor vars, float eps) -> "
+        "(Tensor mean, Tensor var, Tensor invstd)");
+  m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean) -> "
+        "(Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+        "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
 }
 
 extern "C" {

@@ -164,3 +164,39 @@ def _batch_norm_backward(grad_output, input, weight, mean, invstd, training, out
         input.new_empty((c,), dtype=stat) if output_mask[1] else None,
         input.new_empty((c,), dtype=stat) if output_mask[2] else None,
     )
+
+
+# Synchronised batch norm's ops (torch_cs231n/distributed.py).
+@torch.library.register_fake(_lib + "batch_norm_stats")
+def _batch_norm_stats(input):
+    _bn_check_channels(input, "input", None)
+    stat = input.new_empty((input.shape[1],), dtype=_bn_stat_dtype(input))
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake(_lib + "batch_norm_merge_stats")
+def _batch_norm_merge_stats(counts, means, vars, eps):
+    torch._check(counts.dim() == 1 and means.dim() == 2 and means.shape == vars.shape
+                 and means.shape[0] == counts.shape[0],
+                 lambda: "batch_norm_merge_stats: expected counts [P] and means, vars [P, C]")
+    stat = means.new_empty((means.shape[1],))
+    return stat, torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.register_fake(_lib + "batch_norm_backward_reduce")
+def _batch_norm_backward_reduce(grad_output, input, mean):
+    torch._check(grad_output.shape == input.shape,
+                 lambda: "batch_norm_backward_reduce: grad_output and input differ in shape")
+    _bn_check_channels(input, "mean", mean)
+    stat = input.new_empty((input.shape[1],), dtype=_bn_stat_dtype(input))
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake(_lib + "batch_norm_backward_elemt")
+def _batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    torch._check(grad_output.shape == input.shape,
+                 lambda: "batch_norm_backward_elemt: grad_output and input differ in shape")
+    for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy),
+                    ("sum_dy_xmu", sum_dy_xmu)):
+        _bn_check_channels(input, name, t)
+    return _bn_output(input)

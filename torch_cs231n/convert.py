@@ -16,7 +16,7 @@ from . import modules
 def _pairs():
     """(torch's class, ours) for every layer torch_cs231n computes; the ones not merged yet are absent."""
     pairs = []
-    for name in ("Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"):
+    for name in ("Conv2d", "MaxPool2d", "BatchNorm2d", "SyncBatchNorm", "ReLU"):
         ours = getattr(modules, name, None)
         if ours is not None:
             pairs.append((getattr(nn, name), ours))
@@ -25,7 +25,7 @@ def _pairs():
 
 # Layers that look like ours but that we cannot compute: left alone, and reported.
 _NEAR_MISSES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.MaxPool1d, nn.MaxPool3d, nn.BatchNorm1d,
-                nn.BatchNorm3d, nn.SyncBatchNorm, nn.ReLU6, nn.LazyConv2d, nn.LazyBatchNorm2d)
+                nn.BatchNorm3d, nn.ReLU6, nn.LazyConv2d, nn.LazyBatchNorm2d)
 
 
 @dataclass
@@ -61,8 +61,8 @@ def _swap(model: nn.Module, mapping: dict, report: Report) -> None:
 
 
 def convert(model: nn.Module, *, return_report: bool = False):
-    """Replace every ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.BatchNorm2d`` and ``nn.ReLU`` in ``model``, nested
-    ones and ``model`` itself included, with torch_cs231n's, in place. Returns ``model`` (and a
+    """Replace every ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` and ``nn.ReLU`` in
+    ``model``, nested ones and ``model`` itself included, with torch_cs231n's, in place. Returns ``model`` (and a
     :class:`Report` of what was swapped and what was left alone, if ``return_report``).
     """
     report = Report()

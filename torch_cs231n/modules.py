@@ -3,12 +3,14 @@
 Each subclasses torch's module, so it keeps its constructor arguments, parameter initialisation,
 ``state_dict`` keys, ``repr`` and every ``isinstance`` check; only the computation is ours.
 """
+import torch
 from torch import nn
 from torch.nn import functional as _torch_F  # F.pad, for Conv2d's non-zero padding modes
 
+from . import distributed
 from . import functional as F
 
-__all__ = ["ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d"]
+__all__ = ["ReLU", "Conv2d", "MaxPool2d", "BatchNorm2d", "SyncBatchNorm"]
 
 
 class ReLU(nn.ReLU):
@@ -46,17 +48,13 @@ class MaxPool2d(nn.MaxPool2d):
 
 # --------------------------------------------------------------------------------------------- batch norm
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` computed by torch_cs231n's kernels.
-
-    Everything but the computation is torch's: arguments, parameters and buffers (``running_mean``,
-    ``running_var``, ``num_batches_tracked``), ``state_dict`` keys, ``_check_input_dim`` (4-D input).
-    ``forward`` follows ``nn.modules.batchnorm._BatchNorm.forward`` line for line: momentum None is the
-    cumulative average 1 / num_batches_tracked, and without tracked buffers eval uses the batch statistics.
+class _BatchNormForward:
+    """The forward of our batch norm modules, after their input checks. It follows
+    ``nn.modules.batchnorm._BatchNorm.forward`` line for line: momentum None is the cumulative average
+    1 / num_batches_tracked, and without tracked buffers eval uses the batch statistics.
     """
 
-    def forward(self, input):
-        self._check_input_dim(input)
+    def _batch_norm(self, input):
         if self.momentum is None:
             exponential_average_factor = 0.0
         else:
@@ -71,13 +69,73 @@ class BatchNorm2d(nn.BatchNorm2d):
         bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
         # Buffers are passed only when they are to be updated (training and tracked) or used (eval).
         track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        group = self._sync_group() if bn_training and self.training else None
+        if group is not None:
+            return distributed.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                               exponential_average_factor, self.eps, group)
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                            exponential_average_factor, self.eps)
+
+    def _sync_group(self):
+        """The process group whose batches are normalised together; None: this process's batch alone."""
+        return None
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by torch_cs231n's kernels.
+
+    Everything but the computation is torch's: arguments, parameters and buffers (``running_mean``,
+    ``running_var``, ``num_batches_tracked``), ``state_dict`` keys, ``_check_input_dim`` (4-D input).
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        return self._batch_norm(input)
+
+
+class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` computed by torch_cs231n's kernels: in training, inside an initialised
+    process group of more than one process, each process normalises with the statistics of the whole
+    global batch (torch_cs231n/distributed.py); otherwise, and in eval, it is our BatchNorm2d.
+
+    Unlike torch's, it runs on CPU tensors too (gloo), and ranks may hold batches of different sizes, an
+    empty one included. Arguments, ``process_group``, ``state_dict`` and input checks (2-D or more, at least
+    one channel) are torch's.
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        return self._batch_norm(input)
+
+    def _sync_group(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        group = self.process_group or torch.distributed.group.WORLD
+        return group if torch.distributed.get_world_size(group) > 1 else None
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: every batch norm layer in ``module`` (torch's
+        or ours, any number of dims) becomes our SyncBatchNorm, sharing its parameters and buffers. Returns
+        the converted module (a new object when ``module`` itself is a batch norm layer)."""
+        result = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            result = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                         process_group, bias=module.bias is not None)
+            if module.affine:
+                with torch.no_grad():
+                    result.weight = module.weight
+                    result.bias = module.bias
+            result.running_mean = module.running_mean
+            result.running_var = module.running_var
+            result.num_batches_tracked = module.num_batches_tracked
+            result.training = module.training
+            if hasattr(module, "qconfig"):
+                result.qconfig = module.qconfig
+        for name, child in module.named_children():
+            result.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        del module
+        return result

@@ -13,7 +13,8 @@
 // The variance is never E[x^2] - E[x]^2 (it cancels catastrophically when |mu| >> std). Each backend
 // computes (count, mean, M2 = sum (x - mean)^2) of small blocks with a two-pass in fast memory, then
 // merges blocks with Chan et al.'s pairwise update (bn_merge below), which is exact in exact arithmetic
-// and stable in floating point.
+// and stable in floating point. Synchronised batch norm merges the processes' statistics the same way:
+// process r sends (M_r, mean_r, var_r), and M2_r = var_r * M_r.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -101,6 +102,25 @@ C10_HOST_DEVICE inline T bn_normalize(T x, T mean_hi, T mean_lo, T scale, T beta
 
 // dx = gamma invstd * (dy - mean(dy) - (x - mu) * proj) in training, with the per-channel constants
 //   gi = gamma * invstd,   dy_mean = sum dy / M,   proj = invstd^2 * sum dy (x - mu) / M.
+template <typename acc_t>
+struct BnGradConstants {
+  acc_t gi;
+  acc_t dy_mean;
+  acc_t proj;
+};
+
+// Those constants from a channel's two sums over its M values (M = 0, an empty batch: no dx to scale).
+// Synchronised batch norm passes the sums and M of the whole global batch.
+template <typename acc_t>
+C10_HOST_DEVICE inline BnGradConstants<acc_t> bn_grad_constants(acc_t sum_dy, acc_t sum_dy_xmu, acc_t M, acc_t gamma,
+                                                                 acc_t invstd) {
+  BnGradConstants<acc_t> k;
+  k.gi = gamma * invstd;
+  k.dy_mean = M > acc_t(0) ? sum_dy / M : acc_t(0);
+  k.proj = M > acc_t(0) ? sum_dy_xmu / M * invstd * invstd : acc_t(0);
+  return k;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T bn_backward_train(T dy, T x, T mean, T dy_mean, T proj, T gi) {
   return (dy - dy_mean - (x - mean) * proj) * gi;

@@ -83,6 +83,45 @@ inline void bn_check_backward_args(const at::Tensor& grad_output, const at::Tens
   bn_check_channel_tensor(invstd, "invstd", input, op);
 }
 
+// Synchronised batch norm's ops (the order of their use: ops.cpp).
+inline void bn_check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& mean, const char* op) {
+  bn_check_input(input, op);
+  check_same_device(input, "input", grad_output, "grad_output", op);
+  check_same_dtype(input, "input", grad_output, "grad_output", op);
+  check_same_shape(input, "input", grad_output, "grad_output", op);
+  bn_check_channel_tensor(mean, "mean", input, op);
+}
+
+inline void bn_check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                         const at::Tensor& sum_dy_xmu, int64_t count, const char* op) {
+  bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
+  bn_check_channel_tensor(sum_dy, "sum_dy", input, op);
+  bn_check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
+  int64_t local = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) local *= input.size(d);
+  TORCH_CHECK(count >= local, op, ": expected count (the values per channel of the whole batch) to be at least "
+              "this input's ", local, ", but got ", count);
+}
+
+// counts [P], means and vars [P, C]: one row per process, of one floating dtype, on one device.
+inline void bn_check_merge_stats_args(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars,
+                                      double eps, const char* op) {
+  check_dim(counts, 1, op, "counts");
+  check_dim(means, 2, op, "means");
+  check_float_dtype(means, op, "means");
+  check_same_device(means, "means", counts, "counts", op);
+  check_same_device(means, "means", vars, "vars", op);
+  check_same_dtype(means, "means", counts, "counts", op);
+  check_same_dtype(means, "means", vars, "vars", op);
+  check_same_shape(means, "means", vars, "vars", op);
+  TORCH_CHECK(means.size(0) == counts.size(0), op, ": expected means to have one row per count (", counts.size(0),
+              "), but got shape ", means.sizes());
+  TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
+}
+
 // The backward's result: each gradient where output_mask asks for it, None where it does not.
 using BnGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 inline BnGrads bn_masked_grads(const at::Tensor& grad_input, const at::Tensor& grad_weight,

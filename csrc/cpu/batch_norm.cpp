@@ -17,6 +17,10 @@
 // (at::acc_type). The variance of a block is a two-pass in L1 cache (mean, then sum (x - mean)^2), and
 // blocks are merged with Chan's formula (bn_merge): one read of x from memory, and no cancellation.
 // Partial results are combined in a fixed order, so the results do not depend on the thread count.
+//
+// Synchronised batch norm's ops (ops.cpp) are the same reductions and passes, stopped where processes
+// exchange their per-channel values: the statistics (channel_stats), their merge across processes
+// (bn_merge in process order), the two sums (channel_grad_sums), and dx from the global sums.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -403,6 +407,45 @@ void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const s
   });
 }
 
+// The per-channel constants of dx (common/batch_norm.h: bn_grad_constants), one array each.
+template <typename scalar_t>
+struct GradConstants {
+  std::vector<scalar_t> gi, dy_mean, proj;
+  explicit GradConstants(int64_t C) : gi(C), dy_mean(C), proj(C) {}
+  template <typename acc_t>
+  void set(int64_t c, const BnGradConstants<acc_t>& k) {
+    gi[c] = static_cast<scalar_t>(k.gi);
+    dy_mean[c] = static_cast<scalar_t>(k.dy_mean);
+    proj[c] = static_cast<scalar_t>(k.proj);
+  }
+};
+
+// dx over one run of for_each_channel_run: a channel-first plane of channel c (its constants are loop
+// invariants) or a channel-last row of all C channels (the constants indexed by position).
+template <typename scalar_t>
+void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t off, int64_t len, int64_t c,
+                    bool channels_last, const scalar_t* mean, const GradConstants<scalar_t>& k, bool training) {
+  const scalar_t* gr = dy + off;
+  const scalar_t* xi = x + off;
+  scalar_t* out = dx + off;
+  if (channels_last) {
+    const scalar_t *gi = k.gi.data(), *dm = k.dy_mean.data(), *pj = k.proj.data();
+    if (training) {
+      for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_train(gr[i], xi[i], mean[i], dm[i], pj[i], gi[i]);
+    } else {
+      for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_eval(gr[i], gi[i]);
+    }
+    return;
+  }
+  const scalar_t s = k.gi[c];
+  if (training) {
+    const scalar_t m = mean[c], dm = k.dy_mean[c], pj = k.proj[c];
+    for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_train(gr[i], xi[i], m, dm, pj, s);
+  } else {
+    for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_eval(gr[i], s);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------- ops
 // The input in the output's layout, with the layout's description.
 std::tuple<at::Tensor, at::Tensor, BnLayout> dense_input(const at::Tensor& input) {
@@ -546,27 +589,17 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     scalar_t* dbp = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
     const bool need_sums = training || output_mask[1] || output_mask[2];
     const acc_t M = static_cast<acc_t>(lay.M());
-    std::vector<scalar_t> gi(C), dy_mean(C), proj(C);
+    GradConstants<scalar_t> k(C);
     // From a channel's two sums: dgamma = invstd * sum dy (x - mean), dbeta = sum dy, and the constants
     // of dx (common/batch_norm.h: bn_backward_train).
     auto finish = [&](int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) {
       const acc_t inv = invstd_p[c];
       if (dwp) dwp[c] = static_cast<scalar_t>(sum_dy_xmu * inv);
       if (dbp) dbp[c] = static_cast<scalar_t>(sum_dy);
-      gi[c] = static_cast<scalar_t>(g[c] * inv);
-      dy_mean[c] = M > 0 ? static_cast<scalar_t>(sum_dy / M) : scalar_t(0);
-      proj[c] = M > 0 ? static_cast<scalar_t>(sum_dy_xmu / M * inv * inv) : scalar_t(0);
+      k.set(c, bn_grad_constants<acc_t>(sum_dy, sum_dy_xmu, M, g[c], inv));
     };
     // dx over one contiguous run of a channel-first plane.
-    auto dx_plane = [&](int64_t off, int64_t c) {
-      const scalar_t s = gi[c];
-      if (training) {
-        const scalar_t m = mean_p[c], dm = dy_mean[c], pj = proj[c];
-        for (int64_t k = 0; k < S; ++k) dxp[off + k] = bn_backward_train(dyp[off + k], xp[off + k], m, dm, pj, s);
-      } else {
-        for (int64_t k = 0; k < S; ++k) dxp[off + k] = bn_backward_eval(dyp[off + k], s);
-      }
-    };
+    auto dx_plane = [&](int64_t off, int64_t c) { grad_input_run(dyp, xp, dxp, off, S, c, false, mean_p, k, training); };
 
     if (need_sums && lay.M() > 0 && per_channel_fused(lay)) {
       // Both passes per channel, the second from cache.
@@ -594,18 +627,129 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     for (int64_t c = 0; c < C; ++c) finish(c, sum_dy[c], sum_dy_xmu[c]);
     if (!dxp || grad_input.numel() == 0) return;
     for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
-      if (!cl) return dx_plane(off, c);
-      const scalar_t* gr = dyp + off;
-      const scalar_t* xi = xp + off;
-      scalar_t* out = dxp + off;
-      if (training) {
-        for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_train(gr[k], xi[k], mean_p[k], dy_mean[k], proj[k], gi[k]);
-      } else {
-        for (int64_t k = 0; k < len; ++k) out[k] = bn_backward_eval(gr[k], gi[k]);
-      }
+      grad_input_run(dyp, xp, dxp, off, len, c, cl, mean_p, k, training);
     });
   });
   return bn_masked_grads(grad_input, grad_weight, grad_bias, output_mask);
+}
+
+// ------------------------------------------------------------------------------- synchronised batch norm
+// Per-channel mean and biased variance of this process's input (0 and 0 for an empty batch).
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  constexpr const char* op = "batch_norm_stats";
+  bn_check_input(input, op);
+  const at::Tensor x = dense_like(input, bn_empty_output(input));
+  const BnLayout lay = bn_layout(x);
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty({lay.C}, stat_opts);
+  at::Tensor var = at::empty({lay.C}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    std::vector<BnStats<acc_t>> stats(lay.C, BnStats<acc_t>{0, 0, 0});
+    if (lay.M() > 0) stats = channel_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), lay);
+    scalar_t* mean_p = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* var_p = var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < lay.C; ++c) {
+      mean_p[c] = static_cast<scalar_t>(stats[c].mean);
+      var_p[c] = static_cast<scalar_t>(stats[c].n > 0 ? stats[c].m2 / stats[c].n : acc_t(0));
+    }
+  });
+  return {mean, var};
+}
+
+// The statistics of the union of P processes' batches, from each one's (count, mean, biased var): Chan's
+// merge (bn_merge) in process order, in double. An empty process (count 0) contributes nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const at::Tensor& counts,
+                                                                           const at::Tensor& means,
+                                                                           const at::Tensor& vars, double eps) {
+  constexpr const char* op = "batch_norm_merge_stats";
+  bn_check_merge_stats_args(counts, means, vars, eps, op);
+  const int64_t P = means.size(0), C = means.size(1);
+  at::Tensor mean = at::empty({C}, means.options());
+  at::Tensor var = at::empty({C}, means.options());
+  at::Tensor invstd = at::empty({C}, means.options());
+  const at::Tensor n = counts.contiguous(), mu = means.contiguous(), v = vars.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "batch_norm_merge_stats_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t *np = n.const_data_ptr<scalar_t>(), *mp = mu.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      BnStats<acc_t> s{0, 0, 0};
+      for (int64_t p = 0; p < P; ++p) {
+        const acc_t np_ = np[p];
+        s = bn_merge(s, BnStats<acc_t>{np_, static_cast<acc_t>(mp[p * C + c]), static_cast<acc_t>(vp[p * C + c]) * np_});
+      }
+      const acc_t var_c = s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);
+      mean.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(s.mean);
+      var.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(var_c);
+      invstd.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(bn_invstd<acc_t>(var_c, eps));
+    }
+  });
+  return {mean, var, invstd};
+}
+
+// This process's sum dy and sum dy (x - mean) per channel (the mean is the global one).
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input, const at::Tensor& mean) {
+  constexpr const char* op = "batch_norm_backward_reduce";
+  bn_check_backward_reduce_args(grad_output, input, mean, op);
+  const at::Tensor layout = bn_empty_output(input);
+  const at::Tensor x = dense_like(input, layout);
+  const at::Tensor dy = dense_like(grad_output, layout);
+  const BnLayout lay = bn_layout(x);
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor sum_dy = at::empty({lay.C}, stat_opts);
+  at::Tensor sum_dy_xmu = at::empty({lay.C}, stat_opts);
+  const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    std::vector<acc_t> a(lay.C, 0), p(lay.C, 0);
+    if (lay.M() > 0) {
+      channel_grad_sums<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                         mu.const_data_ptr<scalar_t>(), lay, a, p);
+    }
+    for (int64_t c = 0; c < lay.C; ++c) {
+      sum_dy.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(a[c]);
+      sum_dy_xmu.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(p[c]);
+    }
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+// d_input of training from the sums over the whole batch of `count` values per channel (all processes):
+// dx = gamma invstd (dy - sum_dy / count - (x - mean) invstd^2 sum_dy_xmu / count).
+at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                         const at::Tensor& sum_dy_xmu, int64_t count) {
+  constexpr const char* op = "batch_norm_backward_elemt";
+  bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
+  at::Tensor grad_input = bn_empty_output(input);
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor x = dense_like(input, grad_input);
+  const at::Tensor dy = dense_like(grad_output, grad_input);
+  const BnLayout lay = bn_layout(x);
+  const auto dtype = bn_stat_dtype(input.scalar_type());
+  const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
+  const at::Tensor mu = mean.to(dtype).contiguous(), is = invstd.to(dtype).contiguous();
+  const at::Tensor a = sum_dy.to(dtype).contiguous(), p = sum_dy_xmu.to(dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t *g = gamma.const_data_ptr<scalar_t>(), *isp = is.const_data_ptr<scalar_t>();
+    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>();
+    GradConstants<scalar_t> k(lay.C);
+    for (int64_t c = 0; c < lay.C; ++c) {
+      k.set(c, bn_grad_constants<acc_t>(ap[c], pp[c], static_cast<acc_t>(count), g[c], isp[c]));
+    }
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mean_p = mu.const_data_ptr<scalar_t>();
+    scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
+    for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
+      grad_input_run(dyp, xp, dxp, off, len, c, cl, mean_p, k, /*training=*/true);
+    });
+  });
+  return grad_input;
 }
 
 }  // namespace
@@ -614,6 +758,10 @@ TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
   m.impl("batch_norm_forward_train", &batch_norm_forward_train_cpu);
   m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_merge_stats", &batch_norm_merge_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
 }
 
 }  // namespace torch_cs231n

@@ -9,6 +9,9 @@
 //               acc_t here, so it has no low part)
 //   backward    the same two-stage shape for sum dy and sum dy (x - mean); then dx per element
 //               (bn_backward_train / bn_backward_eval)
+//   sync        synchronised batch norm's ops (ops.cpp) reuse these kernels: the statistics and the sums
+//               stop after stage 2 so that the processes can exchange them; the merge is one thread per
+//               channel over the processes' results (bn_merge), and d_input takes the global sums.
 //
 // Statistics, parameters and accumulators are at::acc_type: float for float, half and bfloat16 inputs,
 // double for double. Indices are int64. The input is made dense in the output's layout first
@@ -93,6 +96,19 @@ __global__ void stats_partial_kernel(const scalar_t* __restrict__ x, ChannelInde
   }
 }
 
+// Channel c's statistics from its G partial results, merged in order.
+template <typename acc_t>
+__device__ BnStats<acc_t> merge_partials(const BnStats<acc_t>* __restrict__ partial, int64_t c, int64_t G) {
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t g = 0; g < G; ++g) s = bn_merge(s, partial[c * G + g]);
+  return s;
+}
+
+template <typename acc_t>
+__device__ acc_t biased_var(const BnStats<acc_t>& s) {
+  return s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);  // biased: this is what normalises
+}
+
 // Stage 2: one thread per channel merges its G partial results in order; the saved statistics and the
 // normalisation's scale = gamma * invstd.
 template <typename acc_t>
@@ -101,9 +117,8 @@ __global__ void stats_final_kernel(const BnStats<acc_t>* __restrict__ partial, i
                                    acc_t* __restrict__ invstd, acc_t* __restrict__ var, acc_t* __restrict__ scale) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  BnStats<acc_t> s{0, 0, 0};
-  for (int64_t g = 0; g < G; ++g) s = bn_merge(s, partial[c * G + g]);
-  const acc_t v = s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);  // biased: this is what normalises
+  const BnStats<acc_t> s = merge_partials(partial, c, G);
+  const acc_t v = biased_var(s);
   const acc_t is = bn_invstd<acc_t>(v, eps);
   mean[c] = s.mean;
   var[c] = v;
@@ -168,22 +183,35 @@ __global__ void grad_sums_partial_kernel(const scalar_t* __restrict__ dy, const 
 // Stage 2: per channel, dgamma = invstd * sum dy (x - mean), dbeta = sum dy, and the constants of dx:
 // k[0] = gamma * invstd, k[1] = sum dy / M, k[2] = invstd^2 * sum dy (x - mean) / M.
 template <typename acc_t>
+__device__ void set_grad_constants(acc_t* __restrict__ k, int64_t C, int64_t c, const BnGradConstants<acc_t>& v) {
+  k[c] = v.gi;
+  k[C + c] = v.dy_mean;
+  k[2 * C + c] = v.proj;
+}
+
+// Channel c's two sums from its G partial results, added in order.
+template <typename acc_t>
+__device__ void add_partial_sums(const acc_t* __restrict__ partial, int64_t c, int64_t G, acc_t& a, acc_t& p) {
+  a = 0;
+  p = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    a += partial[(c * G + g) * 2];
+    p += partial[(c * G + g) * 2 + 1];
+  }
+}
+
+template <typename acc_t>
 __global__ void grad_sums_final_kernel(const acc_t* __restrict__ partial, int64_t C, int64_t G, int64_t M,
                                        const acc_t* __restrict__ gamma, const acc_t* __restrict__ invstd,
                                        acc_t* __restrict__ dgamma, acc_t* __restrict__ dbeta, acc_t* __restrict__ k) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  acc_t a = 0, p = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    a += partial[(c * G + g) * 2];
-    p += partial[(c * G + g) * 2 + 1];
-  }
+  acc_t a, p;
+  add_partial_sums(partial, c, G, a, p);
   const acc_t is = invstd[c];
   if (dgamma != nullptr) dgamma[c] = p * is;
   if (dbeta != nullptr) dbeta[c] = a;
-  k[c] = gamma[c] * is;
-  k[C + c] = M > 0 ? a / static_cast<acc_t>(M) : acc_t(0);
-  k[2 * C + c] = M > 0 ? p / static_cast<acc_t>(M) * is * is : acc_t(0);
+  set_grad_constants(k, C, c, bn_grad_constants<acc_t>(a, p, static_cast<acc_t>(M), gamma[c], is));
 }
 
 // Eval without dgamma/dbeta: only k[0] = gamma * invstd is needed.
@@ -207,6 +235,54 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
                              : bn_backward_eval(g, k[c]);
     dx[i] = static_cast<scalar_t>(r);
   }
+}
+
+// ------------------------------------------------------------------------------ synchronised batch norm
+// One thread per channel: this process's mean and biased variance from the partial results.
+template <typename acc_t>
+__global__ void stats_mean_var_kernel(const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G,
+                                      acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const BnStats<acc_t> s = merge_partials(partial, c, G);
+  mean[c] = s.mean;
+  var[c] = biased_var(s);
+}
+
+// One thread per channel: the P processes' (count, mean, biased var) merged in process order.
+template <typename scalar_t, typename acc_t>
+__global__ void merge_stats_kernel(const scalar_t* __restrict__ counts, const scalar_t* __restrict__ means,
+                                   const scalar_t* __restrict__ vars, int64_t P, int64_t C, double eps,
+                                   scalar_t* __restrict__ mean, scalar_t* __restrict__ var, scalar_t* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  BnStats<acc_t> s{0, 0, 0};
+  for (int64_t p = 0; p < P; ++p) {
+    const acc_t n = static_cast<acc_t>(counts[p]);
+    s = bn_merge(s, BnStats<acc_t>{n, static_cast<acc_t>(means[p * C + c]), static_cast<acc_t>(vars[p * C + c]) * n});
+  }
+  const acc_t v = biased_var(s);
+  mean[c] = static_cast<scalar_t>(s.mean);
+  var[c] = static_cast<scalar_t>(v);
+  invstd[c] = static_cast<scalar_t>(bn_invstd<acc_t>(v, eps));
+}
+
+// One thread per channel: this process's sum dy and sum dy (x - mean).
+template <typename acc_t>
+__global__ void grad_sums_total_kernel(const acc_t* __restrict__ partial, int64_t C, int64_t G,
+                                       acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  add_partial_sums(partial, c, G, sum_dy[c], sum_dy_xmu[c]);
+}
+
+// One thread per channel: the constants of dx from the global sums over `count` values per channel.
+template <typename acc_t>
+__global__ void grad_constants_kernel(const acc_t* __restrict__ sum_dy, const acc_t* __restrict__ sum_dy_xmu,
+                                      const acc_t* __restrict__ gamma, const acc_t* __restrict__ invstd, int64_t C,
+                                      int64_t count, acc_t* __restrict__ k) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) set_grad_constants(k, C, c, bn_grad_constants<acc_t>(sum_dy[c], sum_dy_xmu[c], static_cast<acc_t>(count), gamma[c], invstd[c]));
 }
 
 // ---------------------------------------------------------------------------------------------- host
@@ -363,12 +439,132 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   return bn_masked_grads(grad_input, grad_weight, grad_bias, output_mask);
 }
 
+// ------------------------------------------------------------------------------ synchronised batch norm
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  constexpr const char* op = "batch_norm_stats";
+  bn_check_input(input, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = dense_like(input, bn_empty_output(input));
+  const BnLayout lay = bn_layout(x);
+  const int64_t C = lay.C;
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor mean = at::zeros({C}, stat_opts);
+  at::Tensor var = at::zeros({C}, stat_opts);
+  if (C == 0 || lay.M() == 0) return {mean, var};  // an empty batch: 0 and 0, which a merge ignores
+  const int64_t G = blocks_per_channel(lay);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    at::Tensor partial = at::empty({C * G * 3}, stat_opts);
+    auto* partial_p = reinterpret_cast<BnStats<acc_t>*>(partial.mutable_data_ptr<acc_t>());
+    stats_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(), partial_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_mean_var_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        partial_p, C, G, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cuda(const at::Tensor& counts,
+                                                                            const at::Tensor& means,
+                                                                            const at::Tensor& vars, double eps) {
+  constexpr const char* op = "batch_norm_merge_stats";
+  bn_check_merge_stats_args(counts, means, vars, eps, op);
+  const c10::cuda::CUDAGuard guard(means.device());
+  const int64_t P = means.size(0), C = means.size(1);
+  at::Tensor mean = at::empty({C}, means.options());
+  at::Tensor var = at::empty({C}, means.options());
+  at::Tensor invstd = at::empty({C}, means.options());
+  if (C == 0) return {mean, var, invstd};
+  const at::Tensor n = counts.contiguous(), mu = means.contiguous(), v = vars.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "batch_norm_merge_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    merge_stats_kernel<scalar_t, acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        n.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), P, C, eps,
+        mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>(), invstd.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, const at::Tensor& mean) {
+  constexpr const char* op = "batch_norm_backward_reduce";
+  bn_check_backward_reduce_args(grad_output, input, mean, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor layout = bn_empty_output(input);
+  const at::Tensor x = dense_like(input, layout);
+  const at::Tensor dy = dense_like(grad_output, layout);
+  const BnLayout lay = bn_layout(x);
+  const int64_t C = lay.C;
+  const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
+  at::Tensor sum_dy = at::zeros({C}, stat_opts);
+  at::Tensor sum_dy_xmu = at::zeros({C}, stat_opts);
+  if (C == 0 || lay.M() == 0) return {sum_dy, sum_dy_xmu};
+  const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
+  const int64_t G = blocks_per_channel(lay);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_reduce_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    at::Tensor partial = at::empty({C * G * 2}, stat_opts);
+    grad_sums_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(),
+        mu.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_sums_total_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), C, G, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                          const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                          const at::Tensor& sum_dy_xmu, int64_t count) {
+  constexpr const char* op = "batch_norm_backward_elemt";
+  bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_input = bn_empty_output(input);
+  const int64_t n = grad_input.numel();
+  if (n == 0) return grad_input;
+  const at::Tensor x = dense_like(input, grad_input);
+  const at::Tensor dy = dense_like(grad_output, grad_input);
+  const BnLayout lay = bn_layout(x);
+  const int64_t C = lay.C;
+  const auto dtype = bn_stat_dtype(input.scalar_type());
+  const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
+  const at::Tensor mu = mean.to(dtype).contiguous(), is = invstd.to(dtype).contiguous();
+  const at::Tensor a = sum_dy.to(dtype).contiguous(), p = sum_dy_xmu.to(dtype).contiguous();
+  at::Tensor k = at::empty({3 * C}, input.options().dtype(dtype));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_elemt_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    grad_constants_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        a.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(),
+        C, count, k.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_input_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+        channel_index(lay), n, mu.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(), /*training=*/true);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
   m.impl("batch_norm_forward_train", &batch_norm_forward_train_cuda);
   m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_merge_stats", &batch_norm_merge_stats_cuda);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
 }
 
 }  // namespace torch_cs231n

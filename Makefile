@@ -10,10 +10,14 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml torch_cs231n/_build_config.py
 
-.PHONY: demo test bench build clean gpu-check
+.PHONY: demo demo-ddp test bench build clean gpu-check
 
 demo: $(VENV)/.built
 	$(PY) -m torch_cs231n demo
+
+# The main job on 2 processes of this machine: DistributedDataParallel with SyncBatchNorm over gloo.
+demo-ddp: $(VENV)/.built
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m torch_cs231n demo --ddp --out demo-output-ddp
 
 test: $(VENV)/.built
 	$(PY) -m pytest
@@ -41,4 +45,4 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info torch_cs231n/_C*.so bench-results demo-output gpu-check
+	rm -rf build *.egg-info torch_cs231n/_C*.so bench-results demo-output demo-output-ddp gpu-check

@@ -73,6 +73,25 @@ def test_demo_command_line(tmp_path):
     assert "epoch 1/1" in run.stderr  # the tqdm progress bar
 
 
+def test_demo_ddp_on_two_processes_takes_the_one_process_steps(tmp_path):
+    """torchrun starts 2 processes (gloo on localhost); SyncBatchNorm and DDP make each global batch's step
+    the one-process step: the same loss at every step, up to float32 rounding, and the same accuracy."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run = subprocess.run(torchrun + ["-m", "torch_cs231n", "demo", "--ddp", "--epochs", "1", "--out",
+                                     str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "with DistributedDataParallel over 2 processes" in run.stdout
+    assert run.stdout.count("torch_cs231n 0.") == 1, "only rank 0 prints"
+    with open(tmp_path / "ddp" / "summary.json") as f:
+        ddp = json.load(f)
+    one = demo.run(demo_args(tmp_path / "one", epochs=1))
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert len(ddp["losses"]) == len(one["losses"]) == 1347 // 32
+    assert np.abs(np.array(ddp["losses"]) - np.array(one["losses"])).max() <= 1e-4
+    assert abs(ddp["test_accuracy"]["torch_cs231n"] - one["test_accuracy"]["torch_cs231n"]) <= 0.01
+
+
 def test_check_passes_on_this_build():
     out = io.StringIO()
     assert check.run("cpu", out=out) == 0, out.getvalue()

@@ -4,6 +4,13 @@ torch.nn, from the same initial weights on the same batches, and show that they 
     python -m torch_cs231n demo [--epochs 8] [--batch-size 32] [--lr 0.05] [--seed 0]
                                 [--device cpu|cuda] [--out demo-output] [--threads N]
                                 [--dataset digits|cifar10 --data-dir PATH] [--subset N]
+    torchrun --standalone --nproc-per-node 2 -m torch_cs231n demo --ddp [the same options]
+
+With --ddp, each process that torchrun starts trains our net under DistributedDataParallel with
+SyncBatchNorm, on its share of every batch (a DistributedSampler): --batch-size is the global batch.
+The epoch's order is the one-process run's (the sampler's seed + epoch), both drop the epoch's last
+incomplete batch, and batch norm sees the whole global batch: the DDP run takes the one-process run's
+steps, up to rounding. Rank 0 prints the progress and writes the summary.
 
 The default data set is scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes; no
 download), split 75/25 with a fixed seed. CIFAR-10 is read from its standard Python-pickle batches
@@ -96,34 +103,54 @@ def run(args) -> dict:
         torch.set_num_threads(threads_before)
 
 
-def _train(args, device) -> dict:
-    import torch_cs231n
-
-    from tqdm import tqdm
-
+def load_data(args, device):
+    """(x_tr, y_tr, x_te, y_te) on `device`, normalised with the training set's mean and std."""
     if args.dataset == "cifar10":
         x_tr, y_tr, x_te, y_te = load_cifar10(args.data_dir)
     else:
         x_tr, y_tr, x_te, y_te = load_digits(args.seed)
     if args.subset:
         x_tr, y_tr = x_tr[:args.subset], y_tr[:args.subset]
-    mean, std = x_tr.mean(), x_tr.std()  # normalise with the training set's statistics
+    mean, std = x_tr.mean(), x_tr.std()
     x_tr, x_te = ((x_tr - mean) / std).to(device), ((x_te - mean) / std).to(device)
-    y_tr, y_te = y_tr.to(device), y_te.to(device)
+    return x_tr, y_tr.to(device), x_te, y_te.to(device)
 
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's permutation of the n training images: DistributedSampler's (seed + epoch), so that
+    the one-process and the DDP runs see the same global batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def full_batches(n: int, batch_size: int) -> int:
+    """Steps per epoch: the full batches only (as DataLoader's drop_last; a subset smaller than one batch is
+    one step). Every step's batch norm then sees a whole batch, and the DDP run, whose sampler drops the
+    same tail, takes the same steps."""
+    return max(1, n // batch_size)
+
+
+def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _train(args, device) -> dict:
+    import torch_cs231n
+
+    from tqdm import tqdm
+
+    x_tr, y_tr, x_te, y_te = load_data(args, device)
     torch.manual_seed(args.seed)
     reference = build_net(nn, x_tr.shape[1], x_tr.shape[-1]).to(device)
     ours = build_net(torch_cs231n, x_tr.shape[1], x_tr.shape[-1]).to(device)
     ours.load_state_dict(reference.state_dict())  # the same initial weights: a torch checkpoint loads as is
     nets = {"torch_cs231n": ours, "torch": reference}
-    optims = {k: torch.optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4) for k, n in nets.items()}
+    optims = {k: make_optimizer(n, args) for k, n in nets.items()}
     losses = {k: [] for k in nets}
     accs = {k: [] for k in nets}
-    steps_per_epoch = (len(x_tr) + args.batch_size - 1) // args.batch_size
-    order = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = full_batches(len(x_tr), args.batch_size)
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        perm = torch.randperm(len(x_tr), generator=order).to(device)  # the same batches for both nets
+        perm = epoch_order(len(x_tr), args.seed, epoch).to(device)  # the same batches for both nets
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", leave=True, dynamic_ncols=True)
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
@@ -147,16 +174,100 @@ def _train(args, device) -> dict:
         "loss_max_abs_diff_all_steps": float(diffs.max()),
         "seconds": seconds,
         "device": str(device),
+        "world_size": 1,
         "dataset": args.dataset,
         "epochs": args.epochs,
         "train_size": len(x_tr),
         "test_size": len(x_te),
+        "losses": losses["torch_cs231n"],  # our net's loss at every step (the DDP run's to compare with)
     }
-    os.makedirs(args.out, exist_ok=True)
-    summary["plot"] = plot(losses, accs, steps_per_epoch, os.path.join(args.out, "demo.png"))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    return write_summary(summary, losses, accs, steps_per_epoch, args.out)
+
+
+def write_summary(summary: dict, losses: dict, accs: dict, steps_per_epoch: int, out: str) -> dict:
+    os.makedirs(out, exist_ok=True)
+    summary["plot"] = plot(losses, accs, steps_per_epoch, os.path.join(out, "demo.png"))
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+# ------------------------------------------------------------------------------ DistributedDataParallel
+def run_ddp(args) -> dict | None:
+    """Train our net on every process torchrun started (its environment: RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT); rank 0 writes and returns the summary, the other ranks return None."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("demo --ddp: start it with torchrun, e.g. "
+                         "torchrun --standalone --nproc-per-node 2 -m torch_cs231n demo --ddp")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        if args.batch_size % dist.get_world_size():
+            raise SystemExit(f"demo --ddp: --batch-size {args.batch_size} (the global batch) must be a multiple "
+                             f"of the {dist.get_world_size()} processes")
+        torch.set_num_threads(args.threads or 1)
+        return _train_ddp(args, device, dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_ddp(args, device, rank: int, world_size: int) -> dict | None:
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+    from tqdm import tqdm
+
+    import torch_cs231n
+    from torch_cs231n.distributed import DistributedDataParallel
+
+    x_tr, y_tr, x_te, y_te = load_data(args, device)
+    torch.manual_seed(args.seed)
+    net = build_net(torch_cs231n, x_tr.shape[1], x_tr.shape[-1])
+    net = torch_cs231n.SyncBatchNorm.convert_sync_batchnorm(net).to(device)
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    optim = make_optimizer(model, args)
+    sampler = DistributedSampler(range(len(x_tr)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    local_batch = args.batch_size // world_size
+    steps_per_epoch = full_batches(len(sampler), local_batch)
+    losses, accs = {"torch_cs231n": []}, {"torch_cs231n": []}
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        sampler.set_epoch(epoch)  # seed + epoch: the one-process run's order (epoch_order)
+        mine = torch.tensor(list(sampler), device=device)  # this rank's every world_size-th image
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0,
+                   dynamic_ncols=True)
+        for step in bar:
+            idx = mine[step * local_batch:(step + 1) * local_batch]
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients; SyncBatchNorm saw the global batch
+            optim.step()
+            global_loss = loss.detach().clone()  # the mean over the global batch (equal shares per rank)
+            dist.all_reduce(global_loss)
+            losses["torch_cs231n"].append(global_loss.item() / world_size)
+            bar.set_postfix(loss=f"{losses['torch_cs231n'][-1]:.4f}")
+        if rank == 0:  # the bare net in eval mode: no collectives, so the other ranks need not join
+            accs["torch_cs231n"].append(accuracy(net, x_te, y_te))
+            bar.write(f"epoch {epoch}: test accuracy {accs['torch_cs231n'][-1]:.2%}")
+    if rank != 0:
+        return None
+    summary = {
+        "test_accuracy": {"torch_cs231n": accs["torch_cs231n"][-1]},
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+        "world_size": world_size,
+        "dataset": args.dataset,
+        "epochs": args.epochs,
+        "train_size": len(x_tr),
+        "test_size": len(x_te),
+        "losses": losses["torch_cs231n"],
+    }
+    return write_summary(summary, losses, accs, steps_per_epoch, args.out)
 
 
 def plot(losses: dict, accs: dict, steps_per_epoch: int, path: str) -> str:
@@ -167,6 +278,8 @@ def plot(losses: dict, accs: dict, steps_per_epoch: int, path: str) -> str:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, style in (("torch", "-"), ("torch_cs231n", "--")):
+        if key not in losses:  # the DDP run trains ours alone
+            continue
         left.plot(np.arange(1, len(losses[key]) + 1) / steps_per_epoch, losses[key], style, label=key, lw=1)
         right.plot(range(1, len(accs[key]) + 1), [100 * a for a in accs[key]], style + "o", label=key)
     left.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log", title="loss at every step")
@@ -190,6 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     parser.add_argument("--data-dir", default=None, help="CIFAR-10's Python-pickle batches (with --dataset cifar10)")
     parser.add_argument("--subset", type=int, default=0, help="train on only the first N training images")
+    parser.add_argument("--ddp", action="store_true",
+                        help="train our net with DistributedDataParallel and SyncBatchNorm on the processes torchrun "
+                             "starts (gloo on the CPU, NCCL with --device cuda); --batch-size is the global batch")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: 1 for the 8x8 digits, whose tiny tensors gain nothing from "
                              "more and lose much when the cores are busy; all cores for CIFAR-10)")
@@ -201,13 +317,21 @@ def main(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("demo --device cuda: no CUDA device is available")
     info = torch_cs231n.build_info()
-    print(f"torch_cs231n {info['version']} ({info['backend']} build, CUDA kernels: {'yes' if info['cuda'] else 'no'})"
-          f" on torch {info['torch']}, device {args.device}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"torch_cs231n {info['version']} ({info['backend']} build, CUDA kernels: "
+              f"{'yes' if info['cuda'] else 'no'}) on torch {info['torch']}, device {args.device}")
     try:
-        summary = run(args)
+        summary = run_ddp(args) if args.ddp else run(args)
     except FileNotFoundError as err:
         raise SystemExit(f"demo: {err}") from None
+    if summary is None:  # a DDP rank other than 0
+        return 0
     acc = summary["test_accuracy"]
+    if args.ddp:
+        print(f"\ntest accuracy: torch_cs231n {acc['torch_cs231n']:.2%} with DistributedDataParallel over "
+              f"{summary['world_size']} processes; {summary['seconds']:.1f} s; plot: {summary['plot']}; "
+              f"summary: {os.path.join(args.out, 'summary.json')}")
+        return 0
     print(f"\ntest accuracy: torch_cs231n {acc['torch_cs231n']:.2%}, torch.nn {acc['torch']:.2%}")
     print(f"loss curves: max |difference| {summary['loss_max_abs_diff_first_epoch']:.2e} over the first epoch, "
           f"{summary['loss_max_abs_diff_all_steps']:.2e} over all steps")

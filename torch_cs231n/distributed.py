@@ -9,7 +9,7 @@ Forward, per process (ops.cpp lists the ops; common/batch_norm.h holds their mat
        order with Chan's formula, so counts may differ and a rank may hold no values;
     4. ``batch_norm_forward_eval`` normalises with the global mean and variance.
 Backward: ``batch_norm_backward_reduce`` (sum dy and sum dy (x - mean) over this process's values), one
-all-reduce of both, and ``batch_norm_backward_elemt`` (d_input from the global sums and count). d_weight
+all-gather of both (summed in rank order), and ``batch_norm_backward_elemt`` (d_input from the global sums and count). d_weight
 and d_bias are this process's share; DistributedDataParallel sums them across processes, as with torch's.
 """
 from __future__ import annotations
@@ -102,9 +102,10 @@ class _SyncBatchNorm(torch.autograd.Function):
         sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_output, input, mean)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # Every rank reaches this all-reduce: needs_input_grad is the same on all of them (one model).
-            sums = torch.stack([sum_dy, sum_dy_xmu])
-            dist.all_reduce(sums, group=ctx.group)
+            # Every rank reaches this collective: needs_input_grad is the same on all of them (one model).
+            # An all-gather summed here in rank order, rather than an all-reduce: the same bits on every
+            # rank, and on gloo half the latency (0.5 ms against 1 ms for 128 floats, docs/batch_norm.md).
+            sums = _all_gather(torch.stack([sum_dy, sum_dy_xmu]), ctx.group, dist.get_world_size(ctx.group)).sum(0)
             grad_input = ops.batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sums[0], sums[1],
                                                        ctx.total)
         # This rank's share: dgamma = invstd * sum dy (x - mean), dbeta = sum dy (common/batch_norm.h).

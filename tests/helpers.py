@@ -5,9 +5,8 @@ LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]
 
 
 def dtypes_for(device):
-    """float32/float64 everywhere; float16/bfloat16 where our CUDA kernels take them."""
-    base = [torch.float32, torch.float64]
-    return base + [torch.float16, torch.bfloat16] if device == "cuda" else base
+    """Every floating dtype torch's layers take, on every device: float32, float64, float16, bfloat16."""
+    return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -333,16 +333,18 @@ def test_module_eval_without_buffers_uses_batch_statistics(device):
     torch.testing.assert_close(mod(x), ref(x))
 
 
-# ------------------------------------------------------------------------------------------ half, CUDA
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# ------------------------------------------------------------------------------------ float16, bfloat16
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", ["same", "float"])
-def test_half_inputs_on_cuda(dtype, param_dtype):
+def test_half_inputs(device, dtype, param_dtype, layout):
+    """float16/bfloat16 input, with parameters of its dtype or float32 (mixed, as autocast leaves them);
+    statistics in float32 on both sides, so outputs differ by output rounding (tolerances())."""
     torch.manual_seed(6)
     pd = dtype if param_dtype == "same" else torch.float32
-    x = torch.randn(4, 3, 8, 8, device="cuda", dtype=dtype)
-    w, b = torch.rand(3, device="cuda", dtype=pd) + 0.5, torch.randn(3, device="cuda", dtype=pd)
-    running = (torch.zeros(3, device="cuda", dtype=pd), torch.ones(3, device="cuda", dtype=pd))
+    x = with_layout(torch.randn(4, 3, 8, 8, device=device, dtype=dtype), layout)
+    w, b = torch.rand(3, device=device, dtype=pd) + 0.5, torch.randn(3, device=device, dtype=pd)
+    running = (torch.zeros(3, device=device, dtype=pd), torch.ones(3, device=device, dtype=pd))
     for training in (True, False):
         (y, g, rm, rv), (y_ref, g_ref, rm_ref, rv_ref) = run_both(x, w, b, running, training, 0.1, 1e-5, torch.randn_like(x))
         assert y.dtype == dtype
@@ -361,9 +363,11 @@ def test_mixed_devices_are_refused():
         ops.batch_norm_forward_train(x, torch.ones(3), None, 1e-5)
 
 
-def test_half_on_cpu_is_refused():
-    with pytest.raises(RuntimeError, match="float16 and bfloat16 are supported on CUDA only"):
-        ours.batch_norm(torch.randn(2, 3, 2, 2).half(), None, None, training=True)
+@pytest.mark.parametrize("dtype,name", [(torch.int32, "Int"), (torch.complex64, "ComplexFloat")])
+def test_dtypes_torch_refuses_are_refused(device, dtype, name):
+    with pytest.raises(RuntimeError, match=f"batch_norm_forward_train: expected input to have dtype float32, float64, "
+                                           f"float16 or bfloat16, but got {name}"):
+        ours.batch_norm(torch.ones(2, 3, 2, 2, device=device, dtype=dtype), None, None, training=True)
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -333,7 +333,7 @@ BAD = [
     (dict(bias=torch.randn(6, 1)), r"expected bias to be 1-D with 6 elements, but got bias of size \[6, 1\]"),
     (dict(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), r"expected weight to have the dtype of input \(Float\), but got Double"),
     (dict(bias=torch.randn(6, dtype=torch.float64)), r"expected bias to have the dtype of input \(Float\), but got Double"),
-    (dict(input=torch.randint(0, 3, (2, 4, 5, 5)), weight=torch.randint(0, 3, (6, 2, 3, 3))), r"expected input to have dtype float32 or float64.*Long"),
+    (dict(input=torch.randint(0, 3, (2, 4, 5, 5)), weight=torch.randint(0, 3, (6, 2, 3, 3))), r"expected input to have dtype float32, float64, float16 or bfloat16, but got Long"),
 ]
 
 
@@ -356,9 +356,12 @@ def test_bad_input_devices():
                         torch.randn(6), groups=2)
 
 
-def test_half_on_cpu_is_refused():
-    with pytest.raises(RuntimeError, match="float16 and bfloat16 are supported on CUDA only"):
-        ours.conv2d(torch.randn(1, 2, 4, 4).half(), torch.randn(3, 2, 3, 3).half())
+@pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.complex64, "ComplexFloat"), (torch.int32, "Int")])
+def test_dtypes_torch_refuses_are_refused(device, dtype, name):
+    x, w = torch.ones(1, 2, 4, 4, device=device, dtype=dtype), torch.ones(3, 2, 3, 3, device=device, dtype=dtype)
+    with pytest.raises(RuntimeError, match=f"conv2d_forward: expected input to have dtype float32, float64, float16 or "
+                                           f"bfloat16, but got {name}"):
+        ours.conv2d(x, w)
 
 
 def test_same_padding_with_stride_is_refused(device):

@@ -77,6 +77,7 @@ def configure_cuda_env() -> str | None:
 def sources(with_cuda: bool) -> list[str]:
     files = [os.path.join(CSRC, "ops.cpp")]
     files += sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))  # derivatives, any backend
+    files += sorted(glob.glob(os.path.join(CSRC, "autocast", "*.cpp")))  # autocast policies, any backend
     files += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))

@@ -133,13 +133,26 @@ class _Conv2dBackward(torch.autograd.Function):
         return gdy, gx, gw, None, None
 
 
+def _autocast_inputs(*tensors):
+    """Under ``torch.autocast``, the convolution's floating inputs in the autocast dtype, as torch casts its
+    conv2d's (float64 stays float64). Cast here, before the autograd Function, so that it saves and
+    differentiates the cast tensors; csrc/autocast/autocast.cpp gives the op itself the same policy."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 and t.device.type == device else t for t in tensors)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Like ``torch.nn.functional.conv2d`` (cross-correlation), computed by our kernels.
 
     ``stride``, ``padding`` and ``dilation`` are an int or a pair; ``padding`` may also be ``'valid'``
     (no padding) or ``'same'`` (stride 1 only; when ``dilation*(k-1)`` is odd the extra row/column of
     zeros goes at the bottom/right, as in torch). ``input`` is (N, C, H, W) or unbatched (C, H, W);
-    N = 0 works. float32/float64, and float16/bfloat16 on CUDA.
+    N = 0 works. float32, float64, float16 and bfloat16 (computed in float32 and rounded once); under
+    ``torch.autocast`` the floating inputs are cast to the autocast dtype, as torch's conv2d does.
 
     Memory format, as torch's: channels_last output and gradients when the input or the weight is
     channels_last, contiguous NCHW otherwise.
@@ -148,6 +161,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'weight' must be Tensor, not {type(weight).__name__}")
+    input, weight, bias = _autocast_inputs(input, weight, bias)
     stride = _conv_pair(stride, "stride")
     dilation = _conv_pair(dilation, "dilation")
     unbatched = input.dim() == 3

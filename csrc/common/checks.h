@@ -9,25 +9,24 @@
 
 namespace torch_cs231n {
 
-// float32/float64 everywhere; float16/bfloat16 only where a CUDA kernel exists for them.
+// The floating dtypes torch's layers take: float32 and float64, and float16 and bfloat16, which the kernels
+// compute in float32 ("op math") and round once (on the CPU: cpu/reduced_float.h).
 inline bool is_supported_float(const at::Tensor& t) {
   const auto st = t.scalar_type();
-  return st == at::kFloat || st == at::kDouble || (t.is_cuda() && (st == at::kHalf || st == at::kBFloat16));
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
 }
 
 inline void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(is_supported_float(t), op, ": expected ", arg, " to have dtype float32 or float64",
-              t.is_cuda() ? ", float16 or bfloat16" : " (float16 and bfloat16 are supported on CUDA only)",
-              ", but got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(is_supported_float(t), op, ": expected ", arg,
+              " to have dtype float32, float64, float16 or bfloat16, but got ", t.scalar_type(), " on ", t.device());
 }
 
 // The dtypes torch's ReLU and max-pool take: the floating ones above, and the integer ones (uint8, int8,
 // int16, int32, int64), which need no backward. Not bool: torch refuses it.
 inline void check_float_or_integer_dtype(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(is_supported_float(t) || at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op,
-              ": expected ", arg, " to have an integer dtype or dtype float32 or float64",
-              t.is_cuda() ? ", float16 or bfloat16" : " (float16 and bfloat16 are supported on CUDA only)",
-              ", but got ", t.scalar_type(), " on ", t.device());
+              ": expected ", arg, " to have an integer dtype or dtype float32, float64, float16 or bfloat16, but got ",
+              t.scalar_type(), " on ", t.device());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,

@@ -37,6 +37,7 @@
 #include "common/batch_norm_args.h"
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/reduced_float.h"
 
 namespace torch_cs231n {
 namespace {
@@ -477,6 +478,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     double eps) {
   constexpr const char* op = "batch_norm_forward_train";
   bn_check_forward_train_args(input, weight, bias, eps, op);
+  if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernel, rounded once (reduced_float.h)
+    auto [y, mean, invstd, var] = batch_norm_forward_train_cpu(cpu::to_float(input), cpu::to_float(weight),
+                                                               cpu::to_float(bias), eps);
+    return {cpu::round_to(y, input.scalar_type()), mean, invstd, var};  // statistics stay float32, as torch's
+  }
 
   auto [x, output, lay] = dense_input(input);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
@@ -537,6 +543,12 @@ at::Tensor batch_norm_forward_eval_cpu(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "batch_norm_forward_eval";
   bn_check_forward_eval_args(input, running_mean, running_var, weight, bias, eps, op);
+  if (cpu::is_reduced_float(input)) {
+    const at::Tensor y = batch_norm_forward_eval_cpu(cpu::to_float(input), cpu::to_float(running_mean),
+                                                     cpu::to_float(running_var), cpu::to_float(weight),
+                                                     cpu::to_float(bias), eps);
+    return cpu::round_to(y, input.scalar_type());
+  }
 
   auto [x, output, lay] = dense_input(input);
   if (output.numel() == 0) return output;
@@ -564,6 +576,11 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   constexpr const char* op = "batch_norm_backward";
   bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
+  if (cpu::is_reduced_float(input)) {  // d_weight and d_bias stay float32 (the statistics' dtype), as on CUDA
+    auto [dx, dw, db] = batch_norm_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(weight),
+                                                cpu::to_float(mean), cpu::to_float(invstd), training, output_mask);
+    return {cpu::round_to(dx, input.scalar_type()), dw, db};
+  }
 
   at::Tensor grad_input = bn_empty_output(input);
   const at::Tensor x = dense_like(input, grad_input);
@@ -638,6 +655,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
   constexpr const char* op = "batch_norm_stats";
   bn_check_input(input, op);
+  if (cpu::is_reduced_float(input)) return batch_norm_stats_cpu(cpu::to_float(input));
   const at::Tensor x = dense_like(input, bn_empty_output(input));
   const BnLayout lay = bn_layout(x);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
@@ -664,6 +682,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const 
                                                                            const at::Tensor& vars, double eps) {
   constexpr const char* op = "batch_norm_merge_stats";
   bn_check_merge_stats_args(counts, means, vars, eps, op);
+  if (cpu::is_reduced_float(means)) {
+    auto [mean, var, invstd] = batch_norm_merge_stats_cpu(cpu::to_float(counts), cpu::to_float(means),
+                                                          cpu::to_float(vars), eps);
+    const auto dtype = means.scalar_type();
+    return {cpu::round_to(mean, dtype), cpu::round_to(var, dtype), cpu::round_to(invstd, dtype)};
+  }
   const int64_t P = means.size(0), C = means.size(1);
   at::Tensor mean = at::empty({C}, means.options());
   at::Tensor var = at::empty({C}, means.options());
@@ -693,6 +717,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
                                                                   const at::Tensor& input, const at::Tensor& mean) {
   constexpr const char* op = "batch_norm_backward_reduce";
   bn_check_backward_reduce_args(grad_output, input, mean, op);
+  if (cpu::is_reduced_float(input)) {
+    return batch_norm_backward_reduce_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(mean));
+  }
   const at::Tensor layout = bn_empty_output(input);
   const at::Tensor x = dense_like(input, layout);
   const at::Tensor dy = dense_like(grad_output, layout);
@@ -724,6 +751,13 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
                                          const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "batch_norm_backward_elemt";
   bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
+  if (cpu::is_reduced_float(input)) {
+    const at::Tensor dx = batch_norm_backward_elemt_cpu(cpu::to_float(grad_output), cpu::to_float(input),
+                                                        cpu::to_float(weight), cpu::to_float(mean),
+                                                        cpu::to_float(invstd), cpu::to_float(sum_dy),
+                                                        cpu::to_float(sum_dy_xmu), count);
+    return cpu::round_to(dx, input.scalar_type());
+  }
   at::Tensor grad_input = bn_empty_output(input);
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor x = dense_like(input, grad_input);

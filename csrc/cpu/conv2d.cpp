@@ -42,6 +42,7 @@
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_shifted.h"
 #include "cpu/gemm.h"
+#include "cpu/reduced_float.h"
 
 namespace torch_cs231n {
 namespace {
@@ -137,6 +138,11 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernels, rounded once (reduced_float.h)
+    const at::Tensor y = conv2d_forward_cpu(cpu::to_float(input), cpu::to_float(weight), cpu::to_float(bias), stride,
+                                            padding, dilation, groups);
+    return cpu::round_to(y, input.scalar_type());
+  }
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
   if (y.numel() == 0) return y;
@@ -163,6 +169,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   constexpr const char* op = "conv2d_backward";
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
+  if (cpu::is_reduced_float(input)) {
+    auto [dx, dw, db] = conv2d_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(weight),
+                                            stride, padding, dilation, groups, output_mask);
+    const auto dtype = input.scalar_type();
+    return {cpu::round_to(dx, dtype), cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
+  }
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask, format);

@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "common/max_pool2d.h"
+#include "cpu/reduced_float.h"
 
 namespace torch_cs231n {
 namespace {
@@ -282,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
   if (output.numel() == 0) return {output, indices};
   const at::Tensor x = input.contiguous(g.format);  // a no-op unless the input is in another layout
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
-  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "max_pool2d_forward_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     int64_t* ip = indices.mutable_data_ptr<int64_t>();
@@ -352,6 +353,14 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                    const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   const Geometry g = pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+  if (cpu::is_reduced_float(grad_output)) {
+    // Overlapping windows add several gradients into one input: in float32, rounded once (reduced_float.h).
+    // The input gives only its shape and layout: an uninitialised float32 stand-in with its strides does.
+    const at::Tensor shape_of_input = at::empty_like(input, input.options().dtype(at::kFloat));
+    const at::Tensor dx = max_pool2d_backward_cpu(cpu::to_float(grad_output), shape_of_input, indices, kernel_size,
+                                                  stride, padding, dilation, ceil_mode);
+    return cpu::round_to(dx, grad_output.scalar_type());
+  }
   at::Tensor grad_input = at::empty(g.input_sizes(), input.options().memory_format(g.format));
   if (grad_input.numel() == 0) return grad_input;
   // grad_output and indices in the output's layout (autograd may hand over dy in another one).

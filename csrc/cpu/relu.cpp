@@ -28,7 +28,7 @@ at::Tensor relu_forward_cpu(const at::Tensor& input) {
   at::Tensor output = at::empty_like(input);
   if (output.numel() == 0) return output;
   const at::Tensor x = dense_like(input, output);
-  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "relu_forward_cpu", [&] {
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_cpu", [&] {
     relu_loop(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel());
   });
   return output;
@@ -40,7 +40,7 @@ void relu_forward_inplace_cpu(at::Tensor& self) {
   at::assert_no_internal_overlap(self);
   if (self.numel() == 0) return;
   if (self.is_non_overlapping_and_dense()) {
-    AT_DISPATCH_ALL_TYPES(self.scalar_type(), "relu_forward_inplace_cpu", [&] {
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_forward_inplace_cpu", [&] {
       scalar_t* p = self.mutable_data_ptr<scalar_t>();
       relu_loop<scalar_t>(p, p, self.numel());
     });
@@ -56,7 +56,7 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor y = dense_like(output, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "relu_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_backward_cpu", [&] {
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cpu(const at::Tensor& 
   at::Tensor mask = relu_empty_mask(output);
   if (output.numel() == 0) return {output, mask};
   const at::Tensor x = dense_like(input, output);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_forward_with_mask_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_with_mask_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     int32_t* mp = mask.mutable_data_ptr<int32_t>();
     cpu::parallel_map_words(output.mutable_data_ptr<scalar_t>(), x.numel(), kGrainWords,
@@ -125,7 +125,7 @@ at::Tensor relu_backward_with_mask_cpu(const at::Tensor& grad_output, const at::
                                        const at::Tensor& mask) {
   auto [grad_input, dy] = relu_backward_with_mask_args(grad_output, output, mask);
   if (grad_input.numel() == 0) return grad_input;
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "relu_backward_with_mask_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "relu_backward_with_mask_cpu", [&] {
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const int32_t* mp = mask.const_data_ptr<int32_t>();
     cpu::parallel_map_words(grad_input.mutable_data_ptr<scalar_t>(), dy.numel(), kGrainWords,

@@ -269,6 +269,22 @@ def test_integer_input_needs_no_gradient(device):
         x.requires_grad_()
 
 
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, torch.int32), (torch.float64, torch.int64),
+                                        (torch.float16, torch.int16), (torch.bfloat16, torch.int16)])
+def test_special_values_bit_for_bit(device, dtype, bits):
+    """NaN of either sign, ±0, ±inf, subnormals: the same bits as torch's relu, and the same gradient."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), tiny / 4, -tiny / 4,
+                      1.0, -1.0, 3.5, -2.25], dtype=dtype, device=device)
+    assert torch.equal(ours.relu(x).view(bits), torch.relu(x).view(bits))
+    assert torch.equal(ours.relu(x.clone(), inplace=True).view(bits), torch.relu(x).view(bits))
+    leaf, leaf_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.arange(1, 13, dtype=dtype, device=device)
+    (g,) = torch.autograd.grad(ours.relu(leaf), leaf, dy)
+    (g_ref,) = torch.autograd.grad(torch.relu(leaf_ref), leaf_ref, dy)
+    assert torch.equal(g.view(bits), g_ref.view(bits))
+
+
 @pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.complex64, "ComplexFloat")])
 def test_dtypes_torch_refuses_are_refused(device, dtype, name):
     x = torch.ones(4, device=device, dtype=dtype)

@@ -3,8 +3,8 @@
 //   forward   y = max(x, 0)                 NaN passes through, as in torch: relu(nan) = nan
 //   backward  dx = dy * [y > 0]             the gradient at 0 is 0 (torch's threshold_backward)
 //
-// Both are written as `v <= 0 ? 0 : v`: a NaN compares false, so it is kept, and the single compare
-// keeps the CPU loop vectorisable.
+// Written as `x < 0 ? 0 : x` and `y <= 0 ? 0 : dy`: a NaN compares false, so it is kept, -0 stays -0 as in
+// torch (max(-0, 0) is its first argument), and the single compare keeps the CPU loop vectorisable.
 //
 // Under autograd the forward also packs the mask [x > 0] (NaN counted as kept, as above) into bits, and
 // the backward reads those bits instead of y: 1 bit per element rather than 32 (float) or 64 (double),
@@ -20,7 +20,7 @@ namespace torch_cs231n {
 
 template <typename T>
 C10_HOST_DEVICE inline T relu_value(T x) {
-  return x <= T(0) ? T(0) : x;
+  return x < T(0) ? T(0) : x;
 }
 
 // dy masked by the forward's output y (not its input): y > 0 exactly where x > 0.
@@ -47,6 +47,23 @@ C10_HOST_DEVICE inline bool relu_keeps(T x) {
 template <typename T>
 C10_HOST_DEVICE inline T relu_grad_from_mask(T dy, uint32_t word, int bit) {
   return ((word >> bit) & 1u) != 0u ? dy : T(0);
+}
+
+// ---- float16 and bfloat16 by their bits ----
+// A CPU without F16C converts float16 in software, a dozen instructions a value; ReLU needs no
+// conversion at all. With b the 16 bits of x and E the exponent mask (0x7c00 for float16, 0x7f80 for
+// bfloat16): x is NaN when (b & 0x7fff) > E. x < 0 exactly when its sign bit is set and 0 < (b & 0x7fff) <= E
+// (not -0, not NaN): relu_value gives +0 (bits 0) then, and x's own bits otherwise. x <= 0 adds the zeros,
+// so relu_keeps(x) = NaN or (b != 0 and no sign bit). The same results as relu_value and relu_keeps above.
+template <uint16_t kExponentMask>
+C10_HOST_DEVICE inline uint16_t relu_bits_value(uint16_t b) {
+  const uint16_t magnitude = b & 0x7fffu;
+  return (b & 0x8000u) != 0 && magnitude != 0 && magnitude <= kExponentMask ? uint16_t(0) : b;
+}
+
+template <uint16_t kExponentMask>
+C10_HOST_DEVICE inline bool relu_bits_keep(uint16_t b) {
+  return (b & 0x7fffu) > kExponentMask || (b != 0 && (b & 0x8000u) == 0);
 }
 
 }  // namespace torch_cs231n

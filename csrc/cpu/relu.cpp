@@ -17,9 +17,41 @@ namespace {
 // Elements per task: large enough that the OpenMP hand-off costs little against a memory-bound loop.
 constexpr int64_t kGrain = 1 << 15;
 
+// What the loops below compute with: the values themselves (common/relu.h), or, for float16 and bfloat16,
+// their bits as uint16_t (relu_bits_*: no conversion to float).
 template <typename scalar_t>
-void relu_loop(const scalar_t* x, scalar_t* y, int64_t n) {
-  cpu::parallel_map(y, n, kGrain, [x](int64_t i) { return relu_value(x[i]); });
+struct Relu {
+  using type = scalar_t;
+  static type value(type x) { return relu_value(x); }
+  static bool keeps(type x) { return relu_keeps(x); }
+  static type grad(type dy, type y) { return relu_grad(dy, y); }
+};
+
+template <uint16_t kExponentMask>
+struct ReluBits {
+  using type = uint16_t;
+  static type value(type x) { return relu_bits_value<kExponentMask>(x); }
+  static bool keeps(type x) { return relu_bits_keep<kExponentMask>(x); }
+  static type grad(type dy, type y) { return relu_bits_keep<kExponentMask>(y) ? dy : type(0); }
+};
+template <>
+struct Relu<c10::Half> : ReluBits<0x7c00> {};
+template <>
+struct Relu<c10::BFloat16> : ReluBits<0x7f80> {};
+
+// A tensor's data as Relu<scalar_t>::type.
+template <typename scalar_t>
+const typename Relu<scalar_t>::type* data(const at::Tensor& t) {
+  return reinterpret_cast<const typename Relu<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+typename Relu<scalar_t>::type* mutable_data(at::Tensor& t) {
+  return reinterpret_cast<typename Relu<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t, typename T = typename Relu<scalar_t>::type>
+void relu_loop(const T* x, T* y, int64_t n) {
+  cpu::parallel_map(y, n, kGrain, [x](int64_t i) { return Relu<scalar_t>::value(x[i]); });
 }
 
 // The forward takes integer tensors too, as torch's does (uint8 passes unchanged: it has no negatives).
@@ -29,7 +61,7 @@ at::Tensor relu_forward_cpu(const at::Tensor& input) {
   if (output.numel() == 0) return output;
   const at::Tensor x = dense_like(input, output);
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_cpu", [&] {
-    relu_loop(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), x.numel());
+    relu_loop<scalar_t>(data<scalar_t>(x), mutable_data<scalar_t>(output), x.numel());
   });
   return output;
 }
@@ -41,7 +73,7 @@ void relu_forward_inplace_cpu(at::Tensor& self) {
   if (self.numel() == 0) return;
   if (self.is_non_overlapping_and_dense()) {
     AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_forward_inplace_cpu", [&] {
-      scalar_t* p = self.mutable_data_ptr<scalar_t>();
+      auto* p = mutable_data<scalar_t>(self);
       relu_loop<scalar_t>(p, p, self.numel());
     });
   } else {
@@ -57,10 +89,10 @@ at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& ou
   const at::Tensor y = dense_like(output, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_backward_cpu", [&] {
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
-    cpu::parallel_map(dxp, y.numel(), kGrain, [dyp, yp](int64_t i) { return relu_grad(dyp[i], yp[i]); });
+    const auto* yp = data<scalar_t>(y);
+    const auto* dyp = data<scalar_t>(dy);
+    cpu::parallel_map(mutable_data<scalar_t>(grad_input), y.numel(), kGrain,
+                      [dyp, yp](int64_t i) { return Relu<scalar_t>::grad(dyp[i], yp[i]); });
   });
   return grad_input;
 }
@@ -74,20 +106,19 @@ constexpr int64_t kGrainWords = kGrain / kReluMaskBits;
 
 // y = relu(x) for the len elements of mask word w, written to dst, and the word's bits. The fixed
 // 32-element loop of a full word compiles to vector compares, shifts and an OR reduction.
-template <typename scalar_t>
-inline __attribute__((always_inline)) void relu_word(const scalar_t* x, scalar_t* dst, int32_t* mask, int64_t w,
-                                                     int len) {
-  const scalar_t* src = x + w * kReluMaskBits;
+template <typename scalar_t, typename T = typename Relu<scalar_t>::type>
+inline __attribute__((always_inline)) void relu_word(const T* x, T* dst, int32_t* mask, int64_t w, int len) {
+  const T* src = x + w * kReluMaskBits;
   uint32_t bits = 0;
   if (len == kReluMaskBits) {
     for (int j = 0; j < kReluMaskBits; ++j) {
-      dst[j] = relu_value(src[j]);
-      bits |= static_cast<uint32_t>(relu_keeps(src[j])) << j;
+      dst[j] = Relu<scalar_t>::value(src[j]);
+      bits |= static_cast<uint32_t>(Relu<scalar_t>::keeps(src[j])) << j;
     }
   } else {
     for (int j = 0; j < len; ++j) {
-      dst[j] = relu_value(src[j]);
-      bits |= static_cast<uint32_t>(relu_keeps(src[j])) << j;
+      dst[j] = Relu<scalar_t>::value(src[j]);
+      bits |= static_cast<uint32_t>(Relu<scalar_t>::keeps(src[j])) << j;
     }
   }
   mask[w] = static_cast<int32_t>(bits);
@@ -100,10 +131,11 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cpu(const at::Tensor& 
   if (output.numel() == 0) return {output, mask};
   const at::Tensor x = dense_like(input, output);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_forward_with_mask_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    using T = typename Relu<scalar_t>::type;
+    const T* xp = data<scalar_t>(x);
     int32_t* mp = mask.mutable_data_ptr<int32_t>();
-    cpu::parallel_map_words(output.mutable_data_ptr<scalar_t>(), x.numel(), kGrainWords,
-                            [xp, mp](int64_t w, scalar_t* dst, int len) { relu_word(xp, dst, mp, w, len); });
+    cpu::parallel_map_words(mutable_data<scalar_t>(output), x.numel(), kGrainWords,
+                            [xp, mp](int64_t w, T* dst, int len) { relu_word<scalar_t>(xp, dst, mp, w, len); });
   });
   return {output, mask};
 }
@@ -126,10 +158,11 @@ at::Tensor relu_backward_with_mask_cpu(const at::Tensor& grad_output, const at::
   auto [grad_input, dy] = relu_backward_with_mask_args(grad_output, output, mask);
   if (grad_input.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "relu_backward_with_mask_cpu", [&] {
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    using T = typename Relu<scalar_t>::type;  // a mask selects dy or 0: float16/bfloat16 go by their bits
+    const T* dyp = data<scalar_t>(dy);
     const int32_t* mp = mask.const_data_ptr<int32_t>();
-    cpu::parallel_map_words(grad_input.mutable_data_ptr<scalar_t>(), dy.numel(), kGrainWords,
-                            [dyp, mp](int64_t w, scalar_t* dst, int len) { relu_grad_word(dyp, mp, dst, w, len); });
+    cpu::parallel_map_words(mutable_data<scalar_t>(grad_input), dy.numel(), kGrainWords,
+                            [dyp, mp](int64_t w, T* dst, int len) { relu_grad_word(dyp, mp, dst, w, len); });
   });
   return grad_input;
 }

@@ -39,6 +39,17 @@ def test_demo_fast_mode_learns_and_matches_torch(tmp_path):
     assert os.path.getsize(summary["plot"]) > 10_000  # a real PNG with two panels
 
 
+def test_demo_amp_tracks_torch(tmp_path):
+    """--amp: both nets under bfloat16 autocast on the CPU. The first steps agree to bfloat16 rounding;
+    afterwards one-ulp differences grow through training (max-pool choices, the optimizer), as they would
+    between any two bfloat16 implementations, so the curves are held to tracking each other."""
+    summary = demo.run(demo_args(tmp_path, epochs=1, amp=True))
+    assert summary["amp"] == "torch.bfloat16"
+    acc = summary["test_accuracy"]
+    assert acc["torch_cs231n"] >= 0.85 and abs(acc["torch_cs231n"] - acc["torch"]) <= 0.02, acc
+    assert summary["loss_max_abs_diff_first_epoch"] <= 0.15  # observed 0.06; the losses start at 2.3
+
+
 def fake_cifar(folder, per_batch=40):
     """CIFAR-10's pickle format, filled with random images."""
     rng = np.random.default_rng(0)

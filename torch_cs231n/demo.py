@@ -3,7 +3,7 @@ torch.nn, from the same initial weights on the same batches, and show that they 
 
     python -m torch_cs231n demo [--epochs 8] [--batch-size 32] [--lr 0.05] [--seed 0]
                                 [--device cpu|cuda] [--out demo-output] [--threads N]
-                                [--dataset digits|cifar10 --data-dir PATH] [--subset N]
+                                [--dataset digits|cifar10 --data-dir PATH] [--subset N] [--amp]
     torchrun --standalone --nproc-per-node 2 -m torch_cs231n demo --ddp [the same options]
 
 With --ddp, each process that torchrun starts trains our net under DistributedDataParallel with
@@ -129,6 +129,22 @@ def full_batches(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """--amp's autocast dtype: bfloat16 on the CPU (what its autocast supports best), float16 on CUDA."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def amp_context(args, device: torch.device):
+    """torch.autocast for the forward and the loss when --amp is given; nothing otherwise."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp)
+
+
+def grad_scaler(args, device: torch.device):
+    """float16 gradients underflow without loss scaling: a GradScaler on CUDA under --amp. bfloat16 has
+    float32's range and needs none (a disabled scaler passes everything through)."""
+    return torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype(device) == torch.float16)
+
+
 def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
 
@@ -145,6 +161,7 @@ def _train(args, device) -> dict:
     ours.load_state_dict(reference.state_dict())  # the same initial weights: a torch checkpoint loads as is
     nets = {"torch_cs231n": ours, "torch": reference}
     optims = {k: make_optimizer(n, args) for k, n in nets.items()}
+    scalers = {k: grad_scaler(args, device) for k in nets}
     losses = {k: [] for k in nets}
     accs = {k: [] for k in nets}
     steps_per_epoch = full_batches(len(x_tr), args.batch_size)
@@ -155,10 +172,12 @@ def _train(args, device) -> dict:
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
             for key, net in nets.items():
-                loss = nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx])
+                with amp_context(args, device):
+                    loss = nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx])
                 optims[key].zero_grad(set_to_none=True)
-                loss.backward()
-                optims[key].step()
+                scalers[key].scale(loss).backward()
+                scalers[key].step(optims[key])
+                scalers[key].update()
                 losses[key].append(loss.item())
             bar.set_postfix(loss=f"{losses['torch_cs231n'][-1]:.4f}",
                             torch=f"{losses['torch'][-1]:.4f}")
@@ -175,6 +194,7 @@ def _train(args, device) -> dict:
         "seconds": seconds,
         "device": str(device),
         "world_size": 1,
+        "amp": str(amp_dtype(device)) if args.amp else None,
         "dataset": args.dataset,
         "epochs": args.epochs,
         "train_size": len(x_tr),
@@ -230,6 +250,7 @@ def _train_ddp(args, device, rank: int, world_size: int) -> dict | None:
     net = torch_cs231n.SyncBatchNorm.convert_sync_batchnorm(net).to(device)
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optim = make_optimizer(model, args)
+    scaler = grad_scaler(args, device)
     sampler = DistributedSampler(range(len(x_tr)), num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     local_batch = args.batch_size // world_size
@@ -243,10 +264,12 @@ def _train_ddp(args, device, rank: int, world_size: int) -> dict | None:
                    dynamic_ncols=True)
         for step in bar:
             idx = mine[step * local_batch:(step + 1) * local_batch]
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            with amp_context(args, device):
+                loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
             optim.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients; SyncBatchNorm saw the global batch
-            optim.step()
+            scaler.scale(loss).backward()  # DDP averages the gradients; SyncBatchNorm saw the global batch
+            scaler.step(optim)
+            scaler.update()
             global_loss = loss.detach().clone()  # the mean over the global batch (equal shares per rank)
             dist.all_reduce(global_loss)
             losses["torch_cs231n"].append(global_loss.item() / world_size)
@@ -261,6 +284,7 @@ def _train_ddp(args, device, rank: int, world_size: int) -> dict | None:
         "seconds": time.perf_counter() - start,
         "device": str(device),
         "world_size": world_size,
+        "amp": str(amp_dtype(device)) if args.amp else None,
         "dataset": args.dataset,
         "epochs": args.epochs,
         "train_size": len(x_tr),
@@ -303,6 +327,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     parser.add_argument("--data-dir", default=None, help="CIFAR-10's Python-pickle batches (with --dataset cifar10)")
     parser.add_argument("--subset", type=int, default=0, help="train on only the first N training images")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: torch.autocast with bfloat16 on the CPU, float16 (and a GradScaler) on "
+                             "CUDA, for both nets")
     parser.add_argument("--ddp", action="store_true",
                         help="train our net with DistributedDataParallel and SyncBatchNorm on the processes torchrun "
                              "starts (gloo on the CPU, NCCL with --device cuda); --batch-size is the global batch")

@@ -41,7 +41,7 @@ def _time(stmt_fn, threads: int, min_run_time: float) -> float:
 def measure(case, device: str, threads: int, rounds: int, min_run_time: float) -> dict:
     import torch
 
-    inputs = case.make_inputs(device, torch.float32)
+    inputs = case.make_inputs(device, case.dtype or torch.float32)
     grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     with torch.no_grad():
         out_shape_ref = case.reference(*inputs)

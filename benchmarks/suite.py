@@ -1,7 +1,7 @@
 """The shape suite: what is timed, for every op, and the target ratio ours/torch for forward+backward.
 
 One file per op (cases_<op>.py) defines its cases; this file collects them. Shapes are (N, C, H, W),
-float32, NCHW.
+float32 (cases_bf16.py: bfloat16), NCHW.
 """
 from __future__ import annotations
 
@@ -34,14 +34,16 @@ class Case:
     grad_targets: Optional[Callable[[str], list]] = None
     # "cpu": the suite above, for any device; "gpu": GPU-sized shapes (cases_gpu.py), for --suite gpu.
     suite: str = "cpu"
+    # The inputs' dtype (a torch.dtype); None: float32. cases_bf16.py times bfloat16.
+    dtype: object = None
 
 
 def all_cases() -> list[Case]:
     from . import cases_relu
 
     cases = list(cases_relu.cases())
-    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_noise", "cases_model",
-                        "cases_gpu"):
+    for module_name in ("cases_conv2d", "cases_max_pool2d", "cases_batch_norm", "cases_bf16", "cases_noise",
+                        "cases_model", "cases_gpu"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["cases"])
         except ModuleNotFoundError:

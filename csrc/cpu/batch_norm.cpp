@@ -31,6 +31,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/batch_norm.h"
@@ -46,6 +47,74 @@ constexpr int64_t kBlock = 4096;        // values per two-pass block: 16 KiB of 
 constexpr int64_t kGrain = 1 << 15;     // values per parallel task, so the OpenMP hand-off costs little
 constexpr int64_t kMaxRowsPerBlock = 256;  // channel-last: rows summed per lane before folding into double
 constexpr int64_t kMaxGroups = 64;      // channel-last: row groups reduced in parallel, merged in order
+
+// ------------------------------------------------------------------------------- float16, bfloat16
+// A narrow input is read and written in its own dtype and computed in float32 (its op math): every loop
+// below takes its values through `load` and gives its results through `store`, in pieces of at most
+// kBlock values (or one channel-last row) converted in L1 (cpu/reduced_float.h). For float and double
+// they are the tensor's own memory, and nothing is copied.
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+template <typename scalar_t>
+constexpr bool kNarrow = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
+
+// The thread's buffers for converted pieces: one per operand that can be in flight at once.
+enum class Piece : int { kX, kDy, kOut, kCount };
+
+inline float* piece_buffer(Piece which, int64_t n) {
+  thread_local std::vector<float> buffers[static_cast<int>(Piece::kCount)];
+  std::vector<float>& b = buffers[static_cast<int>(which)];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// The n values at x, in op math.
+template <typename scalar_t>
+const opmath_t<scalar_t>* load(const scalar_t* x, int64_t n, Piece which) {
+  if constexpr (kNarrow<scalar_t>) {
+    float* b = piece_buffer(which, n);
+    cpu::to_float(x, n, b);
+    return b;
+  } else {
+    return x;
+  }
+}
+
+// `count` runs of `len` values, `stride` apart (a block, below), in op math; *stride_out: theirs there.
+template <typename scalar_t>
+const opmath_t<scalar_t>* load_runs(const scalar_t* x, int64_t count, int64_t stride, int64_t len, Piece which,
+                                    int64_t* stride_out) {
+  if constexpr (kNarrow<scalar_t>) {
+    float* b = piece_buffer(which, count * len);
+    for (int64_t r = 0; r < count; ++r) cpu::to_float(x + r * stride, len, b + r * len);
+    *stride_out = len;
+    return b;
+  } else {
+    *stride_out = stride;
+    return x;
+  }
+}
+
+// Where n results bound for y are computed: y itself, or a buffer that `store` then narrows into y.
+template <typename scalar_t>
+opmath_t<scalar_t>* result_piece(scalar_t* y, int64_t n) {
+  if constexpr (kNarrow<scalar_t>) {
+    return piece_buffer(Piece::kOut, n);
+  } else {
+    return y;
+  }
+}
+
+template <typename scalar_t>
+void store(const opmath_t<scalar_t>* v, int64_t n, scalar_t* y) {
+  if constexpr (kNarrow<scalar_t>) cpu::from_float(v, n, y);
+}
+
+// f(k0, n) over the pieces [k0, k0 + n) of a run of len values, n <= kBlock.
+template <typename F>
+void for_each_piece(int64_t len, F f) {
+  for (int64_t k0 = 0; k0 < len; k0 += kBlock) f(k0, std::min(kBlock, len - k0));
+}
 
 // Reductions run on explicit 16-byte vectors (GCC/Clang vector extensions; SSE2 is x86-64's baseline,
 // so no -m flag is needed), four accumulators deep to hide the adder's latency: kLanes = 16 floats or 8
@@ -191,28 +260,41 @@ inline PlaneUnits plane_units(const BnLayout& lay) {
 
 template <typename scalar_t, typename acc_t>
 BnStats<acc_t> unit_stats(const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c, int64_t u) {
+  using T = opmath_t<scalar_t>;
   const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
   const scalar_t* base = x + (n0 * C + c) * S;
-  if (S <= kBlock) return block_stats<scalar_t, acc_t>(base, std::min(pu.per, lay.N - n0), C * S, S);
+  if (S <= kBlock) {
+    const int64_t count = std::min(pu.per, lay.N - n0);
+    int64_t stride;
+    const T* block = load_runs(base, count, C * S, S, Piece::kX, &stride);
+    return block_stats<T, acc_t>(block, count, stride, S);
+  }
   BnStats<acc_t> s{0, 0, 0};
-  for (int64_t b = 0; b < S; b += kBlock) s = bn_merge(s, block_stats<scalar_t, acc_t>(base + b, 1, 0, std::min(kBlock, S - b)));
+  for_each_piece(S, [&](int64_t b, int64_t len) {
+    s = bn_merge(s, block_stats<T, acc_t>(load(base + b, len, Piece::kX), 1, 0, len));
+  });
   return s;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
 void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c,
-                    int64_t u, scalar_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+                    int64_t u, T mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
   const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
   const int64_t off = (n0 * C + c) * S;
   sum_dy = 0;
   sum_dy_xmu = 0;
   if (S <= kBlock) {
-    block_grad_sums<scalar_t, acc_t>(dy + off, x + off, std::min(pu.per, lay.N - n0), C * S, S, mean, sum_dy, sum_dy_xmu);
+    const int64_t count = std::min(pu.per, lay.N - n0);
+    int64_t stride;
+    const T* g = load_runs(dy + off, count, C * S, S, Piece::kDy, &stride);
+    const T* v = load_runs(x + off, count, C * S, S, Piece::kX, &stride);
+    block_grad_sums<T, acc_t>(g, v, count, stride, S, mean, sum_dy, sum_dy_xmu);
     return;
   }
-  for (int64_t b = 0; b < S; b += kBlock) {
-    block_grad_sums<scalar_t, acc_t>(dy + off + b, x + off + b, 1, 0, std::min(kBlock, S - b), mean, sum_dy, sum_dy_xmu);
-  }
+  for_each_piece(S, [&](int64_t b, int64_t len) {
+    block_grad_sums<T, acc_t>(load(dy + off + b, len, Piece::kDy), load(x + off + b, len, Piece::kX), 1, 0, len, mean,
+                              sum_dy, sum_dy_xmu);
+  });
 }
 
 // ---------------------------------------------------------------------------------------- reductions
@@ -287,15 +369,16 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
   const int64_t blocks = (R + rows - 1) / rows;
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_n(G, 0), g_mean(G * C, 0), g_m2(G * C, 0);
+  using T = opmath_t<scalar_t>;
   at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
-    std::vector<scalar_t> shift(C), sd(C), sd2(C);
+    std::vector<T> shift(C), sd(C), sd2(C);
     for (int64_t g = gb; g < ge; ++g) {
       acc_t* mean = &g_mean[g * C];
       acc_t* m2 = &g_m2[g * C];
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
-        const scalar_t* xb = x + r0 * C;
-        rows_two_pass<scalar_t>(xb, nr, C, shift.data(), sd.data(), sd2.data());
+        const T* xb = load(x + r0 * C, nr * C, Piece::kX);
+        rows_two_pass<T>(xb, nr, C, shift.data(), sd.data(), sd2.data());
         // Every channel of the block has nr values and of the group g_n[g]: Chan's weights are shared,
         // computed once, and the per-channel merge has no division (bn_merge_shared_counts).
         const acc_t na = g_n[g], nb = static_cast<acc_t>(nr), n = na + nb;
@@ -316,8 +399,8 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
 }
 
 // Per-channel sum dy and sum dy * (x - mean), the two sums of the backward.
-template <typename scalar_t, typename acc_t>
-void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* mean, const BnLayout& lay,
+template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
+void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, const BnLayout& lay,
                        std::vector<acc_t>& sum_dy, std::vector<acc_t>& sum_dy_xmu) {
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   sum_dy.assign(C, 0);
@@ -345,15 +428,15 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* me
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_dy(G * C, 0), g_dyx(G * C, 0);
   at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
-    std::vector<scalar_t> a(C), p(C);
+    std::vector<T> a(C), p(C);
     for (int64_t g = gb; g < ge; ++g) {
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
-        std::fill(a.begin(), a.end(), scalar_t(0));
-        std::fill(p.begin(), p.end(), scalar_t(0));
+        std::fill(a.begin(), a.end(), T(0));
+        std::fill(p.begin(), p.end(), T(0));
         for (int64_t r = 0; r < nr; ++r) {
-          const scalar_t* gr = dy + (r0 + r) * C;
-          const scalar_t* xr = x + (r0 + r) * C;
+          const T* gr = load(dy + (r0 + r) * C, C, Piece::kDy);
+          const T* xr = load(x + (r0 + r) * C, C, Piece::kX);
           for (int64_t c = 0; c < C; ++c) {
             a[c] += gr[c];
             p[c] += gr[c] * (xr[c] - mean[c]);
@@ -392,59 +475,73 @@ void for_each_channel_run(const BnLayout& lay, F f) {
   }
 }
 
-// y = ((x - mean_hi) - mean_lo) * scale + beta, the constants per channel (common/batch_norm.h: bn_normalize).
-template <typename scalar_t>
-void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const scalar_t* mean, const scalar_t* mean_lo,
-                    const scalar_t* scale, const scalar_t* beta) {
-  for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
-    const scalar_t* xi = x + off;
-    scalar_t* yo = y + off;
-    if (cl) {
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], mean[k], mean_lo[k], scale[k], beta[k]);
+// y = ((x - mean_hi) - mean_lo) * scale + beta over one run of for_each_channel_run: a channel-first plane
+// of channel c (its constants are loop invariants) or a channel-last row of all C channels (the constants
+// indexed by position). common/batch_norm.h: bn_normalize.
+template <typename scalar_t, typename T = opmath_t<scalar_t>>
+void normalize_run(const scalar_t* x, scalar_t* y, int64_t off, int64_t len, int64_t c, bool channels_last,
+                   const T* mean, const T* mean_lo, const T* scale, const T* beta) {
+  for_each_piece(len, [&](int64_t k0, int64_t n) {
+    const T* xi = load(x + off + k0, n, Piece::kX);
+    T* yo = result_piece(y + off + k0, n);
+    if (channels_last) {
+      const T *m = mean + k0, *lo = mean_lo + k0, *s = scale + k0, *b = beta + k0;
+      for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m[k], lo[k], s[k], b[k]);
     } else {
-      const scalar_t m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
-      for (int64_t k = 0; k < len; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
+      const T m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
+      for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
     }
+    store(yo, n, y + off + k0);
+  });
+}
+
+template <typename scalar_t, typename T = opmath_t<scalar_t>>
+void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const T* mean, const T* mean_lo,
+                    const T* scale, const T* beta) {
+  for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
+    normalize_run(x, y, off, len, c, cl, mean, mean_lo, scale, beta);
   });
 }
 
 // The per-channel constants of dx (common/batch_norm.h: bn_grad_constants), one array each.
-template <typename scalar_t>
+template <typename T>
 struct GradConstants {
-  std::vector<scalar_t> gi, dy_mean, proj;
+  std::vector<T> gi, dy_mean, proj;
   explicit GradConstants(int64_t C) : gi(C), dy_mean(C), proj(C) {}
   template <typename acc_t>
   void set(int64_t c, const BnGradConstants<acc_t>& k) {
-    gi[c] = static_cast<scalar_t>(k.gi);
-    dy_mean[c] = static_cast<scalar_t>(k.dy_mean);
-    proj[c] = static_cast<scalar_t>(k.proj);
+    gi[c] = static_cast<T>(k.gi);
+    dy_mean[c] = static_cast<T>(k.dy_mean);
+    proj[c] = static_cast<T>(k.proj);
   }
 };
 
-// dx over one run of for_each_channel_run: a channel-first plane of channel c (its constants are loop
-// invariants) or a channel-last row of all C channels (the constants indexed by position).
-template <typename scalar_t>
+// dx over one run of for_each_channel_run, as normalize_run.
+template <typename scalar_t, typename T = opmath_t<scalar_t>>
 void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t off, int64_t len, int64_t c,
-                    bool channels_last, const scalar_t* mean, const GradConstants<scalar_t>& k, bool training) {
-  const scalar_t* gr = dy + off;
-  const scalar_t* xi = x + off;
-  scalar_t* out = dx + off;
-  if (channels_last) {
-    const scalar_t *gi = k.gi.data(), *dm = k.dy_mean.data(), *pj = k.proj.data();
-    if (training) {
-      for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_train(gr[i], xi[i], mean[i], dm[i], pj[i], gi[i]);
+                    bool channels_last, const T* mean, const GradConstants<T>& k, bool training) {
+  for_each_piece(len, [&](int64_t k0, int64_t n) {
+    const T* gr = load(dy + off + k0, n, Piece::kDy);
+    const T* xi = training ? load(x + off + k0, n, Piece::kX) : nullptr;
+    T* out = result_piece(dx + off + k0, n);
+    if (channels_last) {
+      const T *gi = k.gi.data() + k0, *dm = k.dy_mean.data() + k0, *pj = k.proj.data() + k0, *m = mean + k0;
+      if (training) {
+        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m[i], dm[i], pj[i], gi[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], gi[i]);
+      }
     } else {
-      for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_eval(gr[i], gi[i]);
+      const T s = k.gi[c];
+      if (training) {
+        const T m = mean[c], dm = k.dy_mean[c], pj = k.proj[c];
+        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m, dm, pj, s);
+      } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], s);
+      }
     }
-    return;
-  }
-  const scalar_t s = k.gi[c];
-  if (training) {
-    const scalar_t m = mean[c], dm = k.dy_mean[c], pj = k.proj[c];
-    for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_train(gr[i], xi[i], m, dm, pj, s);
-  } else {
-    for (int64_t i = 0; i < len; ++i) out[i] = bn_backward_eval(gr[i], s);
-  }
+    store(out, n, dx + off + k0);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------- ops
@@ -478,12 +575,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     double eps) {
   constexpr const char* op = "batch_norm_forward_train";
   bn_check_forward_train_args(input, weight, bias, eps, op);
-  if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernel, rounded once (reduced_float.h)
-    auto [y, mean, invstd, var] = batch_norm_forward_train_cpu(cpu::to_float(input), cpu::to_float(weight),
-                                                               cpu::to_float(bias), eps);
-    return {cpu::round_to(y, input.scalar_type()), mean, invstd, var};  // statistics stay float32, as torch's
-  }
-
   auto [x, output, lay] = dense_input(input);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor save_mean = at::empty({lay.C}, stat_opts);
@@ -492,27 +583,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor beta = bn_channel_values(bias, input, 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_forward_train_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;  // double
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_forward_train_cpu", [&] {
+    using T = opmath_t<scalar_t>;        // the statistics' and the arithmetic's type
+    using acc_t = at::acc_type<T, false>;  // double
     const int64_t C = lay.C, S = lay.S;
-    scalar_t* mean_p = save_mean.mutable_data_ptr<scalar_t>();
-    scalar_t* invstd_p = save_invstd.mutable_data_ptr<scalar_t>();
-    scalar_t* var_p = save_var.mutable_data_ptr<scalar_t>();
+    T* mean_p = save_mean.mutable_data_ptr<T>();
+    T* invstd_p = save_invstd.mutable_data_ptr<T>();
+    T* var_p = save_var.mutable_data_ptr<T>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
-    const scalar_t* g = gamma.const_data_ptr<scalar_t>();
-    const scalar_t* b = beta.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> scale(C), mean_lo(C);
+    const T* g = gamma.const_data_ptr<T>();
+    const T* b = beta.const_data_ptr<T>();
+    std::vector<T> scale(C), mean_lo(C);
     // From a channel's (n, mean, M2): the saved statistics, scale = gamma * invstd, and the part of the
-    // double mean that the saved scalar_t mean does not hold.
+    // double mean that the saved mean (of type T) does not hold.
     auto finish = [&](int64_t c, const BnStats<acc_t>& st) {
       const acc_t var = lay.M() > 0 ? st.m2 / st.n : acc_t(0);  // biased: this is what normalises
       const acc_t invstd = bn_invstd<acc_t>(var, eps);
-      mean_p[c] = static_cast<scalar_t>(st.mean);  // 0 for an empty batch
-      mean_lo[c] = static_cast<scalar_t>(st.mean - static_cast<acc_t>(mean_p[c]));
-      var_p[c] = static_cast<scalar_t>(var);
-      invstd_p[c] = static_cast<scalar_t>(invstd);
-      scale[c] = static_cast<scalar_t>(invstd * g[c]);
+      mean_p[c] = static_cast<T>(st.mean);  // 0 for an empty batch
+      mean_lo[c] = static_cast<T>(st.mean - static_cast<acc_t>(mean_p[c]));
+      var_p[c] = static_cast<T>(var);
+      invstd_p[c] = static_cast<T>(invstd);
+      scale[c] = static_cast<T>(invstd * g[c]);
     };
     if (lay.M() == 0) {  // an empty batch: nothing to normalise; finite placeholder statistics
       for (int64_t c = 0; c < C; ++c) finish(c, BnStats<acc_t>{0, 0, 0});
@@ -522,10 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
       at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           finish(c, channel_first_stats<scalar_t, acc_t>(xp, lay, c));
-          const scalar_t m = mean_p[c], lo = mean_lo[c], sc = scale[c], bc = b[c];
           for (int64_t n = 0; n < lay.N; ++n) {  // the channel's planes again, now from cache
-            const int64_t off = (n * C + c) * S;
-            for (int64_t k = 0; k < S; ++k) yp[off + k] = bn_normalize(xp[off + k], m, lo, sc, bc);
+            normalize_run(xp, yp, (n * C + c) * S, S, c, false, mean_p, mean_lo.data(), scale.data(), b);
           }
         }
       });
@@ -533,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     }
     const std::vector<BnStats<acc_t>> stats = channel_stats<scalar_t, acc_t>(xp, lay);
     for (int64_t c = 0; c < C; ++c) finish(c, stats[c]);
-    normalize_loop<scalar_t>(xp, yp, lay, mean_p, mean_lo.data(), scale.data(), b);
+    normalize_loop(xp, yp, lay, mean_p, mean_lo.data(), scale.data(), b);
   });
   return {output, save_mean, save_invstd, save_var};
 }
@@ -543,28 +633,22 @@ at::Tensor batch_norm_forward_eval_cpu(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "batch_norm_forward_eval";
   bn_check_forward_eval_args(input, running_mean, running_var, weight, bias, eps, op);
-  if (cpu::is_reduced_float(input)) {
-    const at::Tensor y = batch_norm_forward_eval_cpu(cpu::to_float(input), cpu::to_float(running_mean),
-                                                     cpu::to_float(running_var), cpu::to_float(weight),
-                                                     cpu::to_float(bias), eps);
-    return cpu::round_to(y, input.scalar_type());
-  }
-
   auto [x, output, lay] = dense_input(input);
   if (output.numel() == 0) return output;
   const at::Tensor rm = bn_channel_values(running_mean, input, 0.0);
   const at::Tensor rv = bn_channel_values(running_var, input, 1.0);
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor beta = bn_channel_values(bias, input, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_forward_eval_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t* v = rv.const_data_ptr<scalar_t>();
-    const scalar_t* g = gamma.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> scale(lay.C);
-    for (int64_t c = 0; c < lay.C; ++c) scale[c] = static_cast<scalar_t>(bn_invstd<acc_t>(v[c], eps) * g[c]);
-    const std::vector<scalar_t> zeros(lay.C, scalar_t(0));  // the running mean is exactly a scalar_t
-    normalize_loop<scalar_t>(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), lay,
-                             rm.const_data_ptr<scalar_t>(), zeros.data(), scale.data(), beta.const_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_forward_eval_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    using acc_t = at::acc_type<T, false>;
+    const T* v = rv.const_data_ptr<T>();
+    const T* g = gamma.const_data_ptr<T>();
+    std::vector<T> scale(lay.C);
+    for (int64_t c = 0; c < lay.C; ++c) scale[c] = static_cast<T>(bn_invstd<acc_t>(v[c], eps) * g[c]);
+    const std::vector<T> zeros(lay.C, T(0));  // the running mean is exactly a T
+    normalize_loop(x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), lay, rm.const_data_ptr<T>(),
+                   zeros.data(), scale.data(), beta.const_data_ptr<T>());
   });
   return output;
 }
@@ -576,12 +660,6 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   constexpr const char* op = "batch_norm_backward";
   bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
-  if (cpu::is_reduced_float(input)) {  // d_weight and d_bias stay float32 (the statistics' dtype), as on CUDA
-    auto [dx, dw, db] = batch_norm_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(weight),
-                                                cpu::to_float(mean), cpu::to_float(invstd), training, output_mask);
-    return {cpu::round_to(dx, input.scalar_type()), dw, db};
-  }
-
   at::Tensor grad_input = bn_empty_output(input);
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
@@ -594,25 +672,27 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
   const at::Tensor is = invstd.to(stat_opts.dtype()).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t* mean_p = mu.const_data_ptr<scalar_t>();
-    const scalar_t* invstd_p = is.const_data_ptr<scalar_t>();
-    const scalar_t* g = gamma.const_data_ptr<scalar_t>();
+  // d_weight and d_bias are of the statistics' dtype (float32 for a narrow input), as on CUDA.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    using acc_t = at::acc_type<T, false>;
+    const T* mean_p = mu.const_data_ptr<T>();
+    const T* invstd_p = is.const_data_ptr<T>();
+    const T* g = gamma.const_data_ptr<T>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dwp = output_mask[1] ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dbp = output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    T* dwp = output_mask[1] ? grad_weight.mutable_data_ptr<T>() : nullptr;
+    T* dbp = output_mask[2] ? grad_bias.mutable_data_ptr<T>() : nullptr;
     const bool need_sums = training || output_mask[1] || output_mask[2];
     const acc_t M = static_cast<acc_t>(lay.M());
-    GradConstants<scalar_t> k(C);
+    GradConstants<T> k(C);
     // From a channel's two sums: dgamma = invstd * sum dy (x - mean), dbeta = sum dy, and the constants
     // of dx (common/batch_norm.h: bn_backward_train).
     auto finish = [&](int64_t c, acc_t sum_dy, acc_t sum_dy_xmu) {
       const acc_t inv = invstd_p[c];
-      if (dwp) dwp[c] = static_cast<scalar_t>(sum_dy_xmu * inv);
-      if (dbp) dbp[c] = static_cast<scalar_t>(sum_dy);
+      if (dwp) dwp[c] = static_cast<T>(sum_dy_xmu * inv);
+      if (dbp) dbp[c] = static_cast<T>(sum_dy);
       k.set(c, bn_grad_constants<acc_t>(sum_dy, sum_dy_xmu, M, g[c], inv));
     };
     // dx over one contiguous run of a channel-first plane.
@@ -655,21 +735,21 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
   constexpr const char* op = "batch_norm_stats";
   bn_check_input(input, op);
-  if (cpu::is_reduced_float(input)) return batch_norm_stats_cpu(cpu::to_float(input));
   const at::Tensor x = dense_like(input, bn_empty_output(input));
   const BnLayout lay = bn_layout(x);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor mean = at::empty({lay.C}, stat_opts);
   at::Tensor var = at::empty({lay.C}, stat_opts);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_stats_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    using acc_t = at::acc_type<T, false>;
     std::vector<BnStats<acc_t>> stats(lay.C, BnStats<acc_t>{0, 0, 0});
     if (lay.M() > 0) stats = channel_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), lay);
-    scalar_t* mean_p = mean.mutable_data_ptr<scalar_t>();
-    scalar_t* var_p = var.mutable_data_ptr<scalar_t>();
+    T* mean_p = mean.mutable_data_ptr<T>();
+    T* var_p = var.mutable_data_ptr<T>();
     for (int64_t c = 0; c < lay.C; ++c) {
-      mean_p[c] = static_cast<scalar_t>(stats[c].mean);
-      var_p[c] = static_cast<scalar_t>(stats[c].n > 0 ? stats[c].m2 / stats[c].n : acc_t(0));
+      mean_p[c] = static_cast<T>(stats[c].mean);
+      var_p[c] = static_cast<T>(stats[c].n > 0 ? stats[c].m2 / stats[c].n : acc_t(0));
     }
   });
   return {mean, var};
@@ -717,9 +797,6 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
                                                                   const at::Tensor& input, const at::Tensor& mean) {
   constexpr const char* op = "batch_norm_backward_reduce";
   bn_check_backward_reduce_args(grad_output, input, mean, op);
-  if (cpu::is_reduced_float(input)) {
-    return batch_norm_backward_reduce_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(mean));
-  }
   const at::Tensor layout = bn_empty_output(input);
   const at::Tensor x = dense_like(input, layout);
   const at::Tensor dy = dense_like(grad_output, layout);
@@ -728,16 +805,17 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
   at::Tensor sum_dy = at::empty({lay.C}, stat_opts);
   at::Tensor sum_dy_xmu = at::empty({lay.C}, stat_opts);
   const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    using acc_t = at::acc_type<T, false>;
     std::vector<acc_t> a(lay.C, 0), p(lay.C, 0);
     if (lay.M() > 0) {
       channel_grad_sums<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                         mu.const_data_ptr<scalar_t>(), lay, a, p);
+                                         mu.const_data_ptr<T>(), lay, a, p);
     }
     for (int64_t c = 0; c < lay.C; ++c) {
-      sum_dy.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(a[c]);
-      sum_dy_xmu.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(p[c]);
+      sum_dy.mutable_data_ptr<T>()[c] = static_cast<T>(a[c]);
+      sum_dy_xmu.mutable_data_ptr<T>()[c] = static_cast<T>(p[c]);
     }
   });
   return {sum_dy, sum_dy_xmu};
@@ -751,13 +829,6 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
                                          const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "batch_norm_backward_elemt";
   bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
-  if (cpu::is_reduced_float(input)) {
-    const at::Tensor dx = batch_norm_backward_elemt_cpu(cpu::to_float(grad_output), cpu::to_float(input),
-                                                        cpu::to_float(weight), cpu::to_float(mean),
-                                                        cpu::to_float(invstd), cpu::to_float(sum_dy),
-                                                        cpu::to_float(sum_dy_xmu), count);
-    return cpu::round_to(dx, input.scalar_type());
-  }
   at::Tensor grad_input = bn_empty_output(input);
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor x = dense_like(input, grad_input);
@@ -767,17 +838,18 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor mu = mean.to(dtype).contiguous(), is = invstd.to(dtype).contiguous();
   const at::Tensor a = sum_dy.to(dtype).contiguous(), p = sum_dy_xmu.to(dtype).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t *g = gamma.const_data_ptr<scalar_t>(), *isp = is.const_data_ptr<scalar_t>();
-    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>();
-    GradConstants<scalar_t> k(lay.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    using acc_t = at::acc_type<T, false>;
+    const T *g = gamma.const_data_ptr<T>(), *isp = is.const_data_ptr<T>();
+    const T *ap = a.const_data_ptr<T>(), *pp = p.const_data_ptr<T>();
+    GradConstants<T> k(lay.C);
     for (int64_t c = 0; c < lay.C; ++c) {
       k.set(c, bn_grad_constants<acc_t>(ap[c], pp[c], static_cast<acc_t>(count), g[c], isp[c]));
     }
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* mean_p = mu.const_data_ptr<scalar_t>();
+    const T* mean_p = mu.const_data_ptr<T>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
     for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
       grad_input_run(dyp, xp, dxp, off, len, c, cl, mean_p, k, /*training=*/true);

@@ -35,6 +35,7 @@
 #include "common/checks.h"
 #include "common/conv2d.h"
 #include "cpu/cpu_features.h"
+#include "cpu/conv2d_bf16.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_depthwise.h"
 #include "cpu/conv2d_gemm.h"
@@ -133,17 +134,32 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   }
 }
 
+// The bfloat16 route (conv2d_bf16.h) into y, which has the results' memory format.
+void bf16_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  at::Tensor& y, const ConvGeometry& g, at::MemoryFormat format) {
+  if (y.numel() == 0) return;
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  conv_forward_bf16(x.const_data_ptr<c10::BFloat16>(), weight, b.defined() ? b.const_data_ptr<float>() : nullptr,
+                    y.mutable_data_ptr<c10::BFloat16>(), g, format != at::MemoryFormat::ChannelsLast);
+}
+
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
+  if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
+    at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
+    bf16_forward(input, weight, bias, y, g, format);
+    return y;
+  }
   if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernels, rounded once (reduced_float.h)
     const at::Tensor y = conv2d_forward_cpu(cpu::to_float(input), cpu::to_float(weight), cpu::to_float(bias), stride,
                                             padding, dilation, groups);
     return cpu::round_to(y, input.scalar_type());
   }
-  const at::MemoryFormat format = conv2d_memory_format(input, weight);
   at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
   if (y.numel() == 0) return y;
   c10::optional<at::Tensor> b;
@@ -170,9 +186,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   if (cpu::is_reduced_float(input)) {
-    auto [dx, dw, db] = conv2d_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(weight),
-                                            stride, padding, dilation, groups, output_mask);
+    // bfloat16 d_x of a stride-1 layer: the transposed convolution on the bfloat16 route (conv2d_bf16.h).
+    ConvGeometry t;
+    const bool dx_bf16 = output_mask[0] && input.scalar_type() == at::kBFloat16 && bf16_direct(g) &&
+                         transposed_geometry(g, &t) && bf16_direct(t);
+    std::array<bool, 3> mask_f32 = output_mask;
+    if (dx_bf16) mask_f32[0] = false;
+    // The rest in float32, rounded once (reduced_float.h).
     const auto dtype = input.scalar_type();
+    at::Tensor dx, dw, db;
+    if (mask_f32[0] || mask_f32[1] || mask_f32[2]) {
+      std::tie(dx, dw, db) = conv2d_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input),
+                                                 cpu::to_float(weight), stride, padding, dilation, groups, mask_f32);
+    } else {
+      std::tie(dx, dw, db) = conv2d_grad_buffers(input, weight, g, mask_f32, conv2d_memory_format(input, weight));
+    }
+    if (dx_bf16) {
+      const at::MemoryFormat format = conv2d_memory_format(input, weight);
+      dx = at::empty(input.sizes(), input.options().memory_format(format));
+      bf16_forward(grad_output, transposed_filters(weight.contiguous(), g), c10::nullopt, dx, t, format);
+      return {dx, cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
+    }
     return {cpu::round_to(dx, dtype), cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];

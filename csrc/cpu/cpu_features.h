@@ -20,10 +20,14 @@
 #define CS231N_X86 1
 #define CS231N_AVX2 __attribute__((target("avx2,fma")))
 #define CS231N_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define CS231N_F16C __attribute__((target("avx,f16c")))
+#define CS231N_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 #else
 #define CS231N_X86 0
 #define CS231N_AVX2
 #define CS231N_AVX512
+#define CS231N_F16C
+#define CS231N_AVX512_BF16
 #endif
 
 namespace torch_cs231n {
@@ -50,6 +54,27 @@ inline Isa detected_isa() {
   return isa;
 #else
   return Isa::kBaseline;
+#endif
+}
+
+// float16 <-> float32 conversion instructions (F16C; every x86-64 CPU with AVX2 has them, but it is asked).
+inline bool has_f16c() {
+#if CS231N_X86
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// AVX512-BF16 (vdpbf16ps: pairs of bfloat16 products summed into float32 lanes). Zen 4 and later, Cooper
+// Lake and Sapphire Rapids have it. Only taken where the ISA in force (below) is AVX-512.
+inline bool has_avx512_bf16() {
+#if CS231N_X86
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
 #endif
 }
 

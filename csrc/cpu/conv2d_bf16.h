@@ -1,0 +1,197 @@
+// The CPU convolution in bfloat16 on AVX512-BF16: vdpbf16ps multiplies pairs of bfloat16 values and adds
+// both products into a float32 lane, 32 products per instruction, twice the float32 FMA's rate. Products
+// are exact in float32 and summed there, and the result is rounded to bfloat16 once: the numbers of the
+// float32 route on the same bfloat16 operands, up to the order of the float32 additions.
+// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+//
+// The form is the channels_last one (conv2d_pixels.h): per sample, Y'[pixel, f] = Σ_taps Σ_c
+// x_pad[pixel + tap_offset(t), c] · W[f, c, t]. vdpbf16ps takes its k in pairs: here pairs of channels,
+// which lie side by side in a padded pixel (x_pad keeps an even channel pitch, the odd one zero), so A is
+// read in place, one 32-bit broadcast per pixel and pair. The filters are packed once per call into
+// slivers of 64 filters: for each tap and channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
+//
+//   micro-kernel   6 pixels x 64 filters: 24 zmm accumulators, 4 B vectors, 1 broadcast
+//                  per (tap, pair) step: 4 loads, 6 broadcasts, 24 vdpbf16ps (768 products)
+//
+// Stride 1, one group (the layers that dominate a conv-net's time); d_x of such a layer is the same form
+// (the transposed convolution). Other layers, and d_W, run the float32 kernels (cpu/reduced_float.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/conv2d.h"
+#include "cpu/conv2d_blocks.h"
+#include "cpu/conv2d_pixels.h"
+#include "cpu/conv2d_shifted.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+#include "cpu/reduced_float.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+constexpr int kBf16Mr = 6, kBf16Nr = 64;
+
+// Whether the bfloat16 route takes the layer: the CPU has AVX512-BF16 (and AVX-512 is the ISA in force,
+// so that the ISA cap of the tests reaches it), stride 1, one group.
+inline bool bf16_direct(const ConvGeometry& g) {
+  return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.sh == 1 &&
+         g.sw == 1 && g.f > 0 && g.c > 0;
+}
+
+// x_pad's channel pairs are read as 32-bit words through this type, which may alias its uint16_t storage.
+typedef uint32_t bf16_word __attribute__((__may_alias__));
+
+// Two bfloat16 values (their bits) as the 32-bit word vdpbf16ps reads: lo in the low half.
+inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16; }
+
+inline uint16_t bf16_bits(const c10::BFloat16& v) { return v.x; }
+
+// The filters, packed: sliver s (filters 64s .. 64s+63), tap t, channel pair q at
+// packed[((s * taps + t) * pairs + q) * 64 + j] = (W[64s+j, 2q, t], W[64s+j, 2q+1, t]), 0 past F or C.
+inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const ConvGeometry& g, int64_t pairs) {
+  const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
+  std::vector<uint32_t> packed(slivers * taps * pairs * kBf16Nr, 0);
+  const auto* wp = w.const_data_ptr<c10::BFloat16>();
+  const int64_t sf = w.stride(0), sc = w.stride(1), sh = w.stride(2), sw = w.stride(3);
+  for (int64_t f = 0; f < g.f; ++f) {
+    for (int64_t t = 0; t < taps; ++t) {
+      const c10::BFloat16* base = wp + f * sf + (t / g.kw) * sh + (t % g.kw) * sw;
+      uint32_t* out = packed.data() + ((f / kBf16Nr) * taps + t) * pairs * kBf16Nr + f % kBf16Nr;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const uint16_t lo = bf16_bits(base[2 * q * sc]);
+        const uint16_t hi = 2 * q + 1 < g.c ? bf16_bits(base[(2 * q + 1) * sc]) : uint16_t(0);
+        out[q * kBf16Nr] = bf16_pair(lo, hi);
+      }
+    }
+  }
+  return packed;
+}
+
+// x_pad: the sample with its zero border, pixel-major, channel pitch cp = C rounded up to even (the odd
+// channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory.
+inline void pad_bf16_pixels(const c10::BFloat16* x, const ConvGeometry& g, const ShiftedPlanes& sp, int64_t cp,
+                            bool planes, uint16_t* x_pad) {
+  const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  std::fill(x_pad, x_pad + sp.hp * sp.wp * cp, uint16_t(0));
+  for (int64_t i = 0; i < g.h; ++i) {
+    uint16_t* row = x_pad + ((g.ph + i) * sp.wp + g.pw) * cp;
+    for (int64_t j = 0; j < g.w; ++j) {
+      uint16_t* pixel = row + j * cp;
+      if (planes) {
+        for (int64_t c = 0; c < g.c; ++c) pixel[c] = xb[(c * g.h + i) * g.w + j];
+      } else {
+        std::memcpy(pixel, xb + (i * g.w + j) * g.c, g.c * sizeof(uint16_t));
+      }
+    }
+  }
+}
+
+#if CS231N_X86
+// One tile: rows (pixels) i .. i+m-1 of Y' and the filters of one sliver, all taps and channel pairs in
+// registers. a_tap[t] points at pixel i under tap t, as 32-bit words (pairs), `lda` words per pixel.
+// Rows r >= m read pixel i (never stored); the tile is stored to c (row stride ldc) with the bias added,
+// its first n columns only.
+CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap, int64_t lda,
+                                         const uint32_t* b, float* c, int64_t ldc, int m, int n, const float* bias) {
+  constexpr int MR = kBf16Mr, NV = kBf16Nr / 16;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const bf16_word* ar[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ar[r] = a_tap[t] + (r < m ? r : 0) * lda;
+    const uint32_t* bt = b + t * pairs * kBf16Nr;
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < pairs; ++q) {
+      __m512i bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bt + q * kBf16Nr + 16 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512i av = _mm512_set1_epi32(static_cast<int>(ar[r][q]));
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+      }
+    }
+  }
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m512 x = acc[r][v];
+      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], bias + 16 * v));
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], x);
+    }
+  }
+}
+#endif
+
+// y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a stride-1, one-group layer (bf16_direct).
+// x and y are in the same layout; w is any (F, C, kH, kW) bfloat16 tensor; b a float32 copy of the bias.
+inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const float* b, c10::BFloat16* y,
+                              const ConvGeometry& g, bool planes) {
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t cp = g.c + (g.c & 1), pairs = cp / 2, taps = g.taps();
+  const std::vector<uint32_t> filters = pack_bf16_filters(w, g, pairs);
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<uint16_t> x_pad(sp.hp * sp.wp * cp);
+    std::vector<float> out(sp.cols * g.f), rows(g.f * g.ow);
+    std::vector<const bf16_word*> a_tap(taps);
+    std::vector<int64_t> offsets(taps);
+    for (int64_t t = 0; t < taps; ++t) offsets[t] = tap_offset(g, sp, t);
+    const auto* words = reinterpret_cast<const bf16_word*>(x_pad.data());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, x_pad.data());
+        for (int64_t j = 0; j < g.f; j += kBf16Nr) {
+          const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
+          const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
+          for (int64_t i = 0; i < sp.cols; i += kBf16Mr) {
+            const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, sp.cols - i));
+            for (int64_t t = 0; t < taps; ++t) a_tap[t] = words + (i + offsets[t]) * pairs;
+            bf16_tile(taps, pairs, a_tap.data(), pairs, sliver, out.data() + i * g.f + j, g.f, m_tile, n_tile,
+                      b ? b + j : nullptr);
+          }
+        }
+        // The oW real pixels of each output row, rounded to bfloat16 once.
+        c10::BFloat16* y_n = y + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+          const float* src = out.data() + o_h * sp.wp * g.f;  // [oW x F]
+          if (!planes) {
+            cpu::from_float(src, g.ow * g.f, y_n + o_h * g.ow * g.f);
+            continue;
+          }
+          cpu::transpose_matrix(src, g.f, g.ow, g.f, rows.data(), g.ow);  // [F x oW]
+          for (int64_t f = 0; f < g.f; ++f) {
+            cpu::from_float(rows.data() + f * g.ow, g.ow, y_n + (f * g.oh + o_h) * g.ow);
+          }
+        }
+      }
+    }
+  });
+#else
+  (void)x, (void)w, (void)b, (void)y, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_forward_bf16: AVX512-BF16 is an x86 instruction set");
+#endif
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -169,3 +169,47 @@ def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():
     assert proc.returncode == 0, proc.stderr
     assert "TORCH_CS231N_CPU_ISA='avx-512' is not one of avx512, avx2, baseline or auto; ignored" in proc.stderr
     assert proc.stdout.strip() == ops.cpu_isa()
+
+
+# ------------------------------------------------------------------------------ the bfloat16 route
+def has_avx512_bf16():
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c,f,k,padding,dilation,bias", [
+    (64, 64, 3, 1, 1, True),      # a ResNet layer: whole slivers of 64 filters, whole channel pairs
+    (3, 70, 3, 1, 1, False),      # an odd channel (its pair's other half is zero), a second, partial sliver
+    (17, 5, 5, 2, 2, True),       # dilation: the taps' offsets
+    (16, 130, 1, 0, 1, False),    # 1x1, three slivers
+    (9, 7, (3, 1), (1, 0), 1, True),  # a kernel of another height than width
+])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_bfloat16_convolution_against_float64(layout, c, f, k, padding, dilation, bias, isa):
+    """bfloat16 in, float32 sums, one rounding out: within one bfloat16 ulp (2^-8 relative) of the float64
+    result on the same bfloat16 operands, plus float32's error on the sum (cancelling terms). avx512 takes
+    the AVX512-BF16 route where the CPU has it (conv2d_bf16.h); avx2 the float32 kernels."""
+    if isa == "avx512" and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c * 100 + f)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(3, c, 11, 13, generator=gen).bfloat16()
+    w = (torch.randn(f, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5).bfloat16()
+    b = torch.randn(f, generator=gen).bfloat16() if bias else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = dict(padding=padding, dilation=dilation)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    with forced_isa(isa):
+        y = ours.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, **args)
+        dy = torch.randn(y.shape, generator=gen).bfloat16()
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    y_ref = F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, **args)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert y.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert_same_layout(y, y_ref)
+    for got, want in zip((y,) + grads, (y_ref,) + grads_ref):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * scale + 1e-6)

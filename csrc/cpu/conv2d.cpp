@@ -186,12 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   if (cpu::is_reduced_float(input)) {
-    // bfloat16 d_x of a stride-1 layer: the transposed convolution on the bfloat16 route (conv2d_bf16.h).
+    // bfloat16 on the bfloat16 route (conv2d_bf16.h): d_x of a stride-1 layer as the transposed
+    // convolution, and d_W; d_b and anything else in float32.
     ConvGeometry t;
-    const bool dx_bf16 = output_mask[0] && input.scalar_type() == at::kBFloat16 && bf16_direct(g) &&
-                         transposed_geometry(g, &t) && bf16_direct(t);
+    const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_direct(g);
+    const bool dx_bf16 = output_mask[0] && bf16 && transposed_geometry(g, &t) && bf16_direct(t);
+    const bool dw_bf16 = output_mask[1] && bf16;
     std::array<bool, 3> mask_f32 = output_mask;
     if (dx_bf16) mask_f32[0] = false;
+    if (dw_bf16) mask_f32[1] = false;
     // The rest in float32, rounded once (reduced_float.h).
     const auto dtype = input.scalar_type();
     at::Tensor dx, dw, db;
@@ -201,13 +204,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     } else {
       std::tie(dx, dw, db) = conv2d_grad_buffers(input, weight, g, mask_f32, conv2d_memory_format(input, weight));
     }
+    const at::MemoryFormat format = conv2d_memory_format(input, weight);
     if (dx_bf16) {
-      const at::MemoryFormat format = conv2d_memory_format(input, weight);
       dx = at::empty(input.sizes(), input.options().memory_format(format));
       bf16_forward(grad_output, transposed_filters(weight.contiguous(), g), c10::nullopt, dx, t, format);
-      return {dx, cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
     }
-    return {cpu::round_to(dx, dtype), cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
+    if (dw_bf16) {
+      const bool planes = format != at::MemoryFormat::ChannelsLast;
+      const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
+      // [F][taps][C] is W's shape in channels_last memory; rounded once, into the results' format.
+      const at::Tensor dw32 = conv_weight_grad_bf16(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(),
+                                                    g, planes);
+      dw = dw32.view({g.f, g.kh, g.kw, g.c}).permute({0, 3, 1, 2}).to(dtype).contiguous(format);
+    }
+    return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   const at::MemoryFormat format = conv2d_memory_format(input, weight);

@@ -14,7 +14,8 @@
 //                  per (tap, pair) step: 4 loads, 6 broadcasts, 24 vdpbf16ps (768 products)
 //
 // Stride 1, one group (the layers that dominate a conv-net's time); d_x of such a layer is the same form
-// (the transposed convolution). Other layers, and d_W, run the float32 kernels (cpu/reduced_float.h).
+// (the transposed convolution), and d_W a product over pixel pairs (below). Other layers run the float32
+// kernels (cpu/reduced_float.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -191,6 +192,124 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
   (void)x, (void)w, (void)b, (void)y, (void)g, (void)planes;
   TORCH_CHECK(false, "conv_forward_bf16: AVX512-BF16 is an x86 instruction set");
 #endif
+}
+
+// ------------------------------------------------------------------------------------------------ d_W
+// d_W[f, t, c] = Σ_pixels dY'[p, f] · x_pad[p + tap_offset(t), c], with dY' = dY in the pitch Wp (zeros in
+// the thrown-away pixels, as conv_weight_grad_nhwc). k is the pixel here, taken in pairs (2q, 2q+1):
+//   A: dy_pairs[q * F + f]   = (dY'[2q, f], dY'[2q+1, f])            packed once per sample
+//   B: x_pairs[p * cw + c]   = (x_pad[p, c], x_pad[p+1, c])          every pixel p, so that the pair of any
+//      tap, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is the word at p = 2q + o: read in place
+// (cw: C rounded up to 16, whole vectors). A tile is 6 filters x 64 channels of one tap, summed over all
+// pixel pairs, added into d_W.
+#if CS231N_X86
+CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda,
+                                                     const bf16_word* b, int64_t ldb, float* c, int64_t ldc, int m,
+                                                     int n) {
+  constexpr int MR = kBf16Mr, NV = kBf16Nr / 16;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t q = 0; q < pairs; ++q) {
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + q * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[q * lda + (r < m ? r : 0)]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= m) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + r * ldc + 16 * v;
+      _mm512_mask_storeu_ps(out, mask[v], _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(mask[v], out)));
+    }
+  }
+}
+#endif
+
+// d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16
+// dy and x (NHWC, or NCHW when `planes`). Each chunk of samples sums into its own d_W; the chunks are then
+// added in order, so the result does not depend on the thread count's timing.
+inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const ConvGeometry& g,
+                                        bool planes) {
+  at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t cp = g.c + (g.c & 1), cw = (g.c + 15) / 16 * 16, taps = g.taps();
+  const int64_t pixels = sp.hp * sp.wp, pairs = (sp.cols + 1) / 2, ldc = taps * g.c;
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  std::vector<float> partial(chunks * g.f * ldc, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<uint16_t> x_pad((pixels + 1) * cp, 0);  // one zero pixel more: the pair of the last one
+    std::vector<uint32_t> x_pairs(pixels * cw, 0), dy_pairs(pairs * g.f, 0);
+    std::vector<uint16_t> dy_pitch(2 * pairs * g.f, 0);  // dY' (the gaps are never written: they stay 0)
+    std::vector<int64_t> offsets(taps);
+    for (int64_t t = 0; t < taps; ++t) offsets[t] = tap_offset(g, sp, t);
+    const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      float* dw_chunk = partial.data() + chunk * g.f * ldc;
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, x_pad.data());
+        for (int64_t p = 0; p < pixels; ++p) {
+          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
+          for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
+        }
+        // dY' in the pitch Wp, then in pairs of pixels.
+        const uint16_t* dy_n = dyb + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+          uint16_t* row = dy_pitch.data() + o_h * sp.wp * g.f;
+          if (!planes) {
+            std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
+            continue;
+          }
+          for (int64_t f = 0; f < g.f; ++f) {
+            const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
+          }
+        }
+        for (int64_t q = 0; q < pairs; ++q) {
+          const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
+          for (int64_t f = 0; f < g.f; ++f) dy_pairs[q * g.f + f] = bf16_pair(even[f], odd[f]);
+        }
+        const auto* a = reinterpret_cast<const bf16_word*>(dy_pairs.data());
+        const auto* b = reinterpret_cast<const bf16_word*>(x_pairs.data());
+        for (int64_t t = 0; t < taps; ++t) {
+          for (int64_t c0 = 0; c0 < g.c; c0 += kBf16Nr) {
+            const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - c0));
+            for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Mr) {
+              const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, g.f - f0));
+              bf16_weight_grad_tile(pairs, a + f0, g.f, b + offsets[t] * cw + c0, 2 * cw,
+                                    dw_chunk + f0 * ldc + t * g.c + c0, ldc, m_tile, n_tile);
+            }
+          }
+        }
+      }
+    }
+  });
+  float* out = dw.mutable_data_ptr<float>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partial.data() + chunk * g.f * ldc;
+    for (int64_t i = 0; i < g.f * ldc; ++i) out[i] += part[i];
+  }
+#else
+  (void)dy, (void)x, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_weight_grad_bf16: AVX512-BF16 is an x86 instruction set");
+#endif
+  return dw;
 }
 
 }  // namespace conv2d_cpu

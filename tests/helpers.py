@@ -1,4 +1,7 @@
-"""Helpers for the tests: memory layouts to try, dtypes per device, tolerances."""
+"""Helpers for the tests: memory layouts to try, dtypes per device, tolerances, the CPU's ISA cap."""
+import contextlib
+
+import pytest
 import torch
 
 LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]
@@ -47,3 +50,17 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor):
     """torch.compile(fullgraph=True) of `model` gives eager mode's output and parameter gradients."""
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_same_output_and_grads(compiled(x), model, model(x), model)
+
+
+@contextlib.contextmanager
+def forced_isa(isa):
+    """The CPU kernels capped at `isa` ("avx512", "avx2", "baseline") for the block; skips when this CPU
+    cannot run it."""
+    ops = torch.ops.torch_cs231n
+    previous = ops.set_cpu_isa(isa)
+    try:
+        if ops.cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run the {isa} path (it runs {ops.cpu_isa()})")
+        yield
+    finally:
+        ops.set_cpu_isa(previous)

@@ -1,5 +1,6 @@
 """Batch norm: our kernels against torch.nn.functional.batch_norm and nn.BatchNorm2d, forward, backward and
 running statistics, in every layout; the module as a drop-in; opcheck and torch.compile; bad input."""
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from torch.autograd import gradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
-from helpers import LAYOUTS, assert_same_layout, assert_same_output_and_grads, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_same_layout, assert_same_output_and_grads, dtypes_for, forced_isa, with_layout
 
 ops = torch.ops.torch_cs231n
 
@@ -334,20 +335,33 @@ def test_module_eval_without_buffers_uses_batch_statistics(device):
 
 
 # ------------------------------------------------------------------------------------ float16, bfloat16
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (3, 5, 7, 9), (2, 3, 70, 70)])  # tails; a plane > 4096 values
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", ["same", "float"])
-def test_half_inputs(device, dtype, param_dtype, layout):
-    """float16/bfloat16 input, with parameters of its dtype or float32 (mixed, as autocast leaves them);
-    statistics in float32 on both sides, so outputs differ by output rounding (tolerances())."""
+@pytest.mark.parametrize("isa", ["auto", "baseline"])  # the CPU's AVX2 loops, and the portable ones
+def test_half_inputs(device, dtype, param_dtype, layout, shape, isa):
+    """float16/bfloat16 input, with parameters of its dtype or float32 (mixed, as autocast leaves them).
+    Statistics and arithmetic in float32, one rounding at the end: the output is the float64 result on
+    the same narrow values within one rounding (eps of the dtype, relative); torch's agrees as well."""
+    if isa != "auto" and device != "cpu":
+        pytest.skip("the ISA cap is the CPU's")
     torch.manual_seed(6)
+    c = shape[1]
     pd = dtype if param_dtype == "same" else torch.float32
-    x = with_layout(torch.randn(4, 3, 8, 8, device=device, dtype=dtype), layout)
-    w, b = torch.rand(3, device=device, dtype=pd) + 0.5, torch.randn(3, device=device, dtype=pd)
-    running = (torch.zeros(3, device=device, dtype=pd), torch.ones(3, device=device, dtype=pd))
+    x = with_layout(torch.randn(shape, device=device, dtype=dtype) * 2 + 1, layout)
+    w, b = torch.rand(c, device=device, dtype=pd) + 0.5, torch.randn(c, device=device, dtype=pd)
+    running = (torch.zeros(c, device=device, dtype=pd), torch.ones(c, device=device, dtype=pd))
+    dy = torch.randn_like(x)
+    eps = torch.finfo(dtype).eps
     for training in (True, False):
-        (y, g, rm, rv), (y_ref, g_ref, rm_ref, rv_ref) = run_both(x, w, b, running, training, 0.1, 1e-5, torch.randn_like(x))
+        with contextlib.nullcontext() if isa == "auto" else forced_isa(isa):
+            (y, g, rm, rv), (y_ref, g_ref, rm_ref, rv_ref) = run_both(x, w, b, running, training, 0.1, 1e-5, dy)
         assert y.dtype == dtype
+        # float64 on the same narrow values (and the running statistics' values before the update)
+        y64 = F.batch_norm(x.double(), running[0].double(), running[1].double(), w.double(), b.double(),
+                           training=training, momentum=0.0, eps=1e-5)
+        torch.testing.assert_close(y.double(), y64, rtol=eps, atol=eps)
         tol = tolerances(dtype)
         torch.testing.assert_close(y, y_ref, **tol)
         for a, b_ in zip(g, g_ref):

@@ -6,7 +6,6 @@ drawn to land on the micro-kernels' edge tiles (M, N, K not multiples of the reg
 on more than one cache block (K > 256, N > 2400), and on every route of the convolution: im2col, the
 shifted planes, the NHWC kernel, and d_x as the transposed convolution.
 """
-import contextlib
 
 import pytest
 import torch
@@ -15,22 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_cs231n.functional as ours
-from helpers import assert_same_layout
+from helpers import assert_same_layout, forced_isa
 
 ops = torch.ops.torch_cs231n
 ISAS = ["avx512", "avx2", "baseline"]
 
-
-@contextlib.contextmanager
-def forced_isa(isa):
-    """The CPU kernels capped at `isa` for the block; skips when this CPU cannot run it."""
-    previous = ops.set_cpu_isa(isa)
-    try:
-        if ops.cpu_isa() != isa:
-            pytest.skip(f"this CPU cannot run the {isa} path (it runs {ops.cpu_isa()})")
-        yield
-    finally:
-        ops.set_cpu_isa(previous)
 
 
 def test_set_cpu_isa_restores_and_refuses_unknown_names():

@@ -38,6 +38,7 @@
 #include "common/batch_norm_args.h"
 #include "common/checks.h"
 #include "common/layout.h"
+#include "cpu/batch_norm_narrow.h"
 #include "cpu/reduced_float.h"
 
 namespace torch_cs231n {
@@ -263,6 +264,16 @@ BnStats<acc_t> unit_stats(const scalar_t* x, const BnLayout& lay, const PlaneUni
   using T = opmath_t<scalar_t>;
   const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
   const scalar_t* base = x + (n0 * C + c) * S;
+#if CS231N_X86
+  if constexpr (kNarrow<scalar_t>) {
+    if (cpu::narrow_avx2_available<scalar_t>()) {  // widened as loaded (batch_norm_narrow.h)
+      if (S <= kBlock) return cpu::narrow_block_stats(base, std::min(pu.per, lay.N - n0), C * S, S);
+      BnStats<acc_t> s{0, 0, 0};
+      for_each_piece(S, [&](int64_t b, int64_t len) { s = bn_merge(s, cpu::narrow_block_stats(base + b, 1, 0, len)); });
+      return s;
+    }
+  }
+#endif
   if (S <= kBlock) {
     const int64_t count = std::min(pu.per, lay.N - n0);
     int64_t stride;
@@ -283,6 +294,20 @@ void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BnLayout& lay, 
   const int64_t off = (n0 * C + c) * S;
   sum_dy = 0;
   sum_dy_xmu = 0;
+#if CS231N_X86
+  if constexpr (kNarrow<scalar_t>) {
+    if (cpu::narrow_avx2_available<scalar_t>()) {
+      if (S <= kBlock) {
+        cpu::narrow_grad_sums(dy + off, x + off, std::min(pu.per, lay.N - n0), C * S, S, mean, sum_dy, sum_dy_xmu);
+        return;
+      }
+      for_each_piece(S, [&](int64_t b, int64_t len) {
+        cpu::narrow_grad_sums(dy + off + b, x + off + b, 1, 0, len, mean, sum_dy, sum_dy_xmu);
+      });
+      return;
+    }
+  }
+#endif
   if (S <= kBlock) {
     const int64_t count = std::min(pu.per, lay.N - n0);
     int64_t stride;
@@ -398,6 +423,22 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
   return out;
 }
 
+// Channel-last: one row's dy and dy * (x - mean) added into a[c] and p[c], channel by channel.
+template <typename scalar_t, typename T = opmath_t<scalar_t>>
+void grad_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const T* mean, T* a, T* p) {
+#if CS231N_X86
+  if constexpr (kNarrow<scalar_t>) {
+    if (cpu::narrow_avx2_available<scalar_t>()) return cpu::narrow_grad_sums_row(dy, x, C, mean, a, p);
+  }
+#endif
+  const T* gr = load(dy, C, Piece::kDy);
+  const T* xr = load(x, C, Piece::kX);
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] += gr[c];
+    p[c] += gr[c] * (xr[c] - mean[c]);
+  }
+}
+
 // Per-channel sum dy and sum dy * (x - mean), the two sums of the backward.
 template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
 void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, const BnLayout& lay,
@@ -434,14 +475,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
         std::fill(a.begin(), a.end(), T(0));
         std::fill(p.begin(), p.end(), T(0));
-        for (int64_t r = 0; r < nr; ++r) {
-          const T* gr = load(dy + (r0 + r) * C, C, Piece::kDy);
-          const T* xr = load(x + (r0 + r) * C, C, Piece::kX);
-          for (int64_t c = 0; c < C; ++c) {
-            a[c] += gr[c];
-            p[c] += gr[c] * (xr[c] - mean[c]);
-          }
-        }
+        for (int64_t r = 0; r < nr; ++r) grad_sums_row(dy + (r0 + r) * C, x + (r0 + r) * C, C, mean, a.data(), p.data());
         for (int64_t c = 0; c < C; ++c) {
           g_dy[g * C + c] += a[c];
           g_dyx[g * C + c] += p[c];
@@ -481,6 +515,14 @@ void for_each_channel_run(const BnLayout& lay, F f) {
 template <typename scalar_t, typename T = opmath_t<scalar_t>>
 void normalize_run(const scalar_t* x, scalar_t* y, int64_t off, int64_t len, int64_t c, bool channels_last,
                    const T* mean, const T* mean_lo, const T* scale, const T* beta) {
+#if CS231N_X86
+  if constexpr (kNarrow<scalar_t>) {
+    if (cpu::narrow_avx2_available<scalar_t>()) {
+      if (channels_last) return cpu::narrow_normalize_row(x + off, y + off, len, mean, mean_lo, scale, beta);
+      return cpu::narrow_normalize(x + off, y + off, len, mean[c], mean_lo[c], scale[c], beta[c]);
+    }
+  }
+#endif
   for_each_piece(len, [&](int64_t k0, int64_t n) {
     const T* xi = load(x + off + k0, n, Piece::kX);
     T* yo = result_piece(y + off + k0, n);
@@ -520,6 +562,18 @@ struct GradConstants {
 template <typename scalar_t, typename T = opmath_t<scalar_t>>
 void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t off, int64_t len, int64_t c,
                     bool channels_last, const T* mean, const GradConstants<T>& k, bool training) {
+#if CS231N_X86
+  if constexpr (kNarrow<scalar_t>) {
+    if (cpu::narrow_avx2_available<scalar_t>()) {
+      if (channels_last) {
+        return cpu::narrow_grad_input_row(dy + off, x + off, dx + off, len, mean, k.dy_mean.data(), k.proj.data(),
+                                          k.gi.data(), training);
+      }
+      return cpu::narrow_grad_input(dy + off, x + off, dx + off, len, mean[c], k.dy_mean[c], k.proj[c], k.gi[c],
+                                    training);
+    }
+  }
+#endif
   for_each_piece(len, [&](int64_t k0, int64_t n) {
     const T* gr = load(dy + off + k0, n, Piece::kDy);
     const T* xi = training ? load(x + off + k0, n, Piece::kX) : nullptr;

@@ -125,11 +125,14 @@ def test_check_computes_references_without_tf32_and_restores_the_flags():
     """check's torch references are full float32 (cuDNN's TF32 is torch's default); the user's flags come back."""
     from torch_cs231n.check import full_float32_references
 
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
-    try:
-        with full_float32_references():
-            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn
+    matmul_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:  # cuDNN's flags through its context manager: torch's test utilities forbid setting them directly
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=True):
+            with full_float32_references():
+                assert not cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32 = matmul_before

@@ -160,14 +160,16 @@ def full_float32_references():
     """torch's references in full float32: TF32 off for cuDNN's convolutions (torch's default turns it
     on) and for cuBLAS's matmuls, the user's flags restored afterwards. On a GPU, a TF32 F.conv2d is
     off by about 1e-3 relative, more than ours (float32 accumulation) is off from float64."""
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    cudnn = torch.backends.cudnn
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        yield
+        # cuDNN's flags through its own context manager (every other flag passed as it is): torch's test
+        # utilities forbid setting them directly once imported (torch.backends.disable_global_flags).
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
     finally:
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
@@ -52,11 +52,35 @@ def test_gradcheck_channels_last(device):
     assert gradcheck(lambda x, w: ours.batch_norm(x, None, None, w, None, training=True), (x, w))
 
 
-def test_double_backward_is_a_clear_error(device):
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
-    (gx,) = torch.autograd.grad(ours.batch_norm(x, None, None, training=True).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradgradcheck(device, training, affine):
+    """Double backward is exact, in training (the statistics depend on x) and in eval."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_() if affine else None
+    b = torch.randn(2, generator=gen, dtype=torch.float64).to(device).requires_grad_() if affine else None
+    rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+    rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    fn = lambda *a: ours.batch_norm(a[0], rm, rv, *a[1:], training=training, momentum=0.0)  # noqa: E731
+    inputs = (x,) + ((w, b) if affine else ())
+    assert gradgradcheck(fn, inputs)
+
+
+def test_gradient_penalty_matches_torch(device):
+    """A WGAN-GP style penalty, ||d out / d x||^2 differentiated for the parameters: torch's numbers."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
+    results = []
+    for layer in (torch_cs231n.BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        layer = layer.double().to(device)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 3))
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(layer(xi).sin().sum(), xi, create_graph=True)
+        results.append(torch.autograd.grad(gx.pow(2).sum(), [xi, layer.weight]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------ against F.batch_norm

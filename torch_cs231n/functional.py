@@ -276,25 +276,24 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
 class _BatchNormTrain(torch.autograd.Function):
     """Training: normalise with the batch's statistics, which depend on x (so dx has three terms).
 
-    Returns (output, mean, invstd, var); only the output is differentiable. The backward is our kernel's
-    closed form, not a graph of differentiable ops, hence once_differentiable: a double backward raises
-    torch's clear error instead of giving a silently wrong answer.
+    Returns (output, mean, invstd, var); only the output is differentiable. The backward is our kernel,
+    inside _BatchNormBackward, which is differentiable in its turn: double backward is exact.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, eps):
         output, mean, invstd, var = ops.batch_norm_forward_train(input, weight, bias, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, invstd, var)
         return output, mean, invstd, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, _mean, _invstd, _var):
         input, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, mask)
+        mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        dx, dw, db = _BatchNormBackward.apply(grad_output, input, weight, mean, invstd, ctx.eps, True, mask)
         return dx, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
 
@@ -309,13 +308,71 @@ class _BatchNormEval(torch.autograd.Function):
         return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         input, weight, running_mean, running_var = ctx.saved_tensors
         invstd = torch.rsqrt(running_var + ctx.eps)  # C values: the kernel computes it the same way
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
-        dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, running_mean, invstd, False, mask)
+        mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        dx, dw, db = _BatchNormBackward.apply(grad_output, input, weight, running_mean, invstd, ctx.eps, False, mask)
         return dx, None, None, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
+
+
+def _batch_norm_backward_formula(grad_output, input, weight, eps, training, mean, invstd):
+    """(dx, dgamma, dbeta) of batch norm as a composition of differentiable tensor operations
+    (docs/batch_norm.md), for the second derivative only: the values themselves come from our kernel.
+
+    Training: mean and invstd are recomputed from x, so autograd sees how they depend on it; eval: they
+    are the running statistics' constants.
+    """
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training:
+        mean = input.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(input.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean, invstd = mean.view(shape), invstd.view(shape)
+    xhat = (input - mean) * invstd
+    gi = invstd if weight is None else weight.view(shape) * invstd
+    if training:
+        dx = gi * (grad_output - grad_output.mean(dims, keepdim=True)
+                   - xhat * (grad_output * xhat).mean(dims, keepdim=True))
+    else:
+        dx = gi * grad_output
+    return dx, (grad_output * xhat).sum(dims), grad_output.sum(dims)
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(dx, dgamma, dbeta) = batch_norm_backward(dy, x, gamma, mean, invstd) by our kernel, differentiable
+    so that double backward is exact: its backward differentiates _batch_norm_backward_formula (the
+    same function written with tensor operations) by autograd. Second derivatives are for gradient
+    penalties (WGAN-GP, R1); the first-order values, what training uses, stay our kernel's."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, weight, mean, invstd, eps, training, mask):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_output, input, weight, mean, invstd)
+        ctx.eps, ctx.training, ctx.mask = eps, training, mask
+        return ops.batch_norm_backward(grad_output, input, weight, mean, invstd, training, list(mask))
+
+    @staticmethod
+    def backward(ctx, g_dx, g_dw, g_db):
+        create_graph = torch.is_grad_enabled()  # a third derivative asked for
+        grad_output, input, weight, mean, invstd = ctx.saved_tensors
+        # The outputs that carry an incoming gradient, and the inputs that want one.
+        outs = [i for i, (g, m) in enumerate(zip((g_dx, g_dw, g_db), ctx.mask)) if m and g is not None]
+        ins = [i for i, t in enumerate((grad_output, input, weight)) if t is not None and ctx.needs_input_grad[i]]
+        result = [None] * 8
+        if not outs or not ins:
+            return tuple(result)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(i in ins) if t is not None else None
+                      for i, t in enumerate((grad_output, input, weight))]
+            formula = _batch_norm_backward_formula(*leaves, ctx.eps, ctx.training, mean, invstd)
+            grads = torch.autograd.grad([formula[i] for i in outs], [leaves[i] for i in ins],
+                                        [(g_dx, g_dw, g_db)[i] for i in outs], allow_unused=True,
+                                        create_graph=create_graph)
+        for i, g in zip(ins, grads):
+            result[i] = g
+        return tuple(result)
 
 
 def _as_param(grad, like):

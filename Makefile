@@ -10,7 +10,7 @@ TORCH ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 BUILD_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml torch_cs231n/_build_config.py
 
-.PHONY: demo demo-ddp test bench build clean gpu-check
+.PHONY: demo demo-ddp test bench build clean gpu-check lint format
 
 demo: $(VENV)/.built
 	$(PY) -m torch_cs231n demo
@@ -25,6 +25,17 @@ test: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) -m torch_cs231n bench
 
+# Style: ruff's lint rules for the Python (pyproject.toml) and .clang-format for csrc/. CI runs `make lint`;
+# `make format` applies clang-format and ruff's fixes.
+CSRC_FILES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --style=file --dry-run --Werror $(CSRC_FILES)
+
+format: $(VENV)/.deps
+	$(VENV)/bin/clang-format --style=file -i $(CSRC_FILES)
+	$(VENV)/bin/ruff check --fix .
+
 build: $(VENV)/.built
 
 # On a GPU machine, with its own torch and no network: build for the local card, `check --device cuda`,
@@ -37,6 +48,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel
 	$(PY) -m pip install "$(TORCH)" "$(TORCHVISION)"
 	$(PY) -m pip install ninja numpy pytest hypothesis expecttest scikit-learn matplotlib tqdm
+	$(PY) -m pip install "ruff==0.17.6" "clang-format==23.1.5"  # pinned: another version formats otherwise
 	touch $@
 
 # --no-build-isolation: compile against the torch in the venv, not a fresh download of another one.

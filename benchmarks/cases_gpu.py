@@ -42,7 +42,10 @@ def _conv_cases():
 
 def cases():
     yield from _conv_cases()
-    pool_input = lambda device, dtype: (torch.randn(_POOL_SHAPE, device=device, dtype=dtype, requires_grad=True),)
+
+    def pool_input(device, dtype):
+        return (torch.randn(_POOL_SHAPE, device=device, dtype=dtype, requires_grad=True),)
+
     yield Case(op="max_pool2d", name="pool2x2", describe=f"{_POOL_SHAPE} k2 s2", make_inputs=pool_input,
                ours=lambda x: ours.max_pool2d(x, 2, 2), reference=lambda x: F.max_pool2d(x, 2, 2), target=1.1,
                suite="gpu")

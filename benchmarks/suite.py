@@ -5,8 +5,8 @@ float32 (cases_bf16.py: bfloat16), NCHW.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 # The shared shapes of the suite, as the issues name them.
 SHAPES = {
@@ -26,12 +26,12 @@ class Case:
     make_inputs: Callable  # (device, dtype) -> tuple of tensors; the float ones require grad
     ours: Callable  # (*inputs) -> Tensor
     reference: Callable  # (*inputs) -> Tensor, torch's own
-    target: Optional[float] = None  # ratio ours/torch that forward+backward should reach
+    target: float | None = None  # ratio ours/torch that forward+backward should reach
     quick: bool = True  # part of `bench --quick`
     extra: dict = field(default_factory=dict)
     # What forward+backward differentiates, for each side ("ours", "torch"): by default the inputs that
     # require grad; a model case gives its own model's parameters (one training step).
-    grad_targets: Optional[Callable[[str], list]] = None
+    grad_targets: Callable[[str], list] | None = None
     # "cpu": the suite above, for any device; "gpu": GPU-sized shapes (cases_gpu.py), for --suite gpu.
     suite: str = "cpu"
     # The inputs' dtype (a torch.dtype); None: float32. cases_bf16.py times bfloat16.

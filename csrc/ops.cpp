@@ -78,28 +78,35 @@ TORCH_LIBRARY(torch_cs231n, m) {
   // the other padding modes are done in Python by padding the input first. The backward computes only
   // the gradients that output_mask asks for (d_input, d_weight, d_bias); the others come back as empty
   // tensors of shape [0].
-  m.def("conv2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Max pooling. The forward returns the int64 argmax of each window, flat h*W + w within its plane,
   // as torch does; the backward sends each gradient there. It takes the input only for its shape and
   // memory format (and checks the geometry again), so autograd saves it as torch's own max-pool does.
-  m.def("max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
-        "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "max_pool2d_forward(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   // Batch norm (per channel over N and the spatial dims). The training forward returns the batch's
   // mean and inverse std for the backward, and its biased variance, from which functional.py updates the
   // running variance (unbiased: var * M / (M - 1)); the kernels never write the running statistics.
-  m.def("batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> "
-        "(Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
-  m.def("batch_norm_forward_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
-        "Tensor? bias, float eps) -> Tensor");
+  m.def(
+      "batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> "
+      "(Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "batch_norm_forward_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+      "Tensor? bias, float eps) -> Tensor");
   // mean/invstd: the saved batch statistics (training) or the running mean and 1/sqrt(running_var + eps).
   // A gradient that output_mask does not ask for is None.
-  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-        "bool training, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "bool training, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   // Synchronised batch norm (torch_cs231n.SyncBatchNorm) splits the training passes where the processes
   // exchange per-channel values (torch_cs231n/distributed.py):
   //   forward   batch_norm_stats on each process's input (its mean and biased variance); all-gather;
@@ -108,12 +115,15 @@ TORCH_LIBRARY(torch_cs231n, m) {
   //   backward  batch_norm_backward_reduce (sum dy, sum dy (x - mean) over this process's values);
   //             all-reduce; batch_norm_backward_elemt gives d_input from the global sums and count.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
-  m.def("batch_norm_merge_stats(Tensor counts, Tensor means, Tensor vars, float eps) -> "
-        "(Tensor mean, Tensor var, Tensor invstd)");
-  m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean) -> "
-        "(Tensor sum_dy, Tensor sum_dy_xmu)");
-  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
-        "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
+  m.def(
+      "batch_norm_merge_stats(Tensor counts, Tensor means, Tensor vars, float eps) -> "
+      "(Tensor mean, Tensor var, Tensor invstd)");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean) -> "
+      "(Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
 }
 
 extern "C" {

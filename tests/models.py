@@ -1,5 +1,4 @@
 """Small models written with torch.nn layers, for the convert, compile and end-to-end tests."""
-import torch
 from torch import nn
 
 

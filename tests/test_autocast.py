@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import torch_cs231n
+
 from conftest import DEVICES
 
 ops = torch.ops.torch_cs231n

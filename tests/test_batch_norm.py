@@ -12,6 +12,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
+
 from helpers import LAYOUTS, assert_same_layout, assert_same_output_and_grads, dtypes_for, forced_isa, with_layout
 
 ops = torch.ops.torch_cs231n
@@ -511,7 +512,7 @@ def test_compile_fullgraph_matches_eager(device):
     ).to(device)
     twin = copy.deepcopy(model)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(3, 3, 6, 6, device=device)
         assert_same_output_and_grads(compiled(x), twin, model(x), model)
     for (k, a), b in zip(twin.state_dict().items(), model.state_dict().values()):

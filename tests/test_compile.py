@@ -2,6 +2,7 @@
 import torch
 
 import torch_cs231n
+
 from models import small_convnet
 
 

@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
+
 from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
@@ -112,9 +113,9 @@ def test_note_example_by_hand():
     b = torch.tensor([0.5], dtype=torch.float64)
     y = ours.conv2d(x, w, b, stride=2)
     expected = torch.empty(2, 2, dtype=torch.float64)
-    for k in range(2):
-        for l in range(2):
-            expected[k, l] = (x[0, 0, 2 * k:2 * k + 3, 2 * l:2 * l + 3] * w[0, 0]).sum() + b
+    for i in range(2):
+        for j in range(2):
+            expected[i, j] = (x[0, 0, 2 * i:2 * i + 3, 2 * j:2 * j + 3] * w[0, 0]).sum() + b
     assert torch.equal(y[0, 0], expected)
 
 

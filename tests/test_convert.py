@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import torch_cs231n
+
 from models import TinyResNet
 
 

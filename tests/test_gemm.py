@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_cs231n.functional as ours
+
 from helpers import assert_same_layout, forced_isa
 
 ops = torch.ops.torch_cs231n

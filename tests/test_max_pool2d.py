@@ -11,6 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
+
 from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n
@@ -229,11 +230,11 @@ def naive_max_pool(x, hp, wp, s, dout):
     h1, w1 = (h - hp) // s + 1, (w - wp) // s + 1
     out = torch.zeros(n_, c_, h1, w1, dtype=x.dtype)
     dx = torch.zeros_like(x)
-    for n, c, k, l in itertools.product(range(n_), range(c_), range(h1), range(w1)):
-        window = x[n, c, k * s:k * s + hp, l * s:l * s + wp]
-        out[n, c, k, l] = window.max()
+    for n, c, i, j in itertools.product(range(n_), range(c_), range(h1), range(w1)):
+        window = x[n, c, i * s:i * s + hp, j * s:j * s + wp]
+        out[n, c, i, j] = window.max()
         pm, qm = divmod(int(window.argmax()), wp)
-        dx[n, c, k * s + pm, l * s + qm] += dout[n, c, k, l]
+        dx[n, c, i * s + pm, j * s + qm] += dout[n, c, i, j]
     return out, dx
 
 

@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_cs231n
 from torch_cs231n import functional as ours
+
 from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
 
 ops = torch.ops.torch_cs231n

@@ -43,7 +43,7 @@ def find_cuda_home() -> str | None:
     if _is_toolkit(root):
         return root
     try:
-        with open(real, "r", errors="ignore") as f:
+        with open(real, errors="ignore") as f:
             text = f.read(4096)
     except OSError:
         return None

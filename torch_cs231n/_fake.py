@@ -58,7 +58,7 @@ def _conv_memory_format(input, weight):
 @torch.library.register_fake(_lib + "conv2d_forward")
 def _conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
     for name, t in (("weight", weight), ("bias", bias)):
-        torch._check(t is None or t.device == input.device, lambda: (
+        torch._check(t is None or t.device == input.device, lambda name=name, t=t: (
             f"conv2d_forward: expected all tensors to be on the same device, but input is on {input.device} "
             f"and {name} is on {t.device}"))
     torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "conv2d_forward: expected 4-D input and weight")
@@ -133,7 +133,8 @@ def _bn_stat_dtype(input):
 
 
 def _bn_check_channels(input, name, t):
-    torch._check(input.dim() >= 2, lambda: f"batch_norm: expected input to have 2 or more dimensions, got {input.dim()}")
+    torch._check(input.dim() >= 2,
+                 lambda: f"batch_norm: expected input to have 2 or more dimensions, got {input.dim()}")
     if t is not None:
         torch._check(t.dim() == 1 and t.shape[0] == input.shape[1],
                      lambda: f"batch_norm: expected {name} to have shape [{input.shape[1]}], but got {list(t.shape)}")

@@ -68,7 +68,8 @@ def _conv_grad(device):
         x = _rand(2, 4, 7, 6, device=device)
         w = _rand(4, 4 // groups, 3, 3, device=device)
         b = _rand(4, device=device)
-        assert gradcheck(lambda x, w, b: ours.conv2d(x, w, b, stride, padding, dilation, groups), (x, w, b))
+        args = (stride, padding, dilation, groups)
+        assert gradcheck(lambda x, w, b, args=args: ours.conv2d(x, w, b, *args), (x, w, b))
 
 
 @check("conv2d", "vs F.conv2d (float32; dense, strided, 1x1, depthwise)")
@@ -80,8 +81,8 @@ def _conv_cmp(device):
         x = torch.randn(shape, device=device, requires_grad=True)
         w = torch.randn(wshape, device=device, requires_grad=True)
         b = torch.randn(wshape[0], device=device, requires_grad=True)
-        _compare(lambda x, w, b: ours.conv2d(x, w, b, **kw), lambda x, w, b: F.conv2d(x, w, b, **kw), [x, w, b],
-                 rtol=1e-4, atol=1e-4)
+        _compare(lambda x, w, b, kw=kw: ours.conv2d(x, w, b, **kw), lambda x, w, b, kw=kw: F.conv2d(x, w, b, **kw),
+                 [x, w, b], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- MaxPool2d
@@ -97,7 +98,8 @@ def _pool_cmp(device):
     for kw in [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
                dict(kernel_size=(3, 2), stride=(2, 1), dilation=(1, 2), ceil_mode=True)]:
         x = torch.randn(3, 5, 12, 11, device=device, requires_grad=True)
-        _compare(lambda t: ours.max_pool2d(t, **kw), lambda t: F.max_pool2d(t, **kw), [x], rtol=0, atol=0)
+        _compare(lambda t, kw=kw: ours.max_pool2d(t, **kw), lambda t, kw=kw: F.max_pool2d(t, **kw), [x], rtol=0,
+                 atol=0)
         _, i_ours = ours.max_pool2d(x, return_indices=True, **kw)
         _, i_ref = F.max_pool2d(x, return_indices=True, **kw)
         assert torch.equal(i_ours, i_ref), "indices differ from torch's"
@@ -184,8 +186,9 @@ def _run(device: str, out) -> int:
 
     info = torch_cs231n.build_info()
     gpu = torch.cuda.get_device_name(device) if device == "cuda" else platform.machine()
+    kernels = f"yes, archs {info['cuda_archs']}" if info["cuda"] else "no"
     print(f"torch_cs231n {info['version']} ({info['backend']} build), torch {info['torch']} "
-          f"(CUDA {info['torch_cuda'] or 'none'}); CUDA kernels: {'yes, archs ' + str(info['cuda_archs']) if info['cuda'] else 'no'};"
+          f"(CUDA {info['torch_cuda'] or 'none'}); CUDA kernels: {kernels};"
           f" OpenMP: {'yes' if info['openmp'] else 'no'}; device: {device} ({gpu})", file=out)
     failures = 0
     width = max(len(layer) + len(what) for layer, what, _ in CHECKS) + 3

@@ -150,9 +150,9 @@ def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
 
 
 def _train(args, device) -> dict:
-    import torch_cs231n
-
     from tqdm import tqdm
+
+    import torch_cs231n
 
     x_tr, y_tr, x_te, y_te = load_data(args, device)
     torch.manual_seed(args.seed)

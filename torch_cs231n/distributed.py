@@ -9,8 +9,9 @@ Forward, per process (ops.cpp lists the ops; common/batch_norm.h holds their mat
        order with Chan's formula, so counts may differ and a rank may hold no values;
     4. ``batch_norm_forward_eval`` normalises with the global mean and variance.
 Backward: ``batch_norm_backward_reduce`` (sum dy and sum dy (x - mean) over this process's values), one
-all-gather of both (summed in rank order), and ``batch_norm_backward_elemt`` (d_input from the global sums and count). d_weight
-and d_bias are this process's share; DistributedDataParallel sums them across processes, as with torch's.
+all-gather of both (summed in rank order), and ``batch_norm_backward_elemt`` (d_input from the global sums
+and count). d_weight and d_bias are this process's share; DistributedDataParallel sums them across
+processes, as with torch's.
 """
 from __future__ import annotations
 

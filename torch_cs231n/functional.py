@@ -64,7 +64,8 @@ def _conv_pair(value, name):
     if len(value) == 1:
         return [int(value[0])] * 2
     if len(value) != 2:
-        raise RuntimeError(f"conv2d: expected {name} to be a single integer or a pair of integers, but got {name}={value}")
+        raise RuntimeError(
+            f"conv2d: expected {name} to be a single integer or a pair of integers, but got {name}={value}")
     return [int(v) for v in value]
 
 

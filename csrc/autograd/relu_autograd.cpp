@@ -96,8 +96,7 @@ class ReLUBackwardWithMask : public torch::autograd::Function<ReLUBackwardWithMa
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return {call_relu_backward_with_mask(grads[0], saved[0], saved[1]), zero_grad_for(ctx, 1, saved[0]),
-            at::Tensor()};
+    return {call_relu_backward_with_mask(grads[0], saved[0], saved[1]), zero_grad_for(ctx, 1, saved[0]), at::Tensor()};
   }
 };
 
@@ -135,9 +134,7 @@ bool is_tracked(const at::Tensor& t) {
 
 // Nothing to track (no_grad, or no input that requires grad): go straight to the kernel, as torch's own
 // autograd kernels do, rather than build a graph node that would be thrown away.
-bool needs_graph(const at::Tensor& a, const at::Tensor& b = at::Tensor()) {
-  return is_tracked(a) || is_tracked(b);
-}
+bool needs_graph(const at::Tensor& a, const at::Tensor& b = at::Tensor()) { return is_tracked(a) || is_tracked(b); }
 
 at::Tensor relu_forward_autograd(const at::Tensor& input) {
   if (!needs_graph(input)) {

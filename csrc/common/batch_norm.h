@@ -113,7 +113,7 @@ struct BnGradConstants {
 // Synchronised batch norm passes the sums and M of the whole global batch.
 template <typename acc_t>
 C10_HOST_DEVICE inline BnGradConstants<acc_t> bn_grad_constants(acc_t sum_dy, acc_t sum_dy_xmu, acc_t M, acc_t gamma,
-                                                                 acc_t invstd) {
+                                                                acc_t invstd) {
   BnGradConstants<acc_t> k;
   k.gi = gamma * invstd;
   k.dy_mean = M > acc_t(0) ? sum_dy / M : acc_t(0);

@@ -25,8 +25,7 @@ inline void bn_check_input(const at::Tensor& input, const char* op) {
 
 // A per-channel tensor (weight, bias, running or saved statistics): same device as input, 1-D with C
 // elements, and the input's dtype, or float for a half/bfloat16 input (mixed precision, as torch allows).
-inline void bn_check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
-                                    const char* op) {
+inline void bn_check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op) {
   check_same_device(input, "input", t, name, op);
   const int64_t C = input.size(1);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " to have shape [", C,
@@ -102,8 +101,10 @@ inline void bn_check_backward_elemt_args(const at::Tensor& grad_output, const at
   bn_check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
   int64_t local = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) local *= input.size(d);
-  TORCH_CHECK(count >= local, op, ": expected count (the values per channel of the whole batch) to be at least "
-              "this input's ", local, ", but got ", count);
+  TORCH_CHECK(count >= local, op,
+              ": expected count (the values per channel of the whole batch) to be at least "
+              "this input's ",
+              local, ", but got ", count);
 }
 
 // counts [P], means and vars [P, C]: one row per process, of one floating dtype, on one device.
@@ -124,8 +125,8 @@ inline void bn_check_merge_stats_args(const at::Tensor& counts, const at::Tensor
 
 // The backward's result: each gradient where output_mask asks for it, None where it does not.
 using BnGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
-inline BnGrads bn_masked_grads(const at::Tensor& grad_input, const at::Tensor& grad_weight,
-                               const at::Tensor& grad_bias, std::array<bool, 3> output_mask) {
+inline BnGrads bn_masked_grads(const at::Tensor& grad_input, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                               std::array<bool, 3> output_mask) {
   auto pick = [](bool want, const at::Tensor& t) { return want ? std::optional<at::Tensor>(t) : std::nullopt; };
   return {pick(output_mask[0], grad_input), pick(output_mask[1], grad_weight), pick(output_mask[2], grad_bias)};
 }
@@ -147,7 +148,7 @@ inline at::Tensor bn_empty_output(const at::Tensor& input) {
 // Both backends loop over one of the two; any other layout is copied into the output's layout first.
 struct BnLayout {
   int64_t N, C, S;
-  bool channels_last;  // C innermost: rows of C values; otherwise planes of S values per (n, c)
+  bool channels_last;                  // C innermost: rows of C values; otherwise planes of S values per (n, c)
   int64_t M() const { return N * S; }  // values per channel
 };
 

@@ -24,32 +24,32 @@ inline void check_float_dtype(const at::Tensor& t, const char* op, const char* a
 // The dtypes torch's ReLU and max-pool take: the floating ones above, and the integer ones (uint8, int8,
 // int16, int32, int64), which need no backward. Not bool: torch refuses it.
 inline void check_float_or_integer_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(is_supported_float(t) || at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op,
-              ": expected ", arg, " to have an integer dtype or dtype float32, float64, float16 or bfloat16, but got ",
+  TORCH_CHECK(is_supported_float(t) || at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": expected ",
+              arg, " to have an integer dtype or dtype float32, float64, float16 or bfloat16, but got ",
               t.scalar_type(), " on ", t.device());
 }
 
-inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                              const char* b_name, const char* op) {
-  TORCH_CHECK(a.device() == b.device(), op, ": expected all tensors to be on the same device, but ",
-              a_name, " is on ", a.device(), " and ", b_name, " is on ", b.device());
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                              const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": expected all tensors to be on the same device, but ", a_name, " is on ",
+              a.device(), " and ", b_name, " is on ", b.device());
 }
 
-inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                             const char* b_name, const char* op) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": expected ", b_name, " to have the dtype of ",
-              a_name, " (", a.scalar_type(), "), but got ", b.scalar_type());
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                             const char* op) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": expected ", b_name, " to have the dtype of ", a_name, " (",
+              a.scalar_type(), "), but got ", b.scalar_type());
 }
 
-inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                             const char* b_name, const char* op) {
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": expected ", b_name, " to have the shape of ", a_name, " ",
-              a.sizes(), ", but got ", b.sizes());
+inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                             const char* op) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": expected ", b_name, " to have the shape of ", a_name, " ", a.sizes(),
+              ", but got ", b.sizes());
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* arg) {
-  TORCH_CHECK(t.dim() == dim, op, ": expected ", arg, " to be ", dim, "-D, but got a ", t.dim(),
-              "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, op, ": expected ", arg, " to be ", dim, "-D, but got a ", t.dim(), "-D tensor of shape ",
+              t.sizes());
 }
 
 }  // namespace torch_cs231n

@@ -59,8 +59,8 @@ C10_HOST_DEVICE inline bool conv_out_index(int64_t i, int64_t t, int64_t s, int6
 
 // The outputs [lo, hi) whose tap t reads inside the input [0, in): o*s - p + t*d in [0, in).
 // Lets a loop copy the interior of a row without a bounds test per element.
-C10_HOST_DEVICE inline void conv_valid_out_range(int64_t t, int64_t s, int64_t p, int64_t d, int64_t in,
-                                                 int64_t out, int64_t* lo, int64_t* hi) {
+C10_HOST_DEVICE inline void conv_valid_out_range(int64_t t, int64_t s, int64_t p, int64_t d, int64_t in, int64_t out,
+                                                 int64_t* lo, int64_t* hi) {
   const int64_t off = t * d - p;  // i = o*s + off
   // smallest o with o*s + off >= 0:  ceil(-off / s), at least 0
   int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
@@ -77,8 +77,7 @@ C10_HOST_DEVICE inline void conv_valid_out_range(int64_t t, int64_t s, int64_t p
 // The inputs i ≡ r (mod s) that tap t reaches: the first such input i0 >= 0, and the output o0 it maps
 // to, so that inputs i0, i0+s, i0+2s, ... map to outputs o0, o0+1, o0+2, ... . Used by the gather form
 // of col2im: for tap t, input i receives from output (i + p - t*d)/s when that is an integer.
-C10_HOST_DEVICE inline void conv_tap_first(int64_t t, int64_t s, int64_t p, int64_t d, int64_t* i0,
-                                           int64_t* o0) {
+C10_HOST_DEVICE inline void conv_tap_first(int64_t t, int64_t s, int64_t p, int64_t d, int64_t* i0, int64_t* o0) {
   const int64_t off = p - t * d;  // o*s = i + off
   // smallest i >= 0 with (i + off) % s == 0 and i + off >= 0
   int64_t i = off >= 0 ? 0 : -off;
@@ -90,9 +89,9 @@ C10_HOST_DEVICE inline void conv_tap_first(int64_t t, int64_t s, int64_t p, int6
 
 // ------------------------------------------------------------------------------------ column geometry
 struct ConvGeometry {
-  int64_t n, c, h, w;       // input
-  int64_t f, kh, kw;        // weight (f out channels, c / groups in channels per group)
-  int64_t oh, ow;           // output
+  int64_t n, c, h, w;  // input
+  int64_t f, kh, kw;   // weight (f out channels, c / groups in channels per group)
+  int64_t oh, ow;      // output
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t groups;
 
@@ -121,8 +120,7 @@ C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const ConvGeometry& g, 
 // One element of d_x for one sample, gathered from the column gradient d_col [(c,t_h,t_w), (o_h,o_w)]:
 //     d_x[c, i_h, i_w] = Σ_{t_h,t_w : inverse maps exist} d_col[(c,t_h,t_w), (o_h,o_w)]
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const ConvGeometry& g, int64_t c, int64_t i_h,
-                                        int64_t i_w) {
+C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const ConvGeometry& g, int64_t c, int64_t i_h, int64_t i_w) {
   Acc acc = Acc(0);
   const int64_t q_count = g.oh * g.ow;
   for (int64_t th = 0; th < g.kh; ++th) {
@@ -142,8 +140,8 @@ C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const ConvGeometry& g, in
 // Output element (f, o_h, o_w) of one sample reads only input plane c = f / m:
 //     y[f, o_h, o_w] = b[f] + Σ_{t_h,t_w} W[f, 0, t_h, t_w] · x[f/m, i_h, i_w]
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc depthwise_value(const T* x_plane, const T* w_filter, const ConvGeometry& g,
-                                           int64_t o_h, int64_t o_w) {
+C10_HOST_DEVICE inline Acc depthwise_value(const T* x_plane, const T* w_filter, const ConvGeometry& g, int64_t o_h,
+                                           int64_t o_w) {
   Acc acc = Acc(0);
   for (int64_t th = 0; th < g.kh; ++th) {
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
@@ -186,13 +184,12 @@ inline void check_conv2d_params(at::IntArrayRef stride, at::IntArrayRef padding,
                                 int64_t groups, const char* op) {
   TORCH_CHECK(stride.size() == 2, op, ": expected stride to have 2 values (sH, sW), but got stride=", stride);
   TORCH_CHECK(padding.size() == 2, op, ": expected padding to have 2 values (pH, pW), but got padding=", padding);
-  TORCH_CHECK(dilation.size() == 2, op, ": expected dilation to have 2 values (dH, dW), but got dilation=",
-              dilation);
+  TORCH_CHECK(dilation.size() == 2, op, ": expected dilation to have 2 values (dH, dW), but got dilation=", dilation);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected stride to be positive, but got stride=", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": expected dilation to be positive, but got dilation=",
-              dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": expected padding to be non-negative, but got padding=",
-              padding);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
+              ": expected dilation to be positive, but got dilation=", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
+              ": expected padding to be non-negative, but got padding=", padding);
   TORCH_CHECK(groups > 0, op, ": expected groups to be positive, but got groups=", groups);
 }
 
@@ -200,12 +197,15 @@ inline void check_conv2d_params(at::IntArrayRef stride, at::IntArrayRef padding,
 // geometry of the convolution. The output has (N, F, oH, oW).
 inline ConvGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                    const char* op) {
-  TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W) (conv2d() also takes a 3-D "
-              "unbatched (C, H, W) input), but got a ", input.dim(), "-D tensor of shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4, op, ": expected weight to be 4-D (out_channels, in_channels/groups, kH, kW), "
-              "but got a ", weight.dim(), "-D tensor of shape ", weight.sizes());
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+  TORCH_CHECK(input.dim() == 4, op,
+              ": expected input to be 4-D (N, C, H, W) (conv2d() also takes a 3-D "
+              "unbatched (C, H, W) input), but got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, op,
+              ": expected weight to be 4-D (out_channels, in_channels/groups, kH, kW), "
+              "but got a ",
+              weight.dim(), "-D tensor of shape ", weight.sizes());
   check_float_dtype(input, op, "input");
   check_same_device(input, "input", weight, "weight", op);
   check_same_dtype(input, "input", weight, "weight", op);
@@ -241,9 +241,9 @@ inline ConvGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& w
   g.groups = groups;
   const int64_t pad_h = g.h + 2 * g.ph, pad_w = g.w + 2 * g.pw;
   const int64_t ker_h = g.dh * (g.kh - 1) + 1, ker_w = g.dw * (g.kw - 1) + 1;
-  TORCH_CHECK(pad_h >= ker_h && pad_w >= ker_w, op, ": the padded input (", pad_h, " x ", pad_w,
-              " from input ", g.h, " x ", g.w, " and padding ", padding, ") is smaller than the dilated kernel (",
-              ker_h, " x ", ker_w, " from kernel ", g.kh, " x ", g.kw, " and dilation ", dilation,
+  TORCH_CHECK(pad_h >= ker_h && pad_w >= ker_w, op, ": the padded input (", pad_h, " x ", pad_w, " from input ", g.h,
+              " x ", g.w, " and padding ", padding, ") is smaller than the dilated kernel (", ker_h, " x ", ker_w,
+              " from kernel ", g.kh, " x ", g.kw, " and dilation ", dilation,
               "); the kernel can't be larger than the padded input");
   g.oh = conv_out_size(g.h, g.kh, g.sh, g.ph, g.dh);
   g.ow = conv_out_size(g.w, g.kw, g.sw, g.pw, g.dw);

@@ -45,13 +45,10 @@ C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
 }
 
 // ceil(a / b) for b > 0 and any sign of a.
-C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
-  return -floor_div(-a, b);
-}
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
 // The number of outputs along one dimension, rule (2). May be < 1: the caller reports that as an error.
-C10_HOST_DEVICE inline int64_t output_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
-                                           bool ceil_mode) {
+C10_HOST_DEVICE inline int64_t output_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
   const int64_t span = d * (k - 1) + 1;  // the effective kernel
   int64_t out = floor_div(in + 2 * p - span + (ceil_mode ? s - 1 : 0), s) + 1;
   if (ceil_mode && (out - 1) * s >= in + p) --out;  // a window starting in the right padding only
@@ -63,9 +60,9 @@ C10_HOST_DEVICE inline int64_t output_size(int64_t in, int64_t k, int64_t s, int
 // be, and make_geometry refuses such a geometry.
 C10_HOST_DEVICE inline void valid_taps(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
                                        int64_t* t_begin, int64_t* t_end) {
-  const int64_t start = o * s - p;  // input position of tap 0
+  const int64_t start = o * s - p;                        // input position of tap 0
   const int64_t b = start < 0 ? ceil_div(-start, d) : 0;  // first t with start + t*d >= 0
-  const int64_t e = ceil_div(in - start, d);               // first t with start + t*d >= in
+  const int64_t e = ceil_div(in - start, d);              // first t with start + t*d >= in
   *t_begin = b;
   *t_end = e < k ? e : k;
 }
@@ -73,21 +70,21 @@ C10_HOST_DEVICE inline void valid_taps(int64_t o, int64_t in, int64_t k, int64_t
 // The outputs whose window can hold input position i: o*s - p <= i <= o*s - p + d*(k-1), clipped to
 // [0, out). With dilation a window in this range may still step over i; the backward checks the
 // saved index, which is exact, so the range only has to contain every output that can pick i.
-C10_HOST_DEVICE inline void candidate_outputs(int64_t i, int64_t out, int64_t k, int64_t s, int64_t p,
-                                              int64_t d, int64_t* o_begin, int64_t* o_end) {
+C10_HOST_DEVICE inline void candidate_outputs(int64_t i, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d,
+                                              int64_t* o_begin, int64_t* o_end) {
   const int64_t lo = ceil_div(i + p - d * (k - 1), s);  // o*s >= i + p - d*(k-1)
-  const int64_t hi = floor_div(i + p, s) + 1;            // o*s <= i + p
+  const int64_t hi = floor_div(i + p, s) + 1;           // o*s <= i + p
   *o_begin = lo > 0 ? lo : 0;
   *o_end = hi < out ? hi : out;
 }
 
 // The outputs o for which tap t of the window exists: 0 <= o*s - p + t*d < in, as [*o_begin, *o_end)
 // clipped to [0, out). The CPU forward walks a whole output row per tap with it, without bounds tests.
-C10_HOST_DEVICE inline void outputs_with_tap(int64_t t, int64_t in, int64_t out, int64_t s, int64_t p,
-                                             int64_t d, int64_t* o_begin, int64_t* o_end) {
-  const int64_t offset = t * d - p;                       // input position of this tap for o = 0
-  const int64_t lo = ceil_div(-offset, s);                // o*s + offset >= 0
-  const int64_t hi = floor_div(in - 1 - offset, s) + 1;   // o*s + offset <= in - 1
+C10_HOST_DEVICE inline void outputs_with_tap(int64_t t, int64_t in, int64_t out, int64_t s, int64_t p, int64_t d,
+                                             int64_t* o_begin, int64_t* o_end) {
+  const int64_t offset = t * d - p;                      // input position of this tap for o = 0
+  const int64_t lo = ceil_div(-offset, s);               // o*s + offset >= 0
+  const int64_t hi = floor_div(in - 1 - offset, s) + 1;  // o*s + offset <= in - 1
   *o_begin = lo > 0 ? lo : 0;
   *o_end = hi < out ? hi : out;
   if (*o_end < *o_begin) *o_end = *o_begin;
@@ -118,10 +115,9 @@ C10_HOST_DEVICE inline bool takes(acc_t v, acc_t best) {
 // tap, torch's choice for an all -inf window. The CUDA kernel runs this per thread; the CPU loops
 // run the same scan over whole rows (or channel vectors) at once, using `takes` and `valid_taps`.
 template <typename acc_t, typename Load>
-C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, int64_t width, int64_t kh,
-                                        int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                                        int64_t dh, int64_t dw, const Load& load, acc_t* best_out,
-                                        int64_t* index_out) {
+C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, int64_t width, int64_t kh, int64_t kw,
+                                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                                        const Load& load, acc_t* best_out, int64_t* index_out) {
   int64_t th0, th1, tw0, tw1;
   valid_taps(oh, height, kh, sh, ph, dh, &th0, &th1);
   valid_taps(ow, width, kw, sw, pw, dw, &tw0, &tw1);
@@ -159,20 +155,17 @@ struct Geometry {
                    : std::vector<int64_t>{channels, height, width};
   }
   std::vector<int64_t> output_sizes() const {
-    return batched ? std::vector<int64_t>{batch, channels, out_h, out_w}
-                   : std::vector<int64_t>{channels, out_h, out_w};
+    return batched ? std::vector<int64_t>{batch, channels, out_h, out_w} : std::vector<int64_t>{channels, out_h, out_w};
   }
 };
 
 inline void check_pair(at::IntArrayRef v, const char* op, const char* arg) {
-  TORCH_CHECK(v.size() == 2, op, ": expected ", arg, " to have 2 values (height, width), but got ", v.size(),
-              ": ", v);
+  TORCH_CHECK(v.size() == 2, op, ": expected ", arg, " to have 2 values (height, width), but got ", v.size(), ": ", v);
 }
 
 // Every check of torch's max_pool2d, then the output size by rule (2).
 inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
-                              const char* op) {
+                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode, const char* op) {
   check_pair(kernel_size, op, "kernel_size");
   check_pair(stride, op, "stride");
   check_pair(padding, op, "padding");
@@ -180,21 +173,24 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": expected kernel_size to be positive, but got ",
               "kernel_size=", kernel_size);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected stride to be positive, but got stride=", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": expected dilation to be positive, but got dilation=",
-              dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": expected padding to be non-negative, but got padding=",
-              padding);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
+              ": expected dilation to be positive, but got dilation=", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
+              ": expected padding to be non-negative, but got padding=", padding);
   // torch checks the padding twice, against half the effective kernel dilation*(kernel_size-1)+1 and
   // against half the kernel_size itself; the second is the binding one, so it is ours.
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
               ": expected padding to be at most half the kernel size, but got padding=", padding,
               " with kernel_size=", kernel_size);
-  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, op, ": expected input to be 3-D (C, H, W) or 4-D "
-              "(N, C, H, W), but got a ", input.dim(), "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, op,
+              ": expected input to be 3-D (C, H, W) or 4-D "
+              "(N, C, H, W), but got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
   const int64_t d = input.dim();
   TORCH_CHECK(input.size(d - 3) > 0 && input.size(d - 2) > 0 && input.size(d - 1) > 0, op,
               ": expected input to have non-zero channels, height and width (only the batch may be empty), "
-              "but got shape ", input.sizes());
+              "but got shape ",
+              input.sizes());
   check_float_or_integer_dtype(input, op, "input");  // integers: forward only, as torch (no gradients)
 
   Geometry g;
@@ -203,17 +199,20 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
   g.channels = input.size(d - 3);
   g.height = input.size(d - 2);
   g.width = input.size(d - 1);
-  g.kh = kernel_size[0]; g.kw = kernel_size[1];
-  g.sh = stride[0];      g.sw = stride[1];
-  g.ph = padding[0];     g.pw = padding[1];
-  g.dh = dilation[0];    g.dw = dilation[1];
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
   g.ceil_mode = ceil_mode;
   g.out_h = output_size(g.height, g.kh, g.sh, g.ph, g.dh, ceil_mode);
   g.out_w = output_size(g.width, g.kw, g.sw, g.pw, g.dw, ceil_mode);
-  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": output size is too small: input of height ", g.height,
-              " and width ", g.width, " with kernel_size=", kernel_size, ", stride=", stride, ", padding=",
-              padding, ", dilation=", dilation, " and ceil_mode=", ceil_mode, " gives an output of ", g.out_h,
-              "x", g.out_w);
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": output size is too small: input of height ", g.height, " and width ",
+              g.width, " with kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding,
+              ", dilation=", dilation, " and ceil_mode=", ceil_mode, " gives an output of ", g.out_h, "x", g.out_w);
   // With dilation a window may step over the whole input, all its taps in the padding (kernel_size=2,
   // dilation=3, padding=1 on a width of 2: taps at -1 and 2). Its maximum would be -inf with no
   // element to point to (torch then returns an index outside the plane); we refuse it.
@@ -223,8 +222,8 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
     for (int64_t o = 0; o < a[1]; ++o) {
       int64_t t0, t1;
       valid_taps(o, a[0], a[2], a[3], a[4], a[5], &t0, &t1);
-      TORCH_CHECK(t0 < t1, op, ": expected every pooling window to hold at least one input element, but window ",
-                  o, " along the ", i == 0 ? "height" : "width", " falls entirely in the padding (input size ", a[0],
+      TORCH_CHECK(t0 < t1, op, ": expected every pooling window to hold at least one input element, but window ", o,
+                  " along the ", i == 0 ? "height" : "width", " falls entirely in the padding (input size ", a[0],
                   ", kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
                   ")");
     }
@@ -236,8 +235,8 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
 
 // The shapes and types the backward needs to trust before it writes anything.
 inline Geometry check_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
-                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, bool ceil_mode) {
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "max_pool2d_backward";
   const Geometry g = pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, op);
   check_same_device(input, "input", grad_output, "grad_output", op);

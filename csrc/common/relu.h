@@ -33,9 +33,7 @@ C10_HOST_DEVICE inline T relu_grad(T dy, T y) {
 constexpr int kReluMaskBits = 32;  // elements per mask word (an int32)
 
 // Mask words for n elements: ceil(n / 32).
-C10_HOST_DEVICE inline int64_t relu_mask_words(int64_t n) {
-  return (n + kReluMaskBits - 1) / kReluMaskBits;
-}
+C10_HOST_DEVICE inline int64_t relu_mask_words(int64_t n) { return (n + kReluMaskBits - 1) / kReluMaskBits; }
 
 // Whether x passes the ReLU, so its gradient passes too: the same test as relu_value and relu_grad.
 template <typename T>

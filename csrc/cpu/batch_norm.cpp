@@ -44,10 +44,10 @@
 namespace torch_cs231n {
 namespace {
 
-constexpr int64_t kBlock = 4096;        // values per two-pass block: 16 KiB of float, resident in L1
-constexpr int64_t kGrain = 1 << 15;     // values per parallel task, so the OpenMP hand-off costs little
+constexpr int64_t kBlock = 4096;           // values per two-pass block: 16 KiB of float, resident in L1
+constexpr int64_t kGrain = 1 << 15;        // values per parallel task, so the OpenMP hand-off costs little
 constexpr int64_t kMaxRowsPerBlock = 256;  // channel-last: rows summed per lane before folding into double
-constexpr int64_t kMaxGroups = 64;      // channel-last: row groups reduced in parallel, merged in order
+constexpr int64_t kMaxGroups = 64;         // channel-last: row groups reduced in parallel, merged in order
 
 // ------------------------------------------------------------------------------- float16, bfloat16
 // A narrow input is read and written in its own dtype and computed in float32 (its op math): every loop
@@ -133,9 +133,9 @@ struct Simd<double> {
 template <typename T>
 using vec_t = typename Simd<T>::type;
 template <typename T>
-constexpr int kWidth = 16 / sizeof(T);       // values per vector
+constexpr int kWidth = 16 / sizeof(T);  // values per vector
 template <typename T>
-constexpr int kLanes = 4 * kWidth<T>;        // values per step of four accumulators
+constexpr int kLanes = 4 * kWidth<T>;  // values per step of four accumulators
 
 template <typename T>
 inline vec_t<T> vload(const T* p) {
@@ -203,8 +203,14 @@ BnStats<acc_t> block_stats(const scalar_t* x, int64_t count, int64_t stride, int
     for (; i + L <= len; i += L) {
       const V e0 = vload(v + i) - k, e1 = vload(v + i + W) - k;
       const V e2 = vload(v + i + 2 * W) - k, e3 = vload(v + i + 3 * W) - k;
-      d0 += e0; d1 += e1; d2 += e2; d3 += e3;
-      q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
+      d0 += e0;
+      d1 += e1;
+      d2 += e2;
+      d3 += e3;
+      q0 += e0 * e0;
+      q1 += e1 * e1;
+      q2 += e2 * e2;
+      q3 += e3 * e3;
     }
     for (; i < len; ++i) {
       const acc_t d = static_cast<acc_t>(v[i] - shift);
@@ -219,8 +225,8 @@ BnStats<acc_t> block_stats(const scalar_t* x, int64_t count, int64_t stride, int
 
 // The backward's two sums over a block: sum dy and sum dy * (x - mean), added to sum_dy and sum_dy_xmu.
 template <typename scalar_t, typename acc_t>
-void block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t count, int64_t stride, int64_t len,
-                     scalar_t mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
+void block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t count, int64_t stride, int64_t len, scalar_t mean,
+                     acc_t& sum_dy, acc_t& sum_dy_xmu) {
   using V = vec_t<scalar_t>;
   constexpr int W = kWidth<scalar_t>, L = kLanes<scalar_t>;
   const V m = vsplat(mean);
@@ -231,7 +237,10 @@ void block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t count, int64
     int64_t i = 0;
     for (; i + L <= len; i += L) {
       const V g0 = vload(g + i), g1 = vload(g + i + W), g2 = vload(g + i + 2 * W), g3 = vload(g + i + 3 * W);
-      a0 += g0; a1 += g1; a2 += g2; a3 += g3;
+      a0 += g0;
+      a1 += g1;
+      a2 += g2;
+      a3 += g3;
       p0 += g0 * (vload(v + i) - m);
       p1 += g1 * (vload(v + i + W) - m);
       p2 += g2 * (vload(v + i + 2 * W) - m);
@@ -337,7 +346,10 @@ void rows_two_pass(const scalar_t* xb, int64_t nr, int64_t C, scalar_t* shift, s
     V s0{}, s1{}, s2{}, s3{};
     for (int64_t r = 0; r < nr; ++r) {
       const scalar_t* p = col + r * C;
-      s0 += vload(p); s1 += vload(p + W); s2 += vload(p + 2 * W); s3 += vload(p + 3 * W);
+      s0 += vload(p);
+      s1 += vload(p + W);
+      s2 += vload(p + 2 * W);
+      s3 += vload(p + 3 * W);
     }
     const V v = vsplat(inv);
     const V k0 = s0 * v, k1 = s1 * v, k2 = s2 * v, k3 = s3 * v;
@@ -345,8 +357,14 @@ void rows_two_pass(const scalar_t* xb, int64_t nr, int64_t C, scalar_t* shift, s
     for (int64_t r = 0; r < nr; ++r) {
       const scalar_t* p = col + r * C;
       const V e0 = vload(p) - k0, e1 = vload(p + W) - k1, e2 = vload(p + 2 * W) - k2, e3 = vload(p + 3 * W) - k3;
-      d0 += e0; d1 += e1; d2 += e2; d3 += e3;
-      q0 += e0 * e0; q1 += e1 * e1; q2 += e2 * e2; q3 += e3 * e3;
+      d0 += e0;
+      d1 += e1;
+      d2 += e2;
+      d3 += e3;
+      q0 += e0 * e0;
+      q1 += e1 * e1;
+      q2 += e2 * e2;
+      q3 += e3 * e3;
     }
     const V ks[4] = {k0, k1, k2, k3}, ds[4] = {d0, d1, d2, d3}, qs[4] = {q0, q1, q2, q3};
     std::memcpy(shift + c0, ks, sizeof ks);
@@ -418,7 +436,8 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay
     }
   });
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t c = 0; c < C; ++c) out[c] = bn_merge(out[c], BnStats<acc_t>{g_n[g], g_mean[g * C + c], g_m2[g * C + c]});
+    for (int64_t c = 0; c < C; ++c)
+      out[c] = bn_merge(out[c], BnStats<acc_t>{g_n[g], g_mean[g * C + c], g_m2[g * C + c]});
   }
   return out;
 }
@@ -475,7 +494,8 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
         std::fill(a.begin(), a.end(), T(0));
         std::fill(p.begin(), p.end(), T(0));
-        for (int64_t r = 0; r < nr; ++r) grad_sums_row(dy + (r0 + r) * C, x + (r0 + r) * C, C, mean, a.data(), p.data());
+        for (int64_t r = 0; r < nr; ++r)
+          grad_sums_row(dy + (r0 + r) * C, x + (r0 + r) * C, C, mean, a.data(), p.data());
         for (int64_t c = 0; c < C; ++c) {
           g_dy[g * C + c] += a[c];
           g_dyx[g * C + c] += p[c];
@@ -610,9 +630,7 @@ std::tuple<at::Tensor, at::Tensor, BnLayout> dense_input(const at::Tensor& input
 // passes over one channel before the next. The second pass then reads the channel from cache (its
 // N*S values are at most a few hundred KiB at the suite's shapes), so x (and dy) come from memory once.
 // With fewer channels than threads, the reduction is split over planes instead (channel_stats).
-bool per_channel_fused(const BnLayout& lay) {
-  return !lay.channels_last && lay.C >= at::get_num_threads();
-}
+bool per_channel_fused(const BnLayout& lay) { return !lay.channels_last && lay.C >= at::get_num_threads(); }
 
 // The statistics of channel c of a channel-first tensor: its units merged in order (the same order as
 // channel_stats, so both paths give the same bits).
@@ -638,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
   const at::Tensor beta = bn_channel_values(bias, input, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_forward_train_cpu", [&] {
-    using T = opmath_t<scalar_t>;        // the statistics' and the arithmetic's type
+    using T = opmath_t<scalar_t>;          // the statistics' and the arithmetic's type
     using acc_t = at::acc_type<T, false>;  // double
     const int64_t C = lay.C, S = lay.S;
     T* mean_p = save_mean.mutable_data_ptr<T>();
@@ -750,7 +768,9 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
       k.set(c, bn_grad_constants<acc_t>(sum_dy, sum_dy_xmu, M, g[c], inv));
     };
     // dx over one contiguous run of a channel-first plane.
-    auto dx_plane = [&](int64_t off, int64_t c) { grad_input_run(dyp, xp, dxp, off, S, c, false, mean_p, k, training); };
+    auto dx_plane = [&](int64_t off, int64_t c) {
+      grad_input_run(dyp, xp, dxp, off, S, c, false, mean_p, k, training);
+    };
 
     if (need_sums && lay.M() > 0 && per_channel_fused(lay)) {
       // Both passes per channel, the second from cache.
@@ -812,13 +832,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
 // The statistics of the union of P processes' batches, from each one's (count, mean, biased var): Chan's
 // merge (bn_merge) in process order, in double. An empty process (count 0) contributes nothing.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const at::Tensor& counts,
-                                                                           const at::Tensor& means,
-                                                                           const at::Tensor& vars, double eps) {
+                                                                          const at::Tensor& means,
+                                                                          const at::Tensor& vars, double eps) {
   constexpr const char* op = "batch_norm_merge_stats";
   bn_check_merge_stats_args(counts, means, vars, eps, op);
   if (cpu::is_reduced_float(means)) {
-    auto [mean, var, invstd] = batch_norm_merge_stats_cpu(cpu::to_float(counts), cpu::to_float(means),
-                                                          cpu::to_float(vars), eps);
+    auto [mean, var, invstd] =
+        batch_norm_merge_stats_cpu(cpu::to_float(counts), cpu::to_float(means), cpu::to_float(vars), eps);
     const auto dtype = means.scalar_type();
     return {cpu::round_to(mean, dtype), cpu::round_to(var, dtype), cpu::round_to(invstd, dtype)};
   }
@@ -835,7 +855,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const 
       BnStats<acc_t> s{0, 0, 0};
       for (int64_t p = 0; p < P; ++p) {
         const acc_t np_ = np[p];
-        s = bn_merge(s, BnStats<acc_t>{np_, static_cast<acc_t>(mp[p * C + c]), static_cast<acc_t>(vp[p * C + c]) * np_});
+        s = bn_merge(s,
+                     BnStats<acc_t>{np_, static_cast<acc_t>(mp[p * C + c]), static_cast<acc_t>(vp[p * C + c]) * np_});
       }
       const acc_t var_c = s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);
       mean.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(s.mean);

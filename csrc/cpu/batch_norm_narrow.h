@@ -48,8 +48,8 @@ CS231N_NARROW void store8(__m256 v, c10::BFloat16* p) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
   const __m256i b = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
@@ -182,7 +182,8 @@ CS231N_NARROW void narrow_normalize_row(const scalar_t* x, scalar_t* y, int64_t 
                                         const float* mean_lo, const float* scale, const float* beta) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
-    const __m256 centred = _mm256_sub_ps(_mm256_sub_ps(load8(x + i), _mm256_loadu_ps(mean + i)), _mm256_loadu_ps(mean_lo + i));
+    const __m256 centred =
+        _mm256_sub_ps(_mm256_sub_ps(load8(x + i), _mm256_loadu_ps(mean + i)), _mm256_loadu_ps(mean_lo + i));
     store8(_mm256_fmadd_ps(centred, _mm256_loadu_ps(scale + i), _mm256_loadu_ps(beta + i)), y + i);
   }
   for (; i < len; ++i) {
@@ -221,7 +222,8 @@ CS231N_NARROW void narrow_grad_sums_row(const scalar_t* dy, const scalar_t* x, i
   for (; i + 8 <= len; i += 8) {
     const __m256 g = load8(dy + i);
     _mm256_storeu_ps(a + i, _mm256_add_ps(_mm256_loadu_ps(a + i), g));
-    _mm256_storeu_ps(p + i, _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i), _mm256_loadu_ps(mean + i)), _mm256_loadu_ps(p + i)));
+    _mm256_storeu_ps(
+        p + i, _mm256_fmadd_ps(g, _mm256_sub_ps(load8(x + i), _mm256_loadu_ps(mean + i)), _mm256_loadu_ps(p + i)));
   }
   for (; i < len; ++i) {
     const float g = static_cast<float>(dy[i]);

@@ -34,7 +34,6 @@
 
 #include "common/checks.h"
 #include "common/conv2d.h"
-#include "cpu/cpu_features.h"
 #include "cpu/conv2d_bf16.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_depthwise.h"
@@ -42,6 +41,7 @@
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_shifted.h"
+#include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/reduced_float.h"
 
@@ -145,9 +145,9 @@ void bf16_forward(const at::Tensor& input, const at::Tensor& weight, const c10::
 }
 
 // ---------------------------------------------------------------------------------------------- the ops
-at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
@@ -174,14 +174,17 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   at::Tensor y_nchw = format == at::MemoryFormat::Contiguous ? y : at::empty(y.sizes(), y.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] { forward_nchw<scalar_t>(x, w, b, y_nchw, g); });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu",
+                             [&] { forward_nchw<scalar_t>(x, w, b, y_nchw, g); });
   if (!y.is_same(y_nchw)) y.copy_(y_nchw);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, const at::Tensor& weight,
+                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                   at::IntArrayRef dilation, int64_t groups,
+                                                                   std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv2d_backward";
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
@@ -213,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       const bool planes = format != at::MemoryFormat::ChannelsLast;
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
       // [F][taps][C] is W's shape in channels_last memory; rounded once, into the results' format.
-      const at::Tensor dw32 = conv_weight_grad_bf16(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(),
-                                                    g, planes);
+      const at::Tensor dw32 =
+          conv_weight_grad_bf16(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(), g, planes);
       dw = dw32.view({g.f, g.kh, g.kw, g.c}).permute({0, 3, 1, 2}).to(dtype).contiguous(format);
     }
     return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};

@@ -42,15 +42,17 @@ constexpr int kBf16Mr = 6, kBf16Nr = 64;
 // Whether the bfloat16 route takes the layer: the CPU has AVX512-BF16 (and AVX-512 is the ISA in force,
 // so that the ISA cap of the tests reaches it), stride 1, one group.
 inline bool bf16_direct(const ConvGeometry& g) {
-  return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.sh == 1 &&
-         g.sw == 1 && g.f > 0 && g.c > 0;
+  return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.sh == 1 && g.sw == 1 &&
+         g.f > 0 && g.c > 0;
 }
 
 // x_pad's channel pairs are read as 32-bit words through this type, which may alias its uint16_t storage.
 typedef uint32_t bf16_word __attribute__((__may_alias__));
 
 // Two bfloat16 values (their bits) as the 32-bit word vdpbf16ps reads: lo in the low half.
-inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16; }
+inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+}
 
 inline uint16_t bf16_bits(const c10::BFloat16& v) { return v.x; }
 
@@ -203,9 +205,8 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
 // (cw: C rounded up to 16, whole vectors). A tile is 6 filters x 64 channels of one tap, summed over all
 // pixel pairs, added into d_W.
 #if CS231N_X86
-CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda,
-                                                     const bf16_word* b, int64_t ldb, float* c, int64_t ldc, int m,
-                                                     int n) {
+CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda, const bf16_word* b,
+                                                     int64_t ldb, float* c, int64_t ldc, int m, int n) {
   constexpr int MR = kBf16Mr, NV = kBf16Nr / 16;
   __m512 acc[MR][NV];
 #pragma GCC unroll 8

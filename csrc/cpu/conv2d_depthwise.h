@@ -12,11 +12,11 @@
 #include <vector>
 
 #include "common/conv2d.h"
-#include "cpu/cpu_features.h"
-#include "cpu/gemm.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_shifted.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
@@ -64,8 +64,8 @@ CS231N_AVX2 void depthwise_forward_planes_avx2(const T* xp, const T* wp, const T
 }
 
 template <typename T>
-void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       at::Tensor& y, const ConvGeometry& g) {
+void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                       const ConvGeometry& g) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
@@ -204,7 +204,8 @@ CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp,
     T tail[9] = {}, tail_bias = 0;
     for (int64_t n = 0; n < g.n; ++n) {
       const T* x_plane = xp + (n * g.c + c) * g.h * g.w;
-      for (int64_t i = 0; i < g.h; ++i) std::copy(x_plane + i * g.w, x_plane + (i + 1) * g.w, x_pad + (g.ph + i) * wp + g.pw);
+      for (int64_t i = 0; i < g.h; ++i)
+        std::copy(x_plane + i * g.w, x_plane + (i + 1) * g.w, x_pad + (g.ph + i) * wp + g.pw);
       const T* dy_plane = dyp + (n * g.c + c) * plane_out;
       for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
         const T* d = dy_plane + o_h * g.ow;
@@ -239,8 +240,8 @@ CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp,
 }
 
 template <typename T>
-void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
-                                        int64_t begin, int64_t end) {
+void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g, int64_t begin,
+                                        int64_t end) {
   depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
 }
 template <typename T>
@@ -259,9 +260,8 @@ inline bool depthwise_weight_grad_is_3x3(const ConvGeometry& g) {
 }
 
 template <typename T>
-void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
-                        at::Tensor& dw, at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw,
-                        bool need_db) {
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                        at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw, bool need_db) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* dyp = dy.const_data_ptr<T>();
@@ -445,8 +445,8 @@ void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw
           dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
         }
         for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W]
-          cpu::transpose_matrix(dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c,
-                          dx + n * in_sample + i * g.w, g.h * g.w);
+          cpu::transpose_matrix(dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c, dx + n * in_sample + i * g.w,
+                                g.h * g.w);
         }
       }
     }

@@ -1,5 +1,6 @@
-// The CPU convolution in NCHW: the implicit-GEMM forward and the backward (d_W panels, d_col + col2im, d_x as the transposed convolution).
-// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+// The CPU convolution in NCHW: the implicit-GEMM forward and the backward (d_W panels, d_col + col2im, d_x as the
+// transposed convolution). Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the
+// table).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,11 +11,11 @@
 #include <vector>
 
 #include "common/conv2d.h"
-#include "cpu/cpu_features.h"
-#include "cpu/gemm.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_shifted.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {

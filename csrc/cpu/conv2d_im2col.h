@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/conv2d_blocks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
-#include "cpu/conv2d_blocks.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {

@@ -1,5 +1,6 @@
-// The CPU convolution with pixels as GEMM rows: channels_last (NHWC) layers, NCHW layers transposed in cache, and small images as pixel rows.
-// Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+// The CPU convolution with pixels as GEMM rows: channels_last (NHWC) layers, NCHW layers transposed in cache, and small
+// images as pixel rows. Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the
+// table).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +11,10 @@
 #include <vector>
 
 #include "common/conv2d.h"
-#include "cpu/cpu_features.h"
-#include "cpu/gemm.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_shifted.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
@@ -47,8 +48,7 @@ void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x
 
 // The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w): common/conv2d.h's
 // conv_in_index, shifted by the padding.
-CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w,
-                                  int64_t t) {
+CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w, int64_t t) {
   const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh) + g.ph;
   const int64_t i_w = conv_in_index(o_w, t % g.kw, g.sw, g.pw, g.dw) + g.pw;
   return i_h * sp.wp + i_w;
@@ -103,8 +103,7 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeome
           for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + tap_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f,
-                                ep);
+          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f, ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
@@ -213,9 +212,9 @@ template <typename T>
 void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
   const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
-  const cpu::SegmentsB<T> filters = cpu::prepare_segments_b<T>(
-      k, g.f, {w_cl.const_data_ptr<T>(), 1, k},
-      cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f)));
+  const cpu::SegmentsB<T> filters =
+      cpu::prepare_segments_b<T>(k, g.f, {w_cl.const_data_ptr<T>(), 1, k},
+                                 cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f)));
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f);
   std::vector<const T*> taps(g.taps());

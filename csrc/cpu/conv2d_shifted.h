@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/conv2d_blocks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
-#include "cpu/conv2d_blocks.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
@@ -32,10 +32,10 @@ namespace conv2d_cpu {
 //     col[(c, t_h, t_w), j] = x_phases[c, (t_h*dH) % sH, (t_w*dW) % sW][j + (t_h*dH/sH)*Wq + t_w*dW/sW]
 // With s = 1 there is one phase, the padded plane itself.
 struct ShiftedPlanes {
-  int64_t hp, wp;  // the padded plane
-  int64_t sh, sw;  // phases per axis (the stride)
-  int64_t hq, wq;  // one phase; wq is the outputs' row pitch
-  int64_t cols;    // GEMM columns per sample: (oH-1)*Wq + oW
+  int64_t hp, wp;                                      // the padded plane
+  int64_t sh, sw;                                      // phases per axis (the stride)
+  int64_t hq, wq;                                      // one phase; wq is the outputs' row pitch
+  int64_t cols;                                        // GEMM columns per sample: (oH-1)*Wq + oW
   int64_t plane() const { return sh * sw * hq * wq; }  // one channel's phases
 };
 

@@ -81,8 +81,7 @@ inline void stream_out(T* dst, const T* src, int64_t n) {
   const int64_t bytes = (n - i) * static_cast<int64_t>(sizeof(T));
   int64_t b = 0;
   for (; b + 16 <= bytes; b += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(out + b),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + b)));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(out + b), _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + b)));
   }
   std::memcpy(out + b, in + b, bytes - b);
 #else
@@ -93,8 +92,7 @@ inline void stream_out(T* dst, const T* src, int64_t n) {
 // One thread's share of the map, [begin, end). Always inlined into the two versions below, so that the
 // loop is vectorised for each one's instruction set.
 template <typename T, typename F>
-inline __attribute__((always_inline)) void map_range(T* out, int64_t begin, int64_t end, bool streaming,
-                                                      const F& f) {
+inline __attribute__((always_inline)) void map_range(T* out, int64_t begin, int64_t end, bool streaming, const F& f) {
   if (!streaming) {
     // Two vectors per iteration, as ATen's own vectorised loops do: with one, a lone core streaming
     // 6 MiB from the L3 ran up to 20% slower than torch's ReLU (2-core AMD EPYC guest).
@@ -147,8 +145,8 @@ void parallel_map(T* out, int64_t n, int64_t grain, F f) {
 constexpr int64_t kWord = 32;  // elements per word
 
 template <typename T, typename F>
-inline __attribute__((always_inline)) void map_words_range(T* out, int64_t n, int64_t w0, int64_t w1,
-                                                            bool streaming, const F& word_fn) {
+inline __attribute__((always_inline)) void map_words_range(T* out, int64_t n, int64_t w0, int64_t w1, bool streaming,
+                                                           const F& word_fn) {
   auto len_of = [n](int64_t w) { return static_cast<int>(std::min(kWord, n - w * kWord)); };
   if (!streaming) {
     for (int64_t w = w0; w < w1; ++w) word_fn(w, out + w * kWord, len_of(w));

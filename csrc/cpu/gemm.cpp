@@ -179,8 +179,7 @@ void gemm_split(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const P
       } else {  // rows [i0, i1): A's and C's rows shift, B stays
         const int64_t i0 = u0 * uk.mr, i1 = std::min(m, u1 * uk.mr);
         if (e.row_bias) e.row_bias += i0;
-        gemm_blocked(i1 - i0, n, k, MatrixView<T>{a.data + i0 * a.rs, a.rs, a.cs}, pack_b_block, c + i0 * ldc,
-                     ldc, e);
+        gemm_blocked(i1 - i0, n, k, MatrixView<T>{a.data + i0 * a.rs, a.rs, a.cs}, pack_b_block, c + i0 * ldc, ldc, e);
       }
     }
   });
@@ -265,8 +264,8 @@ void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t 
 #if CS231N_X86
 // transpose_matrix for float on AVX-512: 16 x 16 blocks in registers, the partial ones at the edges
 // through lane masks (a 14-pixel row is one partial block, not 14 x C scalar copies).
-CS231N_AVX512 void transpose_matrix_avx512(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
-                                           float* dst, int64_t dst_stride) {
+CS231N_AVX512 void transpose_matrix_avx512(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+                                           int64_t dst_stride) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int row_count = static_cast<int>(std::min<int64_t>(16, rows - i0));
     const __mmask16 row_mask = static_cast<__mmask16>((1u << row_count) - 1u);  // lanes of a stored row
@@ -417,8 +416,8 @@ SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storag
 }
 
 template <typename T>
-void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b,
-                   T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
+void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c,
+                   int64_t ldc, const GemmEpilogue<T>& ep) {
   const int64_t n = b.n;
   if (m <= 0 || n <= 0) return;
   if (nseg <= 0 || kc <= 0) {
@@ -455,8 +454,8 @@ template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, MatrixView
 template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, MatrixView<double>, double*);
 template void gemm_segments<float>(int64_t, int64_t, int64_t, const float* const*, int64_t, const SegmentsB<float>&,
                                    float*, int64_t, const GemmEpilogue<float>&);
-template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t,
-                                    const SegmentsB<double>&, double*, int64_t, const GemmEpilogue<double>&);
+template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t, const SegmentsB<double>&,
+                                    double*, int64_t, const GemmEpilogue<double>&);
 
 namespace {
 
@@ -491,15 +490,16 @@ void gemm_rows_b_avx512(int64_t m, int64_t n, int64_t k, const MatrixView<float>
 }  // namespace
 
 template <typename T>
-void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c,
-                 int64_t ldc, const GemmEpilogue<T>& ep) {
+void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                 const GemmEpilogue<T>& ep) {
 #if CS231N_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_isa() == Isa::kAvx512 && m > 0 && n > 0 && k > 0) {
       // columns among the threads outside a parallel region (B is read in place: nothing is duplicated
       // but A's small panels)
       const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-      const int64_t units = (n + 47) / 48, parts = 2 * m * n * k < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, units);
+      const int64_t units = (n + 47) / 48,
+                    parts = 2 * m * n * k < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, units);
       at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
         for (int64_t part = begin; part < end; ++part) {
           const int64_t j0 = part * units / parts * 48, j1 = std::min(n, (part + 1) * units / parts * 48);
@@ -528,8 +528,8 @@ void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, c
 
 template void gemm_rows_b<float>(int64_t, int64_t, int64_t, MatrixView<float>, const float*, const int64_t*, float*,
                                  int64_t, const GemmEpilogue<float>&);
-template void gemm_rows_b<double>(int64_t, int64_t, int64_t, MatrixView<double>, const double*, const int64_t*,
-                                  double*, int64_t, const GemmEpilogue<double>&);
+template void gemm_rows_b<double>(int64_t, int64_t, int64_t, MatrixView<double>, const double*, const int64_t*, double*,
+                                  int64_t, const GemmEpilogue<double>&);
 
 template void gemm<float>(int64_t, int64_t, int64_t, MatrixView<float>, MatrixView<float>, float*, int64_t,
                           const GemmEpilogue<float>&);

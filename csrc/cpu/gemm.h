@@ -66,8 +66,8 @@ inline void scatter_row_to_slivers(const T* row, int64_t p, int64_t kc, int64_t 
 // convolution). On AVX-512 (float32) B is never packed and the caller must leave 48 elements of
 // slack readable after the end of every row; elsewhere it is packed by copying the rows.
 template <typename T>
-void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c,
-                 int64_t ldc, const GemmEpilogue<T>& epilogue = {});
+void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                 const GemmEpilogue<T>& epilogue = {});
 constexpr int64_t kRowsBSlack = 48;
 
 // For a PackB whose B is the transpose of rows that lie in memory: B[p0 + p, j] = rows[j][p0 + p] for
@@ -141,8 +141,8 @@ SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storag
 // segments are the filter's taps, A_s the input's pixels shifted by the tap, B the filters. On AVX-512
 // (float32) A is never packed (microkernel_avx512_segments); elsewhere it is one packed GEMM per segment.
 template <typename T>
-void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b,
-                   T* c, int64_t ldc, const GemmEpilogue<T>& epilogue = {});
+void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c,
+                   int64_t ldc, const GemmEpilogue<T>& epilogue = {});
 
 }  // namespace cpu
 }  // namespace torch_cs231n

@@ -51,8 +51,8 @@ using MicroKernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t l
 
 // ---------------------------------------------------------------------------------------- portable C++
 template <typename T, int MR, int NR>
-void microkernel_portable(int64_t kc, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c,
-                          int64_t ldc, int m, int n, const TileEpilogue<T>& ep) {
+void microkernel_portable(int64_t kc, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int64_t ldc,
+                          int m, int n, const TileEpilogue<T>& ep) {
   T acc[MR][NR] = {};
   for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) {
     for (int r = 0; r < MR; ++r) {

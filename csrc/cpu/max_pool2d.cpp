@@ -116,8 +116,8 @@ void scan_row_by_tap(const scalar_t* x, scalar_t* yrow, index_t* arg, int64_t oh
 // and stored once. The same scan as above with the bookkeeping gone; it is most of the work for
 // small rows such as 32x32 planes, where the per-tap passes cost more in loop overhead than in compares.
 template <int kStride, int kK, typename scalar_t, typename index_t>
-void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow, index_t* __restrict__ arg,
-                    int64_t lo, int64_t hi, int64_t ih0, const Geometry& g) {
+void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow, index_t* __restrict__ arg, int64_t lo,
+                    int64_t hi, int64_t ih0, const Geometry& g) {
   const int64_t W = g.width, dh = g.dh, dw = g.dw, pw = g.pw;
   for (int64_t ow = lo; ow < hi; ++ow) {
     scalar_t best = pool::scan_start<scalar_t>();
@@ -174,8 +174,8 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
   at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
     std::vector<index_t> arg(g.out_w);
     for (int64_t p = begin; p < end; ++p) {
-      forward_plane_nchw<kStride, kK>(x + p * in_plane, y + p * out_plane, ind + p * out_plane, arg.data(), g,
-                                      rows, cols);
+      forward_plane_nchw<kStride, kK>(x + p * in_plane, y + p * out_plane, ind + p * out_plane, arg.data(), g, rows,
+                                      cols);
     }
   });
 }
@@ -204,8 +204,8 @@ void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
           const int64_t o = p * out_plane + oh * g.out_w + ow;
-          pool::scan_window<scalar_t>(oh, ow, g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                                      load, &y[o], &ind[o]);
+          pool::scan_window<scalar_t>(oh, ow, g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, load,
+                                      &y[o], &ind[o]);
         }
       }
     }
@@ -228,8 +228,8 @@ void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const G
 // channels carried along in the innermost loop (they share the taps, so the index is one number per
 // tap). As above, the running index is kept in `arg` (C values of index_t) and widened when stored.
 template <typename scalar_t, typename index_t>
-void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __restrict__ arg, int64_t n,
-                      int64_t oh, const Geometry& g) {
+void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __restrict__ arg, int64_t n, int64_t oh,
+                      const Geometry& g) {
   const int64_t C = g.channels, W = g.width;
   int64_t th0, th1;
   pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
@@ -275,8 +275,8 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                                           at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                         "max_pool2d_forward");
+  const Geometry g =
+      pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
   const auto opts = input.options().memory_format(g.format);
   at::Tensor output = at::empty(g.output_sizes(), opts);
   at::Tensor indices = at::empty(g.output_sizes(), opts.dtype(at::kLong));
@@ -305,8 +305,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& inpu
 // order, as torch does. An index outside the plane (only possible if the caller passes made-up
 // indices to the op) is reported instead of written through.
 template <typename scalar_t>
-bool backward_plane_nchw(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t in_plane,
-                         int64_t out_plane) {
+bool backward_plane_nchw(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t in_plane, int64_t out_plane) {
   for (int64_t i = 0; i < in_plane; ++i) dx[i] = scalar_t(0);
   bool ok = true;
   for (int64_t o = 0; o < out_plane; ++o) {
@@ -327,8 +326,7 @@ bool backward_plane_nchw(const scalar_t* dy, const int64_t* ind, scalar_t* dx, i
 // branches. Every gradient is written once, so rows run in parallel without races. Made-up indices
 // out of range simply match nothing.
 template <typename scalar_t>
-void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t n, int64_t ih,
-                       const Geometry& g) {
+void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t n, int64_t ih, const Geometry& g) {
   const int64_t C = g.channels;
   int64_t oh0, oh1;
   pool::candidate_outputs(ih, g.out_h, g.kh, g.sh, g.ph, g.dh, &oh0, &oh1);
@@ -349,10 +347,11 @@ void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int
   }
 }
 
-at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
-                                   const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g =
+      pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
   if (cpu::is_reduced_float(grad_output)) {
     // Overlapping windows add several gradients into one input: in float32, rounded once (reduced_float.h).
     // The input gives only its shape and layout: an uninitialised float32 stand-in with its strides does.
@@ -381,8 +380,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
       std::atomic<bool> ok{true};
       at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-          if (!backward_plane_nchw(dyp + p * out_plane, ip + p * out_plane, dxp + p * in_plane, in_plane,
-                                   out_plane)) {
+          if (!backward_plane_nchw(dyp + p * out_plane, ip + p * out_plane, dxp + p * in_plane, in_plane, out_plane)) {
             ok = false;
           }
         }

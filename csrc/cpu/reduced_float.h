@@ -28,9 +28,7 @@ inline bool is_reduced_float(const at::Tensor& t) {
 
 // A float32 copy with the same sizes and strides (memory format and all), so that the float32 kernel picks
 // the same layout for its results as for the original.
-inline at::Tensor to_float(const at::Tensor& t) {
-  return t.defined() && is_reduced_float(t) ? t.to(at::kFloat) : t;
-}
+inline at::Tensor to_float(const at::Tensor& t) { return t.defined() && is_reduced_float(t) ? t.to(at::kFloat) : t; }
 
 inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return t;
@@ -38,9 +36,7 @@ inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 }
 
 // A result of the float32 kernel rounded to `dtype` (strides kept); an undefined or absent one stays so.
-inline at::Tensor round_to(const at::Tensor& t, at::ScalarType dtype) {
-  return t.defined() ? t.to(dtype) : t;
-}
+inline at::Tensor round_to(const at::Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
 
 inline std::optional<at::Tensor> round_to(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value() || !t->defined()) return t;

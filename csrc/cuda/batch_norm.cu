@@ -135,8 +135,8 @@ __global__ void eval_scale_kernel(const acc_t* __restrict__ running_var, const a
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelIndex idx,
-                                 int64_t n, const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelIndex idx, int64_t n,
+                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                                  const acc_t* __restrict__ beta) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
@@ -253,7 +253,8 @@ __global__ void stats_mean_var_kernel(const BnStats<acc_t>* __restrict__ partial
 template <typename scalar_t, typename acc_t>
 __global__ void merge_stats_kernel(const scalar_t* __restrict__ counts, const scalar_t* __restrict__ means,
                                    const scalar_t* __restrict__ vars, int64_t P, int64_t C, double eps,
-                                   scalar_t* __restrict__ mean, scalar_t* __restrict__ var, scalar_t* __restrict__ invstd) {
+                                   scalar_t* __restrict__ mean, scalar_t* __restrict__ var,
+                                   scalar_t* __restrict__ invstd) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   BnStats<acc_t> s{0, 0, 0};
@@ -282,7 +283,9 @@ __global__ void grad_constants_kernel(const acc_t* __restrict__ sum_dy, const ac
                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ invstd, int64_t C,
                                       int64_t count, acc_t* __restrict__ k) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < C) set_grad_constants(k, C, c, bn_grad_constants<acc_t>(sum_dy[c], sum_dy_xmu[c], static_cast<acc_t>(count), gamma[c], invstd[c]));
+  if (c < C)
+    set_grad_constants(
+        k, C, c, bn_grad_constants<acc_t>(sum_dy[c], sum_dy_xmu[c], static_cast<acc_t>(count), gamma[c], invstd[c]));
 }
 
 // ---------------------------------------------------------------------------------------------- host
@@ -468,8 +471,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cuda(const at::Tensor& counts,
-                                                                            const at::Tensor& means,
-                                                                            const at::Tensor& vars, double eps) {
+                                                                           const at::Tensor& means,
+                                                                           const at::Tensor& vars, double eps) {
   constexpr const char* op = "batch_norm_merge_stats";
   bn_check_merge_stats_args(counts, means, vars, eps, op);
   const c10::cuda::CUDAGuard guard(means.device());
@@ -507,17 +510,19 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const at::Tensor mu = mean.to(stat_opts.dtype()).contiguous();
   const int64_t G = blocks_per_channel(lay);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_reduce_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    at::Tensor partial = at::empty({C * G * 2}, stat_opts);
-    grad_sums_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
-        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(),
-        mu.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_sums_total_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), C, G, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_backward_reduce_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, true>;
+        at::Tensor partial = at::empty({C * G * 2}, stat_opts);
+        grad_sums_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(),
+            mu.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_sums_total_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), C, G, sum_dy.mutable_data_ptr<acc_t>(),
+            sum_dy_xmu.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {sum_dy, sum_dy_xmu};
 }
 

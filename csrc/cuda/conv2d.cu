@@ -64,8 +64,8 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
 
 // Depthwise forward, one thread per output element (n, f, o_h, o_w).
 template <typename T>
-__global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                         const T* __restrict__ b, T* __restrict__ y, ConvGeometry g) {
+__global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                                         T* __restrict__ y, ConvGeometry g) {
   using acc_t = at::acc_type<T, true>;
   const int64_t plane_out = g.oh * g.ow, total = g.n * g.f * plane_out, m = g.f / g.c;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -73,8 +73,7 @@ __global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __res
     const int64_t nf = idx / plane_out, rem = idx % plane_out;
     const int64_t n = nf / g.f, f = nf % g.f;
     acc_t acc = b != nullptr ? static_cast<acc_t>(b[f]) : acc_t(0);
-    acc += depthwise_value<T, acc_t>(x + (n * g.c + f / m) * g.h * g.w, w + f * g.taps(), g, rem / g.ow,
-                                     rem % g.ow);
+    acc += depthwise_value<T, acc_t>(x + (n * g.c + f / m) * g.h * g.w, w + f * g.taps(), g, rem / g.ow, rem % g.ow);
     y[idx] = static_cast<T>(acc);
   }
 }
@@ -93,8 +92,8 @@ __global__ void depthwise_grad_input_kernel(const T* __restrict__ dy, const T* _
     acc_t acc = 0;
     for (int64_t j = 0; j < m; ++j) {
       const int64_t f = c * m + j;
-      acc += depthwise_grad_input_value<T, acc_t>(dy + (n * g.f + f) * plane_out, w + f * g.taps(), g,
-                                                  rem / g.w, rem % g.w);
+      acc += depthwise_grad_input_value<T, acc_t>(dy + (n * g.f + f) * plane_out, w + f * g.taps(), g, rem / g.w,
+                                                  rem % g.w);
     }
     dx[idx] = static_cast<T>(acc);
   }
@@ -140,8 +139,8 @@ template <typename T>
 void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nb, at::Tensor& col, const ConvGeometry& g,
                    cudaStream_t stream) {
   const int64_t total = nb * g.col_rows() * g.col_cols();
-  im2col_kernel<T><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-      x.const_data_ptr<T>() + n0 * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g, nb);
+  im2col_kernel<T><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w,
+                                                                         col.mutable_data_ptr<T>(), g, nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -219,9 +218,9 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 }
 
 // ---------------------------------------------------------------------------------------------- the ops
-at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
   const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
@@ -246,9 +245,11 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   return y.contiguous(format);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input, const at::Tensor& weight,
+                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                    at::IntArrayRef dilation, int64_t groups,
+                                                                    std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv2d_backward";
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);

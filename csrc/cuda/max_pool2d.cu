@@ -40,8 +40,8 @@ Params params_of(const Geometry& g) {
 
 // (n, c, h, w) of the element at memory offset `i` of a dense (N, C, rows, cols) tensor in NCHW or NHWC.
 template <bool kChannelsLast>
-__device__ inline void decode(int64_t i, int64_t C, int64_t rows, int64_t cols, int64_t* n, int64_t* c,
-                              int64_t* h, int64_t* w) {
+__device__ inline void decode(int64_t i, int64_t C, int64_t rows, int64_t cols, int64_t* n, int64_t* c, int64_t* h,
+                              int64_t* w) {
   if (kChannelsLast) {
     *c = i % C;
     i /= C;
@@ -61,8 +61,7 @@ __device__ inline void decode(int64_t i, int64_t C, int64_t rows, int64_t cols, 
 
 // Memory offset of (n, c, h, w) in a dense (N, C, rows, cols) tensor in NCHW or NHWC.
 template <bool kChannelsLast>
-__device__ inline int64_t offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t rows,
-                                 int64_t cols) {
+__device__ inline int64_t offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t rows, int64_t cols) {
   return kChannelsLast ? ((n * rows + h) * cols + w) * C + c : ((n * C + c) * rows + h) * cols + w;
 }
 
@@ -86,8 +85,8 @@ __global__ void max_pool2d_forward_kernel(const scalar_t* __restrict__ x, scalar
                                    kChannelsLast ? p.channels : 1};
     acc_t best;
     int64_t index;
-    pool::scan_window<acc_t>(oh, ow, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load,
-                             &best, &index);
+    pool::scan_window<acc_t>(oh, ow, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load, &best,
+                             &index);
     y[o] = static_cast<scalar_t>(best);
     ind[o] = index;
   }
@@ -119,8 +118,8 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, cons
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                            at::IntArrayRef stride, at::IntArrayRef padding,
                                                            at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                         "max_pool2d_forward");
+  const Geometry g =
+      pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options().memory_format(g.format);
   at::Tensor output = at::empty(g.output_sizes(), opts);
@@ -136,21 +135,21 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& inp
     scalar_t* yp = output.mutable_data_ptr<scalar_t>();
     int64_t* ip = indices.mutable_data_ptr<int64_t>();
     if (nhwc) {
-      max_pool2d_forward_kernel<scalar_t, true><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-          xp, yp, ip, total, p);
+      max_pool2d_forward_kernel<scalar_t, true>
+          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(xp, yp, ip, total, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      max_pool2d_forward_kernel<scalar_t, false><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-          xp, yp, ip, total, p);
+      max_pool2d_forward_kernel<scalar_t, false>
+          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(xp, yp, ip, total, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {output, indices};
 }
 
-at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
-                                    const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool ceil_mode) {
   const Geometry g =
       pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -167,12 +166,12 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
     const int64_t* ip = ind.const_data_ptr<int64_t>();
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
     if (nhwc) {
-      max_pool2d_backward_kernel<scalar_t, true><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-          dyp, ip, dxp, total, p);
+      max_pool2d_backward_kernel<scalar_t, true>
+          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, total, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      max_pool2d_backward_kernel<scalar_t, false><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-          dyp, ip, dxp, total, p);
+      max_pool2d_backward_kernel<scalar_t, false>
+          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, total, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -67,8 +67,8 @@ __global__ void relu_backward_with_mask_kernel(const scalar_t* __restrict__ dy, 
                                                scalar_t* __restrict__ dx, int64_t n) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    dx[i] = relu_grad_from_mask(dy[i], static_cast<uint32_t>(mask[i / kReluMaskBits]),
-                                static_cast<int>(i % kReluMaskBits));
+    dx[i] =
+        relu_grad_from_mask(dy[i], static_cast<uint32_t>(mask[i / kReluMaskBits]), static_cast<int>(i % kReluMaskBits));
   }
 }
 
@@ -100,8 +100,8 @@ void relu_forward_inplace_cuda(at::Tensor& self) {
   }
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "relu_inplace_cuda", [&] {
-    relu_inplace_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
-        self.mutable_data_ptr<scalar_t>(), n);
+    relu_inplace_kernel<scalar_t>
+        <<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(self.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -118,8 +118,7 @@ at::Tensor relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& o
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_backward_cuda", [&] {
     relu_backward_kernel<scalar_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
-        dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-        n);
+        dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;

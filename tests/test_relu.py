@@ -54,18 +54,19 @@ def test_no_graph_without_grad(device):
     assert ours.relu(x.detach()).grad_fn is None
 
 
-def test_forward_mode_ad_raises_rather_than_dropping_the_tangent(device):
-    """Our C++ Function has no jvp: a dual input must get an error, even under no_grad, never an output
-    whose tangent is silently lost."""
+def test_forward_mode_ad_carries_the_tangent(device):
+    """Forward-mode AD (torch.autograd.forward_ad) takes the Python Function, whose jvp masks the
+    tangent as the backward masks the gradient: torch's tangent, also under no_grad."""
     import torch.autograd.forward_ad as fwAD
 
-    x, t = torch.randn(4, device=device), torch.randn(4, device=device)
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x, t)
-        with pytest.raises(RuntimeError, match="jvp is not implemented"):
-            ours.relu(dual)
-        with torch.no_grad(), pytest.raises(RuntimeError, match="jvp is not implemented"):
-            ours.relu(dual)
+    x = away_from_zero((4, 5), device)
+    t = torch.randn_like(x)
+    for grad_mode in (torch.enable_grad, torch.no_grad):
+        tangents = []
+        for fn in (ours.relu, F.relu):
+            with fwAD.dual_level(), grad_mode():
+                tangents.append(fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent)
+        assert torch.equal(*tangents)
 
 
 def test_double_backward_matches_torch(device):

@@ -1,9 +1,15 @@
 """The functional API, with the signatures of ``torch.nn.functional``.
 
 Each layer is a ``torch.autograd.Function`` whose forward and backward call our ops
-(``torch.ops.torch_cs231n.*``), saving in forward what backward needs. ReLU is the exception: its
-derivative is registered in C++ (csrc/autograd/relu_autograd.cpp), because its kernels are cheap enough
-for a Python Function's overhead to show; only its in-place form has a Function here.
+(``torch.ops.torch_cs231n.*``). They are written for torch.func as well as for autograd: the forward
+takes no ctx and ``setup_context`` saves what the backward needs; ``jvp`` gives forward-mode derivatives;
+``generate_vmap_rule`` batches them through the ops' batching rules (_vmap.py). Each backward is itself
+such a Function, so double backward is exact.
+
+ReLU is the exception in plain eager mode: its derivative is registered in C++
+(csrc/autograd/relu_autograd.cpp), because its kernels are cheap enough for a Python Function's overhead
+to show (25-75 µs a call); under a torch.func transform or forward-mode AD, which cannot see into a C++
+Function, it takes the Python Functions below.
 """
 from __future__ import annotations
 
@@ -12,17 +18,91 @@ import torch
 from . import _extension
 
 _extension.load()
-from . import _fake  # noqa: E402,F401  (fake kernels need the ops registered first)
+from . import _fake, _vmap  # noqa: E402,F401  (fake kernels and batching rules need the ops registered first)
 
 ops = torch.ops.torch_cs231n
 
 __all__ = ["relu", "conv2d", "max_pool2d", "batch_norm"]
 
 
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is running, or forward-mode AD
+    (torch.autograd.forward_ad) has a dual level open: the cases for the Python Functions with jvp."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+# Forward mode: torch.func.jvp needs a Function's jvp, and torch.compile cannot trace a Function that has
+# one ("Unsupported custom jvp"). So each Function keeps its forward-mode derivative as _jvp, and
+# _with_jvp makes a subclass where it is the jvp; _fn(F) is that subclass while a torch.func transform
+# or forward-mode AD runs, F itself otherwise (eager autograd and torch.compile).
+_JVP_VARIANTS: dict = {}
+
+
+def _with_jvp(cls):
+    _JVP_VARIANTS[cls] = type(cls.__name__ + "WithJvp", (cls,), {"jvp": staticmethod(cls._jvp)})
+    return cls
+
+
+def _fn(cls):
+    return _JVP_VARIANTS.get(cls, cls) if _transforms_active() else cls
+
+
 # --------------------------------------------------------------------------------------------------- ReLU
-# relu_forward carries its derivative in C++ (csrc/autograd/relu_autograd.cpp: under autograd it runs
-# relu_forward_with_mask and its backward reads a bit mask), so the out-of-place ReLU is a plain op call.
-# Only the in-place one needs a Function here, to mark its input dirty.
+@_with_jvp
+class _ReLU(torch.autograd.Function):
+    """y = max(x, 0); dx = dy * [y > 0] (read from y). The torch.func path; eager autograd takes the C++
+    derivative of relu_forward instead."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input):
+        with torch._C._AutoDispatchBelowAutograd():  # the kernel itself, not its C++ autograd wrapper
+            return ops.relu_forward(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        return _fn(_ReLUBackward).apply(grad_output, output)
+
+    @staticmethod
+    def _jvp(ctx, tangent):
+        (output,) = ctx.saved_tensors
+        return _fn(_ReLUBackward).apply(tangent, output)  # the same masking: dy = [y > 0] dx
+
+
+@_with_jvp
+class _ReLUBackward(torch.autograd.Function):
+    """dx = dy * [y > 0]: linear in dy, and the mask's derivative is zero almost everywhere."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, output):
+        with torch._C._AutoDispatchBelowAutograd():
+            return ops.relu_backward(grad_output, output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (output,) = ctx.saved_tensors
+        return _fn(_ReLUBackward).apply(grad_grad_input, output), None
+
+    @staticmethod
+    def _jvp(ctx, tangent, _output_tangent):
+        (output,) = ctx.saved_tensors
+        return _fn(_ReLUBackward).apply(tangent, output)
+
+
 class _ReLUInplace(torch.autograd.Function):
     """x <- max(x, 0) in place; dx = dy * [x > 0], read from the overwritten x."""
 
@@ -47,6 +127,11 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if _transforms_active():
+        # Under a transform the in-place form writes the result back through copy_, which the transforms
+        # follow (a Function that marks its input dirty cannot be batched).
+        output = _fn(_ReLU).apply(input)
+        return input.copy_(output) if inplace else output
     if not inplace:
         return ops.relu_forward(input)
     if torch.is_grad_enabled() and input.requires_grad:
@@ -69,15 +154,24 @@ def _conv_pair(value, name):
     return [int(v) for v in value]
 
 
+@_with_jvp
 class _Conv2d(torch.autograd.Function):
-    """y = conv2d(x, W) + b through our ops; backward through _Conv2dBackward, itself differentiable."""
+    """y = conv2d(x, W) + b through our ops; backward through _Conv2dBackward, itself differentiable.
+    jvp: the convolution is bilinear, so dy = conv(dx, W) + conv(x, dW) + db."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(input, weight)
-        ctx.args = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+    def forward(input, weight, bias, stride, padding, dilation, groups):
         return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *args = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
+        ctx.args = tuple(args)
+        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -86,11 +180,32 @@ class _Conv2d(torch.autograd.Function):
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         if not any(mask):
             return (None,) * 7
-        grads = _Conv2dBackward.apply(grad_output, input, weight, ctx.args, mask)
+        grads = _fn(_Conv2dBackward).apply(grad_output, input, weight, ctx.args, mask)
         dx, dw, db = (g if m else None for g, m in zip(grads, mask))
         return dx, dw, db, None, None, None, None
 
+    @staticmethod
+    def _jvp(ctx, t_input, t_weight, t_bias, *_):
+        input, weight = ctx.saved_tensors
+        terms = []
+        if t_input is not None:
+            terms.append(_fn(_Conv2d).apply(t_input, weight, None, *ctx.args))
+        if t_weight is not None:
+            terms.append(_fn(_Conv2d).apply(input, t_weight, None, *ctx.args))
+        if t_bias is not None:
+            terms.append(t_bias.view(1, -1, 1, 1))
+        return _sum_terms(terms)
 
+
+def _sum_terms(terms):
+    """The sum of a list of tensors (broadcasting), or None for an empty list."""
+    total = None
+    for t in terms:
+        total = t if total is None else total + t
+    return total
+
+
+@_with_jvp
 class _Conv2dBackward(torch.autograd.Function):
     """(d_x, d_W, d_b) = conv2d_backward(dY, x, W), differentiable so that double backward is right.
 
@@ -98,16 +213,23 @@ class _Conv2dBackward(torch.autograd.Function):
         <g, Dx(dY, W)> = <dY, conv(g, W)>   and   <g, Dw(x, dY)> = <dY, conv(x, g)>
     give every second derivative in terms of the same two ops:
         d/d(dY) = conv(g_dx, W) + conv(x, g_dW) + g_db,   d/dW = Dw(g_dx, dY),   d/dx = Dx(dY, g_dW).
+    Bilinearity gives the jvp too: each output's tangent is the op on one tangent and the other primal.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_output, input, weight, args, mask):
+    def forward(grad_output, input, weight, args, mask):
+        return ops.conv2d_backward(grad_output, input, weight, *args, list(mask))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, input, weight, args, mask = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_output, input, weight)
+        ctx.save_for_forward(grad_output, input, weight)
         ctx.args, ctx.mask = args, mask
-        dx, dw, db = ops.conv2d_backward(grad_output, input, weight, *args, list(mask))
-        ctx.mark_non_differentiable(*(g for g, m in zip((dx, dw, db), mask) if not m))
-        return dx, dw, db
+        ctx.mark_non_differentiable(*(g for g, m in zip(output, mask) if not m))
 
     @staticmethod
     def backward(ctx, g_dx, g_dw, g_db):
@@ -118,20 +240,40 @@ class _Conv2dBackward(torch.autograd.Function):
         if need_dy:
             terms = []
             if g_dx is not None:
-                terms.append(_Conv2d.apply(g_dx, w, None, *ctx.args))
+                terms.append(_fn(_Conv2d).apply(g_dx, w, None, *ctx.args))
             if g_dw is not None:
-                terms.append(_Conv2d.apply(x, g_dw, None, *ctx.args))
+                terms.append(_fn(_Conv2d).apply(x, g_dw, None, *ctx.args))
             if g_db is not None:
                 terms.append(g_db.view(1, -1, 1, 1).expand_as(dy))
-            if terms:
-                gdy = terms[0]
-                for t in terms[1:]:
-                    gdy = gdy + t
+            gdy = _sum_terms(terms)
         if need_w and g_dx is not None:
-            gw = _Conv2dBackward.apply(dy, g_dx, w, ctx.args, (False, True, False))[1]
+            gw = _fn(_Conv2dBackward).apply(dy, g_dx, w, ctx.args, (False, True, False))[1]
         if need_x and g_dw is not None:
-            gx = _Conv2dBackward.apply(dy, x, g_dw, ctx.args, (True, False, False))[0]
+            gx = _fn(_Conv2dBackward).apply(dy, x, g_dw, ctx.args, (True, False, False))[0]
         return gdy, gx, gw, None, None
+
+    @staticmethod
+    def _jvp(ctx, t_dy, t_x, t_w, _args, _mask):
+        dy, x, w = ctx.saved_tensors
+        mask_dx, mask_dw, mask_db = ctx.mask
+        tangents = [None, None, None]
+        if mask_dx:  # d_x = Dx(dY, W)
+            terms = []
+            if t_dy is not None:
+                terms.append(_fn(_Conv2dBackward).apply(t_dy, x, w, ctx.args, (True, False, False))[0])
+            if t_w is not None:
+                terms.append(_fn(_Conv2dBackward).apply(dy, x, t_w, ctx.args, (True, False, False))[0])
+            tangents[0] = _sum_terms(terms)
+        if mask_dw:  # d_W = Dw(x, dY)
+            terms = []
+            if t_dy is not None:
+                terms.append(_fn(_Conv2dBackward).apply(t_dy, x, w, ctx.args, (False, True, False))[1])
+            if t_x is not None:
+                terms.append(_fn(_Conv2dBackward).apply(dy, t_x, w, ctx.args, (False, True, False))[1])
+            tangents[1] = _sum_terms(terms)
+        if mask_db and t_dy is not None:  # d_b = Σ dY
+            tangents[2] = t_dy.sum((0, 2, 3))
+        return tuple(tangents)
 
 
 def _autocast_inputs(*tensors):
@@ -187,7 +329,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise ValueError(f"conv2d: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
     else:
         padding = _conv_pair(padding, "padding")
-    output = _Conv2d.apply(input, weight, bias, stride, padding, dilation, int(groups))
+    output = _fn(_Conv2d).apply(input, weight, bias, stride, padding, dilation, int(groups))
     return output.squeeze(0) if unbatched else output
 
 
@@ -203,32 +345,53 @@ def _pool_pair(value, name: str) -> list[int]:
     return [int(value), int(value)]
 
 
+@_with_jvp
 class _MaxPool2d(torch.autograd.Function):
     """y[o] = max of the window of o, index[o] = its flat argmax h*W + w; dx[i] = sum_{index[o]=i} dy[o].
 
-    Saves the indices (and the input, for its shape and memory format, as torch does).
+    Saves the indices (and the input, for its shape and memory format, as torch does). jvp: the tangent
+    of the winner, dy[o] = dx[index[o]].
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
-        output, indices = ops.max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return ops.max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, *geometry = inputs
+        _, indices = output
         ctx.save_for_backward(input, indices)
-        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.save_for_forward(indices)
+        ctx.geometry = tuple(geometry)
         ctx.mark_non_differentiable(indices)
         # Otherwise autograd fills a tensor of zeros for the indices' (never used) gradient on every
         # backward, which costs as much as the backward itself.
         ctx.set_materialize_grads(False)
-        return output, indices
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
         if grad_output is None:
             return None, None, None, None, None, None
         input, indices = ctx.saved_tensors
-        grad_input = _MaxPool2dBackward.apply(grad_output, input, indices, *ctx.geometry)
+        grad_input = _fn(_MaxPool2dBackward).apply(grad_output, input, indices, *ctx.geometry)
         return grad_input, None, None, None, None, None
 
+    @staticmethod
+    def _jvp(ctx, t_input, *_):
+        (indices,) = ctx.saved_tensors
+        return _gather_windows(t_input, indices), None
 
+
+def _gather_windows(t, indices):
+    """t[..., index[o]] within each plane: the value of every window's winner (plain torch ops, so that
+    it is differentiable and batched in its turn; its adjoint is max_pool2d_backward's scatter)."""
+    return t.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+
+
+@_with_jvp
 class _MaxPool2dBackward(torch.autograd.Function):
     """dx = scatter of dy to the saved indices; itself differentiable, so double backward is right.
 
@@ -237,20 +400,29 @@ class _MaxPool2dBackward(torch.autograd.Function):
     to the input is zero almost everywhere (the indices are piecewise constant), as in torch.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
-        ctx.save_for_backward(indices)
+    def forward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
         return ops.max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation,
                                        ceil_mode)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, input, indices, *geometry = inputs
+        ctx.save_for_backward(input, indices)
+        ctx.save_for_forward(input, indices)
+        ctx.geometry = tuple(geometry)
+
+    @staticmethod
     def backward(ctx, grad_grad_input):
-        (indices,) = ctx.saved_tensors
-        # Gather within each plane: flatten (H, W) of ddx and (OH, OW) of the indices. Plain torch ops,
-        # so that this step is itself differentiable (its adjoint is the scatter above).
-        flat = grad_grad_input.flatten(-2)
-        grad_grad_output = flat.gather(-1, indices.flatten(-2)).view(indices.shape)
-        return grad_grad_output, None, None, None, None, None, None, None
+        _, indices = ctx.saved_tensors
+        return _gather_windows(grad_grad_input, indices), None, None, None, None, None, None, None
+
+    @staticmethod
+    def _jvp(ctx, t_grad_output, *_):
+        input, indices = ctx.saved_tensors
+        return _fn(_MaxPool2dBackward).apply(t_grad_output, input, indices, *ctx.geometry)
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -268,53 +440,106 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     kernel = _pool_pair(kernel_size, "kernel_size")
     strides = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else \
         _pool_pair(stride, "stride")
-    output, indices = _MaxPool2d.apply(input, kernel, strides, _pool_pair(padding, "padding"),
+    output, indices = _fn(_MaxPool2d).apply(input, kernel, strides, _pool_pair(padding, "padding"),
                                        _pool_pair(dilation, "dilation"), bool(ceil_mode))
     return (output, indices) if return_indices else output
 
 
 # --------------------------------------------------------------------------------------------- batch norm
+@_with_jvp
 class _BatchNormTrain(torch.autograd.Function):
     """Training: normalise with the batch's statistics, which depend on x (so dx has three terms).
 
     Returns (output, mean, invstd, var); only the output is differentiable. The backward is our kernel,
-    inside _BatchNormBackward, which is differentiable in its turn: double backward is exact.
+    inside _BatchNormBackward, which is differentiable in its turn: double backward is exact. jvp:
+    dy = gamma invstd (dx - mean(dx) - xhat mean(dx xhat)) + dgamma xhat + dbeta.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias, eps):
-        output, mean, invstd, var = ops.batch_norm_forward_train(input, weight, bias, eps)
+    def forward(input, weight, bias, eps):
+        return ops.batch_norm_forward_train(input, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, eps = inputs
+        _, mean, invstd, var = output
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
         ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, invstd, var)
-        return output, mean, invstd, var
 
     @staticmethod
     def backward(ctx, grad_output, _mean, _invstd, _var):
         input, weight, mean, invstd = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, dw, db = _BatchNormBackward.apply(grad_output, input, weight, mean, invstd, ctx.eps, True, mask)
+        dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, mean, invstd, ctx.eps, True, mask)
         return dx, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
+    @staticmethod
+    def _jvp(ctx, t_input, t_weight, t_bias, _t_eps):
+        input, weight, mean, invstd = ctx.saved_tensors
+        tangent = _batch_norm_tangent(input, weight, mean, invstd, t_input, t_weight, t_bias, training=True)
+        return tangent, None, None, None
 
+
+@_with_jvp
 class _BatchNormEval(torch.autograd.Function):
     """Eval: normalise with the running statistics, constants for autograd: dx = gamma * invstd * dy."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, eps):
+    def forward(input, running_mean, running_var, weight, bias, eps):
+        return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, running_mean, running_var, weight, bias, eps = inputs
         ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.save_for_forward(input, weight, running_mean, running_var)
         ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, running_mean, running_var = ctx.saved_tensors
         invstd = torch.rsqrt(running_var + ctx.eps)  # C values: the kernel computes it the same way
         mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        dx, dw, db = _BatchNormBackward.apply(grad_output, input, weight, running_mean, invstd, ctx.eps, False, mask)
+        dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, running_mean, invstd, ctx.eps, False,
+                                                   mask)
         return dx, None, None, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
+
+    @staticmethod
+    def _jvp(ctx, t_input, _t_mean, _t_var, t_weight, t_bias, _t_eps):
+        input, weight, running_mean, running_var = ctx.saved_tensors
+        invstd = torch.rsqrt(running_var + ctx.eps)
+        return _batch_norm_tangent(input, weight, running_mean, invstd, t_input, t_weight, t_bias, training=False)
+
+
+def _batch_norm_tangent(input, weight, mean, invstd, t_input, t_weight, t_bias, training):
+    """Forward-mode derivative of batch norm's output (docs/batch_norm.md), with plain tensor operations
+    (so that it is batched and differentiable in its turn). mean and invstd: the batch's in training, the
+    running statistics' in eval."""
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    xhat = (input - mean.view(shape)) * invstd.view(shape)
+    terms = []
+    if t_input is not None:
+        gi = invstd.view(shape) if weight is None else (weight * invstd).view(shape)
+        if training:  # the statistics move with x
+            t = t_input - t_input.mean(dims, keepdim=True) - xhat * (t_input * xhat).mean(dims, keepdim=True)
+        else:
+            t = t_input
+        terms.append(gi * t)
+    if t_weight is not None:
+        terms.append(t_weight.view(shape) * xhat)
+    if t_bias is not None:
+        terms.append(t_bias.view(shape))
+    tangent = _sum_terms(terms)
+    return None if tangent is None else tangent.to(input.dtype)
 
 
 def _batch_norm_backward_formula(grad_output, input, weight, eps, training, mean, invstd):
@@ -347,12 +572,18 @@ class _BatchNormBackward(torch.autograd.Function):
     same function written with tensor operations) by autograd. Second derivatives are for gradient
     penalties (WGAN-GP, R1); the first-order values, what training uses, stay our kernel's."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_output, input, weight, mean, invstd, eps, training, mask):
+    def forward(grad_output, input, weight, mean, invstd, eps, training, mask):
+        return ops.batch_norm_backward(grad_output, input, weight, mean, invstd, training, list(mask))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, input, weight, mean, invstd, eps, training, mask = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_output, input, weight, mean, invstd)
         ctx.eps, ctx.training, ctx.mask = eps, training, mask
-        return ops.batch_norm_backward(grad_output, input, weight, mean, invstd, training, list(mask))
 
     @staticmethod
     def backward(ctx, g_dx, g_dw, g_db):
@@ -424,10 +655,17 @@ def batch_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError("running_mean must be defined in evaluation mode" if running_mean is None
                                else "running_var must be defined in evaluation mode")
-        return _BatchNormEval.apply(input, running_mean, running_var, weight, bias, eps)
+        return _fn(_BatchNormEval).apply(input, running_mean, running_var, weight, bias, eps)
 
-    output, mean, _invstd, var = _BatchNormTrain.apply(input, weight, bias, eps)
-    if (running_mean is not None or running_var is not None) and input.numel() > 0:
+    running = [t for t in (running_mean, running_var) if t is not None]
+    is_batched = torch._C._functorch.is_batchedtensor
+    if running and is_batched(input) and not all(is_batched(t) for t in running):
+        # Each sample's statistics would update the one buffer: torch's batch norm refuses it too.
+        raise RuntimeError("batch_norm: got a batched input (torch.func.vmap) in training while running_mean or "
+                           "running_var, which are updated in place, are not batched; use eval mode, or "
+                           "track_running_stats=False, or batch the running statistics as well")
+    output, mean, _invstd, var = _fn(_BatchNormTrain).apply(input, weight, bias, eps)
+    if running and input.numel() > 0:
         # An empty batch leaves the running statistics alone, as torch does.
         m = _values_per_channel(input.size())
         with torch.no_grad():

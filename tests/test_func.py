@@ -1,0 +1,141 @@
+"""torch.func through our layers: grad, vmap, jvp (and eager forward-mode AD), jacrev, hessian and
+per-sample gradients of a converted net, each equal to the same transform of torch's layer, in float64.
+
+vmap must batch through the ops' batching rules (torch_cs231n/_vmap.py), not torch's per-sample fallback
+loop, which announces itself with a "performance drop" warning: the tests turn that warning into an error.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+
+import torch_cs231n
+from torch_cs231n import functional as ours
+
+torch.manual_seed(0)
+X = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+W = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+B = torch.randn(4, dtype=torch.float64)
+GAMMA, BETA = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+RUNNING = (torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5)
+
+
+def layers(m):
+    """Each layer as a function of its differentiable inputs, from the namespace m (ours or F)."""
+    return {
+        "relu": (lambda x: m.relu(x), (X,)),
+        "conv2d": (lambda x, w, b: m.conv2d(x, w, b, stride=1, padding=1), (X, W, B)),
+        "conv2d_strided_groups": (lambda x, w: m.conv2d(x, w, None, stride=2, groups=2), (X, W[:, :1])),
+        "max_pool2d": (lambda x: m.max_pool2d(x, 3, 2, 1), (X,)),
+        "batch_norm_train": (lambda x, g, b: m.batch_norm(x, None, None, g, b, training=True), (X, GAMMA, BETA)),
+        "batch_norm_eval": (lambda x, g, b: m.batch_norm(x, *RUNNING, g, b, training=False), (X, GAMMA, BETA)),
+    }
+
+
+NAMES = list(layers(ours))
+
+
+@pytest.fixture(autouse=True)
+def no_fallback_loops():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        yield
+
+
+def both(name, transform):
+    """transform(fn, inputs) for our layer and torch's; the results compared."""
+    (f_ours, inputs), (f_torch, _) = layers(ours)[name], layers(F)[name]
+    got, want = transform(f_ours, inputs), transform(f_torch, inputs)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad(name):
+    both(name, lambda f, inputs: grad(lambda *a: f(*a).sin().sum(), argnums=tuple(range(len(inputs))))(*inputs))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_samples(name):
+    """Each sample of X is one call (a batch of one); vmap runs them as one batch through our ops."""
+    both(name, lambda f, inputs: vmap(lambda x: f(x.unsqueeze(0), *inputs[1:]))(inputs[0]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jvp(name):
+    def transform(f, inputs):
+        tangents = tuple(torch.cos(t) for t in inputs)
+        return jvp(f, inputs, tangents)
+    both(name, transform)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_ad(name):
+    def transform(f, inputs):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t, torch.cos(t)) for t in inputs]
+            return fwAD.unpack_dual(f(*duals)).tangent
+    both(name, transform)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jacrev(name):
+    """The Jacobian for every input, of a small input (a few hundred outputs)."""
+    def transform(f, inputs):
+        small = (inputs[0][:2, :, :4, :4],) + tuple(inputs[1:])
+        return jacrev(f, argnums=tuple(range(len(inputs))))(*small)
+    both(name, transform)
+
+
+def test_hessian_of_relu():
+    """Second order by forward over reverse (jacfwd of jacrev). Only ReLU: vmap over the other layers'
+    jvp (jacfwd) is not supported yet (their Functions take list arguments that torch's generated vmap
+    rule for jvp does not carry)."""
+    both("relu", lambda f, inputs: hessian(lambda x: f(x).pow(3).sum())(inputs[0][:1, :, :3, :3]))
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, 5)).double()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_per_sample_gradients_of_a_converted_net(training):
+    """vmap(grad(loss)) with functional_call, as differential-privacy training computes it. In training,
+    batch norm without running statistics (torch refuses to update them from inside vmap, and so do we)."""
+    torch.manual_seed(1)
+    reference = small_net().train(training)
+    if training:
+        reference[1].track_running_stats = False
+        reference[1].running_mean = reference[1].running_var = None
+    model = torch_cs231n.convert(copy.deepcopy(reference))
+    x, target = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (5,))
+
+    def per_sample(net):
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        buffers = {k: v.detach() for k, v in net.named_buffers()}
+
+        def loss(p, xi, ti):
+            out = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
+            return F.cross_entropy(out, ti.unsqueeze(0))
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+
+    got, want = per_sample(model), per_sample(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_vmap_refuses_to_update_running_statistics():
+    """Training batch norm with running statistics under vmap: each sample would update the same buffer,
+    so it is an error, as for torch's."""
+    bn = torch_cs231n.BatchNorm2d(2).double()
+    before = bn.running_mean.clone()
+    with pytest.raises(RuntimeError, match=r"batched input \(torch.func.vmap\) in training while running_mean"):
+        vmap(lambda x: bn(x.unsqueeze(0)))(X)
+    assert torch.equal(bn.running_mean, before)  # refused before anything was written

@@ -25,3 +25,28 @@ def test_compiled_convnet_matches_eager(device):
             torch.testing.assert_close(a, b)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, stats_after_eager[k], msg=k)
+
+
+def test_compiled_resnet18_matches_eager():
+    """A converted torchvision ResNet-18 (every conv, batch norm, ReLU and max-pool ours) compiles with
+    fullgraph=True, forward and backward, and gives eager mode's outputs, gradients and running
+    statistics (aot_eager: torch.compile's graph capture and autograd, with the kernels run as they are)."""
+    torchvision = __import__("pytest").importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torch_cs231n.convert(torchvision.models.resnet18(num_classes=10))
+    # 20 convolutions, 20 batch norms, 9 ReLU modules (each block reuses its own), 1 max-pool
+    assert sum(type(m).__module__.startswith("torch_cs231n") for m in model.modules()) == 50
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_eager = model(x)
+    grads_eager = torch.autograd.grad(out_eager.square().sum(), list(model.parameters()))
+    stats_eager = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    out_compiled = compiled(x)
+    grads_compiled = torch.autograd.grad(out_compiled.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out_compiled, out_eager)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, stats_eager[k], msg=k)

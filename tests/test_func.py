@@ -139,3 +139,51 @@ def test_vmap_refuses_to_update_running_statistics():
     with pytest.raises(RuntimeError, match=r"batched input \(torch.func.vmap\) in training while running_mean"):
         vmap(lambda x: bn(x.unsqueeze(0)))(X)
     assert torch.equal(bn.running_mean, before)  # refused before anything was written
+
+
+# --------------------------------------------------------------------------------- the ops by themselves
+def op_cases():
+    """(name, op, args, differentiable positions) for each op that is differentiable by itself."""
+    ops = torch.ops.torch_cs231n
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w, dy = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    _, indices = ops.max_pool2d_forward(x, *pool)
+    g, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    yield "conv2d_forward", ops.conv2d_forward.default, (x, w, torch.randn(4, dtype=torch.float64), *conv), (0, 1, 2)
+    yield "conv2d_backward", ops.conv2d_backward.default, (dy, x, w, *conv, [True, True, True]), (0, 1, 2)
+    yield "max_pool2d_forward", ops.max_pool2d_forward.default, (x, *pool), (0,)
+    yield "max_pool2d_backward", ops.max_pool2d_backward.default, (torch.randn(2, 3, 3, 3, dtype=torch.float64), x,
+                                                                   indices, *pool), (0,)
+    yield "batch_norm_forward_train", ops.batch_norm_forward_train.default, (x, g, b, 1e-5), (0, 1, 2)
+    yield "batch_norm_forward_eval", ops.batch_norm_forward_eval.default, (x, rm, rv, g, b, 1e-5), (0, 3, 4)
+    yield "relu_forward", ops.relu_forward.default, (x,), (0,)
+    yield "relu_backward", ops.relu_backward.default, (dy, torch.relu(torch.randn_like(dy))), (0,)
+
+
+OP_CASES = {name: (op, args, diff) for name, op, args, diff in op_cases()}
+
+
+def with_grad(args, diff):
+    return tuple(a.detach().clone().requires_grad_() if i in diff else a for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_op_is_differentiable_by_itself(name):
+    """torch.ops.torch_cs231n.<op> called directly: gradcheck, and opcheck with inputs that require grad
+    (its autograd-registration test included)."""
+    op, args, diff = OP_CASES[name]
+    args = with_grad(args, diff)
+
+    def first(*leaves):
+        full = list(args)
+        for i, leaf in zip(diff, leaves):
+            full[i] = leaf
+        out = op(*full)
+        return out[0] if isinstance(out, tuple) else out
+
+    assert torch.autograd.gradcheck(first, tuple(args[i] for i in diff))
+    torch.library.opcheck(op, tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                    for a in with_grad(args, diff)))

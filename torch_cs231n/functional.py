@@ -607,6 +607,36 @@ class _BatchNormBackward(torch.autograd.Function):
         return tuple(result)
 
 
+# ------------------------------------------------------------------------------------- the ops' own autograd
+# Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>: its Function's setup_context
+# and backward are registered as the op's autograd (ReLU's ops have their C++ ones). The functional API
+# applies the Functions, which also carry torch.func's jvp and batching. conv2d_backward takes its
+# arguments in another order than its Function: a small adapter below.
+def _register(op, setup_context, backward):
+    torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
+
+
+for _op, _function in (("conv2d_forward", _Conv2d), ("max_pool2d_forward", _MaxPool2d),
+                       ("max_pool2d_backward", _MaxPool2dBackward), ("batch_norm_forward_train", _BatchNormTrain),
+                       ("batch_norm_forward_eval", _BatchNormEval)):
+    _register(_op, _function.setup_context, _function.backward)
+
+
+def _conv2d_backward_setup(ctx, inputs, output):
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
+    _Conv2dBackward.setup_context(ctx, (grad_output, input, weight, (stride, padding, dilation, groups),
+                                        tuple(output_mask)), output)
+
+
+def _conv2d_backward_backward(ctx, *grads):
+    return (*_Conv2dBackward.backward(ctx, *grads)[:3], None, None, None, None, None)
+
+
+_register("conv2d_backward", _conv2d_backward_setup, _conv2d_backward_backward)
+# batch_norm_backward has none yet: it takes mean and invstd as inputs, and its Function differentiates
+# them as the functions of x they are in training (the double backward of the layer), not as inputs.
+
+
 def _as_param(grad, like):
     """The kernels give dgamma/dbeta in the statistics dtype (float for a half input); the parameter's own
     dtype is what autograd expects (`like`: the parameter, or its dtype)."""

@@ -76,14 +76,13 @@ TORCH_LIBRARY(torch_cs231n, m) {
 
   // Conv2d (cross-correlation, as torch's). Symmetric zero padding; padding='same' with an odd total and
   // the other padding modes are done in Python by padding the input first. The backward computes only
-  // the gradients that output_mask asks for (d_input, d_weight, d_bias); the others come back as empty
-  // tensors of shape [0].
+  // the gradients that output_mask asks for (d_input, d_weight, d_bias); the others come back as None.
   m.def(
       "conv2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups) -> Tensor");
   m.def(
       "conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   // Max pooling. The forward returns the int64 argmax of each window, flat h*W + w within its plane,
   // as torch does; the backward sends each gradient there. It takes the input only for its shape and
   // memory format (and checks the geometry again), so autograd saves it as torch's own max-pool does.

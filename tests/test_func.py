@@ -187,3 +187,33 @@ def test_op_is_differentiable_by_itself(name):
     assert torch.autograd.gradcheck(first, tuple(args[i] for i in diff))
     torch.library.opcheck(op, tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                     for a in with_grad(args, diff)))
+
+
+# ------------------------------------------------------------------------------ one rule for bad arguments
+X4, W4 = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)
+BAD_CALLS = {
+    "max_pool2d kernel_size of 3": lambda m: m.max_pool2d(X4, (2, 2, 2)),
+    "max_pool2d stride of 3": lambda m: m.max_pool2d(X4, 2, (1, 1, 1)),
+    "max_pool2d padding over half the kernel": lambda m: m.max_pool2d(X4, 2, 2, 2),
+    "max_pool2d negative stride": lambda m: m.max_pool2d(X4, 2, -1),
+    "conv2d stride of 3": lambda m: m.conv2d(X4, W4, stride=(1, 1, 1)),
+    "conv2d padding 'full'": lambda m: m.conv2d(X4, W4, padding="full"),
+    "conv2d stride 0": lambda m: m.conv2d(X4, W4, stride=0),
+    "conv2d 'same' with stride 2": lambda m: m.conv2d(X4, W4, stride=2, padding="same"),
+    "batch_norm eps 0 in training": lambda m: m.batch_norm(X4, None, None, training=True, eps=0.0),
+    "batch_norm one value per channel": lambda m: m.batch_norm(X4[:, :, :1, :1], None, None, training=True),
+    "relu of a list": lambda m: m.relu([1.0]),
+    "conv2d of a list": lambda m: m.conv2d([1.0], W4),
+    "max_pool2d of a list": lambda m: m.max_pool2d([1.0], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_arguments_raise_torch_exception_type(name):
+    """The rule: a bad argument raises the exception type torch's own function raises for it."""
+    raised = []
+    for m in (F, ours):
+        with pytest.raises(Exception) as info:
+            BAD_CALLS[name](m)
+        raised.append(type(info.value))
+    assert raised[1] is raised[0], f"torch raises {raised[0].__name__}, ours {raised[1].__name__}"

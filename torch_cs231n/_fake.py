@@ -73,9 +73,9 @@ def _conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
 @torch.library.register_fake(_lib + "conv2d_backward")
 def _conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
     fmt = _conv_memory_format(input, weight)
-    dx = input.new_empty(input.shape).contiguous(memory_format=fmt) if output_mask[0] else input.new_empty((0,))
-    dw = weight.new_empty(weight.shape).contiguous(memory_format=fmt) if output_mask[1] else weight.new_empty((0,))
-    db = weight.new_empty((weight.shape[0],) if output_mask[2] else (0,))
+    dx = input.new_empty(input.shape).contiguous(memory_format=fmt) if output_mask[0] else None
+    dw = weight.new_empty(weight.shape).contiguous(memory_format=fmt) if output_mask[1] else None
+    db = weight.new_empty((weight.shape[0],)) if output_mask[2] else None
     return dx, dw, db
 
 

@@ -93,16 +93,16 @@ def _conv2d_backward(info, in_dims, grad_output, input, weight, stride, padding,
         dy, x = _front(grad_output, dy_dim, b), _front(input, x_dim, b)
         dx, dw, db = ops.conv2d_backward(dy.flatten(0, 1), x.flatten(0, 1), weight, stride, padding, dilation, groups,
                                          output_mask)
-        return (dx.unflatten(0, x.shape[:2]), dw, db), (0, None, None)
+        return (dx.unflatten(0, x.shape[:2]) if dx is not None else None, dw, db), (0, None, None)
     # B groups: each sample's d_W and d_b come out separately.
     dy = _into_channels(_front(grad_output, dy_dim, b))
     x = _into_channels(_front(input, x_dim, b))
     w = _grouped_weight(weight, w_dim, b)
     dx, dw, db = ops.conv2d_backward(dy, x, w, stride, padding, dilation, groups * b, output_mask)
-    dx = _from_channels(dx, b) if output_mask[0] else dx
-    dw = dw.unflatten(0, (b, -1)) if output_mask[1] else dw
-    db = db.unflatten(0, (b, -1)) if output_mask[2] else db
-    return (dx, dw, db), tuple(0 if m else None for m in output_mask)
+    dx = _from_channels(dx, b) if dx is not None else None
+    dw = dw.unflatten(0, (b, -1)) if dw is not None else None
+    db = db.unflatten(0, (b, -1)) if db is not None else None
+    return (dx, dw, db), tuple(0 if g is not None else None for g in (dx, dw, db))
 
 
 # -------------------------------------------------------------------------------------------- batch norm

@@ -229,7 +229,7 @@ class _Conv2dBackward(torch.autograd.Function):
         ctx.save_for_backward(grad_output, input, weight)
         ctx.save_for_forward(grad_output, input, weight)
         ctx.args, ctx.mask = args, mask
-        ctx.mark_non_differentiable(*(g for g, m in zip(output, mask) if not m))
+        ctx.mark_non_differentiable(*(g for g, m in zip(output, mask) if not m and g is not None))
 
     @staticmethod
     def backward(ctx, g_dx, g_dw, g_db):
@@ -326,7 +326,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
                 if extra_h or extra_w:
                     input = torch.nn.functional.pad(input, [0, extra_w, 0, extra_h])
         else:
-            raise ValueError(f"conv2d: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+            raise RuntimeError(f"conv2d: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
     else:
         padding = _conv_pair(padding, "padding")
     output = _fn(_Conv2d).apply(input, weight, bias, stride, padding, dilation, int(groups))
@@ -340,7 +340,7 @@ def _pool_pair(value, name: str) -> list[int]:
         if len(value) == 1:  # torch accepts a 1-tuple as "the same in both dimensions"
             value = (value[0], value[0])
         if len(value) != 2:
-            raise ValueError(f"max_pool2d(): {name} must be an int or a pair of ints, but got {tuple(value)}")
+            raise RuntimeError(f"max_pool2d(): {name} must be an int or a pair of ints, but got {tuple(value)}")
         return [int(v) for v in value]
     return [int(value), int(value)]
 

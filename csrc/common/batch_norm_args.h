@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/grads.h"
 
 namespace torch_cs231n {
 
@@ -121,14 +122,6 @@ inline void bn_check_merge_stats_args(const at::Tensor& counts, const at::Tensor
   TORCH_CHECK(means.size(0) == counts.size(0), op, ": expected means to have one row per count (", counts.size(0),
               "), but got shape ", means.sizes());
   TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
-}
-
-// The backward's result: each gradient where output_mask asks for it, None where it does not.
-using BnGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
-inline BnGrads bn_masked_grads(const at::Tensor& grad_input, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                               std::array<bool, 3> output_mask) {
-  auto pick = [](bool want, const at::Tensor& t) { return want ? std::optional<at::Tensor>(t) : std::nullopt; };
-  return {pick(output_mask[0], grad_input), pick(output_mask[1], grad_weight), pick(output_mask[2], grad_bias)};
 }
 
 // The per-channel tensor as a contiguous tensor of the statistics dtype; `fill` when it is absent.

@@ -801,7 +801,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
       grad_input_run(dyp, xp, dxp, off, len, c, cl, mean_p, k, training);
     });
   });
-  return bn_masked_grads(grad_input, grad_weight, grad_bias, output_mask);
+  return masked_grads(grad_input, grad_weight, grad_bias, output_mask);
 }
 
 // ------------------------------------------------------------------------------- synchronised batch norm

@@ -34,6 +34,7 @@
 
 #include "common/checks.h"
 #include "common/conv2d.h"
+#include "common/grads.h"
 #include "cpu/conv2d_bf16.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_depthwise.h"
@@ -180,7 +181,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Tensor& grad_output,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(const at::Tensor& grad_output,
                                                                    const at::Tensor& input, const at::Tensor& weight,
                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                                    at::IntArrayRef dilation, int64_t groups,
@@ -202,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
     const auto dtype = input.scalar_type();
     at::Tensor dx, dw, db;
     if (mask_f32[0] || mask_f32[1] || mask_f32[2]) {
-      std::tie(dx, dw, db) = conv2d_backward_cpu(cpu::to_float(grad_output), cpu::to_float(input),
+      std::tie(dx, dw, db) = conv2d_backward_buffers(cpu::to_float(grad_output), cpu::to_float(input),
                                                  cpu::to_float(weight), stride, padding, dilation, groups, mask_f32);
     } else {
       std::tie(dx, dw, db) = conv2d_grad_buffers(input, weight, g, mask_f32, conv2d_memory_format(input, weight));
@@ -260,6 +261,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(const at::Ten
   if (!dx.is_same(dx_nchw)) dx.copy_(dx_nchw);
   if (!dw.is_same(dw_nchw)) dw.copy_(dw_nchw);
   return {dx, dw, db};
+}
+
+// The op: the gradients output_mask asks for, None for the others (common/grads.h).
+MaskedGrads conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, std::array<bool, 3> output_mask) {
+  auto [dx, dw, db] =
+      conv2d_backward_buffers(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
+  return masked_grads(dx, dw, db, output_mask);
 }
 
 }  // namespace

@@ -439,7 +439,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
       }
     });
   }
-  return bn_masked_grads(grad_input, grad_weight, grad_bias, output_mask);
+  return masked_grads(grad_input, grad_weight, grad_bias, output_mask);
 }
 
 // ------------------------------------------------------------------------------ synchronised batch norm

@@ -26,6 +26,7 @@
 
 #include "common/checks.h"
 #include "common/conv2d.h"
+#include "common/grads.h"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -245,11 +246,9 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   return y.contiguous(format);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Tensor& grad_output,
-                                                                    const at::Tensor& input, const at::Tensor& weight,
-                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                                                    at::IntArrayRef dilation, int64_t groups,
-                                                                    std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv2d_backward";
   const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
@@ -292,6 +291,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(const at::Te
     }
   });
   return {in_format(dx), in_format(dw), db};
+}
+
+// The op: the gradients output_mask asks for, None for the others (common/grads.h).
+MaskedGrads conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, std::array<bool, 3> output_mask) {
+  auto [dx, dw, db] =
+      conv2d_backward_buffers(grad_output, input, weight, stride, padding, dilation, groups, output_mask);
+  return masked_grads(dx, dw, db, output_mask);
 }
 
 }  // namespace

@@ -161,6 +161,20 @@ def op_cases():
     yield "batch_norm_forward_eval", ops.batch_norm_forward_eval.default, (x, rm, rv, g, b, 1e-5), (0, 3, 4)
     yield "relu_forward", ops.relu_forward.default, (x,), (0,)
     yield "relu_backward", ops.relu_backward.default, (dy, torch.relu(torch.randn_like(dy))), (0,)
+    _, mean, invstd, _ = ops.batch_norm_forward_train(x, g, b, 1e-5)
+    for training in (True, False):
+        yield (f"batch_norm_backward_{'train' if training else 'eval'}", ops.batch_norm_backward.default,
+               (torch.randn_like(x), x, g, mean, invstd, training, [True, True, True]), (0, 1, 2, 3, 4))
+    # synchronised batch norm's ops
+    yield "batch_norm_stats", ops.batch_norm_stats.default, (x,), (0,)
+    counts = torch.tensor([3.0, 0.0, 5.0], dtype=torch.float64)
+    means, variances = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 0.5
+    yield "batch_norm_merge_stats", ops.batch_norm_merge_stats.default, (counts, means, variances, 1e-5), (1, 2)
+    yield "batch_norm_backward_reduce", ops.batch_norm_backward_reduce.default, (torch.randn_like(x), x, mean), (0, 1, 2)
+    sums = (torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    yield ("batch_norm_backward_elemt", ops.batch_norm_backward_elemt.default,
+           (torch.randn_like(x), x, g, mean, invstd, *sums, 2 * 36 * 2), (0, 1, 2, 3, 4, 5, 6))
+    yield "gemm", ops.gemm.default, (torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)), (0, 1)
 
 
 OP_CASES = {name: (op, args, diff) for name, op, args, diff in op_cases()}

@@ -201,3 +201,11 @@ def _batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sum_dy,
                     ("sum_dy_xmu", sum_dy_xmu)):
         _bn_check_channels(input, name, t)
     return _bn_output(input)
+
+
+# The CPU convolution's GEMM, exposed for its tests (csrc/cpu/gemm.cpp): C = A B, contiguous.
+@torch.library.register_fake(_lib + "gemm")
+def _gemm(a, b):
+    torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                 lambda: "gemm: expected a (m, k) and b (k, n)")
+    return a.new_empty((a.shape[0], b.shape[1]))

@@ -608,10 +608,10 @@ class _BatchNormBackward(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------- the ops' own autograd
-# Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>: its Function's setup_context
-# and backward are registered as the op's autograd (ReLU's ops have their C++ ones). The functional API
-# applies the Functions, which also carry torch.func's jvp and batching. conv2d_backward takes its
-# arguments in another order than its Function: a small adapter below.
+# Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>. The layers' ops: their
+# Function's setup_context and backward are registered as the op's autograd (ReLU's ops have their C++
+# ones); conv2d_backward takes its arguments in another order than its Function, hence an adapter. The
+# functional API applies the Functions, which also carry torch.func's jvp and batching.
 def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 
@@ -633,8 +633,88 @@ def _conv2d_backward_backward(ctx, *grads):
 
 
 _register("conv2d_backward", _conv2d_backward_setup, _conv2d_backward_backward)
-# batch_norm_backward has none yet: it takes mean and invstd as inputs, and its Function differentiates
-# them as the functions of x they are in training (the double backward of the layer), not as inputs.
+
+
+# The other ops' derivatives by the same device as _BatchNormBackward's: the op computes the values, and
+# its backward differentiates a formula for it written with tensor operations (autograd does the rest).
+# Each formula takes the op's arguments and returns its outputs.
+def _register_by_formula(op, formula):
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, *grads):
+        create_graph = torch.is_grad_enabled()
+        wanted = [i for i, t in enumerate(ctx.inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+        result = [None] * len(ctx.inputs)
+        with torch.enable_grad():
+            args = [t.detach().requires_grad_(i in wanted) if isinstance(t, torch.Tensor) else t
+                    for i, t in enumerate(ctx.inputs)]
+            outs = formula(*args)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+            if pairs and wanted:
+                found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                            allow_unused=True, create_graph=create_graph)
+                for i, g in zip(wanted, found):
+                    result[i] = g
+        return tuple(result)
+
+    _register(op, setup_context, backward)
+
+
+def _dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(t, x):
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _batch_norm_backward_op_formula(grad_output, input, weight, mean, invstd, training, output_mask):
+    """batch_norm_backward with mean and invstd as the inputs they are to the op (docs/batch_norm.md)."""
+    dims, xmu = _dims(input), input - _per_channel(mean, input)
+    gi = _per_channel(invstd if weight is None else weight * invstd, input)
+    m = grad_output.numel() // grad_output.shape[1] if grad_output.numel() else 1
+    sum_dy, sum_dy_xmu = grad_output.sum(dims), (grad_output * xmu).sum(dims)
+    if training:
+        proj = _per_channel(sum_dy_xmu / m * invstd * invstd, input)
+        dx = gi * (grad_output - _per_channel(sum_dy / m, input) - xmu * proj)
+    else:
+        dx = gi * grad_output
+    return (dx if output_mask[0] else None, sum_dy_xmu * invstd if output_mask[1] else None,
+            sum_dy if output_mask[2] else None)
+
+
+def _batch_norm_stats_formula(input):
+    return input.mean(_dims(input)), input.var(_dims(input), unbiased=False)
+
+
+def _batch_norm_merge_stats_formula(counts, means, vars, eps):
+    """Chan's merge as one formula: mean = Σ n m / N, var = Σ n (v + (m - mean)^2) / N."""
+    total = counts.sum()
+    mean = (counts[:, None] * means).sum(0) / total
+    var = (counts[:, None] * (vars + (means - mean) ** 2)).sum(0) / total
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _batch_norm_backward_reduce_formula(grad_output, input, mean):
+    dims = _dims(input)
+    return grad_output.sum(dims), (grad_output * (input - _per_channel(mean, input))).sum(dims)
+
+
+def _batch_norm_backward_elemt_formula(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    gi = _per_channel(invstd if weight is None else weight * invstd, input)
+    proj = _per_channel(sum_dy_xmu / count * invstd * invstd, input)
+    return gi * (grad_output - _per_channel(sum_dy / count, input) - (input - _per_channel(mean, input)) * proj)
+
+
+for _op, _formula in (("batch_norm_backward", _batch_norm_backward_op_formula),
+                      ("batch_norm_stats", _batch_norm_stats_formula),
+                      ("batch_norm_merge_stats", _batch_norm_merge_stats_formula),
+                      ("batch_norm_backward_reduce", _batch_norm_backward_reduce_formula),
+                      ("batch_norm_backward_elemt", _batch_norm_backward_elemt_formula),
+                      ("gemm", torch.matmul)):
+    _register_by_formula(_op, _formula)
 
 
 def _as_param(grad, like):

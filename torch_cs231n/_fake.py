@@ -121,18 +121,18 @@ def _max_pool2d_backward(grad_output, input, indices, kernel_size, stride, paddi
 
 
 # ------------------------------------------------------------------------------------------- batch norm
-def _bn_output(input):
+def _batch_norm_output(input):
     # The kernels' bn_empty_output: the input's suggested memory format (channels_last in, channels_last out).
     from torch._prims_common import suggest_memory_format
 
     return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input))
 
 
-def _bn_stat_dtype(input):
+def _batch_norm_stat_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32  # op math: float for half/bf16
 
 
-def _bn_check_channels(input, name, t):
+def _check_batch_norm_channels(input, name, t):
     torch._check(input.dim() >= 2,
                  lambda: f"batch_norm: expected input to have 2 or more dimensions, got {input.dim()}")
     if t is not None:
@@ -142,26 +142,26 @@ def _bn_check_channels(input, name, t):
 
 @torch.library.register_fake(_lib + "batch_norm_forward_train")
 def _batch_norm_forward_train(input, weight, bias, eps):
-    _bn_check_channels(input, "weight", weight)
-    _bn_check_channels(input, "bias", bias)
-    stat = input.new_empty((input.shape[1],), dtype=_bn_stat_dtype(input))
-    return _bn_output(input), stat, torch.empty_like(stat), torch.empty_like(stat)
+    _check_batch_norm_channels(input, "weight", weight)
+    _check_batch_norm_channels(input, "bias", bias)
+    stat = input.new_empty((input.shape[1],), dtype=_batch_norm_stat_dtype(input))
+    return _batch_norm_output(input), stat, torch.empty_like(stat), torch.empty_like(stat)
 
 
 @torch.library.register_fake(_lib + "batch_norm_forward_eval")
 def _batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps):
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _bn_check_channels(input, name, t)
-    return _bn_output(input)
+        _check_batch_norm_channels(input, name, t)
+    return _batch_norm_output(input)
 
 
 @torch.library.register_fake(_lib + "batch_norm_backward")
 def _batch_norm_backward(grad_output, input, weight, mean, invstd, training, output_mask):
     torch._check(grad_output.shape == input.shape, lambda: "batch_norm_backward: grad_output and input differ in shape")
     c = input.shape[1]
-    stat = _bn_stat_dtype(input)
+    stat = _batch_norm_stat_dtype(input)
     return (
-        _bn_output(input) if output_mask[0] else None,
+        _batch_norm_output(input) if output_mask[0] else None,
         input.new_empty((c,), dtype=stat) if output_mask[1] else None,
         input.new_empty((c,), dtype=stat) if output_mask[2] else None,
     )
@@ -170,8 +170,8 @@ def _batch_norm_backward(grad_output, input, weight, mean, invstd, training, out
 # Synchronised batch norm's ops (torch_cs231n/distributed.py).
 @torch.library.register_fake(_lib + "batch_norm_stats")
 def _batch_norm_stats(input):
-    _bn_check_channels(input, "input", None)
-    stat = input.new_empty((input.shape[1],), dtype=_bn_stat_dtype(input))
+    _check_batch_norm_channels(input, "input", None)
+    stat = input.new_empty((input.shape[1],), dtype=_batch_norm_stat_dtype(input))
     return stat, torch.empty_like(stat)
 
 
@@ -188,8 +188,8 @@ def _batch_norm_merge_stats(counts, means, vars, eps):
 def _batch_norm_backward_reduce(grad_output, input, mean):
     torch._check(grad_output.shape == input.shape,
                  lambda: "batch_norm_backward_reduce: grad_output and input differ in shape")
-    _bn_check_channels(input, "mean", mean)
-    stat = input.new_empty((input.shape[1],), dtype=_bn_stat_dtype(input))
+    _check_batch_norm_channels(input, "mean", mean)
+    stat = input.new_empty((input.shape[1],), dtype=_batch_norm_stat_dtype(input))
     return stat, torch.empty_like(stat)
 
 
@@ -199,8 +199,8 @@ def _batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sum_dy,
                  lambda: "batch_norm_backward_elemt: grad_output and input differ in shape")
     for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy),
                     ("sum_dy_xmu", sum_dy_xmu)):
-        _bn_check_channels(input, name, t)
-    return _bn_output(input)
+        _check_batch_norm_channels(input, name, t)
+    return _batch_norm_output(input)
 
 
 # The CPU convolution's GEMM, exposed for its tests (csrc/cpu/gemm.cpp): C = A B, contiguous.

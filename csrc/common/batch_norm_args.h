@@ -18,7 +18,7 @@ namespace torch_cs231n {
 // bfloat16 inputs (torch's mixed batch norm), double for double.
 inline at::ScalarType bn_stat_dtype(at::ScalarType input) { return at::toOpMathType(input); }
 
-inline void bn_check_input(const at::Tensor& input, const char* op) {
+inline void check_batch_norm_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.dim() >= 2, op, ": expected input to have 2 or more dimensions (N, C, ...), but got a ",
               input.dim(), "-D tensor of shape ", input.sizes());
   check_float_dtype(input, op, "input");
@@ -26,7 +26,8 @@ inline void bn_check_input(const at::Tensor& input, const char* op) {
 
 // A per-channel tensor (weight, bias, running or saved statistics): same device as input, 1-D with C
 // elements, and the input's dtype, or float for a half/bfloat16 input (mixed precision, as torch allows).
-inline void bn_check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op) {
+inline void check_batch_norm_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
+                                            const char* op) {
   check_same_device(input, "input", t, name, op);
   const int64_t C = input.size(1);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " to have shape [", C,
@@ -37,13 +38,13 @@ inline void bn_check_channel_tensor(const at::Tensor& t, const char* name, const
               in == at::kHalf || in == at::kBFloat16 ? " or Float" : "", "), but got ", t.scalar_type());
 }
 
-inline void bn_check_optional(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input,
-                              const char* op) {
-  if (t.has_value() && t->defined()) bn_check_channel_tensor(*t, name, input, op);
+inline void check_batch_norm_optional(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input,
+                                      const char* op) {
+  if (t.has_value() && t->defined()) check_batch_norm_channel_tensor(*t, name, input, op);
 }
 
 // Training divides by the batch's own variance, which is 0 for a single value: torch refuses it.
-inline void bn_check_training_size(const at::Tensor& input, const char* op) {
+inline void check_batch_norm_training_size(const at::Tensor& input, const char* op) {
   int64_t per_channel = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
   TORCH_CHECK_VALUE(per_channel != 1, op, ": Expected more than 1 value per channel when training, got input size ",
@@ -51,55 +52,55 @@ inline void bn_check_training_size(const at::Tensor& input, const char* op) {
 }
 
 // All the arguments of each op, checked once for both backends.
-inline void bn_check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias, double eps, const char* op) {
-  bn_check_input(input, op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_optional(bias, "bias", input, op);
+inline void check_batch_norm_forward_train(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias, double eps, const char* op) {
+  check_batch_norm_input(input, op);
+  check_batch_norm_optional(weight, "weight", input, op);
+  check_batch_norm_optional(bias, "bias", input, op);
   TORCH_CHECK(eps > 0, op, ": expected eps to be positive in training, but got ", eps);
-  bn_check_training_size(input, op);
+  check_batch_norm_training_size(input, op);
 }
 
-inline void bn_check_forward_eval_args(const at::Tensor& input, const at::Tensor& running_mean,
-                                       const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias, double eps, const char* op) {
-  bn_check_input(input, op);
-  bn_check_channel_tensor(running_mean, "running_mean", input, op);
-  bn_check_channel_tensor(running_var, "running_var", input, op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_optional(bias, "bias", input, op);
+inline void check_batch_norm_forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
+                                          const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias, double eps, const char* op) {
+  check_batch_norm_input(input, op);
+  check_batch_norm_channel_tensor(running_mean, "running_mean", input, op);
+  check_batch_norm_channel_tensor(running_var, "running_var", input, op);
+  check_batch_norm_optional(weight, "weight", input, op);
+  check_batch_norm_optional(bias, "bias", input, op);
   TORCH_CHECK(eps >= 0, op, ": expected eps to be non-negative, but got ", eps);
 }
 
-inline void bn_check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
-                                   const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                   const at::Tensor& invstd, const char* op) {
-  bn_check_input(input, op);
+inline void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const char* op) {
+  check_batch_norm_input(input, op);
   check_same_device(input, "input", grad_output, "grad_output", op);
   check_same_dtype(input, "input", grad_output, "grad_output", op);
   check_same_shape(input, "input", grad_output, "grad_output", op);
-  bn_check_optional(weight, "weight", input, op);
-  bn_check_channel_tensor(mean, "mean", input, op);
-  bn_check_channel_tensor(invstd, "invstd", input, op);
+  check_batch_norm_optional(weight, "weight", input, op);
+  check_batch_norm_channel_tensor(mean, "mean", input, op);
+  check_batch_norm_channel_tensor(invstd, "invstd", input, op);
 }
 
 // Synchronised batch norm's ops (the order of their use: ops.cpp).
-inline void bn_check_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
-                                          const at::Tensor& mean, const char* op) {
-  bn_check_input(input, op);
+inline void check_batch_norm_backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
+                                             const at::Tensor& mean, const char* op) {
+  check_batch_norm_input(input, op);
   check_same_device(input, "input", grad_output, "grad_output", op);
   check_same_dtype(input, "input", grad_output, "grad_output", op);
   check_same_shape(input, "input", grad_output, "grad_output", op);
-  bn_check_channel_tensor(mean, "mean", input, op);
+  check_batch_norm_channel_tensor(mean, "mean", input, op);
 }
 
-inline void bn_check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
-                                         const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                         const at::Tensor& invstd, const at::Tensor& sum_dy,
-                                         const at::Tensor& sum_dy_xmu, int64_t count, const char* op) {
-  bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
-  bn_check_channel_tensor(sum_dy, "sum_dy", input, op);
-  bn_check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
+inline void check_batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                            const at::Tensor& invstd, const at::Tensor& sum_dy,
+                                            const at::Tensor& sum_dy_xmu, int64_t count, const char* op) {
+  check_batch_norm_backward(grad_output, input, weight, mean, invstd, op);
+  check_batch_norm_channel_tensor(sum_dy, "sum_dy", input, op);
+  check_batch_norm_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, op);
   int64_t local = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) local *= input.size(d);
   TORCH_CHECK(count >= local, op,
@@ -109,8 +110,8 @@ inline void bn_check_backward_elemt_args(const at::Tensor& grad_output, const at
 }
 
 // counts [P], means and vars [P, C]: one row per process, of one floating dtype, on one device.
-inline void bn_check_merge_stats_args(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars,
-                                      double eps, const char* op) {
+inline void check_batch_norm_merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars,
+                                         double eps, const char* op) {
   check_dim(counts, 1, op, "counts");
   check_dim(means, 2, op, "means");
   check_float_dtype(means, op, "means");
@@ -139,15 +140,15 @@ inline at::Tensor bn_empty_output(const at::Tensor& input) {
 
 // A dense tensor viewed as channel-first (N, C, S) or channel-last (N, S, C), S = product of dims 2..
 // Both backends loop over one of the two; any other layout is copied into the output's layout first.
-struct BnLayout {
+struct BatchNormLayout {
   int64_t N, C, S;
   bool channels_last;                  // C innermost: rows of C values; otherwise planes of S values per (n, c)
   int64_t M() const { return N * S; }  // values per channel
 };
 
 // `x` must be dense in the layout of bn_empty_output (contiguous or channels_last/channels_last_3d).
-inline BnLayout bn_layout(const at::Tensor& x) {
-  BnLayout l;
+inline BatchNormLayout batch_norm_layout(const at::Tensor& x) {
+  BatchNormLayout l;
   l.N = x.size(0);
   l.C = x.size(1);
   l.S = 1;

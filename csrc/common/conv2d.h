@@ -88,7 +88,7 @@ C10_HOST_DEVICE inline void conv_tap_first(int64_t t, int64_t s, int64_t p, int6
 }
 
 // ------------------------------------------------------------------------------------ column geometry
-struct ConvGeometry {
+struct Conv2dGeometry {
   int64_t n, c, h, w;  // input
   int64_t f, kh, kw;   // weight (f out channels, c / groups in channels per group)
   int64_t oh, ow;      // output
@@ -105,7 +105,7 @@ struct ConvGeometry {
 // One element of the column matrix of one sample: row r = (c, t_h, t_w), column q = (o_h, o_w).
 // x_plane points at the sample; the input is contiguous NCHW.
 template <typename T>
-C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const ConvGeometry& g, int64_t r, int64_t q) {
+C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const Conv2dGeometry& g, int64_t r, int64_t q) {
   const int64_t tw = r % g.kw;
   const int64_t th = (r / g.kw) % g.kh;
   const int64_t c = r / g.taps();
@@ -120,7 +120,7 @@ C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const ConvGeometry& g, 
 // One element of d_x for one sample, gathered from the column gradient d_col [(c,t_h,t_w), (o_h,o_w)]:
 //     d_x[c, i_h, i_w] = Σ_{t_h,t_w : inverse maps exist} d_col[(c,t_h,t_w), (o_h,o_w)]
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const ConvGeometry& g, int64_t c, int64_t i_h, int64_t i_w) {
+C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const Conv2dGeometry& g, int64_t c, int64_t i_h, int64_t i_w) {
   Acc acc = Acc(0);
   const int64_t q_count = g.oh * g.ow;
   for (int64_t th = 0; th < g.kh; ++th) {
@@ -140,7 +140,7 @@ C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const ConvGeometry& g, in
 // Output element (f, o_h, o_w) of one sample reads only input plane c = f / m:
 //     y[f, o_h, o_w] = b[f] + Σ_{t_h,t_w} W[f, 0, t_h, t_w] · x[f/m, i_h, i_w]
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc depthwise_value(const T* x_plane, const T* w_filter, const ConvGeometry& g, int64_t o_h,
+C10_HOST_DEVICE inline Acc depthwise_value(const T* x_plane, const T* w_filter, const Conv2dGeometry& g, int64_t o_h,
                                            int64_t o_w) {
   Acc acc = Acc(0);
   for (int64_t th = 0; th < g.kh; ++th) {
@@ -158,7 +158,7 @@ C10_HOST_DEVICE inline Acc depthwise_value(const T* x_plane, const T* w_filter, 
 // Depthwise d_x, as a gather: input element (i_h, i_w) of plane c receives, from each of its filter's
 // taps that reach it, W[f, t] · dY[f, o_h, o_w]  (the transposed convolution of one plane).
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc depthwise_grad_input_value(const T* dy_plane, const T* w_filter, const ConvGeometry& g,
+C10_HOST_DEVICE inline Acc depthwise_grad_input_value(const T* dy_plane, const T* w_filter, const Conv2dGeometry& g,
                                                       int64_t i_h, int64_t i_w) {
   Acc acc = Acc(0);
   for (int64_t th = 0; th < g.kh; ++th) {
@@ -195,9 +195,10 @@ inline void check_conv2d_params(at::IntArrayRef stride, at::IntArrayRef padding,
 
 // Checks input (N, C, H, W), weight (F, C/groups, kH, kW), bias (F) and the arguments, and returns the
 // geometry of the convolution. The output has (N, F, oH, oW).
-inline ConvGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& weight,
-                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op) {
+inline Conv2dGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                      const char* op) {
   TORCH_CHECK(input.dim() == 4, op,
               ": expected input to be 4-D (N, C, H, W) (conv2d() also takes a 3-D "
               "unbatched (C, H, W) input), but got a ",
@@ -224,7 +225,7 @@ inline ConvGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& w
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f, op, ": given weight of size ", weight.sizes(),
                 ", expected bias to be 1-D with ", f, " elements, but got bias of size ", bias->sizes());
   }
-  ConvGeometry g{};
+  Conv2dGeometry g{};
   g.n = input.size(0);
   g.c = input.size(1);
   g.h = input.size(2);
@@ -251,7 +252,7 @@ inline ConvGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& w
 }
 
 // The backward's extra check: grad_output must have the forward output's shape, dtype and device.
-inline void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g,
+inline void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dGeometry& g,
                                      const char* op) {
   check_same_device(input, "input", grad_output, "grad_output", op);
   check_same_dtype(input, "input", grad_output, "grad_output", op);
@@ -272,7 +273,7 @@ inline at::MemoryFormat conv2d_memory_format(const at::Tensor& input, const at::
 // The backward's outputs, (d_x, d_W, d_b): allocated where output_mask asks for them, in `format`, and
 // empty tensors of shape [0] where it does not (the schema returns three Tensors either way).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grad_buffers(
-    const at::Tensor& input, const at::Tensor& weight, const ConvGeometry& g, std::array<bool, 3> output_mask,
+    const at::Tensor& input, const at::Tensor& weight, const Conv2dGeometry& g, std::array<bool, 3> output_mask,
     at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   return {output_mask[0] ? at::empty({g.n, g.c, g.h, g.w}, input.options().memory_format(format))
                          : at::empty({0}, input.options()),
@@ -282,10 +283,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grad_buffers(
 }
 
 // Depthwise: every group has exactly one input channel. The direct kernels handle it.
-inline bool conv2d_is_depthwise(const ConvGeometry& g) { return g.groups > 1 && g.groups == g.c; }
+inline bool conv2d_is_depthwise(const Conv2dGeometry& g) { return g.groups > 1 && g.groups == g.c; }
 
 // 1x1, stride 1, no padding: the columns are the input itself, so im2col and col2im are skipped.
-inline bool conv2d_is_pointwise(const ConvGeometry& g) {
+inline bool conv2d_is_pointwise(const Conv2dGeometry& g) {
   return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
 }
 

@@ -57,7 +57,7 @@ C10_HOST_DEVICE inline int64_t output_size(int64_t in, int64_t k, int64_t s, int
 
 // The taps t of output o that exist, as the half-open range [*t_begin, *t_end) of (1). It is never
 // empty without dilation (padding <= half the kernel and rule (2) see to that); with dilation it can
-// be, and make_geometry refuses such a geometry.
+// be, and max_pool2d_geometry refuses such a geometry.
 C10_HOST_DEVICE inline void valid_taps(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
                                        int64_t* t_begin, int64_t* t_end) {
   const int64_t start = o * s - p;                        // input position of tap 0
@@ -139,10 +139,12 @@ C10_HOST_DEVICE inline void scan_window(int64_t oh, int64_t ow, int64_t height, 
   *index_out = index;
 }
 
+}  // namespace pool
+
 // ------------------------------------------------------------------------------------------ host side
 // The argument checks and the shape of the problem, shared by the CPU and CUDA entry points. Messages
 // name the argument, what was expected and what came (docs/architecture.md, Errors).
-struct Geometry {
+struct MaxPool2dGeometry {
   bool batched;  // a 4-D input; a 3-D (C, H, W) one is pooled as a batch of one
   int64_t batch, channels, height, width, out_h, out_w;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
@@ -159,17 +161,18 @@ struct Geometry {
   }
 };
 
-inline void check_pair(at::IntArrayRef v, const char* op, const char* arg) {
+inline void check_max_pool2d_pair(at::IntArrayRef v, const char* op, const char* arg) {
   TORCH_CHECK(v.size() == 2, op, ": expected ", arg, " to have 2 values (height, width), but got ", v.size(), ": ", v);
 }
 
 // Every check of torch's max_pool2d, then the output size by rule (2).
-inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode, const char* op) {
-  check_pair(kernel_size, op, "kernel_size");
-  check_pair(stride, op, "stride");
-  check_pair(padding, op, "padding");
-  check_pair(dilation, op, "dilation");
+inline MaxPool2dGeometry max_pool2d_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             bool ceil_mode, const char* op) {
+  check_max_pool2d_pair(kernel_size, op, "kernel_size");
+  check_max_pool2d_pair(stride, op, "stride");
+  check_max_pool2d_pair(padding, op, "padding");
+  check_max_pool2d_pair(dilation, op, "dilation");
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op, ": expected kernel_size to be positive, but got ",
               "kernel_size=", kernel_size);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected stride to be positive, but got stride=", stride);
@@ -193,7 +196,7 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
               input.sizes());
   check_float_or_integer_dtype(input, op, "input");  // integers: forward only, as torch (no gradients)
 
-  Geometry g;
+  MaxPool2dGeometry g;
   g.batched = d == 4;
   g.batch = g.batched ? input.size(0) : 1;
   g.channels = input.size(d - 3);
@@ -208,8 +211,8 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
   g.dh = dilation[0];
   g.dw = dilation[1];
   g.ceil_mode = ceil_mode;
-  g.out_h = output_size(g.height, g.kh, g.sh, g.ph, g.dh, ceil_mode);
-  g.out_w = output_size(g.width, g.kw, g.sw, g.pw, g.dw, ceil_mode);
+  g.out_h = pool::output_size(g.height, g.kh, g.sh, g.ph, g.dh, ceil_mode);
+  g.out_w = pool::output_size(g.width, g.kw, g.sw, g.pw, g.dw, ceil_mode);
   TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": output size is too small: input of height ", g.height, " and width ",
               g.width, " with kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding,
               ", dilation=", dilation, " and ceil_mode=", ceil_mode, " gives an output of ", g.out_h, "x", g.out_w);
@@ -221,7 +224,7 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
     const int64_t* a = dims[i];
     for (int64_t o = 0; o < a[1]; ++o) {
       int64_t t0, t1;
-      valid_taps(o, a[0], a[2], a[3], a[4], a[5], &t0, &t1);
+      pool::valid_taps(o, a[0], a[2], a[3], a[4], a[5], &t0, &t1);
       TORCH_CHECK(t0 < t1, op, ": expected every pooling window to hold at least one input element, but window ", o,
                   " along the ", i == 0 ? "height" : "width", " falls entirely in the padding (input size ", a[0],
                   ", kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation,
@@ -234,11 +237,12 @@ inline Geometry make_geometry(const at::Tensor& input, at::IntArrayRef kernel_si
 }
 
 // The shapes and types the backward needs to trust before it writes anything.
-inline Geometry check_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
-                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, bool ceil_mode) {
+inline MaxPool2dGeometry check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                   const at::Tensor& indices, at::IntArrayRef kernel_size,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, bool ceil_mode) {
   constexpr const char* op = "max_pool2d_backward";
-  const Geometry g = pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, op);
+  const MaxPool2dGeometry g = max_pool2d_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, op);
   check_same_device(input, "input", grad_output, "grad_output", op);
   check_same_device(input, "input", indices, "indices", op);
   check_same_dtype(input, "input", grad_output, "grad_output", op);
@@ -252,5 +256,4 @@ inline Geometry check_backward(const at::Tensor& grad_output, const at::Tensor& 
   return g;
 }
 
-}  // namespace pool
 }  // namespace torch_cs231n

@@ -14,7 +14,7 @@
 namespace torch_cs231n {
 
 // What both backward ops (relu_backward, relu_backward_with_mask) check of grad_output and output.
-inline void relu_check_backward(const at::Tensor& grad_output, const at::Tensor& output, const char* op) {
+inline void check_relu_backward(const at::Tensor& grad_output, const at::Tensor& output, const char* op) {
   check_float_dtype(output, op, "output");
   check_same_device(output, "output", grad_output, "grad_output", op);
   check_same_dtype(output, "output", grad_output, "grad_output", op);
@@ -29,11 +29,11 @@ inline at::Tensor relu_empty_mask(const at::Tensor& output) {
 // Checks the backward's arguments and returns {grad_input, dy}: grad_input laid out as the forward's
 // output is, which is the order the mask bits follow, and grad_output in that layout. The output gives
 // only its shape, strides and dtype; its values are not read.
-inline std::pair<at::Tensor, at::Tensor> relu_backward_with_mask_args(const at::Tensor& grad_output,
-                                                                      const at::Tensor& output,
-                                                                      const at::Tensor& mask) {
+inline std::pair<at::Tensor, at::Tensor> check_relu_backward_with_mask(const at::Tensor& grad_output,
+                                                                       const at::Tensor& output,
+                                                                       const at::Tensor& mask) {
   constexpr const char* op = "relu_backward_with_mask";
-  relu_check_backward(grad_output, output, op);
+  check_relu_backward(grad_output, output, op);
   check_same_device(output, "output", mask, "mask", op);
   TORCH_CHECK(output.is_non_overlapping_and_dense(), op, ": expected output to be the output of ",
               "relu_forward_with_mask, which is dense (no gaps or overlaps), but got strides ", output.strides(),

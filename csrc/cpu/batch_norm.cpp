@@ -263,13 +263,13 @@ struct PlaneUnits {
   int64_t count;  // units per channel
 };
 
-inline PlaneUnits plane_units(const BnLayout& lay) {
+inline PlaneUnits plane_units(const BatchNormLayout& lay) {
   const int64_t per = lay.S <= kBlock ? std::max<int64_t>(1, kBlock / std::max<int64_t>(lay.S, 1)) : 1;
   return {per, (lay.N + per - 1) / per};
 }
 
 template <typename scalar_t, typename acc_t>
-BnStats<acc_t> unit_stats(const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c, int64_t u) {
+BnStats<acc_t> unit_stats(const scalar_t* x, const BatchNormLayout& lay, const PlaneUnits& pu, int64_t c, int64_t u) {
   using T = opmath_t<scalar_t>;
   const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
   const scalar_t* base = x + (n0 * C + c) * S;
@@ -297,7 +297,7 @@ BnStats<acc_t> unit_stats(const scalar_t* x, const BnLayout& lay, const PlaneUni
 }
 
 template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
-void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BnLayout& lay, const PlaneUnits& pu, int64_t c,
+void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout& lay, const PlaneUnits& pu, int64_t c,
                     int64_t u, T mean, acc_t& sum_dy, acc_t& sum_dy_xmu) {
   const int64_t C = lay.C, S = lay.S, n0 = u * pu.per;
   const int64_t off = (n0 * C + c) * S;
@@ -389,7 +389,7 @@ void rows_two_pass(const scalar_t* xb, int64_t nr, int64_t C, scalar_t* shift, s
 
 // Per-channel statistics of x.
 template <typename scalar_t, typename acc_t>
-std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BnLayout& lay) {
+std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BatchNormLayout& lay) {
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   std::vector<BnStats<acc_t>> out(C, BnStats<acc_t>{0, 0, 0});
   if (!lay.channels_last) {
@@ -460,7 +460,7 @@ void grad_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const T* me
 
 // Per-channel sum dy and sum dy * (x - mean), the two sums of the backward.
 template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
-void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, const BnLayout& lay,
+void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, const BatchNormLayout& lay,
                        std::vector<acc_t>& sum_dy, std::vector<acc_t>& sum_dy_xmu) {
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   sum_dy.assign(C, 0);
@@ -516,7 +516,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
 // Channel-first: one plane at a time, so the per-channel constants are loop invariants. Channel-last: one
 // row at a time, the constants indexed by c (the arrays stay in L1).
 template <typename F>
-void for_each_channel_run(const BnLayout& lay, F f) {
+void for_each_channel_run(const BatchNormLayout& lay, F f) {
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   if (!lay.channels_last) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
@@ -558,7 +558,7 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t off, int64_t len, int
 }
 
 template <typename scalar_t, typename T = opmath_t<scalar_t>>
-void normalize_loop(const scalar_t* x, scalar_t* y, const BnLayout& lay, const T* mean, const T* mean_lo,
+void normalize_loop(const scalar_t* x, scalar_t* y, const BatchNormLayout& lay, const T* mean, const T* mean_lo,
                     const T* scale, const T* beta) {
   for_each_channel_run(lay, [&](int64_t off, int64_t len, int64_t c, bool cl) {
     normalize_run(x, y, off, len, c, cl, mean, mean_lo, scale, beta);
@@ -620,22 +620,22 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
 
 // ------------------------------------------------------------------------------------------------- ops
 // The input in the output's layout, with the layout's description.
-std::tuple<at::Tensor, at::Tensor, BnLayout> dense_input(const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor, BatchNormLayout> dense_input(const at::Tensor& input) {
   at::Tensor out = bn_empty_output(input);
   at::Tensor x = dense_like(input, out);
-  return {x, out, bn_layout(x)};
+  return {x, out, batch_norm_layout(x)};
 }
 
 // Channel-first with at least one channel per thread: each thread takes whole channels and runs both
 // passes over one channel before the next. The second pass then reads the channel from cache (its
 // N*S values are at most a few hundred KiB at the suite's shapes), so x (and dy) come from memory once.
 // With fewer channels than threads, the reduction is split over planes instead (channel_stats).
-bool per_channel_fused(const BnLayout& lay) { return !lay.channels_last && lay.C >= at::get_num_threads(); }
+bool per_channel_fused(const BatchNormLayout& lay) { return !lay.channels_last && lay.C >= at::get_num_threads(); }
 
 // The statistics of channel c of a channel-first tensor: its units merged in order (the same order as
 // channel_stats, so both paths give the same bits).
 template <typename scalar_t, typename acc_t>
-BnStats<acc_t> channel_first_stats(const scalar_t* x, const BnLayout& lay, int64_t c) {
+BnStats<acc_t> channel_first_stats(const scalar_t* x, const BatchNormLayout& lay, int64_t c) {
   const PlaneUnits pu = plane_units(lay);
   BnStats<acc_t> s{0, 0, 0};
   for (int64_t u = 0; u < pu.count; ++u) s = bn_merge(s, unit_stats<scalar_t, acc_t>(x, lay, pu, c, u));
@@ -646,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps) {
   constexpr const char* op = "batch_norm_forward_train";
-  bn_check_forward_train_args(input, weight, bias, eps, op);
+  check_batch_norm_forward_train(input, weight, bias, eps, op);
   auto [x, output, lay] = dense_input(input);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor save_mean = at::empty({lay.C}, stat_opts);
@@ -704,7 +704,7 @@ at::Tensor batch_norm_forward_eval_cpu(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
                                        const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "batch_norm_forward_eval";
-  bn_check_forward_eval_args(input, running_mean, running_var, weight, bias, eps, op);
+  check_batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps, op);
   auto [x, output, lay] = dense_input(input);
   if (output.numel() == 0) return output;
   const at::Tensor rm = bn_channel_values(running_mean, input, 0.0);
@@ -731,11 +731,11 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   constexpr const char* op = "batch_norm_backward";
-  bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
+  check_batch_norm_backward(grad_output, input, weight, mean, invstd, op);
   at::Tensor grad_input = bn_empty_output(input);
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C, S = lay.S;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor grad_weight = output_mask[1] ? at::empty({C}, stat_opts) : at::Tensor();
@@ -808,9 +808,9 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 // Per-channel mean and biased variance of this process's input (0 and 0 for an empty batch).
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
   constexpr const char* op = "batch_norm_stats";
-  bn_check_input(input, op);
+  check_batch_norm_input(input, op);
   const at::Tensor x = dense_like(input, bn_empty_output(input));
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor mean = at::empty({lay.C}, stat_opts);
   at::Tensor var = at::empty({lay.C}, stat_opts);
@@ -835,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const 
                                                                           const at::Tensor& means,
                                                                           const at::Tensor& vars, double eps) {
   constexpr const char* op = "batch_norm_merge_stats";
-  bn_check_merge_stats_args(counts, means, vars, eps, op);
+  check_batch_norm_merge_stats(counts, means, vars, eps, op);
   if (cpu::is_reduced_float(means)) {
     auto [mean, var, invstd] =
         batch_norm_merge_stats_cpu(cpu::to_float(counts), cpu::to_float(means), cpu::to_float(vars), eps);
@@ -871,11 +871,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cpu(const 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_output,
                                                                   const at::Tensor& input, const at::Tensor& mean) {
   constexpr const char* op = "batch_norm_backward_reduce";
-  bn_check_backward_reduce_args(grad_output, input, mean, op);
+  check_batch_norm_backward_reduce(grad_output, input, mean, op);
   const at::Tensor layout = bn_empty_output(input);
   const at::Tensor x = dense_like(input, layout);
   const at::Tensor dy = dense_like(grad_output, layout);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor sum_dy = at::empty({lay.C}, stat_opts);
   at::Tensor sum_dy_xmu = at::empty({lay.C}, stat_opts);
@@ -903,12 +903,12 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
                                          const at::Tensor& invstd, const at::Tensor& sum_dy,
                                          const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "batch_norm_backward_elemt";
-  bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
+  check_batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
   at::Tensor grad_input = bn_empty_output(input);
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const auto dtype = bn_stat_dtype(input.scalar_type());
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor mu = mean.to(dtype).contiguous(), is = invstd.to(dtype).contiguous();

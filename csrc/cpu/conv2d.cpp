@@ -56,13 +56,13 @@ using namespace conv2d_cpu;  // the kernels of the cpu/conv2d_*.h headers
 // 14 of 16 columns) but whose channels are many runs the NHWC kernel instead, transposing each sample in
 // and out while it is in cache. It throws away as many pixels, but its kernel packs nothing and runs at
 // nearly the FMA peak (docs/conv2d.md).
-bool nchw_through_pixels(const ConvGeometry& g) {
+bool nchw_through_pixels(const Conv2dGeometry& g) {
   return channels_last_direct(g) && g.c_per_group() >= 16 && 10 * g.col_cols() < 9 * shifted_planes(g).cols;
 }
 
 // conv_forward_gemm's NCHW choices, with w the filters as a tensor (NCHW contiguous).
 template <typename T>
-void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
+void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
   if (use_pixel_rows(g)) {
     conv_forward_pixel_rows<T>(x, w, b, y, g);
   } else if (nchw_through_pixels(g)) {
@@ -76,7 +76,7 @@ void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const
 // The NCHW kernels, on contiguous tensors.
 template <typename T>
 void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::Tensor& y,
-                  const ConvGeometry& g) {
+                  const Conv2dGeometry& g) {
   if (depthwise_by_pixels(g)) {
     depthwise_forward_pixels<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b ? b->const_data_ptr<T>() : nullptr,
                                 y.mutable_data_ptr<T>(), g);
@@ -89,7 +89,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 
 template <typename T>
 void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                   at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw, bool need_db) {
+                   at::Tensor& db, const Conv2dGeometry& g, bool need_dx, bool need_dw, bool need_db) {
   if (depthwise_by_pixels(g)) {  // d_b too, in its own pass over dY
     depthwise_backward_pixels<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                  need_dx ? dx.mutable_data_ptr<T>() : nullptr,
@@ -101,7 +101,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     // d_x of a stride-1 layer with one filter per channel is the depthwise convolution of dY with the
     // flipped filters (as for the dense layers): the forward's kernel, measured 7.7 against 11.8 ms for
     // the gather at (32, 128, 56, 56). d_W and d_b (in the same pass over dY) by the backward kernel.
-    ConvGeometry t;
+    Conv2dGeometry t;
     const bool dx_by_conv = need_dx && g.f == g.c && transposed_geometry(g, &t);
     if (dx_by_conv) depthwise_forward<T>(dy, transposed_filters(w, g), c10::nullopt, dx, t);
     if (need_dw || need_db || (need_dx && !dx_by_conv)) {
@@ -112,7 +112,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
   // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels (our in
   // channels) fill the micro-kernel's rows; otherwise d_col and col2im.
-  ConvGeometry t;
+  Conv2dGeometry t;
   const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
   const bool dx_by_col2im = need_dx && !dx_by_conv;
   // d_W: by pixel rows or shifted planes where the forward uses them, otherwise from im2col panels.
@@ -137,7 +137,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
 // The bfloat16 route (conv2d_bf16.h) into y, which has the results' memory format.
 void bf16_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                  at::Tensor& y, const ConvGeometry& g, at::MemoryFormat format) {
+                  at::Tensor& y, const Conv2dGeometry& g, at::MemoryFormat format) {
   if (y.numel() == 0) return;
   const at::Tensor x = input.contiguous(format);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -149,7 +149,7 @@ void bf16_forward(const at::Tensor& input, const at::Tensor& weight, const c10::
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
-  const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  const Conv2dGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
     at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
@@ -181,18 +181,16 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(const at::Tensor& grad_output,
-                                                                   const at::Tensor& input, const at::Tensor& weight,
-                                                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                                                   at::IntArrayRef dilation, int64_t groups,
-                                                                   std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv2d_backward";
-  const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
+  const Conv2dGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   if (cpu::is_reduced_float(input)) {
     // bfloat16 on the bfloat16 route (conv2d_bf16.h): d_x of a stride-1 layer as the transposed
     // convolution, and d_W; d_b and anything else in float32.
-    ConvGeometry t;
+    Conv2dGeometry t;
     const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_direct(g);
     const bool dx_bf16 = output_mask[0] && bf16 && transposed_geometry(g, &t) && bf16_direct(t);
     const bool dw_bf16 = output_mask[1] && bf16;
@@ -203,8 +201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(const at:
     const auto dtype = input.scalar_type();
     at::Tensor dx, dw, db;
     if (mask_f32[0] || mask_f32[1] || mask_f32[2]) {
-      std::tie(dx, dw, db) = conv2d_backward_buffers(cpu::to_float(grad_output), cpu::to_float(input),
-                                                 cpu::to_float(weight), stride, padding, dilation, groups, mask_f32);
+      std::tie(dx, dw, db) =
+          conv2d_backward_buffers(cpu::to_float(grad_output), cpu::to_float(input), cpu::to_float(weight), stride,
+                                  padding, dilation, groups, mask_f32);
     } else {
       std::tie(dx, dw, db) = conv2d_grad_buffers(input, weight, g, mask_f32, conv2d_memory_format(input, weight));
     }
@@ -233,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(const at:
     return {dx, dw, db};
   }
   if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
-  ConvGeometry t;
+  Conv2dGeometry t;
   if (format == at::MemoryFormat::ChannelsLast && channels_last_direct(g) && (!need_dx || transposed_geometry(g, &t))) {
     const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
     if (need_db) db.copy_(dy.sum({0, 2, 3}));

@@ -41,7 +41,7 @@ constexpr int kBf16Mr = 6, kBf16Nr = 64;
 
 // Whether the bfloat16 route takes the layer: the CPU has AVX512-BF16 (and AVX-512 is the ISA in force,
 // so that the ISA cap of the tests reaches it), stride 1, one group.
-inline bool bf16_direct(const ConvGeometry& g) {
+inline bool bf16_direct(const Conv2dGeometry& g) {
   return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.sh == 1 && g.sw == 1 &&
          g.f > 0 && g.c > 0;
 }
@@ -58,7 +58,7 @@ inline uint16_t bf16_bits(const c10::BFloat16& v) { return v.x; }
 
 // The filters, packed: sliver s (filters 64s .. 64s+63), tap t, channel pair q at
 // packed[((s * taps + t) * pairs + q) * 64 + j] = (W[64s+j, 2q, t], W[64s+j, 2q+1, t]), 0 past F or C.
-inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const ConvGeometry& g, int64_t pairs) {
+inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const Conv2dGeometry& g, int64_t pairs) {
   const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
   std::vector<uint32_t> packed(slivers * taps * pairs * kBf16Nr, 0);
   const auto* wp = w.const_data_ptr<c10::BFloat16>();
@@ -79,7 +79,7 @@ inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const ConvGe
 
 // x_pad: the sample with its zero border, pixel-major, channel pitch cp = C rounded up to even (the odd
 // channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory.
-inline void pad_bf16_pixels(const c10::BFloat16* x, const ConvGeometry& g, const ShiftedPlanes& sp, int64_t cp,
+inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t cp,
                             bool planes, uint16_t* x_pad) {
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
   std::fill(x_pad, x_pad + sp.hp * sp.wp * cp, uint16_t(0));
@@ -147,7 +147,7 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
 // y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a stride-1, one-group layer (bf16_direct).
 // x and y are in the same layout; w is any (F, C, kH, kW) bfloat16 tensor; b a float32 copy of the bias.
 inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const float* b, c10::BFloat16* y,
-                              const ConvGeometry& g, bool planes) {
+                              const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), pairs = cp / 2, taps = g.taps();
@@ -244,7 +244,7 @@ CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_w
 // d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16
 // dy and x (NHWC, or NCHW when `planes`). Each chunk of samples sums into its own d_W; the chunks are then
 // added in order, so the result does not depend on the thread count's timing.
-inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const ConvGeometry& g,
+inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
                                         bool planes) {
   at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
 #if CS231N_X86

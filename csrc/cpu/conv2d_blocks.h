@@ -32,7 +32,7 @@ constexpr int64_t kGrain = 1 << 14;
 // filters (large in those layers) are packed and read once, not once per thread.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
 constexpr int64_t kMinPixelsPerSample = 128;
-inline int64_t chunk_count(const ConvGeometry& g) {
+inline int64_t chunk_count(const Conv2dGeometry& g) {
   const int64_t macs = g.n * g.f * g.c_per_group() * g.taps() * g.col_cols();
   if (macs < kMinParallelMacs || g.col_cols() < kMinPixelsPerSample) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
@@ -55,7 +55,7 @@ void sum_chunks(const std::vector<T>& partial, int64_t chunks, int64_t size, T* 
 // stays under kColumnBudget elements (it never grows with N).
 constexpr int64_t kMinColumns = 512;
 constexpr int64_t kColumnBudget = int64_t(1) << 21;  // 8 MiB in float32
-inline int64_t block_size(const ConvGeometry& g, int64_t chunk_len) {
+inline int64_t block_size(const Conv2dGeometry& g, int64_t chunk_len) {
   const int64_t by_target = (kMinColumns + g.col_cols() - 1) / g.col_cols();
   const int64_t by_budget = kColumnBudget / std::max<int64_t>(1, g.col_rows() * g.col_cols());
   return std::max<int64_t>(1, std::min({chunk_len, by_target, by_budget}));

@@ -26,7 +26,7 @@ namespace conv2d_cpu {
 //     y[n, f, o_h, o_w] = b[f] + Σ_{t_h, t_w} W[f, 0, t_h, t_w] · x[n, f/m, i_h, i_w]
 // One plane per task; rows are accumulated tap by tap over the valid interval, a loop that vectorises.
 template <typename T>
-CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* bp, T* yp, const Conv2dGeometry& g,
                                             int64_t begin, int64_t end) {
   const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
   for (int64_t nf = begin; nf < end; ++nf) {
@@ -58,14 +58,14 @@ CS231N_INLINE void depthwise_forward_planes(const T* xp, const T* wp, const T* b
 }
 
 template <typename T>
-CS231N_AVX2 void depthwise_forward_planes_avx2(const T* xp, const T* wp, const T* bp, T* yp, const ConvGeometry& g,
+CS231N_AVX2 void depthwise_forward_planes_avx2(const T* xp, const T* wp, const T* bp, T* yp, const Conv2dGeometry& g,
                                                int64_t begin, int64_t end) {
   depthwise_forward_planes<T>(xp, wp, bp, yp, g, begin, end);
 }
 
 template <typename T>
 void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                       const ConvGeometry& g) {
+                       const Conv2dGeometry& g) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
@@ -86,7 +86,7 @@ void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::opti
 // d_W is accumulated lane by lane into one row per tap (a vectorisable loop), reduced at the end.
 template <typename T>
 CS231N_INLINE void depthwise_backward_channels(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
-                                               const ConvGeometry& g, int64_t begin, int64_t end) {
+                                               const Conv2dGeometry& g, int64_t begin, int64_t end) {
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
   const bool need_dx = dxp != nullptr, need_dw = dwp != nullptr, need_db = dbp != nullptr;
   const int64_t m = g.f / g.c, plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.taps();
@@ -177,7 +177,7 @@ CS231N_INLINE void depthwise_backward_channels(const T* dyp, const T* xp, const 
 
 template <typename T>
 CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, const T* wp, T* dxp, T* dwp, T* dbp,
-                                                  const ConvGeometry& g, int64_t begin, int64_t end) {
+                                                  const Conv2dGeometry& g, int64_t begin, int64_t end) {
   depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
 }
 
@@ -187,8 +187,8 @@ CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, con
 //     d_W[c, t_h, t_w] = Σ_{n, o_h, o_w} dY[n, c, o_h, o_w] · x_pad[n, c, o_h + t_h*dH, o_w + t_w*dW]
 // Vectors are GCC's generic vectors of 64 bytes, which each instruction set's build splits as it can.
 template <typename T>
-CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
-                                                      int64_t begin, int64_t end) {
+CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp, T* dwp, T* dbp,
+                                                      const Conv2dGeometry& g, int64_t begin, int64_t end) {
   constexpr int kLanes = 64 / sizeof(T);
   typedef T Vec __attribute__((vector_size(64)));
   const int64_t wp = g.w + 2 * g.pw, hp = g.h + 2 * g.ph, plane_out = g.oh * g.ow;
@@ -240,28 +240,28 @@ CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp,
 }
 
 template <typename T>
-void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g, int64_t begin,
-                                        int64_t end) {
+void depthwise_weight_grad_3x3_baseline(const T* dyp, const T* xp, T* dwp, T* dbp, const Conv2dGeometry& g,
+                                        int64_t begin, int64_t end) {
   depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
 }
 template <typename T>
-CS231N_AVX2 void depthwise_weight_grad_3x3_avx2(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+CS231N_AVX2 void depthwise_weight_grad_3x3_avx2(const T* dyp, const T* xp, T* dwp, T* dbp, const Conv2dGeometry& g,
                                                 int64_t begin, int64_t end) {
   depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
 }
 template <typename T>
-CS231N_AVX512 void depthwise_weight_grad_3x3_avx512(const T* dyp, const T* xp, T* dwp, T* dbp, const ConvGeometry& g,
+CS231N_AVX512 void depthwise_weight_grad_3x3_avx512(const T* dyp, const T* xp, T* dwp, T* dbp, const Conv2dGeometry& g,
                                                     int64_t begin, int64_t end) {
   depthwise_weight_grad_3x3_channels(dyp, xp, dwp, dbp, g, begin, end);
 }
 
-inline bool depthwise_weight_grad_is_3x3(const ConvGeometry& g) {
+inline bool depthwise_weight_grad_is_3x3(const Conv2dGeometry& g) {
   return g.f == g.c && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1;
 }
 
 template <typename T>
 void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                        at::Tensor& db, const ConvGeometry& g, bool need_dx, bool need_dw, bool need_db) {
+                        at::Tensor& db, const Conv2dGeometry& g, bool need_dx, bool need_dw, bool need_db) {
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const T* dyp = dy.const_data_ptr<T>();
@@ -300,13 +300,13 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and slower on
 // large planes (56 x 56: the two transposes cost more than the short rows).
 constexpr int64_t kMaxDepthwisePixels = 256;
-inline bool depthwise_by_pixels(const ConvGeometry& g) {
+inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
   return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;
 }
 
 // out[o, :] for every output pixel o of one sample; w_t = W as [taps][C].
 template <typename T>
-CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
                                      const ShiftedPlanes& sp) {
   const int64_t C = g.c;
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
@@ -325,7 +325,7 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
 // The backward's sums for one sample: dx_pad (zeroed here) and the running dw_t [taps][C] and db [C].
 template <typename T>
 CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                      const ConvGeometry& g, const ShiftedPlanes& sp) {
+                                      const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   const int64_t C = g.c;
   if (dx_pad) std::fill(dx_pad, dx_pad + sp.hp * sp.wp * C, T(0));
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
@@ -354,39 +354,39 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
 
 // The loops above compiled for each instruction set (their bodies inline into each).
 template <typename T>
-void dw_forward_pixels_baseline(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+void dw_forward_pixels_baseline(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
                                 const ShiftedPlanes& sp) {
   dw_forward_pixels(x_pad, w_t, b, out, g, sp);
 }
 template <typename T>
-CS231N_AVX2 void dw_forward_pixels_avx2(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+CS231N_AVX2 void dw_forward_pixels_avx2(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
                                         const ShiftedPlanes& sp) {
   dw_forward_pixels(x_pad, w_t, b, out, g, sp);
 }
 template <typename T>
-CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const T* b, T* out, const ConvGeometry& g,
+CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
                                             const ShiftedPlanes& sp) {
   dw_forward_pixels(x_pad, w_t, b, out, g, sp);
 }
 template <typename T>
 void dw_backward_pixels_baseline(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                 const ConvGeometry& g, const ShiftedPlanes& sp) {
+                                 const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
 }
 template <typename T>
 CS231N_AVX2 void dw_backward_pixels_avx2(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                         const ConvGeometry& g, const ShiftedPlanes& sp) {
+                                         const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
 }
 template <typename T>
 CS231N_AVX512 void dw_backward_pixels_avx512(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                             const ConvGeometry& g, const ShiftedPlanes& sp) {
+                                             const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
 }
 
 // W [C, 1, kH, kW] as [taps][C].
 template <typename T>
-std::vector<T> taps_by_channel(const T* w, const ConvGeometry& g) {
+std::vector<T> taps_by_channel(const T* w, const Conv2dGeometry& g) {
   std::vector<T> w_t(g.taps() * g.c);
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t t = 0; t < g.taps(); ++t) w_t[t * g.c + c] = w[c * g.taps() + t];
@@ -395,7 +395,7 @@ std::vector<T> taps_by_channel(const T* w, const ConvGeometry& g) {
 }
 
 template <typename T>
-void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_t = taps_by_channel(w, g);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
@@ -418,7 +418,7 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
 }
 
 template <typename T>
-void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const ConvGeometry& g) {
+void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_t = taps_by_channel(w, g);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();

@@ -27,7 +27,7 @@ namespace conv2d_cpu {
 // otherwise into a buffer whose columns are then copied to the nb samples (one pass over the output,
 // small next to the GEMM). Raw pointers, contiguous NCHW tensors: the backward's d_x reuses it.
 template <typename T>
-void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g) {
   if (use_shifted_planes(g)) {
     conv_forward_shifted(x, w, b, y, g);
     return;
@@ -64,7 +64,7 @@ void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeome
 // with the filters flipped in space and with in and out channels swapped, padded by d*(k-1) - p
 // (docs/conv2d.md). It runs through conv_forward_gemm. The geometry of that convolution, or false when
 // the layer is strided (or padded beyond d*(k-1)), where d_x goes through d_col and col2im instead.
-inline bool transposed_geometry(const ConvGeometry& g, ConvGeometry* t) {
+inline bool transposed_geometry(const Conv2dGeometry& g, Conv2dGeometry* t) {
   const int64_t ph = g.dh * (g.kh - 1) - g.ph, pw = g.dw * (g.kw - 1) - g.pw;
   if (g.sh != 1 || g.sw != 1 || ph < 0 || pw < 0) return false;
   *t = g;
@@ -80,7 +80,7 @@ inline bool transposed_geometry(const ConvGeometry& g, ConvGeometry* t) {
 }
 
 // The filters of that convolution: W_t[g*Cg + c, f, kH-1-t_h, kW-1-t_w] = W[g*Fg + f, c, t_h, t_w].
-inline at::Tensor transposed_filters(const at::Tensor& w, const ConvGeometry& g) {
+inline at::Tensor transposed_filters(const at::Tensor& w, const Conv2dGeometry& g) {
   return w.view({g.groups, g.f_per_group(), g.c_per_group(), g.kh, g.kw})
       .transpose(1, 2)
       .flip({3, 4})
@@ -92,7 +92,7 @@ inline at::Tensor transposed_filters(const at::Tensor& w, const ConvGeometry& g)
 //   d_W_g += dY_b · col_gᵀ        (K = nb*oH*oW; B packed straight from x: pack_columns_transposed)
 // and, when the layer is strided, d_col_g = W_gᵀ · dY_b, then d_x[n] = col2im(d_col[n]).
 template <typename T>
-void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const ConvGeometry& g, bool dx_by_col2im) {
+void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const Conv2dGeometry& g, bool dx_by_col2im) {
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);

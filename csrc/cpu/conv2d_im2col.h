@@ -27,7 +27,7 @@ namespace conv2d_cpu {
 // Within an output row the valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, with
 // no test per element. `in_sample` is the distance between samples in x.
 template <typename T>
-void im2col_segment(const T* __restrict__ x, int64_t in_sample, const ConvGeometry& g, int64_t r, int64_t q0,
+void im2col_segment(const T* __restrict__ x, int64_t in_sample, const Conv2dGeometry& g, int64_t r, int64_t q0,
                     int64_t q1, T* __restrict__ dst) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps(), cols = g.col_cols();
   int64_t lo, hi;
@@ -74,7 +74,7 @@ T* scratch_row(int64_t size) {
 
 // The forward's B = col_g (rows r0 .. of group g's columns, columns = the block's pixels), packed.
 template <typename T>
-cpu::PackB<T> pack_columns(const T* x, int64_t in_sample, const ConvGeometry& g, int64_t r0) {
+cpu::PackB<T> pack_columns(const T* x, int64_t in_sample, const Conv2dGeometry& g, int64_t r0) {
   return [=, &g](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
     T* row = scratch_row<T>(nc);
     for (int64_t p = 0; p < kc; ++p) {
@@ -87,7 +87,7 @@ cpu::PackB<T> pack_columns(const T* x, int64_t in_sample, const ConvGeometry& g,
 // d_W's B = col_gᵀ (rows = the block's pixels, columns = rows r0 .. of group g's columns), packed: each
 // column of the block is one segment of a row of col, written down its sliver.
 template <typename T>
-cpu::PackB<T> pack_columns_transposed(const T* x, int64_t in_sample, const ConvGeometry& g, int64_t r0) {
+cpu::PackB<T> pack_columns_transposed(const T* x, int64_t in_sample, const Conv2dGeometry& g, int64_t r0) {
   return [=, &g](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
     T* row = scratch_row<T>(kc);
     for (int64_t j = 0; j < nc; ++j) {
@@ -105,7 +105,7 @@ cpu::PackB<T> pack_columns_transposed(const T* x, int64_t in_sample, const ConvG
 // in range. For a fixed tap, the inputs i_w = i0, i0+sW, ... take the outputs o_w = o0, o0+1, ... .
 // `dcol` points at the sample's first column; rows are `ld` apart.
 template <typename T>
-void col2im_row(const T* __restrict__ dcol, int64_t ld, T* __restrict__ dx_row, const ConvGeometry& g, int64_t c,
+void col2im_row(const T* __restrict__ dcol, int64_t ld, T* __restrict__ dx_row, const Conv2dGeometry& g, int64_t c,
                 int64_t i_h) {
   std::fill(dx_row, dx_row + g.w, T(0));
   for (int64_t th = 0; th < g.kh; ++th) {
@@ -128,7 +128,7 @@ void col2im_row(const T* __restrict__ dcol, int64_t ld, T* __restrict__ dx_row, 
 
 // d_x of samples 0 .. nb-1 of a block (dx points at the first), rows in parallel.
 template <typename T>
-void col2im(const T* dcol, int64_t nb, T* dx, const ConvGeometry& g) {
+void col2im(const T* dcol, int64_t nb, T* dx, const Conv2dGeometry& g) {
   const int64_t rows = g.c * g.h, cols = g.col_cols(), ld = nb * cols;
   at::parallel_for(0, rows * nb, std::max<int64_t>(1, kGrain / (g.w * g.taps())), [&](int64_t begin, int64_t end) {
     for (int64_t rs = begin; rs < end; ++rs) {

@@ -28,13 +28,13 @@ namespace conv2d_cpu {
 // The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
 // other. Strided layers take the NCHW kernels (the input copied to NCHW, the results back).
 // It runs one sample at a time (kMinPixelsPerSample).
-inline bool channels_last_direct(const ConvGeometry& g) {
+inline bool channels_last_direct(const Conv2dGeometry& g) {
   return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1 && g.col_cols() >= kMinPixelsPerSample;
 }
 
 // x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
 template <typename T>
-void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+void pad_pixels(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
   const int64_t row = sp.wp * g.c, side = g.pw * g.c, inner = g.w * g.c;
   std::fill(x_pad, x_pad + g.ph * row, T(0));
   for (int64_t i = 0; i < g.h; ++i) {
@@ -48,20 +48,21 @@ void pad_pixels(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x
 
 // The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w): common/conv2d.h's
 // conv_in_index, shifted by the padding.
-CS231N_INLINE int64_t dw_in_pixel(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w, int64_t t) {
+CS231N_INLINE int64_t dw_in_pixel(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t o_h, int64_t o_w,
+                                  int64_t t) {
   const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh) + g.ph;
   const int64_t i_w = conv_in_index(o_w, t % g.kw, g.sw, g.pw, g.dw) + g.pw;
   return i_h * sp.wp + i_w;
 }
 
 // The pixel offset of tap t = (t_h, t_w) in x_pad, for stride 1: that of output (0, 0).
-inline int64_t tap_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t t) {
+inline int64_t tap_offset(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t t) {
   return dw_in_pixel(g, sp, 0, 0, t);
 }
 
 // x_pad from an NCHW sample: the same, each pixel's channels gathered (a transpose done while padding).
 template <typename T>
-void pad_pixels_from_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+void pad_pixels_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
   const int64_t row = sp.wp * g.c;
   std::fill(x_pad, x_pad + g.ph * row, T(0));
   for (int64_t i = 0; i < g.h; ++i) {  // input row i: the [C x W] slice x[:, i, :], transposed
@@ -76,7 +77,7 @@ void pad_pixels_from_planes(const T* x, const ConvGeometry& g, const ShiftedPlan
 // The forward in NHWC: w is W in channels_last memory; x and y are NHWC, or NCHW when `planes` is set
 // (transposed per sample on the way in and out, while the sample is in cache).
 template <typename T>
-void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g, bool planes = false) {
+void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g, bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
@@ -124,7 +125,7 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeome
 // B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
 // channels_last memory.
 template <typename T>
-void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
@@ -174,12 +175,12 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const ConvGeometry& g
 //     d_W[f, (t, c)] = Σ_j dY[j, f] · A[j, (t, c)]              (one GEMM, both operands copied)
 // The samples are transposed to and from NCHW in cache. One group only (the copies of a group's channels
 // would no longer be contiguous rows).
-inline bool use_pixel_rows(const ConvGeometry& g) {
+inline bool use_pixel_rows(const Conv2dGeometry& g) {
   return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
 }
 
 // Samples per block: the rows (block * oH*oW x taps*C) under twice kColumnBudget, in equal blocks.
-inline int64_t pixel_rows_block(const ConvGeometry& g) {
+inline int64_t pixel_rows_block(const Conv2dGeometry& g) {
   const int64_t per_sample = g.col_cols() * g.taps() * g.c;
   const int64_t most = std::max<int64_t>(1, 2 * kColumnBudget / std::max<int64_t>(1, per_sample));
   const int64_t blocks = (g.n + most - 1) / most;
@@ -188,7 +189,7 @@ inline int64_t pixel_rows_block(const ConvGeometry& g) {
 
 // A's rows for samples [n0, n0 + nb) of the NCHW x, in parallel over the samples.
 template <typename T>
-void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const ConvGeometry& g, T* rows) {
+void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, T* rows) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols();
   at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
@@ -209,7 +210,7 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const ConvGeometry& g,
 }
 
 template <typename T>
-void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const ConvGeometry& g) {
+void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
   const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
   const cpu::SegmentsB<T> filters =
@@ -235,7 +236,7 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, 
 
 // d_W into dw (W's shape, NCHW memory).
 template <typename T>
-void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f);

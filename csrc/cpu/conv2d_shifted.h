@@ -39,7 +39,7 @@ struct ShiftedPlanes {
   int64_t plane() const { return sh * sw * hq * wq; }  // one channel's phases
 };
 
-inline ShiftedPlanes shifted_planes(const ConvGeometry& g) {
+inline ShiftedPlanes shifted_planes(const Conv2dGeometry& g) {
   const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
   const int64_t hq = (hp + g.sh - 1) / g.sh, wq = (wp + g.sw - 1) / g.sw;
   return {hp, wp, g.sh, g.sw, hq, wq, (g.oh - 1) * wq + g.ow};
@@ -47,7 +47,7 @@ inline ShiftedPlanes shifted_planes(const ConvGeometry& g) {
 
 // Worth it when the thrown-away columns are few: at least 3/4 of the GEMM's columns are outputs, and
 // the output rows are long enough to amortise the padded copy (the tiny images go through im2col).
-inline bool use_shifted_planes(const ConvGeometry& g) {
+inline bool use_shifted_planes(const Conv2dGeometry& g) {
   // one sample per GEMM: not for small images (chunk_count)
   if (g.col_cols() < kMinPixelsPerSample) return false;
   const ShiftedPlanes sp = shifted_planes(g);
@@ -57,7 +57,7 @@ inline bool use_shifted_planes(const ConvGeometry& g) {
 // x_pad[c] = the phases of the plane x[c] with pH rows and pW columns of zeros around it (the padded
 // plane itself when the stride is 1); `x_pad` holds C * sp.plane().
 template <typename T>
-void pad_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+void pad_planes(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
   if (sp.sh == 1 && sp.sw == 1) {
     for (int64_t c = 0; c < g.c; ++c) {
       T* plane = x_pad + c * sp.hp * sp.wp;
@@ -88,7 +88,7 @@ void pad_planes(const T* x, const ConvGeometry& g, const ShiftedPlanes& sp, T* x
 }
 
 // The offset of row r = (c, t_h, t_w) of B in x_pad.
-inline int64_t shifted_offset(const ConvGeometry& g, const ShiftedPlanes& sp, int64_t r) {
+inline int64_t shifted_offset(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t r) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
   const int64_t vh = th * g.dh, vw = tw * g.dw;  // the tap's offset in the padded plane
   const int64_t phase = (c * sp.sh + vh % sp.sh) * sp.sw + vw % sp.sw;
@@ -98,7 +98,7 @@ inline int64_t shifted_offset(const ConvGeometry& g, const ShiftedPlanes& sp, in
 // The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wq,
 // then the oW real columns of each row copied to y.
 template <typename T>
-void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGeometry& g) {
+void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
@@ -134,7 +134,7 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGe
 // dY' is dY in the pitch Wq, zero in the thrown-away columns (so they add nothing), and the
 // columns of B_gᵀ are the runs of x_pad that the forward's rows of B are (pack_transposed_rows).
 template <typename T>
-void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const ConvGeometry& g) {
+void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();

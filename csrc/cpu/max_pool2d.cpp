@@ -1,7 +1,7 @@
 // Max pooling on the CPU: loops over the shared window math of common/max_pool2d.h.
 //
 // Layouts. The output, the indices and the input's gradient take torch's memory format (the input's
-// suggested one; see pool::make_geometry). An input in any other layout (a transposed or sliced view)
+// suggested one; see max_pool2d_geometry). An input in any other layout (a transposed or sliced view)
 // is first copied into that format, so the loops below see one of two dense layouts:
 //
 //   NCHW (contiguous)   each (n, c) plane is one block: parallel over planes, and within a plane the
@@ -32,8 +32,6 @@
 
 namespace torch_cs231n {
 namespace {
-
-using pool::Geometry;
 
 // Work per task of at::parallel_for, in elements: enough to hide the hand-off to another thread.
 constexpr int64_t kGrain = 1 << 14;
@@ -92,7 +90,7 @@ inline void scan_tap(const scalar_t* __restrict__ xrow, scalar_t* __restrict__ b
 // this is exactly pool::scan_window, the order of the compares included, so ties and NaN come out alike.
 template <int kStride, typename scalar_t, typename index_t>
 void scan_row_by_tap(const scalar_t* x, scalar_t* yrow, index_t* arg, int64_t oh, int64_t from, int64_t to,
-                     const Geometry& g, const AxisPlan& rows, const AxisPlan& cols) {
+                     const MaxPool2dGeometry& g, const AxisPlan& rows, const AxisPlan& cols) {
   const int64_t W = g.width;
   const int64_t first_row = rows.first[oh] * W;
   for (int64_t ow = from; ow < to; ++ow) {
@@ -117,7 +115,7 @@ void scan_row_by_tap(const scalar_t* x, scalar_t* yrow, index_t* arg, int64_t oh
 // small rows such as 32x32 planes, where the per-tap passes cost more in loop overhead than in compares.
 template <int kStride, int kK, typename scalar_t, typename index_t>
 void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow, index_t* __restrict__ arg, int64_t lo,
-                    int64_t hi, int64_t ih0, const Geometry& g) {
+                    int64_t hi, int64_t ih0, const MaxPool2dGeometry& g) {
   const int64_t W = g.width, dh = g.dh, dw = g.dw, pw = g.pw;
   for (int64_t ow = lo; ow < hi; ++ow) {
     scalar_t best = pool::scan_start<scalar_t>();
@@ -144,7 +142,7 @@ void scan_row_fused(const scalar_t* __restrict__ x, scalar_t* __restrict__ yrow,
 // at compile time: the rows whose window lies inside the input vertically use scan_row_fused
 // for the columns whose window does too; everything else (kK = 0, edges) goes tap by tap.
 template <int kStride, int kK, typename scalar_t, typename index_t>
-void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* arg, const Geometry& g,
+void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* arg, const MaxPool2dGeometry& g,
                         const AxisPlan& rows, const AxisPlan& cols) {
   const int64_t OW = g.out_w;
   // Columns whose taps all exist: the first tap binds on the left, the last one on the right.
@@ -167,7 +165,7 @@ void forward_plane_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* a
 
 // All planes, in parallel; each task has its own row of index scratch.
 template <int kStride, int kK, typename scalar_t, typename index_t>
-void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const MaxPool2dGeometry& g) {
   const AxisPlan rows = plan_axis(g.height, g.out_h, g.kh, g.sh, g.ph, g.dh);
   const AxisPlan cols = plan_axis(g.width, g.out_w, g.kw, g.sw, g.pw, g.dw);
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
@@ -184,7 +182,7 @@ void forward_nchw(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
 // (50, 32, 32, 32). A fused 3x3 was slower than tap by tap on (32, 64, 56, 56) (nine stride-2 loads
 // in flight exhaust SSE's 16 registers), so 3x3 and the rest go tap by tap.
 template <int kStride, typename scalar_t, typename index_t>
-void forward_nchw_kernel_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+void forward_nchw_kernel_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const MaxPool2dGeometry& g) {
   if (g.kh == 2 && g.kw == 2) {
     forward_nchw<kStride, 2, scalar_t, index_t>(x, y, ind, g);
   } else {
@@ -195,7 +193,7 @@ void forward_nchw_kernel_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, 
 // Column strides other than 1 and 2 (rare, and poor for vector loads anyway): one output at a time,
 // by pool::scan_window itself, the very function each CUDA thread runs.
 template <typename scalar_t>
-void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const MaxPool2dGeometry& g) {
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   at::parallel_for(0, g.planes(), grain_for(in_plane), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -213,7 +211,7 @@ void forward_nchw_per_output(const scalar_t* x, scalar_t* y, int64_t* ind, const
 }
 
 template <typename scalar_t, typename index_t>
-void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const MaxPool2dGeometry& g) {
   if (g.sw == 1) {
     forward_nchw_kernel_dispatch<1, scalar_t, index_t>(x, y, ind, g);
   } else if (g.sw == 2) {
@@ -229,7 +227,7 @@ void forward_nchw_dispatch(const scalar_t* x, scalar_t* y, int64_t* ind, const G
 // tap). As above, the running index is kept in `arg` (C values of index_t) and widened when stored.
 template <typename scalar_t, typename index_t>
 void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __restrict__ arg, int64_t n, int64_t oh,
-                      const Geometry& g) {
+                      const MaxPool2dGeometry& g) {
   const int64_t C = g.channels, W = g.width;
   int64_t th0, th1;
   pool::valid_taps(oh, g.height, g.kh, g.sh, g.ph, g.dh, &th0, &th1);
@@ -264,7 +262,7 @@ void forward_row_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, index_t* __r
 }
 
 template <typename scalar_t, typename index_t>
-void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& g) {
+void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, const MaxPool2dGeometry& g) {
   const int64_t rows = g.batch * g.out_h;
   at::parallel_for(0, rows, grain_for(g.out_w * g.channels * g.kh * g.kw), [&](int64_t begin, int64_t end) {
     std::vector<index_t> arg(g.channels);
@@ -275,8 +273,8 @@ void forward_nhwc(const scalar_t* x, scalar_t* y, int64_t* ind, const Geometry& 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                                           at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g =
-      pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
+  const MaxPool2dGeometry g =
+      max_pool2d_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
   const auto opts = input.options().memory_format(g.format);
   at::Tensor output = at::empty(g.output_sizes(), opts);
   at::Tensor indices = at::empty(g.output_sizes(), opts.dtype(at::kLong));
@@ -326,7 +324,8 @@ bool backward_plane_nchw(const scalar_t* dy, const int64_t* ind, scalar_t* dx, i
 // branches. Every gradient is written once, so rows run in parallel without races. Made-up indices
 // out of range simply match nothing.
 template <typename scalar_t>
-void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t n, int64_t ih, const Geometry& g) {
+void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int64_t n, int64_t ih,
+                       const MaxPool2dGeometry& g) {
   const int64_t C = g.channels;
   int64_t oh0, oh1;
   pool::candidate_outputs(ih, g.out_h, g.kh, g.sh, g.ph, g.dh, &oh0, &oh1);
@@ -350,8 +349,8 @@ void backward_row_nhwc(const scalar_t* dy, const int64_t* ind, scalar_t* dx, int
 at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g =
-      pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+  const MaxPool2dGeometry g =
+      check_max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
   if (cpu::is_reduced_float(grad_output)) {
     // Overlapping windows add several gradients into one input: in float32, rounded once (reduced_float.h).
     // The input gives only its shape and layout: an uninitialised float32 stand-in with its strides does.

@@ -83,7 +83,7 @@ void relu_forward_inplace_cpu(at::Tensor& self) {
 
 at::Tensor relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output) {
   constexpr const char* op = "relu_backward";
-  relu_check_backward(grad_output, output, op);
+  check_relu_backward(grad_output, output, op);
   at::Tensor grad_input = at::empty_like(output);
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor y = dense_like(output, grad_input);
@@ -155,7 +155,7 @@ inline __attribute__((always_inline)) void relu_grad_word(const scalar_t* dy, co
 
 at::Tensor relu_backward_with_mask_cpu(const at::Tensor& grad_output, const at::Tensor& output,
                                        const at::Tensor& mask) {
-  auto [grad_input, dy] = relu_backward_with_mask_args(grad_output, output, mask);
+  auto [grad_input, dy] = check_relu_backward_with_mask(grad_output, output, mask);
   if (grad_input.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "relu_backward_with_mask_cpu", [&] {
     using T = typename Relu<scalar_t>::type;  // a mask selects dy or 0: float16/bfloat16 go by their bits

@@ -289,11 +289,11 @@ __global__ void grad_constants_kernel(const acc_t* __restrict__ sum_dy, const ac
 }
 
 // ---------------------------------------------------------------------------------------------- host
-ChannelIndex channel_index(const BnLayout& lay) { return ChannelIndex{lay.C, lay.S, lay.channels_last}; }
+ChannelIndex channel_index(const BatchNormLayout& lay) { return ChannelIndex{lay.C, lay.S, lay.channels_last}; }
 
 // Blocks per channel for the reductions: enough blocks in all to fill the GPU, at least a few values per
 // thread, and within gridDim.y's limit.
-int64_t blocks_per_channel(const BnLayout& lay) {
+int64_t blocks_per_channel(const BatchNormLayout& lay) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, (4 * sms + lay.C - 1) / std::max<int64_t>(lay.C, 1));
   const int64_t useful = std::max<int64_t>(1, lay.M() / (cuda::kThreads * 4));
@@ -308,12 +308,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps) {
   constexpr const char* op = "batch_norm_forward_train";
-  bn_check_forward_train_args(input, weight, bias, eps, op);
+  check_batch_norm_forward_train(input, weight, bias, eps, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor output = bn_empty_output(input);
   const at::Tensor x = dense_like(input, output);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor save_mean = at::empty({C}, stat_opts);
@@ -357,14 +357,14 @@ at::Tensor batch_norm_forward_eval_cuda(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& running_var, const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "batch_norm_forward_eval";
-  bn_check_forward_eval_args(input, running_mean, running_var, weight, bias, eps, op);
+  check_batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor output = bn_empty_output(input);
   const int64_t n = output.numel();
   if (n == 0) return output;
   const at::Tensor x = dense_like(input, output);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const at::Tensor rm = bn_channel_values(running_mean, input, 0.0);
   const at::Tensor rv = bn_channel_values(running_var, input, 1.0);
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
@@ -388,13 +388,13 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
   constexpr const char* op = "batch_norm_backward";
-  bn_check_backward_args(grad_output, input, weight, mean, invstd, op);
+  check_batch_norm_backward(grad_output, input, weight, mean, invstd, op);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor grad_input = bn_empty_output(input);
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor grad_weight = output_mask[1] ? at::empty({C}, stat_opts) : at::Tensor();
@@ -445,10 +445,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 // ------------------------------------------------------------------------------ synchronised batch norm
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
   constexpr const char* op = "batch_norm_stats";
-  bn_check_input(input, op);
+  check_batch_norm_input(input, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = dense_like(input, bn_empty_output(input));
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor mean = at::zeros({C}, stat_opts);
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cuda(const
                                                                            const at::Tensor& means,
                                                                            const at::Tensor& vars, double eps) {
   constexpr const char* op = "batch_norm_merge_stats";
-  bn_check_merge_stats_args(counts, means, vars, eps, op);
+  check_batch_norm_merge_stats(counts, means, vars, eps, op);
   const c10::cuda::CUDAGuard guard(means.device());
   const int64_t P = means.size(0), C = means.size(1);
   at::Tensor mean = at::empty({C}, means.options());
@@ -496,12 +496,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_merge_stats_cuda(const
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_output,
                                                                    const at::Tensor& input, const at::Tensor& mean) {
   constexpr const char* op = "batch_norm_backward_reduce";
-  bn_check_backward_reduce_args(grad_output, input, mean, op);
+  check_batch_norm_backward_reduce(grad_output, input, mean, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor layout = bn_empty_output(input);
   const at::Tensor x = dense_like(input, layout);
   const at::Tensor dy = dense_like(grad_output, layout);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C;
   const auto stat_opts = input.options().dtype(bn_stat_dtype(input.scalar_type()));
   at::Tensor sum_dy = at::zeros({C}, stat_opts);
@@ -531,14 +531,14 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const a
                                           const at::Tensor& invstd, const at::Tensor& sum_dy,
                                           const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "batch_norm_backward_elemt";
-  bn_check_backward_elemt_args(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
+  check_batch_norm_backward_elemt(grad_output, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count, op);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor grad_input = bn_empty_output(input);
   const int64_t n = grad_input.numel();
   if (n == 0) return grad_input;
   const at::Tensor x = dense_like(input, grad_input);
   const at::Tensor dy = dense_like(grad_output, grad_input);
-  const BnLayout lay = bn_layout(x);
+  const BatchNormLayout lay = batch_norm_layout(x);
   const int64_t C = lay.C;
   const auto dtype = bn_stat_dtype(input.scalar_type());
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);

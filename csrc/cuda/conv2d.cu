@@ -38,7 +38,7 @@ constexpr int64_t kColumnBudget = int64_t(1) << 27;
 // ------------------------------------------------------------------------------------------- kernels
 // col[s, r, q] = x[s, c, i_h, i_w] (0 in the padding), for the nb samples of a chunk.
 template <typename T>
-__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, ConvGeometry g, int64_t nb) {
+__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, int64_t nb) {
   const int64_t rows = g.col_rows(), cols = g.col_cols(), per_sample = rows * cols;
   const int64_t total = nb * per_sample, in_sample = g.c * g.h * g.w;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -51,7 +51,7 @@ __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv
 // d_x[s, c, i_h, i_w] = Σ over the taps that reach it of d_col[s, (c, t_h, t_w), (o_h, o_w)]: col2im as a
 // gather, one thread per d_x element (the transposed convolution), summed in float for half/bfloat16.
 template <typename T>
-__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, ConvGeometry g, int64_t nb) {
+__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, int64_t nb) {
   using acc_t = at::acc_type<T, true>;
   const int64_t per_sample = g.c * g.h * g.w, total = nb * per_sample;
   const int64_t col_sample = g.col_rows() * g.col_cols();
@@ -66,7 +66,7 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
 // Depthwise forward, one thread per output element (n, f, o_h, o_w).
 template <typename T>
 __global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                                         T* __restrict__ y, ConvGeometry g) {
+                                         T* __restrict__ y, Conv2dGeometry g) {
   using acc_t = at::acc_type<T, true>;
   const int64_t plane_out = g.oh * g.ow, total = g.n * g.f * plane_out, m = g.f / g.c;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -82,7 +82,7 @@ __global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __res
 // Depthwise d_x, one thread per input element (n, c, i_h, i_w), gathering from the m filters of c.
 template <typename T>
 __global__ void depthwise_grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
-                                            ConvGeometry g) {
+                                            Conv2dGeometry g) {
   using acc_t = at::acc_type<T, true>;
   const int64_t plane_in = g.h * g.w, total = g.n * g.c * plane_in, m = g.f / g.c;
   const int64_t plane_out = g.oh * g.ow;
@@ -104,7 +104,7 @@ __global__ void depthwise_grad_input_kernel(const T* __restrict__ dy, const T* _
 // a fixed-order tree reduction in shared memory (deterministic, no atomics).
 template <typename T>
 __global__ void depthwise_grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dw,
-                                             ConvGeometry g) {
+                                             Conv2dGeometry g) {
   using acc_t = at::acc_type<T, true>;
   __shared__ acc_t partial[cuda::kThreads];
   const int64_t taps = g.taps(), m = g.f / g.c;
@@ -131,13 +131,13 @@ __global__ void depthwise_grad_weight_kernel(const T* __restrict__ dy, const T* 
 }
 
 // ------------------------------------------------------------------------------------------- helpers
-int64_t chunk_size(const ConvGeometry& g) {
+int64_t chunk_size(const Conv2dGeometry& g) {
   const int64_t per_sample = std::max<int64_t>(1, g.col_rows() * g.col_cols());
   return std::max<int64_t>(1, std::min<int64_t>(g.n, kColumnBudget / per_sample));
 }
 
 template <typename T>
-void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nb, at::Tensor& col, const ConvGeometry& g,
+void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nb, at::Tensor& col, const Conv2dGeometry& g,
                    cudaStream_t stream) {
   const int64_t total = nb * g.col_rows() * g.col_cols();
   im2col_kernel<T><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w,
@@ -148,7 +148,7 @@ void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nb, at::Tensor& col,
 // ------------------------------------------------------------------------------------- GEMM forward
 template <typename T>
 void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                  const ConvGeometry& g, cudaStream_t stream) {
+                  const Conv2dGeometry& g, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g);
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const at::Tensor w3 = w.view({g.groups, fg, kg});
@@ -176,7 +176,7 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // ------------------------------------------------------------------------------------ GEMM backward
 template <typename T>
 void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                   const ConvGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+                   const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g);
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const at::Tensor w3 = w.view({g.groups, fg, kg});
@@ -222,7 +222,7 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups) {
-  const ConvGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  const Conv2dGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options());  // contiguous NCHW
@@ -250,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv2d_backward";
-  const ConvGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
+  const Conv2dGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];

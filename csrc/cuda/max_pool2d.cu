@@ -26,15 +26,13 @@
 namespace torch_cs231n {
 namespace {
 
-using pool::Geometry;
-
 // The geometry, by value into the kernels.
 struct Params {
   int64_t channels, height, width, out_h, out_w;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-Params params_of(const Geometry& g) {
+Params params_of(const MaxPool2dGeometry& g) {
   return {g.channels, g.height, g.width, g.out_h, g.out_w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
 }
 
@@ -118,8 +116,8 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, cons
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                            at::IntArrayRef stride, at::IntArrayRef padding,
                                                            at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g =
-      pool::make_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
+  const MaxPool2dGeometry g =
+      max_pool2d_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_forward");
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options().memory_format(g.format);
   at::Tensor output = at::empty(g.output_sizes(), opts);
@@ -150,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& inp
 at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g =
-      pool::check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+  const MaxPool2dGeometry g =
+      check_max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor grad_input = at::empty(g.input_sizes(), input.options().memory_format(g.format));
   const int64_t total = grad_input.numel();

@@ -108,7 +108,7 @@ void relu_forward_inplace_cuda(at::Tensor& self) {
 
 at::Tensor relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& output) {
   constexpr const char* op = "relu_backward";
-  relu_check_backward(grad_output, output, op);
+  check_relu_backward(grad_output, output, op);
   const c10::cuda::CUDAGuard guard(output.device());
   at::Tensor grad_input = at::empty_like(output);
   const int64_t n = grad_input.numel();
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_cuda(const at::Tensor&
 at::Tensor relu_backward_with_mask_cuda(const at::Tensor& grad_output, const at::Tensor& output,
                                         const at::Tensor& mask) {
   const c10::cuda::CUDAGuard guard(output.device());
-  auto [grad_input, dy] = relu_backward_with_mask_args(grad_output, output, mask);
+  auto [grad_input, dy] = check_relu_backward_with_mask(grad_output, output, mask);
   const int64_t n = grad_input.numel();
   if (n == 0) return grad_input;
   auto stream = at::cuda::getCurrentCUDAStream();

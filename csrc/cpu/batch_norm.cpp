@@ -111,10 +111,17 @@ void store(const opmath_t<scalar_t>* v, int64_t n, scalar_t* y) {
   if constexpr (kNarrow<scalar_t>) cpu::from_float(v, n, y);
 }
 
-// f(k0, n) over the pieces [k0, k0 + n) of a run of len values, n <= kBlock.
+// f(k0, n) over the pieces [k0, k0 + n) of a run of len values, n <= piece.
 template <typename F>
-void for_each_piece(int64_t len, F f) {
-  for (int64_t k0 = 0; k0 < len; k0 += kBlock) f(k0, std::min(kBlock, len - k0));
+void for_each_piece(int64_t len, F f, int64_t piece = kBlock) {
+  for (int64_t k0 = 0; k0 < len; k0 += piece) f(k0, std::min(piece, len - k0));
+}
+
+// The pieces of an elementwise pass: kBlock values when they are converted through L1 buffers, the whole
+// run when they are not (float, double: nothing to convert, and no loop overhead per piece).
+template <typename scalar_t>
+int64_t elementwise_piece(int64_t len) {
+  return kNarrow<scalar_t> ? kBlock : std::max<int64_t>(len, 1);
 }
 
 // Reductions run on explicit 16-byte vectors (GCC/Clang vector extensions; SSE2 is x86-64's baseline,
@@ -543,18 +550,21 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t off, int64_t len, int
     }
   }
 #endif
-  for_each_piece(len, [&](int64_t k0, int64_t n) {
-    const T* xi = load(x + off + k0, n, Piece::kX);
-    T* yo = result_piece(y + off + k0, n);
-    if (channels_last) {
-      const T *m = mean + k0, *lo = mean_lo + k0, *s = scale + k0, *b = beta + k0;
-      for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m[k], lo[k], s[k], b[k]);
-    } else {
-      const T m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
-      for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
-    }
-    store(yo, n, y + off + k0);
-  });
+  for_each_piece(
+      len,
+      [&](int64_t k0, int64_t n) {
+        const T* xi = load(x + off + k0, n, Piece::kX);
+        T* yo = result_piece(y + off + k0, n);
+        if (channels_last) {
+          const T *m = mean + k0, *lo = mean_lo + k0, *s = scale + k0, *b = beta + k0;
+          for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m[k], lo[k], s[k], b[k]);
+        } else {
+          const T m = mean[c], lo = mean_lo[c], s = scale[c], b = beta[c];
+          for (int64_t k = 0; k < n; ++k) yo[k] = bn_normalize(xi[k], m, lo, s, b);
+        }
+        store(yo, n, y + off + k0);
+      },
+      elementwise_piece<scalar_t>(len));
 }
 
 template <typename scalar_t, typename T = opmath_t<scalar_t>>
@@ -594,28 +604,31 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
     }
   }
 #endif
-  for_each_piece(len, [&](int64_t k0, int64_t n) {
-    const T* gr = load(dy + off + k0, n, Piece::kDy);
-    const T* xi = training ? load(x + off + k0, n, Piece::kX) : nullptr;
-    T* out = result_piece(dx + off + k0, n);
-    if (channels_last) {
-      const T *gi = k.gi.data() + k0, *dm = k.dy_mean.data() + k0, *pj = k.proj.data() + k0, *m = mean + k0;
-      if (training) {
-        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m[i], dm[i], pj[i], gi[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], gi[i]);
-      }
-    } else {
-      const T s = k.gi[c];
-      if (training) {
-        const T m = mean[c], dm = k.dy_mean[c], pj = k.proj[c];
-        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m, dm, pj, s);
-      } else {
-        for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], s);
-      }
-    }
-    store(out, n, dx + off + k0);
-  });
+  for_each_piece(
+      len,
+      [&](int64_t k0, int64_t n) {
+        const T* gr = load(dy + off + k0, n, Piece::kDy);
+        const T* xi = training ? load(x + off + k0, n, Piece::kX) : nullptr;
+        T* out = result_piece(dx + off + k0, n);
+        if (channels_last) {
+          const T *gi = k.gi.data() + k0, *dm = k.dy_mean.data() + k0, *pj = k.proj.data() + k0, *m = mean + k0;
+          if (training) {
+            for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m[i], dm[i], pj[i], gi[i]);
+          } else {
+            for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], gi[i]);
+          }
+        } else {
+          const T s = k.gi[c];
+          if (training) {
+            const T m = mean[c], dm = k.dy_mean[c], pj = k.proj[c];
+            for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_train(gr[i], xi[i], m, dm, pj, s);
+          } else {
+            for (int64_t i = 0; i < n; ++i) out[i] = bn_backward_eval(gr[i], s);
+          }
+        }
+        store(out, n, dx + off + k0);
+      },
+      elementwise_piece<scalar_t>(len));
 }
 
 // ------------------------------------------------------------------------------------------------- ops

@@ -31,19 +31,23 @@ def tolerances(dtype):
 
 
 # ------------------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("affine", [True, False])
-def test_gradcheck(device, training, affine):
+def gradcheck_problem(device, training, affine, shape):
+    """(fn, inputs) for gradcheck and gradgradcheck: batch norm of float64 leaves, with fixed running
+    statistics (momentum 0: gradcheck calls forward many times, and they must stay put in eval)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_() if affine else None
     b = torch.randn(2, generator=gen, dtype=torch.float64).to(device).requires_grad_() if affine else None
     rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
     rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    # momentum 0: gradcheck calls forward many times, and the running statistics must stay put in eval.
     fn = lambda *a: ours.batch_norm(a[0], rm, rv, *a[1:], training=training, momentum=0.0)  # noqa: E731
-    inputs = (x,) + ((w, b) if affine else ())
-    assert gradcheck(fn, inputs)
+    return fn, (x,) + ((w, b) if affine else ())
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck(device, training, affine):
+    assert gradcheck(*gradcheck_problem(device, training, affine, (3, 2, 3, 4)))
 
 
 def test_gradcheck_channels_last(device):
@@ -57,15 +61,7 @@ def test_gradcheck_channels_last(device):
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradgradcheck(device, training, affine):
     """Double backward is exact, in training (the statistics depend on x) and in eval."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_() if affine else None
-    b = torch.randn(2, generator=gen, dtype=torch.float64).to(device).requires_grad_() if affine else None
-    rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
-    rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    fn = lambda *a: ours.batch_norm(a[0], rm, rv, *a[1:], training=training, momentum=0.0)  # noqa: E731
-    inputs = (x,) + ((w, b) if affine else ())
-    assert gradgradcheck(fn, inputs)
+    assert gradgradcheck(*gradcheck_problem(device, training, affine, (3, 2, 3, 2)))
 
 
 def test_gradient_penalty_matches_torch(device):

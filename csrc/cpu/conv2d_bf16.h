@@ -10,7 +10,7 @@
 // read in place, one 32-bit broadcast per pixel and pair. The filters are packed once per call into
 // slivers of 64 filters: for each tap and channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
 //
-//   micro-kernel   6 pixels x 64 filters: 24 zmm accumulators, 4 B vectors, 1 broadcast
+//   micro-kernel   6 pixels x 64 filters: 24 zmm accumulators, 4 B vectors, 1 broadcast (bf16_step)
 //                  per (tap, pair) step: 4 loads, 6 broadcasts, 24 vdpbf16ps (768 products)
 //
 // Stride 1, one group (the layers that dominate a conv-net's time); d_x of such a layer is the same form
@@ -97,50 +97,71 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
 }
 
 #if CS231N_X86
-// One tile: rows (pixels) i .. i+m-1 of Y' and the filters of one sliver, all taps and channel pairs in
-// registers. a_tap[t] points at pixel i under tap t, as 32-bit words (pairs), `lda` words per pixel.
-// Rows r >= m read pixel i (never stored); the tile is stored to c (row stride ldc) with the bias added,
-// its first n columns only.
-CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap, int64_t lda,
-                                         const uint32_t* b, float* c, int64_t ldc, int m, int n, const float* bias) {
-  constexpr int MR = kBf16Mr, NV = kBf16Nr / 16;
-  __m512 acc[MR][NV];
+// The two tiles below share their register block (kBf16Mr rows x kBf16Nr columns of float32
+// accumulators) and these parts of it, always inlined so that the accumulators stay in registers.
+#define CS231N_BF16_INLINE CS231N_AVX512_BF16 inline __attribute__((always_inline))
+constexpr int kBf16Nv = kBf16Nr / 16;  // zmm vectors per row
+using Bf16Tile = __m512[kBf16Mr][kBf16Nv];
+
+CS231N_BF16_INLINE void bf16_zero(Bf16Tile& acc) {
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < kBf16Mr; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < kBf16Nv; ++v) acc[r][v] = _mm512_setzero_ps();
   }
-  for (int64_t t = 0; t < taps; ++t) {
-    const bf16_word* ar[MR];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) ar[r] = a_tap[t] + (r < m ? r : 0) * lda;
-    const uint32_t* bt = b + t * pairs * kBf16Nr;
-#pragma GCC unroll 2
-    for (int64_t q = 0; q < pairs; ++q) {
-      __m512i bv[NV];
+}
+
+// One k pair: acc[r] += (the pair a(r), broadcast) · (the kBf16Nr pairs at b), for every row r.
+template <typename AWord>
+CS231N_BF16_INLINE void bf16_step(Bf16Tile& acc, const bf16_word* b, const AWord& a) {
+  __m512i bv[kBf16Nv];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bt + q * kBf16Nr + 16 * v);
+  for (int v = 0; v < kBf16Nv; ++v) bv[v] = _mm512_loadu_si512(b + 16 * v);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m512i av = _mm512_set1_epi32(static_cast<int>(ar[r][q]));
+  for (int r = 0; r < kBf16Mr; ++r) {
+    const __m512i av = _mm512_set1_epi32(static_cast<int>(a(r)));
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
-      }
-    }
+    for (int v = 0; v < kBf16Nv; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
   }
-  __mmask16 mask[NV];
+}
+
+// The tile's first m rows and n columns into c (row stride ldc): plus the bias (a row of kBf16Nr values)
+// when there is one, plus c's own values when `accumulate`.
+CS231N_BF16_INLINE void bf16_store(const Bf16Tile& acc, float* c, int64_t ldc, int m, int n, const float* bias,
+                                   bool accumulate) {
+  __mmask16 mask[kBf16Nv];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+  for (int v = 0; v < kBf16Nv; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < kBf16Mr; ++r) {
     if (r >= m) break;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
+    for (int v = 0; v < kBf16Nv; ++v) {
+      float* out = c + r * ldc + 16 * v;
       __m512 x = acc[r][v];
       if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], bias + 16 * v));
-      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask[v], x);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], out));
+      _mm512_mask_storeu_ps(out, mask[v], x);
     }
   }
+}
+
+// One tile of the forward: rows (pixels) i .. i+m-1 of Y' and the filters of one sliver, all taps and
+// channel pairs in registers. a_tap[t] points at pixel i under tap t, as 32-bit words (pairs), `lda`
+// words per pixel. Rows r >= m read pixel i (never stored); stored with the bias, its first n columns.
+CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap, int64_t lda,
+                                         const uint32_t* b, float* c, int64_t ldc, int m, int n, const float* bias) {
+  Bf16Tile acc;
+  bf16_zero(acc);
+  for (int64_t t = 0; t < taps; ++t) {
+    const bf16_word* ar[kBf16Mr];
+#pragma GCC unroll 8
+    for (int r = 0; r < kBf16Mr; ++r) ar[r] = a_tap[t] + (r < m ? r : 0) * lda;
+    const auto* bt = reinterpret_cast<const bf16_word*>(b + t * pairs * kBf16Nr);
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < pairs; ++q) bf16_step(acc, bt + q * kBf16Nr, [&ar, q](int r) { return ar[r][q]; });
+  }
+  bf16_store(acc, c, ldc, m, n, bias, /*accumulate=*/false);
 }
 #endif
 
@@ -207,38 +228,16 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
 #if CS231N_X86
 CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda, const bf16_word* b,
                                                      int64_t ldb, float* c, int64_t ldc, int m, int n) {
-  constexpr int MR = kBf16Mr, NV = kBf16Nr / 16;
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
+  Bf16Tile acc;
+  bf16_zero(acc);
 #pragma GCC unroll 2
   for (int64_t q = 0; q < pairs; ++q) {
-    __m512i bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + q * ldb + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[q * lda + (r < m ? r : 0)]));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
-    }
+    const bf16_word* aq = a + q * lda;
+    bf16_step(acc, b + q * ldb, [aq, m](int r) { return aq[r < m ? r : 0]; });
   }
-  __mmask16 mask[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    if (r >= m) break;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      float* out = c + r * ldc + 16 * v;
-      _mm512_mask_storeu_ps(out, mask[v], _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(mask[v], out)));
-    }
-  }
+  bf16_store(acc, c, ldc, m, n, /*bias=*/nullptr, /*accumulate=*/true);
 }
+#undef CS231N_BF16_INLINE
 #endif
 
 // d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16

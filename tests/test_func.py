@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import torch_cs231n
 from torch_cs231n import functional as ours
@@ -91,11 +91,18 @@ def test_jacrev(name):
     both(name, transform)
 
 
-def test_hessian_of_relu():
-    """Second order by forward over reverse (jacfwd of jacrev). Only ReLU: vmap over the other layers'
-    jvp (jacfwd) is not supported yet (their Functions take list arguments that torch's generated vmap
-    rule for jvp does not carry)."""
-    both("relu", lambda f, inputs: hessian(lambda x: f(x).pow(3).sum())(inputs[0][:1, :, :3, :3]))
+@pytest.mark.parametrize("name", ["relu", "conv2d", "max_pool2d"])
+def test_hessian(name):
+    """Second order by forward over reverse (jacfwd of jacrev): the backward Functions' own jvp, batched.
+    Not batch norm yet: its backward's backward differentiates a formula with torch.autograd.grad, which
+    a transform cannot see into."""
+    both(name, lambda f, inputs: hessian(lambda x: f(x, *inputs[1:]).pow(3).sum())(inputs[0][:1, :, :3, :3]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jacfwd(name):
+    """The Jacobian by forward mode: vmap over jvp."""
+    both(name, lambda f, inputs: jacfwd(lambda x: f(x, *inputs[1:]))(inputs[0][:1, :, :4, :4]))
 
 
 def small_net():

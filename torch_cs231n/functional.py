@@ -38,6 +38,17 @@ def _transforms_active() -> bool:
 _JVP_VARIANTS: dict = {}
 
 
+class _Static:
+    """Non-tensor arguments of a Function (a geometry, a mask) held as one opaque value. torch.func's
+    generated vmap rule for a jvp flattens list and tuple arguments into leaves and then miscounts them
+    (a hessian through max-pool failed that way); an object it does not look into is one leaf."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = tuple(value)
+
+
 def _with_jvp(cls):
     _JVP_VARIANTS[cls] = type(cls.__name__ + "WithJvp", (cls,), {"jvp": staticmethod(cls._jvp)})
     return cls
@@ -180,7 +191,7 @@ class _Conv2d(torch.autograd.Function):
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         if not any(mask):
             return (None,) * 7
-        grads = _fn(_Conv2dBackward).apply(grad_output, input, weight, ctx.args, mask)
+        grads = _conv2d_backward(grad_output, input, weight, ctx.args, mask)
         dx, dw, db = (g if m else None for g, m in zip(grads, mask))
         return dx, dw, db, None, None, None, None
 
@@ -195,6 +206,11 @@ class _Conv2d(torch.autograd.Function):
         if t_bias is not None:
             terms.append(t_bias.view(1, -1, 1, 1))
         return _sum_terms(terms)
+
+
+def _conv2d_backward(grad_output, input, weight, args, mask):
+    """(d_x, d_W, d_b) through _Conv2dBackward, its arguments and mask as _Static values."""
+    return _fn(_Conv2dBackward).apply(grad_output, input, weight, _Static(args), _Static(mask))
 
 
 def _sum_terms(terms):
@@ -220,7 +236,7 @@ class _Conv2dBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, weight, args, mask):
-        return ops.conv2d_backward(grad_output, input, weight, *args, list(mask))
+        return ops.conv2d_backward(grad_output, input, weight, *args.value, list(mask.value))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -228,7 +244,8 @@ class _Conv2dBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_output, input, weight)
         ctx.save_for_forward(grad_output, input, weight)
-        ctx.args, ctx.mask = args, mask
+        ctx.args, ctx.mask = args.value, mask.value
+        mask = mask.value
         ctx.mark_non_differentiable(*(g for g, m in zip(output, mask) if not m and g is not None))
 
     @staticmethod
@@ -247,9 +264,9 @@ class _Conv2dBackward(torch.autograd.Function):
                 terms.append(g_db.view(1, -1, 1, 1).expand_as(dy))
             gdy = _sum_terms(terms)
         if need_w and g_dx is not None:
-            gw = _fn(_Conv2dBackward).apply(dy, g_dx, w, ctx.args, (False, True, False))[1]
+            gw = _conv2d_backward(dy, g_dx, w, ctx.args, (False, True, False))[1]
         if need_x and g_dw is not None:
-            gx = _fn(_Conv2dBackward).apply(dy, x, g_dw, ctx.args, (True, False, False))[0]
+            gx = _conv2d_backward(dy, x, g_dw, ctx.args, (True, False, False))[0]
         return gdy, gx, gw, None, None
 
     @staticmethod
@@ -260,16 +277,16 @@ class _Conv2dBackward(torch.autograd.Function):
         if mask_dx:  # d_x = Dx(dY, W)
             terms = []
             if t_dy is not None:
-                terms.append(_fn(_Conv2dBackward).apply(t_dy, x, w, ctx.args, (True, False, False))[0])
+                terms.append(_conv2d_backward(t_dy, x, w, ctx.args, (True, False, False))[0])
             if t_w is not None:
-                terms.append(_fn(_Conv2dBackward).apply(dy, x, t_w, ctx.args, (True, False, False))[0])
+                terms.append(_conv2d_backward(dy, x, t_w, ctx.args, (True, False, False))[0])
             tangents[0] = _sum_terms(terms)
         if mask_dw:  # d_W = Dw(x, dY)
             terms = []
             if t_dy is not None:
-                terms.append(_fn(_Conv2dBackward).apply(t_dy, x, w, ctx.args, (False, True, False))[1])
+                terms.append(_conv2d_backward(t_dy, x, w, ctx.args, (False, True, False))[1])
             if t_x is not None:
-                terms.append(_fn(_Conv2dBackward).apply(dy, t_x, w, ctx.args, (False, True, False))[1])
+                terms.append(_conv2d_backward(dy, t_x, w, ctx.args, (False, True, False))[1])
             tangents[1] = _sum_terms(terms)
         if mask_db and t_dy is not None:  # d_b = Σ dY
             tangents[2] = t_dy.sum((0, 2, 3))
@@ -376,7 +393,7 @@ class _MaxPool2d(torch.autograd.Function):
         if grad_output is None:
             return None, None, None, None, None, None
         input, indices = ctx.saved_tensors
-        grad_input = _fn(_MaxPool2dBackward).apply(grad_output, input, indices, *ctx.geometry)
+        grad_input = _fn(_MaxPool2dBackward).apply(grad_output, input, indices, _Static(ctx.geometry))
         return grad_input, None, None, None, None, None
 
     @staticmethod
@@ -403,26 +420,25 @@ class _MaxPool2dBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
-        return ops.max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation,
-                                       ceil_mode)
+    def forward(grad_output, input, indices, geometry):
+        return ops.max_pool2d_backward(grad_output, input, indices, *geometry.value)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, input, indices, *geometry = inputs
+        _, input, indices, geometry = inputs
         ctx.save_for_backward(input, indices)
         ctx.save_for_forward(input, indices)
-        ctx.geometry = tuple(geometry)
+        ctx.geometry = geometry
 
     @staticmethod
     def backward(ctx, grad_grad_input):
         _, indices = ctx.saved_tensors
-        return _gather_windows(grad_grad_input, indices), None, None, None, None, None, None, None
+        return _gather_windows(grad_grad_input, indices), None, None, None
 
     @staticmethod
     def _jvp(ctx, t_grad_output, *_):
         input, indices = ctx.saved_tensors
-        return _fn(_MaxPool2dBackward).apply(t_grad_output, input, indices, *ctx.geometry)
+        return _fn(_MaxPool2dBackward).apply(t_grad_output, input, indices, ctx.geometry)
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -475,7 +491,8 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_output, _mean, _invstd, _var):
         input, weight, mean, invstd = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, mean, invstd, ctx.eps, True, mask)
+        dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, mean, invstd, ctx.eps, True,
+                                                   _Static(mask))
         return dx, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
     @staticmethod
@@ -509,7 +526,7 @@ class _BatchNormEval(torch.autograd.Function):
         invstd = torch.rsqrt(running_var + ctx.eps)  # C values: the kernel computes it the same way
         mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, running_mean, invstd, ctx.eps, False,
-                                                   mask)
+                                                   _Static(mask))
         return dx, None, None, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
     @staticmethod
@@ -576,14 +593,14 @@ class _BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, weight, mean, invstd, eps, training, mask):
-        return ops.batch_norm_backward(grad_output, input, weight, mean, invstd, training, list(mask))
+        return ops.batch_norm_backward(grad_output, input, weight, mean, invstd, training, list(mask.value))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         grad_output, input, weight, mean, invstd, eps, training, mask = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_output, input, weight, mean, invstd)
-        ctx.eps, ctx.training, ctx.mask = eps, training, mask
+        ctx.eps, ctx.training, ctx.mask = eps, training, mask.value
 
     @staticmethod
     def backward(ctx, g_dx, g_dw, g_db):
@@ -610,22 +627,31 @@ class _BatchNormBackward(torch.autograd.Function):
 # ------------------------------------------------------------------------------------- the ops' own autograd
 # Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>. The layers' ops: their
 # Function's setup_context and backward are registered as the op's autograd (ReLU's ops have their C++
-# ones); conv2d_backward takes its arguments in another order than its Function, hence an adapter. The
+# ones); the backward ops take their non-tensor arguments loose where their Functions take them as _Static
+# values, hence adapters. The
 # functional API applies the Functions, which also carry torch.func's jvp and batching.
 def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 
 
 for _op, _function in (("conv2d_forward", _Conv2d), ("max_pool2d_forward", _MaxPool2d),
-                       ("max_pool2d_backward", _MaxPool2dBackward), ("batch_norm_forward_train", _BatchNormTrain),
-                       ("batch_norm_forward_eval", _BatchNormEval)):
+                       ("batch_norm_forward_train", _BatchNormTrain), ("batch_norm_forward_eval", _BatchNormEval)):
     _register(_op, _function.setup_context, _function.backward)
+
+
+def _max_pool2d_backward_setup(ctx, inputs, output):
+    grad_output, input, indices, *geometry = inputs
+    _MaxPool2dBackward.setup_context(ctx, (grad_output, input, indices, _Static(geometry)), output)
+
+
+def _max_pool2d_backward_backward(ctx, grad_grad_input):
+    return (*_MaxPool2dBackward.backward(ctx, grad_grad_input)[:3], None, None, None, None, None)
 
 
 def _conv2d_backward_setup(ctx, inputs, output):
     grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
-    _Conv2dBackward.setup_context(ctx, (grad_output, input, weight, (stride, padding, dilation, groups),
-                                        tuple(output_mask)), output)
+    _Conv2dBackward.setup_context(ctx, (grad_output, input, weight, _Static((stride, padding, dilation, groups)),
+                                        _Static(output_mask)), output)
 
 
 def _conv2d_backward_backward(ctx, *grads):
@@ -633,6 +659,7 @@ def _conv2d_backward_backward(ctx, *grads):
 
 
 _register("conv2d_backward", _conv2d_backward_setup, _conv2d_backward_backward)
+_register("max_pool2d_backward", _max_pool2d_backward_setup, _max_pool2d_backward_backward)
 
 
 # The other ops' derivatives by the same device as _BatchNormBackward's: the op computes the values, and

@@ -64,6 +64,7 @@ def _worker(rank: int, world: int, rendezvous: str, shape, rounds: int, iters: i
         dist.all_gather(gathered, medians)
         if rank == 0:
             torch.save(torch.stack(gathered), results)
+        dist.barrier()  # tear the group down together (demo.run_ddp says why)
     finally:
         dist.destroy_process_group()
 

@@ -139,6 +139,7 @@ def _worker(rank, rendezvous, out_dir):
         dist.barrier()
         results["backend_without_cpu"] = _backend_without_cpu(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # tear the group down together (demo.run_ddp says why)
     finally:
         dist.destroy_process_group()
 

@@ -231,7 +231,11 @@ def run_ddp(args) -> dict | None:
             raise SystemExit(f"demo --ddp: --batch-size {args.batch_size} (the global batch) must be a multiple "
                              f"of the {dist.get_world_size()} processes")
         torch.set_num_threads(args.threads or 1)
-        return _train_ddp(args, device, dist.get_rank(), dist.get_world_size())
+        summary = _train_ddp(args, device, dist.get_rank(), dist.get_world_size())
+        # Rank 0 was still evaluating: every rank tears the group down together (one tearing it down
+        # while another still used it was seen to abort the process).
+        dist.barrier()
+        return summary
     finally:
         dist.destroy_process_group()
 

@@ -112,7 +112,8 @@ TORCH_LIBRARY(torch_cs231n, m) {
   //             batch_norm_merge_stats (rows: processes) gives the global mean, variance and invstd;
   //             batch_norm_forward_eval normalises with them.
   //   backward  batch_norm_backward_reduce (sum dy, sum dy (x - mean) over this process's values);
-  //             all-reduce; batch_norm_backward_elemt gives d_input from the global sums and count.
+  //             all-gather, summed in rank order; batch_norm_backward_elemt gives d_input from the
+  //             global sums and count.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
   m.def(
       "batch_norm_merge_stats(Tensor counts, Tensor means, Tensor vars, float eps) -> "

@@ -82,15 +82,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         gathered = _all_gather(torch.stack([mean, var]), group, world_size)  # (world_size, 2, C)
         mean, var, invstd = ops.batch_norm_merge_stats(
             torch.tensor(counts, dtype=mean.dtype, device=mean.device), gathered[:, 0], gathered[:, 1], eps)
-        if total > 0:
-            # The running statistics are the global batch's: its mean, and its variance unbiased by the
-            # global count (common/batch_norm.h). An empty global batch leaves them alone, as torch does.
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    unbiased = var * (total / (total - 1))
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # The running statistics are the global batch's: its mean, and its variance unbiased by the global
+        # count.
+        F._update_running_stats(running_mean, running_var, mean, var, total, momentum)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.group, ctx.total = group, total
         ctx.bias_dtype = bias.dtype if bias is not None else None

@@ -802,13 +802,18 @@ def batch_norm(
                            "running_var, which are updated in place, are not batched; use eval mode, or "
                            "track_running_stats=False, or batch the running statistics as well")
     output, mean, _invstd, var = _fn(_BatchNormTrain).apply(input, weight, bias, eps)
-    if running and input.numel() > 0:
-        # An empty batch leaves the running statistics alone, as torch does.
-        m = _values_per_channel(input.size())
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                unbiased = var * (m / (m - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    _update_running_stats(running_mean, running_var, mean, var, _values_per_channel(input.size()), momentum)
     return output
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """running <- (1 - momentum) running + momentum batch, with the batch's variance unbiased by its count
+    of values per channel (common/batch_norm.h). An empty batch leaves them alone, as torch does."""
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

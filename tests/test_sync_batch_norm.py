@@ -115,6 +115,15 @@ def _mismatched_channels(rank):
     return _expect_error(lambda: layer(torch.randn(4, 3 + rank, 2, 2, dtype=torch.float64)))
 
 
+def _integer_inputs(rank):
+    """One rank's input of integers: the mismatch, on both ranks. Both ranks': the kernel's dtype error,
+    on both ranks (never an error on one rank while the other waits in a collective)."""
+    layer = torch_cs231n.SyncBatchNorm(3, affine=False, track_running_stats=False)
+    one = _expect_error(lambda: layer(torch.ones(4, 3, 2, 2, dtype=torch.int64 if rank == 0 else torch.float32)))
+    both = _expect_error(lambda: layer(torch.ones(4, 3, 2, 2, dtype=torch.int64)))
+    return one, both
+
+
 def _backend_without_cpu(rank):
     """A process group whose only backend is registered for CUDA: CPU tensors cannot travel on it."""
     def create(store, group_rank, group_size, timeout):
@@ -136,6 +145,7 @@ def _worker(rank, rendezvous, out_dir):
         results["ddp"] = _ddp_case(rank)
         results["eval"] = _eval_case(rank)
         results["mismatched_channels"] = _mismatched_channels(rank)
+        results["integer_inputs"] = _integer_inputs(rank)
         dist.barrier()
         results["backend_without_cpu"] = _backend_without_cpu(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -207,6 +217,16 @@ def test_mismatched_channels_raise_on_every_rank(ranks):
         message = ranks[rank]["mismatched_channels"]
         assert message.startswith("ValueError: SyncBatchNorm: expected every rank's input to have the same channels")
         assert "rank 0: 3 channels" in message and "rank 1: 4 channels" in message
+
+
+def test_an_unsupported_dtype_raises_on_every_rank(ranks):
+    for rank in range(WORLD):
+        one, both = ranks[rank]["integer_inputs"]
+        assert one.startswith("ValueError: SyncBatchNorm: expected every rank's input to have the same channels "
+                              "and dtype"), one
+        assert "rank 0: 3 channels, an unsupported dtype" in one and "rank 1: 3 channels, torch.float32" in one
+        assert both.startswith("RuntimeError: batch_norm_stats: expected input to have dtype float32, float64, "
+                               "float16 or bfloat16, but got Long"), both
 
 
 def test_a_backend_that_cannot_carry_the_tensors_raises_on_every_rank(ranks):

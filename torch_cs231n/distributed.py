@@ -26,8 +26,13 @@ ops = torch.ops.torch_cs231n
 
 __all__ = ["sync_batch_norm", "DistributedDataParallel"]
 
-# The dtypes a header can name (its dtype field is an index here).
+# The dtypes a header can name (its dtype field is an index here; -1: any other, which the kernels then
+# refuse with their own message, on every rank alike).
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
 def _all_gather(tensor: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -57,10 +62,10 @@ def _exchange_header(input: torch.Tensor, group, world_size: int) -> list[int]:
     """The values per channel of every rank, after checking that all ranks hold the same number of channels
     and the same dtype (each rank raises the same ValueError otherwise)."""
     count = input.numel() // input.size(1) if input.size(1) else 0
-    mine = torch.tensor([input.size(1), _DTYPES.index(input.dtype), count], dtype=torch.int64, device=input.device)
+    mine = torch.tensor([input.size(1), _dtype_code(input.dtype), count], dtype=torch.int64, device=input.device)
     rows = _all_gather(mine, group, world_size).tolist()
     channels = [r[0] for r in rows]
-    dtypes = [_DTYPES[r[1]] for r in rows]
+    dtypes = [_DTYPES[r[1]] if r[1] >= 0 else "an unsupported dtype" for r in rows]
     if len(set(channels)) > 1 or len(set(dtypes)) > 1:
         per_rank = ", ".join(f"rank {r}: {c} channels, {d}" for r, (c, d) in enumerate(zip(channels, dtypes)))
         raise ValueError(f"SyncBatchNorm: expected every rank's input to have the same channels and dtype, but got "

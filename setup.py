@@ -34,7 +34,7 @@ ext = Extension(
     include_dirs=cfg.include_dirs(with_cuda),
     library_dirs=cfg.library_dirs(with_cuda),
     extra_compile_args=extra,
-    extra_link_args=cfg.ld_flags(),
+    extra_link_args=cfg.ld_flags(with_cuda),
     py_limited_api=False,
 )
 

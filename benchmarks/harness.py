@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
     parser.add_argument("--suite", choices=["cpu", "gpu"], default=None,
                         help="the shape suite: cpu (the default on the CPU) or gpu (GPU-sized shapes, batch >= 64; "
                              "the default with --device cuda)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: time with torch.backends.cudnn.allow_tf32 on, for torch's cuDNN and for our "
+                             "convolution alike (TF32 against TF32); the default is float32 against float32")
     args = parser.parse_args(argv)
     suite = args.suite or ("gpu" if args.device == "cuda" else "cpu")
 
@@ -157,13 +160,22 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
     info = torch_cs231n.build_info()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"torch_cs231n {info['version']} ({info['backend']}, cuda={info['cuda']}), torch {torch.__version__}, "
-          f"device {args.device} ({device_name}), {args.threads} threads, {rounds} round(s)")
+          f"device {args.device} ({device_name}), {args.threads} threads, {rounds} round(s)"
+          + (", TF32 on both sides" if args.tf32 else ""))
     rows = []
     from torch_cs231n.check import full_float32_references
 
+    def matched_precision():
+        # float32 against float32 (TF32 off on both sides), or with --tf32 TF32 against TF32: our CUDA
+        # convolution follows the same flag as cuDNN's (cuda/blas.cuh)
+        if not args.tf32:
+            return full_float32_references()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                           allow_tf32=True)
+
     for case in cases:
-        # matched precision on CUDA: our kernels compute in float32, so torch's cuDNN does too (no TF32)
-        with full_float32_references():
+        with matched_precision():
             rows.append(measure(case, args.device, args.threads, rounds, min_run_time))
         print(f"  {case.op} {case.name}: fwd+bwd ratio {rows[-1]['ratio_fwd_bwd']:.2f}", flush=True)
     print()

@@ -230,11 +230,11 @@ def test_large_mean_is_stable(device):
         mean64 = x64.mean(dim=(0, 2, 3))
         var64 = (x64 - mean64[None, :, None, None]).pow(2).mean(dim=(0, 2, 3))
         torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
-        torch.testing.assert_close(var.double(), var64, rtol=1e-5 if device == "cpu" else 1e-3, atol=0)
+        torch.testing.assert_close(var.double(), var64, rtol=1e-5 if device == "cpu" else 1e-4, atol=0)
         y64 = (x64 - mean64[None, :, None, None]) / (var64[None, :, None, None] + 1e-5).sqrt()
-        # On the CPU, float32 tolerance for outputs of size ~1: (x - mean_hi) - mean_lo keeps them exact.
-        # CUDA accumulates in float, as torch does there: its mean is good to ~1 ulp of 1e4.
-        tol = 1e-5 if device == "cpu" else 2e-3
+        # float32 tolerance for outputs of size ~1: (x - mean_hi) - mean_lo keeps them exact. CUDA
+        # accumulates in float, relative to a shift (cuda/batch_norm.cu): ~1e-6 where torch's is ~4e-4.
+        tol = 1e-5 if device == "cpu" else 1e-4
         torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
         # torch's CPU kernel folds x * scale + shift, which rounds at the size of 1e4 (ulp 9.8e-4): it is off
         # by a few such ulps. Agree with it within 5 ulps, and be at least as close to float64 as it is.

@@ -1,4 +1,6 @@
 """Conv2d: our kernels against torch.nn.functional.conv2d, forward and every gradient, in every layout."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,6 +268,38 @@ def test_larger_shapes_match_torch(device):
         g = torch.randn(shape, generator=gen).to(device)
         mine, ref = run_both(x, w, b, g, **kw)
         assert_all_close(mine, ref, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA matter")
+@pytest.mark.skipif(os.environ.get("TORCH_CS231N_CUDA_CONV") != "cublas",
+                    reason="the route that follows the flag (cuda/blas.cuh) is chosen by TORCH_CS231N_CUDA_CONV=cublas")
+def test_cuda_tf32_follows_the_cudnn_flag():
+    """torch.backends.cudnn.allow_tf32 decides, as for torch's convolutions; the matmul flag does not."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 64, 28, 28, generator=gen, dtype=torch.float64)
+    w = torch.randn(64, 64, 3, 3, generator=gen, dtype=torch.float64) * 0.1
+    g = torch.randn(8, 64, 28, 28, generator=gen, dtype=torch.float64)
+
+    def run(dtype):
+        xd, wd = (t.to("cuda", dtype).requires_grad_() for t in (x, w))
+        y = ours.conv2d(xd, wd, padding=1)
+        return (y, *torch.autograd.grad(y, (xd, wd), g.to("cuda", dtype)))
+
+    exact = run(torch.float64)
+
+    def error(results):  # the worst of y, d_x and d_W, relative to each one's largest value
+        return max(((r.double() - e).abs().max() / e.abs().max()).item() for r, e in zip(results, exact))
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    with cudnn.flags(**flags, allow_tf32=False):
+        matmul.allow_tf32 = True  # restored by the autouse fixture
+        full = error(run(torch.float32))
+    with cudnn.flags(**flags, allow_tf32=True):
+        matmul.allow_tf32 = False
+        tf32 = error(run(torch.float32))
+    assert full < 1e-5, f"float32 with TF32 off: {full}"
+    assert 1e-4 < tf32 < 1e-2, f"TF32 (10-bit mantissa) should show ~1e-3 of relative error: {tf32}"
 
 
 # ------------------------------------------------------------------------------------------- modules

@@ -4,13 +4,21 @@
 #   1. build the extension for the local card, with every core;
 #   2. python -m torch_cs231n check --device cuda;
 #   3. the CUDA half of the tests (every test id with "cuda"), in parallel when pytest-xdist is there;
-#   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32.
+#   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32, and the
+#      convolutions again TF32 against TF32 (torch's default for convolutions);
+#   5. where each kernel's time goes (benchmarks/profile_gpu.py);
+#   6. for each candidate kernel (CANDIDATES below: new kernels that are not the default until they pass
+#      here), the tests of its layer and its benchmark again with the candidate switched on.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
+# Candidates, one per line: "name|environment setting|pytest -k expression|bench --op".
+CANDIDATES=(
+  "conv-cublas|TORCH_CS231N_CUDA_CONV=cublas|cuda and conv|conv2d"
+)
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu-check: no CUDA device is visible to $PY's torch: run this on a GPU machine" >&2
@@ -47,5 +55,22 @@ step pytest-cuda "$PY" -m pytest -q -k cuda "${parallel[@]}"
 tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
 step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 2 --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
+step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 2 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
+sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
+step profile "$PY" -m benchmarks.profile_gpu
+for candidate in "${CANDIDATES[@]}"; do
+  IFS='|' read -r name setting tests op <<<"$candidate"
+  echo "candidate $name ($setting):" | tee -a "$summary"
+  step "pytest-$name" env "$setting" "$PY" -m pytest -q -k "$tests" "${parallel[@]}"
+  tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
+  step "bench-$name" env "$setting" "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" \
+    --json "$OUT/bench-$name.json"
+  sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
+  step "bench-$name-tf32" env "$setting" "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" --tf32 \
+    --json "$OUT/bench-$name-tf32.json"
+  sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
+  step "profile-$name" env "$setting" "$PY" -m benchmarks.profile_gpu --case conv3x3 --case conv3x3_deep \
+    --case stem --case pointwise
+done
 echo "gpu-check: $([ "$failed" -eq 0 ] && echo "every step passed" || echo "a step failed"); see $summary"
 exit "$failed"

@@ -105,6 +105,25 @@ def library_dirs(with_cuda: bool) -> list[str]:
     return [os.path.join(home, "lib")] if home and os.path.isdir(os.path.join(home, "lib")) else []
 
 
+def find_cublas() -> tuple[str, str] | None:
+    """(folder, file name) of the cuBLAS the CUDA convolution links, or None.
+
+    The toolkit's own first, else the one pip's nvidia wheels install beside torch (a toolkit of nvcc
+    alone has none). Either way the library's soname (libcublas.so.13) is the one torch has already
+    loaded when ours is, so the process holds one cuBLAS.
+    """
+    home = find_cuda_home()
+    folders = [os.path.join(home, sub) for sub in ("lib64", "lib")] if home else []
+    for site in _site_dirs():
+        folders += sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "lib")))
+        folders.append(os.path.join(site, "nvidia", "cublas", "lib"))
+    for folder in folders:
+        for name in ["libcublas.so"] + sorted(glob.glob(os.path.join(folder, "libcublas.so.[0-9]*"))):
+            if os.path.isfile(os.path.join(folder, name)):
+                return folder, os.path.basename(name)
+    return None
+
+
 def debug() -> bool:
     return os.environ.get("DEBUG", "0") not in ("", "0")
 
@@ -132,5 +151,11 @@ def nvcc_flags() -> list[str]:
 SHARED_LIBSTDCXX = ["-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
 
 
-def ld_flags() -> list[str]:
-    return ["-fopenmp"] + SHARED_LIBSTDCXX
+def ld_flags(with_cuda: bool = False) -> list[str]:
+    flags = ["-fopenmp"] + SHARED_LIBSTDCXX
+    if with_cuda:  # cuda/blas.cuh calls cuBLAS itself, to choose TF32 or full float32 per call
+        found = find_cublas()
+        if found is None:
+            raise RuntimeError("torch_cs231n: no libcublas.so in the CUDA toolkit nor in pip's nvidia packages")
+        flags += [f"-L{found[0]}", f"-l:{found[1]}", f"-Wl,-rpath,{found[0]}"]
+    return flags

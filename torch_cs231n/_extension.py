@@ -39,7 +39,7 @@ def _jit_build() -> None:
         extra_include_paths=cfg.include_dirs(with_cuda),
         extra_cflags=cfg.cxx_flags(with_cuda),
         extra_cuda_cflags=cfg.nvcc_flags() if with_cuda else None,
-        extra_ldflags=cfg.ld_flags() + [f"-L{d}" for d in cfg.library_dirs(with_cuda)],
+        extra_ldflags=cfg.ld_flags(with_cuda) + [f"-L{d}" for d in cfg.library_dirs(with_cuda)],
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=os.environ.get("TORCH_CS231N_JIT_VERBOSE", "0") != "0",

@@ -119,10 +119,11 @@ C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const Conv2dGeometry& g
 
 // One element of d_x for one sample, gathered from the column gradient d_col [(c,t_h,t_w), (o_h,o_w)]:
 //     d_x[c, i_h, i_w] = Σ_{t_h,t_w : inverse maps exist} d_col[(c,t_h,t_w), (o_h,o_w)]
+// Row r of d_col starts at dcol + r * row_stride (o_h * o_w when the sample's d_col is dense).
 template <typename T, typename Acc>
-C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const Conv2dGeometry& g, int64_t c, int64_t i_h, int64_t i_w) {
+C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const Conv2dGeometry& g, int64_t c, int64_t i_h, int64_t i_w,
+                                        int64_t row_stride) {
   Acc acc = Acc(0);
-  const int64_t q_count = g.oh * g.ow;
   for (int64_t th = 0; th < g.kh; ++th) {
     int64_t o_h;
     if (!conv_out_index(i_h, th, g.sh, g.ph, g.dh, g.oh, &o_h)) continue;
@@ -130,7 +131,7 @@ C10_HOST_DEVICE inline Acc col2im_value(const T* dcol, const Conv2dGeometry& g, 
       int64_t o_w;
       if (!conv_out_index(i_w, tw, g.sw, g.pw, g.dw, g.ow, &o_w)) continue;
       const int64_t r = (c * g.kh + th) * g.kw + tw;
-      acc += static_cast<Acc>(dcol[r * q_count + o_h * g.ow + o_w]);
+      acc += static_cast<Acc>(dcol[r * row_stride + o_h * g.ow + o_w]);
     }
   }
   return acc;

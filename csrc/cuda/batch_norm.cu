@@ -2,11 +2,13 @@
 // channel) and grid-stride elementwise passes, all over the math of common/batch_norm.h.
 //
 //   statistics  grid (C, G): each block reduces a 1/G slice of one channel. Each thread runs Welford over
-//               its values (bn_welford_add); the threads' states are merged with Chan's formula
-//               (bn_merge), first across a warp with shuffles, then across the block's warps through shared
-//               memory. A second kernel merges a channel's G block results in order.
-//   normalise   y = (x - mean) * (gamma * invstd) + beta per element (bn_normalize; the mean is an
-//               acc_t here, so it has no low part)
+//               its values minus the channel's first value (the shift: a float mean of 1e4 would hold only
+//               ~1e-3 of it, while x - shift is exact and small); the threads' states are merged with
+//               Chan's formula (bn_merge), first across a warp with shuffles, then across the block's warps
+//               through shared memory. A second kernel merges a channel's G block results in order, and
+//               splits the mean into mean_hi = shift + mean_d rounded and the rest mean_lo.
+//   normalise   y = ((x - mean_hi) - mean_lo) * (gamma * invstd) + beta per element (bn_normalize): for
+//               a large mean this is closer to float64 than torch's CUDA kernel (test_large_mean_is_stable)
 //   backward    the same two-stage shape for sum dy and sum dy (x - mean); then dx per element
 //               (bn_backward_train / bn_backward_eval)
 //   sync        synchronised batch norm's ops (ops.cpp) reuse these kernels: the statistics and the sums
@@ -52,6 +54,12 @@ struct ChannelIndex {
   __device__ int64_t channel(int64_t i) const { return channels_last ? i % C : (i / S) % C; }
 };
 
+// The shift of channel c's statistics: its first value, an approximate mean that every block reads alike.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t channel_shift(const scalar_t* __restrict__ x, ChannelIndex idx, int64_t c) {
+  return static_cast<acc_t>(x[idx(c, 0)]);
+}
+
 template <typename acc_t>
 __device__ BnStats<acc_t> warp_merge(BnStats<acc_t> s) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
@@ -70,15 +78,16 @@ __device__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// Stage 1 of the statistics: block (c, g) writes the (n, mean, M2) of its slice of channel c.
+// Stage 1 of the statistics: block (c, g) writes the (n, mean, M2) of x - shift over its slice of channel c.
 template <typename scalar_t, typename acc_t>
 __global__ void stats_partial_kernel(const scalar_t* __restrict__ x, ChannelIndex idx, int64_t M,
                                      BnStats<acc_t>* __restrict__ partial) {
   const int64_t c = blockIdx.x;
   const int64_t G = gridDim.y;
+  const acc_t shift = channel_shift<scalar_t, acc_t>(x, idx, c);
   BnStats<acc_t> s{0, 0, 0};
   for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; m < M; m += G * blockDim.x) {
-    s = bn_welford_add(s, static_cast<acc_t>(x[idx(c, m)]));
+    s = bn_welford_add(s, static_cast<acc_t>(x[idx(c, m)]) - shift);
   }
   s = warp_merge(s);
   __shared__ acc_t sh_n[kWarps], sh_mean[kWarps], sh_m2[kWarps];
@@ -109,18 +118,29 @@ __device__ acc_t biased_var(const BnStats<acc_t>& s) {
   return s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);  // biased: this is what normalises
 }
 
-// Stage 2: one thread per channel merges its G partial results in order; the saved statistics and the
-// normalisation's scale = gamma * invstd.
+// Channel c's mean in two parts from the shift and the mean of x - shift: mean_hi = shift + mean_d rounded,
+// mean_lo = what rounding dropped, exact by Fast2Sum (Dekker) since |mean_d| is small beside |shift|.
 template <typename acc_t>
-__global__ void stats_final_kernel(const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G, double eps,
+__device__ void split_mean(acc_t shift, acc_t mean_d, acc_t* hi, acc_t* lo) {
+  *hi = shift + mean_d;
+  *lo = mean_d - (*hi - shift);
+}
+
+// Stage 2: one thread per channel merges its G partial results in order; the saved statistics, the
+// mean's low part and the normalisation's scale = gamma * invstd.
+template <typename scalar_t, typename acc_t>
+__global__ void stats_final_kernel(const scalar_t* __restrict__ x, ChannelIndex idx,
+                                   const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G, double eps,
                                    const acc_t* __restrict__ gamma, acc_t* __restrict__ mean,
-                                   acc_t* __restrict__ invstd, acc_t* __restrict__ var, acc_t* __restrict__ scale) {
+                                   acc_t* __restrict__ mean_lo, acc_t* __restrict__ invstd, acc_t* __restrict__ var,
+                                   acc_t* __restrict__ scale) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const BnStats<acc_t> s = merge_partials(partial, c, G);
   const acc_t v = biased_var(s);
   const acc_t is = bn_invstd<acc_t>(v, eps);
-  mean[c] = s.mean;
+  const acc_t shift = s.n > acc_t(0) ? channel_shift<scalar_t, acc_t>(x, idx, c) : acc_t(0);
+  split_mean(shift, s.mean, &mean[c], &mean_lo[c]);
   var[c] = v;
   invstd[c] = is;
   scale[c] = is * gamma[c];
@@ -134,14 +154,16 @@ __global__ void eval_scale_kernel(const acc_t* __restrict__ running_var, const a
   if (c < C) scale[c] = bn_invstd<acc_t>(running_var[c], eps) * gamma[c];
 }
 
+// mean_lo: the mean's low part (split_mean), or null where the mean is one number (eval).
 template <typename scalar_t, typename acc_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelIndex idx, int64_t n,
-                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                                 const acc_t* __restrict__ beta) {
+                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_lo,
+                                 const acc_t* __restrict__ scale, const acc_t* __restrict__ beta) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const int64_t c = idx.channel(i);
-    y[i] = static_cast<scalar_t>(bn_normalize(static_cast<acc_t>(x[i]), mean[c], acc_t(0), scale[c], beta[c]));
+    const acc_t lo = mean_lo != nullptr ? mean_lo[c] : acc_t(0);
+    y[i] = static_cast<scalar_t>(bn_normalize(static_cast<acc_t>(x[i]), mean[c], lo, scale[c], beta[c]));
   }
 }
 
@@ -239,13 +261,14 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
 
 // ------------------------------------------------------------------------------ synchronised batch norm
 // One thread per channel: this process's mean and biased variance from the partial results.
-template <typename acc_t>
-__global__ void stats_mean_var_kernel(const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G,
+template <typename scalar_t, typename acc_t>
+__global__ void stats_mean_var_kernel(const scalar_t* __restrict__ x, ChannelIndex idx,
+                                      const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G,
                                       acc_t* __restrict__ mean, acc_t* __restrict__ var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const BnStats<acc_t> s = merge_partials(partial, c, G);
-  mean[c] = s.mean;
+  mean[c] = channel_shift<scalar_t, acc_t>(x, idx, c) + s.mean;
   var[c] = biased_var(s);
 }
 
@@ -320,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
   at::Tensor save_invstd = at::empty({C}, stat_opts);
   at::Tensor save_var = at::empty({C}, stat_opts);
   at::Tensor scale = at::empty({C}, stat_opts);
+  at::Tensor mean_lo = at::empty({C}, stat_opts);
   const at::Tensor gamma = bn_channel_values(weight, input, 1.0);
   const at::Tensor beta = bn_channel_values(bias, input, 0.0);
   if (C == 0) return {output, save_mean, save_invstd, save_var};
@@ -338,15 +362,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
     } else {
       partial.zero_();  // an empty batch: finite placeholder statistics (mean 0, var 0)
     }
-    stats_final_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
-        partial_p, C, G, eps, gamma.const_data_ptr<acc_t>(), save_mean.mutable_data_ptr<acc_t>(),
-        save_invstd.mutable_data_ptr<acc_t>(), save_var.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>());
+    stats_final_kernel<scalar_t, acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), channel_index(lay), partial_p, C, G, eps, gamma.const_data_ptr<acc_t>(),
+        save_mean.mutable_data_ptr<acc_t>(), mean_lo.mutable_data_ptr<acc_t>(), save_invstd.mutable_data_ptr<acc_t>(),
+        save_var.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = output.numel();
     if (n > 0) {
       normalize_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), channel_index(lay), n,
-          save_mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>());
+          save_mean.const_data_ptr<acc_t>(), mean_lo.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+          beta.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -378,7 +404,7 @@ at::Tensor batch_norm_forward_eval_cuda(const at::Tensor& input, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     normalize_kernel<scalar_t, acc_t><<<cuda::grid_for(n), cuda::kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), channel_index(lay), n,
-        rm.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>());
+        rm.const_data_ptr<acc_t>(), nullptr, scale.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
@@ -463,8 +489,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
     stats_partial_kernel<scalar_t, acc_t><<<dim3(C, G), cuda::kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), channel_index(lay), lay.M(), partial_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_mean_var_kernel<acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
-        partial_p, C, G, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    stats_mean_var_kernel<scalar_t, acc_t><<<blocks_for(C), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), channel_index(lay), partial_p, C, G, mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};

@@ -22,11 +22,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <limits>
+#include <string>
 #include <tuple>
 
 #include "common/checks.h"
 #include "common/conv2d.h"
 #include "common/grads.h"
+#include "cuda/blas.cuh"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -59,7 +63,7 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Co
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
     const int64_t s = idx / per_sample, rem = idx % per_sample;
     const int64_t c = rem / (g.h * g.w), i_h = (rem / g.w) % g.h, i_w = rem % g.w;
-    dx[idx] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * col_sample, g, c, i_h, i_w));
+    dx[idx] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * col_sample, g, c, i_h, i_w, g.col_cols()));
   }
 }
 
@@ -218,6 +222,165 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   if (need_dw) dw.copy_(dw_acc.view(dw.sizes()));
 }
 
+// ----------------------------------------------------------------------- route "cublas": the GEMMs' own layout
+// The columns of a chunk of nb samples are laid out sample-inside-row, col_t[r][s][q] (r = (c, t_h, t_w),
+// q = (o_h, o_w)), so that every GEMM is one cuBLAS call per group whose precision we choose (blas.cuh):
+//     forward  y[s]_g  = W_g · col_t[:, s]_g              batched over s (B rows nb*cols apart)
+//     d_col    d_col_t[:, s]_g = W_gᵀ · dY[s]_g             batched over s, straight into its buffer
+//     d_W      d_W_g  += dY'_g · col_tᵀ_g                 one GEMM of depth nb*cols, dY' = dY as [F][nb][cols]
+// d_W needs no per-sample partial sums, and d_col needs no copy.
+
+// col_t[r][s][q] = x[n0 + s, c, i_h, i_w] (0 in the padding); index_t is int32 where the chunk allows.
+template <typename T, typename index_t>
+__global__ void im2col_t_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, index_t nb) {
+  const index_t cols = g.col_cols(), ow = g.ow, kw = g.kw, taps = g.taps();
+  const index_t total = static_cast<index_t>(g.col_rows()) * nb * cols;
+  const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
+    const index_t row = idx / cols, q = idx - row * cols;
+    const index_t r = row / nb, s = row - r * nb;
+    const index_t c = r / taps, t = r - c * taps;
+    const index_t o_h = q / ow, o_w = q - o_h * ow;
+    const int64_t i_h = conv_in_index(o_h, t / kw, g.sh, g.ph, g.dh);
+    const int64_t i_w = conv_in_index(o_w, t % kw, g.sw, g.pw, g.dw);
+    const bool inside = i_h >= 0 && i_h < g.h && i_w >= 0 && i_w < g.w;
+    col[idx] = inside ? x[((static_cast<int64_t>(s) * g.c + c) * g.h + i_h) * g.w + i_w] : T(0);
+  }
+}
+
+// d_x[n0 + s, c, i_h, i_w] gathered from d_col_t (rows nb*cols apart, sample s at offset s*cols).
+template <typename T, typename index_t>
+__global__ void col2im_t_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, index_t nb) {
+  using acc_t = at::acc_type<T, true>;
+  const index_t plane = g.h * g.w, w = g.w, C = g.c;
+  const index_t total = nb * C * plane;
+  const int64_t cols = g.col_cols();
+  const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
+    const index_t sc = idx / plane, rem = idx - sc * plane;
+    const index_t s = sc / C, c = sc - s * C;
+    const index_t i_h = rem / w, i_w = rem - i_h * w;
+    dx[idx] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * cols, g, c, i_h, i_w, nb * cols));
+  }
+}
+
+template <typename T>
+void launch_im2col_t(const T* x, T* col, const Conv2dGeometry& g, int64_t nb, cudaStream_t stream) {
+  const int64_t total = g.col_rows() * nb * g.col_cols();
+  if (total <= std::numeric_limits<int32_t>::max()) {
+    im2col_t_kernel<T, int32_t>
+        <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x, col, g, static_cast<int32_t>(nb));
+  } else {
+    im2col_t_kernel<T, int64_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x, col, g, nb);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_col2im_t(const T* dcol, T* dx, const Conv2dGeometry& g, int64_t nb, cudaStream_t stream) {
+  const int64_t total = nb * g.c * g.h * g.w;
+  // d_col_t's own offsets reach rows * nb * cols: int32 only when those fit too
+  const bool small = std::max(total, g.col_rows() * nb * g.col_cols()) <= std::numeric_limits<int32_t>::max();
+  if (small) {
+    col2im_t_kernel<T, int32_t>
+        <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dcol, dx, g, static_cast<int32_t>(nb));
+  } else {
+    col2im_t_kernel<T, int64_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dcol, dx, g, nb);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void cublas_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                    const Conv2dGeometry& g, cudaStream_t stream) {
+  const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
+  const int64_t nb_max = pointwise ? g.n : chunk_size(g);
+  at::Tensor col = pointwise ? at::Tensor() : at::empty({g.col_rows(), nb_max, cols}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    if (!pointwise) launch_im2col_t<T>(xp + n0 * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g, nb, stream);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const cuda::Operand<T> a{wp + grp * fg * kg, kg, 0, false};
+      // The input is its own column matrix when the filter is 1x1 with stride 1 and no padding.
+      const cuda::Operand<T> b =
+          pointwise ? cuda::Operand<T>{xp + (n0 * g.c + grp * kg) * cols, cols, g.c * cols, false}
+                    : cuda::Operand<T>{col.const_data_ptr<T>() + grp * kg * nb * cols, nb * cols, cols, false};
+      cuda::gemm_batched<T>(fg, cols, kg, a, b, 0.f, yp + (n0 * g.f + grp * fg) * cols, cols, g.f * cols, nb, tf32);
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(bias->view({1, g.f, 1, 1}));
+}
+
+template <typename T>
+void cublas_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                     const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
+  const int64_t nb_max = chunk_size(g);
+  // Columns for d_W (im2col, or the input itself regrouped for 1x1), d_col for d_x: one buffer, in turn.
+  at::Tensor col = at::empty({g.col_rows(), nb_max, cols}, x.options());
+  // d_W accumulates over the chunks in float for half/bfloat16, in the dtype itself otherwise.
+  const auto acc_dtype = at::toAccumulateType(x.scalar_type(), /*is_cuda=*/true);
+  at::Tensor dw_acc =
+      need_dw ? (acc_dtype == x.scalar_type() ? dw : at::empty({g.f, kg}, x.options().dtype(acc_dtype))) : at::Tensor();
+  using acc_t = at::acc_type<T, true>;
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* dyp = dy.const_data_ptr<T>();
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    const at::Tensor dy_chunk = dy.narrow(0, n0, nb).view({nb, g.f, cols});
+    if (need_dw) {
+      if (pointwise) {
+        // x[s][c][q] regrouped as col_t[c][s][q], dense for this chunk's nb like im2col's output
+        col.view(-1)
+            .narrow(0, 0, g.c * nb * cols)
+            .view({g.c, nb, cols})
+            .copy_(x.narrow(0, n0, nb).view({nb, g.c, cols}).transpose(0, 1));
+      } else {
+        launch_im2col_t<T>(xp + n0 * g.c * g.h * g.w, col.mutable_data_ptr<T>(), g, nb, stream);
+      }
+      const at::Tensor dy_t = dy_chunk.transpose(0, 1).contiguous();  // dY' [F][nb][cols]
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const cuda::Operand<T> a{dy_t.const_data_ptr<T>() + grp * fg * nb * cols, nb * cols, 0, false};
+        const cuda::Operand<T> b{col.const_data_ptr<T>() + grp * kg * nb * cols, nb * cols, 0, true};
+        cuda::gemm_batched<T, acc_t>(fg, kg, nb * cols, a, b, n0 == 0 ? 0.f : 1.f,
+                                     dw_acc.mutable_data_ptr<acc_t>() + grp * fg * kg, kg, 0, 1, tf32);
+      }
+    }
+    if (need_dx) {
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const cuda::Operand<T> a{wp + grp * fg * kg, kg, 0, true};
+        const cuda::Operand<T> b{dyp + (n0 * g.f + grp * fg) * cols, cols, g.f * cols, false};
+        if (pointwise) {  // d_x[s]_g = W_gᵀ · dY[s]_g directly: no columns, no col2im
+          cuda::gemm_batched<T>(kg, cols, fg, a, b, 0.f, dx.mutable_data_ptr<T>() + (n0 * g.c + grp * kg) * cols, cols,
+                                g.c * cols, nb, tf32);
+        } else {
+          cuda::gemm_batched<T>(kg, cols, fg, a, b, 0.f, col.mutable_data_ptr<T>() + grp * kg * nb * cols, nb * cols,
+                                cols, nb, tf32);
+        }
+      }
+      if (!pointwise)
+        launch_col2im_t<T>(col.const_data_ptr<T>(), dx.mutable_data_ptr<T>() + n0 * g.c * g.h * g.w, g, nb, stream);
+    }
+  }
+  if (need_dw && !dw_acc.is_same(dw)) dw.copy_(dw_acc.view(dw.sizes()));
+}
+
+// Which route the GEMM convolutions take: "bmm" (at::bmm / at::matmul, the route proven on an H200) unless
+// TORCH_CS231N_CUDA_CONV=cublas asks for the new one, read once. docs/conv2d.md says which is which.
+bool use_cublas_route() {
+  static const bool cublas = [] {
+    const char* env = std::getenv("TORCH_CS231N_CUDA_CONV");
+    return env != nullptr && std::string(env) == "cublas";
+  }();
+  return cublas;
+}
+
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -240,7 +403,11 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
           b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      gemm_forward<scalar_t>(x, w, b, y, g, stream);
+      if (use_cublas_route()) {
+        cublas_forward<scalar_t>(x, w, b, y, g, stream);
+      } else {
+        gemm_forward<scalar_t>(x, w, b, y, g, stream);
+      }
     }
   });
   return y.contiguous(format);
@@ -287,7 +454,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
-      gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
+      if (use_cublas_route()) {
+        cublas_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
+      } else {
+        gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
+      }
     }
   });
   return {in_format(dx), in_format(dw), db};

@@ -82,18 +82,23 @@ def test_gradient_penalty_matches_torch(device):
 
 # ------------------------------------------------------------------------------ against F.batch_norm
 def run_both(x, weight, bias, running, training, momentum, eps, grad):
-    """Forward and backward through ours and torch's; each with its own copies of everything."""
+    """Forward and backward through ours and torch's; each with its own copies of everything.
+
+    On CUDA torch's side runs on the CPU: its CUDA batch norm (cuDNN's) fails with a weight of None and a
+    bias ("tensor does not have a device"), returned a wrong gradient in such a case, and keeps the strides
+    of a transposed input where its CPU kernel, and ours, return it contiguous (all seen on an H200)."""
     results = []
-    for fn in (ours.batch_norm, F.batch_norm):
-        xi = x.detach().clone().requires_grad_()
-        wi = weight.detach().clone().requires_grad_() if weight is not None else None
-        bi = bias.detach().clone().requires_grad_() if bias is not None else None
-        rm = running[0].clone() if running is not None else None
-        rv = running[1].clone() if running is not None else None
+    for fn, device in ((ours.batch_norm, x.device), (F.batch_norm, torch.device("cpu"))):
+        def copy(t, grad=False, device=device):
+            return None if t is None else t.detach().to(device, copy=True).requires_grad_(grad)
+
+        xi, wi, bi = copy(x, True), copy(weight, True), copy(bias, True)
+        rm, rv = (copy(running[0]), copy(running[1])) if running is not None else (None, None)
         y = fn(xi, rm, rv, wi, bi, training=training, momentum=momentum, eps=eps)
         leaves = [t for t in (xi, wi, bi) if t is not None]
-        grads = torch.autograd.grad(y, leaves, grad)
-        results.append((y, grads, rm, rv))
+        grads = torch.autograd.grad(y, leaves, grad.to(device))
+        back = lambda t: None if t is None else t.to(x.device)  # noqa: E731
+        results.append((back(y), tuple(back(g) for g in grads), back(rm), back(rv)))
     return results
 
 

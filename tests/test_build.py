@@ -130,6 +130,32 @@ def test_link_flags_keep_libstdcxx_shared_even_when_the_driver_links_it_statical
 
 
 @needs_binutils
+def test_link_flags_keep_libstdcxx_shared_when_a_folder_holds_only_the_archive(tmp_path):
+    """The GPU machine's case: a compiler whose own lib folder has libstdc++.a and no libstdc++.so, searched
+    before the system's. `-lstdc++` alone takes that archive; our flags name torch's own shared file."""
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive) or not os.path.isfile(archive):
+        pytest.skip("this g++ has no libstdc++.a to stand in for such a compiler's")
+    only_archive = tmp_path / "lib"
+    only_archive.mkdir()
+    (only_archive / "libstdc++.a").symlink_to(archive)
+    source = tmp_path / "streams.cpp"
+    source.write_text('#include <sstream>\n#include <string>\n'
+                      'std::string describe(long x) { std::ostringstream s; s << "got " << x; return s.str(); }\n')
+    control = tmp_path / "control.so"
+    subprocess.run(["g++", "-shared", "-fPIC", f"-L{only_archive}", str(source), "-o", str(control),
+                    *cfg.SHARED_LIBSTDCXX], check=True)
+    needed, own = _needed_and_stream_symbols(control)
+    assert own > 0, ("the control case (-lstdc++ alone) should have taken the archive", needed, own)
+    ours = tmp_path / "ours.so"
+    subprocess.run(["g++", "-shared", "-fPIC", f"-L{only_archive}", str(source), "-o", str(ours), *cfg.ld_flags()],
+                   check=True)
+    needed, own = _needed_and_stream_symbols(ours)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+    assert own == 0, f"{own} std::ostream functions are defined inside the library"
+
+
+@needs_binutils
 def test_built_extension_uses_the_shared_libstdcxx():
     library = _loaded_library()
     needed, own = _needed_and_stream_symbols(library)

@@ -1,6 +1,4 @@
 """Conv2d: our kernels against torch.nn.functional.conv2d, forward and every gradient, in every layout."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,8 +269,6 @@ def test_larger_shapes_match_torch(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA matter")
-@pytest.mark.skipif(os.environ.get("TORCH_CS231N_CUDA_CONV") != "cublas",
-                    reason="the route that follows the flag (cuda/blas.cuh) is chosen by TORCH_CS231N_CUDA_CONV=cublas")
 def test_cuda_tf32_follows_the_cudnn_flag():
     """torch.backends.cudnn.allow_tf32 decides, as for torch's convolutions; the matmul flag does not."""
     gen = torch.Generator().manual_seed(6)

@@ -142,17 +142,36 @@ def nvcc_flags() -> list[str]:
     return opt + ["-DWITH_CUDA", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
 
 
-# libstdc++ must be the shared one that torch itself uses. Some g++ drivers link it statically (their
-# specs, or -static-libstdc++ in LDFLAGS); the process then holds two copies, and a C++ stream of one
-# copy formatting a number with the other's locale crashed every error message on a GPU machine
-# (c10::str -> std::ostream::_M_insert). Naming the shared library ourselves, in -Bdynamic mode whatever
-# mode the flags before put the linker in, resolves every libstdc++ symbol from it, so the driver's static
-# archive, linked after, has nothing left to contribute. tests/test_build.py proves both the rule and _C.
+# libstdc++ must be the shared one that torch itself uses. Some g++ drivers link it statically: their
+# specs or -static-libstdc++ ask for it, or their own lib folder holds only libstdc++.a, which `-lstdc++`
+# then finds before any libstdc++.so (ld takes the first folder that has either). The process then holds
+# two copies, and a C++ stream of one copy formatting a number with the other's locale crashed every error
+# message on a GPU machine (c10::str -> std::ostream::_M_insert). So the link names the very file that
+# torch loaded (runtime_libstdcxx), which defines every libstdc++ symbol before the driver's own libraries
+# come; where that cannot be read, -lstdc++ in -Bdynamic mode. tests/test_build.py proves both cases and _C.
 SHARED_LIBSTDCXX = ["-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
 
 
+def runtime_libstdcxx() -> str | None:
+    """The path of the libstdc++ shared library this process has loaded (torch's, once torch is imported)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def libstdcxx_flags() -> list[str]:
+    path = runtime_libstdcxx()
+    return [path] if path is not None else SHARED_LIBSTDCXX
+
+
 def ld_flags(with_cuda: bool = False) -> list[str]:
-    flags = ["-fopenmp"] + SHARED_LIBSTDCXX
+    flags = ["-fopenmp"] + libstdcxx_flags()
     if with_cuda:  # cuda/blas.cuh calls cuBLAS itself, to choose TF32 or full float32 per call
         found = find_cublas()
         if found is None:

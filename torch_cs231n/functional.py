@@ -491,8 +491,11 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_output, _mean, _invstd, _var):
         input, weight, mean, invstd = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, mean, invstd, ctx.eps, True,
-                                                   _Static(mask))
+        if torch.is_grad_enabled():  # create_graph: the backward itself is differentiated (double backward)
+            dx, dw, db = _fn(_BatchNormBackward).apply(grad_output, input, weight, mean, invstd, ctx.eps, True,
+                                                       _Static(mask))
+        else:  # the kernel alone: a Function around it would only cost time (small batches are host-bound)
+            dx, dw, db = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, list(mask))
         return dx, _as_param(dw, weight), _as_param(db, ctx.bias_dtype), None
 
     @staticmethod
@@ -626,16 +629,17 @@ class _BatchNormBackward(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- the ops' own autograd
 # Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>. The layers' ops: their
-# Function's setup_context and backward are registered as the op's autograd (ReLU's ops have their C++
-# ones); the backward ops take their non-tensor arguments loose where their Functions take them as _Static
-# values, hence adapters. The
-# functional API applies the Functions, which also carry torch.func's jvp and batching.
+# Function's setup_context and backward are registered as the op's autograd (ReLU's ops and batch norm's
+# training forward have C++ ones); the backward ops take their non-tensor arguments loose where their
+# Functions take them as _Static values, hence adapters. The functional API applies the Functions, which
+# also carry torch.func's jvp and batching (under transforms only, for ReLU and batch norm's training).
 def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 
 
+# batch_norm_forward_train's is in C++ (csrc/autograd/batch_norm_autograd.cpp), as ReLU's.
 for _op, _function in (("conv2d_forward", _Conv2d), ("max_pool2d_forward", _MaxPool2d),
-                       ("batch_norm_forward_train", _BatchNormTrain), ("batch_norm_forward_eval", _BatchNormEval)):
+                       ("batch_norm_forward_eval", _BatchNormEval)):
     _register(_op, _function.setup_context, _function.backward)
 
 
@@ -801,7 +805,10 @@ def batch_norm(
         raise RuntimeError("batch_norm: got a batched input (torch.func.vmap) in training while running_mean or "
                            "running_var, which are updated in place, are not batched; use eval mode, or "
                            "track_running_stats=False, or batch the running statistics as well")
-    output, mean, _invstd, var = _fn(_BatchNormTrain).apply(input, weight, bias, eps)
+    if _transforms_active():  # the Python Function, which carries the jvp and the batching
+        output, mean, _invstd, var = _fn(_BatchNormTrain).apply(input, weight, bias, eps)
+    else:  # the op, whose autograd is in C++: at small batches the layer is host-bound
+        output, mean, _invstd, var = ops.batch_norm_forward_train(input, weight, bias, eps)
     _update_running_stats(running_mean, running_var, mean, var, _values_per_channel(input.size()), momentum)
     return output
 
@@ -814,6 +821,5 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        if running_var is not None:  # momentum * unbiased = (momentum * count / (count - 1)) * var
+            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))

@@ -22,6 +22,8 @@
 
 #include <tuple>
 
+#include "autograd/tracking.h"
+
 namespace torch_cs231n {
 namespace {
 
@@ -126,18 +128,8 @@ class ReLUForward : public torch::autograd::Function<ReLUForward> {
   }
 };
 
-// Whether autograd has anything to do with `t`: record it for backward, or carry its forward-mode
-// tangent (which Function::apply refuses with a clear error, rather than drop it silently).
-bool is_tracked(const at::Tensor& t) {
-  return t.defined() && ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
-}
-
-// Nothing to track (no_grad, or no input that requires grad): go straight to the kernel, as torch's own
-// autograd kernels do, rather than build a graph node that would be thrown away.
-bool needs_graph(const at::Tensor& a, const at::Tensor& b = at::Tensor()) { return is_tracked(a) || is_tracked(b); }
-
 at::Tensor relu_forward_autograd(const at::Tensor& input) {
-  if (!needs_graph(input)) {
+  if (!needs_graph({input})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_relu_forward(input);  // no backward to come: no mask
   }
@@ -145,7 +137,7 @@ at::Tensor relu_forward_autograd(const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_autograd(const at::Tensor& input) {
-  if (!needs_graph(input)) {
+  if (!needs_graph({input})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_relu_forward_with_mask(input);
   }
@@ -154,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> relu_forward_with_mask_autograd(const at::Ten
 }
 
 at::Tensor relu_backward_autograd(const at::Tensor& grad_output, const at::Tensor& output) {
-  if (!needs_graph(grad_output, output)) {
+  if (!needs_graph({grad_output, output})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_relu_backward(grad_output, output);
   }
@@ -163,7 +155,7 @@ at::Tensor relu_backward_autograd(const at::Tensor& grad_output, const at::Tenso
 
 at::Tensor relu_backward_with_mask_autograd(const at::Tensor& grad_output, const at::Tensor& output,
                                             const at::Tensor& mask) {
-  if (!needs_graph(grad_output, output)) {
+  if (!needs_graph({grad_output, output})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_relu_backward_with_mask(grad_output, output, mask);
   }

@@ -52,8 +52,13 @@ C10_HOST_DEVICE inline int64_t conv_in_index(int64_t o, int64_t t, int64_t s, in
 C10_HOST_DEVICE inline bool conv_out_index(int64_t i, int64_t t, int64_t s, int64_t p, int64_t d, int64_t out,
                                            int64_t* o) {
   const int64_t num = i + p - t * d;  // = o*s
-  if (num < 0 || num % s != 0) return false;
-  *o = num / s;
+  if (num < 0) return false;
+  if (s == 1) {  // the common case, without a division (a GPU's integer division is a long software routine)
+    *o = num;
+  } else {
+    if (num % s != 0) return false;
+    *o = num / s;
+  }
   return *o < out;
 }
 
@@ -101,21 +106,6 @@ struct Conv2dGeometry {
   C10_HOST_DEVICE int64_t col_rows() const { return c * kh * kw; }  // all groups
   C10_HOST_DEVICE int64_t col_cols() const { return oh * ow; }
 };
-
-// One element of the column matrix of one sample: row r = (c, t_h, t_w), column q = (o_h, o_w).
-// x_plane points at the sample; the input is contiguous NCHW.
-template <typename T>
-C10_HOST_DEVICE inline T im2col_value(const T* x_sample, const Conv2dGeometry& g, int64_t r, int64_t q) {
-  const int64_t tw = r % g.kw;
-  const int64_t th = (r / g.kw) % g.kh;
-  const int64_t c = r / g.taps();
-  const int64_t o_w = q % g.ow;
-  const int64_t o_h = q / g.ow;
-  const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-  const int64_t i_w = conv_in_index(o_w, tw, g.sw, g.pw, g.dw);
-  if (i_h < 0 || i_h >= g.h || i_w < 0 || i_w >= g.w) return T(0);
-  return x_sample[(c * g.h + i_h) * g.w + i_w];
-}
 
 // One element of d_x for one sample, gathered from the column gradient d_col [(c,t_h,t_w), (o_h,o_w)]:
 //     d_x[c, i_h, i_w] = Σ_{t_h,t_w : inverse maps exist} d_col[(c,t_h,t_w), (o_h,o_w)]

@@ -40,6 +40,7 @@ namespace pool {
 
 // floor(a / b) for b > 0 and any sign of a (C++ division truncates towards zero).
 C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+  if (b == 1) return a;  // dilation 1, stride 1: no division (on a GPU a long software routine)
   const int64_t q = a / b;
   return (a % b != 0 && a < 0) ? q - 1 : q;
 }

@@ -4,7 +4,9 @@
 //   backward  dx = dy * [y > 0]             the gradient at 0 is 0 (torch's threshold_backward)
 //
 // Written as `x < 0 ? 0 : x` and `y <= 0 ? 0 : dy`: a NaN compares false, so it is kept, -0 stays -0 as in
-// torch (max(-0, 0) is its first argument), and the single compare keeps the CPU loop vectorisable.
+// torch on the CPU (max(-0, 0) is its first argument), and the single compare keeps the CPU loop
+// vectorisable. torch's CUDA kernel returns +0 for -0 instead; so does relu_value_cuda, each backend
+// giving its own torch's bits (seen on an H200: test_special_values_bit_for_bit).
 //
 // Under autograd the forward also packs the mask [x > 0] (NaN counted as kept, as above) into bits, and
 // the backward reads those bits instead of y: 1 bit per element rather than 32 (float) or 64 (double),
@@ -39,6 +41,13 @@ C10_HOST_DEVICE inline int64_t relu_mask_words(int64_t n) { return (n + kReluMas
 template <typename T>
 C10_HOST_DEVICE inline bool relu_keeps(T x) {
   return !(x <= T(0));
+}
+
+// ReLU as torch's CUDA kernel computes it: x where it passes (relu_keeps: x > 0 or NaN), +0 elsewhere, -0
+// included.
+template <typename T>
+C10_HOST_DEVICE inline T relu_value_cuda(T x) {
+  return relu_keeps(x) ? x : T(0);
 }
 
 // dy masked by bit `bit` of a mask word: relu_grad(dy, y) with [y > 0] read from the mask.

@@ -1,15 +1,19 @@
-// Conv2d on CUDA: im2col + GEMM (cuBLAS through at::bmm / at::matmul), and direct depthwise kernels.
+// Conv2d on CUDA: im2col + GEMM (cuBLAS, called by cuda/blas.cuh), and direct depthwise kernels.
 //
-// Every kernel here is a grid-stride loop whose body is one call to the per-element math of
-// common/conv2d.h (im2col_value, col2im_value, depthwise_value, depthwise_grad_input_value), the same
-// index maps that the CPU loops use and the CPU tests cover. docs/conv2d.md derives the formulas.
+// Every kernel here is a grid-stride loop over the per-element math of common/conv2d.h (conv_in_index,
+// col2im_value, depthwise_value, depthwise_grad_input_value), the same index maps that the CPU loops use
+// and the CPU tests cover. docs/conv2d.md derives the formulas.
 //
-// The batch is processed in chunks of nb samples, nb chosen so that the column buffer
-// [nb, C*kH*kW, oH*oW] stays under kColumnBudget elements whatever N is. Per chunk and group:
-//     forward   y[n, g]  = W_g · col_g[n]                 (a batched GEMM over the nb samples)
-//     d_input   d_col_g[n] = W_gᵀ · dY_g[n], then d_x[n] = col2im(d_col[n])   (a gather: deterministic)
-//     d_weight  d_W_g += Σ_n dY_g[n] · col_g[n]ᵀ          (summed in float for half/bfloat16)
-// No atomics anywhere, so every result is deterministic.
+// The batch is processed in chunks of nb samples, nb chosen so that the column buffer stays under
+// kColumnBudget elements whatever N is. Its layout puts the sample inside the row, col_t[r][s][q]
+// (r = (c, t_h, t_w), q = (o_h, o_w)), so that each product below is one cuBLAS call per chunk and group:
+//     forward   y[s]_g = W_g · col_t[:, s]_g             (batched over s: rows of B lie nb*cols apart)
+//     d_input   d_col_t[:, s]_g = W_gᵀ · dY[s]_g, then d_x = col2im(d_col_t)   (a gather: deterministic)
+//     d_weight  d_W_g += dY'_g · col_tᵀ_g                  (one GEMM of depth nb*cols, dY' = dY as [F][nb][cols];
+//                                                          accumulated in float for half/bfloat16)
+// A 1x1 filter with stride 1 and no padding needs no columns: the input is its own column matrix.
+// No atomics anywhere, so every result is deterministic. float32 GEMMs run in TF32 when
+// torch.backends.cudnn.allow_tf32 says so, as torch's own convolutions do (cuda/blas.cuh).
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
 // (conv2d_memory_format: channels_last when the input or the weight is), by a copy.
@@ -22,9 +26,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <limits>
-#include <string>
 #include <tuple>
 
 #include "common/checks.h"
@@ -40,72 +41,48 @@ namespace {
 constexpr int64_t kColumnBudget = int64_t(1) << 27;
 
 // ------------------------------------------------------------------------------------------- kernels
-// col[s, r, q] = x[s, c, i_h, i_w] (0 in the padding), for the nb samples of a chunk.
-template <typename T>
-__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, int64_t nb) {
-  const int64_t rows = g.col_rows(), cols = g.col_cols(), per_sample = rows * cols;
-  const int64_t total = nb * per_sample, in_sample = g.c * g.h * g.w;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t s = idx / per_sample, rem = idx % per_sample;
-    col[idx] = im2col_value(x + s * in_sample, g, rem / cols, rem % cols);
-  }
-}
-
-// d_x[s, c, i_h, i_w] = Σ over the taps that reach it of d_col[s, (c, t_h, t_w), (o_h, o_w)]: col2im as a
-// gather, one thread per d_x element (the transposed convolution), summed in float for half/bfloat16.
-template <typename T>
-__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, int64_t nb) {
-  using acc_t = at::acc_type<T, true>;
-  const int64_t per_sample = g.c * g.h * g.w, total = nb * per_sample;
-  const int64_t col_sample = g.col_rows() * g.col_cols();
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t s = idx / per_sample, rem = idx % per_sample;
-    const int64_t c = rem / (g.h * g.w), i_h = (rem / g.w) % g.h, i_w = rem % g.w;
-    dx[idx] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * col_sample, g, c, i_h, i_w, g.col_cols()));
-  }
-}
-
-// Depthwise forward, one thread per output element (n, f, o_h, o_w).
+// Depthwise forward: one warp per output line (n, f, o_h), line = (n * F + f) * oH + o_h.
 template <typename T>
 __global__ void depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                          T* __restrict__ y, Conv2dGeometry g) {
   using acc_t = at::acc_type<T, true>;
-  const int64_t plane_out = g.oh * g.ow, total = g.n * g.f * plane_out, m = g.f / g.c;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t nf = idx / plane_out, rem = idx % plane_out;
+  const int64_t lines = g.n * g.f * g.oh, m = g.f / g.c;
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const int64_t o_h = line % g.oh, nf = line / g.oh;
     const int64_t n = nf / g.f, f = nf % g.f;
-    acc_t acc = b != nullptr ? static_cast<acc_t>(b[f]) : acc_t(0);
-    acc += depthwise_value<T, acc_t>(x + (n * g.c + f / m) * g.h * g.w, w + f * g.taps(), g, rem / g.ow, rem % g.ow);
-    y[idx] = static_cast<T>(acc);
+    const T* x_plane = x + (n * g.c + f / m) * g.h * g.w;
+    const acc_t bias = b != nullptr ? static_cast<acc_t>(b[f]) : acc_t(0);
+    for (int64_t o_w = cuda::lane(); o_w < g.ow; o_w += cuda::kWarp) {
+      const acc_t acc = bias + depthwise_value<T, acc_t>(x_plane, w + f * g.taps(), g, o_h, o_w);
+      y[line * g.ow + o_w] = static_cast<T>(acc);
+    }
   }
 }
 
-// Depthwise d_x, one thread per input element (n, c, i_h, i_w), gathering from the m filters of c.
+// Depthwise d_x: one warp per input line (n, c, i_h), line = (n * C + c) * H + i_h, each value gathering
+// from the m filters of c.
 template <typename T>
 __global__ void depthwise_grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ w, T* __restrict__ dx,
                                             Conv2dGeometry g) {
   using acc_t = at::acc_type<T, true>;
-  const int64_t plane_in = g.h * g.w, total = g.n * g.c * plane_in, m = g.f / g.c;
-  const int64_t plane_out = g.oh * g.ow;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t nc = idx / plane_in, rem = idx % plane_in;
+  const int64_t lines = g.n * g.c * g.h, m = g.f / g.c, plane_out = g.oh * g.ow;
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const int64_t i_h = line % g.h, nc = line / g.h;
     const int64_t n = nc / g.c, c = nc % g.c;
-    acc_t acc = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t f = c * m + j;
-      acc += depthwise_grad_input_value<T, acc_t>(dy + (n * g.f + f) * plane_out, w + f * g.taps(), g, rem / g.w,
-                                                  rem % g.w);
+    for (int64_t i_w = cuda::lane(); i_w < g.w; i_w += cuda::kWarp) {
+      acc_t acc = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t f = c * m + j;
+        acc += depthwise_grad_input_value<T, acc_t>(dy + (n * g.f + f) * plane_out, w + f * g.taps(), g, i_h, i_w);
+      }
+      dx[line * g.w + i_w] = static_cast<T>(acc);
     }
-    dx[idx] = static_cast<T>(acc);
   }
 }
 
-// Depthwise d_W[f, t] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w] · x[n, f/m, i_h, i_w]: one block per (f, t),
-// a fixed-order tree reduction in shared memory (deterministic, no atomics).
+// Depthwise d_W[f, t] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w] · x[n, f/m, i_h, i_w]: one block per (f, t), its
+// warps taking the lines (n, o_h) in turn and their lanes the o_w, then a fixed-order tree reduction in
+// shared memory (deterministic, no atomics).
 template <typename T>
 __global__ void depthwise_grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dw,
                                              Conv2dGeometry g) {
@@ -114,16 +91,18 @@ __global__ void depthwise_grad_weight_kernel(const T* __restrict__ dy, const T* 
   const int64_t taps = g.taps(), m = g.f / g.c;
   const int64_t f = blockIdx.x / taps, t = blockIdx.x % taps;
   const int64_t th = t / g.kw, tw = t % g.kw, c = f / m;
-  const int64_t plane_out = g.oh * g.ow, total = g.n * plane_out;
+  const int64_t warps = blockDim.x / cuda::kWarp, lines = g.n * g.oh;
   acc_t acc = 0;
-  for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int64_t n = idx / plane_out, rem = idx % plane_out;
-    const int64_t o_h = rem / g.ow, o_w = rem % g.ow;
+  for (int64_t line = threadIdx.x / cuda::kWarp; line < lines; line += warps) {
+    const int64_t n = line / g.oh, o_h = line % g.oh;
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-    const int64_t i_w = conv_in_index(o_w, tw, g.sw, g.pw, g.dw);
-    if (i_h < 0 || i_h >= g.h || i_w < 0 || i_w >= g.w) continue;
-    acc += static_cast<acc_t>(dy[(n * g.f + f) * plane_out + rem]) *
-           static_cast<acc_t>(x[((n * g.c + c) * g.h + i_h) * g.w + i_w]);
+    if (i_h < 0 || i_h >= g.h) continue;
+    const T* dy_row = dy + ((n * g.f + f) * g.oh + o_h) * g.ow;
+    const T* x_row = x + ((n * g.c + c) * g.h + i_h) * g.w;
+    for (int64_t o_w = cuda::lane(); o_w < g.ow; o_w += cuda::kWarp) {
+      const int64_t i_w = conv_in_index(o_w, tw, g.sw, g.pw, g.dw);
+      if (i_w >= 0 && i_w < g.w) acc += static_cast<acc_t>(dy_row[o_w]) * static_cast<acc_t>(x_row[i_w]);
+    }
   }
   partial[threadIdx.x] = acc;
   __syncthreads();
@@ -140,158 +119,57 @@ int64_t chunk_size(const Conv2dGeometry& g) {
   return std::max<int64_t>(1, std::min<int64_t>(g.n, kColumnBudget / per_sample));
 }
 
+// ------------------------------------------------------------------------------------------- GEMMs
+// col_t[r][s][q] = x[n0 + s, c, i_h, i_w] (0 in the padding). One warp per line (r, s, o_h) of o_w values:
+// line = (r * nb + s) * oH + o_h, whose values start at col_t + line * oW.
 template <typename T>
-void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nb, at::Tensor& col, const Conv2dGeometry& g,
-                   cudaStream_t stream) {
-  const int64_t total = nb * g.col_rows() * g.col_cols();
-  im2col_kernel<T><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x.const_data_ptr<T>() + n0 * g.c * g.h * g.w,
-                                                                         col.mutable_data_ptr<T>(), g, nb);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ------------------------------------------------------------------------------------- GEMM forward
-template <typename T>
-void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                  const Conv2dGeometry& g, cudaStream_t stream) {
-  const bool pointwise = conv2d_is_pointwise(g);
-  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
-  const at::Tensor w3 = w.view({g.groups, fg, kg});
-  const int64_t nb_max = chunk_size(g);
-  at::Tensor col = pointwise ? at::Tensor() : at::empty({nb_max, g.col_rows(), cols}, x.options());
-  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
-    const int64_t nb = std::min(nb_max, g.n - n0);
-    at::Tensor cols_chunk;
-    if (pointwise) {
-      cols_chunk = x.narrow(0, n0, nb).view({nb, g.c, cols});  // the input is its own column matrix
-    } else {
-      at::Tensor c = col.narrow(0, 0, nb);
-      launch_im2col<T>(x, n0, nb, c, g, stream);
-      cols_chunk = c;
+__global__ void im2col_t_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, int64_t nb) {
+  const int64_t lines = g.col_rows() * nb * g.oh;
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const int64_t o_h = line % g.oh, rs = line / g.oh;
+    const int64_t s = rs % nb, r = rs / nb;
+    const int64_t c = r / g.taps(), t = r % g.taps();
+    const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh);
+    const int64_t tw = t % g.kw;
+    const bool row_inside = i_h >= 0 && i_h < g.h;
+    const T* in = x + ((s * g.c + c) * g.h + (row_inside ? i_h : 0)) * g.w;
+    T* out = col + line * g.ow;
+    for (int64_t o_w = cuda::lane(); o_w < g.ow; o_w += cuda::kWarp) {
+      const int64_t i_w = conv_in_index(o_w, tw, g.sw, g.pw, g.dw);
+      out[o_w] = row_inside && i_w >= 0 && i_w < g.w ? in[i_w] : T(0);
     }
-    at::Tensor y_chunk = y.narrow(0, n0, nb).view({nb, g.f, cols});
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      at::Tensor out = y_chunk.narrow(1, grp * fg, fg);  // [nb, Fg, cols]
-      at::bmm_out(out, w3[grp].unsqueeze(0).expand({nb, fg, kg}), cols_chunk.narrow(1, grp * kg, kg));
-    }
-  }
-  if (bias.has_value() && bias->defined()) y.add_(bias->view({1, g.f, 1, 1}));
-}
-
-// ------------------------------------------------------------------------------------ GEMM backward
-template <typename T>
-void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                   const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
-  const bool pointwise = conv2d_is_pointwise(g);
-  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
-  const at::Tensor w3 = w.view({g.groups, fg, kg});
-  const int64_t nb_max = chunk_size(g);
-  at::Tensor col = pointwise ? at::Tensor() : at::empty({nb_max, g.col_rows(), cols}, x.options());
-  // d_W accumulates over the chunks in float for half/bfloat16 (acc_type), in the dtype otherwise.
-  const auto acc_dtype = at::toAccumulateType(x.scalar_type(), /*is_cuda=*/true);
-  at::Tensor dw_acc = need_dw ? at::zeros({g.groups, fg, kg}, x.options().dtype(acc_dtype)) : at::Tensor();
-  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
-    const int64_t nb = std::min(nb_max, g.n - n0);
-    const at::Tensor dy_chunk = dy.narrow(0, n0, nb).view({nb, g.groups, fg, cols});
-    if (need_dw) {
-      at::Tensor cols_chunk;
-      if (pointwise) {
-        cols_chunk = x.narrow(0, n0, nb).view({nb, g.groups, kg, cols});
-      } else {
-        at::Tensor c = col.narrow(0, 0, nb);
-        launch_im2col<T>(x, n0, nb, c, g, stream);
-        cols_chunk = c.view({nb, g.groups, kg, cols});
-      }
-      // Σ_n dY_g[n] · col_g[n]ᵀ: one batched GEMM per chunk, then the sum over the chunk's samples.
-      dw_acc.add_(at::matmul(dy_chunk, cols_chunk.transpose(-1, -2)).sum(0, /*keepdim=*/false, acc_dtype));
-    }
-    if (need_dx) {
-      if (pointwise) {
-        // d_x[n] = Wᵀ · dY[n] directly: no columns, no col2im.
-        at::Tensor dx_chunk = dx.narrow(0, n0, nb).view({nb, g.groups, kg, cols});
-        dx_chunk.copy_(at::matmul(w3.transpose(-1, -2), dy_chunk));
-      } else {
-        at::Tensor dcol = col.narrow(0, 0, nb).view({nb, g.groups, kg, cols});
-        dcol.copy_(at::matmul(w3.transpose(-1, -2), dy_chunk));  // d_col = Wᵀ · dY, per group
-        const int64_t total = nb * g.c * g.h * g.w;
-        col2im_kernel<T><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
-            dcol.const_data_ptr<T>(), dx.mutable_data_ptr<T>() + n0 * g.c * g.h * g.w, g, nb);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
-  }
-  if (need_dw) dw.copy_(dw_acc.view(dw.sizes()));
-}
-
-// ----------------------------------------------------------------------- route "cublas": the GEMMs' own layout
-// The columns of a chunk of nb samples are laid out sample-inside-row, col_t[r][s][q] (r = (c, t_h, t_w),
-// q = (o_h, o_w)), so that every GEMM is one cuBLAS call per group whose precision we choose (blas.cuh):
-//     forward  y[s]_g  = W_g · col_t[:, s]_g              batched over s (B rows nb*cols apart)
-//     d_col    d_col_t[:, s]_g = W_gᵀ · dY[s]_g             batched over s, straight into its buffer
-//     d_W      d_W_g  += dY'_g · col_tᵀ_g                 one GEMM of depth nb*cols, dY' = dY as [F][nb][cols]
-// d_W needs no per-sample partial sums, and d_col needs no copy.
-
-// col_t[r][s][q] = x[n0 + s, c, i_h, i_w] (0 in the padding); index_t is int32 where the chunk allows.
-template <typename T, typename index_t>
-__global__ void im2col_t_kernel(const T* __restrict__ x, T* __restrict__ col, Conv2dGeometry g, index_t nb) {
-  const index_t cols = g.col_cols(), ow = g.ow, kw = g.kw, taps = g.taps();
-  const index_t total = static_cast<index_t>(g.col_rows()) * nb * cols;
-  const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const index_t row = idx / cols, q = idx - row * cols;
-    const index_t r = row / nb, s = row - r * nb;
-    const index_t c = r / taps, t = r - c * taps;
-    const index_t o_h = q / ow, o_w = q - o_h * ow;
-    const int64_t i_h = conv_in_index(o_h, t / kw, g.sh, g.ph, g.dh);
-    const int64_t i_w = conv_in_index(o_w, t % kw, g.sw, g.pw, g.dw);
-    const bool inside = i_h >= 0 && i_h < g.h && i_w >= 0 && i_w < g.w;
-    col[idx] = inside ? x[((static_cast<int64_t>(s) * g.c + c) * g.h + i_h) * g.w + i_w] : T(0);
   }
 }
 
-// d_x[n0 + s, c, i_h, i_w] gathered from d_col_t (rows nb*cols apart, sample s at offset s*cols).
-template <typename T, typename index_t>
-__global__ void col2im_t_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, index_t nb) {
+// d_x[n0 + s, c, i_h, i_w] gathered from d_col_t (rows nb*cols apart, sample s at offset s*cols). One warp
+// per line (s, c, i_h) of d_x, whose values start at dx + line * W.
+template <typename T>
+__global__ void col2im_t_kernel(const T* __restrict__ dcol, T* __restrict__ dx, Conv2dGeometry g, int64_t nb) {
   using acc_t = at::acc_type<T, true>;
-  const index_t plane = g.h * g.w, w = g.w, C = g.c;
-  const index_t total = nb * C * plane;
-  const int64_t cols = g.col_cols();
-  const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
-  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const index_t sc = idx / plane, rem = idx - sc * plane;
-    const index_t s = sc / C, c = sc - s * C;
-    const index_t i_h = rem / w, i_w = rem - i_h * w;
-    dx[idx] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * cols, g, c, i_h, i_w, nb * cols));
+  const int64_t lines = nb * g.c * g.h, cols = g.col_cols();
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const int64_t i_h = line % g.h, sc = line / g.h;
+    const int64_t c = sc % g.c, s = sc / g.c;
+    for (int64_t i_w = cuda::lane(); i_w < g.w; i_w += cuda::kWarp) {
+      dx[line * g.w + i_w] = static_cast<T>(col2im_value<T, acc_t>(dcol + s * cols, g, c, i_h, i_w, nb * cols));
+    }
   }
 }
 
 template <typename T>
 void launch_im2col_t(const T* x, T* col, const Conv2dGeometry& g, int64_t nb, cudaStream_t stream) {
-  const int64_t total = g.col_rows() * nb * g.col_cols();
-  if (total <= std::numeric_limits<int32_t>::max()) {
-    im2col_t_kernel<T, int32_t>
-        <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x, col, g, static_cast<int32_t>(nb));
-  } else {
-    im2col_t_kernel<T, int64_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(x, col, g, nb);
-  }
+  im2col_t_kernel<T><<<cuda::grid_for_lines(g.col_rows() * nb * g.oh), cuda::kThreads, 0, stream>>>(x, col, g, nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_col2im_t(const T* dcol, T* dx, const Conv2dGeometry& g, int64_t nb, cudaStream_t stream) {
-  const int64_t total = nb * g.c * g.h * g.w;
-  // d_col_t's own offsets reach rows * nb * cols: int32 only when those fit too
-  const bool small = std::max(total, g.col_rows() * nb * g.col_cols()) <= std::numeric_limits<int32_t>::max();
-  if (small) {
-    col2im_t_kernel<T, int32_t>
-        <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dcol, dx, g, static_cast<int32_t>(nb));
-  } else {
-    col2im_t_kernel<T, int64_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dcol, dx, g, nb);
-  }
+  col2im_t_kernel<T><<<cuda::grid_for_lines(nb * g.c * g.h), cuda::kThreads, 0, stream>>>(dcol, dx, g, nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void cublas_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
                     const Conv2dGeometry& g, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
@@ -316,7 +194,7 @@ void cublas_forward(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 }
 
 template <typename T>
-void cublas_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
                      const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
@@ -371,16 +249,6 @@ void cublas_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   if (need_dw && !dw_acc.is_same(dw)) dw.copy_(dw_acc.view(dw.sizes()));
 }
 
-// Which route the GEMM convolutions take: "bmm" (at::bmm / at::matmul, the route proven on an H200) unless
-// TORCH_CS231N_CUDA_CONV=cublas asks for the new one, read once. docs/conv2d.md says which is which.
-bool use_cublas_route() {
-  static const bool cublas = [] {
-    const char* env = std::getenv("TORCH_CS231N_CUDA_CONV");
-    return env != nullptr && std::string(env) == "cublas";
-  }();
-  return cublas;
-}
-
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -397,17 +265,12 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
-      const int64_t total = y.numel();
-      depthwise_forward_kernel<scalar_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+      depthwise_forward_kernel<scalar_t><<<cuda::grid_for_lines(g.n * g.f * g.oh), cuda::kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
           b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      if (use_cublas_route()) {
-        cublas_forward<scalar_t>(x, w, b, y, g, stream);
-      } else {
-        gemm_forward<scalar_t>(x, w, b, y, g, stream);
-      }
+      gemm_forward<scalar_t>(x, w, b, y, g, stream);
     }
   });
   return y.contiguous(format);
@@ -442,8 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_backward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
       if (need_dx) {
-        const int64_t total = dx.numel();
-        depthwise_grad_input_kernel<scalar_t><<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(
+        depthwise_grad_input_kernel<scalar_t><<<cuda::grid_for_lines(g.n * g.c * g.h), cuda::kThreads, 0, stream>>>(
             dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
@@ -454,11 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
-      if (use_cublas_route()) {
-        cublas_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
-      } else {
-        gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
-      }
+      gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
     }
   });
   return {in_format(dx), in_format(dw), db};

@@ -19,5 +19,20 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, fill)));
 }
 
+// ---- one warp per line ----
+// A line is a run of consecutive elements whose other indices are shared: an image row in NCHW, a pixel's
+// channels in NHWC. A kernel decodes those indices once per line, with the divisions that costs, and the
+// warp's lanes walk the line, so neighbouring lanes touch neighbouring addresses and the per-element work
+// is an add. Lines are spread over all the grid's warps.
+constexpr int kWarp = 32;
+
+inline unsigned int grid_for_lines(int64_t lines) { return grid_for(lines * kWarp); }
+
+__device__ inline int64_t first_line() {
+  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+}
+__device__ inline int64_t line_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp; }
+__device__ inline int lane() { return static_cast<int>(threadIdx.x % kWarp); }
+
 }  // namespace cuda
 }  // namespace torch_cs231n

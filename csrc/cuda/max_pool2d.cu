@@ -1,15 +1,16 @@
-// Max pooling on CUDA: grid-stride loops over the shared window math of common/max_pool2d.h.
+// Max pooling on CUDA: one warp per line (cuda/launch.cuh) over the shared window math of
+// common/max_pool2d.h.
 //
-//   forward   one thread per output: pool::scan_window over its window, in the accumulation type
-//             (float for half and bfloat16), writing the value and the flat index h*W + w.
-//   backward  one thread per input: a gather, rule (3), over the outputs whose window can hold it
+//   forward   per output: pool::scan_window over its window, in the accumulation type (float for half
+//             and bfloat16), writing the value and the flat index h*W + w.
+//   backward  per input: a gather, rule (3), over the outputs whose window can hold it
 //             (pool::candidate_outputs), adding dy[o] where index[o] is this input. Each gradient is
 //             written once by one thread, in a fixed order: deterministic, without atomics.
 //
 // Layouts are as on the CPU: the output, the indices and the gradient take torch's memory format (the
-// input's suggested one), and inputs in any other layout are first copied into it. Threads walk the
-// output (or input) in memory order, so neighbouring threads touch neighbouring addresses in NCHW and
-// in NHWC alike. All indexing is int64.
+// input's suggested one), and inputs in any other layout are first copied into it. A line is a row (NCHW)
+// or a pixel's channels (NHWC), so neighbouring lanes touch neighbouring addresses in both. All indexing
+// is int64; the divisions that decode it are paid once per line.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -36,25 +37,44 @@ Params params_of(const MaxPool2dGeometry& g) {
   return {g.channels, g.height, g.width, g.out_h, g.out_w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
 }
 
-// (n, c, h, w) of the element at memory offset `i` of a dense (N, C, rows, cols) tensor in NCHW or NHWC.
+// Lines (launch.cuh): a dense (N, C, rows, cols) tensor is walked one line at a time, the lanes of a warp
+// on its innermost dimension: in NCHW line (n, c, h) holds the cols values w, in NHWC line (n, h, w) the C
+// channels c. Element j of line `line` lies at memory offset line * inner + j.
 template <bool kChannelsLast>
-__device__ inline void decode(int64_t i, int64_t C, int64_t rows, int64_t cols, int64_t* n, int64_t* c, int64_t* h,
-                              int64_t* w) {
+__host__ __device__ inline int64_t line_length(int64_t C, int64_t cols) {
+  return kChannelsLast ? C : cols;
+}
+
+// (n, c, h, w) of element j of a line; the line's own indices are decoded once, by decode_line.
+struct LineIndex {
+  int64_t n, c, h, w;
+};
+
+template <bool kChannelsLast>
+__device__ inline LineIndex decode_line(int64_t line, int64_t C, int64_t rows, int64_t cols) {
+  LineIndex l{0, 0, 0, 0};
   if (kChannelsLast) {
-    *c = i % C;
-    i /= C;
-    *w = i % cols;
-    i /= cols;
-    *h = i % rows;
-    *n = i / rows;
+    l.w = line % cols;
+    line /= cols;
+    l.h = line % rows;
+    l.n = line / rows;
   } else {
-    *w = i % cols;
-    i /= cols;
-    *h = i % rows;
-    i /= rows;
-    *c = i % C;
-    *n = i / C;
+    l.h = line % rows;
+    line /= rows;
+    l.c = line % C;
+    l.n = line / C;
   }
+  return l;
+}
+
+template <bool kChannelsLast>
+__device__ inline LineIndex at_element(LineIndex l, int64_t j) {
+  if (kChannelsLast) {
+    l.c = j;
+  } else {
+    l.w = j;
+  }
+  return l;
 }
 
 // Memory offset of (n, c, h, w) in a dense (N, C, rows, cols) tensor in NCHW or NHWC.
@@ -73,43 +93,50 @@ struct PlaneLoad {
 
 template <typename scalar_t, bool kChannelsLast>
 __global__ void max_pool2d_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                          int64_t* __restrict__ ind, int64_t total, Params p) {
+                                          int64_t* __restrict__ ind, int64_t lines, Params p) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += step) {
-    int64_t n, c, oh, ow;
-    decode<kChannelsLast>(o, p.channels, p.out_h, p.out_w, &n, &c, &oh, &ow);
-    const PlaneLoad<scalar_t> load{x + offset<kChannelsLast>(n, c, 0, 0, p.channels, p.height, p.width), p.width,
-                                   kChannelsLast ? p.channels : 1};
-    acc_t best;
-    int64_t index;
-    pool::scan_window<acc_t>(oh, ow, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load, &best,
-                             &index);
-    y[o] = static_cast<scalar_t>(best);
-    ind[o] = index;
+  const int64_t inner = line_length<kChannelsLast>(p.channels, p.out_w);
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const LineIndex l = decode_line<kChannelsLast>(line, p.channels, p.out_h, p.out_w);
+    for (int64_t j = cuda::lane(); j < inner; j += cuda::kWarp) {
+      const LineIndex o = at_element<kChannelsLast>(l, j);
+      const PlaneLoad<scalar_t> load{x + offset<kChannelsLast>(o.n, o.c, 0, 0, p.channels, p.height, p.width), p.width,
+                                     kChannelsLast ? p.channels : 1};
+      acc_t best;
+      int64_t index;
+      pool::scan_window<acc_t>(o.h, o.w, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load,
+                               &best, &index);
+      y[line * inner + j] = static_cast<scalar_t>(best);
+      ind[line * inner + j] = index;
+    }
   }
 }
 
+// One warp per line of the input gradient; each value gathers, rule (3), over the outputs whose window
+// can hold it (pool::candidate_outputs: the rows once per line, the columns once per line in NHWC).
 template <typename scalar_t, bool kChannelsLast>
 __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, const int64_t* __restrict__ ind,
-                                           scalar_t* __restrict__ dx, int64_t total, Params p) {
+                                           scalar_t* __restrict__ dx, int64_t lines, Params p) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
-    int64_t n, c, ih, iw;
-    decode<kChannelsLast>(i, p.channels, p.height, p.width, &n, &c, &ih, &iw);
-    int64_t oh0, oh1, ow0, ow1;
-    pool::candidate_outputs(ih, p.out_h, p.kh, p.sh, p.ph, p.dh, &oh0, &oh1);
-    pool::candidate_outputs(iw, p.out_w, p.kw, p.sw, p.pw, p.dw, &ow0, &ow1);
-    const int64_t target = ih * p.width + iw;
-    acc_t sum = acc_t(0);
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      for (int64_t ow = ow0; ow < ow1; ++ow) {
-        const int64_t o = offset<kChannelsLast>(n, c, oh, ow, p.channels, p.out_h, p.out_w);
-        if (ind[o] == target) sum += static_cast<acc_t>(dy[o]);
+  const int64_t inner = line_length<kChannelsLast>(p.channels, p.width);
+  for (int64_t line = cuda::first_line(); line < lines; line += cuda::line_step()) {
+    const LineIndex l = decode_line<kChannelsLast>(line, p.channels, p.height, p.width);
+    int64_t oh0, oh1, ow0 = 0, ow1 = 0;
+    pool::candidate_outputs(l.h, p.out_h, p.kh, p.sh, p.ph, p.dh, &oh0, &oh1);
+    if (kChannelsLast) pool::candidate_outputs(l.w, p.out_w, p.kw, p.sw, p.pw, p.dw, &ow0, &ow1);
+    for (int64_t j = cuda::lane(); j < inner; j += cuda::kWarp) {
+      const LineIndex i = at_element<kChannelsLast>(l, j);
+      if (!kChannelsLast) pool::candidate_outputs(i.w, p.out_w, p.kw, p.sw, p.pw, p.dw, &ow0, &ow1);
+      const int64_t target = i.h * p.width + i.w;
+      acc_t sum = acc_t(0);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        for (int64_t ow = ow0; ow < ow1; ++ow) {
+          const int64_t o = offset<kChannelsLast>(i.n, i.c, oh, ow, p.channels, p.out_h, p.out_w);
+          if (ind[o] == target) sum += static_cast<acc_t>(dy[o]);
+        }
       }
+      dx[line * inner + j] = static_cast<scalar_t>(sum);
     }
-    dx[i] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -124,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& inp
   at::Tensor indices = at::empty(g.output_sizes(), opts.dtype(at::kLong));
   const int64_t total = output.numel();
   if (total == 0) return {output, indices};
+  const int64_t lines = total / (g.format == at::MemoryFormat::ChannelsLast ? g.channels : g.out_w);
   const at::Tensor x = input.contiguous(g.format);
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
   const Params p = params_of(g);
@@ -134,11 +162,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& inp
     int64_t* ip = indices.mutable_data_ptr<int64_t>();
     if (nhwc) {
       max_pool2d_forward_kernel<scalar_t, true>
-          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(xp, yp, ip, total, p);
+          <<<cuda::grid_for_lines(lines), cuda::kThreads, 0, stream>>>(xp, yp, ip, lines, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       max_pool2d_forward_kernel<scalar_t, false>
-          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(xp, yp, ip, total, p);
+          <<<cuda::grid_for_lines(lines), cuda::kThreads, 0, stream>>>(xp, yp, ip, lines, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -154,6 +182,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   at::Tensor grad_input = at::empty(g.input_sizes(), input.options().memory_format(g.format));
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
+  const int64_t lines = total / (g.format == at::MemoryFormat::ChannelsLast ? g.channels : g.width);
   const at::Tensor dy = grad_output.contiguous(g.format);
   const at::Tensor ind = indices.contiguous(g.format);
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
@@ -165,11 +194,11 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
     scalar_t* dxp = grad_input.mutable_data_ptr<scalar_t>();
     if (nhwc) {
       max_pool2d_backward_kernel<scalar_t, true>
-          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, total, p);
+          <<<cuda::grid_for_lines(lines), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, lines, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       max_pool2d_backward_kernel<scalar_t, false>
-          <<<cuda::grid_for(total), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, total, p);
+          <<<cuda::grid_for_lines(lines), cuda::kThreads, 0, stream>>>(dyp, ip, dxp, lines, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -19,7 +19,7 @@ template <typename scalar_t>
 __global__ void relu_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    y[i] = relu_value(x[i]);
+    y[i] = relu_value_cuda(x[i]);
   }
 }
 
@@ -28,7 +28,7 @@ template <typename scalar_t>
 __global__ void relu_inplace_kernel(scalar_t* x, int64_t n) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    x[i] = relu_value(x[i]);
+    x[i] = relu_value_cuda(x[i]);
   }
 }
 
@@ -54,7 +54,7 @@ __global__ void relu_forward_with_mask_kernel(const scalar_t* __restrict__ x, sc
     bool keep = false;
     if (i < n) {
       const scalar_t v = x[i];
-      y[i] = relu_value(v);
+      y[i] = relu_value_cuda(v);
       keep = relu_keeps(v);
     }
     const uint32_t bits = __ballot_sync(0xffffffffu, keep);

@@ -3,7 +3,8 @@
 # they bring their own torch, pytest, pytest-xdist and hypothesis):
 #   1. build the extension for the local card, with every core;
 #   2. python -m torch_cs231n check --device cuda;
-#   3. the CUDA half of the tests (every test id with "cuda"), in parallel when pytest-xdist is there;
+#   3. the CUDA half of the tests (every test id with "cuda", and the libstdc++ link checks), in parallel
+#      when pytest-xdist is there;
 #   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32, and the
 #      convolutions again TF32 against TF32 (torch's default for convolutions);
 #   5. where each kernel's time goes (benchmarks/profile_gpu.py);
@@ -46,11 +47,23 @@ step build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" "$PY" 
   tail -n 30 "$OUT/build.log"
   exit 1
 }
+# The toolchain's facts, for a crash report: which libstdc++ the compiler would link and which one torch
+# loaded, and what the built library needs (an error message that crashes points here first).
+{
+  cxx=${CXX:-c++}
+  echo "$cxx: $($cxx --version | head -n 1)"
+  echo "it finds libstdc++.so at $($cxx -print-file-name=libstdc++.so), libstdc++.a at $($cxx -print-file-name=libstdc++.a)"
+  "$PY" -c "import torch; from torch_cs231n import _build_config as c; print('torch loaded', c.runtime_libstdcxx())"
+  library=$(ls torch_cs231n/_C*.so)
+  readelf -d "$library" | grep NEEDED
+  echo "std::ostream functions defined in $library: $(nm -D --defined-only "$library" | grep -c _M_insert)"
+} >"$OUT/toolchain.log" 2>&1
+cat "$OUT/toolchain.log" >>"$summary"
 step check "$PY" -m torch_cs231n check --device cuda
 tail -n 15 "$OUT/check.log" >>"$summary"
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$jobs")
-step pytest-cuda "$PY" -m pytest -q -k cuda "${parallel[@]}"
+step pytest-cuda "$PY" -m pytest -q -k "cuda or libstdcxx" "${parallel[@]}"
 tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
 step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 2 --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"

@@ -39,7 +39,7 @@
 namespace torch_cs231n {
 namespace {
 
-constexpr int kWarp = 32;
+using cuda::kWarp;
 constexpr int kWarps = cuda::kThreads / kWarp;
 
 // The memory offset of the m-th value (m in [0, N*S)) of channel c.

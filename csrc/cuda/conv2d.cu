@@ -170,7 +170,7 @@ void launch_col2im_t(const T* dcol, T* dx, const Conv2dGeometry& g, int64_t nb, 
 
 template <typename T>
 void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                    const Conv2dGeometry& g, cudaStream_t stream) {
+                  const Conv2dGeometry& g, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t nb_max = pointwise ? g.n : chunk_size(g);
@@ -195,7 +195,7 @@ void gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 
 template <typename T>
 void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                     const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+                   const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t nb_max = chunk_size(g);

@@ -28,9 +28,7 @@ constexpr int kWarp = 32;
 
 inline unsigned int grid_for_lines(int64_t lines) { return grid_for(lines * kWarp); }
 
-__device__ inline int64_t first_line() {
-  return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-}
+__device__ inline int64_t first_line() { return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; }
 __device__ inline int64_t line_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp; }
 __device__ inline int lane() { return static_cast<int>(threadIdx.x % kWarp); }
 

@@ -104,8 +104,8 @@ __global__ void max_pool2d_forward_kernel(const scalar_t* __restrict__ x, scalar
                                      kChannelsLast ? p.channels : 1};
       acc_t best;
       int64_t index;
-      pool::scan_window<acc_t>(o.h, o.w, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load,
-                               &best, &index);
+      pool::scan_window<acc_t>(o.h, o.w, p.height, p.width, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, load, &best,
+                               &index);
       y[line * inner + j] = static_cast<scalar_t>(best);
       ind[line * inner + j] = index;
     }

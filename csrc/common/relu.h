@@ -50,6 +50,18 @@ C10_HOST_DEVICE inline T relu_value_cuda(T x) {
   return relu_keeps(x) ? x : T(0);
 }
 
+// float: ptxas compiles `keep ? x : 0`, even as a select or a mask of x's bits, into FMNMX.NAN, whose NaN is
+// the canonical 0x7fffffff rather than x's own bits (seen on an H200; torch keeps them). Written as torch's
+// kernel is, NaN by its own select and the rest by fmaxf (which gives +0 for -0), the SASS keeps them
+// (checked for sm_90: no FMNMX.NAN in the float kernels).
+C10_HOST_DEVICE inline float relu_value_cuda(float x) {
+#ifdef __CUDA_ARCH__
+  return isnan(x) ? x : fmaxf(x, 0.f);
+#else
+  return relu_keeps(x) ? x : 0.f;
+#endif
+}
+
 // dy masked by bit `bit` of a mask word: relu_grad(dy, y) with [y > 0] read from the mask.
 template <typename T>
 C10_HOST_DEVICE inline T relu_grad_from_mask(T dy, uint32_t word, int bit) {

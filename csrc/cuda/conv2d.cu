@@ -260,8 +260,9 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const bool pointwise = conv2d_is_pointwise(g), tf32 = cuda::conv_allows_tf32();
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t nb_max = chunk_size(g);
-  // Columns for d_W (im2col, or the input itself regrouped for 1x1), d_col for d_x: one buffer, in turn.
-  at::Tensor col = at::empty({g.col_rows(), nb_max, cols}, x.options());
+  // Columns for d_W (im2col, or the input itself regrouped for 1x1), d_col for d_x: one buffer, in turn;
+  // a 1x1 d_x alone needs none.
+  at::Tensor col = need_dw || !pointwise ? at::empty({g.col_rows(), nb_max, cols}, x.options()) : at::Tensor();
   // d_W accumulates over the chunks in float for half/bfloat16, in the dtype itself otherwise.
   const auto acc_dtype = at::toAccumulateType(x.scalar_type(), /*is_cuda=*/true);
   at::Tensor dw_acc =

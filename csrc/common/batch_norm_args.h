@@ -72,13 +72,18 @@ inline void check_batch_norm_forward_eval(const at::Tensor& input, const at::Ten
   TORCH_CHECK(eps >= 0, op, ": expected eps to be non-negative, but got ", eps);
 }
 
-inline void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                      const at::Tensor& invstd, const char* op) {
+// The input, and a gradient of the output that matches it (the backward ops all take both).
+inline void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const char* op) {
   check_batch_norm_input(input, op);
   check_same_device(input, "input", grad_output, "grad_output", op);
   check_same_dtype(input, "input", grad_output, "grad_output", op);
   check_same_shape(input, "input", grad_output, "grad_output", op);
+}
+
+inline void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const char* op) {
+  check_batch_norm_grad_output(grad_output, input, op);
   check_batch_norm_optional(weight, "weight", input, op);
   check_batch_norm_channel_tensor(mean, "mean", input, op);
   check_batch_norm_channel_tensor(invstd, "invstd", input, op);
@@ -87,10 +92,7 @@ inline void check_batch_norm_backward(const at::Tensor& grad_output, const at::T
 // Synchronised batch norm's ops (the order of their use: ops.cpp).
 inline void check_batch_norm_backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
                                              const at::Tensor& mean, const char* op) {
-  check_batch_norm_input(input, op);
-  check_same_device(input, "input", grad_output, "grad_output", op);
-  check_same_dtype(input, "input", grad_output, "grad_output", op);
-  check_same_shape(input, "input", grad_output, "grad_output", op);
+  check_batch_norm_grad_output(grad_output, input, op);
   check_batch_norm_channel_tensor(mean, "mean", input, op);
 }
 

@@ -158,6 +158,14 @@ inline vec_t<T> vsplat(T s) {
   return v;
 }
 
+// The second pass of a shifted two-pass variance, one accumulator's step: e = x - shift adds to
+// sum_d and e^2 to sum_d2 (common/batch_norm.h: bn_block_stats).
+template <typename V>
+inline void add_deviation(V e, V& sum_d, V& sum_d2) {
+  sum_d += e;
+  sum_d2 += e * e;
+}
+
 // a0 + a1 + a2 + a3, summed across lanes in acc_t.
 template <typename T, typename acc_t>
 inline acc_t vsum4(vec_t<T> a0, vec_t<T> a1, vec_t<T> a2, vec_t<T> a3) {
@@ -208,16 +216,10 @@ BnStats<acc_t> block_stats(const scalar_t* x, int64_t count, int64_t stride, int
     const scalar_t* v = x + r * stride;
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      const V e0 = vload(v + i) - k, e1 = vload(v + i + W) - k;
-      const V e2 = vload(v + i + 2 * W) - k, e3 = vload(v + i + 3 * W) - k;
-      d0 += e0;
-      d1 += e1;
-      d2 += e2;
-      d3 += e3;
-      q0 += e0 * e0;
-      q1 += e1 * e1;
-      q2 += e2 * e2;
-      q3 += e3 * e3;
+      add_deviation(vload(v + i) - k, d0, q0);
+      add_deviation(vload(v + i + W) - k, d1, q1);
+      add_deviation(vload(v + i + 2 * W) - k, d2, q2);
+      add_deviation(vload(v + i + 3 * W) - k, d3, q3);
     }
     for (; i < len; ++i) {
       const acc_t d = static_cast<acc_t>(v[i] - shift);
@@ -363,15 +365,10 @@ void rows_two_pass(const scalar_t* xb, int64_t nr, int64_t C, scalar_t* shift, s
     V d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
     for (int64_t r = 0; r < nr; ++r) {
       const scalar_t* p = col + r * C;
-      const V e0 = vload(p) - k0, e1 = vload(p + W) - k1, e2 = vload(p + 2 * W) - k2, e3 = vload(p + 3 * W) - k3;
-      d0 += e0;
-      d1 += e1;
-      d2 += e2;
-      d3 += e3;
-      q0 += e0 * e0;
-      q1 += e1 * e1;
-      q2 += e2 * e2;
-      q3 += e3 * e3;
+      add_deviation(vload(p) - k0, d0, q0);
+      add_deviation(vload(p + W) - k1, d1, q1);
+      add_deviation(vload(p + 2 * W) - k2, d2, q2);
+      add_deviation(vload(p + 3 * W) - k3, d3, q3);
     }
     const V ks[4] = {k0, k1, k2, k3}, ds[4] = {d0, d1, d2, d3}, qs[4] = {q0, q1, q2, q3};
     std::memcpy(shift + c0, ks, sizeof ks);

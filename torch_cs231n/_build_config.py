@@ -175,6 +175,8 @@ def ld_flags(with_cuda: bool = False) -> list[str]:
     if with_cuda:  # cuda/blas.cuh calls cuBLAS itself, to choose TF32 or full float32 per call
         found = find_cublas()
         if found is None:
-            raise RuntimeError("torch_cs231n: no libcublas.so in the CUDA toolkit nor in pip's nvidia packages")
+            raise RuntimeError("torch_cs231n: the CUDA build links cuBLAS, but there is no libcublas.so in the CUDA "
+                               "toolkit nor in pip's nvidia packages; install cuBLAS (pip install nvidia-cublas), "
+                               "or build without CUDA (FORCE_CUDA=0)")
         flags += [f"-L{found[0]}", f"-l:{found[1]}", f"-Wl,-rpath,{found[0]}"]
     return flags

@@ -100,6 +100,15 @@ C10_HOST_DEVICE inline T bn_normalize(T x, T mean_hi, T mean_lo, T scale, T beta
   return ((x - mean_hi) - mean_lo) * scale + beta;
 }
 
+// A mean known as shift + mean_d (mean_d: the mean of x - shift), in bn_normalize's two parts: mean_hi =
+// shift + mean_d rounded, mean_lo = what the rounding dropped; exact by Fast2Sum (Dekker) when
+// |mean_d| <= |shift|, the case of a large mean, and within a rounding of mean_d otherwise.
+template <typename T>
+C10_HOST_DEVICE inline void bn_split_mean(T shift, T mean_d, T* mean_hi, T* mean_lo) {
+  *mean_hi = shift + mean_d;
+  *mean_lo = mean_d - (*mean_hi - shift);
+}
+
 // dx = gamma invstd * (dy - mean(dy) - (x - mu) * proj) in training, with the per-channel constants
 //   gi = gamma * invstd,   dy_mean = sum dy / M,   proj = invstd^2 * sum dy (x - mu) / M.
 template <typename acc_t>

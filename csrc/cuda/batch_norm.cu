@@ -6,7 +6,7 @@
 //               ~1e-3 of it, while x - shift is exact and small); the threads' states are merged with
 //               Chan's formula (bn_merge), first across a warp with shuffles, then across the block's warps
 //               through shared memory. A second kernel merges a channel's G block results in order, and
-//               splits the mean into mean_hi = shift + mean_d rounded and the rest mean_lo.
+//               splits the mean into mean_hi = shift + mean_d rounded and the rest mean_lo (bn_split_mean).
 //   normalise   y = ((x - mean_hi) - mean_lo) * (gamma * invstd) + beta per element (bn_normalize): for
 //               a large mean this is closer to float64 than torch's CUDA kernel (test_large_mean_is_stable)
 //   backward    the same two-stage shape for sum dy and sum dy (x - mean); then dx per element
@@ -118,16 +118,8 @@ __device__ acc_t biased_var(const BnStats<acc_t>& s) {
   return s.n > acc_t(0) ? s.m2 / s.n : acc_t(0);  // biased: this is what normalises
 }
 
-// Channel c's mean in two parts from the shift and the mean of x - shift: mean_hi = shift + mean_d rounded,
-// mean_lo = what rounding dropped, exact by Fast2Sum (Dekker) since |mean_d| is small beside |shift|.
-template <typename acc_t>
-__device__ void split_mean(acc_t shift, acc_t mean_d, acc_t* hi, acc_t* lo) {
-  *hi = shift + mean_d;
-  *lo = mean_d - (*hi - shift);
-}
-
 // Stage 2: one thread per channel merges its G partial results in order; the saved statistics, the
-// mean's low part and the normalisation's scale = gamma * invstd.
+// mean's low part (bn_split_mean) and the normalisation's scale = gamma * invstd.
 template <typename scalar_t, typename acc_t>
 __global__ void stats_final_kernel(const scalar_t* __restrict__ x, ChannelIndex idx,
                                    const BnStats<acc_t>* __restrict__ partial, int64_t C, int64_t G, double eps,
@@ -140,7 +132,7 @@ __global__ void stats_final_kernel(const scalar_t* __restrict__ x, ChannelIndex 
   const acc_t v = biased_var(s);
   const acc_t is = bn_invstd<acc_t>(v, eps);
   const acc_t shift = s.n > acc_t(0) ? channel_shift<scalar_t, acc_t>(x, idx, c) : acc_t(0);
-  split_mean(shift, s.mean, &mean[c], &mean_lo[c]);
+  bn_split_mean(shift, s.mean, &mean[c], &mean_lo[c]);
   var[c] = v;
   invstd[c] = is;
   scale[c] = is * gamma[c];
@@ -154,7 +146,7 @@ __global__ void eval_scale_kernel(const acc_t* __restrict__ running_var, const a
   if (c < C) scale[c] = bn_invstd<acc_t>(running_var[c], eps) * gamma[c];
 }
 
-// mean_lo: the mean's low part (split_mean), or null where the mean is one number (eval).
+// mean_lo: the mean's low part (bn_split_mean), or null where the mean is one number (eval).
 template <typename scalar_t, typename acc_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelIndex idx, int64_t n,
                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_lo,

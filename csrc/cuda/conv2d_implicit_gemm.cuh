@@ -1,0 +1,598 @@
+// Conv2d on CUDA as implicit GEMMs: each of the convolution's three products is a tiled GEMM whose operand
+// tiles are gathered straight from the images as they are loaded, so no column buffer is ever written or
+// read back (the im2col route of cuda/conv2d.cu spends most of its time on that buffer).
+//
+// Per group g (Cg = C/groups input and Fg = F/groups output channels, taps (t_h, t_w), i = o*s - p + t*d):
+//     forward   y[(n,o_h,o_w), f]  = Σ_{(c,t_h,t_w)} x[n, c, i_h, i_w] · W[f, (c,t_h,t_w)]      M = N·oH·oW
+//     d_input   dx[(n,i_h,i_w), c] = Σ_{(f,t_h,t_w)} dY[n, f, o_h, o_w] · W[f, (c,t_h,t_w)]     M = N·H·W
+//               where o = (i + p - t*d) / s must be a whole number in [0, O) (conv_out_index)
+//     d_weight  dW[f, (c,t_h,t_w)] = Σ_{(n,o_h,o_w)} dY[n, f, o_h, o_w] · x[n, c, i_h, i_w]     K = N·oH·oW
+//
+// One kernel computes D[m, n] = Σ_k A(m, k) · B(k, n) for all three; an operand "loader" says where A(m, k)
+// or B(k, n) lives (below), an epilogue where D goes. A block computes a 128 x 128 tile of D in stages of
+// 16 along k: its 256 threads gather the next stage into registers while the warps multiply the current
+// one from shared memory (two buffers, one barrier per stage). A filter tap's offsets come from a small
+// table (Tap) built once per call, so a gathered value costs a table read, two bounds tests and a load,
+// never a division. Two kinds of arithmetic share that skeleton:
+//   MmaTf32  tensor cores, mma.sync m16n8k8 with TF32 inputs (10-bit mantissas, rounded to nearest, ties
+//            away, as cvt.rna does) and float32 accumulation: what torch's cuDNN convolutions do when
+//            torch.backends.cudnn.allow_tf32 is on (its default);
+//   SimtFma  float32 fused multiply-adds on the CUDA cores, for when it is off.
+// d_weight sums over all N·oH·oW positions, so it is split along k into chunks that fill the GPU; each
+// chunk writes its own partial sum and a second kernel adds them in a fixed order: no atomics, the
+// result is deterministic.
+//
+// This file is plain CUDA with no torch type in it: cuda/conv2d.cu calls it with tensors' pointers, and
+// tests/cuda_emulation/ compiles it for the CPU (TORCH_CS231N_CUDA_EMULATION), with the warp's MMA and the
+// block's barriers emulated, so that its indexing is tested on machines without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "common/conv2d_index.h"
+
+#if defined(TORCH_CS231N_CUDA_EMULATION)
+#define TORCH_CS231N_LAUNCH(kernel, grid, stream, ...) \
+  ::cuda_emulation::launch(grid, dim3(::torch_cs231n::cuda::implicit_gemm::kThreads), kernel, __VA_ARGS__)
+#else
+#define TORCH_CS231N_LAUNCH(kernel, grid, stream, ...) \
+  kernel<<<grid, ::torch_cs231n::cuda::implicit_gemm::kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
+
+namespace torch_cs231n {
+namespace cuda {
+namespace implicit_gemm {
+
+// ------------------------------------------------------------------------------------------- the tiles
+constexpr int kBM = 128;       // rows of D per block (m)
+constexpr int kBN = 128;       // columns of D per block (n)
+constexpr int kBK = 16;        // depth of one stage (k)
+constexpr int kThreads = 256;  // 8 warps, 2 along m by 4 along n, each computing 64 x 32 of the tile
+constexpr int kWarpM = 64, kWarpN = 32;
+// A shared tile is stored k-major, tile[k][m]. Its rows are padded by 8 floats so that the 32 lanes of an
+// MMA fragment read (rows k..k+3, columns m..m+7) hit 32 different banks.
+constexpr int kRow = kBM + 8;
+static_assert(kBM == kBN, "both operands share one tile shape");
+using Tile = float[kBK][kRow];
+
+// Each operand's stage is kBK x 128 = 2048 values, 8 per thread. Which 8 depends on which way the operand
+// is contiguous in memory, so that neighbouring threads read neighbouring addresses:
+//   along m (or n)  thread t takes column mn = t % 128 and rows k = t / 128 + 2i;
+//   along k         thread t takes row k = t % 16 and columns mn = t / 16 + 16i.
+constexpr int kPerThread = kBK * kBM / kThreads;
+template <bool kAlongK>
+struct TileMap {
+  static __host__ __device__ int k(int t, int i) { return kAlongK ? t % kBK : t / kBM + i * (kThreads / kBM); }
+  static __host__ __device__ int mn(int t, int i) { return kAlongK ? t / kBK + i * (kThreads / kBK) : t % kBM; }
+};
+
+// A filter tap's part of a gathered address: the plane offset of its channel, and the shift (dh, dw) of
+// its tap, built for k = (channel, t_h, t_w) by tap_table_kernel.
+struct Tap {
+  int64_t offset;
+  int32_t dh, dw;
+};
+
+// ---------------------------------------------------------------------------------- operand loaders
+// A loader holds the call's arguments; start() adds what one thread needs for its tile (decoded once per
+// block), and load() gathers the thread's 8 values of the stage that begins at k0, 0 outside the matrix
+// (k >= k_end, a row past the end, a tap in the padding).
+
+// A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
+// t_h, t_w). The value is src[n, ch, h, w] with h = r_h*step_h - shift_h + tap.dh (and w alike), then,
+// for d_input with a stride, divided by it when it divides (kDivide): the inverse map of conv_out_index.
+template <typename T, bool kDivide>
+struct PatchAlongM {
+  static constexpr bool kAlongK = false;
+  const T* src;
+  const Tap* taps;
+  int64_t rows;                          // M
+  int64_t row_h, row_w;                  // the pixel grid m runs over
+  int64_t src_h, src_w;                  // the gathered image
+  int64_t image_stride, group_stride;    // elements per sample, and per group of channels, of src
+  int64_t step_h, step_w, shift_h, shift_w;
+  int64_t div_h, div_w;                  // the stride, when kDivide
+  // per thread
+  const T* base;
+  int64_t h0, w0;
+  bool valid;
+
+  __device__ void start(int64_t m0, int64_t group, int t) {
+    const int64_t m = m0 + TileMap<false>::mn(t, 0);
+    valid = m < rows;
+    const int64_t plane = row_h * row_w, n = valid ? m / plane : 0, pixel = valid ? m % plane : 0;
+    base = src + n * image_stride + group * group_stride;
+    h0 = (pixel / row_w) * step_h - shift_h;
+    w0 = (pixel % row_w) * step_w - shift_w;
+  }
+
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t k = k0 + TileMap<false>::k(t, i);
+      float value = 0.f;
+      if (valid && k < k_end) {
+        const Tap tap = taps[k];
+        int64_t h = h0 + tap.dh, w = w0 + tap.dw;
+        bool inside = h >= 0 && w >= 0;
+        if (kDivide) {
+          inside = inside && h % div_h == 0 && w % div_w == 0;
+          h /= div_h;
+          w /= div_w;
+        }
+        if (inside && h < src_h && w < src_w) value = static_cast<float>(base[tap.offset + h * src_w + w]);
+      }
+      v[i] = value;
+    }
+  }
+};
+
+// B(k, n) for d_input: the weight transposed per group, src[g][k][n] with k = (f, t_h, t_w), n = c
+// (transpose_weight_kernel).
+template <typename T>
+struct MatrixAlongN {
+  static constexpr bool kAlongK = false;
+  const T* src;
+  int64_t cols, ld, group_stride;
+  const T* base;
+  bool valid;
+
+  __device__ void start(int64_t n0, int64_t group, int t) {
+    const int64_t n = n0 + TileMap<false>::mn(t, 0);
+    valid = n < cols;
+    base = src + group * group_stride + n;
+  }
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t k = k0 + TileMap<false>::k(t, i);
+      v[i] = valid && k < k_end ? static_cast<float>(base[k * ld]) : 0.f;
+    }
+  }
+};
+
+// B(k, n) for forward: the weight itself, W[g*Fg + n][k], each filter's k contiguous.
+template <typename T>
+struct MatrixAlongK {
+  static constexpr bool kAlongK = true;
+  const T* src;
+  int64_t cols, ld, group_stride;
+  const T* base;
+  int64_t n0;
+
+  __device__ void start(int64_t n0_, int64_t group, int) {
+    n0 = n0_;
+    base = src + group * group_stride;
+  }
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+    const int64_t k = k0 + TileMap<true>::k(t, 0);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t n = n0 + TileMap<true>::mn(t, i);
+      v[i] = k < k_end && n < cols ? static_cast<float>(base[n * ld + k]) : 0.f;
+    }
+  }
+};
+
+// A(m, k) for d_weight: m = f, k = (n, o_h, o_w): dY[n, g*Fg + f, o_h, o_w]. The thread's k is decoded
+// once per stage, its 8 filters are a plane apart.
+template <typename T>
+struct PlanesAlongK {
+  static constexpr bool kAlongK = true;
+  const T* src;
+  int64_t rows, plane, image_stride, group_stride;
+  const T* base;
+  int64_t m0;
+
+  __device__ void start(int64_t m0_, int64_t group, int) {
+    m0 = m0_;
+    base = src + group * group_stride;
+  }
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+    const int64_t k = k0 + TileMap<true>::k(t, 0);
+    const T* at = base + (k / plane) * image_stride + k % plane;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t f = m0 + TileMap<true>::mn(t, i);
+      v[i] = k < k_end && f < rows ? static_cast<float>(at[f * plane]) : 0.f;
+    }
+  }
+};
+
+// B(k, n) for d_weight: k = (n, o_h, o_w), n = (c, t_h, t_w): x[n, g*Cg + c, i_h, i_w]. The thread's
+// output pixel is decoded once per stage; its 8 columns are taps.
+template <typename T>
+struct PatchAlongK {
+  static constexpr bool kAlongK = true;
+  const T* src;
+  const Tap* taps;
+  int64_t cols;  // Cg * kh * kw
+  int64_t out_h, out_w, src_h, src_w, image_stride, group_stride;
+  int64_t stride_h, stride_w, pad_h, pad_w;
+  const T* base;
+  int64_t n0;
+
+  __device__ void start(int64_t n0_, int64_t group, int) {
+    n0 = n0_;
+    base = src + group * group_stride;
+  }
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+    const int64_t k = k0 + TileMap<true>::k(t, 0);
+    const int64_t plane = out_h * out_w, pixel = k % plane;
+    const T* image = base + (k / plane) * image_stride;
+    const int64_t h0 = (pixel / out_w) * stride_h - pad_h, w0 = (pixel % out_w) * stride_w - pad_w;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int64_t n = n0 + TileMap<true>::mn(t, i);
+      float value = 0.f;
+      if (k < k_end && n < cols) {
+        const Tap tap = taps[n];
+        const int64_t h = h0 + tap.dh, w = w0 + tap.dw;
+        if (h >= 0 && h < src_h && w >= 0 && w < src_w) value = static_cast<float>(image[tap.offset + h * src_w + w]);
+      }
+      v[i] = value;
+    }
+  }
+};
+
+// -------------------------------------------------------------------------------------------- epilogues
+// D[m, n] of forward and d_input goes to an NCHW image: m = (sample, pixel), n = channel g*cols + n; the
+// forward adds the bias.
+template <typename T>
+struct ToImage {
+  T* dst;
+  const T* bias;  // or nullptr
+  int64_t cols, plane, image_stride, group_stride;
+  __device__ T* row(int64_t m, int64_t z) const {
+    return dst + (m / plane) * image_stride + z * group_stride + m % plane;
+  }
+  __device__ void put(T* row, int64_t z, int64_t n, float value) const {
+    if (bias != nullptr) value += static_cast<float>(bias[z * cols + n]);
+    row[n * plane] = static_cast<T>(value);
+  }
+};
+
+// D[m, n] of one chunk of d_weight: a float32 slice of the partial sums, partial[z][m][n] with
+// z = group * splits + chunk (blockIdx.z).
+struct ToPartials {
+  float* dst;
+  int64_t rows, cols;
+  __device__ float* row(int64_t m, int64_t z) const { return dst + (z * rows + m) * cols; }
+  __device__ void put(float* row, int64_t, int64_t n, float value) const { row[n] = value; }
+};
+
+// ---------------------------------------------------------------------------------------------- the math
+__device__ __forceinline__ uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+// x rounded to TF32 (8-bit exponent, 10-bit mantissa): to nearest, ties away from zero, as cvt.rna does.
+__device__ __forceinline__ float round_to_tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
+  return __uint_as_float(bits);
+#else
+  uint32_t bits = float_bits(x);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // Inf and NaN stay
+  float rounded;
+  __builtin_memcpy(&rounded, &bits, sizeof rounded);
+  return rounded;
+#endif
+}
+
+// d += a · b for one warp: a 16 x 8 (row-major fragments), b 8 x 8 (column-major), d 16 x 8, as the PTX ISA
+// lays them out over the lanes (lane = 4*group + index in group):
+//     a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];   b[0..1] = B[t][g], B[t+4][g];
+//     d[0..3] = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+__device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(TORCH_CS231N_CUDA_EMULATION)
+  ::cuda_emulation::mma_16x8x8_tf32(d, a, b);
+#endif
+}
+
+// Tensor cores. A warp's 64 x 32 is 4 x 4 MMA tiles of 16 x 8; each stage is two steps of k = 8.
+// The thread's accumulators, seen as 8 rows by 8 columns: row r is m = 16*(r/2) + g + 8*(r%2) and column c
+// is n = 8*(c/2) + 2t + c%2 of the warp's piece (the d layout above, tile by tile).
+struct MmaTf32 {
+  struct Accumulators {
+    float v[4][4][4];  // [m tile][n tile][fragment]
+  };
+  static __device__ float operand(float x) { return round_to_tf32(x); }
+  static __device__ float& at(Accumulators& acc, int r, int c) { return acc.v[r / 2][c / 2][(r % 2) * 2 + c % 2]; }
+  static __device__ int row(int lane, int r) { return 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
+  static __device__ int col(int lane, int c) { return 8 * (c / 2) + 2 * (lane % 4) + c % 2; }
+
+  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane,
+                                  Accumulators& acc) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int k = 0; k < kBK; k += 8) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm + 16 * i + g;
+        a[i][0] = float_bits(a_tile[k + t][m]);
+        a[i][1] = float_bits(a_tile[k + t][m + 8]);
+        a[i][2] = float_bits(a_tile[k + t + 4][m]);
+        a[i][3] = float_bits(a_tile[k + t + 4][m + 8]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = wn + 8 * j + g;
+        b[j][0] = float_bits(b_tile[k + t][n]);
+        b[j][1] = float_bits(b_tile[k + t + 4][n]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16x8x8_tf32(acc.v[i][j], a[i], b[j]);
+      }
+    }
+  }
+};
+
+// CUDA cores. The warp's lanes form 8 x 4; lane (lm, ln) computes rows 8*lm.. and columns 8*ln.. of the
+// warp's piece, 64 fused multiply-adds per k.
+struct SimtFma {
+  struct Accumulators {
+    float v[8][8];
+  };
+  static __device__ float operand(float x) { return x; }
+  static __device__ float& at(Accumulators& acc, int r, int c) { return acc.v[r][c]; }
+  static __device__ int row(int lane, int r) { return 8 * (lane / 4) + r; }
+  static __device__ int col(int lane, int c) { return 8 * (lane % 4) + c; }
+
+  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane,
+                                  Accumulators& acc) {
+    const int m = wm + row(lane, 0), n = wn + col(lane, 0);
+#pragma unroll
+    for (int k = 0; k < kBK; ++k) {
+      float a[8], b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        a[i] = a_tile[k][m + i];
+        b[i] = b_tile[k][n + i];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------- the kernel
+template <typename Math, typename Loader>
+__device__ void store_stage(Tile& tile, const float (&v)[kPerThread], int t) {
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    tile[TileMap<Loader::kAlongK>::k(t, i)][TileMap<Loader::kAlongK>::mn(t, i)] = Math::operand(v[i]);
+  }
+}
+
+// The extent of D and of the sum: blockIdx = (m tile, n tile, group * splits + chunk); chunk c sums
+// k in [c * k_chunk, min(k, (c + 1) * k_chunk)), k_chunk a multiple of kBK.
+struct Extent {
+  int64_t m, n, k, k_chunk;
+  int64_t splits;
+};
+
+template <typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
+__global__ void __launch_bounds__(kThreads)
+    implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
+  __shared__ Tile a_tiles[2], b_tiles[2];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const int wm = (warp % 2) * kWarpM, wn = (warp / 2) * kWarpN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int64_t z = blockIdx.z, group = z / e.splits, chunk = z % e.splits;
+  const int64_t k_begin = chunk * e.k_chunk;
+  const int64_t k_end = e.k < k_begin + e.k_chunk ? e.k : k_begin + e.k_chunk;
+  a.start(m0, group, t);
+  b.start(n0, group, t);
+
+  typename Math::Accumulators acc;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
+  }
+  float va[kPerThread], vb[kPerThread];
+  const int64_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+  if (stages > 0) {
+    a.load(k_begin, k_end, t, va);
+    b.load(k_begin, k_end, t, vb);
+    store_stage<Math, LoaderA>(a_tiles[0], va, t);
+    store_stage<Math, LoaderB>(b_tiles[0], vb, t);
+    __syncthreads();
+  }
+  for (int64_t s = 0; s < stages; ++s) {
+    const int current = static_cast<int>(s % 2);
+    const bool more = s + 1 < stages;
+    if (more) {  // the next stage's loads are in flight while this one is multiplied
+      a.load(k_begin + (s + 1) * kBK, k_end, t, va);
+      b.load(k_begin + (s + 1) * kBK, k_end, t, vb);
+    }
+    Math::multiply(a_tiles[current], b_tiles[current], wm, wn, lane, acc);
+    if (more) {  // the other buffer was last read before the previous barrier
+      store_stage<Math, LoaderA>(a_tiles[1 - current], va, t);
+      store_stage<Math, LoaderB>(b_tiles[1 - current], vb, t);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int64_t m = m0 + wm + Math::row(lane, r);
+    if (m >= e.m) continue;
+    auto* row = epilogue.row(m, z);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int64_t n = n0 + wn + Math::col(lane, c);
+      if (n < e.n) epilogue.put(row, group, n, Math::at(acc, r, c));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------- helper kernels
+// taps[k] for k = (ch, t_h, t_w): offset ch * plane, shift (first_h + t_h * step_h, first_w + t_w * step_w).
+__global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t kh, int64_t kw, int64_t plane, int64_t first_h,
+                                 int64_t step_h, int64_t first_w, int64_t step_w) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < count;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ch = k / (kh * kw), tap = k % (kh * kw);
+    taps[k] = Tap{ch * plane, static_cast<int32_t>(first_h + (tap / kw) * step_h),
+                  static_cast<int32_t>(first_w + (tap % kw) * step_w)};
+  }
+}
+
+// wt[g][(f, t)][c] = w[g*Fg + f][c][t]: d_input's B, contiguous along its columns c.
+template <typename T>
+__global__ void transpose_weight_kernel(const T* __restrict__ w, T* __restrict__ wt, int64_t groups, int64_t fg,
+                                        int64_t cg, int64_t taps) {
+  const int64_t total = groups * fg * taps * cg;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % cg, row = i / cg;  // row = (g*Fg + f) * taps + t
+    const int64_t tap = row % taps, gf = row / taps;
+    wt[i] = w[(gf * cg + c) * taps + tap];
+  }
+}
+
+// dw[g*Fg + f][n] = Σ_chunk partial[g * splits + chunk][f][n], in chunk order (deterministic).
+template <typename T>
+__global__ void sum_partials_kernel(const float* __restrict__ partial, T* __restrict__ dw, int64_t groups,
+                                    int64_t splits, int64_t per_group) {
+  const int64_t total = groups * per_group;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t group = i / per_group, j = i % per_group;
+    const float* p = partial + group * splits * per_group + j;
+    float sum = 0.f;
+    for (int64_t s = 0; s < splits; ++s) sum += p[s * per_group];
+    dw[i] = static_cast<T>(sum);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- the calls
+// What a call needs besides the tensors, sized by the *_workspace functions; the caller allocates it on the
+// device (cuda/conv2d.cu with torch's allocator, the emulation test with plain memory).
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The grid of a helper kernel's grid-stride loop over n items (at most 4096 blocks).
+inline dim3 helper_grid(int64_t n) {
+  const int64_t blocks = ceil_div(n, kThreads);
+  return dim3(static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks)));
+}
+
+// Whether a geometry fits the grid's limits (y and z below 65536); otherwise the caller takes another route.
+inline bool fits(const Conv2dGeometry& g) {
+  return ceil_div(g.f_per_group(), kBN) < 65536 && ceil_div(g.c_per_group(), kBN) < 65536 && g.groups < 65536 &&
+         ceil_div(g.c_per_group() * g.taps(), kBN) < 65536;
+}
+
+// Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: Cg*kh*kw entries.
+template <typename T, typename Math>
+void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps,
+             cudaStream_t stream) {
+  const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
+  auto* table = &tap_table_kernel;
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh, int64_t(0),
+                      g.dw);
+  const PatchAlongM<T, false> a{x, taps, g.n * out_plane, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w,
+                                g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw, 1, 1};
+  const MatrixAlongK<T> b{w, fg, kg, fg * kg};
+  const ToImage<T> out{y, bias, fg, out_plane, g.f * out_plane, fg * out_plane};
+  const Extent e{g.n * out_plane, fg, kg, kg, 1};
+  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
+                  static_cast<unsigned int>(g.groups));
+  auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongK<T>, ToImage<T>>;
+  TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+}
+
+// d_input = dY ⋆ᵀ W. taps: Fg*kh*kw entries; wt: a buffer the size of W.
+inline int64_t grad_input_taps(const Conv2dGeometry& g) { return g.f_per_group() * g.taps(); }
+
+template <typename T, typename Math>
+void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* taps, T* wt, cudaStream_t stream) {
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = fg * g.taps(), out_plane = g.oh * g.ow;
+  auto* table = &tap_table_kernel;
+  // o = (i + p - t*d) / s: the tap shifts i by p - t*d before the division
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, out_plane, g.ph, -g.dh, g.pw, -g.dw);
+  auto* transpose = &transpose_weight_kernel<T>;
+  TORCH_CS231N_LAUNCH(transpose, helper_grid(g.f * cg * g.taps()), stream, w, wt, g.groups, fg, cg, g.taps());
+  const MatrixAlongN<T> b{wt, cg, cg, kg * cg};
+  const ToImage<T> out{dx, nullptr, cg, g.h * g.w, g.c * g.h * g.w, cg * g.h * g.w};
+  const Extent e{g.n * g.h * g.w, cg, kg, kg, 1};
+  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
+                  static_cast<unsigned int>(g.groups));
+  if (g.sh == 1 && g.sw == 1) {
+    const PatchAlongM<T, false> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane, 1, 1, 0, 0,
+                                  1, 1};
+    auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongN<T>, ToImage<T>>;
+    TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+  } else {
+    const PatchAlongM<T, true> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane, 1, 1, 0, 0,
+                                 g.sh, g.sw};
+    auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, true>, MatrixAlongN<T>, ToImage<T>>;
+    TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+  }
+}
+
+// d_weight = Σ dY · x-patches, split along N·oH·oW into chunks that give the GPU about `blocks_wanted` blocks
+// (each chunk at least kMinChunk long, so that a block has work to amortise its start).
+constexpr int64_t kMinChunk = 8 * kBK;
+struct WeightSplit {
+  int64_t splits, k_chunk;
+};
+inline WeightSplit grad_weight_split(const Conv2dGeometry& g, int64_t blocks_wanted) {
+  const int64_t k = g.n * g.oh * g.ow;
+  const int64_t tiles = ceil_div(g.f_per_group(), kBM) * ceil_div(g.c_per_group() * g.taps(), kBN) * g.groups;
+  int64_t splits = ceil_div(blocks_wanted, tiles);
+  const int64_t most = ceil_div(k, kMinChunk), grid_most = 65535 / g.groups;
+  splits = splits < 1 ? 1 : (splits > most ? most : splits);
+  splits = splits > grid_most ? grid_most : splits;
+  const int64_t k_chunk = ceil_div(ceil_div(k, splits), kBK) * kBK;
+  return {ceil_div(k, k_chunk), k_chunk};
+}
+inline int64_t grad_weight_taps(const Conv2dGeometry& g) { return g.c_per_group() * g.taps(); }
+inline int64_t grad_weight_partials(const Conv2dGeometry& g, const WeightSplit& split) {
+  return g.groups * split.splits * g.f_per_group() * g.c_per_group() * g.taps();
+}
+
+template <typename T, typename Math>
+void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const WeightSplit& split, Tap* taps,
+                 float* partials, cudaStream_t stream) {
+  const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), out_plane = g.oh * g.ow;
+  auto* table = &tap_table_kernel;
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh, int64_t(0),
+                      g.dw);
+  const PlanesAlongK<T> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
+  const PatchAlongK<T> b{x, taps, kg, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w,
+                         g.sh, g.sw, g.ph, g.pw};
+  const ToPartials out{partials, fg, kg};
+  const Extent e{fg, kg, g.n * out_plane, split.k_chunk, split.splits};
+  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
+                  static_cast<unsigned int>(g.groups * split.splits));
+  auto* kernel = &implicit_gemm_kernel<Math, PlanesAlongK<T>, PatchAlongK<T>, ToPartials>;
+  TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+  auto* sum = &sum_partials_kernel<T>;
+  TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), stream, partials, dw, g.groups, split.splits, fg * kg);
+}
+
+}  // namespace implicit_gemm
+}  // namespace cuda
+}  // namespace torch_cs231n

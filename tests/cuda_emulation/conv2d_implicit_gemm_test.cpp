@@ -1,0 +1,156 @@
+// The implicit-GEMM convolution kernels (csrc/cuda/conv2d_implicit_gemm.cuh), run on the CPU under
+// cuda_emulation.h, against a float64 convolution written out loop by loop. tests/test_cuda_emulation.py
+// compiles and runs it; it prints one line per case and exits 1 if any is wrong.
+//
+// The TF32 kernels are compared with the float64 convolution of TF32-rounded inputs, so that what is left
+// is float32 accumulation, far below what a wrong index costs: one term missing or extra is off by about
+// 1/K of the sum of |terms|, the tolerance is 1e-5 of it.
+#include "cuda_emulation.h"
+// clang-format off: the emulation header must come first
+#include "cuda/conv2d_implicit_gemm.cuh"
+// clang-format on
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace ig = torch_cs231n::cuda::implicit_gemm;
+using torch_cs231n::Conv2dGeometry;
+
+namespace {
+
+struct Case {
+  int64_t n, c, h, w, f, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+};
+
+Conv2dGeometry geometry(const Case& k) {
+  Conv2dGeometry g{};
+  g.n = k.n, g.c = k.c, g.h = k.h, g.w = k.w, g.f = k.f, g.kh = k.kh, g.kw = k.kw;
+  g.sh = k.sh, g.sw = k.sw, g.ph = k.ph, g.pw = k.pw, g.dh = k.dh, g.dw = k.dw, g.groups = k.groups;
+  g.oh = torch_cs231n::conv_out_size(k.h, k.kh, k.sh, k.ph, k.dh);
+  g.ow = torch_cs231n::conv_out_size(k.w, k.kw, k.sw, k.pw, k.dw);
+  return g;
+}
+
+std::vector<float> random_values(size_t count, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> v(count);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+std::vector<float> rounded(std::vector<float> v, bool tf32) {
+  if (tf32) {
+    for (float& x : v) x = ig::round_to_tf32(x);
+  }
+  return v;
+}
+
+// The float64 sums and sums of |terms| of the three products, by their definitions (common/conv2d_index.h).
+struct Reference {
+  std::vector<double> y, y_abs, dx, dx_abs, dw, dw_abs;
+};
+
+Reference reference(const Conv2dGeometry& g, const std::vector<float>& x, const std::vector<float>& w,
+                    const std::vector<float>& b, const std::vector<float>& dy) {
+  Reference r;
+  const int64_t cg = g.c_per_group(), fg = g.f_per_group();
+  r.y.assign(g.n * g.f * g.oh * g.ow, 0.0);
+  r.y_abs = r.y;
+  r.dx.assign(x.size(), 0.0);
+  r.dx_abs = r.dx;
+  r.dw.assign(w.size(), 0.0);
+  r.dw_abs = r.dw;
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t f = 0; f < g.f; ++f)
+      for (int64_t oh = 0; oh < g.oh; ++oh)
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+          const int64_t yi = ((n * g.f + f) * g.oh + oh) * g.ow + ow;
+          r.y[yi] = b[f];
+          r.y_abs[yi] = std::fabs(b[f]);
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t th = 0; th < g.kh; ++th)
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                const int64_t ih = torch_cs231n::conv_in_index(oh, th, g.sh, g.ph, g.dh);
+                const int64_t iw = torch_cs231n::conv_in_index(ow, tw, g.sw, g.pw, g.dw);
+                if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+                const int64_t ci = (f / fg) * cg + c;
+                const int64_t xi = ((n * g.c + ci) * g.h + ih) * g.w + iw;
+                const int64_t wi = ((f * cg + c) * g.kh + th) * g.kw + tw;
+                r.y[yi] += double(x[xi]) * w[wi];
+                r.y_abs[yi] += std::fabs(double(x[xi]) * w[wi]);
+                r.dx[xi] += double(dy[yi]) * w[wi];
+                r.dx_abs[xi] += std::fabs(double(dy[yi]) * w[wi]);
+                r.dw[wi] += double(dy[yi]) * x[xi];
+                r.dw_abs[wi] += std::fabs(double(dy[yi]) * x[xi]);
+              }
+        }
+  return r;
+}
+
+// The largest |got - want| / (sum of |terms| + 1e-30), and whether every element is within tolerance.
+bool compare(const char* what, const std::vector<float>& got, const std::vector<double>& want,
+             const std::vector<double>& scale, double tolerance) {
+  double worst = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double e = std::fabs(got[i] - want[i]) / (scale[i] + 1e-30);
+    worst = std::isnan(e) || e > worst ? (std::isnan(e) ? INFINITY : e) : worst;
+  }
+  const bool ok = worst <= tolerance;
+  std::printf("  %-10s worst relative error %.2e %s\n", what, worst, ok ? "ok" : "WRONG");
+  return ok;
+}
+
+template <typename Math>
+bool run(const Case& k, bool tf32, std::mt19937& rng) {
+  const Conv2dGeometry g = geometry(k);
+  const std::vector<float> x = random_values(g.n * g.c * g.h * g.w, rng);
+  const std::vector<float> w = random_values(g.f * g.c_per_group() * g.kh * g.kw, rng);
+  const std::vector<float> b = random_values(g.f, rng);
+  const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
+  const Reference r = reference(g, rounded(x, tf32), rounded(w, tf32), b, rounded(dy, tf32));
+
+  std::vector<float> y(r.y.size(), NAN), dx(x.size(), NAN), dw(w.size(), NAN), wt(w.size());
+  std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
+  ig::forward<float, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), nullptr);
+  ig::grad_input<float, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
+  const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
+  std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
+  ig::grad_weight<float, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
+
+  std::printf("%s n=%ld c=%ld %ldx%ld f=%ld k=%ldx%ld s=%ld,%ld p=%ld,%ld d=%ld,%ld groups=%ld (d_weight in %ld chunks)\n",
+              tf32 ? "tf32" : "fp32", long(k.n), long(k.c), long(k.h), long(k.w), long(k.f), long(k.kh), long(k.kw),
+              long(k.sh), long(k.sw), long(k.ph), long(k.pw), long(k.dh), long(k.dw), long(k.groups),
+              long(split.splits));
+  const double tolerance = 1e-5;
+  bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
+  ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+  ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+  return ok;
+}
+
+}  // namespace
+
+int main() {
+  // n, c, h, w, f, kh, kw, sh, sw, ph, pw, dh, dw, groups
+  const Case cases[] = {
+      {2, 3, 9, 9, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},         // 3x3, padding 1; M = 162: two row tiles
+      {2, 6, 11, 10, 4, 3, 2, 2, 2, 1, 0, 1, 1, 2},       // stride 2, a 3x2 filter, 2 groups
+      {1, 4, 13, 12, 6, 3, 3, 1, 2, 2, 1, 2, 1, 1},       // dilation 2 along h, stride 2 along w
+      {3, 8, 6, 7, 130, 1, 1, 1, 1, 0, 0, 1, 1, 1},       // 1x1, 130 filters: two column tiles
+      {1, 130, 5, 5, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1},       // 130 channels: d_input has two column tiles
+      {2, 5, 20, 20, 3, 5, 5, 3, 3, 2, 2, 1, 1, 1},       // stride 3 (d_input skips two taps in three)
+      {3, 6, 8, 8, 9, 4, 4, 2, 2, 1, 1, 1, 1, 3},         // 4x4 stride 2, 3 groups
+      {4, 2, 12, 12, 3, 3, 3, 1, 1, 0, 0, 1, 1, 1},       // no padding; d_weight sums 400 positions in chunks
+      {1, 40, 4, 4, 33, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // k = 360 and 297: many stages, a ragged last one
+  };
+  std::mt19937 rng(231);
+  bool ok = true;
+  for (const Case& k : cases) {
+    ok = run<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
+    ok = run<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+  }
+  std::printf(ok ? "all cases agree\n" : "SOME CASES ARE WRONG\n");
+  return ok ? 0 : 1;
+}

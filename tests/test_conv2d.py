@@ -298,6 +298,43 @@ def test_cuda_tf32_follows_the_cudnn_flag():
     assert 1e-4 < tf32 < 1e-2, f"TF32 (10-bit mantissa) should show ~1e-3 of relative error: {tf32}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, tf32):
+    """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels (a candidate until proven on a GPU).
+
+    Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
+    d_weight sum long enough to be split. The reference is float64; TF32 is held to TF32's error.
+    """
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "implicit")
+    gen = torch.Generator().manual_seed(7)
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    # Fg and Cg of 32 or more, so that forward and d_input take the candidate too (below, the stem's d_input
+    # with 3 channels goes the cuBLAS way: cuda/conv2d.cu, kImplicitMinColumns).
+    for xs, ws, kw in [((9, 40, 23, 21), (136, 40, 3, 3), dict(padding=1)),
+                       ((4, 96, 30, 30), (96, 32, 3, 3), dict(padding=1, groups=3, stride=2)),
+                       ((3, 150, 9, 9), (140, 150, 1, 1), dict()),
+                       ((2, 3, 64, 64), (64, 3, 7, 7), dict(padding=3, stride=2)),
+                       ((5, 36, 17, 19), (40, 36, 5, 3), dict(padding=(2, 1), dilation=(1, 2), stride=(3, 1)))]:
+        x = torch.randn(xs, generator=gen, dtype=torch.float64)
+        w = torch.randn(ws, generator=gen, dtype=torch.float64) * 0.1
+        b = torch.randn(ws[0], generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
+        exact = run_both(x, w, b, g, **kw)[1]
+        with cudnn.flags(**flags, allow_tf32=tf32):
+            mine = run_both(*(t.to("cuda", torch.float32) for t in (x, w, b, g)), **kw)[0]
+        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < (1e-2 if tf32 else 1e-5), (name, xs, ws, kw, error)
+            if tf32 and name != "d_b":  # d_b is a plain sum
+                assert error > 1e-5, f"{name}: TF32 was asked for, so the error should show a 10-bit mantissa"
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "fastest")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV: expected 'cublas' .* or 'implicit', but got 'fastest'"):
+        ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
+
+
 # ------------------------------------------------------------------------------------------- modules
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 

@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -33,6 +35,7 @@
 #include "common/conv2d.h"
 #include "common/grads.h"
 #include "cuda/blas.cuh"
+#include "cuda/conv2d_implicit_gemm.cuh"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -311,6 +314,71 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   if (need_dw && !dw_acc.is_same(dw)) dw.copy_(dw_acc.view(dw.sizes()));
 }
 
+// ------------------------------------------------------------------------------------- implicit GEMM
+// The implicit-GEMM kernels (cuda/conv2d_implicit_gemm.cuh) are a candidate: they pass the CPU emulation
+// test but have not yet run on a GPU, so the im2col + cuBLAS route above stays the default until they pass
+// `make gpu-check` there. TORCH_CS231N_CUDA_CONV=implicit chooses them, for float32 (TF32 tensor cores when
+// torch.backends.cudnn.allow_tf32 is on, float32 FMAs when off); other dtypes, depthwise convolutions and
+// shapes past the grid's limits keep the default route.
+bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
+  const char* env = std::getenv("TORCH_CS231N_CUDA_CONV");
+  const bool implicit = env != nullptr && std::strcmp(env, "implicit") == 0;
+  TORCH_CHECK(env == nullptr || implicit || *env == '\0' || std::strcmp(env, "cublas") == 0,
+              "TORCH_CS231N_CUDA_CONV: expected 'cublas' (the default) or 'implicit', but got '", env, "'");
+  return implicit && x.scalar_type() == at::kFloat && !conv2d_is_depthwise(g) && cuda::implicit_gemm::fits(g);
+}
+
+// A product's columns fill 128-wide tiles: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw). Below 32
+// a tile would be mostly idle (an RGB stem's d_input has 3), and the cuBLAS route does that product.
+constexpr int64_t kImplicitMinColumns = 32;
+
+// TF32 on the tensor cores when torch's flag allows it and the GPU has them (sm_80 and later), as cuDNN.
+bool implicit_gemm_tf32() {
+  return cuda::conv_allows_tf32() && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+// A tap table of `count` entries (16 bytes each), on x's device.
+at::Tensor tap_table(int64_t count, const at::Tensor& x) {
+  static_assert(sizeof(cuda::implicit_gemm::Tap) == 2 * sizeof(int64_t), "a Tap is two int64 words");
+  return at::empty({2 * std::max<int64_t>(count, 1)}, x.options().dtype(at::kLong));
+}
+cuda::implicit_gemm::Tap* taps_of(at::Tensor& table) {
+  return reinterpret_cast<cuda::implicit_gemm::Tap*>(table.mutable_data_ptr<int64_t>());
+}
+
+template <typename Math>
+void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                      const Conv2dGeometry& g, cudaStream_t stream) {
+  at::Tensor taps = tap_table(cuda::implicit_gemm::grad_weight_taps(g), x);
+  const float* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr;
+  cuda::implicit_gemm::forward<float, Math>(x.const_data_ptr<float>(), w.const_data_ptr<float>(), b,
+                                            y.mutable_data_ptr<float>(), g, taps_of(taps), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Math>
+void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                       const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  namespace ig = cuda::implicit_gemm;
+  if (need_dx) {
+    at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
+    at::Tensor wt = at::empty_like(w);
+    ig::grad_input<float, Math>(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(),
+                                g, taps_of(taps), wt.mutable_data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (need_dw) {
+    // about two blocks per multiprocessor, each with a chunk of the N*oH*oW sum
+    const ig::WeightSplit split =
+        ig::grad_weight_split(g, 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
+    at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options());
+    ig::grad_weight<float, Math>(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw.mutable_data_ptr<float>(),
+                                 g, split, taps_of(taps), partials.mutable_data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -325,6 +393,14 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (implicit_gemm_chosen(g, x) && g.f_per_group() >= kImplicitMinColumns) {
+    if (implicit_gemm_tf32()) {
+      implicit_forward<cuda::implicit_gemm::MmaTf32>(x, w, b, y, g, stream);
+    } else {
+      implicit_forward<cuda::implicit_gemm::SimtFma>(x, w, b, y, g, stream);
+    }
+    return y.contiguous(format);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
       depthwise_forward_kernel<scalar_t><<<cuda::grid_for_lines(g.n * g.f * g.oh), cuda::kThreads, 0, stream>>>(
@@ -364,6 +440,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (implicit_gemm_chosen(g, x)) {
+    const bool implicit_dx = need_dx && g.c_per_group() >= kImplicitMinColumns;
+    if (implicit_gemm_tf32()) {
+      implicit_backward<cuda::implicit_gemm::MmaTf32>(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);
+    } else {
+      implicit_backward<cuda::implicit_gemm::SimtFma>(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);
+    }
+    if (need_dx && !implicit_dx) gemm_backward<float>(dy, x, w, dx, dw, g, /*need_dx=*/true, /*need_dw=*/false, stream);
+    return {in_format(dx), in_format(dw), db};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_backward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
       if (need_dx) {

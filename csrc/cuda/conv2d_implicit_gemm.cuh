@@ -274,10 +274,13 @@ __device__ __forceinline__ uint32_t float_bits(float x) {
 
 // x rounded to TF32 (8-bit exponent, 10-bit mantissa): to nearest, ties away from zero, as cvt.rna does.
 __device__ __forceinline__ float round_to_tf32(float x) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint32_t bits;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
   return __uint_as_float(bits);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // TF32 needs sm_80; cuda/conv2d.cu never chooses MmaTf32 below it
+  return x;
 #else
   uint32_t bits = float_bits(x);
   if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // Inf and NaN stay
@@ -292,12 +295,14 @@ __device__ __forceinline__ float round_to_tf32(float x) {
 //     a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];   b[0..1] = B[t][g], B[t+4][g];
 //     d[0..3] = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
 __device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // as above
 #elif defined(TORCH_CS231N_CUDA_EMULATION)
   ::cuda_emulation::mma_16x8x8_tf32(d, a, b);
 #endif
@@ -391,6 +396,8 @@ struct Extent {
   int64_t splits;
 };
 
+// ptxas gives it 150-170 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
+// 128 for two blocks, the float32 kernels spill 60-256 bytes.
 template <typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads)
     implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {

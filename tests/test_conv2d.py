@@ -335,6 +335,36 @@ def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, tf32):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the depthwise tile kernels are CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_depthwise_tiles_candidate_matches_torch(monkeypatch, dtype):
+    """TORCH_CS231N_CUDA_DEPTHWISE=tiles: the depthwise tile kernels (a candidate until proven on a GPU).
+
+    Several tiles a plane with ragged edges, multipliers 1 to 3, 3x3 and 5x5, dilation, and a stride (whose
+    d_input keeps the line kernel). The reference is float64, the tolerance each dtype's rounding.
+    """
+    monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", "tiles")
+    gen = torch.Generator().manual_seed(8)
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    for xs, ws, kw in [((8, 32, 30, 31), (32, 1, 3, 3), dict(padding=1, groups=32)),
+                       ((4, 16, 21, 40), (32, 1, 5, 5), dict(padding=2, groups=16)),
+                       ((3, 8, 37, 19), (24, 1, 3, 3), dict(padding=1, groups=8, stride=2)),
+                       ((2, 8, 25, 70), (8, 1, 3, 3), dict(padding=2, dilation=2, groups=8))]:
+        x = torch.randn(xs, generator=gen, dtype=torch.float64)
+        w = torch.randn(ws, generator=gen, dtype=torch.float64)
+        b = torch.randn(ws[0], generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
+        exact = run_both(*(t.to(dtype).double() for t in (x, w, b, g)), **kw)[1]
+        mine = run_both(*(t.to("cuda", dtype) for t in (x, w, b, g)), **kw)[0]
+        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < tolerance, (name, xs, ws, kw, dtype, error)
+    monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", "fastest")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_DEPTHWISE: expected 'lines' .* or 'tiles', but got"):
+        ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(2, 1, 3, 3, device="cuda"), groups=2)
+
+
 # ------------------------------------------------------------------------------------------- modules
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 

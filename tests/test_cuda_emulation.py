@@ -1,9 +1,10 @@
-"""The CUDA implicit-GEMM convolution (csrc/cuda/conv2d_implicit_gemm.cuh), run on the CPU.
+"""The CUDA convolution kernels written to be emulated, run on the CPU.
 
-tests/cuda_emulation/ compiles the kernels as plain C++ with an emulation of the GPU (a block's threads as
-fibers, its barriers, the warp's tensor-core MMA with the PTX ISA's fragment layout) and compares forward,
-d_input and d_weight, TF32 and float32, with a float64 convolution. So a wrong index, fragment layout or
-barrier shows here, on any machine; only a real GPU can show the speed, and races the fixed schedule hides.
+tests/cuda_emulation/ compiles csrc/cuda/conv2d_implicit_gemm.cuh and csrc/cuda/conv2d_depthwise.cuh as
+plain C++ with an emulation of the GPU (a block's threads as fibers, its barriers, the warp's tensor-core
+MMA with the PTX ISA's fragment layout) and compares forward, d_input and d_weight (TF32, float32, float64)
+with a float64 convolution. So a wrong index, fragment layout or barrier shows here, on any machine; only
+a real GPU can show the speed, and races that the emulation's fixed schedule hides.
 """
 
 import os
@@ -16,14 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 
 
-def test_implicit_gemm_kernels_match_float64_under_emulation(tmp_path):
+def test_conv2d_kernels_match_float64_under_emulation(tmp_path):
     cxx = os.environ.get("CXX", "c++")
     assert shutil.which(cxx), f"no C++ compiler ({cxx}): the extension's build needs one too"
-    exe = str(tmp_path / "conv2d_implicit_gemm_test")
+    exe = str(tmp_path / "conv2d_test")
     torch_include = torch.utils.cpp_extension.include_paths()[0]  # c10/macros only
     build = subprocess.run(
         [cxx, "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-I", os.path.join(ROOT, "csrc"),
-         "-I", torch_include, os.path.join(HERE, "conv2d_implicit_gemm_test.cpp"), "-o", exe],
+         "-I", torch_include, os.path.join(HERE, "conv2d_test.cpp"), "-o", exe],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr

@@ -16,10 +16,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
-# Candidates, one per line: "name|environment setting|pytest -k expression|bench --op".
-# implicit-gemm: the convolution's implicit-GEMM kernels (cuda/conv2d_implicit_gemm.cuh; docs/conv2d.md).
+# Candidates, one per line: "name|environment settings (space-separated)|pytest -k expression|bench --op".
+# conv: the convolution's two candidates at once, to keep the check under 6 minutes (their tests and their
+# benchmark cases tell them apart): the implicit GEMM (cuda/conv2d_implicit_gemm.cuh) for the dense cases
+# and the shared-memory tiles (cuda/conv2d_depthwise.cuh) for the depthwise one; docs/conv2d.md.
 CANDIDATES=(
-  "implicit-gemm|TORCH_CS231N_CUDA_CONV=implicit|conv2d and cuda|conv2d"
+  "conv|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles|conv2d and cuda|conv2d"
 )
 # Seconds after which the profiles, which only explain, are skipped: the check must finish in 6 minutes.
 BUDGET=${BUDGET:-300}
@@ -78,19 +80,21 @@ if [ "$SECONDS" -lt "$BUDGET" ]; then
 else
   echo "profile: skipped, past ${BUDGET} s" | tee -a "$summary"
 fi
+# $setting is left unquoted below on purpose: it may hold several VAR=value words for env.
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests op <<<"$candidate"
   echo "candidate $name ($setting):" | tee -a "$summary"
-  step "pytest-$name" env "$setting" "$PY" -m pytest -q -k "$tests" "${parallel[@]}"
+  step "pytest-$name" env $setting "$PY" -m pytest -q -k "$tests" "${parallel[@]}"
   tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
-  step "bench-$name" env "$setting" "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" \
+  step "bench-$name" env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" \
     --json "$OUT/bench-$name.json"
   sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
-  step "bench-$name-tf32" env "$setting" "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" --tf32 \
+  step "bench-$name-tf32" env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" --tf32 \
     --json "$OUT/bench-$name-tf32.json"
   sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
   if [ "$SECONDS" -lt "$BUDGET" ]; then
-    step "profile-$name" env "$setting" "$PY" -m benchmarks.profile_gpu --steps 3 --case conv3x3 --case conv3x3_deep
+    step "profile-$name" env $setting "$PY" -m benchmarks.profile_gpu --steps 3 --case conv3x3 --case conv3x3_deep \
+      --case depthwise
   else
     echo "profile-$name: skipped, past ${BUDGET} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
   fi

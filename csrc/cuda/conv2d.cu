@@ -15,6 +15,11 @@
 // No atomics anywhere, so every result is deterministic. float32 GEMMs run in TF32 when
 // torch.backends.cudnn.allow_tf32 says so, as torch's own convolutions do (cuda/blas.cuh).
 //
+// Two candidates, kernels that pass the CPU emulation test (tests/cuda_emulation/) but have not yet run on a
+// GPU, are chosen by environment variables until `make gpu-check` has proven them (docs/conv2d.md):
+//     TORCH_CS231N_CUDA_CONV=implicit      implicit GEMMs, no column buffer (cuda/conv2d_implicit_gemm.cuh)
+//     TORCH_CS231N_CUDA_DEPTHWISE=tiles    depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh)
+//
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
 // (conv2d_memory_format: channels_last when the input or the weight is), by a copy.
 #include <ATen/ATen.h>
@@ -30,11 +35,13 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/conv2d.h"
 #include "common/grads.h"
 #include "cuda/blas.cuh"
+#include "cuda/conv2d_depthwise.cuh"
 #include "cuda/conv2d_implicit_gemm.cuh"
 #include "cuda/launch.cuh"
 
@@ -314,6 +321,84 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   if (need_dw && !dw_acc.is_same(dw)) dw.copy_(dw_acc.view(dw.sizes()));
 }
 
+// ------------------------------------------------------------------------------------- candidates
+// Whether the environment variable `name` asks for the candidate kernels: "" or unset or `proven` (the
+// default) say no, `candidate` says yes, anything else is an error that names both.
+bool candidate_chosen(const char* name, const char* proven, const char* candidate) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, proven) == 0) return false;
+  TORCH_CHECK(std::strcmp(env, candidate) == 0, name, ": expected '", proven, "' (the default) or '", candidate,
+              "', but got '", env, "'");
+  return true;
+}
+
+// The depthwise tile kernels (cuda/conv2d_depthwise.cuh) are a candidate: they pass the CPU emulation test,
+// not yet a GPU. TORCH_CS231N_CUDA_DEPTHWISE=tiles chooses them for 3x3 and 5x5 filters whose input region
+// fits in shared memory (d_input: stride 1 as well); the line kernels above do the rest, and all of it by
+// default.
+bool depthwise_tiles_chosen(const Conv2dGeometry& g) {
+  return candidate_chosen("TORCH_CS231N_CUDA_DEPTHWISE", "lines", "tiles") && cuda::depthwise::tiles_fit(g);
+}
+
+// f(std::integral_constant<int, k>{}) for the filter size k (3 or 5) of a tiles_fit geometry.
+template <typename F>
+void with_filter_size(const Conv2dGeometry& g, F&& f) {
+  if (g.kh == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 5>{});
+  }
+}
+
+template <typename T>
+void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::Tensor& y,
+                       const Conv2dGeometry& g, cudaStream_t stream) {
+  const T* bias = b.has_value() ? b->const_data_ptr<T>() : nullptr;
+  if (depthwise_tiles_chosen(g)) {
+    with_filter_size(g, [&](auto k) {
+      cuda::depthwise::forward<T, at::acc_type<T, true>, k, k>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias,
+                                                               y.mutable_data_ptr<T>(), g, stream);
+    });
+  } else {
+    depthwise_forward_kernel<T><<<cuda::grid_for_lines(g.n * g.f * g.oh), cuda::kThreads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias, y.mutable_data_ptr<T>(), g);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                        const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  using acc_t = at::acc_type<T, true>;
+  const bool tiles = depthwise_tiles_chosen(g);
+  if (need_dx && tiles && cuda::depthwise::grad_input_tiles_fit(g)) {
+    with_filter_size(g, [&](auto k) {
+      cuda::depthwise::grad_input<T, acc_t, k, k>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                                  dx.mutable_data_ptr<T>(), g, stream);
+    });
+  } else if (need_dx) {
+    depthwise_grad_input_kernel<T><<<cuda::grid_for_lines(g.n * g.c * g.h), cuda::kThreads, 0, stream>>>(
+        dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (need_dw && tiles) {
+    // about four blocks per multiprocessor, each summing a slice of the (sample, tile) pairs of its filter
+    const int64_t slices =
+        cuda::depthwise::grad_weight_slices(g, 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    at::Tensor partial =
+        at::empty({g.f * slices * g.taps()}, x.options().dtype(at::toAccumulateType(x.scalar_type(), true)));
+    with_filter_size(g, [&](auto k) {
+      cuda::depthwise::grad_weight<T, acc_t, k, k>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                                   dw.mutable_data_ptr<T>(), g, slices,
+                                                   partial.mutable_data_ptr<acc_t>(), stream);
+    });
+  } else if (need_dw) {
+    depthwise_grad_weight_kernel<T><<<g.f * g.taps(), cuda::kThreads, 0, stream>>>(
+        dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------------------------- implicit GEMM
 // The implicit-GEMM kernels (cuda/conv2d_implicit_gemm.cuh) are a candidate: they pass the CPU emulation
 // test but have not yet run on a GPU, so the im2col + cuBLAS route above stays the default until they pass
@@ -321,11 +406,8 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 // torch.backends.cudnn.allow_tf32 is on, float32 FMAs when off); other dtypes, depthwise convolutions and
 // shapes past the grid's limits keep the default route.
 bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  const char* env = std::getenv("TORCH_CS231N_CUDA_CONV");
-  const bool implicit = env != nullptr && std::strcmp(env, "implicit") == 0;
-  TORCH_CHECK(env == nullptr || implicit || *env == '\0' || std::strcmp(env, "cublas") == 0,
-              "TORCH_CS231N_CUDA_CONV: expected 'cublas' (the default) or 'implicit', but got '", env, "'");
-  return implicit && x.scalar_type() == at::kFloat && !conv2d_is_depthwise(g) && cuda::implicit_gemm::fits(g);
+  return candidate_chosen("TORCH_CS231N_CUDA_CONV", "cublas", "implicit") && x.scalar_type() == at::kFloat &&
+         !conv2d_is_depthwise(g) && cuda::implicit_gemm::fits(g);
 }
 
 // A product's columns fill 128-wide tiles: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw). Below 32
@@ -333,9 +415,7 @@ bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
 constexpr int64_t kImplicitMinColumns = 32;
 
 // TF32 on the tensor cores when torch's flag allows it and the GPU has them (sm_80 and later), as cuDNN.
-bool implicit_gemm_tf32() {
-  return cuda::conv_allows_tf32() && at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
+bool implicit_gemm_tf32() { return cuda::conv_allows_tf32() && at::cuda::getCurrentDeviceProperties()->major >= 8; }
 
 // A tap table of `count` entries (16 bytes each), on x's device.
 at::Tensor tap_table(int64_t count, const at::Tensor& x) {
@@ -363,8 +443,8 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   if (need_dx) {
     at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
     at::Tensor wt = at::empty_like(w);
-    ig::grad_input<float, Math>(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(),
-                                g, taps_of(taps), wt.mutable_data_ptr<float>(), stream);
+    ig::grad_input<float, Math>(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), g,
+                                taps_of(taps), wt.mutable_data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (need_dw) {
@@ -373,8 +453,8 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
         ig::grad_weight_split(g, 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
     at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options());
-    ig::grad_weight<float, Math>(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw.mutable_data_ptr<float>(),
-                                 g, split, taps_of(taps), partials.mutable_data_ptr<float>(), stream);
+    ig::grad_weight<float, Math>(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw.mutable_data_ptr<float>(), g,
+                                 split, taps_of(taps), partials.mutable_data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -403,10 +483,7 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
-      depthwise_forward_kernel<scalar_t><<<cuda::grid_for_lines(g.n * g.f * g.oh), cuda::kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-          b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      depthwise_forward<scalar_t>(x, w, b, y, g, stream);
     } else {
       gemm_forward<scalar_t>(x, w, b, y, g, stream);
     }
@@ -452,17 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_backward_cuda", [&] {
     if (conv2d_is_depthwise(g)) {
-      if (need_dx) {
-        depthwise_grad_input_kernel<scalar_t><<<cuda::grid_for_lines(g.n * g.c * g.h), cuda::kThreads, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), g);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (need_dw) {
-        const int64_t blocks = g.f * g.taps();
-        depthwise_grad_weight_kernel<scalar_t><<<blocks, cuda::kThreads, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(), g);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      depthwise_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
     } else {
       gemm_backward<scalar_t>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
     }

@@ -30,14 +30,7 @@
 #include <cstdint>
 
 #include "common/conv2d_index.h"
-
-#if defined(TORCH_CS231N_CUDA_EMULATION)
-#define TORCH_CS231N_LAUNCH(kernel, grid, stream, ...) \
-  ::cuda_emulation::launch(grid, dim3(::torch_cs231n::cuda::implicit_gemm::kThreads), kernel, __VA_ARGS__)
-#else
-#define TORCH_CS231N_LAUNCH(kernel, grid, stream, ...) \
-  kernel<<<grid, ::torch_cs231n::cuda::implicit_gemm::kThreads, 0, stream>>>(__VA_ARGS__)
-#endif
+#include "cuda/emulatable.cuh"
 
 namespace torch_cs231n {
 namespace cuda {
@@ -86,12 +79,12 @@ struct PatchAlongM {
   static constexpr bool kAlongK = false;
   const T* src;
   const Tap* taps;
-  int64_t rows;                          // M
-  int64_t row_h, row_w;                  // the pixel grid m runs over
-  int64_t src_h, src_w;                  // the gathered image
-  int64_t image_stride, group_stride;    // elements per sample, and per group of channels, of src
+  int64_t rows;                        // M
+  int64_t row_h, row_w;                // the pixel grid m runs over
+  int64_t src_h, src_w;                // the gathered image
+  int64_t image_stride, group_stride;  // elements per sample, and per group of channels, of src
   int64_t step_h, step_w, shift_h, shift_w;
-  int64_t div_h, div_w;                  // the stride, when kDivide
+  int64_t div_h, div_w;  // the stride, when kDivide
   // per thread
   const T* base;
   int64_t h0, w0;
@@ -320,8 +313,7 @@ struct MmaTf32 {
   static __device__ int row(int lane, int r) { return 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
   static __device__ int col(int lane, int c) { return 8 * (c / 2) + 2 * (lane % 4) + c % 2; }
 
-  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane,
-                                  Accumulators& acc) {
+  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane, Accumulators& acc) {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int k = 0; k < kBK; k += 8) {
@@ -360,8 +352,7 @@ struct SimtFma {
   static __device__ int row(int lane, int r) { return 8 * (lane / 4) + r; }
   static __device__ int col(int lane, int c) { return 8 * (lane % 4) + c; }
 
-  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane,
-                                  Accumulators& acc) {
+  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane, Accumulators& acc) {
     const int m = wm + row(lane, 0), n = wn + col(lane, 0);
 #pragma unroll
     for (int k = 0; k < kBK; ++k) {
@@ -399,8 +390,7 @@ struct Extent {
 // ptxas gives it 150-170 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
 // 128 for two blocks, the float32 kernels spill 60-256 bytes.
 template <typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
-__global__ void __launch_bounds__(kThreads)
-    implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
+__global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
   __shared__ Tile a_tiles[2], b_tiles[2];
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   const int wm = (warp % 2) * kWarpM, wn = (warp / 2) * kWarpN;
@@ -513,21 +503,33 @@ inline bool fits(const Conv2dGeometry& g) {
 
 // Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: Cg*kh*kw entries.
 template <typename T, typename Math>
-void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps,
-             cudaStream_t stream) {
+void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps, cudaStream_t stream) {
   const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
   auto* table = &tap_table_kernel;
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh, int64_t(0),
-                      g.dw);
-  const PatchAlongM<T, false> a{x, taps, g.n * out_plane, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w,
-                                g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw, 1, 1};
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
+                      int64_t(0), g.dw);
+  const PatchAlongM<T, false> a{x,
+                                taps,
+                                g.n * out_plane,
+                                g.oh,
+                                g.ow,
+                                g.h,
+                                g.w,
+                                g.c * g.h * g.w,
+                                g.c_per_group() * g.h * g.w,
+                                g.sh,
+                                g.sw,
+                                g.ph,
+                                g.pw,
+                                1,
+                                1};
   const MatrixAlongK<T> b{w, fg, kg, fg * kg};
   const ToImage<T> out{y, bias, fg, out_plane, g.f * out_plane, fg * out_plane};
   const Extent e{g.n * out_plane, fg, kg, kg, 1};
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
                   static_cast<unsigned int>(g.groups));
   auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongK<T>, ToImage<T>>;
-  TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
 }
 
 // d_input = dY ⋆ᵀ W. taps: Fg*kh*kw entries; wt: a buffer the size of W.
@@ -538,24 +540,25 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = fg * g.taps(), out_plane = g.oh * g.ow;
   auto* table = &tap_table_kernel;
   // o = (i + p - t*d) / s: the tap shifts i by p - t*d before the division
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, out_plane, g.ph, -g.dh, g.pw, -g.dw);
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, out_plane, g.ph, -g.dh, g.pw,
+                      -g.dw);
   auto* transpose = &transpose_weight_kernel<T>;
-  TORCH_CS231N_LAUNCH(transpose, helper_grid(g.f * cg * g.taps()), stream, w, wt, g.groups, fg, cg, g.taps());
+  TORCH_CS231N_LAUNCH(transpose, helper_grid(g.f * cg * g.taps()), kThreads, stream, w, wt, g.groups, fg, cg, g.taps());
   const MatrixAlongN<T> b{wt, cg, cg, kg * cg};
   const ToImage<T> out{dx, nullptr, cg, g.h * g.w, g.c * g.h * g.w, cg * g.h * g.w};
   const Extent e{g.n * g.h * g.w, cg, kg, kg, 1};
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
                   static_cast<unsigned int>(g.groups));
   if (g.sh == 1 && g.sw == 1) {
-    const PatchAlongM<T, false> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane, 1, 1, 0, 0,
-                                  1, 1};
+    const PatchAlongM<T, false> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane,
+                                  1,  1,    0,   0,   1,   1};
     auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongN<T>, ToImage<T>>;
-    TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+    TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
   } else {
-    const PatchAlongM<T, true> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane, 1, 1, 0, 0,
-                                 g.sh, g.sw};
+    const PatchAlongM<T, true> a{dy, taps, e.m, g.h, g.w,  g.oh, g.ow, g.f * out_plane, fg * out_plane,
+                                 1,  1,    0,   0,   g.sh, g.sw};
     auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, true>, MatrixAlongN<T>, ToImage<T>>;
-    TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+    TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
   }
 }
 
@@ -585,19 +588,20 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
                  float* partials, cudaStream_t stream) {
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), out_plane = g.oh * g.ow;
   auto* table = &tap_table_kernel;
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh, int64_t(0),
-                      g.dw);
+  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
+                      int64_t(0), g.dw);
   const PlanesAlongK<T> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
-  const PatchAlongK<T> b{x, taps, kg, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w,
+  const PatchAlongK<T> b{x,    taps, kg,   g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w,
                          g.sh, g.sw, g.ph, g.pw};
   const ToPartials out{partials, fg, kg};
   const Extent e{fg, kg, g.n * out_plane, split.k_chunk, split.splits};
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
                   static_cast<unsigned int>(g.groups * split.splits));
   auto* kernel = &implicit_gemm_kernel<Math, PlanesAlongK<T>, PatchAlongK<T>, ToPartials>;
-  TORCH_CS231N_LAUNCH(kernel, grid, stream, a, b, out, e);
+  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
   auto* sum = &sum_partials_kernel<T>;
-  TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), stream, partials, dw, g.groups, split.splits, fg * kg);
+  TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), kThreads, stream, partials, dw, g.groups, split.splits,
+                      fg * kg);
 }
 
 }  // namespace implicit_gemm

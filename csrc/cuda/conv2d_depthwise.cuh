@@ -1,0 +1,224 @@
+// Depthwise conv2d on CUDA (groups = C, F = m·C: filter f reads channel c = f/m), by tiles in shared memory.
+//
+// The line kernels of cuda/conv2d.cu read each input value once per tap that reaches it, from global
+// memory, and decode a tap's indices per element; their d_weight reads the whole of dY and x once per tap.
+// Here a block takes a tile of 8 x 32 outputs of one plane, first copies the input region that the tile's
+// windows cover into shared memory (rows (8-1)·s + (kH-1)·d + 1, columns (32-1)·s + (kW-1)·d + 1; 0 in the
+// padding), then each thread computes its output from there with the kH·kW weights in registers (kH and kW
+// are template arguments: 3x3 and 5x5, the depthwise filters real models use).
+//     forward   y[n, f, o] = b[f] + Σ_t W[f, t] · x[n, c, o·s − p + t·d]
+//     d_input   dx[n, c, i] = Σ_j Σ_t W[c·m + j, t] · dY[n, c·m + j, (i + p − t·d)/s]
+//               with s = 1, this is the forward map over dY with the filter flipped, t' = k−1−t, and the
+//               padding (k−1)·d − p: the same tile kernel, summing the m planes of c
+//     d_weight  dW[f, t] = Σ_{n, o} dY[n, f, o] · x[n, c, o·s − p + t·d]
+//               each thread keeps the kH·kW sums of its output position over a share of the (sample, tile)
+//               pairs of f; the block adds them in shared memory, in a fixed order, into one partial sum per
+//               block, and a second kernel adds a filter's partial sums in block order (deterministic).
+// Like cuda/conv2d_implicit_gemm.cuh, this file has no torch type in it: tests/cuda_emulation/ runs it on the
+// CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "common/conv2d_index.h"
+#include "cuda/emulatable.cuh"
+
+namespace torch_cs231n {
+namespace cuda {
+namespace depthwise {
+
+constexpr int kThreads = 256;
+constexpr int kTileH = 8, kTileW = 32;  // one output per thread
+constexpr int kRegion = 48 * 80;        // the shared input region's capacity, in values
+
+// The input region a tile's windows cover, for a map i = o·s − p + t·d (the forward's, or d_input's flipped
+// one): its rows and columns, 0 if it does not fit in kRegion.
+struct Region {
+  int rows, cols;
+};
+inline Region region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
+  const int64_t rows = (kTileH - 1) * sh + (kh - 1) * dh + 1, cols = (kTileW - 1) * sw + (kw - 1) * dw + 1;
+  return rows * cols <= kRegion ? Region{static_cast<int>(rows), static_cast<int>(cols)} : Region{0, 0};
+}
+
+// A tiled pass: out[n, o_ch, o] from src planes of src_h x src_w through the map i = o·s − p + t·d.
+struct TileMap {
+  int64_t out_h, out_w, src_h, src_w;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int rows, cols;          // the Region
+  int64_t tiles_w, tiles;  // tiles per row of tiles, and per plane
+};
+
+// Copies the region of src_plane for the tile whose first output is (o_h0, o_w0) into shared memory.
+template <typename T, typename Acc>
+__device__ void load_region(Acc* region, const T* src_plane, const TileMap& m, int64_t o_h0, int64_t o_w0) {
+  const int64_t i_h0 = o_h0 * m.sh - m.ph, i_w0 = o_w0 * m.sw - m.pw;
+  for (int idx = threadIdx.x; idx < m.rows * m.cols; idx += kThreads) {
+    const int r = idx / m.cols, c = idx % m.cols;
+    const int64_t i_h = i_h0 + r, i_w = i_w0 + c;
+    region[idx] = i_h >= 0 && i_h < m.src_h && i_w >= 0 && i_w < m.src_w
+                      ? static_cast<Acc>(src_plane[i_h * m.src_w + i_w])
+                      : Acc(0);
+  }
+}
+
+// Σ_t w[t] · region at the thread's output (oy, ox) of the tile.
+template <typename Acc, int KH, int KW>
+__device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const TileMap& m, int oy, int ox) {
+  Acc acc = Acc(0);
+#pragma unroll
+  for (int th = 0; th < KH; ++th) {
+#pragma unroll
+    for (int tw = 0; tw < KW; ++tw) {
+      acc += w[th * KW + tw] * region[(oy * m.sh + th * m.dh) * m.cols + ox * m.sw + tw * m.dw];
+    }
+  }
+  return acc;
+}
+
+// Forward (out = y, src = x: channel f/m, filter f, plus the bias) and, with stride 1, d_input (out = dx,
+// src = dY: the m planes c·m + j, each through its filter flipped). Block = (out plane, tile).
+template <typename T, typename Acc, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    tiled_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                 TileMap m, int64_t out_channels, int64_t src_channels, int64_t mult, bool grad_input) {
+  __shared__ Acc region[kRegion];
+  const int64_t plane = blockIdx.x / m.tiles, tile = blockIdx.x % m.tiles;
+  const int64_t n = plane / out_channels, o_ch = plane % out_channels;
+  const int64_t o_h0 = (tile / m.tiles_w) * kTileH, o_w0 = (tile % m.tiles_w) * kTileW;
+  const int oy = threadIdx.x / kTileW, ox = threadIdx.x % kTileW;
+  Acc acc = bias != nullptr ? static_cast<Acc>(bias[o_ch]) : Acc(0);
+  const int64_t planes = grad_input ? mult : 1;
+  for (int64_t j = 0; j < planes; ++j) {
+    const int64_t s_ch = grad_input ? o_ch * mult + j : o_ch / mult;
+    const T* filter = w + (grad_input ? s_ch : o_ch) * (KH * KW);
+    Acc wr[KH * KW];
+#pragma unroll
+    for (int t = 0; t < KH * KW; ++t) wr[t] = static_cast<Acc>(filter[grad_input ? KH * KW - 1 - t : t]);
+    if (j > 0) __syncthreads();  // everyone has read the previous plane's region
+    load_region<T, Acc>(region, src + (n * src_channels + s_ch) * m.src_h * m.src_w, m, o_h0, o_w0);
+    __syncthreads();
+    acc += window_sum<Acc, KH, KW>(region, wr, m, oy, ox);
+  }
+  const int64_t o_h = o_h0 + oy, o_w = o_w0 + ox;
+  if (o_h < m.out_h && o_w < m.out_w) out[(plane * m.out_h + o_h) * m.out_w + o_w] = static_cast<T>(acc);
+}
+
+// d_weight, partial sums: block = (filter f, slice); the slice takes the (sample, tile) pairs u ≡ slice
+// (mod slices). partial[f][slice][t].
+template <typename T, typename Acc, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc* __restrict__ partial, TileMap m,
+                       int64_t n_samples, int64_t f_channels, int64_t c_channels, int64_t slices) {
+  __shared__ Acc region[kRegion];
+  __shared__ Acc sums[kThreads];
+  const int64_t f = blockIdx.x / slices, slice = blockIdx.x % slices, c = f * c_channels / f_channels;
+  const int oy = threadIdx.x / kTileW, ox = threadIdx.x % kTileW;
+  Acc acc[KH * KW];
+#pragma unroll
+  for (int t = 0; t < KH * KW; ++t) acc[t] = Acc(0);
+  for (int64_t u = slice; u < n_samples * m.tiles; u += slices) {
+    const int64_t n = u / m.tiles, tile = u % m.tiles;
+    const int64_t o_h = (tile / m.tiles_w) * kTileH + oy, o_w = (tile % m.tiles_w) * kTileW + ox;
+    __syncthreads();  // the previous region has been read
+    load_region<T, Acc>(region, x + (n * c_channels + c) * m.src_h * m.src_w, m, o_h - oy, o_w - ox);
+    __syncthreads();
+    if (o_h < m.out_h && o_w < m.out_w) {
+      const Acc g = static_cast<Acc>(dy[((n * f_channels + f) * m.out_h + o_h) * m.out_w + o_w]);
+#pragma unroll
+      for (int th = 0; th < KH; ++th) {
+#pragma unroll
+        for (int tw = 0; tw < KW; ++tw) {
+          acc[th * KW + tw] += g * region[(oy * m.sh + th * m.dh) * m.cols + ox * m.sw + tw * m.dw];
+        }
+      }
+    }
+  }
+  // each tap's 256 sums, added pairwise in a fixed order
+  for (int t = 0; t < KH * KW; ++t) {
+    sums[threadIdx.x] = acc[t];
+    __syncthreads();
+    for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+      if (static_cast<int>(threadIdx.x) < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x * (KH * KW) + t] = sums[0];
+    __syncthreads();  // sums[0] has been read before the next tap overwrites it
+  }
+}
+
+// dw[f][t] = Σ_slice partial[f][slice][t], in slice order.
+template <typename T, typename Acc>
+__global__ void sum_slices_kernel(const Acc* __restrict__ partial, T* __restrict__ dw, int64_t filters, int64_t taps,
+                                  int64_t slices) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < filters * taps;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t f = i / taps, t = i % taps;
+    Acc sum = Acc(0);
+    for (int64_t s = 0; s < slices; ++s) sum += partial[(f * slices + s) * taps + t];
+    dw[i] = static_cast<T>(sum);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- the calls
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline TileMap tile_map(int64_t out_h, int64_t out_w, int64_t src_h, int64_t src_w, int64_t sh, int64_t sw, int64_t ph,
+                        int64_t pw, int64_t dh, int64_t dw, Region r) {
+  const int64_t tiles_w = ceil_div(out_w, kTileW);
+  return TileMap{out_h, out_w, src_h, src_w,  sh,     sw,      ph,
+                 pw,    dh,    dw,    r.rows, r.cols, tiles_w, tiles_w * ceil_div(out_h, kTileH)};
+}
+
+// Which passes the tiles can do: the filter is 3x3 or 5x5 and the region fits; d_input needs stride 1.
+inline bool tiles_fit(const Conv2dGeometry& g) {
+  const bool sizes = (g.kh == 3 && g.kw == 3) || (g.kh == 5 && g.kw == 5);
+  return sizes && region_of(g.kh, g.kw, g.sh, g.sw, g.dh, g.dw).rows > 0;
+}
+inline bool grad_input_tiles_fit(const Conv2dGeometry& g) { return tiles_fit(g) && g.sh == 1 && g.sw == 1; }
+
+template <typename T, typename Acc, int KH, int KW>
+void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, cudaStream_t stream) {
+  const TileMap m =
+      tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
+  auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.f * m.tiles)), kThreads, stream, x, w, bias, y, m,
+                      g.f, g.c, g.f / g.c, false);
+}
+
+// Stride 1 only (grad_input_tiles_fit): the flipped filter over dY, padding (k−1)·d − p.
+template <typename T, typename Acc, int KH, int KW>
+void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cudaStream_t stream) {
+  const TileMap m = tile_map(g.h, g.w, g.oh, g.ow, 1, 1, (KH - 1) * g.dh - g.ph, (KW - 1) * g.dw - g.pw, g.dh, g.dw,
+                             region_of(KH, KW, 1, 1, g.dh, g.dw));
+  auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.c * m.tiles)), kThreads, stream, dy, w,
+                      static_cast<const T*>(nullptr), dx, m, g.c, g.f, g.f / g.c, true);
+}
+
+// d_weight's slices per filter: about `blocks_wanted` blocks in all, each with at least 8 (sample, tile)
+// pairs. partial: filters x slices x taps values of Acc.
+inline int64_t grad_weight_slices(const Conv2dGeometry& g, int64_t blocks_wanted) {
+  const int64_t units = g.n * tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, Region{1, 1}).tiles;
+  int64_t slices = ceil_div(blocks_wanted, g.f);
+  const int64_t most = ceil_div(units, 8);
+  return slices < 1 ? 1 : (slices > most ? most : slices);
+}
+
+template <typename T, typename Acc, int KH, int KW>
+void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_t slices, Acc* partial,
+                 cudaStream_t stream) {
+  const TileMap m =
+      tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
+  auto* kernel = &grad_weight_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.f * slices)), kThreads, stream, dy, x, partial, m, g.n,
+                      g.f, g.c, slices);
+  auto* sum = &sum_slices_kernel<T, Acc>;
+  const int64_t blocks = ceil_div(g.f * KH * KW, kThreads);
+  TORCH_CS231N_LAUNCH(sum, dim3(static_cast<unsigned int>(blocks < 4096 ? blocks : 4096)), kThreads, stream, partial,
+                      dw, g.f, int64_t(KH * KW), slices);
+}
+
+}  // namespace depthwise
+}  // namespace cuda
+}  // namespace torch_cs231n

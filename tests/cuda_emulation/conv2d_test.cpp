@@ -1,0 +1,218 @@
+// The CUDA convolution kernels that are written to be emulated (csrc/cuda/conv2d_implicit_gemm.cuh and
+// csrc/cuda/conv2d_depthwise.cuh), run on the CPU under cuda_emulation.h, against a float64 convolution
+// written out loop by loop. tests/test_cuda_emulation.py compiles and runs it; it prints a line per product
+// and case, and exits 1 if any is wrong.
+//
+// Errors are measured against the sum of |terms| of each output: one term missing or extra is off by about
+// 1/K of it, while float32 sums stay near 1e-7 of it (the tolerance is 1e-5; 1e-12 in float64). The TF32
+// kernels are compared with the float64 convolution of TF32-rounded inputs, so what is left is float32
+// accumulation there too.
+#include "cuda_emulation.h"
+// clang-format off: the emulation header must come first
+#include "cuda/conv2d_depthwise.cuh"
+#include "cuda/conv2d_implicit_gemm.cuh"
+// clang-format on
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace ig = torch_cs231n::cuda::implicit_gemm;
+namespace dwc = torch_cs231n::cuda::depthwise;
+using torch_cs231n::Conv2dGeometry;
+
+namespace {
+
+struct Case {
+  int64_t n, c, h, w, f, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+};
+
+Conv2dGeometry geometry(const Case& k) {
+  Conv2dGeometry g{};
+  g.n = k.n, g.c = k.c, g.h = k.h, g.w = k.w, g.f = k.f, g.kh = k.kh, g.kw = k.kw;
+  g.sh = k.sh, g.sw = k.sw, g.ph = k.ph, g.pw = k.pw, g.dh = k.dh, g.dw = k.dw, g.groups = k.groups;
+  g.oh = torch_cs231n::conv_out_size(k.h, k.kh, k.sh, k.ph, k.dh);
+  g.ow = torch_cs231n::conv_out_size(k.w, k.kw, k.sw, k.pw, k.dw);
+  return g;
+}
+
+template <typename T = float>
+std::vector<T> random_values(size_t count, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<T> v(count);
+  for (T& x : v) x = u(rng);
+  return v;
+}
+
+std::vector<float> rounded(std::vector<float> v, bool tf32) {
+  if (tf32) {
+    for (float& x : v) x = ig::round_to_tf32(x);
+  }
+  return v;
+}
+
+// The float64 sums and sums of |terms| of the three products, by their definitions (common/conv2d_index.h).
+struct Reference {
+  std::vector<double> y, y_abs, dx, dx_abs, dw, dw_abs;
+};
+
+template <typename T>
+Reference reference(const Conv2dGeometry& g, const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& b,
+                    const std::vector<T>& dy) {
+  Reference r;
+  const int64_t cg = g.c_per_group(), fg = g.f_per_group();
+  r.y.assign(g.n * g.f * g.oh * g.ow, 0.0);
+  r.y_abs = r.y;
+  r.dx.assign(x.size(), 0.0);
+  r.dx_abs = r.dx;
+  r.dw.assign(w.size(), 0.0);
+  r.dw_abs = r.dw;
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t f = 0; f < g.f; ++f)
+      for (int64_t oh = 0; oh < g.oh; ++oh)
+        for (int64_t ow = 0; ow < g.ow; ++ow) {
+          const int64_t yi = ((n * g.f + f) * g.oh + oh) * g.ow + ow;
+          r.y[yi] = b[f];
+          r.y_abs[yi] = std::fabs(b[f]);
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t th = 0; th < g.kh; ++th)
+              for (int64_t tw = 0; tw < g.kw; ++tw) {
+                const int64_t ih = torch_cs231n::conv_in_index(oh, th, g.sh, g.ph, g.dh);
+                const int64_t iw = torch_cs231n::conv_in_index(ow, tw, g.sw, g.pw, g.dw);
+                if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+                const int64_t ci = (f / fg) * cg + c;
+                const int64_t xi = ((n * g.c + ci) * g.h + ih) * g.w + iw;
+                const int64_t wi = ((f * cg + c) * g.kh + th) * g.kw + tw;
+                r.y[yi] += double(x[xi]) * w[wi];
+                r.y_abs[yi] += std::fabs(double(x[xi]) * w[wi]);
+                r.dx[xi] += double(dy[yi]) * w[wi];
+                r.dx_abs[xi] += std::fabs(double(dy[yi]) * w[wi]);
+                r.dw[wi] += double(dy[yi]) * x[xi];
+                r.dw_abs[wi] += std::fabs(double(dy[yi]) * x[xi]);
+              }
+        }
+  return r;
+}
+
+// The largest |got - want| / (sum of |terms| + 1e-30), and whether every element is within tolerance.
+template <typename T>
+bool compare(const char* what, const std::vector<T>& got, const std::vector<double>& want,
+             const std::vector<double>& scale, double tolerance) {
+  double worst = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double e = std::fabs(got[i] - want[i]) / (scale[i] + 1e-30);
+    worst = std::isnan(e) || e > worst ? (std::isnan(e) ? INFINITY : e) : worst;
+  }
+  const bool ok = worst <= tolerance;
+  std::printf("  %-10s worst relative error %.2e %s\n", what, worst, ok ? "ok" : "WRONG");
+  return ok;
+}
+
+void describe(const char* what, const Case& k, const char* extra) {
+  std::printf("%s n=%ld c=%ld %ldx%ld f=%ld k=%ldx%ld s=%ld,%ld p=%ld,%ld d=%ld,%ld groups=%ld%s\n", what, long(k.n),
+              long(k.c), long(k.h), long(k.w), long(k.f), long(k.kh), long(k.kw), long(k.sh), long(k.sw), long(k.ph),
+              long(k.pw), long(k.dh), long(k.dw), long(k.groups), extra);
+}
+
+// ------------------------------------------------------------------------------------ implicit GEMM
+template <typename Math>
+bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng) {
+  const Conv2dGeometry g = geometry(k);
+  const std::vector<float> x = random_values(g.n * g.c * g.h * g.w, rng);
+  const std::vector<float> w = random_values(g.f * g.c_per_group() * g.kh * g.kw, rng);
+  const std::vector<float> b = random_values(g.f, rng);
+  const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
+  const Reference r = reference(g, rounded(x, tf32), rounded(w, tf32), b, rounded(dy, tf32));
+
+  std::vector<float> y(r.y.size(), NAN), dx(x.size(), NAN), dw(w.size(), NAN), wt(w.size());
+  std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
+  ig::forward<float, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), nullptr);
+  ig::grad_input<float, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
+  const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
+  std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
+  ig::grad_weight<float, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
+
+  char chunks[64];
+  std::snprintf(chunks, sizeof chunks, " (d_weight in %ld chunks)", long(split.splits));
+  describe(tf32 ? "implicit GEMM, tf32" : "implicit GEMM, fp32", k, chunks);
+  const double tolerance = 1e-5;
+  bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
+  ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+  ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+  return ok;
+}
+
+// ------------------------------------------------------------------------------------ depthwise tiles
+template <typename T, int KH, int KW>
+bool run_depthwise(const Case& k, std::mt19937& rng) {
+  const Conv2dGeometry g = geometry(k);
+  const std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
+  const std::vector<T> w = random_values<T>(g.f * KH * KW, rng);
+  const std::vector<T> b = random_values<T>(g.f, rng);
+  const std::vector<T> dy = random_values<T>(g.n * g.f * g.oh * g.ow, rng);
+  const Reference r = reference(g, x, w, b, dy);
+
+  std::vector<T> y(r.y.size(), NAN), dx(x.size(), NAN), dw(w.size(), NAN);
+  dwc::forward<T, T, KH, KW>(x.data(), w.data(), b.data(), y.data(), g, nullptr);
+  const int64_t slices = dwc::grad_weight_slices(g, /*blocks_wanted=*/3 * g.f);
+  std::vector<T> partial(g.f * slices * KH * KW, NAN);
+  dwc::grad_weight<T, T, KH, KW>(dy.data(), x.data(), dw.data(), g, slices, partial.data(), nullptr);
+  char extra[64];
+  std::snprintf(extra, sizeof extra, " (d_weight in %ld slices)", long(slices));
+  describe(sizeof(T) == 4 ? "depthwise, fp32" : "depthwise, fp64", k, extra);
+  const double tolerance = sizeof(T) == 4 ? 1e-5 : 1e-12;
+  bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
+  if (dwc::grad_input_tiles_fit(g)) {
+    dwc::grad_input<T, T, KH, KW>(dy.data(), w.data(), dx.data(), g, nullptr);
+    ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+  }
+  return compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+}
+
+template <typename T>
+bool run_depthwise(const Case& k, std::mt19937& rng) {
+  if (!dwc::tiles_fit(geometry(k))) {
+    describe("depthwise: no tiles for", k, " (THE CASE IS WRONG)");
+    return false;
+  }
+  return k.kh == 3 ? run_depthwise<T, 3, 3>(k, rng) : run_depthwise<T, 5, 5>(k, rng);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(231);
+  bool ok = true;
+  // n, c, h, w, f, kh, kw, sh, sw, ph, pw, dh, dw, groups
+  const Case dense[] = {
+      {2, 3, 9, 9, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},    // 3x3, padding 1; M = 162: two row tiles
+      {2, 6, 11, 10, 4, 3, 2, 2, 2, 1, 0, 1, 1, 2},  // stride 2, a 3x2 filter, 2 groups
+      {1, 4, 13, 12, 6, 3, 3, 1, 2, 2, 1, 2, 1, 1},  // dilation 2 along h, stride 2 along w
+      {3, 8, 6, 7, 130, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 1x1, 130 filters: two column tiles
+      {1, 130, 5, 5, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 130 channels: d_input has two column tiles
+      {2, 5, 20, 20, 3, 5, 5, 3, 3, 2, 2, 1, 1, 1},  // stride 3 (d_input skips two taps in three)
+      {3, 6, 8, 8, 9, 4, 4, 2, 2, 1, 1, 1, 1, 3},    // 4x4 stride 2, 3 groups
+      {4, 2, 12, 12, 3, 3, 3, 1, 1, 0, 0, 1, 1, 1},  // no padding; d_weight sums 400 positions in chunks
+      {1, 40, 4, 4, 33, 3, 3, 1, 1, 1, 1, 1, 1, 1},  // k = 360 and 297: many stages, a ragged last one
+  };
+  for (const Case& k : dense) {
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
+    ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+  }
+  const Case depthwise[] = {
+      {2, 3, 9, 9, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3},    // 3x3, padding 1, one tile a plane
+      {1, 2, 20, 70, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2},  // multiplier 2 (d_input sums 2 planes); 3x3 tiles a plane
+      {2, 3, 17, 35, 3, 5, 5, 2, 2, 2, 2, 1, 1, 3},  // 5x5 stride 2 (no tiled d_input)
+      {1, 2, 20, 20, 2, 3, 3, 1, 1, 2, 2, 2, 2, 2},  // dilation 2
+      {3, 4, 8, 9, 4, 5, 5, 1, 1, 0, 0, 1, 1, 4},    // no padding (d_input's is 4)
+      {1, 1, 6, 6, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1},    // padding 3 > (k-1)d: d_input's is -1
+      {3, 2, 33, 9, 6, 3, 3, 1, 2, 1, 0, 1, 1, 2},   // multiplier 3, stride (1, 2)
+  };
+  for (const Case& k : depthwise) {
+    ok = run_depthwise<float>(k, rng) && ok;
+    ok = run_depthwise<double>(k, rng) && ok;
+  }
+  std::printf(ok ? "all cases agree\n" : "SOME CASES ARE WRONG\n");
+  return ok ? 0 : 1;
+}

@@ -1,9 +1,10 @@
-"""The CUDA convolution kernels written to be emulated, run on the CPU.
+"""The CUDA kernels written to be emulated, run on the CPU.
 
-tests/cuda_emulation/ compiles csrc/cuda/conv2d_implicit_gemm.cuh and csrc/cuda/conv2d_depthwise.cuh as
-plain C++ with an emulation of the GPU (a block's threads as fibers, its barriers, the warp's tensor-core
-MMA with the PTX ISA's fragment layout) and compares forward, d_input and d_weight (TF32, float32, float64)
-with a float64 convolution. So a wrong index, fragment layout or barrier shows here, on any machine; only
+tests/cuda_emulation/ compiles csrc/cuda/conv2d_implicit_gemm.cuh, conv2d_depthwise.cuh and
+max_pool2d_backward.cuh as plain C++ with an emulation of the GPU (a block's threads as fibers, its
+barriers, the warp's tensor-core MMA with the PTX ISA's fragment layout) and compares them with references
+written out loop by loop: the convolution's forward, d_input and d_weight (TF32, float32, float64) with
+float64, max-pool's backward with rule (3). So a wrong index, fragment layout or barrier shows here, on any machine; only
 a real GPU can show the speed, and races that the emulation's fixed schedule hides.
 """
 
@@ -11,20 +12,24 @@ import os
 import shutil
 import subprocess
 
+import pytest
 import torch.utils.cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 
 
-def test_conv2d_kernels_match_float64_under_emulation(tmp_path):
+@pytest.mark.parametrize("program", ["conv2d_test", "max_pool2d_test"])
+def test_kernels_agree_with_their_reference_under_emulation(tmp_path, program):
+    """conv2d_test: the implicit GEMM and the depthwise tiles against float64; max_pool2d_test: the candidate
+    backward against rule (3)."""
     cxx = os.environ.get("CXX", "c++")
     assert shutil.which(cxx), f"no C++ compiler ({cxx}): the extension's build needs one too"
-    exe = str(tmp_path / "conv2d_test")
+    exe = str(tmp_path / program)
     torch_include = torch.utils.cpp_extension.include_paths()[0]  # c10/macros only
     build = subprocess.run(
         [cxx, "-std=c++17", "-O1", "-Wall", "-Wno-unknown-pragmas", "-I", os.path.join(ROOT, "csrc"),
-         "-I", torch_include, os.path.join(HERE, "conv2d_test.cpp"), "-o", exe],
+         "-I", torch_include, os.path.join(HERE, f"{program}.cpp"), "-o", exe],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr

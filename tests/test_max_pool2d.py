@@ -222,6 +222,36 @@ def test_larger_shapes_match_torch(device, shape, args, memory_format):
     assert_same_layout(g, g_ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flat backward kernels are CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cuda_flat_backward_candidate_equals_the_proven_kernel(monkeypatch, dtype, memory_format):
+    """TORCH_CS231N_CUDA_POOL_BACKWARD=flat (a candidate until proven on a GPU) gives the very bits of the
+    default line kernel: the scatter for disjoint windows, the gather for overlapping ones, with the forward's
+    indices and with arbitrary ones (rule (3): an index outside its window's span counts for nothing)."""
+    gen = torch.Generator().manual_seed(9)
+    for shape, args in [((4, 8, 56, 56), dict(kernel_size=3, stride=2, padding=1)),
+                        ((3, 5, 17, 33), dict(kernel_size=2, stride=2)),
+                        ((2, 3, 19, 21), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),
+                        ((2, 4, 20, 21), dict(kernel_size=(2, 3), stride=(3, 1), dilation=(1, 2), ceil_mode=True))]:
+        x = torch.randn(shape, generator=gen).to("cuda", dtype).contiguous(memory_format=memory_format)
+        y, indices = ours.max_pool2d(x, return_indices=True, **args)
+        dy = torch.randn(y.shape, generator=gen).to("cuda", dtype).contiguous(memory_format=memory_format)
+        arbitrary = torch.randint(-2, shape[2] * shape[3] + 2, y.shape, generator=gen).to("cuda")
+        pairs = [args["kernel_size"], args["stride"], args.get("padding", 0), args.get("dilation", 1)]
+        pool = [list(v) if isinstance(v, tuple) else [v, v] for v in pairs] + [args.get("ceil_mode", False)]
+        for ind in (indices, arbitrary.contiguous(memory_format=memory_format)):
+            monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "lines")
+            proven = torch.ops.torch_cs231n.max_pool2d_backward(dy, x, ind, *pool)
+            monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "flat")
+            flat = torch.ops.torch_cs231n.max_pool2d_backward(dy, x, ind, *pool)
+            assert torch.equal(flat, proven), (shape, args, dtype, memory_format)
+            assert_same_layout(flat, proven)
+    monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "fastest")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_POOL_BACKWARD: expected 'lines' .* or 'flat', but got"):
+        torch.ops.torch_cs231n.max_pool2d_backward(dy, x, indices, *pool)
+
+
 # ------------------------------------------------------------------------------------ the CS231n case
 def naive_max_pool(x, hp, wp, s, dout):
     """The note's forward, and its backward corrected: dx[n,c,p_m,q_m] += dout[n,c,k,l] at the argmax

@@ -16,12 +16,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
-# Candidates, one per line: "name|environment settings (space-separated)|pytest -k expression|bench --op".
-# conv: the convolution's two candidates at once, to keep the check under 6 minutes (their tests and their
-# benchmark cases tell them apart): the implicit GEMM (cuda/conv2d_implicit_gemm.cuh) for the dense cases
-# and the shared-memory tiles (cuda/conv2d_depthwise.cuh) for the depthwise one; docs/conv2d.md.
+# Candidates, one per line: "name|environment settings|pytest -k expression|bench ops|profile cases" (the
+# last three fields space-separated where there are several). The TF32 bench repeats the conv2d cases.
+# All of this session's candidates go in one round, to keep the check under 6 minutes; their own tests and
+# their benchmark cases tell them apart (docs/conv2d.md, docs/max_pool2d.md):
+#   TORCH_CS231N_CUDA_CONV=implicit        the implicit GEMM, dense convolutions (cuda/conv2d_implicit_gemm.cuh)
+#   TORCH_CS231N_CUDA_DEPTHWISE=tiles      shared-memory tiles, depthwise (cuda/conv2d_depthwise.cuh)
+#   TORCH_CS231N_CUDA_POOL_BACKWARD=flat   max-pool's backward, scatter or 32-bit gather (cuda/max_pool2d_backward.cuh)
 CANDIDATES=(
-  "conv|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles|conv2d and cuda|conv2d"
+  "new|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles TORCH_CS231N_CUDA_POOL_BACKWARD=flat|(conv2d or max_pool2d) and cuda|conv2d max_pool2d|conv3x3 conv3x3_deep depthwise pool2x2 pool3x3"
 )
 # Seconds after which the profiles, which only explain, are skipped: the check must finish in 6 minutes.
 BUDGET=${BUDGET:-300}
@@ -80,21 +83,22 @@ if [ "$SECONDS" -lt "$BUDGET" ]; then
 else
   echo "profile: skipped, past ${BUDGET} s" | tee -a "$summary"
 fi
-# $setting is left unquoted below on purpose: it may hold several VAR=value words for env.
+# $setting, $ops and $cases are split into words on purpose below (several VAR=value for env, several ops).
 for candidate in "${CANDIDATES[@]}"; do
-  IFS='|' read -r name setting tests op <<<"$candidate"
+  IFS='|' read -r name setting tests ops cases <<<"$candidate"
   echo "candidate $name ($setting):" | tee -a "$summary"
   step "pytest-$name" env $setting "$PY" -m pytest -q -k "$tests" "${parallel[@]}"
   tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
-  step "bench-$name" env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" \
+  step "bench-$name" env $setting "$PY" -m torch_cs231n bench --device cuda --quick $(printf -- '--op %s ' $ops) \
     --json "$OUT/bench-$name.json"
   sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
-  step "bench-$name-tf32" env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op "$op" --tf32 \
-    --json "$OUT/bench-$name-tf32.json"
-  sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
+  if [[ " $ops " == *" conv2d "* ]]; then
+    step "bench-$name-tf32" env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d --tf32 \
+      --json "$OUT/bench-$name-tf32.json"
+    sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
+  fi
   if [ "$SECONDS" -lt "$BUDGET" ]; then
-    step "profile-$name" env $setting "$PY" -m benchmarks.profile_gpu --steps 3 --case conv3x3 --case conv3x3_deep \
-      --case depthwise
+    step "profile-$name" env $setting "$PY" -m benchmarks.profile_gpu --steps 3 $(printf -- '--case %s ' $cases)
   else
     echo "profile-$name: skipped, past ${BUDGET} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
   fi

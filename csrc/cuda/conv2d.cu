@@ -31,8 +31,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -322,22 +320,12 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------- candidates
-// Whether the environment variable `name` asks for the candidate kernels: "" or unset or `proven` (the
-// default) say no, `candidate` says yes, anything else is an error that names both.
-bool candidate_chosen(const char* name, const char* proven, const char* candidate) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0' || std::strcmp(env, proven) == 0) return false;
-  TORCH_CHECK(std::strcmp(env, candidate) == 0, name, ": expected '", proven, "' (the default) or '", candidate,
-              "', but got '", env, "'");
-  return true;
-}
-
 // The depthwise tile kernels (cuda/conv2d_depthwise.cuh) are a candidate: they pass the CPU emulation test,
 // not yet a GPU. TORCH_CS231N_CUDA_DEPTHWISE=tiles chooses them for 3x3 and 5x5 filters whose input region
 // fits in shared memory (d_input: stride 1 as well); the line kernels above do the rest, and all of it by
 // default.
 bool depthwise_tiles_chosen(const Conv2dGeometry& g) {
-  return candidate_chosen("TORCH_CS231N_CUDA_DEPTHWISE", "lines", "tiles") && cuda::depthwise::tiles_fit(g);
+  return cuda::candidate_chosen("TORCH_CS231N_CUDA_DEPTHWISE", "lines", "tiles") && cuda::depthwise::tiles_fit(g);
 }
 
 // f(std::integral_constant<int, k>{}) for the filter size k (3 or 5) of a tiles_fit geometry.
@@ -406,7 +394,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // torch.backends.cudnn.allow_tf32 is on, float32 FMAs when off); other dtypes, depthwise convolutions and
 // shapes past the grid's limits keep the default route.
 bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  return candidate_chosen("TORCH_CS231N_CUDA_CONV", "cublas", "implicit") && x.scalar_type() == at::kFloat &&
+  return cuda::candidate_chosen("TORCH_CS231N_CUDA_CONV", "cublas", "implicit") && x.scalar_type() == at::kFloat &&
          !conv2d_is_depthwise(g) && cuda::implicit_gemm::fits(g);
 }
 

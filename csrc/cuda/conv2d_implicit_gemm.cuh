@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/conv2d_index.h"
 #include "cuda/emulatable.cuh"
@@ -37,26 +38,39 @@ namespace cuda {
 namespace implicit_gemm {
 
 // ------------------------------------------------------------------------------------------- the tiles
-constexpr int kBM = 128;       // rows of D per block (m)
-constexpr int kBN = 128;       // columns of D per block (n)
 constexpr int kBK = 16;        // depth of one stage (k)
-constexpr int kThreads = 256;  // 8 warps, 2 along m by 4 along n, each computing 64 x 32 of the tile
+constexpr int kThreads = 256;  // 8 warps, each computing 64 x 32 of the block's tile
 constexpr int kWarpM = 64, kWarpN = 32;
-// A shared tile is stored k-major, tile[k][m]. Its rows are padded by 8 floats so that the 32 lanes of an
-// MMA fragment read (rows k..k+3, columns m..m+7) hit 32 different banks.
-constexpr int kRow = kBM + 8;
-static_assert(kBM == kBN, "both operands share one tile shape");
-using Tile = float[kBK][kRow];
 
-// Each operand's stage is kBK x 128 = 2048 values, 8 per thread. Which 8 depends on which way the operand
-// is contiguous in memory, so that neighbouring threads read neighbouring addresses:
-//   along m (or n)  thread t takes column mn = t % 128 and rows k = t / 128 + 2i;
+// A block's tile of D, kBM x kBN, its 8 warps kBM/64 along m by kBN/32 along n. Square by default; a product
+// with only 64 columns (forward or d_input of a 64-channel layer) takes Tall, one with only 64 rows
+// (d_weight of 64 filters) Wide, so that no half of a tile multiplies zeros.
+template <int kRows, int kCols>
+struct TileShape {
+  static constexpr int kBM = kRows, kBN = kCols;
+  static constexpr int kWarpsM = kRows / kWarpM;
+  static_assert(kWarpsM * (kCols / kWarpN) * 32 == kThreads, "8 warps of 64 x 32 cover the tile");
+};
+using Square = TileShape<128, 128>;
+using Tall = TileShape<256, 64>;
+using Wide = TileShape<64, 256>;
+
+// A shared tile is stored k-major, tile[k][mn], mn along the operand's side of the block's tile (its
+// extent: kBM for A, kBN for B). Its rows are padded by 8 floats (row lengths 72, 136 and 264 are all
+// 8 mod 32) so that the 32 lanes of an MMA fragment read (rows k..k+3, columns mn..mn+7) hit 32 banks.
+template <int kExtent>
+using Tile = float[kBK][kExtent + 8];
+
+// Each operand's stage is kBK x extent values, kBK * extent / 256 per thread. Which ones depends on which
+// way the operand is contiguous in memory, so that neighbouring threads read neighbouring addresses:
+//   along m (or n)  thread t takes column mn = t % extent and rows k = t / extent + i * (256 / extent);
 //   along k         thread t takes row k = t % 16 and columns mn = t / 16 + 16i.
-constexpr int kPerThread = kBK * kBM / kThreads;
-template <bool kAlongK>
+template <int kExtent>
+constexpr int kPerThread = kBK * kExtent / kThreads;
+template <bool kAlongK, int kExtent>
 struct TileMap {
-  static __host__ __device__ int k(int t, int i) { return kAlongK ? t % kBK : t / kBM + i * (kThreads / kBM); }
-  static __host__ __device__ int mn(int t, int i) { return kAlongK ? t / kBK + i * (kThreads / kBK) : t % kBM; }
+  static __host__ __device__ int k(int t, int i) { return kAlongK ? t % kBK : t / kExtent + i * (kThreads / kExtent); }
+  static __host__ __device__ int mn(int t, int i) { return kAlongK ? t / kBK + i * (kThreads / kBK) : t % kExtent; }
 };
 
 // A filter tap's part of a gathered address: the plane offset of its channel, and the shift (dh, dw) of
@@ -68,15 +82,16 @@ struct Tap {
 
 // ---------------------------------------------------------------------------------- operand loaders
 // A loader holds the call's arguments; start() adds what one thread needs for its tile (decoded once per
-// block), and load() gathers the thread's 8 values of the stage that begins at k0, 0 outside the matrix
+// block), and load() gathers the thread's values of the stage that begins at k0, 0 outside the matrix
 // (k >= k_end, a row past the end, a tap in the padding).
 
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
 // t_h, t_w). The value is src[n, ch, h, w] with h = r_h*step_h - shift_h + tap.dh (and w alike), then,
 // for d_input with a stride, divided by it when it divides (kDivide): the inverse map of conv_out_index.
-template <typename T, bool kDivide>
+template <typename T, int kExtent, bool kDivide>
 struct PatchAlongM {
   static constexpr bool kAlongK = false;
+  static constexpr int kTileExtent = kExtent;
   const T* src;
   const Tap* taps;
   int64_t rows;                        // M
@@ -91,7 +106,7 @@ struct PatchAlongM {
   bool valid;
 
   __device__ void start(int64_t m0, int64_t group, int t) {
-    const int64_t m = m0 + TileMap<false>::mn(t, 0);
+    const int64_t m = m0 + TileMap<false, kExtent>::mn(t, 0);
     valid = m < rows;
     const int64_t plane = row_h * row_w, n = valid ? m / plane : 0, pixel = valid ? m % plane : 0;
     base = src + n * image_stride + group * group_stride;
@@ -99,10 +114,10 @@ struct PatchAlongM {
     w0 = (pixel % row_w) * step_w - shift_w;
   }
 
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t k = k0 + TileMap<false>::k(t, i);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) {
+      const int64_t k = k0 + TileMap<false, kExtent>::k(t, i);
       float value = 0.f;
       if (valid && k < k_end) {
         const Tap tap = taps[k];
@@ -122,32 +137,34 @@ struct PatchAlongM {
 
 // B(k, n) for d_input: the weight transposed per group, src[g][k][n] with k = (f, t_h, t_w), n = c
 // (transpose_weight_kernel).
-template <typename T>
+template <typename T, int kExtent>
 struct MatrixAlongN {
   static constexpr bool kAlongK = false;
+  static constexpr int kTileExtent = kExtent;
   const T* src;
   int64_t cols, ld, group_stride;
   const T* base;
   bool valid;
 
   __device__ void start(int64_t n0, int64_t group, int t) {
-    const int64_t n = n0 + TileMap<false>::mn(t, 0);
+    const int64_t n = n0 + TileMap<false, kExtent>::mn(t, 0);
     valid = n < cols;
     base = src + group * group_stride + n;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t k = k0 + TileMap<false>::k(t, i);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) {
+      const int64_t k = k0 + TileMap<false, kExtent>::k(t, i);
       v[i] = valid && k < k_end ? static_cast<float>(base[k * ld]) : 0.f;
     }
   }
 };
 
 // B(k, n) for forward: the weight itself, W[g*Fg + n][k], each filter's k contiguous.
-template <typename T>
+template <typename T, int kExtent>
 struct MatrixAlongK {
   static constexpr bool kAlongK = true;
+  static constexpr int kTileExtent = kExtent;
   const T* src;
   int64_t cols, ld, group_stride;
   const T* base;
@@ -157,21 +174,22 @@ struct MatrixAlongK {
     n0 = n0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
-    const int64_t k = k0 + TileMap<true>::k(t, 0);
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t n = n0 + TileMap<true>::mn(t, i);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) {
+      const int64_t n = n0 + TileMap<true, kExtent>::mn(t, i);
       v[i] = k < k_end && n < cols ? static_cast<float>(base[n * ld + k]) : 0.f;
     }
   }
 };
 
 // A(m, k) for d_weight: m = f, k = (n, o_h, o_w): dY[n, g*Fg + f, o_h, o_w]. The thread's k is decoded
-// once per stage, its 8 filters are a plane apart.
-template <typename T>
+// once per stage, its filters are a plane apart.
+template <typename T, int kExtent>
 struct PlanesAlongK {
   static constexpr bool kAlongK = true;
+  static constexpr int kTileExtent = kExtent;
   const T* src;
   int64_t rows, plane, image_stride, group_stride;
   const T* base;
@@ -181,22 +199,23 @@ struct PlanesAlongK {
     m0 = m0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
-    const int64_t k = k0 + TileMap<true>::k(t, 0);
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
     const T* at = base + (k / plane) * image_stride + k % plane;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t f = m0 + TileMap<true>::mn(t, i);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) {
+      const int64_t f = m0 + TileMap<true, kExtent>::mn(t, i);
       v[i] = k < k_end && f < rows ? static_cast<float>(at[f * plane]) : 0.f;
     }
   }
 };
 
 // B(k, n) for d_weight: k = (n, o_h, o_w), n = (c, t_h, t_w): x[n, g*Cg + c, i_h, i_w]. The thread's
-// output pixel is decoded once per stage; its 8 columns are taps.
-template <typename T>
+// output pixel is decoded once per stage; its columns are taps.
+template <typename T, int kExtent>
 struct PatchAlongK {
   static constexpr bool kAlongK = true;
+  static constexpr int kTileExtent = kExtent;
   const T* src;
   const Tap* taps;
   int64_t cols;  // Cg * kh * kw
@@ -209,14 +228,14 @@ struct PatchAlongK {
     n0 = n0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread]) const {
-    const int64_t k = k0 + TileMap<true>::k(t, 0);
+  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
     const int64_t plane = out_h * out_w, pixel = k % plane;
     const T* image = base + (k / plane) * image_stride;
     const int64_t h0 = (pixel / out_w) * stride_h - pad_h, w0 = (pixel % out_w) * stride_w - pad_w;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int64_t n = n0 + TileMap<true>::mn(t, i);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) {
+      const int64_t n = n0 + TileMap<true, kExtent>::mn(t, i);
       float value = 0.f;
       if (k < k_end && n < cols) {
         const Tap tap = taps[n];
@@ -313,7 +332,9 @@ struct MmaTf32 {
   static __device__ int row(int lane, int r) { return 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
   static __device__ int col(int lane, int c) { return 8 * (c / 2) + 2 * (lane % 4) + c % 2; }
 
-  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane, Accumulators& acc) {
+  template <typename TileA, typename TileB>
+  static __device__ void multiply(const TileA& a_tile, const TileB& b_tile, int wm, int wn, int lane,
+                                  Accumulators& acc) {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int k = 0; k < kBK; k += 8) {
@@ -352,7 +373,9 @@ struct SimtFma {
   static __device__ int row(int lane, int r) { return 8 * (lane / 4) + r; }
   static __device__ int col(int lane, int c) { return 8 * (lane % 4) + c; }
 
-  static __device__ void multiply(const Tile& a_tile, const Tile& b_tile, int wm, int wn, int lane, Accumulators& acc) {
+  template <typename TileA, typename TileB>
+  static __device__ void multiply(const TileA& a_tile, const TileB& b_tile, int wm, int wn, int lane,
+                                  Accumulators& acc) {
     const int m = wm + row(lane, 0), n = wn + col(lane, 0);
 #pragma unroll
     for (int k = 0; k < kBK; ++k) {
@@ -372,12 +395,11 @@ struct SimtFma {
 };
 
 // ---------------------------------------------------------------------------------------------- the kernel
-template <typename Math, typename Loader>
-__device__ void store_stage(Tile& tile, const float (&v)[kPerThread], int t) {
+template <typename Math, typename Loader, typename TileT>
+__device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
+  using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    tile[TileMap<Loader::kAlongK>::k(t, i)][TileMap<Loader::kAlongK>::mn(t, i)] = Math::operand(v[i]);
-  }
+  for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) tile[Map::k(t, i)][Map::mn(t, i)] = Math::operand(v[i]);
 }
 
 // The extent of D and of the sum: blockIdx = (m tile, n tile, group * splits + chunk); chunk c sums
@@ -389,12 +411,14 @@ struct Extent {
 
 // ptxas gives it 150-170 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
 // 128 for two blocks, the float32 kernels spill 60-256 bytes.
-template <typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
+template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
-  __shared__ Tile a_tiles[2], b_tiles[2];
+  static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
+  __shared__ Tile<Shape::kBM> a_tiles[2];
+  __shared__ Tile<Shape::kBN> b_tiles[2];
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  const int wm = (warp % 2) * kWarpM, wn = (warp / 2) * kWarpN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int wm = (warp % Shape::kWarpsM) * kWarpM, wn = (warp / Shape::kWarpsM) * kWarpN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int64_t>(blockIdx.y) * Shape::kBN;
   const int64_t z = blockIdx.z, group = z / e.splits, chunk = z % e.splits;
   const int64_t k_begin = chunk * e.k_chunk;
   const int64_t k_end = e.k < k_begin + e.k_chunk ? e.k : k_begin + e.k_chunk;
@@ -407,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, Load
 #pragma unroll
     for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
   }
-  float va[kPerThread], vb[kPerThread];
+  float va[kPerThread<Shape::kBM>], vb[kPerThread<Shape::kBN>];
   const int64_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
   if (stages > 0) {
     a.load(k_begin, k_end, t, va);
@@ -495,10 +519,34 @@ inline dim3 helper_grid(int64_t n) {
   return dim3(static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks)));
 }
 
-// Whether a geometry fits the grid's limits (y and z below 65536); otherwise the caller takes another route.
+// Whether a geometry fits the grid's limits (y and z below 65536, with the narrowest tile side, 64);
+// otherwise the caller takes another route.
 inline bool fits(const Conv2dGeometry& g) {
-  return ceil_div(g.f_per_group(), kBN) < 65536 && ceil_div(g.c_per_group(), kBN) < 65536 && g.groups < 65536 &&
-         ceil_div(g.c_per_group() * g.taps(), kBN) < 65536;
+  const int64_t widest = g.f_per_group() > g.c_per_group() * g.taps() ? g.f_per_group() : g.c_per_group() * g.taps();
+  return ceil_div(widest, 64) < 65536 && ceil_div(g.c_per_group(), 64) < 65536 && g.groups < 65536;
+}
+
+// One product on one tile shape: the grid covers D, blockIdx.z the groups (times the chunks of d_weight).
+template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
+void launch_gemm(const LoaderA& a, const LoaderB& b, const Epilogue& out, const Extent& e, int64_t z,
+                 cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, Shape::kBM)),
+                  static_cast<unsigned int>(ceil_div(e.n, Shape::kBN)), static_cast<unsigned int>(z));
+  auto* kernel = &implicit_gemm_kernel<Shape, Math, LoaderA, LoaderB, Epilogue>;
+  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
+}
+
+// f(Shape{}) with the tile shape for a product of `rows` x `cols`: Tall for 64 columns or fewer, Wide for 64
+// rows or fewer, Square otherwise.
+template <typename F>
+void with_shape(int64_t rows, int64_t cols, F&& f) {
+  if (cols <= 64) {
+    f(Tall{});
+  } else if (rows <= 64) {
+    f(Wide{});
+  } else {
+    f(Square{});
+  }
 }
 
 // Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: Cg*kh*kw entries.
@@ -508,28 +556,21 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
   auto* table = &tap_table_kernel;
   TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
                       int64_t(0), g.dw);
-  const PatchAlongM<T, false> a{x,
-                                taps,
-                                g.n * out_plane,
-                                g.oh,
-                                g.ow,
-                                g.h,
-                                g.w,
-                                g.c * g.h * g.w,
-                                g.c_per_group() * g.h * g.w,
-                                g.sh,
-                                g.sw,
-                                g.ph,
-                                g.pw,
-                                1,
-                                1};
-  const MatrixAlongK<T> b{w, fg, kg, fg * kg};
   const ToImage<T> out{y, bias, fg, out_plane, g.f * out_plane, fg * out_plane};
   const Extent e{g.n * out_plane, fg, kg, kg, 1};
-  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
-                  static_cast<unsigned int>(g.groups));
-  auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongK<T>, ToImage<T>>;
-  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
+  // rows are output pixels, never few: Tall or Square
+  auto run = [&](auto shape) {
+    using Shape = decltype(shape);
+    const PatchAlongM<T, Shape::kBM, false> a{
+        x, taps, e.m, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw, 1, 1};
+    const MatrixAlongK<T, Shape::kBN> b{w, fg, kg, fg * kg};
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
+  };
+  if (fg <= 64) {
+    run(Tall{});
+  } else {
+    run(Square{});
+  }
 }
 
 // d_input = dY ⋆ᵀ W. taps: Fg*kh*kw entries; wt: a buffer the size of W.
@@ -544,21 +585,22 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
                       -g.dw);
   auto* transpose = &transpose_weight_kernel<T>;
   TORCH_CS231N_LAUNCH(transpose, helper_grid(g.f * cg * g.taps()), kThreads, stream, w, wt, g.groups, fg, cg, g.taps());
-  const MatrixAlongN<T> b{wt, cg, cg, kg * cg};
   const ToImage<T> out{dx, nullptr, cg, g.h * g.w, g.c * g.h * g.w, cg * g.h * g.w};
   const Extent e{g.n * g.h * g.w, cg, kg, kg, 1};
-  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
-                  static_cast<unsigned int>(g.groups));
-  if (g.sh == 1 && g.sw == 1) {
-    const PatchAlongM<T, false> a{dy, taps, e.m, g.h, g.w, g.oh, g.ow, g.f * out_plane, fg * out_plane,
-                                  1,  1,    0,   0,   1,   1};
-    auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, false>, MatrixAlongN<T>, ToImage<T>>;
-    TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
+  auto run = [&](auto shape, auto divide) {
+    using Shape = decltype(shape);
+    constexpr bool kDivide = decltype(divide)::value;
+    const PatchAlongM<T, Shape::kBM, kDivide> a{dy, taps, e.m, g.h, g.w,  g.oh, g.ow, g.f * out_plane, fg * out_plane,
+                                                1,  1,    0,   0,   g.sh, g.sw};
+    const MatrixAlongN<T, Shape::kBN> b{wt, cg, cg, kg * cg};
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
+  };
+  // rows are input pixels, never few: Tall or Square; the division by the stride only where there is one
+  const bool unit_stride = g.sh == 1 && g.sw == 1;
+  if (cg <= 64) {
+    unit_stride ? run(Tall{}, std::false_type{}) : run(Tall{}, std::true_type{});
   } else {
-    const PatchAlongM<T, true> a{dy, taps, e.m, g.h, g.w,  g.oh, g.ow, g.f * out_plane, fg * out_plane,
-                                 1,  1,    0,   0,   g.sh, g.sw};
-    auto* kernel = &implicit_gemm_kernel<Math, PatchAlongM<T, true>, MatrixAlongN<T>, ToImage<T>>;
-    TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
+    unit_stride ? run(Square{}, std::false_type{}) : run(Square{}, std::true_type{});
   }
 }
 
@@ -569,8 +611,11 @@ struct WeightSplit {
   int64_t splits, k_chunk;
 };
 inline WeightSplit grad_weight_split(const Conv2dGeometry& g, int64_t blocks_wanted) {
-  const int64_t k = g.n * g.oh * g.ow;
-  const int64_t tiles = ceil_div(g.f_per_group(), kBM) * ceil_div(g.c_per_group() * g.taps(), kBN) * g.groups;
+  const int64_t k = g.n * g.oh * g.ow, fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
+  int64_t tiles = 0;
+  with_shape(fg, kg, [&](auto shape) {
+    tiles = ceil_div(fg, decltype(shape)::kBM) * ceil_div(kg, decltype(shape)::kBN) * g.groups;
+  });
   int64_t splits = ceil_div(blocks_wanted, tiles);
   const int64_t most = ceil_div(k, kMinChunk), grid_most = 65535 / g.groups;
   splits = splits < 1 ? 1 : (splits > most ? most : splits);
@@ -590,15 +635,15 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
   auto* table = &tap_table_kernel;
   TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
                       int64_t(0), g.dw);
-  const PlanesAlongK<T> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
-  const PatchAlongK<T> b{x,    taps, kg,   g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w,
-                         g.sh, g.sw, g.ph, g.pw};
   const ToPartials out{partials, fg, kg};
   const Extent e{fg, kg, g.n * out_plane, split.k_chunk, split.splits};
-  const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, kBM)), static_cast<unsigned int>(ceil_div(e.n, kBN)),
-                  static_cast<unsigned int>(g.groups * split.splits));
-  auto* kernel = &implicit_gemm_kernel<Math, PlanesAlongK<T>, PatchAlongK<T>, ToPartials>;
-  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
+  with_shape(fg, kg, [&](auto shape) {
+    using Shape = decltype(shape);
+    const PlanesAlongK<T, Shape::kBM> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
+    const PatchAlongK<T, Shape::kBN> b{
+        x, taps, kg, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw};
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, stream);
+  });
   auto* sum = &sum_partials_kernel<T>;
   TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), kThreads, stream, partials, dw, g.groups, split.splits,
                       fg * kg);

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace torch_cs231n {
 namespace cuda {
@@ -31,6 +33,19 @@ inline unsigned int grid_for_lines(int64_t lines) { return grid_for(lines * kWar
 __device__ inline int64_t first_line() { return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; }
 __device__ inline int64_t line_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp; }
 __device__ inline int lane() { return static_cast<int>(threadIdx.x % kWarp); }
+
+// ---- candidate kernels ----
+// A new kernel that has not yet passed `make gpu-check` on a GPU is a candidate: the proven one stays the
+// default and an environment variable chooses the candidate. Whether `name` does: unset, "" or `proven`
+// say no, `candidate` says yes, anything else is an error that names both. Read at each call, so a test
+// can switch it.
+inline bool candidate_chosen(const char* name, const char* proven, const char* candidate) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, proven) == 0) return false;
+  TORCH_CHECK(std::strcmp(env, candidate) == 0, name, ": expected '", proven, "' (the default) or '", candidate,
+              "', but got '", env, "'");
+  return true;
+}
 
 }  // namespace cuda
 }  // namespace torch_cs231n

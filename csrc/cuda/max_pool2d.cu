@@ -18,20 +18,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "common/checks.h"
 #include "common/max_pool2d.h"
 #include "cuda/launch.cuh"
+#include "cuda/max_pool2d_backward.cuh"
 
 namespace torch_cs231n {
 namespace {
 
-// The geometry, by value into the kernels.
-struct Params {
-  int64_t channels, height, width, out_h, out_w;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-};
+// The geometry, by value into the kernels (the candidate's struct: one definition).
+using Params = cuda::max_pool::Params;
 
 Params params_of(const MaxPool2dGeometry& g) {
   return {g.channels, g.height, g.width, g.out_h, g.out_w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
@@ -140,6 +140,31 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, cons
   }
 }
 
+// The candidate backward (cuda/max_pool2d_backward.cuh): a scatter when windows do not overlap, a flat
+// gather otherwise, both with 32-bit indexing where the tensors allow. TORCH_CS231N_CUDA_POOL_BACKWARD=flat
+// chooses it until it has passed `make gpu-check`.
+void flat_backward(const at::Tensor& dy, const at::Tensor& ind, at::Tensor& dx, int64_t batch, const Params& p,
+                   bool nhwc, cudaStream_t stream) {
+  if (cuda::max_pool::windows_disjoint(p)) dx.zero_();  // the scatter writes only the maxima
+  const bool narrow = std::max(dx.numel(), dy.numel()) <= std::numeric_limits<int32_t>::max();
+  const int64_t cap = cuda::grid_for(dx.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "max_pool2d_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const int64_t* ip = ind.const_data_ptr<int64_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    namespace mp = cuda::max_pool;
+    if (nhwc) {
+      narrow ? mp::backward<scalar_t, acc_t, true, int32_t>(dyp, ip, dxp, batch, p, cap, stream)
+             : mp::backward<scalar_t, acc_t, true, int64_t>(dyp, ip, dxp, batch, p, cap, stream);
+    } else {
+      narrow ? mp::backward<scalar_t, acc_t, false, int32_t>(dyp, ip, dxp, batch, p, cap, stream)
+             : mp::backward<scalar_t, acc_t, false, int64_t>(dyp, ip, dxp, batch, p, cap, stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                            at::IntArrayRef stride, at::IntArrayRef padding,
                                                            at::IntArrayRef dilation, bool ceil_mode) {
@@ -188,6 +213,10 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
   const Params p = params_of(g);
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (cuda::candidate_chosen("TORCH_CS231N_CUDA_POOL_BACKWARD", "lines", "flat")) {
+    flat_backward(dy, ind, grad_input, g.batch, p, nhwc, stream);
+    return grad_input;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "max_pool2d_backward_cuda", [&] {
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const int64_t* ip = ind.const_data_ptr<int64_t>();

@@ -195,7 +195,10 @@ int main() {
       {3, 6, 8, 8, 9, 4, 4, 2, 2, 1, 1, 1, 1, 3},    // 4x4 stride 2, 3 groups
       {4, 2, 12, 12, 3, 3, 3, 1, 1, 0, 0, 1, 1, 1},  // no padding; d_weight sums 400 positions in chunks
       {1, 40, 4, 4, 33, 3, 3, 1, 1, 1, 1, 1, 1, 1},  // k = 360 and 297: many stages, a ragged last one
+      {1, 130, 7, 7, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1},  // d_input on the square tile, with the stride's division
   };
+  // Tile shapes (with_shape): forward and d_input take Tall up to 64 columns (filters, channels), Square
+  // above (the 130 cases); d_weight takes Wide up to 64 filters, Square above (the 130 filters).
   for (const Case& k : dense) {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;

@@ -398,8 +398,8 @@ bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
          !conv2d_is_depthwise(g) && cuda::implicit_gemm::fits(g);
 }
 
-// A product's columns fill 128-wide tiles: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw). Below 32
-// a tile would be mostly idle (an RGB stem's d_input has 3), and the cuBLAS route does that product.
+// A product's columns fill tiles 64 or 128 wide: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw).
+// Below 32 most of a tile would be idle (an RGB stem's d_input has 3), and the cuBLAS route does that product.
 constexpr int64_t kImplicitMinColumns = 32;
 
 // TF32 on the tensor cores when torch's flag allows it and the GPU has them (sm_80 and later), as cuDNN.

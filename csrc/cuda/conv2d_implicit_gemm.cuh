@@ -9,9 +9,10 @@
 //     d_weight  dW[f, (c,t_h,t_w)] = Σ_{(n,o_h,o_w)} dY[n, f, o_h, o_w] · x[n, c, i_h, i_w]     K = N·oH·oW
 //
 // One kernel computes D[m, n] = Σ_k A(m, k) · B(k, n) for all three; an operand "loader" says where A(m, k)
-// or B(k, n) lives (below), an epilogue where D goes. A block computes a 128 x 128 tile of D in stages of
-// 16 along k: its 256 threads gather the next stage into registers while the warps multiply the current
-// one from shared memory (two buffers, one barrier per stage). A filter tap's offsets come from a small
+// or B(k, n) lives (below), an epilogue where D goes. A block computes a tile of D, 128 x 128 (or 256 x 64
+// and 64 x 256 for products with 64 columns or rows: TileShape), in stages of 16 along k: its 256 threads
+// gather the next stage into registers while the warps multiply the current one from shared memory (two
+// buffers, one barrier per stage). A filter tap's offsets come from a small
 // table (Tap) built once per call, so a gathered value costs a table read, two bounds tests and a load,
 // never a division. Two kinds of arithmetic share that skeleton:
 //   MmaTf32  tensor cores, mma.sync m16n8k8 with TF32 inputs (10-bit mantissas, rounded to nearest, ties
@@ -409,7 +410,7 @@ struct Extent {
   int64_t splits;
 };
 
-// ptxas gives it 150-170 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
+// ptxas gives it 150-180 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
 // 128 for two blocks, the float32 kernels spill 60-256 bytes.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {

@@ -13,6 +13,7 @@
 #include "cuda/conv2d_implicit_gemm.cuh"
 // clang-format on
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -215,6 +216,32 @@ int main() {
   for (const Case& k : depthwise) {
     ok = run_depthwise<float>(k, rng) && ok;
     ok = run_depthwise<double>(k, rng) && ok;
+  }
+  // And drawn at random (a fixed seed): every argument in its small range, sizes that leave ragged tiles.
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  auto draw = [&](int lo, int hi) { return static_cast<int64_t>(lo + pick(rng) % (hi - lo + 1)); };
+  for (int i = 0; i < 24; ++i) {
+    Case k{};
+    k.groups = draw(1, 3);
+    k.c = k.groups * draw(1, 24), k.f = k.groups * draw(1, 24);
+    k.kh = draw(1, 5), k.kw = draw(1, 5), k.sh = draw(1, 3), k.sw = draw(1, 3), k.dh = draw(1, 2), k.dw = draw(1, 2);
+    k.ph = draw(0, 2), k.pw = draw(0, 2);
+    // at least one output: h + 2p >= d(k-1) + 1
+    k.h = std::max<int64_t>(1, k.dh * (k.kh - 1) + 1 - 2 * k.ph) + draw(0, 9);
+    k.w = std::max<int64_t>(1, k.dw * (k.kw - 1) + 1 - 2 * k.pw) + draw(0, 9);
+    k.n = draw(1, 3);
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
+    ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+  }
+  for (int i = 0; i < 12; ++i) {
+    Case k{};
+    k.c = k.groups = draw(1, 4), k.f = k.c * draw(1, 3);
+    k.kh = k.kw = draw(0, 1) ? 3 : 5, k.sh = draw(1, 2), k.sw = draw(1, 2), k.dh = draw(1, 2), k.dw = draw(1, 2);
+    k.ph = draw(0, 3), k.pw = draw(0, 3);
+    k.h = std::max<int64_t>(1, k.dh * (k.kh - 1) + 1 - 2 * k.ph) + draw(0, 40);
+    k.w = std::max<int64_t>(1, k.dw * (k.kw - 1) + 1 - 2 * k.pw) + draw(0, 40);
+    k.n = draw(1, 2);
+    ok = run_depthwise<float>(k, rng) && ok;
   }
   std::printf(ok ? "all cases agree\n" : "SOME CASES ARE WRONG\n");
   return ok ? 0 : 1;

@@ -93,11 +93,18 @@ TORCH_LIBRARY(torch_cs231n, m) {
       "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   // Batch norm (per channel over N and the spatial dims). The training forward returns the batch's
-  // mean and inverse std for the backward, and its biased variance, from which functional.py updates the
-  // running variance (unbiased: var * M / (M - 1)); the kernels never write the running statistics.
+  // mean and inverse std for the backward, and its biased variance; the forward kernels never write the
+  // running statistics: functional.py then calls batch_norm_update_stats_, which does, in place,
+  //     running_mean <- (1 - momentum) running_mean + momentum mean
+  //     running_var  <- (1 - momentum) running_var  + momentum var * count / (count - 1)   (unbiased)
+  // (count: the values per channel; 0, an empty batch, leaves them alone). One call instead of four
+  // in-place ops from Python: at small batches the layer's time is mostly such host work.
   m.def(
       "batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> "
       "(Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "batch_norm_update_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var, "
+      "float momentum, int count) -> ()");
   m.def(
       "batch_norm_forward_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
       "Tensor? bias, float eps) -> Tensor");

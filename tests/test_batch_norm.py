@@ -505,6 +505,69 @@ def test_opcheck(device):
                 torch.library.opcheck(ops.batch_norm_backward.default, (g, x, w, mean, invstd, training, mask))
 
 
+def test_opcheck_update_stats(device):
+    for dtype in (torch.float32, torch.float64):
+        mean, var = torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype)
+        for running in ((torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype)),
+                        (torch.randn(3, device=device, dtype=dtype), None)):
+            torch.library.opcheck(ops.batch_norm_update_stats_.default, (*running, mean, var, 0.1, 7))
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_update_stats_follows_the_formula(device, running_dtype):
+    """running <- (1 - m) running + m batch; the variance's batch value unbiased by count / (count - 1).
+    Computed in the running dtype's accumulation type from a float32 batch, in place, through a strided view."""
+    gen = torch.Generator().manual_seed(10)
+    mean, var = torch.randn(5, generator=gen).to(device), torch.rand(5, generator=gen).to(device)
+    store = torch.randn(5, 2, generator=gen).to(device, running_dtype)
+    rm, rv = store[:, 0].clone(), store[:, 1]  # rv: a column, stride 2
+    want_m = 0.7 * rm.double() + 0.3 * mean.double()
+    want_v = 0.7 * rv.double() + 0.3 * var.double() * 12 / 11
+    ops.batch_norm_update_stats_(rm, rv, mean, var, 0.3, 12)
+    torch.testing.assert_close(rm, want_m.to(running_dtype))  # to a rounding of the running dtype
+    torch.testing.assert_close(store[:, 1], want_v.to(running_dtype))
+    before = rm.clone()
+    ops.batch_norm_update_stats_(rm, None, mean, var, 0.3, 0)  # an empty batch: nothing moves
+    assert torch.equal(rm, before)
+
+
+def test_update_stats_refuses_bad_arguments(device):
+    mean, var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="batch_norm_update_stats_: expected more than 1 value per channel to "
+                                           "update running_var"):
+        ops.batch_norm_update_stats_(rm, rv, mean, var, 0.1, 1)
+    with pytest.raises(RuntimeError, match=r"batch_norm_update_stats_: expected running_mean to have shape \[3\]"):
+        ops.batch_norm_update_stats_(torch.zeros(4, device=device), rv, mean, var, 0.1, 5)
+    with pytest.raises(RuntimeError, match="batch_norm_update_stats_: expected count .* to be >= 0, but got -2"):
+        ops.batch_norm_update_stats_(rm, rv, mean, var, 0.1, -2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused update is a CUDA kernel")
+def test_cuda_fused_update_candidate_matches_the_default(monkeypatch):
+    """TORCH_CS231N_CUDA_BN_UPDATE=fused (a candidate until proven on a GPU) against the default, torch's
+    in-place ops: the same values to a rounding, through strided views, in every running dtype, with one
+    statistic absent, and with the two of different dtypes (a launch each)."""
+    mean, var = torch.randn(300, device="cuda"), torch.rand(300, device="cuda")
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    for dm, dv in [(d, d) for d in dtypes] + [(torch.float32, torch.float64), (torch.float32, None)]:
+        start_m = torch.randn(300, 2, device="cuda").to(dm)
+        start_v = torch.rand(300, 2, device="cuda").to(dv) if dv is not None else None
+        results = []
+        for choice in ("aten", "fused"):
+            monkeypatch.setenv("TORCH_CS231N_CUDA_BN_UPDATE", choice)
+            rm = start_m.clone()
+            rv = start_v.clone() if start_v is not None else None
+            ops.batch_norm_update_stats_(rm[:, 1], rv[:, 0] if rv is not None else None, mean, var, 0.1, 50)
+            results.append((rm, rv))
+        torch.testing.assert_close(results[1][0], results[0][0])
+        if dv is not None:
+            torch.testing.assert_close(results[1][1], results[0][1])
+    monkeypatch.setenv("TORCH_CS231N_CUDA_BN_UPDATE", "fastest")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_BN_UPDATE: expected 'aten' .* or 'fused', but got"):
+        ops.batch_norm_update_stats_(start_m[:, 0].clone(), None, mean, var, 0.1, 50)
+
+
 def test_compile_fullgraph_matches_eager(device):
     torch.manual_seed(7)
     model = torch.nn.Sequential(

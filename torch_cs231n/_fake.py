@@ -167,6 +167,15 @@ def _batch_norm_backward(grad_output, input, weight, mean, invstd, training, out
     )
 
 
+@torch.library.register_fake(_lib + "batch_norm_update_stats_")
+def _batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count):
+    torch._check(mean.dim() == 1 and var.shape == mean.shape,
+                 lambda: "batch_norm_update_stats_: expected mean and var of one shape [C]")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            torch._check(t.shape == mean.shape, lambda name=name: f"batch_norm_update_stats_: {name} is not [C]")
+
+
 # Synchronised batch norm's ops (torch_cs231n/distributed.py).
 @torch.library.register_fake(_lib + "batch_norm_stats")
 def _batch_norm_stats(input):

@@ -815,8 +815,16 @@ def batch_norm(
 
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """running <- (1 - momentum) running + momentum batch, with the batch's variance unbiased by its count
-    of values per channel (common/batch_norm.h). An empty batch leaves them alone, as torch does."""
+    of values per channel (common/batch_norm.h). An empty batch leaves them alone, as torch does.
+
+    One op call (batch_norm_update_stats_) in eager mode, except where running statistics are batched by a
+    torch.func transform or require grad; there, and under torch.compile (which may trace momentum=None's
+    1 / num_batches_tracked as a symbol, and fuses the ops anyway), torch's in-place ops under no_grad."""
     if count == 0:
+        return
+    eager = not torch.compiler.is_compiling() and not _transforms_active()
+    if eager and not any(t is not None and t.requires_grad for t in (running_mean, running_var)):
+        ops.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count)
         return
     with torch.no_grad():
         if running_mean is not None:

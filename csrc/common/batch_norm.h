@@ -109,6 +109,14 @@ C10_HOST_DEVICE inline void bn_split_mean(T shift, T mean_d, T* mean_hi, T* mean
   *mean_lo = mean_d - (*mean_hi - shift);
 }
 
+// A running statistic after one batch, keep * running + take * batch, in the accumulation type
+// (batch_norm_update_stats_): keep = 1 - momentum, take = momentum for the mean and momentum * M / (M - 1)
+// for the variance, whose batch value is biased (M values per channel).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t bn_running_update(acc_t running, acc_t batch, acc_t keep, acc_t take) {
+  return keep * running + take * batch;
+}
+
 // dx = gamma invstd * (dy - mean(dy) - (x - mu) * proj) in training, with the per-channel constants
 //   gi = gamma * invstd,   dy_mean = sum dy / M,   proj = invstd^2 * sum dy (x - mu) / M.
 template <typename acc_t>

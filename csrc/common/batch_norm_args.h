@@ -8,6 +8,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/grads.h"
@@ -109,6 +110,31 @@ inline void check_batch_norm_backward_elemt(const at::Tensor& grad_output, const
               ": expected count (the values per channel of the whole batch) to be at least "
               "this input's ",
               local, ", but got ", count);
+}
+
+// batch_norm_update_stats_: the batch's mean and var [C], floating, on one device; each running statistic
+// given, [C], floating, on that device; count >= 0, and above 1 when the variance is updated (its
+// unbiased value divides by count - 1; torch's batch norm refuses one value per channel in training).
+inline void check_batch_norm_update_stats(const std::optional<at::Tensor>& running_mean,
+                                          const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                                          const at::Tensor& var, int64_t count, const char* op) {
+  check_dim(mean, 1, op, "mean");
+  check_float_dtype(mean, op, "mean");
+  check_float_dtype(var, op, "var");
+  check_same_device(mean, "mean", var, "var", op);
+  check_same_shape(mean, "mean", var, "var", op);
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    check_same_device(mean, "mean", **t, name, op);
+    check_float_dtype(**t, op, name);
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == mean.size(0), op, ": expected ", name, " to have shape [",
+                mean.size(0), "] (that of mean), but got shape ", (*t)->sizes());
+  }
+  TORCH_CHECK(count >= 0, op, ": expected count (values per channel) to be >= 0, but got ", count);
+  const bool updates_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(!updates_var || count != 1, op,
+              ": expected more than 1 value per channel to update running_var (its unbiased variance divides by "
+              "count - 1), but got count 1");
 }
 
 // counts [P], means and vars [P, C]: one row per process, of one floating dtype, on one device.

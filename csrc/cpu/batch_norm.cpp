@@ -945,7 +945,40 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
 
 }  // namespace
 
+// ---------------------------------------------------------------------------- running statistics
+// running <- keep * running + take * batch (bn_running_update), in the running tensor's accumulation type,
+// through its stride (a running statistic may be a view).
+void update_running(at::Tensor& running, const at::Tensor& batch, double keep, double take) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "batch_norm_update_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor b = batch.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    scalar_t* rp = running.mutable_data_ptr<scalar_t>();
+    const int64_t stride = running.stride(0);
+    for (int64_t c = 0; c < running.size(0); ++c) {
+      rp[c * stride] = static_cast<scalar_t>(bn_running_update<acc_t>(
+          static_cast<acc_t>(rp[c * stride]), bp[c], static_cast<acc_t>(keep), static_cast<acc_t>(take)));
+    }
+  });
+}
+
+void batch_norm_update_stats_cpu(const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                                 const at::Tensor& var, double momentum, int64_t count) {
+  check_batch_norm_update_stats(running_mean, running_var, mean, var, count, "batch_norm_update_stats_");
+  if (count == 0) return;  // an empty batch leaves them alone, as torch does
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::Tensor r = *running_mean;
+    update_running(r, mean, 1.0 - momentum, momentum);
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    at::Tensor r = *running_var;
+    update_running(r, var, 1.0 - momentum, momentum * static_cast<double>(count) / static_cast<double>(count - 1));
+  }
+}
+
 TORCH_LIBRARY_IMPL(torch_cs231n, CPU, m) {
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_cpu);
   m.impl("batch_norm_forward_train", &batch_norm_forward_train_cpu);
   m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);

@@ -579,9 +579,73 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const a
   return grad_input;
 }
 
+// ---------------------------------------------------------------------------- running statistics
+// Per channel c, running_mean[c] and running_var[c] <- keep * running + take * batch (bn_running_update),
+// each through its stride; a null running pointer is left out. One launch for both.
+template <typename scalar_t, typename acc_t>
+__global__ void update_running_kernel(scalar_t* running_mean, int64_t mean_stride, scalar_t* running_var,
+                                      int64_t var_stride, const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                      int64_t C, acc_t keep, acc_t take_mean, acc_t take_var) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  if (running_mean != nullptr) {
+    scalar_t& r = running_mean[c * mean_stride];
+    r = static_cast<scalar_t>(bn_running_update<acc_t>(static_cast<acc_t>(r), mean[c], keep, take_mean));
+  }
+  if (running_var != nullptr) {
+    scalar_t& r = running_var[c * var_stride];
+    r = static_cast<scalar_t>(bn_running_update<acc_t>(static_cast<acc_t>(r), var[c], keep, take_var));
+  }
+}
+
+// The running statistics given (null where absent), both of one dtype, in one launch.
+void launch_update_running(at::Tensor* running_mean, at::Tensor* running_var, const at::Tensor& mean,
+                           const at::Tensor& var, double keep, double take_mean, double take_var) {
+  const at::Tensor& any = running_mean != nullptr ? *running_mean : *running_var;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, any.scalar_type(), "batch_norm_update_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous();
+    update_running_kernel<scalar_t, acc_t><<<blocks_for(any.size(0)), cuda::kThreads, 0, stream>>>(
+        running_mean != nullptr ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+        running_mean != nullptr ? running_mean->stride(0) : 0,
+        running_var != nullptr ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
+        running_var != nullptr ? running_var->stride(0) : 0, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
+        any.size(0), static_cast<acc_t>(keep), static_cast<acc_t>(take_mean), static_cast<acc_t>(take_var));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The one-launch kernel is a candidate (TORCH_CS231N_CUDA_BN_UPDATE=fused) until it has run on a GPU; by
+// default the update is torch's two in-place ops per statistic, as functional.py issued them, now from C++.
+void batch_norm_update_stats_cuda(const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                                  const at::Tensor& var, double momentum, int64_t count) {
+  check_batch_norm_update_stats(running_mean, running_var, mean, var, count, "batch_norm_update_stats_");
+  if (count == 0) return;  // an empty batch leaves them alone, as torch does
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const double keep = 1.0 - momentum, take_var = momentum * static_cast<double>(count) / (count - 1.0);
+  at::Tensor rm = running_mean.has_value() ? *running_mean : at::Tensor();
+  at::Tensor rv = running_var.has_value() ? *running_var : at::Tensor();
+  if (!cuda::candidate_chosen("TORCH_CS231N_CUDA_BN_UPDATE", "aten", "fused")) {
+    if (rm.defined()) rm.mul_(keep).add_(mean.to(rm.scalar_type()), momentum);
+    if (rv.defined()) rv.mul_(keep).add_(var.to(rv.scalar_type()), take_var);
+    return;
+  }
+  if (rm.defined() && rv.defined() && rm.scalar_type() != rv.scalar_type()) {  // a launch for each
+    launch_update_running(&rm, nullptr, mean, var, keep, momentum, take_var);
+    launch_update_running(nullptr, &rv, mean, var, keep, momentum, take_var);
+  } else if (rm.defined() || rv.defined()) {
+    launch_update_running(rm.defined() ? &rm : nullptr, rv.defined() ? &rv : nullptr, mean, var, keep, momentum,
+                          take_var);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_cs231n, CUDA, m) {
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_cuda);
   m.impl("batch_norm_forward_train", &batch_norm_forward_train_cuda);
   m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);

@@ -299,17 +299,20 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
-@pytest.mark.parametrize("tf32", [False, True])
-def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, tf32):
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                        (torch.bfloat16, False)])
+def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, dtype, tf32):
     """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels (a candidate until proven on a GPU).
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
-    d_weight sum long enough to be split. The reference is float64; TF32 is held to TF32's error.
+    d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;
+    TF32 is held to TF32's error, float16 and bfloat16 (exact products, float sums) to their rounding.
     """
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "implicit")
     gen = torch.Generator().manual_seed(7)
     cudnn = torch.backends.cudnn
     flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-2 if tf32 else 1e-5)
     # Fg and Cg of 32 or more, so that forward and d_input take the candidate too (below, the stem's d_input
     # with 3 channels goes the cuBLAS way: cuda/conv2d.cu, kImplicitMinColumns).
     for xs, ws, kw in [((9, 40, 23, 21), (136, 40, 3, 3), dict(padding=1)),
@@ -317,17 +320,19 @@ def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, tf32):
                        ((3, 150, 9, 9), (140, 150, 1, 1), dict()),
                        ((2, 3, 64, 64), (64, 3, 7, 7), dict(padding=3, stride=2)),
                        ((5, 36, 17, 19), (40, 36, 5, 3), dict(padding=(2, 1), dilation=(1, 2), stride=(3, 1)))]:
-        x = torch.randn(xs, generator=gen, dtype=torch.float64)
-        w = torch.randn(ws, generator=gen, dtype=torch.float64) * 0.1
-        b = torch.randn(ws[0], generator=gen, dtype=torch.float64)
+        x = torch.randn(xs, generator=gen, dtype=torch.float64).to(dtype)
+        w = (torch.randn(ws, generator=gen, dtype=torch.float64) * 0.1).to(dtype)
+        b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(dtype)
         with torch.no_grad():
-            g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
-        exact = run_both(x, w, b, g, **kw)[1]
+            g = torch.randn(F.conv2d(x.double(), w.double(), **kw).shape, generator=gen, dtype=torch.float64)
+        g = g.to(dtype)
+        exact = run_both(*(t.double() for t in (x, w, b, g)), **kw)[1]
         with cudnn.flags(**flags, allow_tf32=tf32):
-            mine = run_both(*(t.to("cuda", torch.float32) for t in (x, w, b, g)), **kw)[0]
+            mine = run_both(*(t.to("cuda") for t in (x, w, b, g)), **kw)[0]
         for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            assert m.dtype == dtype
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
-            assert error < (1e-2 if tf32 else 1e-5), (name, xs, ws, kw, error)
+            assert error < tolerance, (name, xs, ws, kw, dtype, error)
             if tf32 and name != "d_b":  # d_b is a plain sum
                 assert error > 1e-5, f"{name}: TF32 was asked for, so the error should show a 10-bit mantissa"
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "fastest")

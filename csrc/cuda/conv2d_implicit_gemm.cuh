@@ -16,9 +16,11 @@
 // table (Tap) built once per call, so a gathered value costs a table read, two bounds tests and a load,
 // never a division. Two kinds of arithmetic share that skeleton:
 //   MmaTf32  tensor cores, mma.sync m16n8k8 with TF32 inputs (10-bit mantissas, rounded to nearest, ties
-//            away, as cvt.rna does) and float32 accumulation: what torch's cuDNN convolutions do when
-//            torch.backends.cudnn.allow_tf32 is on (its default);
-//   SimtFma  float32 fused multiply-adds on the CUDA cores, for when it is off.
+//            away, as cvt.rna does) and float32 accumulation: what torch's cuDNN convolutions do for
+//            float32 when torch.backends.cudnn.allow_tf32 is on (its default), and exact for float16 and
+//            bfloat16 inputs, whose values TF32 holds;
+//   SimtFma  float32 fused multiply-adds on the CUDA cores, for float32 when TF32 is off (and below sm_80).
+// Operands are read in their dtype (T: float, c10::Half, c10::BFloat16) and converted to float as loaded.
 // d_weight sums over all N·oH·oW positions, so it is split along k into chunks that fill the GPU; each
 // chunk writes its own partial sum and a second kernel adds them in a fixed order: no atomics, the
 // result is deterministic.

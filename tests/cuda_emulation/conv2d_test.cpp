@@ -13,10 +13,14 @@
 #include "cuda/conv2d_implicit_gemm.cuh"
 // clang-format on
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 namespace ig = torch_cs231n::cuda::implicit_gemm;
@@ -97,12 +101,15 @@ Reference reference(const Conv2dGeometry& g, const std::vector<T>& x, const std:
 }
 
 // The largest |got - want| / (sum of |terms| + 1e-30), and whether every element is within tolerance.
+// The largest |got - want| / (sum of |terms| + rounding * |want|), and whether every element is within
+// tolerance; `rounding` is the output dtype's (float16 and bfloat16 round each result once more).
 template <typename T>
 bool compare(const char* what, const std::vector<T>& got, const std::vector<double>& want,
-             const std::vector<double>& scale, double tolerance) {
+             const std::vector<double>& scale, double tolerance, double rounding = 0.0) {
   double worst = 0.0;
   for (size_t i = 0; i < got.size(); ++i) {
-    const double e = std::fabs(got[i] - want[i]) / (scale[i] + 1e-30);
+    const double e = std::fabs(static_cast<double>(got[i]) - want[i]) /
+                     (scale[i] + rounding / tolerance * std::fabs(want[i]) + 1e-30);
     worst = std::isnan(e) || e > worst ? (std::isnan(e) ? INFINITY : e) : worst;
   }
   const bool ok = worst <= tolerance;
@@ -117,30 +124,41 @@ void describe(const char* what, const Case& k, const char* extra) {
 }
 
 // ------------------------------------------------------------------------------------ implicit GEMM
-template <typename Math>
+// T: the tensors' dtype (float, or c10::Half and c10::BFloat16, whose values TF32 holds exactly).
+template <typename Math, typename T = float>
 bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng) {
   const Conv2dGeometry g = geometry(k);
-  const std::vector<float> x = random_values(g.n * g.c * g.h * g.w, rng);
-  const std::vector<float> w = random_values(g.f * g.c_per_group() * g.kh * g.kw, rng);
-  const std::vector<float> b = random_values(g.f, rng);
-  const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
-  const Reference r = reference(g, rounded(x, tf32), rounded(w, tf32), b, rounded(dy, tf32));
+  const std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
+  const std::vector<T> w = random_values<T>(g.f * g.c_per_group() * g.kh * g.kw, rng);
+  const std::vector<T> b = random_values<T>(g.f, rng);
+  const std::vector<T> dy = random_values<T>(g.n * g.f * g.oh * g.ow, rng);
+  Reference r;
+  if constexpr (std::is_same_v<T, float>) {
+    r = reference(g, rounded(x, tf32), rounded(w, tf32), b, rounded(dy, tf32));
+  } else {
+    r = reference(g, x, w, b, dy);
+  }
 
-  std::vector<float> y(r.y.size(), NAN), dx(x.size(), NAN), dw(w.size(), NAN), wt(w.size());
+  std::vector<T> y(r.y.size(), T(NAN)), dx(x.size(), T(NAN)), dw(w.size(), T(NAN)), wt(w.size());
   std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
-  ig::forward<float, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), nullptr);
-  ig::grad_input<float, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
+  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), nullptr);
+  ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
   const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
   std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
-  ig::grad_weight<float, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
+  ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
 
-  char chunks[64];
+  char what[64], chunks[64];
+  std::snprintf(what, sizeof what, "implicit GEMM, %s%s",
+                std::is_same_v<T, float> ? "fp32" : (std::is_same_v<T, c10::Half> ? "fp16" : "bf16"),
+                tf32 ? ", tf32" : "");
   std::snprintf(chunks, sizeof chunks, " (d_weight in %ld chunks)", long(split.splits));
-  describe(tf32 ? "implicit GEMM, tf32" : "implicit GEMM, fp32", k, chunks);
+  describe(what, k, chunks);
+  // float16 and bfloat16 results are rounded once more, to 11 and 8 significant bits
   const double tolerance = 1e-5;
-  bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
-  ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
-  ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+  const double rounding = std::is_same_v<T, float> ? 0.0 : (std::is_same_v<T, c10::Half> ? 0x1p-11 : 0x1p-8);
+  bool ok = compare("forward", y, r.y, r.y_abs, tolerance, rounding);
+  ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance, rounding) && ok;
+  ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance, rounding) && ok;
   return ok;
 }
 
@@ -203,6 +221,12 @@ int main() {
   for (const Case& k : dense) {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+  }
+  // float16 and bfloat16 on the tensor cores (exact in TF32) and, below sm_80, on the CUDA cores
+  for (const Case& k : {dense[0], dense[3], dense[6], dense[9]}) {
+    ok = run_implicit_gemm<ig::MmaTf32, c10::Half>(k, /*tf32=*/true, rng) && ok;
+    ok = run_implicit_gemm<ig::MmaTf32, c10::BFloat16>(k, /*tf32=*/true, rng) && ok;
+    ok = run_implicit_gemm<ig::SimtFma, c10::Half>(k, /*tf32=*/false, rng) && ok;
   }
   const Case depthwise[] = {
       {2, 3, 9, 9, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3},    // 3x3, padding 1, one tile a plane

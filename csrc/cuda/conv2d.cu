@@ -17,7 +17,8 @@
 //
 // Two candidates, kernels that pass the CPU emulation test (tests/cuda_emulation/) but have not yet run on a
 // GPU, are chosen by environment variables until `make gpu-check` has proven them (docs/conv2d.md):
-//     TORCH_CS231N_CUDA_CONV=implicit      implicit GEMMs, no column buffer (cuda/conv2d_implicit_gemm.cuh)
+//     TORCH_CS231N_CUDA_CONV=implicit      implicit GEMMs, no column buffer (cuda/conv2d_implicit_gemm.h: its
+//                                          wrappers build in their own file, .cu, its kernels are in .cuh)
 //     TORCH_CS231N_CUDA_DEPTHWISE=tiles    depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh)
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
@@ -40,7 +41,7 @@
 #include "common/grads.h"
 #include "cuda/blas.cuh"
 #include "cuda/conv2d_depthwise.cuh"
-#include "cuda/conv2d_implicit_gemm.cuh"
+#include "cuda/conv2d_implicit_gemm.h"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -387,85 +388,6 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ------------------------------------------------------------------------------------- implicit GEMM
-// The implicit-GEMM kernels (cuda/conv2d_implicit_gemm.cuh) are a candidate: they pass the CPU emulation
-// test but have not yet run on a GPU, so the im2col + cuBLAS route above stays the default until they pass
-// `make gpu-check` there. TORCH_CS231N_CUDA_CONV=implicit chooses them for float32, float16 and bfloat16;
-// float64, depthwise convolutions and shapes past the grid's limits keep the default route.
-bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  const auto dtype = x.scalar_type();
-  return cuda::candidate_chosen("TORCH_CS231N_CUDA_CONV", "cublas", "implicit") &&
-         (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && !conv2d_is_depthwise(g) &&
-         cuda::implicit_gemm::fits(g);
-}
-
-// A product's columns fill tiles 64 or 128 wide: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw).
-// Below 32 most of a tile would be idle (an RGB stem's d_input has 3), and the cuBLAS route does that product.
-constexpr int64_t kImplicitMinColumns = 32;
-
-// f(T{}, Math{}) for the input's dtype and the arithmetic, as cuDNN would choose it: on the tensor cores
-// (sm_80 and later) float32 in TF32 when torch.backends.cudnn.allow_tf32 is on; float16 and bfloat16
-// always, as their values are exact in TF32 (10 and 7 mantissa bits, within TF32's 10 and 8 exponent
-// bits), so the products are exact and the sums float32: the precision of cuDNN's half convolutions.
-// Otherwise float32 FMAs.
-template <typename F>
-void with_implicit_gemm_math(const at::Tensor& x, F&& f) {
-  namespace ig = cuda::implicit_gemm;
-  const bool tensor_cores = at::cuda::getCurrentDeviceProperties()->major >= 8;
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      tensor_cores ? f(at::Half{}, ig::MmaTf32{}) : f(at::Half{}, ig::SimtFma{});
-      break;
-    case at::kBFloat16:
-      tensor_cores ? f(at::BFloat16{}, ig::MmaTf32{}) : f(at::BFloat16{}, ig::SimtFma{});
-      break;
-    default:
-      tensor_cores&& cuda::conv_allows_tf32() ? f(float{}, ig::MmaTf32{}) : f(float{}, ig::SimtFma{});
-  }
-}
-
-// A tap table of `count` entries (16 bytes each), on x's device.
-at::Tensor tap_table(int64_t count, const at::Tensor& x) {
-  static_assert(sizeof(cuda::implicit_gemm::Tap) == 2 * sizeof(int64_t), "a Tap is two int64 words");
-  return at::empty({2 * std::max<int64_t>(count, 1)}, x.options().dtype(at::kLong));
-}
-cuda::implicit_gemm::Tap* taps_of(at::Tensor& table) {
-  return reinterpret_cast<cuda::implicit_gemm::Tap*>(table.mutable_data_ptr<int64_t>());
-}
-
-template <typename T, typename Math>
-void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
-                      const Conv2dGeometry& g, cudaStream_t stream) {
-  at::Tensor taps = tap_table(cuda::implicit_gemm::grad_weight_taps(g), x);
-  const T* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
-  cuda::implicit_gemm::forward<T, Math>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), g,
-                                        taps_of(taps), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, typename Math>
-void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
-                       const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
-  namespace ig = cuda::implicit_gemm;
-  if (need_dx) {
-    at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
-    at::Tensor wt = at::empty_like(w);
-    ig::grad_input<T, Math>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g, taps_of(taps),
-                            wt.mutable_data_ptr<T>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (need_dw) {
-    // about two blocks per multiprocessor, each with a chunk of the N*oH*oW sum; partial sums in float
-    const ig::WeightSplit split =
-        ig::grad_weight_split(g, 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-    at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
-    at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options().dtype(at::kFloat));
-    ig::grad_weight<T, Math>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g, split,
-                             taps_of(taps), partials.mutable_data_ptr<float>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 // ---------------------------------------------------------------------------------------------- the ops
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -480,9 +402,8 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (implicit_gemm_chosen(g, x) && g.f_per_group() >= kImplicitMinColumns) {
-    with_implicit_gemm_math(
-        x, [&](auto t, auto math) { implicit_forward<decltype(t), decltype(math)>(x, w, b, y, g, stream); });
+  if (cuda::implicit_gemm_chosen(g, x) && g.f_per_group() >= cuda::kImplicitMinColumns) {
+    cuda::implicit_gemm_forward(x, w, b, y, g, stream);
     return y.contiguous(format);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_forward_cuda", [&] {
@@ -521,13 +442,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (implicit_gemm_chosen(g, x)) {
-    const bool implicit_dx = need_dx && g.c_per_group() >= kImplicitMinColumns;
-    with_implicit_gemm_math(x, [&](auto t, auto math) {
-      using T = decltype(t);
-      implicit_backward<T, decltype(math)>(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);
-      if (need_dx && !implicit_dx) gemm_backward<T>(dy, x, w, dx, dw, g, /*need_dx=*/true, /*need_dw=*/false, stream);
-    });
+  if (cuda::implicit_gemm_chosen(g, x)) {
+    const bool implicit_dx = need_dx && g.c_per_group() >= cuda::kImplicitMinColumns;
+    cuda::implicit_gemm_backward(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);
+    if (need_dx && !implicit_dx) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_backward_cuda", [&] {
+        gemm_backward<scalar_t>(dy, x, w, dx, dw, g, /*need_dx=*/true, /*need_dw=*/false, stream);
+      });
+    }
     return {in_format(dx), in_format(dw), db};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_backward_cuda", [&] {

@@ -1,0 +1,109 @@
+// The implicit-GEMM route of the convolution on CUDA (a candidate: cuda/conv2d_implicit_gemm.h): the
+// wrappers that allocate its tap tables and partial sums with torch's allocator, choose the arithmetic the
+// way cuDNN would, and call the kernels of cuda/conv2d_implicit_gemm.cuh.
+#include "cuda/conv2d_implicit_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "common/conv2d.h"
+#include "cuda/blas.cuh"
+#include "cuda/conv2d_implicit_gemm.cuh"
+#include "cuda/launch.cuh"
+
+namespace torch_cs231n {
+namespace cuda {
+namespace {
+
+// f(T{}, Math{}) for the input's dtype and the arithmetic, as cuDNN would choose it: float32 in TF32 on the
+// tensor cores when torch.backends.cudnn.allow_tf32 is on (and the GPU has them: sm_80 and later), in
+// float32 FMAs otherwise; float16 and bfloat16 always on the tensor cores (implicit_gemm_chosen leaves
+// them to the cuBLAS route below sm_80), as their values are exact in TF32 (10 and 7 mantissa bits, within
+// TF32's 10 and 8 exponent bits): exact products and float32 sums, the precision of cuDNN's half
+// convolutions.
+bool has_tensor_cores() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
+template <typename F>
+void with_implicit_gemm_math(const at::Tensor& x, F&& f) {
+  namespace ig = implicit_gemm;
+  const auto dtype = x.scalar_type();
+  if (dtype == at::kHalf) {
+    f(at::Half{}, ig::MmaTf32{});
+  } else if (dtype == at::kBFloat16) {
+    f(at::BFloat16{}, ig::MmaTf32{});
+  } else if (has_tensor_cores() && conv_allows_tf32()) {
+    f(float{}, ig::MmaTf32{});
+  } else {
+    f(float{}, ig::SimtFma{});
+  }
+}
+
+// A tap table of `count` entries (16 bytes each), on x's device.
+at::Tensor tap_table(int64_t count, const at::Tensor& x) {
+  static_assert(sizeof(implicit_gemm::Tap) == 2 * sizeof(int64_t), "a Tap is two int64 words");
+  return at::empty({2 * std::max<int64_t>(count, 1)}, x.options().dtype(at::kLong));
+}
+implicit_gemm::Tap* taps_of(at::Tensor& table) {
+  return reinterpret_cast<implicit_gemm::Tap*>(table.mutable_data_ptr<int64_t>());
+}
+
+template <typename T, typename Math>
+void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                      const Conv2dGeometry& g, cudaStream_t stream) {
+  at::Tensor taps = tap_table(implicit_gemm::grad_weight_taps(g), x);
+  const T* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
+  implicit_gemm::forward<T, Math>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), g,
+                                  taps_of(taps), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Math>
+void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
+                       const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  namespace ig = implicit_gemm;
+  if (need_dx) {
+    at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
+    at::Tensor wt = at::empty_like(w);
+    ig::grad_input<T, Math>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g, taps_of(taps),
+                            wt.mutable_data_ptr<T>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (need_dw) {
+    // about two blocks per multiprocessor, each with a chunk of the N*oH*oW sum; partial sums in float
+    const ig::WeightSplit split =
+        ig::grad_weight_split(g, 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
+    at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options().dtype(at::kFloat));
+    ig::grad_weight<T, Math>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g, split,
+                             taps_of(taps), partials.mutable_data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  const bool typed = dtype == at::kFloat || ((dtype == at::kHalf || dtype == at::kBFloat16) && has_tensor_cores());
+  return candidate_chosen("TORCH_CS231N_CUDA_CONV", "cublas", "implicit") && typed && !conv2d_is_depthwise(g) &&
+         implicit_gemm::fits(g);
+}
+
+void implicit_gemm_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           at::Tensor& y, const Conv2dGeometry& g, cudaStream_t stream) {
+  with_implicit_gemm_math(
+      x, [&](auto t, auto math) { implicit_forward<decltype(t), decltype(math)>(x, w, bias, y, g, stream); });
+}
+
+void implicit_gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
+                            at::Tensor& dw, const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  with_implicit_gemm_math(x, [&](auto t, auto math) {
+    implicit_backward<decltype(t), decltype(math)>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace torch_cs231n

@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
 # Candidates, one per line: "name|environment settings|pytest -k expression|bench ops|profile cases" (the
 # last three fields space-separated where there are several). The TF32 bench repeats the conv2d cases.
-# All of this session's candidates go in one round, to keep the check under 6 minutes; their own tests and
+# All the candidates go in one round, to keep the check under 6 minutes; their own tests and
 # their benchmark cases tell them apart (docs/conv2d.md, docs/max_pool2d.md):
 #   TORCH_CS231N_CUDA_CONV=implicit        the implicit GEMM, dense convolutions (cuda/conv2d_implicit_gemm.cuh)
 #   TORCH_CS231N_CUDA_DEPTHWISE=tiles      shared-memory tiles, depthwise (cuda/conv2d_depthwise.cuh)

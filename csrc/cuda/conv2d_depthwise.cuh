@@ -42,7 +42,7 @@ inline Region region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t 
 }
 
 // A tiled pass: out[n, o_ch, o] from src planes of src_h x src_w through the map i = o·s − p + t·d.
-struct TileMap {
+struct Tiling {
   int64_t out_h, out_w, src_h, src_w;
   int64_t sh, sw, ph, pw, dh, dw;
   int rows, cols;          // the Region
@@ -51,7 +51,7 @@ struct TileMap {
 
 // Copies the region of src_plane for the tile whose first output is (o_h0, o_w0) into shared memory.
 template <typename T, typename Acc>
-__device__ void load_region(Acc* region, const T* src_plane, const TileMap& m, int64_t o_h0, int64_t o_w0) {
+__device__ void load_region(Acc* region, const T* src_plane, const Tiling& m, int64_t o_h0, int64_t o_w0) {
   const int64_t i_h0 = o_h0 * m.sh - m.ph, i_w0 = o_w0 * m.sw - m.pw;
   for (int idx = threadIdx.x; idx < m.rows * m.cols; idx += kThreads) {
     const int r = idx / m.cols, c = idx % m.cols;
@@ -64,7 +64,7 @@ __device__ void load_region(Acc* region, const T* src_plane, const TileMap& m, i
 
 // Σ_t w[t] · region at the thread's output (oy, ox) of the tile.
 template <typename Acc, int KH, int KW>
-__device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const TileMap& m, int oy, int ox) {
+__device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const Tiling& m, int oy, int ox) {
   Acc acc = Acc(0);
 #pragma unroll
   for (int th = 0; th < KH; ++th) {
@@ -81,7 +81,7 @@ __device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const Tile
 template <typename T, typename Acc, int KH, int KW>
 __global__ void __launch_bounds__(kThreads)
     tiled_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
-                 TileMap m, int64_t out_channels, int64_t src_channels, int64_t mult, bool grad_input) {
+                 Tiling m, int64_t out_channels, int64_t src_channels, int64_t mult, bool grad_input) {
   __shared__ Acc region[kRegion];
   const int64_t plane = blockIdx.x / m.tiles, tile = blockIdx.x % m.tiles;
   const int64_t n = plane / out_channels, o_ch = plane % out_channels;
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
 // (mod slices). partial[f][slice][t].
 template <typename T, typename Acc, int KH, int KW>
 __global__ void __launch_bounds__(kThreads)
-    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc* __restrict__ partial, TileMap m,
+    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc* __restrict__ partial, Tiling m,
                        int64_t n_samples, int64_t f_channels, int64_t c_channels, int64_t slices) {
   __shared__ Acc region[kRegion];
   __shared__ Acc sums[kThreads];
@@ -163,11 +163,12 @@ __global__ void sum_slices_kernel(const Acc* __restrict__ partial, T* __restrict
 // ----------------------------------------------------------------------------------------------- the calls
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline TileMap tile_map(int64_t out_h, int64_t out_w, int64_t src_h, int64_t src_w, int64_t sh, int64_t sw, int64_t ph,
-                        int64_t pw, int64_t dh, int64_t dw, Region r) {
-  const int64_t tiles_w = ceil_div(out_w, kTileW);
-  return TileMap{out_h, out_w, src_h, src_w,  sh,     sw,      ph,
-                 pw,    dh,    dw,    r.rows, r.cols, tiles_w, tiles_w * ceil_div(out_h, kTileH)};
+inline Tiling tiling(int64_t out_h, int64_t out_w, int64_t src_h, int64_t src_w, int64_t sh, int64_t sw, int64_t ph,
+                     int64_t pw, int64_t dh, int64_t dw, Region r) {
+  Tiling m{out_h, out_w, src_h, src_w, sh, sw, ph, pw, dh, dw, r.rows, r.cols, 0, 0};
+  m.tiles_w = ceil_div(out_w, kTileW);
+  m.tiles = m.tiles_w * ceil_div(out_h, kTileH);
+  return m;
 }
 
 // Which passes the tiles can do: the filter is 3x3 or 5x5 and the region fits; d_input needs stride 1.
@@ -179,8 +180,8 @@ inline bool grad_input_tiles_fit(const Conv2dGeometry& g) { return tiles_fit(g) 
 
 template <typename T, typename Acc, int KH, int KW>
 void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, cudaStream_t stream) {
-  const TileMap m =
-      tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
+  const Tiling m =
+      tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
   auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.f * m.tiles)), kThreads, stream, x, w, bias, y, m,
                       g.f, g.c, g.f / g.c, false);
@@ -189,8 +190,8 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
 // Stride 1 only (grad_input_tiles_fit): the flipped filter over dY, padding (k−1)·d − p.
 template <typename T, typename Acc, int KH, int KW>
 void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cudaStream_t stream) {
-  const TileMap m = tile_map(g.h, g.w, g.oh, g.ow, 1, 1, (KH - 1) * g.dh - g.ph, (KW - 1) * g.dw - g.pw, g.dh, g.dw,
-                             region_of(KH, KW, 1, 1, g.dh, g.dw));
+  const Tiling m = tiling(g.h, g.w, g.oh, g.ow, 1, 1, (KH - 1) * g.dh - g.ph, (KW - 1) * g.dw - g.pw, g.dh, g.dw,
+                          region_of(KH, KW, 1, 1, g.dh, g.dw));
   auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.c * m.tiles)), kThreads, stream, dy, w,
                       static_cast<const T*>(nullptr), dx, m, g.c, g.f, g.f / g.c, true);
@@ -199,7 +200,7 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cudaStr
 // d_weight's slices per filter: about `blocks_wanted` blocks in all, each with at least 8 (sample, tile)
 // pairs. partial: filters x slices x taps values of Acc.
 inline int64_t grad_weight_slices(const Conv2dGeometry& g, int64_t blocks_wanted) {
-  const int64_t units = g.n * tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, Region{1, 1}).tiles;
+  const int64_t units = g.n * tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, Region{1, 1}).tiles;
   int64_t slices = ceil_div(blocks_wanted, g.f);
   const int64_t most = ceil_div(units, 8);
   return slices < 1 ? 1 : (slices > most ? most : slices);
@@ -208,8 +209,8 @@ inline int64_t grad_weight_slices(const Conv2dGeometry& g, int64_t blocks_wanted
 template <typename T, typename Acc, int KH, int KW>
 void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_t slices, Acc* partial,
                  cudaStream_t stream) {
-  const TileMap m =
-      tile_map(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
+  const Tiling m =
+      tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
   auto* kernel = &grad_weight_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.f * slices)), kThreads, stream, dy, x, partial, m, g.n,
                       g.f, g.c, slices);

@@ -564,6 +564,7 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
   // rows are output pixels, never few: Tall or Square
   auto run = [&](auto shape) {
     using Shape = decltype(shape);
+    // rows m over the output grid, gathered from x: h = o_h·s − p + tap.dh, no division
     const PatchAlongM<T, Shape::kBM, false> a{
         x, taps, e.m, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw, 1, 1};
     const MatrixAlongK<T, Shape::kBN> b{w, fg, kg, fg * kg};
@@ -593,6 +594,7 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
   auto run = [&](auto shape, auto divide) {
     using Shape = decltype(shape);
     constexpr bool kDivide = decltype(divide)::value;
+    // rows m over the input grid, gathered from dY: o_h = (i_h + tap.dh) / s when it divides (tap.dh = p − t·d)
     const PatchAlongM<T, Shape::kBM, kDivide> a{dy, taps, e.m, g.h, g.w,  g.oh, g.ow, g.f * out_plane, fg * out_plane,
                                                 1,  1,    0,   0,   g.sh, g.sw};
     const MatrixAlongN<T, Shape::kBN> b{wt, cg, cg, kg * cg};
@@ -643,6 +645,7 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
   with_shape(fg, kg, [&](auto shape) {
     using Shape = decltype(shape);
     const PlanesAlongK<T, Shape::kBM> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
+    // columns (c, t_h, t_w), the sum over output pixels k, gathered from x as in the forward
     const PatchAlongK<T, Shape::kBN> b{
         x, taps, kg, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, stream);

@@ -77,10 +77,11 @@ __device__ inline LineIndex at_element(LineIndex l, int64_t j) {
   return l;
 }
 
-// Memory offset of (n, c, h, w) in a dense (N, C, rows, cols) tensor in NCHW or NHWC.
+// Memory offset of (n, c, h, w) in a dense (N, C, rows, cols) tensor in NCHW or NHWC (the candidate's
+// flat(), in int64).
 template <bool kChannelsLast>
 __device__ inline int64_t offset(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t rows, int64_t cols) {
-  return kChannelsLast ? ((n * rows + h) * cols + w) * C + c : ((n * C + c) * rows + h) * cols + w;
+  return cuda::max_pool::flat<int64_t, kChannelsLast>(n, c, h, w, C, rows, cols);
 }
 
 // Reads element (ih, iw) of one plane, whose pixels lie `step` elements apart (1 in NCHW, C in NHWC).

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "common/max_pool2d_index.h"
 #include "cuda/emulatable.cuh"
 
 namespace torch_cs231n {
@@ -32,14 +33,6 @@ struct Params {
 
 // No input lies in two windows.
 inline bool windows_disjoint(const Params& p) { return (p.kh - 1) * p.dh + 1 <= p.sh && (p.kw - 1) * p.dw + 1 <= p.sw; }
-
-// floor(a / b) for b > 0 and either sign of a.
-template <typename index_t>
-__host__ __device__ inline index_t floor_div(index_t a, index_t b) {
-  if (b == 1) return a;
-  const index_t q = a / b;
-  return (a % b != 0 && a < 0) ? q - 1 : q;
-}
 
 // Whether input position i lies in the span of output o's window along one axis, o·s − p <= i <=
 // o·s − p + (k−1)·d: rule (3)'s condition, the gather's below and the proven kernel's.
@@ -97,8 +90,7 @@ __global__ void scatter_kernel(const T* __restrict__ dy, const int64_t* __restri
   }
 }
 
-// Gather over the inputs, rule (3): the outputs whose window can hold (h, w) are
-// ceil((i + p − (k−1)·d) / s) <= o <= floor((i + p) / s), within [0, out).
+// Gather over the inputs, rule (3), over pool::candidate_outputs (the proven kernel's range, in index_t).
 template <typename T, typename Acc, bool kChannelsLast, typename index_t>
 __global__ void gather_kernel(const T* __restrict__ dy, const int64_t* __restrict__ ind, T* __restrict__ dx,
                               index_t inputs, Params p) {
@@ -106,14 +98,13 @@ __global__ void gather_kernel(const T* __restrict__ dy, const int64_t* __restric
   const index_t step = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < inputs; i += step) {
     const Position<index_t> q = position<index_t, kChannelsLast>(i, C, H, W);
-    const index_t oh0 = -floor_div<index_t>((p.kh - 1) * p.dh - q.h - p.ph, p.sh);  // ceil((h + p − (k−1)d) / s)
-    const index_t oh1 = floor_div<index_t>(q.h + p.ph, p.sh) + 1;
-    const index_t ow0 = -floor_div<index_t>((p.kw - 1) * p.dw - q.w - p.pw, p.sw);
-    const index_t ow1 = floor_div<index_t>(q.w + p.pw, p.sw) + 1;
+    index_t oh0, oh1, ow0, ow1;
+    pool::candidate_outputs<index_t>(q.h, OH, p.kh, p.sh, p.ph, p.dh, &oh0, &oh1);
+    pool::candidate_outputs<index_t>(q.w, OW, p.kw, p.sw, p.pw, p.dw, &ow0, &ow1);
     const int64_t target = static_cast<int64_t>(q.h) * W + q.w;
     Acc sum = Acc(0);
-    for (index_t oh = oh0 > 0 ? oh0 : 0; oh < (oh1 < OH ? oh1 : OH); ++oh) {
-      for (index_t ow = ow0 > 0 ? ow0 : 0; ow < (ow1 < OW ? ow1 : OW); ++ow) {
+    for (index_t oh = oh0; oh < oh1; ++oh) {
+      for (index_t ow = ow0; ow < ow1; ++ow) {
         const index_t o = flat<index_t, kChannelsLast>(q.n, q.c, oh, ow, C, OH, OW);
         if (ind[o] == target) sum += static_cast<Acc>(dy[o]);
       }

@@ -3,13 +3,14 @@
 # they bring their own torch, pytest, pytest-xdist and hypothesis):
 #   1. build the extension for the local card, with every core;
 #   2. python -m torch_cs231n check --device cuda;
-#   3. the CUDA half of the tests (every test id with "cuda", and the libstdc++ link checks), in parallel
-#      when pytest-xdist is there;
+#   3. the CUDA half of the tests (every test id with "cuda", and the libstdc++ link checks; not the
+#      candidates' own), in parallel when pytest-xdist is there;
 #   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32, and the
 #      convolutions again TF32 against TF32 (torch's default for convolutions);
 #   5. for each candidate kernel (CANDIDATES below: new kernels that are not the default until they pass
 #      here), the tests of its layer and its benchmark again with the candidate switched on;
-#   6. where each kernel's time goes (benchmarks/profile_gpu.py), the candidates' first, while time allows.
+#   6. the candidates once more under compute-sanitizer's racecheck (tools/sanitize_candidates.py);
+#   7. where each kernel's time goes (benchmarks/profile_gpu.py), the candidates' first, while time allows.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
@@ -73,42 +74,54 @@ step check "$PY" -m torch_cs231n check --device cuda
 tail -n 15 "$OUT/check.log" >>"$summary"
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$jobs")
-step pytest-cuda "$PY" -m pytest -q -k "cuda or libstdcxx" "${parallel[@]}"
+# The candidates' own tests (their names say "candidate") wait for the candidates' round, with its limits.
+step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}"
 tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
 step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 2 --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
 step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 2 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
 # $setting, $ops and $cases are split into words on purpose below (several VAR=value for env, several ops).
-# A candidate has never run on a GPU: its steps get a time limit, so that a kernel that hangs cannot hold
-# the machine.
+# A candidate has never run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel
+# that hangs cannot hold the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that a fault names
+# its kernel.
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   echo "candidate $name ($setting):" | tee -a "$summary"
-  step "pytest-$name" timeout 150 env $setting "$PY" -m pytest -q -k "$tests" "${parallel[@]}"
+  step "pytest-$name" timeout -k 10 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
+    "${parallel[@]}"
   tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
-  step "bench-$name" timeout 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
+  step "bench-$name" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
     $(printf -- '--op %s ' $ops) --json "$OUT/bench-$name.json"
   sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
   if [[ " $ops " == *" conv2d "* ]]; then
-    step "bench-$name-tf32" timeout 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d \
+    step "bench-$name-tf32" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d \
       --tf32 --json "$OUT/bench-$name-tf32.json"
     sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
   fi
 done
+# Shared-memory races, which the CPU emulation cannot show: each candidate kernel once on tiny inputs under
+# compute-sanitizer's racecheck, when the toolkit has it.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$sanitizer" ] && [ "${#CANDIDATES[@]}" -gt 0 ]; then
+  step racecheck timeout -k 10 120 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_candidates.py
+  tail -n 4 "$OUT/racecheck.log" >>"$summary"
+else
+  echo "racecheck: skipped (no compute-sanitizer, or no candidate)" | tee -a "$summary"
+fi
 # The profiles explain; they run while the 6 minutes allow, the candidates' first (the proven kernels'
 # profile is in docs/benchmarks.md).
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   if [ "$SECONDS" -lt "$BUDGET" ]; then
-    step "profile-$name" timeout 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
+    step "profile-$name" timeout -k 10 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
       $(printf -- '--case %s ' $cases)
   else
     echo "profile-$name: skipped, past ${BUDGET} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
   fi
 done
 if [ "$SECONDS" -lt "$BUDGET" ]; then
-  step profile timeout 60 "$PY" -m benchmarks.profile_gpu
+  step profile timeout -k 10 60 "$PY" -m benchmarks.profile_gpu
 else
   echo "profile: skipped, past ${BUDGET} s" | tee -a "$summary"
 fi

@@ -207,7 +207,11 @@ __global__ void col2im_t_flat_kernel(const T* __restrict__ dcol, T* __restrict__
   }
 }
 
-bool fits_int32(int64_t n) { return n <= std::numeric_limits<int32_t>::max(); }
+// Whether a grid-stride loop of `blocks` blocks over n items can count in int32: every index it forms, the
+// last step's overshoot included, stays below 2^31.
+bool fits_int32(int64_t n, unsigned int blocks) {
+  return n + static_cast<int64_t>(blocks) * cuda::kThreads <= std::numeric_limits<int32_t>::max();
+}
 
 template <typename T>
 void launch_im2col_t(const T* x, T* col, const Conv2dGeometry& g, int64_t nb, cudaStream_t stream) {
@@ -216,7 +220,7 @@ void launch_im2col_t(const T* x, T* col, const Conv2dGeometry& g, int64_t nb, cu
   if (g.ow >= cuda::kWarp) {
     im2col_t_lines_kernel<T>
         <<<cuda::grid_for_lines(g.col_rows() * nb * g.oh), cuda::kThreads, 0, stream>>>(x, col, g, nb);
-  } else if (fits_int32(total)) {
+  } else if (fits_int32(total, blocks)) {
     im2col_t_flat_kernel<T, int32_t><<<blocks, cuda::kThreads, 0, stream>>>(x, col, g, static_cast<int32_t>(nb));
   } else {
     im2col_t_flat_kernel<T, int64_t><<<blocks, cuda::kThreads, 0, stream>>>(x, col, g, nb);
@@ -230,7 +234,7 @@ void launch_col2im_t(const T* dcol, T* dx, const Conv2dGeometry& g, int64_t nb, 
   const unsigned int blocks = cuda::grid_for(total);
   if (g.w >= cuda::kWarp) {
     col2im_t_lines_kernel<T><<<cuda::grid_for_lines(nb * g.c * g.h), cuda::kThreads, 0, stream>>>(dcol, dx, g, nb);
-  } else if (fits_int32(std::max(total, g.col_rows() * nb * g.col_cols()))) {  // d_col_t's offsets too
+  } else if (fits_int32(std::max(total, g.col_rows() * nb * g.col_cols()), blocks)) {  // d_col_t's offsets too
     col2im_t_flat_kernel<T, int32_t><<<blocks, cuda::kThreads, 0, stream>>>(dcol, dx, g, static_cast<int32_t>(nb));
   } else {
     col2im_t_flat_kernel<T, int64_t><<<blocks, cuda::kThreads, 0, stream>>>(dcol, dx, g, nb);

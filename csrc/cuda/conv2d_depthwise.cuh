@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // each tap's 256 sums, added pairwise in a fixed order
+#pragma unroll
   for (int t = 0; t < KH * KW; ++t) {
     sums[threadIdx.x] = acc[t];
     __syncthreads();
@@ -182,6 +183,7 @@ template <typename T, typename Acc, int KH, int KW>
 void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, cudaStream_t stream) {
   const Tiling m =
       tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, region_of(KH, KW, g.sh, g.sw, g.dh, g.dw));
+  if (g.n * g.f * m.tiles == 0) return;  // no output
   auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.f * m.tiles)), kThreads, stream, x, w, bias, y, m,
                       g.f, g.c, g.f / g.c, false);
@@ -192,6 +194,7 @@ template <typename T, typename Acc, int KH, int KW>
 void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cudaStream_t stream) {
   const Tiling m = tiling(g.h, g.w, g.oh, g.ow, 1, 1, (KH - 1) * g.dh - g.ph, (KW - 1) * g.dw - g.pw, g.dh, g.dw,
                           region_of(KH, KW, 1, 1, g.dh, g.dw));
+  if (g.n * g.c * m.tiles == 0) return;  // an empty input plane: no d_input to write
   auto* kernel = &tiled_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.n * g.c * m.tiles)), kThreads, stream, dy, w,
                       static_cast<const T*>(nullptr), dx, m, g.c, g.f, g.f / g.c, true);

@@ -12,9 +12,9 @@
 // or B(k, n) lives (below), an epilogue where D goes. A block computes a tile of D, 128 x 128 (or 256 x 64
 // and 64 x 256 for products with 64 columns or rows: TileShape), in stages of 16 along k: its 256 threads
 // gather the next stage into registers while the warps multiply the current one from shared memory (two
-// buffers, one barrier per stage). A filter tap's offsets come from a small
-// table (Tap) built once per call, so a gathered value costs a table read, two bounds tests and a load,
-// never a division. Two kinds of arithmetic share that skeleton:
+// buffers, one barrier per stage). A filter tap's offsets come from a small table (Tap) built once per
+// call, so a gathered value costs a table read, bounds tests and a load, and no division (but for d_input
+// with a stride: a 32-bit one per axis, the inverse map's). Two kinds of arithmetic share that skeleton:
 //   MmaTf32  tensor cores, mma.sync m16n8k8 with TF32 inputs (10-bit mantissas, rounded to nearest, ties
 //            away, as cvt.rna does) and float32 accumulation: what torch's cuDNN convolutions do for
 //            float32 when torch.backends.cudnn.allow_tf32 is on (its default), and exact for float16 and
@@ -126,10 +126,12 @@ struct PatchAlongM {
         const Tap tap = taps[k];
         int64_t h = h0 + tap.dh, w = w0 + tap.dw;
         bool inside = h >= 0 && w >= 0;
-        if (kDivide) {
-          inside = inside && h % div_h == 0 && w % div_w == 0;
-          h /= div_h;
-          w /= div_w;
+        if (kDivide) {  // image coordinates and strides fit in 32 bits, whose division is far cheaper
+          const int32_t h32 = static_cast<int32_t>(h), w32 = static_cast<int32_t>(w);
+          const int32_t sh = static_cast<int32_t>(div_h), sw = static_cast<int32_t>(div_w);
+          inside = inside && h32 % sh == 0 && w32 % sw == 0;
+          h = h32 / sh;
+          w = w32 / sw;
         }
         if (inside && h < src_h && w < src_w) value = static_cast<float>(base[tap.offset + h * src_w + w]);
       }
@@ -533,19 +535,30 @@ inline bool fits(const Conv2dGeometry& g) {
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 void launch_gemm(const LoaderA& a, const LoaderB& b, const Epilogue& out, const Extent& e, int64_t z,
                  cudaStream_t stream) {
+  if (e.m == 0 || e.n == 0) return;  // an empty product (an input plane of 0 rows, say): nothing to write
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, Shape::kBM)),
                   static_cast<unsigned int>(ceil_div(e.n, Shape::kBN)), static_cast<unsigned int>(z));
   auto* kernel = &implicit_gemm_kernel<Shape, Math, LoaderA, LoaderB, Epilogue>;
   TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
 }
 
-// f(Shape{}) with the tile shape for a product of `rows` x `cols`: Tall for 64 columns or fewer, Wide for 64
-// rows or fewer, Square otherwise.
+// The area the tiles of a shape cover for a product of `rows` x `cols` (what the blocks multiply, zeros
+// included).
+template <typename Shape>
+int64_t covered(int64_t rows, int64_t cols) {
+  return ceil_div(rows, Shape::kBM) * Shape::kBM * ceil_div(cols, Shape::kBN) * Shape::kBN;
+}
+
+// f(Shape{}) with the tile shape that covers a product of `rows` x `cols` with the least idle area: Tall
+// for 64 columns or fewer over many rows (forward and d_input of a 64-channel layer), Wide for the
+// converse (d_weight of 64 filters), Square otherwise and on ties.
 template <typename F>
 void with_shape(int64_t rows, int64_t cols, F&& f) {
-  if (cols <= 64) {
+  const int64_t square = covered<Square>(rows, cols), tall = covered<Tall>(rows, cols);
+  const int64_t wide = covered<Wide>(rows, cols);
+  if (tall < square && tall <= wide) {
     f(Tall{});
-  } else if (rows <= 64) {
+  } else if (wide < square) {
     f(Wide{});
   } else {
     f(Square{});

@@ -147,8 +147,10 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* __restrict__ dy, cons
 void flat_backward(const at::Tensor& dy, const at::Tensor& ind, at::Tensor& dx, int64_t batch, const Params& p,
                    bool nhwc, cudaStream_t stream) {
   if (cuda::max_pool::windows_disjoint(p)) dx.zero_();  // the scatter writes only the maxima
-  const bool narrow = std::max(dx.numel(), dy.numel()) <= std::numeric_limits<int32_t>::max();
   const int64_t cap = cuda::grid_for(dx.numel());
+  // 32-bit indices when every index the grid-stride loops form fits, the last step's overshoot included
+  const bool narrow =
+      std::max(dx.numel(), dy.numel()) + cap * cuda::max_pool::kThreads <= std::numeric_limits<int32_t>::max();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "max_pool2d_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();

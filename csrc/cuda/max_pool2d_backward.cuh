@@ -9,9 +9,10 @@
 //            each input lies in at most one window, so the sum has at most one term: dx is zeroed and
 //            each output writes dy[o] to dx[ind[o]], if ind[o] lies in its window's span (the gather's
 //            condition). No two outputs write one element: deterministic, without atomics.
-//   gather   the same gather as the proven kernel, with indices in 32 bits when the tensors allow.
-// Both decode a flat index with divisions of the index type, 32-bit wherever the input has fewer than
-// 2^31 elements. Like the other emulatable headers, no torch type: tests/cuda_emulation/ runs it on the CPU.
+//   gather   the same gather as the proven kernel, flat over the inputs.
+// Both decode a flat index with divisions of the index type, 32-bit wherever every index the grid-stride
+// loop forms (the last step's overshoot included) stays below 2^31. Like the other emulatable headers, it
+// has no torch type: tests/cuda_emulation/ runs it on the CPU.
 #pragma once
 
 #include <cstdint>

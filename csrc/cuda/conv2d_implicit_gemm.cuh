@@ -59,8 +59,9 @@ using Tall = TileShape<256, 64>;
 using Wide = TileShape<64, 256>;
 
 // A shared tile is stored k-major, tile[k][mn], mn along the operand's side of the block's tile (its
-// extent: kBM for A, kBN for B). Its rows are padded by 8 floats (row lengths 72, 136 and 264 are all
-// 8 mod 32) so that the 32 lanes of an MMA fragment read (rows k..k+3, columns mn..mn+7) hit 32 banks.
+// extent: kBM for A, kBN for B; the tensor-core arithmetic permutes mn within groups of 8: MmaTf32::column). Its rows
+// are padded by 8 floats (row lengths 72, 136 and 264 are all 8 mod 32) so that the 32 lanes of an MMA fragment read
+// (rows k..k+3, columns mn..mn+7) hit 32 banks.
 template <int kExtent>
 using Tile = float[kBK][kExtent + 8];
 
@@ -333,6 +334,11 @@ struct MmaTf32 {
     float v[4][4][4];  // [m tile][n tile][fragment]
   };
   static __device__ float operand(float x) { return round_to_tf32(x); }
+  // Where element (k, mn) of a shared tile is stored: its column XOR 2*((k/4) % 4), a permutation within
+  // each group of 8 columns. With rows 8 banks apart, the fragment reads (4 rows of one group of 4, 8
+  // columns) hit 32 banks either way, and so now do the stores of the operands loaded along k (16 rows, 2
+  // columns), which without it fell 4 to a bank.
+  static __device__ int column(int k, int mn) { return mn ^ (((k >> 2) & 3) << 1); }
   static __device__ float& at(Accumulators& acc, int r, int c) { return acc.v[r / 2][c / 2][(r % 2) * 2 + c % 2]; }
   static __device__ int row(int lane, int r) { return 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
   static __device__ int col(int lane, int c) { return 8 * (c / 2) + 2 * (lane % 4) + c % 2; }
@@ -347,16 +353,16 @@ struct MmaTf32 {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = wm + 16 * i + g;
-        a[i][0] = float_bits(a_tile[k + t][m]);
-        a[i][1] = float_bits(a_tile[k + t][m + 8]);
-        a[i][2] = float_bits(a_tile[k + t + 4][m]);
-        a[i][3] = float_bits(a_tile[k + t + 4][m + 8]);
+        a[i][0] = float_bits(a_tile[k + t][column(k, m)]);  // rows k..k+3 share their permutation
+        a[i][1] = float_bits(a_tile[k + t][column(k, m + 8)]);
+        a[i][2] = float_bits(a_tile[k + t + 4][column(k + 4, m)]);
+        a[i][3] = float_bits(a_tile[k + t + 4][column(k + 4, m + 8)]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int n = wn + 8 * j + g;
-        b[j][0] = float_bits(b_tile[k + t][n]);
-        b[j][1] = float_bits(b_tile[k + t + 4][n]);
+        b[j][0] = float_bits(b_tile[k + t][column(k, n)]);
+        b[j][1] = float_bits(b_tile[k + t + 4][column(k + 4, n)]);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -374,6 +380,8 @@ struct SimtFma {
     float v[8][8];
   };
   static __device__ float operand(float x) { return x; }
+  // Stored unpermuted: a thread reads 8 neighbouring columns of a row as two float4s.
+  static __device__ int column(int, int mn) { return mn; }
   static __device__ float& at(Accumulators& acc, int r, int c) { return acc.v[r][c]; }
   static __device__ int row(int lane, int r) { return 8 * (lane / 4) + r; }
   static __device__ int col(int lane, int c) { return 8 * (lane % 4) + c; }
@@ -404,7 +412,10 @@ template <typename Math, typename Loader, typename TileT>
 __device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
   using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
 #pragma unroll
-  for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) tile[Map::k(t, i)][Map::mn(t, i)] = Math::operand(v[i]);
+  for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
+    const int k = Map::k(t, i);
+    tile[k][Math::column(k, Map::mn(t, i))] = Math::operand(v[i]);
+  }
 }
 
 // The extent of D and of the sum: blockIdx = (m tile, n tile, group * splits + chunk); chunk c sums
@@ -414,7 +425,7 @@ struct Extent {
   int64_t splits;
 };
 
-// ptxas gives it 150-180 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
+// ptxas gives it 150-245 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
 // 128 for two blocks, the float32 kernels spill 60-256 bytes.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {

@@ -8,9 +8,10 @@
 #   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32, and the
 #      convolutions again TF32 against TF32 (torch's default for convolutions);
 #   5. for each candidate kernel (CANDIDATES below: new kernels that are not the default until they pass
-#      here), the tests of its layer and its benchmark again with the candidate switched on;
-#   6. the candidates once more under compute-sanitizer's racecheck (tools/sanitize_candidates.py);
-#   7. where each kernel's time goes (benchmarks/profile_gpu.py), the candidates' first, while time allows.
+#      here), the tests of its layer with the candidate switched on;
+#   6. while the 6 minutes allow: the candidates under compute-sanitizer's racecheck
+#      (tools/sanitize_candidates.py), their benchmarks, and where each kernel's time goes
+#      (benchmarks/profile_gpu.py), the candidates' first.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
@@ -28,8 +29,9 @@ OUT=${OUT:-gpu-check}
 CANDIDATES=(
   "new|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles TORCH_CS231N_CUDA_POOL_BACKWARD=flat TORCH_CS231N_CUDA_BN_UPDATE=fused|(conv2d or max_pool2d) and cuda or fused_update|conv2d max_pool2d batch_norm|conv3x3 conv3x3_deep depthwise pool2x2 pool3x3"
 )
-# Seconds after which the profiles, which only explain, are skipped: the check must finish in 6 minutes.
-BUDGET=${BUDGET:-290}
+# The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
+# end by LIMIT seconds (fits, below).
+LIMIT=${LIMIT:-350}
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu-check: no CUDA device is visible to $PY's torch: run this on a GPU machine" >&2
@@ -77,53 +79,61 @@ parallel=()
 # The candidates' own tests (their names say "candidate") wait for the candidates' round, with its limits.
 step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}"
 tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
-step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 2 --json "$OUT/bench.json"
+# One round each, so that the 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio.
+step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 1 --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
-step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 2 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
+step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 1 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
-# $setting, $ops and $cases are split into words on purpose below (several VAR=value for env, several ops).
-# A candidate has never run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel
-# that hangs cannot hold the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that a fault names
-# its kernel.
+# What follows is ordered by what it tells, and every step past the candidates' tests runs only if its
+# expected time still fits in the 6 minutes (`fits`; its time limit is wider): the candidates' tests; a
+# racecheck of them; their benchmarks; the profiles. $setting, $ops and $cases are split into words on purpose (several VAR=value for env,
+# several ops). A candidate has never run on a GPU: its steps get a time limit (and a kill 10 s later), so
+# that a kernel that hangs cannot hold the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that
+# a fault names its kernel.
+fits() {  # fits NAME SECONDS: whether a step expected to take that long ends by LIMIT; says so when not
+  if [ $((SECONDS + $2)) -le "$LIMIT" ]; then return 0; fi
+  echo "$1: skipped, it could end past ${LIMIT} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
+  return 1
+}
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   echo "candidate $name ($setting):" | tee -a "$summary"
   step "pytest-$name" timeout -k 10 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
     "${parallel[@]}"
   tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
-  step "bench-$name" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
-    $(printf -- '--op %s ' $ops) --json "$OUT/bench-$name.json"
-  sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
-  if [[ " $ops " == *" conv2d "* ]]; then
-    step "bench-$name-tf32" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d \
-      --tf32 --json "$OUT/bench-$name-tf32.json"
-    sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
-  fi
 done
 # Shared-memory races, which the CPU emulation cannot show: each candidate kernel once on tiny inputs under
 # compute-sanitizer's racecheck, when the toolkit has it.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [ -n "$sanitizer" ] && [ "${#CANDIDATES[@]}" -gt 0 ]; then
-  step racecheck timeout -k 10 120 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_candidates.py
-  tail -n 4 "$OUT/racecheck.log" >>"$summary"
-else
+if [ -z "$sanitizer" ] || [ "${#CANDIDATES[@]}" -eq 0 ]; then
   echo "racecheck: skipped (no compute-sanitizer, or no candidate)" | tee -a "$summary"
+elif fits racecheck 45; then
+  step racecheck timeout -k 10 100 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_candidates.py
+  tail -n 4 "$OUT/racecheck.log" >>"$summary"
 fi
-# The profiles explain; they run while the 6 minutes allow, the candidates' first (the proven kernels'
-# profile is in docs/benchmarks.md).
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
-  if [ "$SECONDS" -lt "$BUDGET" ]; then
-    step "profile-$name" timeout -k 10 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
-      $(printf -- '--case %s ' $cases)
-  else
-    echo "profile-$name: skipped, past ${BUDGET} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
+  if fits "bench-$name" 40; then
+    step "bench-$name" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
+      $(printf -- '--op %s ' $ops) --json "$OUT/bench-$name.json"
+    sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
+  fi
+  if [[ " $ops " == *" conv2d "* ]] && fits "bench-$name-tf32" 25; then
+    step "bench-$name-tf32" timeout -k 10 60 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
+      --op conv2d --tf32 --json "$OUT/bench-$name-tf32.json"
+    sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
   fi
 done
-if [ "$SECONDS" -lt "$BUDGET" ]; then
+# The profiles explain; the candidates' first (the proven kernels' profile is in docs/benchmarks.md).
+for candidate in "${CANDIDATES[@]}"; do
+  IFS='|' read -r name setting tests ops cases <<<"$candidate"
+  if fits "profile-$name" 30; then
+    step "profile-$name" timeout -k 10 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
+      $(printf -- '--case %s ' $cases)
+  fi
+done
+if fits profile 30; then
   step profile timeout -k 10 60 "$PY" -m benchmarks.profile_gpu
-else
-  echo "profile: skipped, past ${BUDGET} s" | tee -a "$summary"
 fi
 echo "gpu-check: $([ "$failed" -eq 0 ] && echo "every step passed" || echo "a step failed"); see $summary"
 exit "$failed"

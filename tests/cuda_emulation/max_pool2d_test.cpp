@@ -121,6 +121,20 @@ int main() {
       ok = run<true, int64_t>(k, real, rng) && ok;
     }
   }
+  // And drawn at random (a fixed seed): kernel, stride, padding (at most half the kernel, as torch allows),
+  // dilation and ceil_mode, over sizes that leave ragged windows.
+  std::uniform_int_distribution<int> pick(0, 1 << 20);
+  auto draw = [&](int lo, int hi) { return static_cast<int64_t>(lo + pick(rng) % (hi - lo + 1)); };
+  for (int i = 0; i < 16; ++i) {
+    Case k{};
+    k.kh = draw(1, 4), k.kw = draw(1, 4), k.sh = draw(1, 3), k.sw = draw(1, 3), k.dh = draw(1, 2), k.dw = draw(1, 2);
+    k.ph = draw(0, k.kh / 2), k.pw = draw(0, k.kw / 2), k.ceil_mode = draw(0, 1) == 1;
+    k.h = k.dh * (k.kh - 1) + 1 + draw(0, 9), k.w = k.dw * (k.kw - 1) + 1 + draw(0, 9);
+    k.n = draw(1, 2), k.c = draw(1, 3);
+    const bool real = draw(0, 1) == 1;
+    ok = run<false, int32_t>(k, real, rng) && ok;
+    ok = run<true, int32_t>(k, real, rng) && ok;
+  }
   std::printf(ok ? "all cases agree\n" : "SOME CASES ARE WRONG\n");
   return ok ? 0 : 1;
 }

@@ -56,5 +56,13 @@ C10_HOST_DEVICE inline void candidate_outputs(I i, I out, I k, I s, I p, I d, I*
   *o_end = hi < out ? hi : out;
 }
 
+// Whether input position i lies in the span of output o's window, o*s - p <= i <= o*s - p + d*(k-1): the
+// relation candidate_outputs inverts, asked the other way round (an output checking its saved index).
+template <typename I>
+C10_HOST_DEVICE inline bool in_window_span(I i, I o, I k, I s, I p, I d) {
+  const I r = i - (o * s - p);
+  return r >= 0 && r <= d * (k - 1);
+}
+
 }  // namespace pool
 }  // namespace torch_cs231n

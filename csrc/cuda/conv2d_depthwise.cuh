@@ -52,7 +52,7 @@ struct Tiling {
 // Copies the region of src_plane for the tile whose first output is (o_h0, o_w0) into shared memory.
 template <typename T, typename Acc>
 __device__ void load_region(Acc* region, const T* src_plane, const Tiling& m, int64_t o_h0, int64_t o_w0) {
-  const int64_t i_h0 = o_h0 * m.sh - m.ph, i_w0 = o_w0 * m.sw - m.pw;
+  const int64_t i_h0 = conv_in_index(o_h0, 0, m.sh, m.ph, 1), i_w0 = conv_in_index(o_w0, 0, m.sw, m.pw, 1);
   for (int idx = threadIdx.x; idx < m.rows * m.cols; idx += kThreads) {
     const int r = idx / m.cols, c = idx % m.cols;
     const int64_t i_h = i_h0 + r, i_w = i_w0 + c;
@@ -60,6 +60,12 @@ __device__ void load_region(Acc* region, const T* src_plane, const Tiling& m, in
                       ? static_cast<Acc>(src_plane[i_h * m.src_w + i_w])
                       : Acc(0);
   }
+}
+
+// Where tap (th, tw) of the tile's output (oy, ox) reads in the region: the forward map
+// o·s − p + t·d, relative to the region's origin (which holds the padding).
+__device__ inline int region_at(const Tiling& m, int oy, int ox, int th, int tw) {
+  return static_cast<int>(conv_in_index(oy, th, m.sh, 0, m.dh) * m.cols + conv_in_index(ox, tw, m.sw, 0, m.dw));
 }
 
 // Σ_t w[t] · region at the thread's output (oy, ox) of the tile.
@@ -70,7 +76,7 @@ __device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const Tili
   for (int th = 0; th < KH; ++th) {
 #pragma unroll
     for (int tw = 0; tw < KW; ++tw) {
-      acc += w[th * KW + tw] * region[(oy * m.sh + th * m.dh) * m.cols + ox * m.sw + tw * m.dw];
+      acc += w[th * KW + tw] * region[region_at(m, oy, ox, th, tw)];
     }
   }
   return acc;
@@ -129,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int th = 0; th < KH; ++th) {
 #pragma unroll
         for (int tw = 0; tw < KW; ++tw) {
-          acc[th * KW + tw] += g * region[(oy * m.sh + th * m.dh) * m.cols + ox * m.sw + tw * m.dw];
+          acc[th * KW + tw] += g * region[region_at(m, oy, ox, th, tw)];
         }
       }
     }

@@ -114,8 +114,8 @@ struct PatchAlongM {
     valid = m < rows;
     const int64_t plane = row_h * row_w, n = valid ? m / plane : 0, pixel = valid ? m % plane : 0;
     base = src + n * image_stride + group * group_stride;
-    h0 = (pixel / row_w) * step_h - shift_h;
-    w0 = (pixel % row_w) * step_w - shift_w;
+    h0 = conv_in_index(pixel / row_w, 0, step_h, shift_h, 1);  // tap 0's position; the tap adds tap.dh
+    w0 = conv_in_index(pixel % row_w, 0, step_w, shift_w, 1);
   }
 
   __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
@@ -238,7 +238,8 @@ struct PatchAlongK {
     const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
     const int64_t plane = out_h * out_w, pixel = k % plane;
     const T* image = base + (k / plane) * image_stride;
-    const int64_t h0 = (pixel / out_w) * stride_h - pad_h, w0 = (pixel % out_w) * stride_w - pad_w;
+    const int64_t h0 = conv_in_index(pixel / out_w, 0, stride_h, pad_h, 1);  // tap 0's; the tap adds tap.dh
+    const int64_t w0 = conv_in_index(pixel % out_w, 0, stride_w, pad_w, 1);
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
       const int64_t n = n0 + TileMap<true, kExtent>::mn(t, i);

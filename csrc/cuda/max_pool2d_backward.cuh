@@ -35,14 +35,6 @@ struct Params {
 // No input lies in two windows.
 inline bool windows_disjoint(const Params& p) { return (p.kh - 1) * p.dh + 1 <= p.sh && (p.kw - 1) * p.dw + 1 <= p.sw; }
 
-// Whether input position i lies in the span of output o's window along one axis, o·s − p <= i <=
-// o·s − p + (k−1)·d: rule (3)'s condition, the gather's below and the proven kernel's.
-template <typename index_t>
-__host__ __device__ inline bool in_span(index_t i, index_t o, index_t k, index_t s, index_t p, index_t d) {
-  const index_t r = i - (o * s - p);
-  return r >= 0 && r <= (k - 1) * d;
-}
-
 // (n, c, h, w) of a flat index into a dense (N, C, rows, cols) tensor, NCHW or NHWC.
 template <typename index_t>
 struct Position {
@@ -85,7 +77,8 @@ __global__ void scatter_kernel(const T* __restrict__ dy, const int64_t* __restri
     if (k < 0 || k >= static_cast<int64_t>(H) * W) continue;  // not an index of this plane: nothing to write
     const Position<index_t> q = position<index_t, kChannelsLast>(o, C, OH, OW);
     const index_t ih = static_cast<index_t>(k) / W, iw = static_cast<index_t>(k) % W;
-    if (in_span<index_t>(ih, q.h, p.kh, p.sh, p.ph, p.dh) && in_span<index_t>(iw, q.w, p.kw, p.sw, p.pw, p.dw)) {
+    if (pool::in_window_span<index_t>(ih, q.h, p.kh, p.sh, p.ph, p.dh) &&
+        pool::in_window_span<index_t>(iw, q.w, p.kw, p.sw, p.pw, p.dw)) {
       dx[flat<index_t, kChannelsLast>(q.n, q.c, ih, iw, C, H, W)] = dy[o];
     }
   }

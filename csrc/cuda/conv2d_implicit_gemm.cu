@@ -43,20 +43,21 @@ void with_implicit_gemm_math(const at::Tensor& x, F&& f) {
 
 // A tap table of `count` entries (16 bytes each), on x's device.
 at::Tensor tap_table(int64_t count, const at::Tensor& x) {
-  static_assert(sizeof(implicit_gemm::Tap) == 2 * sizeof(int64_t), "a Tap is two int64 words");
-  return at::empty({2 * std::max<int64_t>(count, 1)}, x.options().dtype(at::kLong));
+  static_assert(sizeof(implicit_gemm::Tap) == 4 * sizeof(int32_t), "a Tap is four 32-bit words");
+  return at::empty({4 * std::max<int64_t>(count, 1)}, x.options().dtype(at::kInt));
 }
 implicit_gemm::Tap* taps_of(at::Tensor& table) {
-  return reinterpret_cast<implicit_gemm::Tap*>(table.mutable_data_ptr<int64_t>());
+  return reinterpret_cast<implicit_gemm::Tap*>(table.mutable_data_ptr<int32_t>());
 }
 
 template <typename T, typename Math>
 void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
                       const Conv2dGeometry& g, cudaStream_t stream) {
-  at::Tensor taps = tap_table(implicit_gemm::grad_weight_taps(g), x);
+  at::Tensor taps = tap_table(implicit_gemm::forward_taps(g), x);
+  at::Tensor wt = at::empty({implicit_gemm::forward_weight_size(g)}, w.options());
   const T* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
   implicit_gemm::forward<T, Math>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), g,
-                                  taps_of(taps), stream);
+                                  taps_of(taps), wt.mutable_data_ptr<T>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -66,7 +67,7 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   namespace ig = implicit_gemm;
   if (need_dx) {
     at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
-    at::Tensor wt = at::empty_like(w);
+    at::Tensor wt = at::empty({ig::grad_input_weight_size(g)}, w.options());
     ig::grad_input<T, Math>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g, taps_of(taps),
                             wt.mutable_data_ptr<T>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

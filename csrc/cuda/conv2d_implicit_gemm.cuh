@@ -13,8 +13,9 @@
 // and 64 x 256 for products with 64 columns or rows: TileShape), in stages of 16 along k: its 256 threads
 // gather the next stage into registers while the warps multiply the current one from shared memory (two
 // buffers, one barrier per stage). A filter tap's offsets come from a small table (Tap) built once per
-// call, so a gathered value costs a table read, bounds tests and a load, and no division (but for d_input
-// with a stride: a 32-bit one per axis, the inverse map's). Two kinds of arithmetic share that skeleton:
+// call, so a gathered value costs a table read, two unsigned bounds tests and a load: positions are 32-bit,
+// decoded once per block or stage with fixed-point divisions (common/int_divider.h), and d_input with a
+// stride divides by it that way too, the inverse map's. Two kinds of arithmetic share that skeleton:
 //   MmaTf32  tensor cores, mma.sync m16n8k8 with TF32 inputs (10-bit mantissas, rounded to nearest, ties
 //            away, as cvt.rna does) and float32 accumulation: what torch's cuDNN convolutions do for
 //            float32 when torch.backends.cudnn.allow_tf32 is on (its default), and exact for float16 and
@@ -34,6 +35,7 @@
 #include <type_traits>
 
 #include "common/conv2d_index.h"
+#include "common/int_divider.h"
 #include "cuda/emulatable.cuh"
 
 namespace torch_cs231n {
@@ -77,17 +79,65 @@ struct TileMap {
   static __host__ __device__ int mn(int t, int i) { return kAlongK ? t / kBK + i * (kThreads / kBK) : t % kExtent; }
 };
 
-// A filter tap's part of a gathered address: the plane offset of its channel, and the shift (dh, dw) of
-// its tap, built for k = (channel, t_h, t_w) by tap_table_kernel.
-struct Tap {
-  int64_t offset;
+// A filter tap's part of a gathered address, built for k = (channel, t_h, t_w) by tap_table_kernel: the
+// shift (dh, dw) of its tap, and the offset of its value from the tap-0 position of the thread's pixel:
+// channel * plane, plus dh * width + dw where the loader folds the shift in (all but d_input with a
+// stride, which divides the shifted position first). Offsets are within one sample and group of an image
+// (below 2^30, fits()), computed modulo 2^32: a position outside the image may wrap, but is never read.
+struct alignas(16) Tap {
+  uint32_t offset;
   int32_t dh, dw;
+  int32_t unused;  // 16 bytes: one load
 };
+
+// Tap tables are padded to a multiple of kTapPadding entries (every tile's extent, and kBK) with taps that
+// fall outside every image, so that a loader reads zeros past the matrix's end along k, or past its
+// columns, without a bounds test: kOutside is below every position a real tap gives (fits() bounds those
+// by 2^26), and its sum with any of them is negative (hence a huge unsigned number) without overflowing.
+constexpr int kTapPadding = 256;
+constexpr int32_t kOutside = -(1 << 30);
+constexpr int64_t kPositionLimit = int64_t(1) << 24;  // image sizes, paddings, strided and dilated extents
+constexpr int64_t kIndexLimit = int64_t(1) << 30;     // 32-bit positions m, k and offsets within a sample
 
 // ---------------------------------------------------------------------------------- operand loaders
 // A loader holds the call's arguments; start() adds what one thread needs for its tile (decoded once per
-// block), and load() gathers the thread's values of the stage that begins at k0, 0 outside the matrix
-// (k >= k_end, a row past the end, a tap in the padding).
+// block), and load() gathers the thread's values of the stage that begins at k0: 0 outside the matrix
+// (k >= k_end, a tap in the padding). Rows and columns past the matrix's end are read clamped to its last
+// one: they only feed the tile's rows and columns past the end of D, which the epilogue never writes.
+// Positions are 32-bit (fits()); a thread's base pointer holds the 64-bit offset of its sample.
+
+// i, or the last of `count` positions when i is past them (count >= 1)
+__device__ __forceinline__ int32_t clamped(int32_t i, int32_t count) { return i < count ? i : count - 1; }
+
+// p, as a value the compiler cannot take apart: it would otherwise fold a base pointer's sample offset
+// into every gathered address, src + (offset + at) in 64 bits (four instructions), where p + at is one
+// multiply-add (IMAD.WIDE.U32).
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* p) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
+
+// *p as a float, through the read-only data cache (ld.global.nc: the operands do not change during a
+// kernel), which also tells the compiler that an opaque pointer is a global one.
+template <typename T>
+__device__ __forceinline__ float read_only(const T* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __ldg(reinterpret_cast<const float*>(p));
+  } else {
+    static_assert(sizeof(T) == sizeof(unsigned short), "float, or a 16-bit float type");
+    const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+    T value;
+    __builtin_memcpy(&value, &bits, sizeof value);
+    return static_cast<float>(value);
+  }
+#else
+  return static_cast<float>(*p);
+#endif
+}
 
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
 // t_h, t_w). The value is src[n, ch, h, w] with h = r_h*step_h - shift_h + tap.dh (and w alike), then,
@@ -96,97 +146,74 @@ template <typename T, int kExtent, bool kDivide>
 struct PatchAlongM {
   static constexpr bool kAlongK = false;
   static constexpr int kTileExtent = kExtent;
+  using Value = T;
+  using Map = TileMap<false, kExtent>;
   const T* src;
   const Tap* taps;
-  int64_t rows;                        // M
-  int64_t row_h, row_w;                // the pixel grid m runs over
-  int64_t src_h, src_w;                // the gathered image
+  int32_t rows;                        // M
+  IntDivider row_plane, row_width;     // row_h*row_w and row_w: m = (sample, r_h, r_w)
+  int32_t src_h, src_w;                // the gathered image
   int64_t image_stride, group_stride;  // elements per sample, and per group of channels, of src
-  int64_t step_h, step_w, shift_h, shift_w;
-  int64_t div_h, div_w;  // the stride, when kDivide
+  int32_t step_h, step_w, shift_h, shift_w;
+  IntDivider stride_h, stride_w;  // kDivide: the stride, and s*src_h, s*src_w the bounds of s*o
+  uint32_t limit_h, limit_w;
   // per thread
   const T* base;
-  int64_t h0, w0;
-  bool valid;
+  int32_t h0, w0;  // the position tap 0 reads
+  uint32_t pixel;  // h0*src_w + w0, modulo 2^32
 
-  __device__ void start(int64_t m0, int64_t group, int t) {
-    const int64_t m = m0 + TileMap<false, kExtent>::mn(t, 0);
-    valid = m < rows;
-    const int64_t plane = row_h * row_w, n = valid ? m / plane : 0, pixel = valid ? m % plane : 0;
-    base = src + n * image_stride + group * group_stride;
-    h0 = conv_in_index(pixel / row_w, 0, step_h, shift_h, 1);  // tap 0's position; the tap adds tap.dh
-    w0 = conv_in_index(pixel % row_w, 0, step_w, shift_w, 1);
+  __device__ void start(int32_t m0, int32_t group, int t) {
+    const int32_t m = clamped(m0 + Map::mn(t, 0), rows);
+    const uint32_t n = row_plane.quotient(m), in_plane = m - n * row_plane.divisor;
+    const uint32_t r_h = row_width.quotient(in_plane), r_w = in_plane - r_h * row_width.divisor;
+    base = opaque(src + n * image_stride + group * group_stride);
+    h0 = static_cast<int32_t>(r_h) * step_h - shift_h;  // conv_in_index at tap 0; the tap adds tap.dh
+    w0 = static_cast<int32_t>(r_w) * step_w - shift_w;
+    pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(src_w) + static_cast<uint32_t>(w0);
   }
 
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+  // k_end: the padded tap table holds zeros' taps past it
+  __device__ void load(int32_t k0, int32_t, int t, float (&v)[kPerThread<kExtent>]) const {
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
-      const int64_t k = k0 + TileMap<false, kExtent>::k(t, i);
-      float value = 0.f;
-      if (valid && k < k_end) {
-        const Tap tap = taps[k];
-        int64_t h = h0 + tap.dh, w = w0 + tap.dw;
-        bool inside = h >= 0 && w >= 0;
-        if (kDivide) {  // image coordinates and strides fit in 32 bits, whose division is far cheaper
-          const int32_t h32 = static_cast<int32_t>(h), w32 = static_cast<int32_t>(w);
-          const int32_t sh = static_cast<int32_t>(div_h), sw = static_cast<int32_t>(div_w);
-          inside = inside && h32 % sh == 0 && w32 % sw == 0;
-          h = h32 / sh;
-          w = w32 / sw;
-        }
-        if (inside && h < src_h && w < src_w) value = static_cast<float>(base[tap.offset + h * src_w + w]);
+      const Tap tap = taps[k0 + Map::k(t, i)];
+      const int32_t h = h0 + tap.dh, w = w0 + tap.dw;
+      const uint32_t hu = static_cast<uint32_t>(h), wu = static_cast<uint32_t>(w);
+      bool inside;
+      uint32_t at;
+      if (kDivide) {  // o = (i + p - t*d) / s: h must be a multiple of s in [0, s*oH)
+        const uint32_t oh = stride_h.quotient(hu), ow = stride_w.quotient(wu);
+        inside = hu < limit_h && wu < limit_w && oh * stride_h.divisor == hu && ow * stride_w.divisor == wu;
+        at = tap.offset + oh * static_cast<uint32_t>(src_w) + ow;
+      } else {  // one unsigned test per axis: a negative position is a huge unsigned one
+        inside = hu < static_cast<uint32_t>(src_h) && wu < static_cast<uint32_t>(src_w);
+        at = pixel + tap.offset;
       }
-      v[i] = value;
+      v[i] = inside ? read_only(base + at) : 0.f;
     }
   }
 };
 
-// B(k, n) for d_input: the weight transposed per group, src[g][k][n] with k = (f, t_h, t_w), n = c
-// (transpose_weight_kernel).
+// B(k, n) for forward and d_input: the weight transposed per group, src[g][k][n] (transpose_weight_kernel)
+// with k = (c, t_h, t_w), n = f for the forward and k = (f, t_h, t_w), n = c for d_input, its rows padded
+// with zeros to a multiple of kBK: no bounds test along k.
 template <typename T, int kExtent>
 struct MatrixAlongN {
   static constexpr bool kAlongK = false;
   static constexpr int kTileExtent = kExtent;
+  using Value = T;
+  using Map = TileMap<false, kExtent>;
   const T* src;
-  int64_t cols, ld, group_stride;
+  int32_t cols;
+  uint32_t ld, group_stride;
   const T* base;
-  bool valid;
 
-  __device__ void start(int64_t n0, int64_t group, int t) {
-    const int64_t n = n0 + TileMap<false, kExtent>::mn(t, 0);
-    valid = n < cols;
-    base = src + group * group_stride + n;
+  __device__ void start(int32_t n0, int32_t group, int t) {
+    base = opaque(src + group * group_stride + clamped(n0 + Map::mn(t, 0), cols));
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+  __device__ void load(int32_t k0, int32_t, int t, float (&v)[kPerThread<kExtent>]) const {
 #pragma unroll
-    for (int i = 0; i < kPerThread<kExtent>; ++i) {
-      const int64_t k = k0 + TileMap<false, kExtent>::k(t, i);
-      v[i] = valid && k < k_end ? static_cast<float>(base[k * ld]) : 0.f;
-    }
-  }
-};
-
-// B(k, n) for forward: the weight itself, W[g*Fg + n][k], each filter's k contiguous.
-template <typename T, int kExtent>
-struct MatrixAlongK {
-  static constexpr bool kAlongK = true;
-  static constexpr int kTileExtent = kExtent;
-  const T* src;
-  int64_t cols, ld, group_stride;
-  const T* base;
-  int64_t n0;
-
-  __device__ void start(int64_t n0_, int64_t group, int) {
-    n0 = n0_;
-    base = src + group * group_stride;
-  }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
-    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
-#pragma unroll
-    for (int i = 0; i < kPerThread<kExtent>; ++i) {
-      const int64_t n = n0 + TileMap<true, kExtent>::mn(t, i);
-      v[i] = k < k_end && n < cols ? static_cast<float>(base[n * ld + k]) : 0.f;
-    }
+    for (int i = 0; i < kPerThread<kExtent>; ++i) v[i] = read_only(base + (k0 + Map::k(t, i)) * ld);
   }
 };
 
@@ -196,60 +223,66 @@ template <typename T, int kExtent>
 struct PlanesAlongK {
   static constexpr bool kAlongK = true;
   static constexpr int kTileExtent = kExtent;
+  using Value = T;
+  using Map = TileMap<true, kExtent>;
   const T* src;
-  int64_t rows, plane, image_stride, group_stride;
+  int32_t rows;
+  IntDivider plane;  // oH*oW
+  int64_t image_stride, group_stride;
   const T* base;
-  int64_t m0;
+  int32_t m0;
 
-  __device__ void start(int64_t m0_, int64_t group, int) {
+  __device__ void start(int32_t m0_, int32_t group, int) {
     m0 = m0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
-    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
-    const T* at = base + (k / plane) * image_stride + k % plane;
+  __device__ void load(int32_t k0, int32_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+    const int32_t k = k0 + Map::k(t, 0);
+    const uint32_t position = clamped(k, k_end), n = plane.quotient(position);
+    const T* at = opaque(base + n * image_stride + (position - n * plane.divisor));
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
-      const int64_t f = m0 + TileMap<true, kExtent>::mn(t, i);
-      v[i] = k < k_end && f < rows ? static_cast<float>(at[f * plane]) : 0.f;
+      const uint32_t f = clamped(m0 + Map::mn(t, i), rows);
+      v[i] = k < k_end ? read_only(at + f * plane.divisor) : 0.f;
     }
   }
 };
 
 // B(k, n) for d_weight: k = (n, o_h, o_w), n = (c, t_h, t_w): x[n, g*Cg + c, i_h, i_w]. The thread's
-// output pixel is decoded once per stage; its columns are taps.
+// output pixel is decoded once per stage; its columns are taps (the padded table: zeros past its end).
 template <typename T, int kExtent>
 struct PatchAlongK {
   static constexpr bool kAlongK = true;
   static constexpr int kTileExtent = kExtent;
+  using Value = T;
+  using Map = TileMap<true, kExtent>;
   const T* src;
   const Tap* taps;
-  int64_t cols;  // Cg * kh * kw
-  int64_t out_h, out_w, src_h, src_w, image_stride, group_stride;
-  int64_t stride_h, stride_w, pad_h, pad_w;
+  IntDivider out_plane, out_width;  // oH*oW and oW: k = (sample, o_h, o_w)
+  int32_t src_h, src_w;
+  int64_t image_stride, group_stride;
+  int32_t stride_h, stride_w, pad_h, pad_w;
   const T* base;
-  int64_t n0;
+  int32_t n0;
 
-  __device__ void start(int64_t n0_, int64_t group, int) {
+  __device__ void start(int32_t n0_, int32_t group, int) {
     n0 = n0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int64_t k0, int64_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
-    const int64_t k = k0 + TileMap<true, kExtent>::k(t, 0);
-    const int64_t plane = out_h * out_w, pixel = k % plane;
-    const T* image = base + (k / plane) * image_stride;
-    const int64_t h0 = conv_in_index(pixel / out_w, 0, stride_h, pad_h, 1);  // tap 0's; the tap adds tap.dh
-    const int64_t w0 = conv_in_index(pixel % out_w, 0, stride_w, pad_w, 1);
+  __device__ void load(int32_t k0, int32_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+    const int32_t k = k0 + Map::k(t, 0);
+    const uint32_t position = clamped(k, k_end), n = out_plane.quotient(position);
+    const uint32_t in_plane = position - n * out_plane.divisor, o_h = out_width.quotient(in_plane);
+    const int32_t h0 = static_cast<int32_t>(o_h) * stride_h - pad_h;  // tap 0's; the tap adds tap.dh
+    const int32_t w0 = static_cast<int32_t>(in_plane - o_h * out_width.divisor) * stride_w - pad_w;
+    const uint32_t pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(src_w) + static_cast<uint32_t>(w0);
+    const T* image = opaque(base + n * image_stride);
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
-      const int64_t n = n0 + TileMap<true, kExtent>::mn(t, i);
-      float value = 0.f;
-      if (k < k_end && n < cols) {
-        const Tap tap = taps[n];
-        const int64_t h = h0 + tap.dh, w = w0 + tap.dw;
-        if (h >= 0 && h < src_h && w >= 0 && w < src_w) value = static_cast<float>(image[tap.offset + h * src_w + w]);
-      }
-      v[i] = value;
+      const Tap tap = taps[n0 + Map::mn(t, i)];
+      const uint32_t h = static_cast<uint32_t>(h0 + tap.dh), w = static_cast<uint32_t>(w0 + tap.dw);
+      const bool inside = k < k_end && h < static_cast<uint32_t>(src_h) && w < static_cast<uint32_t>(src_w);
+      v[i] = inside ? read_only(image + (pixel + tap.offset)) : 0.f;
     }
   }
 };
@@ -261,13 +294,16 @@ template <typename T>
 struct ToImage {
   T* dst;
   const T* bias;  // or nullptr
-  int64_t cols, plane, image_stride, group_stride;
-  __device__ T* row(int64_t m, int64_t z) const {
-    return dst + (m / plane) * image_stride + z * group_stride + m % plane;
+  int32_t cols;
+  IntDivider plane;
+  int64_t image_stride, group_stride;
+  __device__ T* row(int32_t m, int32_t z) const {
+    const uint32_t n = plane.quotient(m);
+    return dst + n * image_stride + z * group_stride + (m - n * plane.divisor);
   }
-  __device__ void put(T* row, int64_t z, int64_t n, float value) const {
+  __device__ void put(T* row, int32_t z, int32_t n, float value) const {
     if (bias != nullptr) value += static_cast<float>(bias[z * cols + n]);
-    row[n * plane] = static_cast<T>(value);
+    row[n * plane.divisor] = static_cast<T>(value);
   }
 };
 
@@ -276,8 +312,8 @@ struct ToImage {
 struct ToPartials {
   float* dst;
   int64_t rows, cols;
-  __device__ float* row(int64_t m, int64_t z) const { return dst + (z * rows + m) * cols; }
-  __device__ void put(float* row, int64_t, int64_t n, float value) const { row[n] = value; }
+  __device__ float* row(int32_t m, int32_t z) const { return dst + (z * rows + m) * cols; }
+  __device__ void put(float* row, int32_t, int32_t n, float value) const { row[n] = value; }
 };
 
 // ---------------------------------------------------------------------------------------------- the math
@@ -350,20 +386,23 @@ struct MmaTf32 {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int k = 0; k < kBK; k += 8) {
+      // rows k..k+3 share their permutation, and k+4..k+7; as it permutes within groups of 8, column(k, base
+      // + g) = base + column(k, g) for the multiples of 8 below: a register plus constants, per address
+      const int g0 = column(k, g), g4 = column(k + 4, g);
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int m = wm + 16 * i + g;
-        a[i][0] = float_bits(a_tile[k + t][column(k, m)]);  // rows k..k+3 share their permutation
-        a[i][1] = float_bits(a_tile[k + t][column(k, m + 8)]);
-        a[i][2] = float_bits(a_tile[k + t + 4][column(k + 4, m)]);
-        a[i][3] = float_bits(a_tile[k + t + 4][column(k + 4, m + 8)]);
+        const int m = wm + 16 * i;
+        a[i][0] = float_bits(a_tile[k + t][m + g0]);
+        a[i][1] = float_bits(a_tile[k + t][m + 8 + g0]);
+        a[i][2] = float_bits(a_tile[k + t + 4][m + g4]);
+        a[i][3] = float_bits(a_tile[k + t + 4][m + 8 + g4]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int n = wn + 8 * j + g;
-        b[j][0] = float_bits(b_tile[k + t][column(k, n)]);
-        b[j][1] = float_bits(b_tile[k + t + 4][column(k + 4, n)]);
+        const int n = wn + 8 * j;
+        b[j][0] = float_bits(b_tile[k + t][n + g0]);
+        b[j][1] = float_bits(b_tile[k + t + 4][n + g4]);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -409,25 +448,29 @@ struct SimtFma {
 };
 
 // ---------------------------------------------------------------------------------------------- the kernel
+// A loader's values into a shared tile, as the arithmetic takes them: float32 rounded to TF32 for the tensor
+// cores; float16 and bfloat16 values are TF32 values already.
 template <typename Math, typename Loader, typename TileT>
 __device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
   using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
+  constexpr bool kExact = !std::is_same<typename Loader::Value, float>::value;
 #pragma unroll
   for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
     const int k = Map::k(t, i);
-    tile[k][Math::column(k, Map::mn(t, i))] = Math::operand(v[i]);
+    tile[k][Math::column(k, Map::mn(t, i))] = kExact ? v[i] : Math::operand(v[i]);
   }
 }
 
 // The extent of D and of the sum: blockIdx = (m tile, n tile, group * splits + chunk); chunk c sums
 // k in [c * k_chunk, min(k, (c + 1) * k_chunk)), k_chunk a multiple of kBK.
 struct Extent {
-  int64_t m, n, k, k_chunk;
-  int64_t splits;
+  int32_t m, n, k, k_chunk;
+  int32_t splits;
 };
 
-// ptxas gives it 150-245 registers a thread (sm_90), so one block of 8 warps per multiprocessor; capped at
-// 128 for two blocks, the float32 kernels spill 60-256 bytes.
+// ptxas gives it 128-184 registers a thread (sm_90), so one block of 8 warps per multiprocessor, with no
+// spills. Its main loop issues 290-580 instructions a warp per stage with MmaTf32 (32 of them MMAs), about
+// 1230-1480 with SimtFma (1024 FMAs): tools/sass_loop_report.py counts them.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
   static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
@@ -435,10 +478,10 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, Load
   __shared__ Tile<Shape::kBN> b_tiles[2];
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   const int wm = (warp % Shape::kWarpsM) * kWarpM, wn = (warp / Shape::kWarpsM) * kWarpN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int64_t>(blockIdx.y) * Shape::kBN;
-  const int64_t z = blockIdx.z, group = z / e.splits, chunk = z % e.splits;
-  const int64_t k_begin = chunk * e.k_chunk;
-  const int64_t k_end = e.k < k_begin + e.k_chunk ? e.k : k_begin + e.k_chunk;
+  const int32_t m0 = static_cast<int32_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int32_t>(blockIdx.y) * Shape::kBN;
+  const int32_t z = blockIdx.z, group = z / e.splits, chunk = z - group * e.splits;
+  const int32_t k_begin = chunk * e.k_chunk;
+  const int32_t k_end = e.k - k_begin < e.k_chunk ? e.k : k_begin + e.k_chunk;
   a.start(m0, group, t);
   b.start(n0, group, t);
 
@@ -449,7 +492,7 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, Load
     for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
   }
   float va[kPerThread<Shape::kBM>], vb[kPerThread<Shape::kBN>];
-  const int64_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+  const int32_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
   if (stages > 0) {
     a.load(k_begin, k_end, t, va);
     b.load(k_begin, k_end, t, vb);
@@ -457,8 +500,8 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, Load
     store_stage<Math, LoaderB>(b_tiles[0], vb, t);
     __syncthreads();
   }
-  for (int64_t s = 0; s < stages; ++s) {
-    const int current = static_cast<int>(s % 2);
+  for (int32_t s = 0; s < stages; ++s) {
+    const int current = s % 2;
     const bool more = s + 1 < stages;
     if (more) {  // the next stage's loads are in flight while this one is multiplied
       a.load(k_begin + (s + 1) * kBK, k_end, t, va);
@@ -474,39 +517,50 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, Load
 
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
-    const int64_t m = m0 + wm + Math::row(lane, r);
+    const int32_t m = m0 + wm + Math::row(lane, r);
     if (m >= e.m) continue;
     auto* row = epilogue.row(m, z);
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      const int64_t n = n0 + wn + Math::col(lane, c);
+      const int32_t n = n0 + wn + Math::col(lane, c);
       if (n < e.n) epilogue.put(row, group, n, Math::at(acc, r, c));
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------- helper kernels
-// taps[k] for k = (ch, t_h, t_w): offset ch * plane, shift (first_h + t_h * step_h, first_w + t_w * step_w).
-__global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t kh, int64_t kw, int64_t plane, int64_t first_h,
-                                 int64_t step_h, int64_t first_w, int64_t step_w) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < count;
+// taps[k] for k = (ch, t_h, t_w) < count: the shift (first_h + t_h * step_h, first_w + t_w * step_w) and the
+// offset ch * plane + shift_h * fold_h + shift_w * fold_w (fold = (width, 1) folds the shift in, (0, 0)
+// does not); kOutside shifts for k in [count, padded).
+__global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t padded, int64_t kh, int64_t kw, int64_t plane,
+                                 int64_t first_h, int64_t step_h, int64_t first_w, int64_t step_w, int64_t fold_h,
+                                 int64_t fold_w) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < padded;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (k >= count) {
+      taps[k] = Tap{0, kOutside, kOutside, 0};
+      continue;
+    }
     const int64_t ch = k / (kh * kw), tap = k % (kh * kw);
-    taps[k] = Tap{ch * plane, static_cast<int32_t>(first_h + (tap / kw) * step_h),
-                  static_cast<int32_t>(first_w + (tap % kw) * step_w)};
+    const int64_t dh = first_h + (tap / kw) * step_h, dw = first_w + (tap % kw) * step_w;
+    taps[k] = Tap{static_cast<uint32_t>(ch * plane + dh * fold_h + dw * fold_w), static_cast<int32_t>(dh),
+                  static_cast<int32_t>(dw), 0};
   }
 }
 
-// wt[g][(f, t)][c] = w[g*Fg + f][c][t]: d_input's B, contiguous along its columns c.
+// The weight w[g*Fg + f][c][t] transposed per group into the B of a product, wt[g][row][col], contiguous along
+// its columns: row = (c, t) and col = f for the forward (rows_are_filters false), row = (f, t) and col = c
+// for d_input; its rows padded with zeros from Cg*taps (or Fg*taps) to `depth`.
 template <typename T>
 __global__ void transpose_weight_kernel(const T* __restrict__ w, T* __restrict__ wt, int64_t groups, int64_t fg,
-                                        int64_t cg, int64_t taps) {
-  const int64_t total = groups * fg * taps * cg;
+                                        int64_t cg, int64_t taps, int64_t depth, bool rows_are_filters) {
+  const int64_t cols = rows_are_filters ? cg : fg, rows = (rows_are_filters ? fg : cg) * taps;
+  const int64_t total = groups * depth * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % cg, row = i / cg;  // row = (g*Fg + f) * taps + t
-    const int64_t tap = row % taps, gf = row / taps;
-    wt[i] = w[(gf * cg + c) * taps + tap];
+    const int64_t col = i % cols, row = (i / cols) % depth, group = i / (cols * depth);
+    const int64_t f = rows_are_filters ? row / taps : col, c = rows_are_filters ? col : row / taps;
+    wt[i] = row < rows ? w[((group * fg + f) * cg + c) * taps + row % taps] : T(0.f);
   }
 }
 
@@ -526,9 +580,14 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, T* __rest
 }
 
 // ----------------------------------------------------------------------------------------------- the calls
-// What a call needs besides the tensors, sized by the *_workspace functions; the caller allocates it on the
-// device (cuda/conv2d.cu with torch's allocator, the emulation test with plain memory).
+// What a call needs besides the tensors (tap tables, d_input's transposed weight, d_weight's partial sums)
+// is sized by the functions below; the caller allocates it on the device (cuda/conv2d_implicit_gemm.cu with
+// torch's allocator, the emulation test with plain memory).
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// A divisor for a loader, computed here on the host; 1 for an empty extent (whose products are not launched).
+inline IntDivider divider(int64_t d) { return IntDivider(static_cast<uint32_t>(d < 1 ? 1 : d)); }
 
 // The grid of a helper kernel's grid-stride loop over n items (at most 4096 blocks).
 inline dim3 helper_grid(int64_t n) {
@@ -536,11 +595,45 @@ inline dim3 helper_grid(int64_t n) {
   return dim3(static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks)));
 }
 
-// Whether a geometry fits the grid's limits (y and z below 65536, with the narrowest tile side, 64);
-// otherwise the caller takes another route.
+// Entries of the tap tables: forward's and d_weight's are over (c, t_h, t_w), d_input's over (f, t_h, t_w).
+inline int64_t forward_taps(const Conv2dGeometry& g) { return round_up(g.c_per_group() * g.taps(), kTapPadding); }
+inline int64_t grad_weight_taps(const Conv2dGeometry& g) { return forward_taps(g); }
+inline int64_t grad_input_taps(const Conv2dGeometry& g) { return round_up(g.f_per_group() * g.taps(), kTapPadding); }
+// Elements of the transposed weights: per group, Cg*kh*kw rows (forward) or Fg*kh*kw (d_input) rounded up to
+// kBK, of Fg or Cg columns.
+inline int64_t forward_weight_size(const Conv2dGeometry& g) {
+  return g.groups * round_up(g.c_per_group() * g.taps(), kBK) * g.f_per_group();
+}
+inline int64_t grad_input_weight_size(const Conv2dGeometry& g) {
+  return g.groups * round_up(g.f_per_group() * g.taps(), kBK) * g.c_per_group();
+}
+template <typename T>
+void transpose_weight(const T* w, T* wt, const Conv2dGeometry& g, bool rows_are_filters, cudaStream_t stream) {
+  const int64_t depth = round_up((rows_are_filters ? g.f_per_group() : g.c_per_group()) * g.taps(), kBK);
+  auto* transpose = &transpose_weight_kernel<T>;
+  TORCH_CS231N_LAUNCH(transpose, helper_grid(rows_are_filters ? grad_input_weight_size(g) : forward_weight_size(g)),
+                      kThreads, stream, w, wt, g.groups, g.f_per_group(), g.c_per_group(), g.taps(), depth,
+                      rows_are_filters);
+}
+
+// Whether a geometry fits the kernels' limits; otherwise the caller takes another route:
+//   the grid's: y and z below 65536, with the narrowest tile side, 64;
+//   32-bit positions: rows and sums N*H*W and N*oH*oW, a sample's elements, the weight's and the tap
+//   tables' below kIndexLimit (2^30, so that a tile's edge past them does not overflow either);
+//   image sizes, paddings and the strided and dilated extents at most kPositionLimit (2^24), so that a
+//   position plus a tap's shift is exact in 32 bits and far above kOutside.
 inline bool fits(const Conv2dGeometry& g) {
-  const int64_t widest = g.f_per_group() > g.c_per_group() * g.taps() ? g.f_per_group() : g.c_per_group() * g.taps();
-  return ceil_div(widest, 64) < 65536 && ceil_div(g.c_per_group(), 64) < 65536 && g.groups < 65536;
+  const int64_t cg = g.c_per_group(), fg = g.f_per_group();
+  const int64_t widest = fg > cg * g.taps() ? fg : cg * g.taps();
+  const bool grid = ceil_div(widest, 64) < 65536 && ceil_div(cg, 64) < 65536 && g.groups < 65536;
+  const int64_t counts[] = {g.n * g.h * g.w,           g.n * g.oh * g.ow,   g.c * g.h * g.w,
+                            g.f * g.oh * g.ow,         g.f * cg * g.taps(), forward_weight_size(g),
+                            grad_input_weight_size(g), forward_taps(g),     grad_input_taps(g)};
+  const int64_t positions[] = {g.h, g.w, g.oh, g.ow, g.ph, g.pw, g.sh * g.oh, g.sw * g.ow, g.dh * g.kh, g.dw * g.kw};
+  bool small = true;
+  for (int64_t count : counts) small = small && count < kIndexLimit;
+  for (int64_t position : positions) small = small && position <= kPositionLimit;
+  return grid && small;
 }
 
 // One product on one tile shape: the grid covers D, blockIdx.z the groups (times the chunks of d_weight).
@@ -577,22 +670,50 @@ void with_shape(int64_t rows, int64_t cols, F&& f) {
   }
 }
 
-// Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: Cg*kh*kw entries.
-template <typename T, typename Math>
-void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps, cudaStream_t stream) {
-  const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
+// The tap table of `count` real entries, padded to `padded` (tap_table_kernel).
+inline void fill_taps(Tap* taps, int64_t count, int64_t padded, const Conv2dGeometry& g, int64_t plane, int64_t first_h,
+                      int64_t step_h, int64_t first_w, int64_t step_w, int64_t fold_h, int64_t fold_w,
+                      cudaStream_t stream) {
   auto* table = &tap_table_kernel;
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
-                      int64_t(0), g.dw);
-  const ToImage<T> out{y, bias, fg, out_plane, g.f * out_plane, fg * out_plane};
-  const Extent e{g.n * out_plane, fg, kg, kg, 1};
+  TORCH_CS231N_LAUNCH(table, helper_grid(padded), kThreads, stream, taps, count, padded, g.kh, g.kw, plane, first_h,
+                      step_h, first_w, step_w, fold_h, fold_w);
+}
+
+// Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: forward_taps(g) entries; wt: forward_weight_size(g)
+// elements.
+template <typename T, typename Math>
+void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps, T* wt,
+             cudaStream_t stream) {
+  const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
+  // tap (t_h, t_w) shifts by (t_h·d_h, t_w·d_w), folded into the offset
+  fill_taps(taps, kg, forward_taps(g), g, g.h * g.w, 0, g.dh, 0, g.dw, g.w, 1, stream);
+  transpose_weight(w, wt, g, /*rows_are_filters=*/false, stream);
+  const ToImage<T> out{y, bias, static_cast<int32_t>(fg), divider(out_plane), g.f * out_plane, fg * out_plane};
+  const Extent e{static_cast<int32_t>(g.n * out_plane), static_cast<int32_t>(fg), static_cast<int32_t>(kg),
+                 static_cast<int32_t>(kg), 1};
   // rows are output pixels, never few: Tall or Square
   auto run = [&](auto shape) {
     using Shape = decltype(shape);
     // rows m over the output grid, gathered from x: h = o_h·s − p + tap.dh, no division
-    const PatchAlongM<T, Shape::kBM, false> a{
-        x, taps, e.m, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw, 1, 1};
-    const MatrixAlongK<T, Shape::kBN> b{w, fg, kg, fg * kg};
+    const PatchAlongM<T, Shape::kBM, false> a{x,
+                                              taps,
+                                              e.m,
+                                              divider(out_plane),
+                                              divider(g.ow),
+                                              static_cast<int32_t>(g.h),
+                                              static_cast<int32_t>(g.w),
+                                              g.c * g.h * g.w,
+                                              g.c_per_group() * g.h * g.w,
+                                              static_cast<int32_t>(g.sh),
+                                              static_cast<int32_t>(g.sw),
+                                              static_cast<int32_t>(g.ph),
+                                              static_cast<int32_t>(g.pw),
+                                              divider(1),
+                                              divider(1),
+                                              0,
+                                              0};
+    const MatrixAlongN<T, Shape::kBN> b{wt, e.n, static_cast<uint32_t>(fg),
+                                        static_cast<uint32_t>(round_up(kg, kBK) * fg)};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
   };
   if (fg <= 64) {
@@ -602,31 +723,44 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
   }
 }
 
-// d_input = dY ⋆ᵀ W. taps: Fg*kh*kw entries; wt: a buffer the size of W.
-inline int64_t grad_input_taps(const Conv2dGeometry& g) { return g.f_per_group() * g.taps(); }
-
+// d_input = dY ⋆ᵀ W. taps: grad_input_taps(g) entries; wt: grad_input_weight_size(g) elements.
 template <typename T, typename Math>
 void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* taps, T* wt, cudaStream_t stream) {
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = fg * g.taps(), out_plane = g.oh * g.ow;
-  auto* table = &tap_table_kernel;
-  // o = (i + p - t*d) / s: the tap shifts i by p - t*d before the division
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, out_plane, g.ph, -g.dh, g.pw,
-                      -g.dw);
-  auto* transpose = &transpose_weight_kernel<T>;
-  TORCH_CS231N_LAUNCH(transpose, helper_grid(g.f * cg * g.taps()), kThreads, stream, w, wt, g.groups, fg, cg, g.taps());
-  const ToImage<T> out{dx, nullptr, cg, g.h * g.w, g.c * g.h * g.w, cg * g.h * g.w};
-  const Extent e{g.n * g.h * g.w, cg, kg, kg, 1};
+  const int64_t depth = round_up(kg, kBK);
+  const bool unit_stride = g.sh == 1 && g.sw == 1;
+  // o = (i + p - t*d) / s: the tap shifts i by p - t*d, folded into the offset when there is no division
+  fill_taps(taps, kg, grad_input_taps(g), g, out_plane, g.ph, -g.dh, g.pw, -g.dw, unit_stride ? g.ow : 0,
+            unit_stride ? 1 : 0, stream);
+  transpose_weight(w, wt, g, /*rows_are_filters=*/true, stream);
+  const ToImage<T> out{dx, nullptr, static_cast<int32_t>(cg), divider(g.h * g.w), g.c * g.h * g.w, cg * g.h * g.w};
+  const Extent e{static_cast<int32_t>(g.n * g.h * g.w), static_cast<int32_t>(cg), static_cast<int32_t>(kg),
+                 static_cast<int32_t>(kg), 1};
   auto run = [&](auto shape, auto divide) {
     using Shape = decltype(shape);
     constexpr bool kDivide = decltype(divide)::value;
     // rows m over the input grid, gathered from dY: o_h = (i_h + tap.dh) / s when it divides (tap.dh = p − t·d)
-    const PatchAlongM<T, Shape::kBM, kDivide> a{dy, taps, e.m, g.h, g.w,  g.oh, g.ow, g.f * out_plane, fg * out_plane,
-                                                1,  1,    0,   0,   g.sh, g.sw};
-    const MatrixAlongN<T, Shape::kBN> b{wt, cg, cg, kg * cg};
+    const PatchAlongM<T, Shape::kBM, kDivide> a{dy,
+                                                taps,
+                                                e.m,
+                                                divider(g.h * g.w),
+                                                divider(g.w),
+                                                static_cast<int32_t>(g.oh),
+                                                static_cast<int32_t>(g.ow),
+                                                g.f * out_plane,
+                                                fg * out_plane,
+                                                1,
+                                                1,
+                                                0,
+                                                0,
+                                                divider(g.sh),
+                                                divider(g.sw),
+                                                static_cast<uint32_t>(g.sh * g.oh),
+                                                static_cast<uint32_t>(g.sw * g.ow)};
+    const MatrixAlongN<T, Shape::kBN> b{wt, e.n, static_cast<uint32_t>(cg), static_cast<uint32_t>(depth * cg)};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
   };
   // rows are input pixels, never few: Tall or Square; the division by the stride only where there is one
-  const bool unit_stride = g.sh == 1 && g.sw == 1;
   if (cg <= 64) {
     unit_stride ? run(Tall{}, std::false_type{}) : run(Tall{}, std::true_type{});
   } else {
@@ -650,29 +784,38 @@ inline WeightSplit grad_weight_split(const Conv2dGeometry& g, int64_t blocks_wan
   const int64_t most = ceil_div(k, kMinChunk), grid_most = 65535 / g.groups;
   splits = splits < 1 ? 1 : (splits > most ? most : splits);
   splits = splits > grid_most ? grid_most : splits;
-  const int64_t k_chunk = ceil_div(ceil_div(k, splits), kBK) * kBK;
+  const int64_t k_chunk = round_up(ceil_div(k, splits), kBK);
   return {ceil_div(k, k_chunk), k_chunk};
 }
-inline int64_t grad_weight_taps(const Conv2dGeometry& g) { return g.c_per_group() * g.taps(); }
 inline int64_t grad_weight_partials(const Conv2dGeometry& g, const WeightSplit& split) {
   return g.groups * split.splits * g.f_per_group() * g.c_per_group() * g.taps();
 }
 
+// taps: grad_weight_taps(g) entries; partials: grad_weight_partials(g, split) floats.
 template <typename T, typename Math>
 void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const WeightSplit& split, Tap* taps,
                  float* partials, cudaStream_t stream) {
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), out_plane = g.oh * g.ow;
-  auto* table = &tap_table_kernel;
-  TORCH_CS231N_LAUNCH(table, helper_grid(kg), kThreads, stream, taps, kg, g.kh, g.kw, g.h * g.w, int64_t(0), g.dh,
-                      int64_t(0), g.dw);
+  fill_taps(taps, kg, grad_weight_taps(g), g, g.h * g.w, 0, g.dh, 0, g.dw, g.w, 1, stream);  // as the forward's
   const ToPartials out{partials, fg, kg};
-  const Extent e{fg, kg, g.n * out_plane, split.k_chunk, split.splits};
+  const Extent e{static_cast<int32_t>(fg), static_cast<int32_t>(kg), static_cast<int32_t>(g.n * out_plane),
+                 static_cast<int32_t>(split.k_chunk), static_cast<int32_t>(split.splits)};
   with_shape(fg, kg, [&](auto shape) {
     using Shape = decltype(shape);
-    const PlanesAlongK<T, Shape::kBM> a{dy, fg, out_plane, g.f * out_plane, fg * out_plane};
+    const PlanesAlongK<T, Shape::kBM> a{dy, e.m, divider(out_plane), g.f * out_plane, fg * out_plane};
     // columns (c, t_h, t_w), the sum over output pixels k, gathered from x as in the forward
-    const PatchAlongK<T, Shape::kBN> b{
-        x, taps, kg, g.oh, g.ow, g.h, g.w, g.c * g.h * g.w, g.c_per_group() * g.h * g.w, g.sh, g.sw, g.ph, g.pw};
+    const PatchAlongK<T, Shape::kBN> b{x,
+                                       taps,
+                                       divider(out_plane),
+                                       divider(g.ow),
+                                       static_cast<int32_t>(g.h),
+                                       static_cast<int32_t>(g.w),
+                                       g.c * g.h * g.w,
+                                       g.c_per_group() * g.h * g.w,
+                                       static_cast<int32_t>(g.sh),
+                                       static_cast<int32_t>(g.sw),
+                                       static_cast<int32_t>(g.ph),
+                                       static_cast<int32_t>(g.pw)};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, stream);
   });
   auto* sum = &sum_partials_kernel<T>;

@@ -100,16 +100,21 @@ Reference reference(const Conv2dGeometry& g, const std::vector<T>& x, const std:
   return r;
 }
 
-// The largest |got - want| / (sum of |terms| + 1e-30), and whether every element is within tolerance.
 // The largest |got - want| / (sum of |terms| + rounding * |want|), and whether every element is within
-// tolerance; `rounding` is the output dtype's (float16 and bfloat16 round each result once more).
+// tolerance; `rounding` is the output dtype's (float16 and bfloat16 round each result once more). Where
+// want is Inf or NaN, got must be the same Inf, or a NaN.
 template <typename T>
 bool compare(const char* what, const std::vector<T>& got, const std::vector<double>& want,
              const std::vector<double>& scale, double tolerance, double rounding = 0.0) {
   double worst = 0.0;
   for (size_t i = 0; i < got.size(); ++i) {
-    const double e = std::fabs(static_cast<double>(got[i]) - want[i]) /
-                     (scale[i] + rounding / tolerance * std::fabs(want[i]) + 1e-30);
+    const double value = static_cast<double>(got[i]);
+    if (!std::isfinite(want[i])) {  // an Inf or NaN input reached it: the same Inf, or a NaN
+      const bool same = std::isnan(want[i]) ? std::isnan(value) : value == want[i];
+      worst = same ? worst : INFINITY;
+      continue;
+    }
+    const double e = std::fabs(value - want[i]) / (scale[i] + rounding / tolerance * std::fabs(want[i]) + 1e-30);
     worst = std::isnan(e) || e > worst ? (std::isnan(e) ? INFINITY : e) : worst;
   }
   const bool ok = worst <= tolerance;
@@ -124,14 +129,33 @@ void describe(const char* what, const Case& k, const char* extra) {
 }
 
 // ------------------------------------------------------------------------------------ implicit GEMM
+// Infinities where a kernel that reads past the end of its matrix, or a padded tap table's entry, as
+// anything but zero would meet them, times the other operand's zero: a NaN where the reference has an Inf
+// or a finite value. x: channel 0 of the last sample at the position that the last output pixel's tap 0
+// reads (clamped into the image); dy: filter 0 at the last output pixel (k = N*oH*oW - 1, where d_weight's
+// last chunk is clamped), if all its taps read inside the image. Never in the padding's way: the kernels,
+// as the GEMMs of torch's im2col route, multiply a padding's zero by the other operand (so 0 * Inf is NaN)
+// where the reference skips the term.
+template <typename T>
+void poison(const Conv2dGeometry& g, std::vector<T>& x, std::vector<T>& dy) {
+  const int64_t h = (g.oh - 1) * g.sh - g.ph, v = (g.ow - 1) * g.sw - g.pw;
+  x[((g.n - 1) * g.c * g.h + std::clamp<int64_t>(h, 0, g.h - 1)) * g.w + std::clamp<int64_t>(v, 0, g.w - 1)] =
+      T(INFINITY);
+  if (h >= 0 && v >= 0 && h + (g.kh - 1) * g.dh < g.h && v + (g.kw - 1) * g.dw < g.w) {
+    dy[(g.n - 1) * g.f * g.oh * g.ow + g.oh * g.ow - 1] = T(-INFINITY);
+  }
+}
+
 // T: the tensors' dtype (float, or c10::Half and c10::BFloat16, whose values TF32 holds exactly).
+// poisoned: with the infinities of poison(), which the results must propagate as the reference does.
 template <typename Math, typename T = float>
-bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng) {
+bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisoned = false) {
   const Conv2dGeometry g = geometry(k);
-  const std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
+  std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
   const std::vector<T> w = random_values<T>(g.f * g.c_per_group() * g.kh * g.kw, rng);
   const std::vector<T> b = random_values<T>(g.f, rng);
-  const std::vector<T> dy = random_values<T>(g.n * g.f * g.oh * g.ow, rng);
+  std::vector<T> dy = random_values<T>(g.n * g.f * g.oh * g.ow, rng);
+  if (poisoned) poison(g, x, dy);
   Reference r;
   if constexpr (std::is_same_v<T, float>) {
     r = reference(g, rounded(x, tf32), rounded(w, tf32), b, rounded(dy, tf32));
@@ -139,18 +163,19 @@ bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng) {
     r = reference(g, x, w, b, dy);
   }
 
-  std::vector<T> y(r.y.size(), T(NAN)), dx(x.size(), T(NAN)), dw(w.size(), T(NAN)), wt(w.size());
+  std::vector<T> y(r.y.size(), T(NAN)), dx(x.size(), T(NAN)), dw(w.size(), T(NAN));
+  std::vector<T> wt(std::max(ig::forward_weight_size(g), ig::grad_input_weight_size(g)), T(NAN));
   std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
-  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), nullptr);
+  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr);
   ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
   const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
   std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
   ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
 
   char what[64], chunks[64];
-  std::snprintf(what, sizeof what, "implicit GEMM, %s%s",
+  std::snprintf(what, sizeof what, "implicit GEMM, %s%s%s",
                 std::is_same_v<T, float> ? "fp32" : (std::is_same_v<T, c10::Half> ? "fp16" : "bf16"),
-                tf32 ? ", tf32" : "");
+                tf32 ? ", tf32" : "", poisoned ? ", with infinities" : "");
   std::snprintf(chunks, sizeof chunks, " (d_weight in %ld chunks)", long(split.splits));
   describe(what, k, chunks);
   // float16 and bfloat16 results are rounded once more, to 11 and 8 significant bits
@@ -255,7 +280,13 @@ int main() {
     k.n = draw(1, 3);
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+    ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/true) && ok;
   }
+  for (const Case& k : dense) {
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/true) && ok;
+    ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/true) && ok;
+  }
+  ok = run_implicit_gemm<ig::MmaTf32, c10::Half>(dense[1], /*tf32=*/true, rng, /*poisoned=*/true) && ok;
   for (int i = 0; i < 12; ++i) {
     Case k{};
     k.c = k.groups = draw(1, 4), k.f = k.c * draw(1, 3);

@@ -6,10 +6,10 @@ its main loop issues per stage.
 compiles the source to a cubin for one architecture (nvcc, the flags of the build), disassembles it
 (nvdisasm: the CUDA toolkit's, or $NVDISASM; pip's nvidia-cuda-nvdisasm wheel carries one too), and prints
 for every kernel with a loop of MMAs or FMAs: its registers and spills (ptxas), and the loop's
-instructions by kind. A stage multiplies a 16-deep slice of the block's tiles; what is not an MMA, FMA or
-a load/store of the operands is the loaders' index arithmetic and the loop's own bookkeeping, and on the
-tensor cores it is what the loop's speed depends on (docs/conv2d.md). The counts are static: a branch
-inside the loop counts both sides.
+instructions by kind ("local": spilled registers, read or written inside the loop). A stage multiplies a
+16-deep slice of the block's tiles; what is not an MMA, FMA or a load/store of the operands is the
+loaders' index arithmetic and the loop's own bookkeeping, and on the tensor cores it is what the loop's
+speed depends on (docs/conv2d.md). The counts are static: a branch inside the loop counts both sides.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from torch_cs231n import _build_config as cfg  # noqa: E402  (before torch: it sets CUDA_HOME)
 
-KINDS = {"HMMA": "mma", "FFMA": "ffma", "LDS": "lds", "LDSM": "lds", "STS": "sts", "LDG": "ldg", "LD": "ldg"}
+KINDS = {"HMMA": "mma", "FFMA": "ffma", "LDS": "lds", "LDSM": "lds", "STS": "sts", "LDG": "ldg", "LD": "ldg",
+         "LDL": "local", "STL": "local"}
 
 
 def compile_cubin(source: str, arch: str, out: str) -> str:
@@ -139,10 +140,10 @@ def main() -> None:
             kinds[KINDS.get(opcode, "other")] += 1
         r, spill = regs.get(kernel, (0, 0))
         rows.append((describe(kernel), r, spill, len(loop), kinds))
-    print(f"{'kernel':34s} {'regs':>4s} {'spill':>5s} {'loop':>5s}  mma/ffma   lds  sts  ldg  other")
+    print(f"{'kernel':34s} {'regs':>4s} {'spill':>5s} {'loop':>5s}  mma/ffma   lds  sts  ldg  local  other")
     for name, r, spill, n, k in sorted(rows):
         print(f"{name:34s} {r:4d} {spill:5d} {n:5d}  {k['mma'] + k['ffma']:8d} {k['lds']:5d} {k['sts']:4d} "
-              f"{k['ldg']:4d} {k['other']:6d}")
+              f"{k['ldg']:4d} {k['local']:6d} {k['other']:6d}")
 
 
 if __name__ == "__main__":

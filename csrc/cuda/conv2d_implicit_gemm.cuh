@@ -367,6 +367,9 @@ __device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&
 // The thread's accumulators, seen as 8 rows by 8 columns: row r is m = 16*(r/2) + g + 8*(r%2) and column c
 // is n = 8*(c/2) + 2t + c%2 of the warp's piece (the d layout above, tile by tile).
 struct MmaTf32 {
+  // two blocks of 8 warps per multiprocessor, so that one multiplies while the other waits at its barrier
+  // or for its loads; that caps a thread at 128 registers, and ptxas spills 8-88 bytes, none in the loop
+  static constexpr int kBlocksPerMultiprocessor = 2;
   struct Accumulators {
     float v[4][4][4];  // [m tile][n tile][fragment]
   };
@@ -416,6 +419,8 @@ struct MmaTf32 {
 // CUDA cores. The warp's lanes form 8 x 4; lane (lm, ln) computes rows 8*lm.. and columns 8*ln.. of the
 // warp's piece, 64 fused multiply-adds per k.
 struct SimtFma {
+  // one block: at 128 registers the 256 x 64 and 64 x 256 tiles would spill inside the loop
+  static constexpr int kBlocksPerMultiprocessor = 1;
   struct Accumulators {
     float v[8][8];
   };
@@ -468,11 +473,12 @@ struct Extent {
   int32_t splits;
 };
 
-// ptxas gives it 128-184 registers a thread (sm_90), so one block of 8 warps per multiprocessor, with no
-// spills. Its main loop issues 290-580 instructions a warp per stage with MmaTf32 (32 of them MMAs), about
-// 1230-1480 with SimtFma (1024 FMAs): tools/sass_loop_report.py counts them.
+// Its main loop issues about 290-600 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
+// with SimtFma (1024 FMAs), in 128 registers a thread, or 128-164 for SimtFma (sm_90):
+// tools/sass_loop_report.py counts them.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
-__global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
+__global__ void __launch_bounds__(kThreads, Math::kBlocksPerMultiprocessor)
+    implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
   static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
   __shared__ Tile<Shape::kBM> a_tiles[2];
   __shared__ Tile<Shape::kBN> b_tiles[2];

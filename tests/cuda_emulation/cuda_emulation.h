@@ -37,7 +37,7 @@ using cudaStream_t = void*;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 
 namespace cuda_emulation {

@@ -146,7 +146,7 @@ template <typename T, int kExtent, bool kDivide>
 struct PatchAlongM {
   static constexpr bool kAlongK = false;
   static constexpr int kTileExtent = kExtent;
-  using Value = T;
+  static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<false, kExtent>;
   const T* src;
   const Tap* taps;
@@ -201,7 +201,7 @@ template <typename T, int kExtent>
 struct MatrixAlongN {
   static constexpr bool kAlongK = false;
   static constexpr int kTileExtent = kExtent;
-  using Value = T;
+  static constexpr bool kReady = true;  // transpose_weight_kernel wrote it ready for the arithmetic
   using Map = TileMap<false, kExtent>;
   const T* src;
   int32_t cols;
@@ -223,7 +223,7 @@ template <typename T, int kExtent>
 struct PlanesAlongK {
   static constexpr bool kAlongK = true;
   static constexpr int kTileExtent = kExtent;
-  using Value = T;
+  static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
   const T* src;
   int32_t rows;
@@ -254,7 +254,7 @@ template <typename T, int kExtent>
 struct PatchAlongK {
   static constexpr bool kAlongK = true;
   static constexpr int kTileExtent = kExtent;
-  using Value = T;
+  static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
   const T* src;
   const Tap* taps;
@@ -370,6 +370,7 @@ struct MmaTf32 {
   // two blocks of 8 warps per multiprocessor, so that one multiplies while the other waits at its barrier
   // or for its loads; that caps a thread at 128 registers, and ptxas spills 8-88 bytes, none in the loop
   static constexpr int kBlocksPerMultiprocessor = 2;
+  static constexpr bool kTf32 = true;  // operands rounded to TF32 (operand())
   struct Accumulators {
     float v[4][4][4];  // [m tile][n tile][fragment]
   };
@@ -421,6 +422,7 @@ struct MmaTf32 {
 struct SimtFma {
   // one block: at 128 registers the 256 x 64 and 64 x 256 tiles would spill inside the loop
   static constexpr int kBlocksPerMultiprocessor = 1;
+  static constexpr bool kTf32 = false;
   struct Accumulators {
     float v[8][8];
   };
@@ -453,16 +455,16 @@ struct SimtFma {
 };
 
 // ---------------------------------------------------------------------------------------------- the kernel
-// A loader's values into a shared tile, as the arithmetic takes them: float32 rounded to TF32 for the tensor
-// cores; float16 and bfloat16 values are TF32 values already.
+// A loader's values into a shared tile, as the arithmetic takes them (Math::operand: float32 rounded to TF32
+// for the tensor cores), unless the loader's values are ready as they are (kReady: float16 and bfloat16
+// values are TF32 values; the transposed weights are written rounded).
 template <typename Math, typename Loader, typename TileT>
 __device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
   using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
-  constexpr bool kExact = !std::is_same<typename Loader::Value, float>::value;
 #pragma unroll
   for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
     const int k = Map::k(t, i);
-    tile[k][Math::column(k, Map::mn(t, i))] = kExact ? v[i] : Math::operand(v[i]);
+    tile[k][Math::column(k, Map::mn(t, i))] = Loader::kReady ? v[i] : Math::operand(v[i]);
   }
 }
 
@@ -473,8 +475,8 @@ struct Extent {
   int32_t splits;
 };
 
-// Its main loop issues about 290-600 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
-// with SimtFma (1024 FMAs), in 128 registers a thread, or 128-164 for SimtFma (sm_90):
+// Its main loop issues about 290-590 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
+// with SimtFma (1024 FMAs), in 128 registers a thread, or 142-174 for SimtFma (sm_90):
 // tools/sass_loop_report.py counts them.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 __global__ void __launch_bounds__(kThreads, Math::kBlocksPerMultiprocessor)
@@ -556,8 +558,9 @@ __global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t padded, int64
 
 // The weight w[g*Fg + f][c][t] transposed per group into the B of a product, wt[g][row][col], contiguous along
 // its columns: row = (c, t) and col = f for the forward (rows_are_filters false), row = (f, t) and col = c
-// for d_input; its rows padded with zeros from Cg*taps (or Fg*taps) to `depth`.
-template <typename T>
+// for d_input; its rows padded with zeros from Cg*taps (or Fg*taps) to `depth`. kRound: float32 values
+// rounded to TF32 once here, for the tensor cores, rather than as each block loads them.
+template <typename T, bool kRound>
 __global__ void transpose_weight_kernel(const T* __restrict__ w, T* __restrict__ wt, int64_t groups, int64_t fg,
                                         int64_t cg, int64_t taps, int64_t depth, bool rows_are_filters) {
   const int64_t cols = rows_are_filters ? cg : fg, rows = (rows_are_filters ? fg : cg) * taps;
@@ -566,7 +569,9 @@ __global__ void transpose_weight_kernel(const T* __restrict__ w, T* __restrict__
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t col = i % cols, row = (i / cols) % depth, group = i / (cols * depth);
     const int64_t f = rows_are_filters ? row / taps : col, c = rows_are_filters ? col : row / taps;
-    wt[i] = row < rows ? w[((group * fg + f) * cg + c) * taps + row % taps] : T(0.f);
+    T value = row < rows ? w[((group * fg + f) * cg + c) * taps + row % taps] : T(0.f);
+    if constexpr (kRound) value = round_to_tf32(value);
+    wt[i] = value;
   }
 }
 
@@ -613,10 +618,11 @@ inline int64_t forward_weight_size(const Conv2dGeometry& g) {
 inline int64_t grad_input_weight_size(const Conv2dGeometry& g) {
   return g.groups * round_up(g.f_per_group() * g.taps(), kBK) * g.c_per_group();
 }
-template <typename T>
+// The B of forward (rows_are_filters false) or d_input, ready for Math (MatrixAlongN::kReady).
+template <typename T, typename Math>
 void transpose_weight(const T* w, T* wt, const Conv2dGeometry& g, bool rows_are_filters, cudaStream_t stream) {
   const int64_t depth = round_up((rows_are_filters ? g.f_per_group() : g.c_per_group()) * g.taps(), kBK);
-  auto* transpose = &transpose_weight_kernel<T>;
+  auto *transpose = &transpose_weight_kernel < T, Math::kTf32 && std::is_same<T, float>::value > ;
   TORCH_CS231N_LAUNCH(transpose, helper_grid(rows_are_filters ? grad_input_weight_size(g) : forward_weight_size(g)),
                       kThreads, stream, w, wt, g.groups, g.f_per_group(), g.c_per_group(), g.taps(), depth,
                       rows_are_filters);
@@ -693,7 +699,7 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
   const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
   // tap (t_h, t_w) shifts by (t_h·d_h, t_w·d_w), folded into the offset
   fill_taps(taps, kg, forward_taps(g), g, g.h * g.w, 0, g.dh, 0, g.dw, g.w, 1, stream);
-  transpose_weight(w, wt, g, /*rows_are_filters=*/false, stream);
+  transpose_weight<T, Math>(w, wt, g, /*rows_are_filters=*/false, stream);
   const ToImage<T> out{y, bias, static_cast<int32_t>(fg), divider(out_plane), g.f * out_plane, fg * out_plane};
   const Extent e{static_cast<int32_t>(g.n * out_plane), static_cast<int32_t>(fg), static_cast<int32_t>(kg),
                  static_cast<int32_t>(kg), 1};
@@ -738,7 +744,7 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
   // o = (i + p - t*d) / s: the tap shifts i by p - t*d, folded into the offset when there is no division
   fill_taps(taps, kg, grad_input_taps(g), g, out_plane, g.ph, -g.dh, g.pw, -g.dw, unit_stride ? g.ow : 0,
             unit_stride ? 1 : 0, stream);
-  transpose_weight(w, wt, g, /*rows_are_filters=*/true, stream);
+  transpose_weight<T, Math>(w, wt, g, /*rows_are_filters=*/true, stream);
   const ToImage<T> out{dx, nullptr, static_cast<int32_t>(cg), divider(g.h * g.w), g.c * g.h * g.w, cg * g.h * g.w};
   const Extent e{static_cast<int32_t>(g.n * g.h * g.w), static_cast<int32_t>(cg), static_cast<int32_t>(kg),
                  static_cast<int32_t>(kg), 1};

@@ -106,6 +106,20 @@ constexpr int64_t kIndexLimit = int64_t(1) << 30;     // 32-bit positions m, k a
 // one: they only feed the tile's rows and columns past the end of D, which the epilogue never writes.
 // Positions are 32-bit (fits()); a thread's base pointer holds the 64-bit offset of its sample.
 
+// A gathered image (x, or dY for d_input): its plane, and its elements per sample and per group of channels.
+struct Planes {
+  int32_t h, w;
+  int64_t sample_stride, group_stride;
+};
+
+// Where a row r of the pixel grid a loader runs over reads its first tap: r * step - shift along each axis
+// (conv_in_index at tap 0: the stride and the padding for x; 1 and 0 for d_input's own grid).
+struct Steps {
+  int32_t step_h, step_w, shift_h, shift_w;
+  __device__ int32_t h(uint32_t r) const { return static_cast<int32_t>(r) * step_h - shift_h; }
+  __device__ int32_t w(uint32_t r) const { return static_cast<int32_t>(r) * step_w - shift_w; }
+};
+
 // i, or the last of `count` positions when i is past them (count >= 1)
 __device__ __forceinline__ int32_t clamped(int32_t i, int32_t count) { return i < count ? i : count - 1; }
 
@@ -140,7 +154,7 @@ __device__ __forceinline__ float read_only(const T* p) {
 }
 
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
-// t_h, t_w). The value is src[n, ch, h, w] with h = r_h*step_h - shift_h + tap.dh (and w alike), then,
+// t_h, t_w). The value is src[n, ch, h, w] with h = steps.h(r_h) + tap.dh (and w alike), then,
 // for d_input with a stride, divided by it when it divides (kDivide): the inverse map of conv_out_index.
 template <typename T, int kExtent, bool kDivide>
 struct PatchAlongM {
@@ -150,26 +164,25 @@ struct PatchAlongM {
   using Map = TileMap<false, kExtent>;
   const T* src;
   const Tap* taps;
-  int32_t rows;                        // M
-  IntDivider row_plane, row_width;     // row_h*row_w and row_w: m = (sample, r_h, r_w)
-  int32_t src_h, src_w;                // the gathered image
-  int64_t image_stride, group_stride;  // elements per sample, and per group of channels, of src
-  int32_t step_h, step_w, shift_h, shift_w;
-  IntDivider stride_h, stride_w;  // kDivide: the stride, and s*src_h, s*src_w the bounds of s*o
+  int32_t rows;                     // M
+  IntDivider row_plane, row_width;  // row_h*row_w and row_w: m = (sample, r_h, r_w)
+  Planes image;                     // src's
+  Steps steps;
+  IntDivider stride_h, stride_w;  // kDivide: the stride, and s*image.h, s*image.w the bounds of s*o
   uint32_t limit_h, limit_w;
   // per thread
   const T* base;
   int32_t h0, w0;  // the position tap 0 reads
-  uint32_t pixel;  // h0*src_w + w0, modulo 2^32
+  uint32_t pixel;  // h0*image.w + w0, modulo 2^32
 
   __device__ void start(int32_t m0, int32_t group, int t) {
     const int32_t m = clamped(m0 + Map::mn(t, 0), rows);
     const uint32_t n = row_plane.quotient(m), in_plane = m - n * row_plane.divisor;
     const uint32_t r_h = row_width.quotient(in_plane), r_w = in_plane - r_h * row_width.divisor;
-    base = opaque(src + n * image_stride + group * group_stride);
-    h0 = static_cast<int32_t>(r_h) * step_h - shift_h;  // conv_in_index at tap 0; the tap adds tap.dh
-    w0 = static_cast<int32_t>(r_w) * step_w - shift_w;
-    pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(src_w) + static_cast<uint32_t>(w0);
+    base = opaque(src + n * image.sample_stride + group * image.group_stride);
+    h0 = steps.h(r_h);  // the tap adds tap.dh
+    w0 = steps.w(r_w);
+    pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(image.w) + static_cast<uint32_t>(w0);
   }
 
   // k_end: the padded tap table holds zeros' taps past it
@@ -184,9 +197,9 @@ struct PatchAlongM {
       if (kDivide) {  // o = (i + p - t*d) / s: h must be a multiple of s in [0, s*oH)
         const uint32_t oh = stride_h.quotient(hu), ow = stride_w.quotient(wu);
         inside = hu < limit_h && wu < limit_w && oh * stride_h.divisor == hu && ow * stride_w.divisor == wu;
-        at = tap.offset + oh * static_cast<uint32_t>(src_w) + ow;
+        at = tap.offset + oh * static_cast<uint32_t>(image.w) + ow;
       } else {  // one unsigned test per axis: a negative position is a huge unsigned one
-        inside = hu < static_cast<uint32_t>(src_h) && wu < static_cast<uint32_t>(src_w);
+        inside = hu < static_cast<uint32_t>(image.h) && wu < static_cast<uint32_t>(image.w);
         at = pixel + tap.offset;
       }
       v[i] = inside ? read_only(base + at) : 0.f;
@@ -259,30 +272,28 @@ struct PatchAlongK {
   const T* src;
   const Tap* taps;
   IntDivider out_plane, out_width;  // oH*oW and oW: k = (sample, o_h, o_w)
-  int32_t src_h, src_w;
-  int64_t image_stride, group_stride;
-  int32_t stride_h, stride_w, pad_h, pad_w;
+  Planes image;                     // x's
+  Steps steps;                      // the stride and the padding
   const T* base;
   int32_t n0;
 
   __device__ void start(int32_t n0_, int32_t group, int) {
     n0 = n0_;
-    base = src + group * group_stride;
+    base = src + group * image.group_stride;
   }
   __device__ void load(int32_t k0, int32_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
     const int32_t k = k0 + Map::k(t, 0);
     const uint32_t position = clamped(k, k_end), n = out_plane.quotient(position);
     const uint32_t in_plane = position - n * out_plane.divisor, o_h = out_width.quotient(in_plane);
-    const int32_t h0 = static_cast<int32_t>(o_h) * stride_h - pad_h;  // tap 0's; the tap adds tap.dh
-    const int32_t w0 = static_cast<int32_t>(in_plane - o_h * out_width.divisor) * stride_w - pad_w;
-    const uint32_t pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(src_w) + static_cast<uint32_t>(w0);
-    const T* image = opaque(base + n * image_stride);
+    const int32_t h0 = steps.h(o_h), w0 = steps.w(in_plane - o_h * out_width.divisor);  // the tap adds tap.dh
+    const uint32_t pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(image.w) + static_cast<uint32_t>(w0);
+    const T* sample = opaque(base + n * image.sample_stride);
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
       const Tap tap = taps[n0 + Map::mn(t, i)];
       const uint32_t h = static_cast<uint32_t>(h0 + tap.dh), w = static_cast<uint32_t>(w0 + tap.dw);
-      const bool inside = k < k_end && h < static_cast<uint32_t>(src_h) && w < static_cast<uint32_t>(src_w);
-      v[i] = inside ? read_only(image + (pixel + tap.offset)) : 0.f;
+      const bool inside = k < k_end && h < static_cast<uint32_t>(image.h) && w < static_cast<uint32_t>(image.w);
+      v[i] = inside ? read_only(sample + (pixel + tap.offset)) : 0.f;
     }
   }
 };
@@ -600,6 +611,18 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // A divisor for a loader, computed here on the host; 1 for an empty extent (whose products are not launched).
 inline IntDivider divider(int64_t d) { return IntDivider(static_cast<uint32_t>(d < 1 ? 1 : d)); }
 
+// The convolution's input and output images, as loaders gather them, and the steps of its windows.
+inline Steps window_steps(const Conv2dGeometry& g) {
+  return {static_cast<int32_t>(g.sh), static_cast<int32_t>(g.sw), static_cast<int32_t>(g.ph),
+          static_cast<int32_t>(g.pw)};
+}
+inline Planes input_planes(const Conv2dGeometry& g) {
+  return {static_cast<int32_t>(g.h), static_cast<int32_t>(g.w), g.c * g.h * g.w, g.c_per_group() * g.h * g.w};
+}
+inline Planes output_planes(const Conv2dGeometry& g) {
+  return {static_cast<int32_t>(g.oh), static_cast<int32_t>(g.ow), g.f * g.oh * g.ow, g.f_per_group() * g.oh * g.ow};
+}
+
 // The grid of a helper kernel's grid-stride loop over n items (at most 4096 blocks).
 inline dim3 helper_grid(int64_t n) {
   const int64_t blocks = ceil_div(n, kThreads);
@@ -706,24 +729,10 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
   // rows are output pixels, never few: Tall or Square
   auto run = [&](auto shape) {
     using Shape = decltype(shape);
-    // rows m over the output grid, gathered from x: h = o_h·s − p + tap.dh, no division
-    const PatchAlongM<T, Shape::kBM, false> a{x,
-                                              taps,
-                                              e.m,
-                                              divider(out_plane),
-                                              divider(g.ow),
-                                              static_cast<int32_t>(g.h),
-                                              static_cast<int32_t>(g.w),
-                                              g.c * g.h * g.w,
-                                              g.c_per_group() * g.h * g.w,
-                                              static_cast<int32_t>(g.sh),
-                                              static_cast<int32_t>(g.sw),
-                                              static_cast<int32_t>(g.ph),
-                                              static_cast<int32_t>(g.pw),
-                                              divider(1),
-                                              divider(1),
-                                              0,
-                                              0};
+    // rows m over the output grid, gathered from x: h = o_h·s − p + tap.dh, no division (so the stride's
+    // dividers and limits stay unset)
+    const PatchAlongM<T, Shape::kBM, false> a{
+        x, taps, e.m, divider(out_plane), divider(g.ow), input_planes(g), window_steps(g)};
     const MatrixAlongN<T, Shape::kBN> b{wt, e.n, static_cast<uint32_t>(fg),
                                         static_cast<uint32_t>(round_up(kg, kBK) * fg)};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
@@ -757,14 +766,8 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
                                                 e.m,
                                                 divider(g.h * g.w),
                                                 divider(g.w),
-                                                static_cast<int32_t>(g.oh),
-                                                static_cast<int32_t>(g.ow),
-                                                g.f * out_plane,
-                                                fg * out_plane,
-                                                1,
-                                                1,
-                                                0,
-                                                0,
+                                                output_planes(g),
+                                                Steps{1, 1, 0, 0},
                                                 divider(g.sh),
                                                 divider(g.sw),
                                                 static_cast<uint32_t>(g.sh * g.oh),
@@ -816,18 +819,7 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
     using Shape = decltype(shape);
     const PlanesAlongK<T, Shape::kBM> a{dy, e.m, divider(out_plane), g.f * out_plane, fg * out_plane};
     // columns (c, t_h, t_w), the sum over output pixels k, gathered from x as in the forward
-    const PatchAlongK<T, Shape::kBN> b{x,
-                                       taps,
-                                       divider(out_plane),
-                                       divider(g.ow),
-                                       static_cast<int32_t>(g.h),
-                                       static_cast<int32_t>(g.w),
-                                       g.c * g.h * g.w,
-                                       g.c_per_group() * g.h * g.w,
-                                       static_cast<int32_t>(g.sh),
-                                       static_cast<int32_t>(g.sw),
-                                       static_cast<int32_t>(g.ph),
-                                       static_cast<int32_t>(g.pw)};
+    const PatchAlongK<T, Shape::kBN> b{x, taps, divider(out_plane), divider(g.ow), input_planes(g), window_steps(g)};
     launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, stream);
   });
   auto* sum = &sum_partials_kernel<T>;

@@ -27,7 +27,7 @@ OUT=${OUT:-gpu-check}
 #   TORCH_CS231N_CUDA_POOL_BACKWARD=flat   max-pool's backward, scatter or 32-bit gather (cuda/max_pool2d_backward.cuh)
 #   TORCH_CS231N_CUDA_BN_UPDATE=fused      batch norm's running statistics in one kernel (cuda/batch_norm.cu)
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles TORCH_CS231N_CUDA_POOL_BACKWARD=flat TORCH_CS231N_CUDA_BN_UPDATE=fused|(conv2d or max_pool2d) and cuda or fused_update|conv2d max_pool2d batch_norm|conv3x3 conv3x3_deep depthwise pool2x2 pool3x3"
+  "new|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_DEPTHWISE=tiles TORCH_CS231N_CUDA_POOL_BACKWARD=flat TORCH_CS231N_CUDA_BN_UPDATE=fused|(conv2d or max_pool2d) and cuda or fused_update|conv2d max_pool2d batch_norm|conv3x3 conv3x3_deep depthwise pool2x2 pool3x3 bn_cs231n bn_deep"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

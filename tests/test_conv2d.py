@@ -340,6 +340,48 @@ def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, dtype, tf32):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
 
 
+def check_past_int32(monkeypatch, route):
+    """A convolution whose output has more than 2^31 elements, its first sample's offsets below 2^31 and the
+    last one's above (16385 samples of 32 x 64 x 64): ours against cuDNN in float32 (TF32 off) on the last
+    two samples of y and d_x, where 32-bit offsets would wrap, and on all of d_W and d_b, which sum over
+    every sample. About 30 GB of GPU memory."""
+    if torch.cuda.mem_get_info()[0] < 40 * 2**30:
+        pytest.skip("needs about 30 GB of free GPU memory")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", route)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(16385, 4, 64, 64, device="cuda", generator=gen)
+    w = torch.randn(32, 4, 3, 3, device="cuda", generator=gen)
+    b = torch.randn(32, device="cuda", generator=gen)
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = ours.conv2d(*leaves, padding=1)
+        assert y.numel() > 2**31
+        grad = torch.randn(y.shape, device="cuda", generator=gen)
+        y.backward(grad)
+        mine = (y[-2:].detach().clone(), leaves[0].grad[-2:].clone(), leaves[1].grad, leaves[2].grad)
+        del y, leaves
+        y = F.conv2d(x, w, b, padding=1)
+        exact = (y[-2:].clone(), torch.nn.grad.conv2d_input(x.shape, w, grad, padding=1)[-2:],
+                 torch.nn.grad.conv2d_weight(x, w.shape, grad, padding=1), grad.sum((0, 2, 3)))
+        del y
+    for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+        error = ((m - e).abs().max() / e.abs().max()).item()
+        assert error < 1e-4, (name, route, error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offsets past 2^31 on CUDA")
+def test_cuda_offsets_past_int32_match_cudnn(monkeypatch):
+    """The proven route (im2col and cuBLAS) with int64 offsets."""
+    check_past_int32(monkeypatch, "cublas")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
+def test_cuda_implicit_gemm_candidate_offsets_past_int32_match_cudnn(monkeypatch):
+    """The implicit GEMM's 32-bit positions with a 64-bit offset per sample (cuda/conv2d_implicit_gemm.cuh)."""
+    check_past_int32(monkeypatch, "implicit")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the depthwise tile kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_depthwise_tiles_candidate_matches_torch(monkeypatch, dtype):

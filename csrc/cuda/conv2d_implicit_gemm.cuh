@@ -77,6 +77,13 @@ template <bool kAlongK, int kExtent>
 struct TileMap {
   static __host__ __device__ int k(int t, int i) { return kAlongK ? t % kBK : t / kExtent + i * (kThreads / kExtent); }
   static __host__ __device__ int mn(int t, int i) { return kAlongK ? t / kBK + i * (kThreads / kBK) : t % kExtent; }
+  // A k in the same group of 4 rows as k(t, i), which is all a tile's column permutation depends on
+  // (MmaTf32::column). Along m it is known at compile time: k = t / extent + i * 256/extent with t / extent
+  // below 256/extent, which divides 4, so k / 4 = (i * 256/extent) / 4 and the store addresses are a few
+  // registers plus constants (324 instructions a stage become 292 in the 128 x 128 forward).
+  static __host__ __device__ int k_for_column(int t, int i) {
+    return kAlongK ? t % kBK : (i * (kThreads / kExtent)) & ~3;
+  }
 };
 
 // A filter tap's part of a gathered address, built for k = (channel, t_h, t_w) by tap_table_kernel: the
@@ -379,7 +386,8 @@ __device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&
 // is n = 8*(c/2) + 2t + c%2 of the warp's piece (the d layout above, tile by tile).
 struct MmaTf32 {
   // two blocks of 8 warps per multiprocessor, so that one multiplies while the other waits at its barrier
-  // or for its loads; that caps a thread at 128 registers, and ptxas spills 8-88 bytes, none in the loop
+  // or for its loads; that caps a thread at 128 registers, and ptxas spills 0-40 bytes (0-10 local
+  // accesses a stage in the loop)
   static constexpr int kBlocksPerMultiprocessor = 2;
   static constexpr bool kTf32 = true;  // operands rounded to TF32 (operand())
   struct Accumulators {
@@ -474,8 +482,9 @@ __device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTi
   using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
 #pragma unroll
   for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
-    const int k = Map::k(t, i);
-    tile[k][Math::column(k, Map::mn(t, i))] = Loader::kReady ? v[i] : Math::operand(v[i]);
+    const int k = Map::k(t, i);  // (along k, k itself: the same value, which ptxas happens to schedule better)
+    tile[k][Math::column(Loader::kAlongK ? k : Map::k_for_column(t, i), Map::mn(t, i))] =
+        Loader::kReady ? v[i] : Math::operand(v[i]);
   }
 }
 
@@ -486,7 +495,7 @@ struct Extent {
   int32_t splits;
 };
 
-// Its main loop issues about 290-590 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
+// Its main loop issues about 270-580 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
 // with SimtFma (1024 FMAs), in 128 registers a thread, or 142-174 for SimtFma (sm_90):
 // tools/sass_loop_report.py counts them.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>

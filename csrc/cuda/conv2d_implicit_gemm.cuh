@@ -192,7 +192,7 @@ struct PatchAlongM {
     pixel = static_cast<uint32_t>(h0) * static_cast<uint32_t>(image.w) + static_cast<uint32_t>(w0);
   }
 
-  // k_end: the padded tap table holds zeros' taps past it
+  // (no test against k_end: past it, the padded tap table's taps fall outside the image)
   __device__ void load(int32_t k0, int32_t, int t, float (&v)[kPerThread<kExtent>]) const {
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {

@@ -6,7 +6,9 @@
 // Errors are measured against the sum of |terms| of each output: one term missing or extra is off by about
 // 1/K of it, while float32 sums stay near 1e-7 of it (the tolerance is 1e-5; 1e-12 in float64). The TF32
 // kernels are compared with the float64 convolution of TF32-rounded inputs, so what is left is float32
-// accumulation there too.
+// accumulation there too. The implicit GEMM runs once more with infinities in x and dY (poison()), where
+// reading anything but zero past the end of a matrix would turn them into NaN; the test compiles with
+// AddressSanitizer, so a read past a buffer fails too.
 #include "cuda_emulation.h"
 // clang-format off: the emulation header must come first
 #include "cuda/conv2d_depthwise.cuh"

@@ -385,10 +385,13 @@ __device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&
 // The thread's accumulators, seen as 8 rows by 8 columns: row r is m = 16*(r/2) + g + 8*(r%2) and column c
 // is n = 8*(c/2) + 2t + c%2 of the warp's piece (the d layout above, tile by tile).
 struct MmaTf32 {
-  // two blocks of 8 warps per multiprocessor, so that one multiplies while the other waits at its barrier
-  // or for its loads; that caps a thread at 128 registers, and ptxas spills 0-40 bytes (0-10 local
-  // accesses a stage in the loop)
-  static constexpr int kBlocksPerMultiprocessor = 2;
+  // Two blocks of 8 warps per multiprocessor, so that one multiplies while the other waits at its barrier
+  // or for its loads. That caps a thread at 128 registers: ptxas spills 0-40 bytes (0-10 local accesses a
+  // stage in the loop).
+  template <typename Shape>
+  static constexpr int blocks_per_multiprocessor() {
+    return 2;
+  }
   static constexpr bool kTf32 = true;  // operands rounded to TF32 (operand())
   struct Accumulators {
     float v[4][4][4];  // [m tile][n tile][fragment]
@@ -439,8 +442,13 @@ struct MmaTf32 {
 // CUDA cores. The warp's lanes form 8 x 4; lane (lm, ln) computes rows 8*lm.. and columns 8*ln.. of the
 // warp's piece, 64 fused multiply-adds per k.
 struct SimtFma {
-  // one block: at 128 registers the 256 x 64 and 64 x 256 tiles would spill inside the loop
-  static constexpr int kBlocksPerMultiprocessor = 1;
+  // Two blocks per multiprocessor for the square tile, whose kernels fit 128 registers (d_weight's with 10
+  // local accesses in a loop of 1285 instructions); one for the 256 x 64 and 64 x 256 tiles, which would
+  // spill inside the loop.
+  template <typename Shape>
+  static constexpr int blocks_per_multiprocessor() {
+    return Shape::kBM == Shape::kBN ? 2 : 1;
+  }
   static constexpr bool kTf32 = false;
   struct Accumulators {
     float v[8][8];
@@ -496,10 +504,10 @@ struct Extent {
 };
 
 // Its main loop issues about 270-580 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
-// with SimtFma (1024 FMAs), in 128 registers a thread, or 142-174 for SimtFma (sm_90):
-// tools/sass_loop_report.py counts them.
+// with SimtFma (1024 FMAs), in 128 registers a thread where two blocks share a multiprocessor
+// (Math::blocks_per_multiprocessor), else 162-174 (sm_90): tools/sass_loop_report.py counts them.
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
-__global__ void __launch_bounds__(kThreads, Math::kBlocksPerMultiprocessor)
+__global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiprocessor<Shape>())
     implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
   static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
   __shared__ Tile<Shape::kBM> a_tiles[2];

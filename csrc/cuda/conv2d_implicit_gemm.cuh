@@ -662,7 +662,8 @@ inline int64_t grad_input_weight_size(const Conv2dGeometry& g) {
 template <typename T, typename Math>
 void transpose_weight(const T* w, T* wt, const Conv2dGeometry& g, bool rows_are_filters, cudaStream_t stream) {
   const int64_t depth = round_up((rows_are_filters ? g.f_per_group() : g.c_per_group()) * g.taps(), kBK);
-  auto *transpose = &transpose_weight_kernel < T, Math::kTf32 && std::is_same<T, float>::value > ;
+  constexpr bool kRound = Math::kTf32 && std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
+  auto* transpose = &transpose_weight_kernel<T, kRound>;
   TORCH_CS231N_LAUNCH(transpose, helper_grid(rows_are_filters ? grad_input_weight_size(g) : forward_weight_size(g)),
                       kThreads, stream, w, wt, g.groups, g.f_per_group(), g.c_per_group(), g.taps(), depth,
                       rows_are_filters);

@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace torch_cs231n {
 
@@ -18,8 +19,13 @@ C10_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, i
 }
 
 // Forward map: the input position read by output position o through tap t. May lie in the padding
-// (< 0 or >= I), where the value is zero.
-C10_HOST_DEVICE inline int64_t conv_in_index(int64_t o, int64_t t, int64_t s, int64_t p, int64_t d) {
+// (< 0 or >= I), where the value is zero. In o's type: int64_t, or int32_t where the CUDA implicit GEMM
+// has bounded the sizes (cuda/conv2d_implicit_gemm.cuh: fits); the other arguments convert to it.
+template <typename Index>
+using SameAs = typename std::common_type<Index>::type;  // Index, in a context that deduces nothing
+template <typename Index>
+C10_HOST_DEVICE inline Index conv_in_index(Index o, SameAs<Index> t, SameAs<Index> s, SameAs<Index> p,
+                                           SameAs<Index> d) {
   return o * s - p + t * d;
 }
 

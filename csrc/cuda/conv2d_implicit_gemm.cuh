@@ -123,8 +123,8 @@ struct Planes {
 // (conv_in_index at tap 0: the stride and the padding for x; 1 and 0 for d_input's own grid).
 struct Steps {
   int32_t step_h, step_w, shift_h, shift_w;
-  __device__ int32_t h(uint32_t r) const { return static_cast<int32_t>(r) * step_h - shift_h; }
-  __device__ int32_t w(uint32_t r) const { return static_cast<int32_t>(r) * step_w - shift_w; }
+  __device__ int32_t h(uint32_t r) const { return conv_in_index<int32_t>(r, 0, step_h, shift_h, 1); }
+  __device__ int32_t w(uint32_t r) const { return conv_in_index<int32_t>(r, 0, step_w, shift_w, 1); }
 };
 
 // i, or the last of `count` positions when i is past them (count >= 1)

@@ -12,7 +12,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_cs231n
 from torch_cs231n import functional as ours
 
-from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, forced_isa, with_layout
 
 ops = torch.ops.torch_cs231n
 NAN, INF = float("nan"), float("inf")
@@ -220,6 +220,34 @@ def test_larger_shapes_match_torch(device, shape, args, memory_format):
     g, g_ref = grads(x, torch.randn_like(y_ref), **args)
     torch.testing.assert_close(g, g_ref, **({"rtol": 0, "atol": 0} if device == "cpu" else {}))
     assert_same_layout(g, g_ref)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_channels_last_paths_equal_torch(isa):
+    """The channels_last forward holds each pixel's maxima and indices in vector registers: channels in blocks
+    of 64 or 32, then 16 or 8, then a masked or scalar tail. Every channel count below reaches a different mix
+    of them; with ties, NaN and -inf windows, values and indices equal torch's bit for bit in each ISA. float16
+    and bfloat16 run the float32 loops: their maxima are torch's, and their gradients the float32 sums
+    rounded once. The backward's batch of 1 splits its channels between the threads."""
+    gen = torch.Generator().manual_seed(3)
+    with forced_isa(isa):
+        for c, n, dtype in itertools.product((1, 7, 8, 16, 17, 33, 64, 71, 100), (1, 2),
+                                             (torch.float32, torch.bfloat16, torch.float16)):
+            base = torch.randn(n, c, 9, 10, generator=gen).mul(2).round()  # few values: many ties
+            base[0, ::2, 1, 1] = NAN
+            base[-1, 1::3, 4:8, 5:9] = -INF  # 2x2 windows of -inf only
+            x = base.to(dtype).contiguous(memory_format=torch.channels_last)
+            for args in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2)):
+                (y, i), (y_ref, i_ref) = both(x, **args)
+                torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+                assert torch.equal(i, i_ref), (c, n, dtype, args)
+                assert_same_layout(y, y_ref)
+                dy = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+                xf = x.float().requires_grad_()
+                g_f32 = torch.autograd.grad(F.max_pool2d(xf, **args), xf, dy.float())[0]
+                g = torch.autograd.grad(ours.max_pool2d(x.requires_grad_(), **args), x, dy)[0]
+                assert torch.equal(g, g_f32.to(dtype)), (c, n, dtype, args)
+                assert_same_layout(g, g_f32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flat backward kernels are CUDA kernels")
@@ -430,17 +458,20 @@ def test_backward_argument_checks(device):
         ops.max_pool2d_backward(y.double(), x, i, *geometry)
 
 
-def test_made_up_indices_never_write_outside(device):
-    x = torch.randn(1, 2, 4, 4, device=device)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("made_up", [1000, 16, -1])
+def test_made_up_indices_never_write_outside(device, memory_format, dtype, made_up):
+    x = torch.randn(1, 2, 4, 4, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     y, i = ops.max_pool2d_forward(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     bad = i.clone()
-    bad[0, 0, 0, 0] = 1000
-    if device == "cpu":
+    bad[0, 1, 1, 0] = made_up
+    if device == "cpu":  # the CPU scatters, in both layouts: it refuses an index outside the plane
         with pytest.raises(RuntimeError, match=r"expected indices in \[0, H\*W\) = \[0, 16\)"):
             ops.max_pool2d_backward(y, x, bad, [2, 2], [2, 2], [0, 0], [1, 1], False)
     else:  # the GPU gathers: an index that names no input in the window is simply never matched
         g = ops.max_pool2d_backward(y, x, bad, [2, 2], [2, 2], [0, 0], [1, 1], False)
-        assert g[0, 0].abs().sum() <= y[0, 0].abs().sum()
+        assert g[0, 1].abs().sum() <= y[0, 1].abs().sum()
 
 
 # ------------------------------------------------------------------------------------ opcheck and compile

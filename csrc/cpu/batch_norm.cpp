@@ -54,10 +54,8 @@ constexpr int64_t kMaxGroups = 64;         // channel-last: row groups reduced i
 // below takes its values through `load` and gives its results through `store`, in pieces of at most
 // kBlock values (or one channel-last row) converted in L1 (cpu/reduced_float.h). For float and double
 // they are the tensor's own memory, and nothing is copied.
-template <typename scalar_t>
-using opmath_t = at::opmath_type<scalar_t>;
-template <typename scalar_t>
-constexpr bool kNarrow = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
+using cpu::kNarrow;
+using cpu::opmath_t;
 
 // The thread's buffers for converted pieces: one per operand that can be in flight at once.
 enum class Piece : int { kX, kDy, kOut, kCount };

@@ -17,8 +17,6 @@ namespace torch_cs231n {
 namespace conv2d_cpu {
 
 using cpu::cpu_has_avx2_fma;  // the depthwise loops come in a baseline and an AVX2+FMA version
-// The body shared by both versions: always inlined, so that it is compiled with its caller's ISA.
-#define CS231N_INLINE inline __attribute__((always_inline))
 
 // Elements per parallel task for the memory-bound loops.
 constexpr int64_t kGrain = 1 << 14;

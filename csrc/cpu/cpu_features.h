@@ -30,6 +30,9 @@
 #define CS231N_AVX512_BF16
 #endif
 
+// A body shared by the versions of a loop: always inlined, so that it is compiled with its caller's ISA.
+#define CS231N_INLINE inline __attribute__((always_inline))
+
 namespace torch_cs231n {
 namespace cpu {
 

@@ -8,10 +8,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #include "cpu/cpu_features.h"
 
@@ -21,6 +23,13 @@
 
 namespace torch_cs231n {
 namespace cpu {
+
+// The type a loop computes in (float32 for float16 and bfloat16; any other type itself), and whether a
+// dtype is such a narrow one.
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+template <typename scalar_t>
+constexpr bool kNarrow = !std::is_same_v<scalar_t, opmath_t<scalar_t>>;
 
 inline bool is_reduced_float(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;

@@ -1,7 +1,9 @@
 """Real models: a torchvision ResNet-18 and MobileNetV2 (random weights, nothing downloaded), one training
 step (forward, cross-entropy loss, backward to every parameter) at batch 16 x 3x128x128, converted with
 torch_cs231n.convert() against the same model with torch's layers. Target (the CPU-convolution issue):
-<= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics)."""
+<= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics).
+ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input: informative (no
+target), not part of --quick."""
 import copy
 
 import torch
@@ -50,3 +52,31 @@ def cases():
             quick=False,
             grad_targets=lambda who, models=models: list(models[who].parameters()),
         )
+
+    # Mixed precision, as a user trains on a CPU with AVX512-BF16: autocast runs the convolutions in
+    # bfloat16 (torch's policy for conv2d); batch norm, ReLU and max-pool take what they are given.
+    models = {}
+
+    def make_autocast_inputs(device, dtype, models=models):
+        ours, reference = _models("resnet18")
+        models["ours"], models["torch"] = ours.to(device), reference.to(device)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
+        labels = torch.randint(CLASSES, (BATCH,), generator=g).to(device)
+        return x, labels
+
+    def autocast_step(who, x, labels, models=models):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return F.cross_entropy(models[who](x), labels)
+
+    yield Case(
+        op="model",
+        name="resnet18_autocast",
+        describe=f"resnet18 train step {BATCH}x3x{SIZE}x{SIZE} autocast bfloat16",
+        make_inputs=make_autocast_inputs,
+        ours=lambda x, labels: autocast_step("ours", x, labels),
+        reference=lambda x, labels: autocast_step("torch", x, labels),
+        target=None,
+        quick=False,
+        grad_targets=lambda who, models=models: list(models[who].parameters()),
+    )

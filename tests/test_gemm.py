@@ -167,15 +167,19 @@ def has_avx512_bf16():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("c,f,k,padding,dilation,bias", [
-    (64, 64, 3, 1, 1, True),      # a ResNet layer: whole slivers of 64 filters, whole channel pairs
-    (3, 70, 3, 1, 1, False),      # an odd channel (its pair's other half is zero), a second, partial sliver
-    (17, 5, 5, 2, 2, True),       # dilation: the taps' offsets
-    (16, 130, 1, 0, 1, False),    # 1x1, three slivers
-    (9, 7, (3, 1), (1, 0), 1, True),  # a kernel of another height than width
+@pytest.mark.parametrize("c,f,k,stride,padding,dilation,bias", [
+    (64, 64, 3, 1, 1, 1, True),      # a ResNet layer: whole slivers of 64 filters, whole channel pairs
+    (3, 70, 3, 1, 1, 1, False),      # an odd channel (its pair's other half is zero), a second, partial sliver
+    (17, 5, 5, 1, 2, 2, True),       # dilation: the taps' offsets
+    (16, 130, 1, 1, 0, 1, False),    # 1x1, three slivers
+    (9, 7, (3, 1), 1, (1, 0), 1, True),  # a kernel of another height than width
+    (64, 70, 3, 2, 1, 1, True),      # ResNet's downsampling 3x3: the stride's four phases
+    (3, 64, 7, 2, 3, 1, False),      # the stem: 7x7 stride 2 on 3 channels
+    (32, 20, 1, 2, 0, 1, True),      # the 1x1 stride-2 shortcut: one phase of four read
+    (6, 9, 3, (2, 3), 1, 2, False),  # different strides along each axis, with dilation
 ])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_bfloat16_convolution_against_float64(layout, c, f, k, padding, dilation, bias, isa):
+def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, dilation, bias, isa):
     """bfloat16 in, float32 sums, one rounding out: within one bfloat16 ulp (2^-8 relative) of the float64
     result on the same bfloat16 operands, plus float32's error on the sum (cancelling terms). avx512 takes
     the AVX512-BF16 route where the CPU has it (conv2d_bf16.h); avx2 the float32 kernels."""
@@ -188,7 +192,7 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, padding, dilation
     b = torch.randn(f, generator=gen).bfloat16() if bias else None
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    args = dict(padding=padding, dilation=dilation)
+    args = dict(stride=stride, padding=padding, dilation=dilation)
     leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
     with forced_isa(isa):
         y = ours.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, **args)
@@ -202,3 +206,29 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, padding, dilation
     for got, want in zip((y,) + grads, (y_ref,) + grads_ref):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("k,padding", [(1, 0), (3, 1)])
+def test_bfloat16_weight_grad_sums_samples_in_blocks(k, padding):
+    """d_W on the bfloat16 route sums a block of samples' padded planes at once (conv2d_bf16.h). 11 x 11
+    planes make blocks of 4 samples; 10 samples on 2 threads give each thread a block of 4 and then one
+    of 1, which must not see the first block's values past its own end (a 1x1 layer without padding, on
+    an odd number of pixels, reads one pixel past it)."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(10, 64, 11, 11, generator=gen).bfloat16()
+    w = (torch.randn(48, 64, k, k, generator=gen) / (64 * k * k) ** 0.5).bfloat16().requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with forced_isa("avx512"):
+            y = ours.conv2d(x, w, padding=padding)
+            dy = torch.randn(y.shape, generator=gen).bfloat16()
+            (dw,) = torch.autograd.grad(y, w, dy)
+    finally:
+        torch.set_num_threads(threads)
+    w64 = w.detach().double().requires_grad_()
+    (dw_ref,) = torch.autograd.grad(F.conv2d(x.double(), w64, padding=padding), w64, dy.double())
+    scale = dw_ref.abs().max().item()
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)

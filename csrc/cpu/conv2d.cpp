@@ -189,11 +189,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   check_conv2d_grad_output(grad_output, input, g, op);
   if (cpu::is_reduced_float(input)) {
     // bfloat16 on the bfloat16 route (conv2d_bf16.h): d_x of a stride-1 layer as the transposed
-    // convolution, and d_W; d_b and anything else in float32.
+    // convolution, and d_W of a layer with 32 channels or more; d_b and anything else in float32.
     Conv2dGeometry t;
     const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_direct(g);
     const bool dx_bf16 = output_mask[0] && bf16 && transposed_geometry(g, &t) && bf16_direct(t);
-    const bool dw_bf16 = output_mask[1] && bf16;
+    const bool dw_bf16 = output_mask[1] && bf16 && bf16_weight_grad_direct(g);
     std::array<bool, 3> mask_f32 = output_mask;
     if (dx_bf16) mask_f32[0] = false;
     if (dw_bf16) mask_f32[1] = false;

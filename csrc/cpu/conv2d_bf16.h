@@ -5,17 +5,19 @@
 // Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
 //
 // The form is the channels_last one (conv2d_pixels.h): per sample, Y'[pixel, f] = Σ_taps Σ_c
-// x_pad[pixel + tap_offset(t), c] · W[f, c, t]. vdpbf16ps takes its k in pairs: here pairs of channels,
-// which lie side by side in a padded pixel (x_pad keeps an even channel pitch, the odd one zero), so A is
-// read in place, one 32-bit broadcast per pixel and pair. The filters are packed once per call into
-// slivers of 64 filters: for each tap and channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
+// x_pad[pixel + offset(t), c] · W[f, c, t], where x_pad is the padded sample split into the stride's phases
+// (conv2d_shifted.h: with stride s, the input under tap t of output o is element o + floor(t*d/s) of phase
+// t*d mod s, so each tap is again one shift, in the outputs' row pitch Wq; stride 1 has one phase). vdpbf16ps takes its
+// k in pairs: here pairs of channels, which lie side by side in a padded pixel (x_pad keeps an even channel pitch, the
+// odd one zero), so A is read in place, one 32-bit broadcast per pixel and pair. The filters are packed once per call
+// into slivers of 64 filters: for each tap and channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
 //
 //   micro-kernel   6 pixels x 64 filters: 24 zmm accumulators, 4 B vectors, 1 broadcast (bf16_step)
 //                  per (tap, pair) step: 4 loads, 6 broadcasts, 24 vdpbf16ps (768 products)
 //
-// Stride 1, one group (the layers that dominate a conv-net's time); d_x of such a layer is the same form
-// (the transposed convolution), and d_W a product over pixel pairs (below). Other layers run the float32
-// kernels (cpu/reduced_float.h).
+// One group, any stride and dilation: the forward and d_W (a product over pixel pairs, below). d_x of a
+// stride-1 layer is the same form (the transposed convolution); d_x of a strided one, and grouped layers,
+// run the float32 kernels (cpu/reduced_float.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,11 +42,14 @@ namespace conv2d_cpu {
 constexpr int kBf16Mr = 6, kBf16Nr = 64;
 
 // Whether the bfloat16 route takes the layer: the CPU has AVX512-BF16 (and AVX-512 is the ISA in force,
-// so that the ISA cap of the tests reaches it), stride 1, one group.
+// so that the ISA cap of the tests reaches it), one group.
 inline bool bf16_direct(const Conv2dGeometry& g) {
-  return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.sh == 1 && g.sw == 1 &&
-         g.f > 0 && g.c > 0;
+  return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.f > 0 && g.c > 0;
 }
+
+// d_W's tiles are kBf16Nr = 64 channels wide: with fewer than 32 channels most of each tile is padding, and
+// the float32 kernels on converted copies are faster (the 7x7 stem on 3 channels: 194 against 33 ms).
+inline bool bf16_weight_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
 
 // x_pad's channel pairs are read as 32-bit words through this type, which may alias its uint16_t storage.
 typedef uint32_t bf16_word __attribute__((__may_alias__));
@@ -77,16 +82,21 @@ inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const Conv2d
   return packed;
 }
 
-// x_pad: the sample with its zero border, pixel-major, channel pitch cp = C rounded up to even (the odd
-// channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory.
+// x_pad: the sample with its zero border, split into the stride's phases, pixel-major: padded pixel
+// (pi, pj) is pixel (pi / sH, pj / sW) of phase (pi % sH, pj % sW), at ((phase * Hq + pi / sH) * Wq + pj / sW)
+// (the layout of conv2d_shifted.h's pad_planes, with the channels innermost). Channel pitch cp = C rounded
+// up to even (the odd channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory. Only the
+// phases some tap reads are filled in (`used`, from bf16_used_phases): a 1x1 stride-2 layer reads one of 4.
 inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t cp,
-                            bool planes, uint16_t* x_pad) {
+                            bool planes, const std::vector<uint8_t>& used, uint16_t* x_pad) {
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
-  std::fill(x_pad, x_pad + sp.hp * sp.wp * cp, uint16_t(0));
+  std::fill(x_pad, x_pad + sp.plane() * cp, uint16_t(0));
   for (int64_t i = 0; i < g.h; ++i) {
-    uint16_t* row = x_pad + ((g.ph + i) * sp.wp + g.pw) * cp;
+    const int64_t pi = g.ph + i;
     for (int64_t j = 0; j < g.w; ++j) {
-      uint16_t* pixel = row + j * cp;
+      const int64_t pj = g.pw + j, phase = (pi % sp.sh) * sp.sw + pj % sp.sw;
+      if (!used[phase]) continue;
+      uint16_t* pixel = x_pad + ((phase * sp.hq + pi / sp.sh) * sp.wq + pj / sp.sw) * cp;
       if (planes) {
         for (int64_t c = 0; c < g.c; ++c) pixel[c] = xb[(c * g.h + i) * g.w + j];
       } else {
@@ -94,6 +104,15 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
       }
     }
   }
+}
+
+// Which phases the taps read: tap (t_h, t_w) reads phase ((t_h*dH) % sH, (t_w*dW) % sW).
+inline std::vector<uint8_t> bf16_used_phases(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
+  std::vector<uint8_t> used(sp.sh * sp.sw, 0);
+  for (int64_t th = 0; th < g.kh; ++th) {
+    for (int64_t tw = 0; tw < g.kw; ++tw) used[(th * g.dh % sp.sh) * sp.sw + tw * g.dw % sp.sw] = 1;
+  }
+  return used;
 }
 
 #if CS231N_X86
@@ -165,7 +184,7 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
 }
 #endif
 
-// y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a stride-1, one-group layer (bf16_direct).
+// y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a one-group layer (bf16_direct).
 // x and y are in the same layout; w is any (F, C, kH, kW) bfloat16 tensor; b a float32 copy of the bias.
 inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const float* b, c10::BFloat16* y,
                               const Conv2dGeometry& g, bool planes) {
@@ -173,18 +192,19 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), pairs = cp / 2, taps = g.taps();
   const std::vector<uint32_t> filters = pack_bf16_filters(w, g, pairs);
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<uint16_t> x_pad(sp.hp * sp.wp * cp);
+    std::vector<uint16_t> x_pad(sp.plane() * cp);
     std::vector<float> out(sp.cols * g.f), rows(g.f * g.ow);
     std::vector<const bf16_word*> a_tap(taps);
     std::vector<int64_t> offsets(taps);
-    for (int64_t t = 0; t < taps; ++t) offsets[t] = tap_offset(g, sp, t);
+    for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
     const auto* words = reinterpret_cast<const bf16_word*>(x_pad.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, x_pad.data());
+        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
         for (int64_t j = 0; j < g.f; j += kBf16Nr) {
           const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
@@ -198,7 +218,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
         // The oW real pixels of each output row, rounded to bfloat16 once.
         c10::BFloat16* y_n = y + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-          const float* src = out.data() + o_h * sp.wp * g.f;  // [oW x F]
+          const float* src = out.data() + o_h * sp.wq * g.f;  // [oW x F]
           if (!planes) {
             cpu::from_float(src, g.ow * g.f, y_n + o_h * g.ow * g.f);
             continue;
@@ -218,13 +238,22 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
 }
 
 // ------------------------------------------------------------------------------------------------ d_W
-// d_W[f, t, c] = Σ_pixels dY'[p, f] · x_pad[p + tap_offset(t), c], with dY' = dY in the pitch Wp (zeros in
+// d_W[f, t, c] = Σ_pixels dY'[p, f] · x_pad[p + offset(t), c], with dY' = dY in the pitch Wq (zeros in
 // the thrown-away pixels, as conv_weight_grad_nhwc). k is the pixel here, taken in pairs (2q, 2q+1):
-//   A: dy_pairs[q * F + f]   = (dY'[2q, f], dY'[2q+1, f])            packed once per sample
+//   A: dy_pairs[q * F + f]   = (dY'[2q, f], dY'[2q+1, f])
 //   B: x_pairs[p * cw + c]   = (x_pad[p, c], x_pad[p+1, c])          every pixel p, so that the pair of any
 //      tap, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is the word at p = 2q + o: read in place
 // (cw: C rounded up to 16, whole vectors). A tile is 6 filters x 64 channels of one tap, summed over all
 // pixel pairs, added into d_W.
+//
+// Small images go in blocks of samples, their padded planes one after the other: an output pixel's taps
+// stay inside its own sample's plane, so the pixels of a block are one sum. ResNet's 4x4 stage has 22
+// pixels a sample: summed per sample, each tile's store outweighed its products, and d_W (9 MiB at 512
+// channels) was read and written 16 times a batch (14.9 ms; in blocks of 512 pixels, 6.7). Longer
+// blocks cost more than they save: 8x8 planes took 2.4 ms per sample, 2.7 in blocks of 5, and strided
+// 28x28 planes (900 pixels) 6.2 per sample, 14.7 in pairs.
+constexpr int64_t kBf16WeightGradBlockPixels = 512;
+
 #if CS231N_X86
 CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda, const bf16_word* b,
                                                      int64_t ldb, float* c, int64_t ldc, int m, int n) {
@@ -249,38 +278,52 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), cw = (g.c + 15) / 16 * 16, taps = g.taps();
-  const int64_t pixels = sp.hp * sp.wp, pairs = (sp.cols + 1) / 2, ldc = taps * g.c;
+  const int64_t plane = sp.plane(), ldc = taps * g.c;
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const int64_t block = std::clamp<int64_t>(kBf16WeightGradBlockPixels / plane, 1, (g.n + chunks - 1) / chunks);
+  const int64_t max_pairs = ((block - 1) * plane + sp.cols + 1) / 2;
   std::vector<float> partial(chunks * g.f * ldc, 0.0f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<uint16_t> x_pad((pixels + 1) * cp, 0);  // one zero pixel more: the pair of the last one
-    std::vector<uint32_t> x_pairs(pixels * cw, 0), dy_pairs(pairs * g.f, 0);
-    std::vector<uint16_t> dy_pitch(2 * pairs * g.f, 0);  // dY' (the gaps are never written: they stay 0)
+    // Two zero pixels past the block: the pair of the last pixel, and the word after it.
+    std::vector<uint16_t> x_pad((block * plane + 2) * cp, 0);
+    std::vector<uint32_t> x_pairs((block * plane + 1) * cw, 0), dy_pairs(max_pairs * g.f, 0);
+    std::vector<uint16_t> dy_pitch(2 * max_pairs * g.f, 0);  // dY' (its gaps are never written: they stay 0)
     std::vector<int64_t> offsets(taps);
-    for (int64_t t = 0; t < taps; ++t) offsets[t] = tap_offset(g, sp, t);
+    for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
     const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       float* dw_chunk = partial.data() + chunk * g.f * ldc;
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, x_pad.data());
-        for (int64_t p = 0; p < pixels; ++p) {
+      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
+      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0);
+        const int64_t pixels = nb * plane, pairs = ((nb - 1) * plane + sp.cols + 1) / 2;
+        for (int64_t s = 0; s < nb; ++s) {
+          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data() + s * plane * cp);
+        }
+        std::fill(x_pad.data() + pixels * cp, x_pad.data() + (pixels + 2) * cp, uint16_t(0));
+        for (int64_t p = 0; p <= pixels; ++p) {
           const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
           for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
         }
-        // dY' in the pitch Wp, then in pairs of pixels.
-        const uint16_t* dy_n = dyb + n * out_sample;
-        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-          uint16_t* row = dy_pitch.data() + o_h * sp.wp * g.f;
-          if (!planes) {
-            std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
-            continue;
-          }
-          for (int64_t f = 0; f < g.f; ++f) {
-            const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
-            for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
+        // dY' in the pitch Wq, sample after sample, then in pairs of pixels. A smaller block than the last
+        // leaves that block's values past its own end: the pixels read beyond this block's outputs are zeroed.
+        for (int64_t s = 0; s < nb; ++s) {
+          const uint16_t* dy_n = dyb + (n0 + s) * out_sample;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            uint16_t* row = dy_pitch.data() + (s * plane + o_h * sp.wq) * g.f;
+            if (!planes) {
+              std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
+              continue;
+            }
+            for (int64_t f = 0; f < g.f; ++f) {
+              const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
+              for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
+            }
           }
         }
+        std::fill(dy_pitch.data() + ((nb - 1) * plane + sp.cols) * g.f, dy_pitch.data() + 2 * pairs * g.f, uint16_t(0));
         for (int64_t q = 0; q < pairs; ++q) {
           const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
           for (int64_t f = 0; f < g.f; ++f) dy_pairs[q * g.f + f] = bf16_pair(even[f], odd[f]);

@@ -177,6 +177,8 @@ def has_avx512_bf16():
     (3, 64, 7, 2, 3, 1, False),      # the stem: 7x7 stride 2 on 3 channels
     (32, 20, 1, 2, 0, 1, True),      # the 1x1 stride-2 shortcut: one phase of four read
     (6, 9, 3, (2, 3), 1, 2, False),  # different strides along each axis, with dilation
+    (40, 24, 2, (3, 2), 0, 1, False),  # d_x by phases: a phase without taps, rows and a column no window reaches
+    (36, 40, 5, 3, 2, 1, True),      # d_x by phases: padding, phases of 2 and 1 taps
 ])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, dilation, bias, isa):
@@ -209,11 +211,11 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, 
 
 
 @pytest.mark.parametrize("k,padding", [(1, 0), (3, 1)])
-def test_bfloat16_weight_grad_sums_samples_in_blocks(k, padding):
-    """d_W on the bfloat16 route sums a block of samples' padded planes at once (conv2d_bf16.h). 11 x 11
-    planes make blocks of 4 samples; 10 samples on 2 threads give each thread a block of 4 and then one
-    of 1, which must not see the first block's values past its own end (a 1x1 layer without padding, on
-    an odd number of pixels, reads one pixel past it)."""
+def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
+    """d_W of small images on the bfloat16 route sums the output pixels of a block of samples at once, in
+    pairs (conv2d_bf16.h, pixel rows). 11 x 11 outputs make blocks of 4 samples; 10 samples on 2 threads
+    give each thread a block of 4 and then one of 1, and 121 rows a block an odd last row, whose partner
+    must be zero, not the next sample's first row."""
     if not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(k)

@@ -136,7 +136,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 }
 
 // The bfloat16 route (conv2d_bf16.h) into y, which has the results' memory format.
-void bf16_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+void bf16_forward(const at::Tensor& input, const Bf16Filters& weight, const c10::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dGeometry& g, at::MemoryFormat format) {
   if (y.numel() == 0) return;
   const at::Tensor x = input.contiguous(format);
@@ -153,7 +153,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
     at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
-    bf16_forward(input, weight, bias, y, g, format);
+    bf16_forward(input, Bf16Filters::of(weight), bias, y, g, format);
     return y;
   }
   if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernels, rounded once (reduced_float.h)
@@ -188,11 +188,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const Conv2dGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   if (cpu::is_reduced_float(input)) {
-    // bfloat16 on the bfloat16 route (conv2d_bf16.h): d_x of a stride-1 layer as the transposed
-    // convolution, and d_W of a layer with 32 channels or more; d_b and anything else in float32.
+    // bfloat16 on the bfloat16 route (conv2d_bf16.h): d_x as the transposed convolution (of the stride's
+    // phases when strided) and d_W, for layers of 32 channels or more; d_b and anything else in float32.
     Conv2dGeometry t;
     const bool bf16 = input.scalar_type() == at::kBFloat16 && bf16_direct(g);
-    const bool dx_bf16 = output_mask[0] && bf16 && transposed_geometry(g, &t) && bf16_direct(t);
+    const bool dx_stride1 = output_mask[0] && bf16 && transposed_geometry(g, &t) && bf16_input_grad_direct(g);
+    const bool dx_phases = output_mask[0] && bf16 && !dx_stride1 && bf16_input_grad_direct(g) && g.dh == 1 &&
+                           g.dw == 1 && (g.sh > 1 || g.sw > 1);
+    const bool dx_bf16 = dx_stride1 || dx_phases;
     const bool dw_bf16 = output_mask[1] && bf16 && bf16_weight_grad_direct(g);
     std::array<bool, 3> mask_f32 = output_mask;
     if (dx_bf16) mask_f32[0] = false;
@@ -208,9 +211,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       std::tie(dx, dw, db) = conv2d_grad_buffers(input, weight, g, mask_f32, conv2d_memory_format(input, weight));
     }
     const at::MemoryFormat format = conv2d_memory_format(input, weight);
-    if (dx_bf16) {
+    if (dx_stride1) {
       dx = at::empty(input.sizes(), input.options().memory_format(format));
-      bf16_forward(grad_output, transposed_filters(weight.contiguous(), g), c10::nullopt, dx, t, format);
+      bf16_forward(grad_output, Bf16Filters::transposed_of(weight), c10::nullopt, dx, t, format);
+    }
+    if (dx_phases) {
+      dx = at::zeros(input.sizes(), input.options().memory_format(format));
+      conv_input_grad_bf16_phases(grad_output.contiguous(format), weight, dx, g,
+                                  format != at::MemoryFormat::ChannelsLast);
     }
     if (dw_bf16) {
       const bool planes = format != at::MemoryFormat::ChannelsLast;

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -59,26 +60,53 @@ inline uint32_t bf16_pair(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
 }
 
-inline uint16_t bf16_bits(const c10::BFloat16& v) { return v.x; }
+// The filters of a layer as this route reads them, W[f, c, t_h, t_w] = base[f*sf + c*sc + t_h*sh + t_w*sw]:
+// a bfloat16 tensor of any strides (`of`), or the filters of its transposed convolution, W_t[c, f, t] =
+// W[f, c, flipped t] (`transposed_of`: the channels swapped and the taps reversed by the strides alone,
+// where torch's flip would copy the weight: 1.4 ms for 512 x 512 x 3 x 3).
+struct Bf16Filters {
+  const c10::BFloat16* base;
+  int64_t sf, sc, sh, sw;
+
+  static Bf16Filters of(const at::Tensor& w) {
+    return {w.const_data_ptr<c10::BFloat16>(), w.stride(0), w.stride(1), w.stride(2), w.stride(3)};
+  }
+  static Bf16Filters transposed_of(const at::Tensor& w) {
+    const c10::BFloat16* last_tap =
+        w.const_data_ptr<c10::BFloat16>() + (w.size(2) - 1) * w.stride(2) + (w.size(3) - 1) * w.stride(3);
+    return {last_tap, w.stride(1), w.stride(0), -w.stride(2), -w.stride(3)};
+  }
+};
 
 // The filters, packed: sliver s (filters 64s .. 64s+63), tap t, channel pair q at
 // packed[((s * taps + t) * pairs + q) * 64 + j] = (W[64s+j, 2q, t], W[64s+j, 2q+1, t]), 0 past F or C.
-inline std::vector<uint32_t> pack_bf16_filters(const at::Tensor& w, const Conv2dGeometry& g, int64_t pairs) {
+// In parallel over (sliver, tap): each writes its own block of pairs x 64 words.
+inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2dGeometry& g, int64_t pairs) {
   const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
   std::vector<uint32_t> packed(slivers * taps * pairs * kBf16Nr, 0);
-  const auto* wp = w.const_data_ptr<c10::BFloat16>();
-  const int64_t sf = w.stride(0), sc = w.stride(1), sh = w.stride(2), sw = w.stride(3);
-  for (int64_t f = 0; f < g.f; ++f) {
-    for (int64_t t = 0; t < taps; ++t) {
-      const c10::BFloat16* base = wp + f * sf + (t / g.kw) * sh + (t % g.kw) * sw;
-      uint32_t* out = packed.data() + ((f / kBf16Nr) * taps + t) * pairs * kBf16Nr + f % kBf16Nr;
-      for (int64_t q = 0; q < pairs; ++q) {
-        const uint16_t lo = bf16_bits(base[2 * q * sc]);
-        const uint16_t hi = 2 * q + 1 < g.c ? bf16_bits(base[(2 * q + 1) * sc]) : uint16_t(0);
-        out[q * kBf16Nr] = bf16_pair(lo, hi);
+  const auto* wb = reinterpret_cast<const uint16_t*>(w.base);
+  at::parallel_for(0, slivers * taps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / taps, t = task % taps, f0 = s * kBf16Nr;
+      const int64_t nf = std::min<int64_t>(kBf16Nr, g.f - f0);
+      const uint16_t* tap = wb + (t / g.kw) * w.sh + (t % g.kw) * w.sw;
+      uint32_t* out = packed.data() + task * pairs * kBf16Nr;
+      const auto word = [&](int64_t j, int64_t q) {  // (W[f0+j, 2q, t], W[f0+j, 2q+1, t]), 0 past C
+        const uint16_t* filter = tap + (f0 + j) * w.sf;
+        return bf16_pair(filter[2 * q * w.sc], 2 * q + 1 < g.c ? filter[(2 * q + 1) * w.sc] : uint16_t(0));
+      };
+      // The inner loop along the smaller stride (the channels of a weight, its filters when transposed).
+      if (std::abs(w.sc) <= std::abs(w.sf)) {
+        for (int64_t j = 0; j < nf; ++j) {
+          for (int64_t q = 0; q < pairs; ++q) out[q * kBf16Nr + j] = word(j, q);
+        }
+      } else {
+        for (int64_t q = 0; q < pairs; ++q) {
+          for (int64_t j = 0; j < nf; ++j) out[q * kBf16Nr + j] = word(j, q);
+        }
       }
     }
-  }
+  });
   return packed;
 }
 
@@ -184,9 +212,18 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
 }
 #endif
 
+// Small images (fewer than kMinPixelsPerSample outputs a sample: ResNet's 8x8 and 4x4 stages) go by pixel
+// rows instead: the padded planes would compute 22 pixels of a 4x4 sample to keep 16, in tiles that
+// reload the filters for every 6 of them. Every output pixel of a block of samples becomes a row,
+//     A[j][t][q] = x_pad's pair q under tap t of output j          (the im2col of the pairs, copied)
+// so that for every tap the tile's rows are taps * pairs words apart; a block's A is at most
+// kBf16RowsBytes, in whole samples.
+inline bool bf16_pixel_rows(const Conv2dGeometry& g) { return g.col_cols() < kMinPixelsPerSample; }
+constexpr int64_t kBf16RowsBytes = int64_t{1} << 20;
+
 // y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a one-group layer (bf16_direct).
-// x and y are in the same layout; w is any (F, C, kH, kW) bfloat16 tensor; b a float32 copy of the bias.
-inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const float* b, c10::BFloat16* y,
+// x and y are in the same layout; w the (F, C, kH, kW) filters; b a float32 copy of the bias.
+inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
                               const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
@@ -195,37 +232,64 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // Samples per block, and the GEMM's rows per sample: the padded plane's pitch-Wq pixels, one sample at
+  // a time; or the real output pixels of as many samples as fit kBf16RowsBytes.
+  const bool by_rows = bf16_pixel_rows(g);
+  const int64_t row_words = taps * pairs;
+  const int64_t block =
+      by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (g.col_cols() * row_words * 4), 1, (g.n + chunks - 1) / chunks)
+              : 1;
+  const int64_t rows_per_sample = by_rows ? g.col_cols() : sp.cols;
+  const int64_t out_pitch = by_rows ? g.ow : sp.wq;  // output row o_h of sample s: row s * rows + o_h * pitch
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad(sp.plane() * cp);
-    std::vector<float> out(sp.cols * g.f), rows(g.f * g.ow);
+    std::vector<uint32_t> a_rows(by_rows ? block * g.col_cols() * row_words : 0);
+    std::vector<float> out(block * rows_per_sample * g.f), rows(g.f * g.ow);
     std::vector<const bf16_word*> a_tap(taps);
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
     const auto* words = reinterpret_cast<const bf16_word*>(x_pad.data());
+    const auto* a_words = reinterpret_cast<const bf16_word*>(a_rows.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
+      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
+      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0), m = by_rows ? nb * g.col_cols() : sp.cols;
+        for (int64_t s = 0; s < nb; ++s) {
+          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
+          if (!by_rows) break;  // one sample a block
+          for (int64_t o = 0; o < g.col_cols(); ++o) {
+            const int64_t pixel = o / g.ow * sp.wq + o % g.ow;  // output o in the pitch Wq
+            uint32_t* row = a_rows.data() + (s * g.col_cols() + o) * row_words;
+            for (int64_t t = 0; t < taps; ++t) {
+              std::memcpy(row + t * pairs, x_pad.data() + (pixel + offsets[t]) * cp, pairs * sizeof(uint32_t));
+            }
+          }
+        }
         for (int64_t j = 0; j < g.f; j += kBf16Nr) {
           const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
-          for (int64_t i = 0; i < sp.cols; i += kBf16Mr) {
-            const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, sp.cols - i));
-            for (int64_t t = 0; t < taps; ++t) a_tap[t] = words + (i + offsets[t]) * pairs;
-            bf16_tile(taps, pairs, a_tap.data(), pairs, sliver, out.data() + i * g.f + j, g.f, m_tile, n_tile,
-                      b ? b + j : nullptr);
+          for (int64_t i = 0; i < m; i += kBf16Mr) {
+            const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, m - i));
+            for (int64_t t = 0; t < taps; ++t) {
+              a_tap[t] = by_rows ? a_words + i * row_words + t * pairs : words + (i + offsets[t]) * pairs;
+            }
+            bf16_tile(taps, pairs, a_tap.data(), by_rows ? row_words : pairs, sliver, out.data() + i * g.f + j, g.f,
+                      m_tile, n_tile, b ? b + j : nullptr);
           }
         }
         // The oW real pixels of each output row, rounded to bfloat16 once.
-        c10::BFloat16* y_n = y + n * out_sample;
-        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-          const float* src = out.data() + o_h * sp.wq * g.f;  // [oW x F]
-          if (!planes) {
-            cpu::from_float(src, g.ow * g.f, y_n + o_h * g.ow * g.f);
-            continue;
-          }
-          cpu::transpose_matrix(src, g.f, g.ow, g.f, rows.data(), g.ow);  // [F x oW]
-          for (int64_t f = 0; f < g.f; ++f) {
-            cpu::from_float(rows.data() + f * g.ow, g.ow, y_n + (f * g.oh + o_h) * g.ow);
+        for (int64_t s = 0; s < nb; ++s) {
+          c10::BFloat16* y_n = y + (n0 + s) * out_sample;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            const float* src = out.data() + (s * rows_per_sample + o_h * out_pitch) * g.f;  // [oW x F]
+            if (!planes) {
+              cpu::from_float(src, g.ow * g.f, y_n + o_h * g.ow * g.f);
+              continue;
+            }
+            cpu::transpose_matrix(src, g.f, g.ow, g.f, rows.data(), g.ow);  // [F x oW]
+            for (int64_t f = 0; f < g.f; ++f) {
+              cpu::from_float(rows.data() + f * g.ow, g.ow, y_n + (f * g.oh + o_h) * g.ow);
+            }
           }
         }
       }
@@ -237,6 +301,57 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------- d_x
+// d_x is the transposed convolution: the forward above on dY with the transposed filters (W_t[c, f, t] =
+// W[f, c, flipped t]), which is a stride-1 convolution when the layer has stride 1 (conv2d_gemm.h:
+// transposed_geometry). Its filters are the layer's C input channels: with fewer than 32 the 64-wide
+// tiles are mostly padding, and the float32 route is faster (12.4 against 2.3 ms on the CS231n layer).
+inline bool bf16_input_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
+
+// A strided layer (dilation 1) splits into the stride's phases. Along one axis, input i takes the taps t
+// with i + p = o*s + t. The inputs of phase a = (i + p) mod s take only the taps t = a + j*s (j < k_a =
+// ceil((k - a) / s)), and then o = u - j where u = (i + p - a) / s:
+//     dx[u*s + a - p] = Σ_j dY[u - j] · W[a + j*s]
+// the transposed convolution, stride 1, of dY with the phase's taps: the forward on dY with their
+// transposed filters and padding k_a - 1, whose output v is u (v < oH + k_a - 1). Every input is in one
+// phase, so each gradient is one sum, rounded once; an input no window reaches stays 0.
+//
+// Along one axis: the outputs u in [0, out) of phase a whose input u*s + a - p lies in [0, in), as [u0, u1).
+inline void phase_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t a, int64_t* u0, int64_t* u1) {
+  *u0 = p > a ? (p - a + s - 1) / s : 0;
+  const int64_t last = in - 1 + p - a;  // u*s <= last
+  *u1 = std::min(out, last >= 0 ? last / s + 1 : 0);
+}
+
+// dx: zeros, in the results' layout (NCHW when `planes`); dy: bfloat16 in that layout, contiguous.
+inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx,
+                                        const Conv2dGeometry& g, bool planes) {
+  const auto format = planes ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  for (int64_t a = 0; a < std::min(g.sh, g.kh); ++a) {
+    for (int64_t b = 0; b < std::min(g.sw, g.kw); ++b) {
+      Conv2dGeometry sub = g;  // the phase's taps, as a layer of their own
+      sub.kh = (g.kh - a + g.sh - 1) / g.sh;
+      sub.kw = (g.kw - b + g.sw - 1) / g.sw;
+      Conv2dGeometry t = sub;  // its transposed convolution
+      t.c = g.f, t.h = g.oh, t.w = g.ow, t.f = g.c;
+      t.sh = t.sw = 1, t.ph = sub.kh - 1, t.pw = sub.kw - 1;
+      t.oh = g.oh + sub.kh - 1, t.ow = g.ow + sub.kw - 1;
+      int64_t u0, u1, v0, v1;
+      phase_outputs(g.h, t.oh, g.sh, g.ph, a, &u0, &u1);
+      phase_outputs(g.w, t.ow, g.sw, g.pw, b, &v0, &v1);
+      if (u1 <= u0 || v1 <= v0) continue;
+      const at::Tensor taps = w.slice(2, a, g.kh, g.sh).slice(3, b, g.kw, g.sw);  // a view
+      at::Tensor out = at::empty({g.n, g.c, t.oh, t.ow}, dy.options().memory_format(format));
+      conv_forward_bf16(dy.const_data_ptr<c10::BFloat16>(), Bf16Filters::transposed_of(taps), nullptr,
+                        out.mutable_data_ptr<c10::BFloat16>(), t, planes);
+      const int64_t i0 = u0 * g.sh + a - g.ph, j0 = v0 * g.sw + b - g.pw;
+      dx.slice(2, i0, i0 + (u1 - u0 - 1) * g.sh + 1, g.sh)
+          .slice(3, j0, j0 + (v1 - v0 - 1) * g.sw + 1, g.sw)
+          .copy_(out.slice(2, u0, u1).slice(3, v0, v1));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ d_W
 // d_W[f, t, c] = Σ_pixels dY'[p, f] · x_pad[p + offset(t), c], with dY' = dY in the pitch Wq (zeros in
 // the thrown-away pixels, as conv_weight_grad_nhwc). k is the pixel here, taken in pairs (2q, 2q+1):
@@ -245,15 +360,6 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const
 //      tap, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is the word at p = 2q + o: read in place
 // (cw: C rounded up to 16, whole vectors). A tile is 6 filters x 64 channels of one tap, summed over all
 // pixel pairs, added into d_W.
-//
-// Small images go in blocks of samples, their padded planes one after the other: an output pixel's taps
-// stay inside its own sample's plane, so the pixels of a block are one sum. ResNet's 4x4 stage has 22
-// pixels a sample: summed per sample, each tile's store outweighed its products, and d_W (9 MiB at 512
-// channels) was read and written 16 times a batch (14.9 ms; in blocks of 512 pixels, 6.7). Longer
-// blocks cost more than they save: 8x8 planes took 2.4 ms per sample, 2.7 in blocks of 5, and strided
-// 28x28 planes (900 pixels) 6.2 per sample, 14.7 in pairs.
-constexpr int64_t kBf16WeightGradBlockPixels = 512;
-
 #if CS231N_X86
 CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda, const bf16_word* b,
                                                      int64_t ldb, float* c, int64_t ldc, int m, int n) {
@@ -269,27 +375,79 @@ CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_w
 #undef CS231N_BF16_INLINE
 #endif
 
+// d_W of small images (bf16_pixel_rows) by pixel rows, as the forward: k is an output pixel of a block
+// of up to kBf16WeightGradRows of them (whole samples), taken in pairs of rows (2r, 2r+1), with no pixel
+// thrown away. Long blocks matter: each block reads and writes all of d_W (9 MiB at 512 x 512 x 3 x 3),
+// and each tile's store is amortised over the block's pairs.
+constexpr int64_t kBf16WeightGradRows = 512;
+//
+//   A: dy_pairs[r * F + f]           = (dY[2r, f], dY[2r+1, f])
+//   B: row_pairs[(r * taps + t) * cw + c] = (x under tap t of output 2r, of output 2r+1), channel c
+// (the im2col of x, in pairs of rows; the odd last row pairs with zeros). Adds into dw ([F][taps][C]).
+inline void weight_grad_bf16_rows(const uint16_t* dy_rows, const uint16_t* x_pad, const Conv2dGeometry& g,
+                                  const ShiftedPlanes& sp, const std::vector<int64_t>& offsets, int64_t cp, int64_t cw,
+                                  int64_t rows, uint32_t* dy_pairs, uint32_t* row_pairs, float* dw) {
+#if CS231N_X86
+  const int64_t taps = g.taps(), pairs = (rows + 1) / 2, ldc = taps * g.c, plane = sp.plane();
+  // Output row j (sample j / oH*oW, output o) sits at this pixel of the block's padded planes.
+  const auto pixel = [&](int64_t j) {
+    const int64_t o = j % g.col_cols();
+    return j / g.col_cols() * plane + o / g.ow * sp.wq + o % g.ow;
+  };
+  for (int64_t r = 0; r < pairs; ++r) {
+    const bool odd_last = 2 * r + 1 == rows;  // the last row's partner is a zero row
+    const uint16_t *even = dy_rows + 2 * r * g.f, *odd = even + g.f;
+    for (int64_t f = 0; f < g.f; ++f) dy_pairs[r * g.f + f] = bf16_pair(even[f], odd_last ? uint16_t(0) : odd[f]);
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint16_t* a = x_pad + (pixel(2 * r) + offsets[t]) * cp;
+      const uint16_t* b = odd_last ? nullptr : x_pad + (pixel(2 * r + 1) + offsets[t]) * cp;
+      uint32_t* out = row_pairs + (r * taps + t) * cw;
+      for (int64_t c = 0; c < g.c; ++c) out[c] = bf16_pair(a[c], b ? b[c] : uint16_t(0));
+    }
+  }
+  const auto* a = reinterpret_cast<const bf16_word*>(dy_pairs);
+  const auto* b = reinterpret_cast<const bf16_word*>(row_pairs);
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t c0 = 0; c0 < g.c; c0 += kBf16Nr) {
+      const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - c0));
+      for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Mr) {
+        const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, g.f - f0));
+        bf16_weight_grad_tile(pairs, a + f0, g.f, b + t * cw + c0, taps * cw, dw + f0 * ldc + t * g.c + c0, ldc, m_tile,
+                              n_tile);
+      }
+    }
+  }
+#else
+  (void)dy_rows, (void)x_pad, (void)g, (void)sp, (void)offsets, (void)cp, (void)cw, (void)rows, (void)dy_pairs;
+  (void)row_pairs, (void)dw;
+#endif
+}
+
 // d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16
-// dy and x (NHWC, or NCHW when `planes`). Each chunk of samples sums into its own d_W; the chunks are then
-// added in order, so the result does not depend on the thread count's timing.
+// dy and x (NHWC, or NCHW when `planes`): per sample by the padded planes, or by pixel rows in blocks of
+// samples (bf16_pixel_rows). Each chunk of samples sums into
+// its own d_W; the chunks are then added in order, so the result does not depend on the threads' timing.
 inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
                                         bool planes) {
   at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), cw = (g.c + 15) / 16 * 16, taps = g.taps();
-  const int64_t plane = sp.plane(), ldc = taps * g.c;
+  const int64_t plane = sp.plane(), ldc = taps * g.c, outputs = g.col_cols();
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  const int64_t block = std::clamp<int64_t>(kBf16WeightGradBlockPixels / plane, 1, (g.n + chunks - 1) / chunks);
-  const int64_t max_pairs = ((block - 1) * plane + sp.cols + 1) / 2;
+  const bool by_rows = bf16_pixel_rows(g);
+  const int64_t block =
+      by_rows ? std::clamp<int64_t>(kBf16WeightGradRows / outputs, 1, (g.n + chunks - 1) / chunks) : 1;
+  const int64_t max_pairs = by_rows ? (block * outputs + 1) / 2 : (sp.cols + 1) / 2;
   std::vector<float> partial(chunks * g.f * ldc, 0.0f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    // Two zero pixels past the block: the pair of the last pixel, and the word after it.
-    std::vector<uint16_t> x_pad((block * plane + 2) * cp, 0);
-    std::vector<uint32_t> x_pairs((block * plane + 1) * cw, 0), dy_pairs(max_pairs * g.f, 0);
-    std::vector<uint16_t> dy_pitch(2 * max_pairs * g.f, 0);  // dY' (its gaps are never written: they stay 0)
+    std::vector<uint16_t> x_pad((block * plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
+    std::vector<uint32_t> dy_pairs(max_pairs * g.f, 0);
+    std::vector<uint32_t> x_pairs(by_rows ? max_pairs * taps * cw : plane * cw, 0);
+    // dY' in the pitch Wq (its gaps are never written: they stay 0), or the block's rows of dY.
+    std::vector<uint16_t> dy_pitch(by_rows ? block * outputs * g.f : 2 * max_pairs * g.f, 0);
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
     const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
@@ -298,21 +456,13 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
       const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
       for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
         const int64_t nb = std::min(block, n_end - n0);
-        const int64_t pixels = nb * plane, pairs = ((nb - 1) * plane + sp.cols + 1) / 2;
         for (int64_t s = 0; s < nb; ++s) {
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data() + s * plane * cp);
-        }
-        std::fill(x_pad.data() + pixels * cp, x_pad.data() + (pixels + 2) * cp, uint16_t(0));
-        for (int64_t p = 0; p <= pixels; ++p) {
-          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
-          for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
-        }
-        // dY' in the pitch Wq, sample after sample, then in pairs of pixels. A smaller block than the last
-        // leaves that block's values past its own end: the pixels read beyond this block's outputs are zeroed.
-        for (int64_t s = 0; s < nb; ++s) {
+          // dY in the pitch Wq (planes) or as rows (by_rows: NHWC dY is already its rows).
+          if (by_rows && !planes) continue;
           const uint16_t* dy_n = dyb + (n0 + s) * out_sample;
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-            uint16_t* row = dy_pitch.data() + (s * plane + o_h * sp.wq) * g.f;
+            uint16_t* row = dy_pitch.data() + (by_rows ? s * outputs + o_h * g.ow : o_h * sp.wq) * g.f;
             if (!planes) {
               std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
               continue;
@@ -323,7 +473,17 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
             }
           }
         }
-        std::fill(dy_pitch.data() + ((nb - 1) * plane + sp.cols) * g.f, dy_pitch.data() + 2 * pairs * g.f, uint16_t(0));
+        if (by_rows) {
+          const uint16_t* dy_rows = planes ? dy_pitch.data() : dyb + n0 * out_sample;
+          weight_grad_bf16_rows(dy_rows, x_pad.data(), g, sp, offsets, cp, cw, nb * outputs, dy_pairs.data(),
+                                x_pairs.data(), dw_chunk);
+          continue;
+        }
+        for (int64_t p = 0; p < plane; ++p) {
+          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
+          for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
+        }
+        const int64_t pairs = max_pairs;
         for (int64_t q = 0; q < pairs; ++q) {
           const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
           for (int64_t f = 0; f < g.f; ++f) dy_pairs[q * g.f + f] = bf16_pair(even[f], odd[f]);

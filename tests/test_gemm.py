@@ -138,8 +138,15 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
     dict(shape=(2, 3, 30, 41), f=10, k=7, stride=2, padding=3, groups=1),
     dict(shape=(1, 4, 40, 45), f=9, k=5, stride=3, padding=2, groups=1),
     dict(shape=(2, 5, 33, 36), f=8, k=3, stride=2, padding=2, groups=1, dilation=2),
+    # more strided layers, which channels_last runs in NHWC with d_x by the stride's phases: a 1x1 kernel
+    # (phases without taps), groups, other strides along each axis, and a small image (pixel rows)
+    dict(shape=(2, 20, 33, 31), f=17, k=1, stride=2, padding=0, groups=1),
+    dict(shape=(2, 32, 30, 30), f=16, k=3, stride=2, padding=1, groups=2),
+    dict(shape=(2, 16, 28, 37), f=12, k=3, stride=(2, 3), padding=1, groups=1),
+    dict(shape=(3, 16, 9, 11), f=20, k=3, stride=2, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
-        "stride3", "dilated_strided"])
+        "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
+        "small_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv2d_blocks_and_edges(isa, case, channels_last):
     with forced_isa(isa):

@@ -57,7 +57,8 @@ using namespace conv2d_cpu;  // the kernels of the cpu/conv2d_*.h headers
 // and out while it is in cache. It throws away as many pixels, but its kernel packs nothing and runs at
 // nearly the FMA peak (docs/conv2d.md).
 bool nchw_through_pixels(const Conv2dGeometry& g) {
-  return channels_last_direct(g) && g.c_per_group() >= 16 && 10 * g.col_cols() < 9 * shifted_planes(g).cols;
+  return channels_last_direct(g) && g.sh == 1 && g.sw == 1 && g.c_per_group() >= 16 &&
+         10 * g.col_cols() < 9 * shifted_planes(g).cols;
 }
 
 // conv_forward_gemm's NCHW choices, with w the filters as a tensor (NCHW contiguous).
@@ -165,11 +166,17 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (y.numel() == 0) return y;
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  if (format == at::MemoryFormat::ChannelsLast && channels_last_direct(g)) {
+  if (format == at::MemoryFormat::ChannelsLast && (channels_last_direct(g) || use_pixel_rows(g))) {
     const at::Tensor x = input.contiguous(format), w = weight.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
-      conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                  b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
+      const scalar_t* bp = b ? b->const_data_ptr<scalar_t>() : nullptr;
+      if (channels_last_direct(g)) {
+        conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+                                    y.mutable_data_ptr<scalar_t>(), g);
+      } else {  // small images, as pixel rows of NHWC
+        conv_forward_pixel_rows<scalar_t>(x.const_data_ptr<scalar_t>(), w, bp, y.mutable_data_ptr<scalar_t>(), g,
+                                          /*planes=*/false);
+      }
     });
     return y;
   }
@@ -240,19 +247,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     return {dx, dw, db};
   }
   if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
+  // channels_last in NHWC kernels, and small images as pixel rows of NHWC. d_x: the transposed convolution
+  // (stride 1; a small image's has its input's size, so it goes by pixel rows too), or for strided layers
+  // that of each of the stride's phases (conv2d_shifted.h: for_each_input_phase).
+  // Both need 16 input channels a group: with 3 (a stem, the CS231n layer) d_W's runs are 3 long and d_x's
+  // 3 output channels fill none of a vector; the NCHW kernels on NCHW copies were 3-8x faster there.
   Conv2dGeometry t;
-  if (format == at::MemoryFormat::ChannelsLast && channels_last_direct(g) && (!need_dx || transposed_geometry(g, &t))) {
+  const bool nhwc = channels_last_direct(g) && g.c_per_group() >= 16;
+  const bool rows = use_pixel_rows(g) && !channels_last_direct(g);
+  const bool dx_transposed = need_dx && transposed_geometry(g, &t) && (!rows || use_pixel_rows(t));
+  const bool dx_phases = need_dx && !dx_transposed && g.dh == 1 && g.dw == 1 && (g.sh > 1 || g.sw > 1);
+  if (format == at::MemoryFormat::ChannelsLast && (nhwc || rows) && (!need_dx || dx_transposed || dx_phases)) {
     const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
     if (need_db) db.copy_(dy.sum({0, 2, 3}));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
-      if (need_dw) {
-        conv_weight_grad_nhwc<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                        dw.mutable_data_ptr<scalar_t>(), g);
+      const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+      if (need_dw && rows) {
+        conv_weight_grad_pixel_rows<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);
+      } else if (need_dw) {
+        conv_weight_grad_nhwc<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g);
       }
-      if (need_dx) {  // the transposed convolution, in NHWC too
-        const at::Tensor w_t = transposed_filters(weight.contiguous(), g).contiguous(format);
-        conv_forward_nhwc<scalar_t>(dy.const_data_ptr<scalar_t>(), w_t.const_data_ptr<scalar_t>(), nullptr,
-                                    dx.mutable_data_ptr<scalar_t>(), t);
+      // y = conv(dY, w_t) of a stride-1 geometry u, in NHWC: by pixel rows for small images
+      const auto transposed = [&](const at::Tensor& w_t, scalar_t* y, const Conv2dGeometry& u) {
+        if (use_pixel_rows(u) && !channels_last_direct(u)) {
+          conv_forward_pixel_rows<scalar_t>(dyp, w_t, nullptr, y, u, /*planes=*/false);
+        } else {
+          conv_forward_nhwc<scalar_t>(dyp, w_t.const_data_ptr<scalar_t>(), nullptr, y, u);
+        }
+      };
+      if (dx_transposed) transposed(transposed_filters(weight, g, format), dx.mutable_data_ptr<scalar_t>(), t);
+      if (dx_phases) {
+        dx.zero_();
+        for_each_input_phase(g, weight, dx, [&](const InputPhase& phase, const at::Tensor& taps) {
+          at::Tensor out = at::empty({g.n, g.c, phase.t.oh, phase.t.ow}, dx.options().memory_format(format));
+          transposed(transposed_filters(taps, phase.sub, format), out.mutable_data_ptr<scalar_t>(), phase.t);
+          return out;
+        });
       }
     });
     return {dx, dw, db};

@@ -308,48 +308,18 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
 // tiles are mostly padding, and the float32 route is faster (12.4 against 2.3 ms on the CS231n layer).
 inline bool bf16_input_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
 
-// A strided layer (dilation 1) splits into the stride's phases. Along one axis, input i takes the taps t
-// with i + p = o*s + t. The inputs of phase a = (i + p) mod s take only the taps t = a + j*s (j < k_a =
-// ceil((k - a) / s)), and then o = u - j where u = (i + p - a) / s:
-//     dx[u*s + a - p] = Σ_j dY[u - j] · W[a + j*s]
-// the transposed convolution, stride 1, of dY with the phase's taps: the forward on dY with their
-// transposed filters and padding k_a - 1, whose output v is u (v < oH + k_a - 1). Every input is in one
-// phase, so each gradient is one sum, rounded once; an input no window reaches stays 0.
-//
-// Along one axis: the outputs u in [0, out) of phase a whose input u*s + a - p lies in [0, in), as [u0, u1).
-inline void phase_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t a, int64_t* u0, int64_t* u1) {
-  *u0 = p > a ? (p - a + s - 1) / s : 0;
-  const int64_t last = in - 1 + p - a;  // u*s <= last
-  *u1 = std::min(out, last >= 0 ? last / s + 1 : 0);
-}
-
+// A strided layer (dilation 1): d_x by the stride's phases (conv2d_shifted.h: for_each_input_phase), each
+// a stride-1 transposed convolution of dY run by the forward above.
 // dx: zeros, in the results' layout (NCHW when `planes`); dy: bfloat16 in that layout, contiguous.
 inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx,
                                         const Conv2dGeometry& g, bool planes) {
   const auto format = planes ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  for (int64_t a = 0; a < std::min(g.sh, g.kh); ++a) {
-    for (int64_t b = 0; b < std::min(g.sw, g.kw); ++b) {
-      Conv2dGeometry sub = g;  // the phase's taps, as a layer of their own
-      sub.kh = (g.kh - a + g.sh - 1) / g.sh;
-      sub.kw = (g.kw - b + g.sw - 1) / g.sw;
-      Conv2dGeometry t = sub;  // its transposed convolution
-      t.c = g.f, t.h = g.oh, t.w = g.ow, t.f = g.c;
-      t.sh = t.sw = 1, t.ph = sub.kh - 1, t.pw = sub.kw - 1;
-      t.oh = g.oh + sub.kh - 1, t.ow = g.ow + sub.kw - 1;
-      int64_t u0, u1, v0, v1;
-      phase_outputs(g.h, t.oh, g.sh, g.ph, a, &u0, &u1);
-      phase_outputs(g.w, t.ow, g.sw, g.pw, b, &v0, &v1);
-      if (u1 <= u0 || v1 <= v0) continue;
-      const at::Tensor taps = w.slice(2, a, g.kh, g.sh).slice(3, b, g.kw, g.sw);  // a view
-      at::Tensor out = at::empty({g.n, g.c, t.oh, t.ow}, dy.options().memory_format(format));
-      conv_forward_bf16(dy.const_data_ptr<c10::BFloat16>(), Bf16Filters::transposed_of(taps), nullptr,
-                        out.mutable_data_ptr<c10::BFloat16>(), t, planes);
-      const int64_t i0 = u0 * g.sh + a - g.ph, j0 = v0 * g.sw + b - g.pw;
-      dx.slice(2, i0, i0 + (u1 - u0 - 1) * g.sh + 1, g.sh)
-          .slice(3, j0, j0 + (v1 - v0 - 1) * g.sw + 1, g.sw)
-          .copy_(out.slice(2, u0, u1).slice(3, v0, v1));
-    }
-  }
+  for_each_input_phase(g, w, dx, [&](const InputPhase& phase, const at::Tensor& taps) {
+    at::Tensor out = at::empty({g.n, g.c, phase.t.oh, phase.t.ow}, dy.options().memory_format(format));
+    conv_forward_bf16(dy.const_data_ptr<c10::BFloat16>(), Bf16Filters::transposed_of(taps), nullptr,
+                      out.mutable_data_ptr<c10::BFloat16>(), phase.t, planes);
+    return out;
+  });
 }
 
 // ------------------------------------------------------------------------------------------------ d_W

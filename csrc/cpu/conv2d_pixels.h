@@ -26,10 +26,11 @@ namespace conv2d_cpu {
 // one GEMM per tap over the channels, summed: Y' = Σ_taps A_tap · B_tap, where A_tap is x_pad shifted by
 // the tap (pixel rows C apart, read in place) and B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments).
 // The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
-// other. Strided layers take the NCHW kernels (the input copied to NCHW, the results back).
+// other. A strided layer splits x_pad into the stride's phases first (conv2d_shifted.h), pixel-major:
+// each tap is again one shift, of one phase, in the outputs' pitch Wq.
 // It runs one sample at a time (kMinPixelsPerSample).
 inline bool channels_last_direct(const Conv2dGeometry& g) {
-  return !conv2d_is_depthwise(g) && g.sh == 1 && g.sw == 1 && g.col_cols() >= kMinPixelsPerSample;
+  return !conv2d_is_depthwise(g) && g.col_cols() >= kMinPixelsPerSample;
 }
 
 // x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
@@ -44,6 +45,23 @@ void pad_pixels(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T*
     std::fill(dst + side + inner, dst + row, T(0));
   }
   std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
+}
+
+// x_pad = the NHWC sample x padded and split into the stride's phases: padded pixel (pi, pj) at
+// ((phase * Hq + pi / sH) * Wq + pj / sW), phase = (pi % sH) * sW + pj % sW (pad_pixels itself for
+// stride 1). Taps read it at shifted_offset(g, sp, t) pixels from an output's.
+template <typename T>
+void pad_pixel_phases(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  if (sp.sh == 1 && sp.sw == 1) return pad_pixels(x, g, sp, x_pad);
+  std::fill(x_pad, x_pad + sp.plane() * g.c, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {
+    const int64_t pi = g.ph + i;
+    for (int64_t j = 0; j < g.w; ++j) {
+      const int64_t pj = g.pw + j, phase = (pi % sp.sh) * sp.sw + pj % sp.sw;
+      const T* src = x + (i * g.w + j) * g.c;
+      std::copy(src, src + g.c, x_pad + ((phase * sp.hq + pi / sp.sh) * sp.wq + pj / sp.sw) * g.c);
+    }
+  }
 }
 
 // The padded-plane offset, in pixels, of the input under tap t of output (o_h, o_w): common/conv2d.h's
@@ -75,7 +93,7 @@ void pad_pixels_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPl
 }
 
 // The forward in NHWC: w is W in channels_last memory; x and y are NHWC, or NCHW when `planes` is set
-// (transposed per sample on the way in and out, while the sample is in cache).
+// (transposed per sample on the way in and out, while the sample is in cache; stride 1 only).
 template <typename T>
 void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g, bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
@@ -90,7 +108,7 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
     filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}, packed + grp * packed_size));
   }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.cols * g.f);
     std::vector<const T*> taps(g.taps());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -98,17 +116,17 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
         if (planes) {
           pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
         } else {
-          pad_pixels(x + n * in_sample, g, sp, x_pad);
+          pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + tap_offset(g, sp, t) * g.c + grp * cg;
+          for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + shifted_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
           cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f, ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
-          const T* src = out + o_h * sp.wp * g.f;
+          const T* src = out + o_h * sp.wq * g.f;
           if (!planes) {
             std::copy(src, src + g.ow * g.f, y_n + o_h * g.ow * g.f);
             continue;
@@ -120,9 +138,9 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
   });
 }
 
-// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + tap_offset(t), c], with dY' = dY in the
-// pitch Wp (zeros in the thrown-away pixels). A = dY'ᵀ, whose packing copies MR channels of a pixel;
-// B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
+// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + offset(t), c], with dY' = dY in the
+// pitch Wq (zeros in the thrown-away pixels) and x_pad in the stride's phases. A = dY'ᵀ, whose packing copies MR
+// channels of a pixel; B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
 // channels_last memory.
 template <typename T>
 void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
@@ -131,16 +149,18 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const int64_t chunks = chunk_count(g);
   std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  std::vector<int64_t> offsets(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, sp.cols * g.f);
     std::fill(dy_pitch, dy_pitch + sp.cols * g.f, T(0));  // the gaps stay zero
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_pixels(x + n * in_sample, g, sp, x_pad);
+        pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the gaps stay zero from the allocation
           const T* src = dy + n * out_sample + o_h * g.ow * g.f;
-          std::copy(src, src + g.ow * g.f, dy_pitch + o_h * sp.wp * g.f);
+          std::copy(src, src + g.ow * g.f, dy_pitch + o_h * sp.wq * g.f);
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const T* x_grp = x_pad + grp * cg;
@@ -149,7 +169,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
               const T* pixel = x_grp + (p0 + p) * g.c;
               for (int64_t k = j0; k < j0 + nc;) {  // runs of channels, one tap at a time
                 const int64_t t = k / cg, c = k % cg, len = std::min(cg - c, j0 + nc - k);
-                cpu::copy_run_to_slivers(pixel + tap_offset(g, sp, t) * g.c + c, k - j0, len, p, kc, nr, dst);
+                cpu::copy_run_to_slivers(pixel + offsets[t] * g.c + c, k - j0, len, p, kc, nr, dst);
                 k += len;
               }
             }
@@ -173,8 +193,8 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
 // built by copying C contiguous channels per row and tap (the NCHW im2col would copy rows of 4 or 8).
 //     Y[j, f]        = b[f] + Σ_t A[j, (t, :)] · W[f, :, t]ᵀ    (gemm_segments: taps as segments)
 //     d_W[f, (t, c)] = Σ_j dY[j, f] · A[j, (t, c)]              (one GEMM, both operands copied)
-// The samples are transposed to and from NCHW in cache. One group only (the copies of a group's channels
-// would no longer be contiguous rows).
+// NCHW samples are transposed to and from pixels in cache (`planes`); NHWC ones are read and written as
+// they are. One group only (the copies of a group's channels would no longer be contiguous rows).
 inline bool use_pixel_rows(const Conv2dGeometry& g) {
   return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
 }
@@ -187,15 +207,19 @@ inline int64_t pixel_rows_block(const Conv2dGeometry& g) {
   return (g.n + blocks - 1) / blocks;
 }
 
-// A's rows for samples [n0, n0 + nb) of the NCHW x, in parallel over the samples.
+// A's rows for samples [n0, n0 + nb) of x (NCHW when `planes`, else NHWC), in parallel over the samples.
 template <typename T>
-void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, T* rows) {
+void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, bool planes, T* rows) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols();
   at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     for (int64_t s = s0; s < s1; ++s) {
-      pad_pixels_from_planes(x + (n0 + s) * in_sample, g, sp, x_pad);
+      if (planes) {
+        pad_pixels_from_planes(x + (n0 + s) * in_sample, g, sp, x_pad);
+      } else {
+        pad_pixels(x + (n0 + s) * in_sample, g, sp, x_pad);
+      }
       for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
         for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
           T* row = rows + (s * p + o_h * g.ow + o_w) * k;
@@ -209,8 +233,10 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
   });
 }
 
+// y = conv(x, w) + b, x and y NCHW when `planes`, else NHWC.
 template <typename T>
-void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g,
+                             bool planes = true) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
   const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
   const cpu::SegmentsB<T> filters =
@@ -221,11 +247,13 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, 
   std::vector<const T*> taps(g.taps());
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, g.n - n0);
-    build_pixel_rows(x, n0, nb, g, rows);
+    build_pixel_rows(x, n0, nb, g, planes, rows);
     for (int64_t t = 0; t < g.taps(); ++t) taps[t] = rows + t * g.c;
     cpu::GemmEpilogue<T> ep;
     ep.col_bias = b;
-    cpu::gemm_segments<T>(nb * p, g.taps(), g.c, taps.data(), k, filters, out, g.f, ep);
+    // [pixels x F] is NHWC's y itself
+    cpu::gemm_segments<T>(nb * p, g.taps(), g.c, taps.data(), k, filters, planes ? out : y + n0 * out_sample, g.f, ep);
+    if (!planes) continue;
     at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // [pixels x F] -> y[n][F][pixels]
       for (int64_t s = s0; s < s1; ++s) {
         cpu::transpose_matrix(out + s * p * g.f, g.f, p, g.f, y + (n0 + s) * out_sample, p);
@@ -234,25 +262,32 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, 
   }
 }
 
-// d_W into dw (W's shape, NCHW memory).
+// d_W into dw (W's shape; NCHW memory when `planes`, else channels_last), from dy and x (NCHW when
+// `planes`, else NHWC).
 template <typename T>
-void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
+void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = true) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f);
-  T* dw_cl = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * k);  // d_W[f][t][c]
+  // d_W[f][t][c]: channels_last memory, dw itself when that is its layout
+  T* dw_cl = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * k) : dw;
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, g.n - n0);
-    build_pixel_rows(x, n0, nb, g, rows);
-    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // dY[n][F][pixels] -> [pixels x F]
-      for (int64_t s = s0; s < s1; ++s) {
-        cpu::transpose_matrix(dy + (n0 + s) * out_sample, p, g.f, p, dy_t + s * p * g.f, g.f);
-      }
-    });
+    build_pixel_rows(x, n0, nb, g, planes, rows);
+    const T* dy_rows = dy + n0 * out_sample;  // NHWC's dY is [pixels x F] already
+    if (planes) {
+      at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // dY[n][F][pixels] -> [pixels x F]
+        for (int64_t s = s0; s < s1; ++s) {
+          cpu::transpose_matrix(dy + (n0 + s) * out_sample, p, g.f, p, dy_t + s * p * g.f, g.f);
+        }
+      });
+      dy_rows = dy_t;
+    }
     cpu::GemmEpilogue<T> ep;
     ep.accumulate = n0 > 0;
-    cpu::gemm<T>(g.f, k, nb * p, {dy_t, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
+    cpu::gemm<T>(g.f, k, nb * p, {dy_rows, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
   }
+  if (!planes) return;
   for (int64_t f = 0; f < g.f; ++f) {  // [F][t][c] -> [F][c][t]
     for (int64_t c = 0; c < g.c; ++c) {
       for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_cl[(f * g.taps() + t) * g.c + c];

@@ -170,5 +170,53 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeomet
   sum_chunks(partial, chunks, g.f * kg, dw);
 }
 
+// ------------------------------------------------------------------------------- d_x by the phases
+// d_x of a strided layer (dilation 1) splits into the stride's phases too. Along one axis, input i takes
+// the taps t with i + p = o*s + t. The inputs of phase a = (i + p) mod s take only the taps t = a + j*s
+// (j < k_a = ceil((k - a) / s)), and then o = u - j where u = (i + p - a) / s:
+//     dx[u*s + a - p] = Σ_j dY[u - j] · W[a + j*s]
+// the transposed convolution, stride 1, of dY with the phase's taps: a forward on dY with their transposed
+// filters and padding k_a - 1, whose output v is u (v < oH + k_a - 1). Every input is in one phase, so
+// each gradient is one sum; an input no window reaches stays 0.
+struct InputPhase {
+  int64_t a, b;            // the phase, along the height and the width
+  Conv2dGeometry sub, t;   // its taps as a layer of their own, and their transposed convolution
+  int64_t u0, u1, v0, v1;  // the outputs of t whose inputs u*s + a - p lie in the image, as ranges
+};
+
+// Along one axis: the outputs u in [0, out) of phase a whose input u*s + a - p lies in [0, in), as [u0, u1).
+inline void phase_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t a, int64_t* u0, int64_t* u1) {
+  *u0 = p > a ? (p - a + s - 1) / s : 0;
+  const int64_t last = in - 1 + p - a;  // u*s <= last
+  *u1 = std::min(out, last >= 0 ? last / s + 1 : 0);
+}
+
+// For each phase that reaches an input: `transposed(phase, taps)` runs t on dY with `taps` (the view of
+// W's taps of the phase, (F, C, k_a, k_b)) and returns its output, (N, C, t.oh, t.ow) in dx's layout,
+// whose range [u0, u1) x [v0, v1) is then copied to dx's inputs of the phase. dx starts as zeros.
+template <typename Transposed>
+void for_each_input_phase(const Conv2dGeometry& g, const at::Tensor& w, at::Tensor& dx, const Transposed& transposed) {
+  for (int64_t a = 0; a < std::min(g.sh, g.kh); ++a) {
+    for (int64_t b = 0; b < std::min(g.sw, g.kw); ++b) {
+      InputPhase phase{a, b, g, g, 0, 0, 0, 0};
+      phase.sub.kh = (g.kh - a + g.sh - 1) / g.sh;
+      phase.sub.kw = (g.kw - b + g.sw - 1) / g.sw;
+      Conv2dGeometry& t = phase.t;
+      t = phase.sub;
+      t.c = g.f, t.h = g.oh, t.w = g.ow, t.f = g.c;
+      t.sh = t.sw = 1, t.ph = phase.sub.kh - 1, t.pw = phase.sub.kw - 1;
+      t.oh = g.oh + phase.sub.kh - 1, t.ow = g.ow + phase.sub.kw - 1;
+      phase_outputs(g.h, t.oh, g.sh, g.ph, a, &phase.u0, &phase.u1);
+      phase_outputs(g.w, t.ow, g.sw, g.pw, b, &phase.v0, &phase.v1);
+      if (phase.u1 <= phase.u0 || phase.v1 <= phase.v0) continue;
+      const at::Tensor out = transposed(phase, w.slice(2, a, g.kh, g.sh).slice(3, b, g.kw, g.sw));
+      const int64_t i0 = phase.u0 * g.sh + a - g.ph, j0 = phase.v0 * g.sw + b - g.pw;
+      dx.slice(2, i0, i0 + (phase.u1 - phase.u0 - 1) * g.sh + 1, g.sh)
+          .slice(3, j0, j0 + (phase.v1 - phase.v0 - 1) * g.sw + 1, g.sw)
+          .copy_(out.slice(2, phase.u0, phase.u1).slice(3, phase.v0, phase.v1));
+    }
+  }
+}
+
 }  // namespace conv2d_cpu
 }  // namespace torch_cs231n

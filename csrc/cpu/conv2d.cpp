@@ -5,10 +5,11 @@
 //   conv2d_blocks.h     how the batch is cut among threads and into GEMMs
 //   conv2d_im2col.h     im2col written straight into the GEMM's panels; col2im (a gather)
 //   conv2d_shifted.h    shifted planes: each row of col(x) a run of the padded input (or of one phase of
-//                       it, for strided layers), read in place by the GEMM
+//                       it, for strided layers), read in place by the GEMM; d_x of strided layers by phases
 //   conv2d_gemm.h       the NCHW forward and backward: d_W, d_col + col2im, d_x as the transposed conv
 //   conv2d_pixels.h     pixels as GEMM rows: channels_last layers (taps as segments), NCHW layers with
 //                       short rows transposed in cache, small images as the pixel rows of all samples
+//   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of

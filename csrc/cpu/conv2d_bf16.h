@@ -5,19 +5,21 @@
 // Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
 //
 // The form is the channels_last one (conv2d_pixels.h): per sample, Y'[pixel, f] = Σ_taps Σ_c
-// x_pad[pixel + offset(t), c] · W[f, c, t], where x_pad is the padded sample split into the stride's phases
-// (conv2d_shifted.h: with stride s, the input under tap t of output o is element o + floor(t*d/s) of phase
-// t*d mod s, so each tap is again one shift, in the outputs' row pitch Wq; stride 1 has one phase). vdpbf16ps takes its
-// k in pairs: here pairs of channels, which lie side by side in a padded pixel (x_pad keeps an even channel pitch, the
-// odd one zero), so A is read in place, one 32-bit broadcast per pixel and pair. The filters are packed once per call
-// into slivers of 64 filters: for each tap and channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
+// x_pad[pixel + offset(t), c] · W[f, c, t], where x_pad is the padded sample split into the stride's
+// phases (conv2d_shifted.h: with stride s, the input under tap t of output o is element o + floor(t*d/s)
+// of phase t*d mod s, so each tap is again one shift, in the outputs' row pitch Wq; stride 1 has one
+// phase). vdpbf16ps takes its k in pairs: here pairs of channels, which lie side by side in a padded pixel
+// (x_pad keeps an even channel pitch, the odd one zero), so A is read in place, one 32-bit broadcast per
+// pixel and pair. The filters are packed at every call into slivers of 64 filters: for each tap and
+// channel pair, 64 words of (W[f, 2q, t], W[f, 2q+1, t]).
 //
 //   micro-kernel   6 pixels x 64 filters: 24 zmm accumulators, 4 B vectors, 1 broadcast (bf16_step)
 //                  per (tap, pair) step: 4 loads, 6 broadcasts, 24 vdpbf16ps (768 products)
 //
-// One group, any stride and dilation: the forward and d_W (a product over pixel pairs, below). d_x of a
-// stride-1 layer is the same form (the transposed convolution); d_x of a strided one, and grouped layers,
-// run the float32 kernels (cpu/reduced_float.h).
+// One group, any stride and dilation. d_x is the transposed convolution, the same form (of each of the
+// stride's phases when strided, dilation 1); d_W a product over pixel pairs (below). Small images go by
+// pixel rows. d_x and d_W of layers under 32 input channels, d_x of dilated strided layers, and grouped
+// layers run the float32 kernels (cpu/reduced_float.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -345,12 +347,12 @@ CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_w
 #undef CS231N_BF16_INLINE
 #endif
 
-// d_W of small images (bf16_pixel_rows) by pixel rows, as the forward: k is an output pixel of a block
-// of up to kBf16WeightGradRows of them (whole samples), taken in pairs of rows (2r, 2r+1), with no pixel
-// thrown away. Long blocks matter: each block reads and writes all of d_W (9 MiB at 512 x 512 x 3 x 3),
-// and each tile's store is amortised over the block's pairs.
+// d_W of small images (bf16_pixel_rows) by pixel rows: k is an output pixel of a block of samples, taken
+// in pairs of rows (2r, 2r+1), with no pixel thrown away. Blocks are long, up to kBf16WeightGradRows rows
+// (whole samples): each block reads and writes all of d_W (9 MiB at 512 x 512 x 3 x 3), and each tile's
+// store is amortised over the block's pairs (4x4 images: 14.9 ms per sample, 6.2 in blocks of 7, 4.5 of 8).
 constexpr int64_t kBf16WeightGradRows = 512;
-//
+
 //   A: dy_pairs[r * F + f]           = (dY[2r, f], dY[2r+1, f])
 //   B: row_pairs[(r * taps + t) * cw + c] = (x under tap t of output 2r, of output 2r+1), channel c
 // (the im2col of x, in pairs of rows; the odd last row pairs with zeros). Adds into dw ([F][taps][C]).
@@ -395,8 +397,8 @@ inline void weight_grad_bf16_rows(const uint16_t* dy_rows, const uint16_t* x_pad
 
 // d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16
 // dy and x (NHWC, or NCHW when `planes`): per sample by the padded planes, or by pixel rows in blocks of
-// samples (bf16_pixel_rows). Each chunk of samples sums into
-// its own d_W; the chunks are then added in order, so the result does not depend on the threads' timing.
+// samples (bf16_pixel_rows). Each chunk of samples sums into its own d_W; the chunks are then added in
+// order, so the result does not depend on the threads' timing.
 inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
                                         bool planes) {
   at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));

@@ -73,11 +73,6 @@ CS231N_INLINE int64_t dw_in_pixel(const Conv2dGeometry& g, const ShiftedPlanes& 
   return i_h * sp.wp + i_w;
 }
 
-// The pixel offset of tap t = (t_h, t_w) in x_pad, for stride 1: that of output (0, 0).
-inline int64_t tap_offset(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t t) {
-  return dw_in_pixel(g, sp, 0, 0, t);
-}
-
 // x_pad from an NCHW sample: the same, each pixel's channels gathered (a transpose done while padding).
 template <typename T>
 void pad_pixels_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
@@ -139,9 +134,9 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
 }
 
 // d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + offset(t), c], with dY' = dY in the
-// pitch Wq (zeros in the thrown-away pixels) and x_pad in the stride's phases. A = dY'ᵀ, whose packing copies MR
-// channels of a pixel; B's rows are pixels, each a run of C channels per tap: packing copies runs. dw is W's shape in
-// channels_last memory.
+// pitch Wq (zeros in the thrown-away pixels) and x_pad in the stride's phases. A = dY'ᵀ, whose packing
+// copies MR channels of a pixel; B's rows are pixels, each a run of C channels per tap: packing copies
+// runs. dw is W's shape in channels_last memory.
 template <typename T>
 void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const ShiftedPlanes sp = shifted_planes(g);

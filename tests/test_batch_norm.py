@@ -169,15 +169,21 @@ def test_other_ranks_match_torch(device, shape, training):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_larger_shapes_float32(device, layout):
-    """Shapes where the CPU kernel blocks planes (S <= 4096), splits them (S > 4096), or has C < threads."""
+@pytest.mark.parametrize("isa", ["auto", "avx512", "avx2", "baseline"])
+def test_larger_shapes_float32(device, layout, isa):
+    """Shapes where the CPU kernel blocks planes (S <= 4096), splits them (S > 4096), or has C < threads; on
+    the CPU in each instruction set its loops are built for (cpu::with_best_isa)."""
+    if device == "cuda" and isa != "auto":
+        pytest.skip("the instruction sets are the CPU's")
     torch.manual_seed(1)
-    for shape in [(6, 5, 20, 30), (2, 3, 70, 70), (3, 40, 7, 7), (2, 1, 50, 50)]:
+    for shape in [(6, 5, 20, 30), (2, 3, 70, 70), (3, 40, 7, 7), (2, 1, 50, 50), (4, 70, 9, 9)]:
         x = with_layout(torch.randn(shape, device=device) * 3 + 1, layout)
         c = shape[1]
         w, b = torch.randn(c, device=device), torch.randn(c, device=device)
         running = (torch.zeros(c, device=device), torch.ones(c, device=device))
-        (y, g, rm, rv), (y_ref, g_ref, rm_ref, rv_ref) = run_both(x, w, b, running, True, 0.1, 1e-5, torch.randn_like(x))
+        with contextlib.nullcontext() if isa == "auto" else forced_isa(isa):
+            (y, g, rm, rv), (y_ref, g_ref, rm_ref, rv_ref) = run_both(x, w, b, running, True, 0.1, 1e-5,
+                                                                      torch.randn_like(x))
         torch.testing.assert_close(y, y_ref)
         assert_same_layout(y, y_ref)
         torch.testing.assert_close(g[0], g_ref[0], rtol=1e-4, atol=1e-5)

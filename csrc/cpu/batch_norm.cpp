@@ -49,6 +49,14 @@ constexpr int64_t kGrain = 1 << 15;        // values per parallel task, so the O
 constexpr int64_t kMaxRowsPerBlock = 256;  // channel-last: rows summed per lane before folding into double
 constexpr int64_t kMaxGroups = 64;         // channel-last: row groups reduced in parallel, merged in order
 
+// at::parallel_for whose tasks run in the instruction set in force (cpu::with_best_isa): this file's loops
+// are plain C++ and GCC vectors, and built for AVX-512 they ran batch norm in 0.32-0.56 of torch's time
+// instead of 0.45-0.69 (NCHW), and 0.77-1.11 instead of 1.05-1.27 in channels_last.
+template <typename F>
+void parallel_for_isa(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { cpu::with_best_isa([&] { f(b, e); }); });
+}
+
 // ------------------------------------------------------------------------------- float16, bfloat16
 // A narrow input is read and written in its own dtype and computed in float32 (its op math): every loop
 // below takes its values through `load` and gives its results through `store`, in pieces of at most
@@ -399,7 +407,7 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BatchNormLayo
     const PlaneUnits pu = plane_units(lay);
     std::vector<BnStats<acc_t>> units(pu.count * C);
     const int64_t unit_values = pu.per * S;
-    at::parallel_for(0, pu.count * C, std::max<int64_t>(1, kGrain / unit_values), [&](int64_t b, int64_t e) {
+    parallel_for_isa(0, pu.count * C, std::max<int64_t>(1, kGrain / unit_values), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) units[i] = unit_stats<scalar_t, acc_t>(x, lay, pu, i % C, i / C);
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -415,7 +423,7 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BatchNormLayo
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_n(G, 0), g_mean(G * C, 0), g_m2(G * C, 0);
   using T = opmath_t<scalar_t>;
-  at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
+  parallel_for_isa(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
     std::vector<T> shift(C), sd(C), sd2(C);
     for (int64_t g = gb; g < ge; ++g) {
       acc_t* mean = &g_mean[g * C];
@@ -470,7 +478,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
   if (!lay.channels_last) {
     const PlaneUnits pu = plane_units(lay);
     std::vector<acc_t> u_dy(pu.count * C), u_dyx(pu.count * C);
-    at::parallel_for(0, pu.count * C, std::max<int64_t>(1, kGrain / (pu.per * S)), [&](int64_t b, int64_t e) {
+    parallel_for_isa(0, pu.count * C, std::max<int64_t>(1, kGrain / (pu.per * S)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t c = i % C;
         unit_grad_sums<scalar_t, acc_t>(dy, x, lay, pu, c, i / C, mean[c], u_dy[i], u_dyx[i]);
@@ -489,7 +497,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
   const int64_t blocks = (R + rows - 1) / rows;
   const int64_t G = std::min(blocks, kMaxGroups);
   std::vector<acc_t> g_dy(G * C, 0), g_dyx(G * C, 0);
-  at::parallel_for(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
+  parallel_for_isa(0, G, std::max<int64_t>(1, kGrain * G / std::max<int64_t>(R * C, 1)), [&](int64_t gb, int64_t ge) {
     std::vector<T> a(C), p(C);
     for (int64_t g = gb; g < ge; ++g) {
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
@@ -521,11 +529,11 @@ template <typename F>
 void for_each_channel_run(const BatchNormLayout& lay, F f) {
   const int64_t N = lay.N, C = lay.C, S = lay.S;
   if (!lay.channels_last) {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+    parallel_for_isa(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) f(/*offset=*/p * S, /*len=*/S, /*c=*/p % C, /*channels_last=*/false);
     });
   } else {
-    at::parallel_for(0, N * S, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    parallel_for_isa(0, N * S, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) f(r * C, C, 0, true);
     });
   }
@@ -691,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_tr
       return;
     }
     if (per_channel_fused(lay)) {
-      at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
+      parallel_for_isa(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           finish(c, channel_first_stats<scalar_t, acc_t>(xp, lay, c));
           for (int64_t n = 0; n < lay.N; ++n) {  // the channel's planes again, now from cache
@@ -782,7 +790,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 
     if (need_sums && lay.M() > 0 && per_channel_fused(lay)) {
       // Both passes per channel, the second from cache.
-      at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
+      parallel_for_isa(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(lay.M(), 1)), [&](int64_t cb, int64_t ce) {
         for (int64_t c = cb; c < ce; ++c) {
           const PlaneUnits pu = plane_units(lay);
           acc_t sum_dy = 0, sum_dy_xmu = 0;

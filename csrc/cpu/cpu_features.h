@@ -118,5 +118,28 @@ inline Isa cpu_isa() {
 
 inline bool cpu_has_avx2_fma() { return cpu_isa() >= Isa::kAvx2; }
 
+// f() compiled again for the instruction set in force: `flatten` inlines f and everything it calls into a
+// function built for AVX2 or AVX-512, so one body of plain loops (left to the vectoriser) serves all three.
+// Templates f instantiates out of line keep the baseline ISA, so no AVX code leaks into shared symbols.
+template <typename F>
+CS231N_AVX512 __attribute__((flatten)) void run_avx512(const F& f) {
+  f();
+}
+template <typename F>
+CS231N_AVX2 __attribute__((flatten)) void run_avx2(const F& f) {
+  f();
+}
+template <typename F>
+inline void with_best_isa(const F& f) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return run_avx512(f);
+    case Isa::kAvx2:
+      return run_avx2(f);
+    default:
+      return f();
+  }
+}
+
 }  // namespace cpu
 }  // namespace torch_cs231n

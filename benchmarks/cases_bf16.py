@@ -17,3 +17,7 @@ def cases():
             if case.name == "resnet" and case.suite == "cpu":
                 yield dataclasses.replace(case, name="resnet_bf16", describe=case.describe + " bfloat16",
                                           dtype=torch.bfloat16, target=1.5, quick=False)
+            # the strided layers, through the stride's phases (docs/conv2d.md)
+            if module is cases_conv2d and case.name in ("strided", "stem", "strided_cl"):
+                yield dataclasses.replace(case, name=case.name + "_bf16", describe=case.describe + " bfloat16",
+                                          dtype=torch.bfloat16, target=1.5, quick=False)

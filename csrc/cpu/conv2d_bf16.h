@@ -112,9 +112,8 @@ inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2
   return packed;
 }
 
-// x_pad: the sample with its zero border, split into the stride's phases, pixel-major: padded pixel
-// (pi, pj) is pixel (pi / sH, pj / sW) of phase (pi % sH, pj % sW), at ((phase * Hq + pi / sH) * Wq + pj / sW)
-// (the layout of conv2d_shifted.h's pad_planes, with the channels innermost). Channel pitch cp = C rounded
+// x_pad: the sample with its zero border, split into the stride's phases, pixel-major (conv2d_shifted.h:
+// phase_pixel, the layout of its pad_planes with the channels innermost). Channel pitch cp = C rounded
 // up to even (the odd channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory. Only the
 // phases some tap reads are filled in (`used`, from bf16_used_phases): a 1x1 stride-2 layer reads one of 4.
 inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t cp,
@@ -124,9 +123,9 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
   for (int64_t i = 0; i < g.h; ++i) {
     const int64_t pi = g.ph + i;
     for (int64_t j = 0; j < g.w; ++j) {
-      const int64_t pj = g.pw + j, phase = (pi % sp.sh) * sp.sw + pj % sp.sw;
-      if (!used[phase]) continue;
-      uint16_t* pixel = x_pad + ((phase * sp.hq + pi / sp.sh) * sp.wq + pj / sp.sw) * cp;
+      const int64_t pj = g.pw + j;
+      if (!used[(pi % sp.sh) * sp.sw + pj % sp.sw]) continue;  // a phase no tap reads
+      uint16_t* pixel = x_pad + phase_pixel(sp, pi, pj) * cp;
       if (planes) {
         for (int64_t c = 0; c < g.c; ++c) pixel[c] = xb[(c * g.h + i) * g.w + j];
       } else {

@@ -47,19 +47,16 @@ void pad_pixels(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T*
   std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
 }
 
-// x_pad = the NHWC sample x padded and split into the stride's phases: padded pixel (pi, pj) at
-// ((phase * Hq + pi / sH) * Wq + pj / sW), phase = (pi % sH) * sW + pj % sW (pad_pixels itself for
-// stride 1). Taps read it at shifted_offset(g, sp, t) pixels from an output's.
+// x_pad = the NHWC sample x padded and split into the stride's phases, pixel-major (phase_pixel; pad_pixels
+// itself for stride 1). Taps read it at shifted_offset(g, sp, t) pixels from an output's.
 template <typename T>
 void pad_pixel_phases(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
   if (sp.sh == 1 && sp.sw == 1) return pad_pixels(x, g, sp, x_pad);
   std::fill(x_pad, x_pad + sp.plane() * g.c, T(0));
   for (int64_t i = 0; i < g.h; ++i) {
-    const int64_t pi = g.ph + i;
     for (int64_t j = 0; j < g.w; ++j) {
-      const int64_t pj = g.pw + j, phase = (pi % sp.sh) * sp.sw + pj % sp.sw;
       const T* src = x + (i * g.w + j) * g.c;
-      std::copy(src, src + g.c, x_pad + ((phase * sp.hq + pi / sp.sh) * sp.wq + pj / sp.sw) * g.c);
+      std::copy(src, src + g.c, x_pad + phase_pixel(sp, g.ph + i, g.pw + j) * g.c);
     }
   }
 }

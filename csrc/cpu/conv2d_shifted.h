@@ -87,12 +87,17 @@ void pad_planes(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T*
   }
 }
 
-// The offset of row r = (c, t_h, t_w) of B in x_pad.
+// Where padded position (pi, pj) of one channel lies in its phases: pixel (pi / sH, pj / sW) of phase
+// (pi % sH, pj % sW), phases one after the other. The layout of x_pad here, and of the NHWC kernels' pixels.
+inline int64_t phase_pixel(const ShiftedPlanes& sp, int64_t pi, int64_t pj) {
+  const int64_t phase = (pi % sp.sh) * sp.sw + pj % sp.sw;
+  return (phase * sp.hq + pi / sp.sh) * sp.wq + pj / sp.sw;
+}
+
+// The offset of row r = (c, t_h, t_w) of B in x_pad (c = 0: the tap's offset in pixels).
 inline int64_t shifted_offset(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t r) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps();
-  const int64_t vh = th * g.dh, vw = tw * g.dw;  // the tap's offset in the padded plane
-  const int64_t phase = (c * sp.sh + vh % sp.sh) * sp.sw + vw % sp.sw;
-  return (phase * sp.hq + vh / sp.sh) * sp.wq + vw / sp.sw;
+  return c * sp.plane() + phase_pixel(sp, th * g.dh, tw * g.dw);  // the tap's offset in the padded plane
 }
 
 // The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wq,

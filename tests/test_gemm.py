@@ -94,34 +94,58 @@ def conv_routes(draw):
     return dict(shape=(n, cg * groups, h, w), f=fg * groups, k=k, stride=stride, padding=padding, groups=groups)
 
 
-def _conv_against_float64(case, channels_last, seed):
+# The weight's layouts: the kernels read the filters through its strides (cpu/conv2d_pixels.h,
+# filter_segments), so each layout is a different packing (cpu/gemm.cpp, segments_packing): NCHW (taps
+# contiguous), channels_last (channels contiguous), filters innermost (a permuted view), and a view whose
+# taps are not evenly spaced (copied first).
+WEIGHT_LAYOUTS = ["nchw", "channels_last", "filters_inner", "uneven_taps"]
+
+
+def _weight(shape, layout, gen):
+    f, c, kh, kw = shape
+    if layout == "channels_last":
+        return torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    if layout == "filters_inner":
+        return torch.randn(kh, kw, c, f, generator=gen).permute(3, 2, 0, 1)
+    if layout == "uneven_taps":
+        return torch.randn(f, c, 2 * kh, 2 * kw, generator=gen)[:, :, ::2, ::2]
+    return torch.randn(shape, generator=gen)
+
+
+def _conv_against_float64(case, channels_last, seed, weight_layout="nchw"):
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(case["shape"], generator=gen).contiguous(memory_format=fmt)
-    w = torch.randn(case["f"], case["shape"][1] // case["groups"], case["k"], case["k"], generator=gen)
+    w = _weight((case["f"], case["shape"][1] // case["groups"], case["k"], case["k"]), weight_layout, gen)
     b = torch.randn(case["f"], generator=gen)
     kwargs = dict(stride=case["stride"], padding=case["padding"], groups=case["groups"],
                   dilation=case.get("dilation", 1))
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    leaves = [x.clone().requires_grad_(), w.detach().requires_grad_(), b.clone().requires_grad_()]
     y = ours.conv2d(*leaves, **kwargs)
     dy = torch.randn(y.shape, generator=gen).contiguous(memory_format=fmt)
     grads = torch.autograd.grad(y, leaves, dy)
-    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    # torch's float64 convolution (slow_conv2d) refuses the odd weight layouts ("grad_weight must be
+    # contiguous"): its reference takes them contiguous, and the layouts are held to torch's only for the
+    # two that torch itself runs in both dtypes
+    odd = weight_layout not in ("nchw", "channels_last")
+    ref_leaves = [t.requires_grad_() for t in (x.double(), w.double().contiguous() if odd else w.double(), b.double())]
     y_ref = F.conv2d(*ref_leaves, **kwargs)
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     depth = w[0].numel()  # products summed into one output
     for got, want in zip((y, *grads), (y_ref, *ref_grads)):
-        assert_same_layout(got, want)
+        if not odd:
+            assert_same_layout(got, want)
         scale = max(depth, y.shape[0] * y.shape[2] * y.shape[3]) ** 0.5
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @settings(max_examples=20)
-@given(case=conv_routes(), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
+@given(case=conv_routes(), channels_last=st.booleans(), weight_layout=st.sampled_from(WEIGHT_LAYOUTS),
+       seed=st.integers(0, 2**31 - 1))
+def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, seed):
     with forced_isa(isa):
-        _conv_against_float64(case, channels_last, seed)
+        _conv_against_float64(case, channels_last, seed, weight_layout)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -148,9 +172,10 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, seed):
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv2d_blocks_and_edges(isa, case, channels_last):
+@pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
+def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):
     with forced_isa(isa):
-        _conv_against_float64(case, channels_last, seed=1)
+        _conv_against_float64(case, channels_last, seed=1, weight_layout=weight_layout)
 
 
 def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():

@@ -62,16 +62,19 @@ bool nchw_through_pixels(const Conv2dGeometry& g) {
          10 * g.col_cols() < 9 * shifted_planes(g).cols;
 }
 
-// conv_forward_gemm's NCHW choices, with w the filters as a tensor (NCHW contiguous).
+// The NCHW choices of a dense layer: y = conv(x, W) + b, with W the filters of w, or when `transposed`
+// those of its transposed convolution (d_x; g is then that convolution). The pixel kernels read them
+// through w's strides (filter_segments); the GEMM of shifted planes or im2col wants them as a tensor.
 template <typename T>
-void forward_nchw_dense(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+void forward_nchw_dense(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y, const Conv2dGeometry& g,
+                        const Conv2dGeometry& layer) {
   if (use_pixel_rows(g)) {
-    conv_forward_pixel_rows<T>(x, w, b, y, g);
+    conv_forward_pixel_rows<T>(x, w, transposed, b, y, g);
   } else if (nchw_through_pixels(g)) {
-    const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);
-    conv_forward_nhwc<T>(x, w_cl.const_data_ptr<T>(), b, y, g, /*planes=*/true);
+    conv_forward_nhwc<T>(x, w, transposed, b, y, g, /*planes=*/true);
   } else {
-    conv_forward_gemm<T>(x, w.const_data_ptr<T>(), b, y, g);
+    const at::Tensor filters = transposed ? transposed_filters(w, layer) : w.contiguous();
+    conv_forward_gemm<T>(x, filters.const_data_ptr<T>(), b, y, g);
   }
 }
 
@@ -85,7 +88,8 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   } else if (conv2d_is_depthwise(g)) {
     depthwise_forward<T>(x, w, b, y, g);
   } else {
-    forward_nchw_dense<T>(x.const_data_ptr<T>(), w, b ? b->const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), g);
+    forward_nchw_dense<T>(x.const_data_ptr<T>(), w, /*transposed=*/false, b ? b->const_data_ptr<T>() : nullptr,
+                          y.mutable_data_ptr<T>(), g, g);
   }
 }
 
@@ -133,7 +137,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     conv_weight_grad_shifted<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g);
   }
   if (dx_by_conv) {
-    forward_nchw_dense<T>(dy.const_data_ptr<T>(), transposed_filters(w, g), nullptr, dx.mutable_data_ptr<T>(), t);
+    forward_nchw_dense<T>(dy.const_data_ptr<T>(), w, /*transposed=*/true, nullptr, dx.mutable_data_ptr<T>(), t, g);
   }
 }
 
@@ -168,15 +172,15 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   if (format == at::MemoryFormat::ChannelsLast && (channels_last_direct(g) || use_pixel_rows(g))) {
-    const at::Tensor x = input.contiguous(format), w = weight.contiguous(format);
+    const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
       const scalar_t* bp = b ? b->const_data_ptr<scalar_t>() : nullptr;
-      if (channels_last_direct(g)) {
-        conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+      if (channels_last_direct(g)) {  // the filters read through the weight's strides, whatever its layout
+        conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), weight, /*transposed=*/false, bp,
                                     y.mutable_data_ptr<scalar_t>(), g);
       } else {  // small images, as pixel rows of NHWC
-        conv_forward_pixel_rows<scalar_t>(x.const_data_ptr<scalar_t>(), w, bp, y.mutable_data_ptr<scalar_t>(), g,
-                                          /*planes=*/false);
+        conv_forward_pixel_rows<scalar_t>(x.const_data_ptr<scalar_t>(), weight, /*transposed=*/false, bp,
+                                          y.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);
       }
     });
     return y;
@@ -268,20 +272,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       } else if (need_dw) {
         conv_weight_grad_nhwc<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g);
       }
-      // y = conv(dY, w_t) of a stride-1 geometry u, in NHWC: by pixel rows for small images
-      const auto transposed = [&](const at::Tensor& w_t, scalar_t* y, const Conv2dGeometry& u) {
+      // y = the transposed convolution u of w's filters on dY (stride 1), in NHWC: by pixel rows for small
+      // images; the filters read through w's strides (filter_segments)
+      const auto transposed = [&](const at::Tensor& w, scalar_t* y, const Conv2dGeometry& u) {
         if (use_pixel_rows(u) && !channels_last_direct(u)) {
-          conv_forward_pixel_rows<scalar_t>(dyp, w_t, nullptr, y, u, /*planes=*/false);
+          conv_forward_pixel_rows<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u, /*planes=*/false);
         } else {
-          conv_forward_nhwc<scalar_t>(dyp, w_t.const_data_ptr<scalar_t>(), nullptr, y, u);
+          conv_forward_nhwc<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u);
         }
       };
-      if (dx_transposed) transposed(transposed_filters(weight, g, format), dx.mutable_data_ptr<scalar_t>(), t);
+      if (dx_transposed) transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
       if (dx_phases) {
         dx.zero_();
         for_each_input_phase(g, weight, dx, [&](const InputPhase& phase, const at::Tensor& taps) {
           at::Tensor out = at::empty({g.n, g.c, phase.t.oh, phase.t.ow}, dx.options().memory_format(format));
-          transposed(transposed_filters(taps, phase.sub, format), out.mutable_data_ptr<scalar_t>(), phase.t);
+          transposed(taps, out.mutable_data_ptr<scalar_t>(), phase.t);
           return out;
         });
       }

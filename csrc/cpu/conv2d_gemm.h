@@ -80,36 +80,25 @@ inline bool transposed_geometry(const Conv2dGeometry& g, Conv2dGeometry* t) {
   return true;
 }
 
-// The filters of that convolution: W_t[g*Cg + c, f, kH-1-t_h, kW-1-t_w] = W[g*Fg + f, c, t_h, t_w], from a
-// weight of any strides, in `format` (NCHW, or channels_last for the NHWC kernels). One pass, parallel over
-// W_t's channels, writing along its memory: torch's transpose, flip and copies took 5 ms a call at
-// 512 x 512 x 3 x 3 (four copies in channels_last), a sixth of a ResNet-18 step's gap to torch's there.
-inline at::Tensor transposed_filters(const at::Tensor& w, const Conv2dGeometry& g,
-                                     at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+// The filters of that convolution as a tensor, for the NCHW GEMM and the depthwise kernels (the pixel
+// kernels read them through W's strides instead: filter_segments, conv2d_pixels.h):
+//     W_t[g*Cg + c, f, kH-1-t_h, kW-1-t_w] = W[g*Fg + f, c, t_h, t_w]
+// from a weight of any strides, NCHW. One pass, parallel over W_t's channels, writing along its memory
+// (torch's transpose, flip and copies took 5 ms a call at 512 x 512 x 3 x 3).
+inline at::Tensor transposed_filters(const at::Tensor& w, const Conv2dGeometry& g) {
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kh = g.kh, kw = g.kw;
-  at::Tensor out = at::empty({g.c, fg, kh, kw}, w.options().memory_format(format));
-  const bool filters_inner = format == at::MemoryFormat::ChannelsLast;  // W_t's f is its innermost dimension
+  at::Tensor out = at::empty({g.c, fg, kh, kw}, w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "transposed_filters", [&] {
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
-    const int64_t d0 = out.stride(0), d1 = out.stride(1), d2 = out.stride(2), d3 = out.stride(3);
     at::parallel_for(0, g.c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ct = begin; ct < end; ++ct) {  // W_t's channel: group ct / Cg, W's in-channel ct % Cg
         const scalar_t* from = src + (ct / cg) * fg * s0 + (ct % cg) * s1 + (kh - 1) * s2 + (kw - 1) * s3;
-        scalar_t* to = dst + ct * d0;
-        const auto copy = [&](int64_t f, int64_t th, int64_t tw) {
-          to[f * d1 + th * d2 + tw * d3] = from[f * s0 - th * s2 - tw * s3];
-        };
-        if (filters_inner) {
+        scalar_t* to = dst + ct * fg * kh * kw;
+        for (int64_t f = 0; f < fg; ++f)
           for (int64_t th = 0; th < kh; ++th)
-            for (int64_t tw = 0; tw < kw; ++tw)
-              for (int64_t f = 0; f < fg; ++f) copy(f, th, tw);
-        } else {
-          for (int64_t f = 0; f < fg; ++f)
-            for (int64_t th = 0; th < kh; ++th)
-              for (int64_t tw = 0; tw < kw; ++tw) copy(f, th, tw);
-        }
+            for (int64_t tw = 0; tw < kw; ++tw) *to++ = from[f * s0 - th * s2 - tw * s3];
       }
     });
   });

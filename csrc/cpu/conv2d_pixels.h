@@ -19,6 +19,41 @@
 namespace torch_cs231n {
 namespace conv2d_cpu {
 
+// ------------------------------------------------------------------------------ the filters as B
+// gemm_segments' B for each group of a layer's filters W [F, C/groups, kH, kW], the taps as segments, read
+// through W's own strides (NCHW, channels_last, or a phase's taps: a strided view), never copied:
+//     the forward              B_t[c, f] = W[grp*Fg + f, c, t]
+//     the transposed (d_x)     B_t[f, c] = W[grp*Fg + f, c, T-1-t]
+// the transposed convolution's filters are W's flipped, f and c trading places (docs/conv2d.md). g is
+// the geometry of the convolution that runs: its C and F per group are the segments' rows and B's columns.
+// The taps must lie evenly spaced (t_h's stride kW times t_w's), as in any contiguous layout; a view
+// whose taps do not (a phase's) is copied first.
+template <typename T>
+struct FilterSegments {
+  at::Tensor w;  // W, or its copy with evenly spaced taps: the views below read it
+  std::vector<cpu::SegmentsB<T>> groups;
+};
+
+template <typename T>
+FilterSegments<T> filter_segments(const at::Tensor& weight, bool transposed, const Conv2dGeometry& g) {
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const bool even = kh == 1 || kw == 1 || weight.stride(2) == kw * weight.stride(3);
+  FilterSegments<T> out{even ? weight : weight.contiguous(), {}};
+  const at::Tensor& w = out.w;
+  const int64_t st = kw > 1 ? w.stride(3) : w.stride(2);  // from one tap to the next
+  const int64_t fg = w.size(0) / g.groups, kc = g.c_per_group(), n = g.f_per_group(),
+                size = cpu::segments_b_size<T>(g.taps() * kc, n);
+  T* packed = cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * size);
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    const T* base = w.const_data_ptr<T>() + grp * fg * w.stride(0);
+    const cpu::SegmentedView<T> view =
+        transposed ? cpu::SegmentedView<T>{base + (g.taps() - 1) * st, -st, w.stride(0), w.stride(1)}
+                   : cpu::SegmentedView<T>{base, st, w.stride(1), w.stride(0)};
+    out.groups.push_back(cpu::prepare_segments_b<T>(g.taps(), kc, n, view, packed + grp * size));
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------- channels_last (NHWC)
 // In NHWC a pixel's channels are contiguous, so pixels are the GEMM's rows and channels its k. With
 // stride 1 and the shifted planes (above), now of pixels: x_pad[Hp][Wp][C], output j = o_h*Wp + o_w,
@@ -84,21 +119,17 @@ void pad_pixels_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPl
   std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
 }
 
-// The forward in NHWC: w is W in channels_last memory; x and y are NHWC, or NCHW when `planes` is set
+// The forward in NHWC, by the filters of w (filter_segments: W's own, or when `transposed` those of its
+// transposed convolution, g being that convolution); x and y are NHWC, or NCHW when `planes` is set
 // (transposed per sample on the way in and out, while the sample is in cache; stride 1 only).
 template <typename T>
-void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g, bool planes = false) {
+void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y, const Conv2dGeometry& g,
+                       bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
-  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group();
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const int64_t chunks = chunk_count(g);
-  // each group's B = W_gᵀ, packed once for every sample
-  const int64_t packed_size = cpu::segments_b_size<T>(kg, fg);
-  T* packed = cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * packed_size);
-  std::vector<cpu::SegmentsB<T>> filters;
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    filters.push_back(cpu::prepare_segments_b<T>(kg, fg, {w + grp * fg * kg, 1, kg}, packed + grp * packed_size));
-  }
+  const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);  // packed once for every sample
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.cols * g.f);
@@ -114,7 +145,7 @@ void conv_forward_nhwc(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
           for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + shifted_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm_segments<T>(sp.cols, g.taps(), cg, taps.data(), g.c, filters[grp], out + grp * fg, g.f, ep);
+          cpu::gemm_segments<T>(sp.cols, taps.data(), g.c, filters.groups[grp], out + grp * fg, g.f, ep);
         }
         T* y_n = y + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
@@ -225,15 +256,13 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
   });
 }
 
-// y = conv(x, w) + b, x and y NCHW when `planes`, else NHWC.
+// y = conv(x, W) + b by the filters of w (filter_segments: W's own, or when `transposed` those of its
+// transposed convolution, g being that convolution), x and y NCHW when `planes`, else NHWC.
 template <typename T>
-void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g,
-                             bool planes = true) {
+void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y,
+                             const Conv2dGeometry& g, bool planes = true) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), out_sample = g.f * p, nb_max = pixel_rows_block(g);
-  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // W[f][t][c]: Bᵀ's rows
-  const cpu::SegmentsB<T> filters =
-      cpu::prepare_segments_b<T>(k, g.f, {w_cl.const_data_ptr<T>(), 1, k},
-                                 cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f)));
+  const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f);
   std::vector<const T*> taps(g.taps());
@@ -244,7 +273,7 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, const T* b, T* y, 
     cpu::GemmEpilogue<T> ep;
     ep.col_bias = b;
     // [pixels x F] is NHWC's y itself
-    cpu::gemm_segments<T>(nb * p, g.taps(), g.c, taps.data(), k, filters, planes ? out : y + n0 * out_sample, g.f, ep);
+    cpu::gemm_segments<T>(nb * p, taps.data(), k, filters.groups[0], planes ? out : y + n0 * out_sample, g.f, ep);
     if (!planes) continue;
     at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {  // [pixels x F] -> y[n][F][pixels]
       for (int64_t s = s0; s < s1; ++s) {
@@ -280,11 +309,9 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeo
     cpu::gemm<T>(g.f, k, nb * p, {dy_rows, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
   }
   if (!planes) return;
-  for (int64_t f = 0; f < g.f; ++f) {  // [F][t][c] -> [F][c][t]
-    for (int64_t c = 0; c < g.c; ++c) {
-      for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_cl[(f * g.taps() + t) * g.c + c];
-    }
-  }
+  at::parallel_for(0, g.f, 1, [&](int64_t f0, int64_t f1) {  // [F][t][c] -> [F][c][t]
+    for (int64_t f = f0; f < f1; ++f) cpu::transpose_matrix(dw_cl + f * k, g.c, g.taps(), g.c, dw + f * k, g.taps());
+  });
 }
 
 }  // namespace conv2d_cpu

@@ -186,6 +186,10 @@ void gemm_split(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const P
 }
 
 #if CS231N_X86
+// GCC 12's unpack intrinsics take _mm512_undefined_ps() as their unused source, which -Wmaybe-uninitialized
+// reports once they are inlined into the packing loops (GCC bug 105593); every register is set before use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // The 16 x 16 transpose of r[0..15] in registers: out[i] lane j = r[j] lane i.
 CS231N_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -214,24 +218,30 @@ CS231N_AVX512 inline void transpose16(__m512 r[16]) {
 }
 
 // pack_transposed_rows for AVX-512 with nr a multiple of 16: blocks of 16 columns (runs) x 16 rows (p),
-// loaded (masked past kc; missing runs read as zeros), transposed, stored into the sliver.
+// loaded (masked past kc; missing runs read as zeros), transposed, stored into the sliver. Rows go in
+// chunks of 256 (64 KiB of the sliver, which stays in L2 while its 16-column stripes are written one
+// after the other): a stripe reads 16 runs, which the prefetchers follow; all of a row's nr columns at
+// once would be nr streams, and a whole sliver's stripe (1.2 MiB at 4608 rows) left L2 between stripes.
 CS231N_AVX512 void pack_transposed_rows_avx512(const float* const* rows, int64_t p0, int64_t kc, int64_t nc, int nr,
                                                float* dst) {
+  constexpr int64_t kChunk = 256;
   const int64_t slivers = (nc + nr - 1) / nr;
   for (int64_t s = 0; s < slivers; ++s) {
-    for (int64_t jb = 0; jb < nr; jb += 16) {
-      const int64_t j0 = s * nr + jb;
-      for (int64_t pb = 0; pb < kc; pb += 16) {
-        const int valid = static_cast<int>(std::min<int64_t>(16, kc - pb));
-        const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-        __m512 r[16];
+    for (int64_t pc = 0; pc < kc; pc += kChunk) {
+      for (int64_t jb = 0; jb < nr; jb += 16) {
+        const int64_t j0 = s * nr + jb;
+        for (int64_t pb = pc; pb < std::min(kc, pc + kChunk); pb += 16) {
+          const int valid = static_cast<int>(std::min<int64_t>(16, kc - pb));
+          const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+          __m512 r[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) {
-          r[i] = j0 + i < nc ? _mm512_maskz_loadu_ps(mask, rows[j0 + i] + p0 + pb) : _mm512_setzero_ps();
+          for (int i = 0; i < 16; ++i) {
+            r[i] = j0 + i < nc ? _mm512_maskz_loadu_ps(mask, rows[j0 + i] + p0 + pb) : _mm512_setzero_ps();
+          }
+          transpose16(r);
+          float* out = dst + s * kc * nr + pb * nr + jb;
+          for (int i = 0; i < valid; ++i) _mm512_storeu_ps(out + i * nr, r[i]);
         }
-        transpose16(r);
-        float* out = dst + s * kc * nr + pb * nr + jb;
-        for (int i = 0; i < valid; ++i) _mm512_storeu_ps(out + i * nr, r[i]);
       }
     }
   }
@@ -358,19 +368,98 @@ void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
     }
   }
 }
+
+// The packing of a SegmentedView into slivers of 64 columns: sliver sl at storage + sl * k * 64, its row
+// s*kc + i holding B[s*kc + i, 64 sl .. 64 sl + 64) (zeros past n). Three forms, by which stride is 1:
+//   cs = 1       the rows of B lie in memory (channels_last filters, transposed): copies of runs;
+//   rs = 1, ss = kc (or one segment)
+//                the columns of B lie in memory (channels_last filters): 16 x 16 register transposes;
+//   ss = ±1      each column's taps lie in memory (NCHW filters, either way): per row i of a segment,
+//                16 columns' runs of up to 16 taps loaded, transposed, stored as rows of 16 segments.
+// Anything else element by element. Each call packs rows [i0, i1) of every segment of one sliver.
+enum class SegmentsPacking { kRows, kColumns, kTaps, kElements };
+
+SegmentsPacking segments_packing(const SegmentedView<float>& b, int64_t nseg, int64_t kc) {
+  if (b.cs == 1) return SegmentsPacking::kRows;
+  if (b.rs == 1 && (nseg == 1 || b.ss == kc)) return SegmentsPacking::kColumns;
+  if (b.ss == 1 || b.ss == -1) return SegmentsPacking::kTaps;
+  return SegmentsPacking::kElements;
+}
+
+CS231N_AVX512 void pack_segments_avx512(const SegmentedView<float>& b, SegmentsPacking how, int64_t nseg, int64_t kc,
+                                        int64_t n, int64_t sl, int64_t i0, int64_t i1, float* storage) {
+  constexpr int nr = kSegmentsNr;
+  const int64_t k = nseg * kc, j0 = sl * nr, nc = std::min<int64_t>(nr, n - j0);
+  float* sliver = storage + sl * k * nr;
+  const float* first = b.data + j0 * b.cs;  // B[0, j0]
+  switch (how) {
+    case SegmentsPacking::kRows:
+      for (int64_t s = 0; s < nseg; ++s) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* out = sliver + (s * kc + i) * nr;
+          std::memcpy(out, first + s * b.ss + i * b.rs, sizeof(float) * nc);
+          std::fill(out + nc, out + nr, 0.0f);
+        }
+      }
+      return;
+    case SegmentsPacking::kColumns: {
+      // B's rows s*kc + i0 .. for all segments are one run of each column when there is one segment;
+      // otherwise (ss = kc) segment by segment
+      const float* runs[nr];
+      for (int64_t j = 0; j < nc; ++j) runs[j] = first + j * b.cs;
+      for (int64_t s = 0; s < nseg; ++s) {
+        pack_transposed_rows_avx512(runs, s * kc + i0, i1 - i0, nc, nr, sliver + (s * kc + i0) * nr);
+      }
+      return;
+    }
+    case SegmentsPacking::kTaps:
+      // 16 columns at a time down the rows, as pack_transposed_rows_avx512 (16 streams)
+      for (int jb = 0; jb < nr; jb += 16) {
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t s0 = 0; s0 < nseg; s0 += 16) {
+            const int valid = static_cast<int>(std::min<int64_t>(16, nseg - s0));
+            const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+            // the lowest address of the run: segment s0 when ss = 1, s0 + valid - 1 when ss = -1
+            const float* run = first + i * b.rs + (b.ss > 0 ? s0 : -(s0 + valid - 1));
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; ++q) {
+              r[q] = jb + q < nc ? _mm512_maskz_loadu_ps(mask, run + (jb + q) * b.cs) : _mm512_setzero_ps();
+            }
+            transpose16(r);  // r[m]: the 16 columns' element at memory position m of their runs
+            for (int m = 0; m < valid; ++m) {
+              const int64_t s = b.ss > 0 ? s0 + m : s0 + valid - 1 - m;
+              _mm512_storeu_ps(sliver + (s * kc + i) * nr + jb, r[m]);
+            }
+          }
+        }
+      }
+      return;
+    case SegmentsPacking::kElements:
+      for (int64_t s = 0; s < nseg; ++s) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* out = sliver + (s * kc + i) * nr;
+          for (int64_t j = 0; j < nr; ++j) out[j] = j < nc ? first[s * b.ss + i * b.rs + j * b.cs] : 0.0f;
+        }
+      }
+      return;
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
 // Elsewhere: one packed GEMM per segment, the first writing C with the epilogue, the others adding.
 template <typename T>
-void gemm_segments_packed(int64_t m, int64_t n, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda,
-                          const MatrixView<T>& b, T* c, int64_t ldc, const GemmEpilogue<T>& ep) {
-  for (int64_t s = 0; s < nseg; ++s) {
+void gemm_segments_packed(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
+                          const GemmEpilogue<T>& ep) {
+  for (int64_t s = 0; s < b.nseg; ++s) {
     GemmEpilogue<T> e = ep;
     if (s > 0) e = GemmEpilogue<T>{true, nullptr, nullptr};
+    const MatrixView<T> b_s{b.view.data + s * b.view.ss, b.view.rs, b.view.cs};
     auto pack = [&](int64_t p0, int64_t j0, int64_t kcb, int64_t nc, int nr, T* dst) {
-      pack_b(b, s * kc + p0, j0, kcb, nc, nr, dst);
+      pack_b(b_s, p0, j0, kcb, nc, nr, dst);
     };
-    gemm_blocked(m, n, kc, MatrixView<T>{a_seg[s], lda, 1}, pack, c, ldc, e);
+    gemm_blocked(m, b.n, b.kc, MatrixView<T>{a_seg[s], lda, 1}, pack, c, ldc, e);
   }
 }
 
@@ -387,28 +476,22 @@ int64_t segments_b_size(int64_t k, int64_t n) {
 }
 
 template <typename T>
-SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storage) {
-  SegmentsB<T> prepared{b, k, n, nullptr};
+SegmentsB<T> prepare_segments_b(int64_t nseg, int64_t kc, int64_t n, SegmentedView<T> b, T* storage) {
+  SegmentsB<T> prepared{b, nseg, kc, n, nullptr};
 #if CS231N_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (segments_b_size<float>(k, n) > 0) {
-      float* packed = storage;
-      // by slivers in parallel (large filters: 512 x 4608 in ResNet's last stage)
-      const int64_t slivers = (n + kSegmentsNr - 1) / kSegmentsNr;
-      at::parallel_for(0, slivers, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t sl = s0; sl < s1; ++sl) {
-          const int64_t j0 = sl * kSegmentsNr, nc = std::min<int64_t>(kSegmentsNr, n - j0);
-          float* dst = packed + sl * k * kSegmentsNr;
-          if (b.rs == 1) {  // Bᵀ's rows (the filters) lie in memory: 16 x 16 register transposes
-            std::vector<const float*> rows(nc);
-            for (int64_t j = 0; j < nc; ++j) rows[j] = b.data + (j0 + j) * b.cs;
-            pack_transposed_rows(rows.data(), 0, k, nc, kSegmentsNr, dst);
-          } else {
-            pack_b(b, 0, j0, k, nc, kSegmentsNr, dst);
-          }
+    if (segments_b_size<float>(nseg * kc, n) > 0) {
+      // in parallel over slivers and blocks of 64 rows of the segments (one sliver: 64 filters)
+      constexpr int64_t kRowsPerItem = 64;
+      const SegmentsPacking how = segments_packing(b, nseg, kc);
+      const int64_t slivers = (n + kSegmentsNr - 1) / kSegmentsNr, blocks = (kc + kRowsPerItem - 1) / kRowsPerItem;
+      at::parallel_for(0, slivers * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t sl = item / blocks, i0 = item % blocks * kRowsPerItem;
+          pack_segments_avx512(b, how, nseg, kc, n, sl, i0, std::min<int64_t>(kc, i0 + kRowsPerItem), storage);
         }
       });
-      prepared.packed = packed;
+      prepared.packed = storage;
     }
   }
 #endif
@@ -416,9 +499,9 @@ SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storag
 }
 
 template <typename T>
-void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c,
-                   int64_t ldc, const GemmEpilogue<T>& ep) {
-  const int64_t n = b.n;
+void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
+                   const GemmEpilogue<T>& ep) {
+  const int64_t n = b.n, nseg = b.nseg, kc = b.kc;
   if (m <= 0 || n <= 0) return;
   if (nseg <= 0 || kc <= 0) {
     epilogue_only(m, n, c, ldc, ep);
@@ -443,19 +526,19 @@ void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, i
         }
       }
 #endif
-      gemm_segments_packed(i1 - i0, n, nseg, kc, a_part.data(), lda, b.view, c + i0 * ldc, ldc, e);
+      gemm_segments_packed(i1 - i0, a_part.data(), lda, b, c + i0 * ldc, ldc, e);
     }
   });
 }
 
 template int64_t segments_b_size<float>(int64_t, int64_t);
 template int64_t segments_b_size<double>(int64_t, int64_t);
-template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, MatrixView<float>, float*);
-template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, MatrixView<double>, double*);
-template void gemm_segments<float>(int64_t, int64_t, int64_t, const float* const*, int64_t, const SegmentsB<float>&,
-                                   float*, int64_t, const GemmEpilogue<float>&);
-template void gemm_segments<double>(int64_t, int64_t, int64_t, const double* const*, int64_t, const SegmentsB<double>&,
-                                    double*, int64_t, const GemmEpilogue<double>&);
+template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, int64_t, SegmentedView<float>, float*);
+template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, int64_t, SegmentedView<double>, double*);
+template void gemm_segments<float>(int64_t, const float* const*, int64_t, const SegmentsB<float>&, float*, int64_t,
+                                   const GemmEpilogue<float>&);
+template void gemm_segments<double>(int64_t, const double* const*, int64_t, const SegmentsB<double>&, double*, int64_t,
+                                    const GemmEpilogue<double>&);
 
 namespace {
 

@@ -119,30 +119,39 @@ template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T* c, int64_t ldc,
           const GemmEpilogue<T>& epilogue = {});
 
-// The B of gemm_segments (nseg*kc x n: the segments' B one after the other), prepared once for all the
-// products that share it (one per sample): packed in slivers of 64 columns where the AVX-512 kernel
-// will read it, the strided view itself elsewhere.
+// The B of gemm_segments (nseg*kc x n: the segments' B one after the other) through three strides:
+//     B[s*kc + i, j] = data[s*ss + i*rs + j*cs]        segment s < nseg, row i < kc of it, column j < n
+// A convolution's filters in torch's own layout are such a view, whatever the layout (NCHW: the taps are
+// contiguous, ss = ±1; channels_last: the channels are) and for the transposed convolution too.
+template <typename T>
+struct SegmentedView {
+  const T* data;
+  int64_t ss, rs, cs;
+};
+
+// That B prepared once for all the products that share it (one per sample): packed in slivers of 64
+// columns where the AVX-512 kernel will read it, the view itself elsewhere.
 template <typename T>
 struct SegmentsB {
-  MatrixView<T> view;
-  int64_t k, n;
+  SegmentedView<T> view;
+  int64_t nseg, kc, n;
   const T* packed;  // null unless the AVX-512 kernel runs
 };
 
 // The elements the packed form needs (0 where the kernel reads the view itself), and the preparation,
-// which packs into `storage` (that many elements, which must outlive the products).
+// which packs into `storage` (that many elements, which must outlive the products) in parallel.
 template <typename T>
 int64_t segments_b_size(int64_t k, int64_t n);
 template <typename T>
-SegmentsB<T> prepare_segments_b(int64_t k, int64_t n, MatrixView<T> b, T* storage);
+SegmentsB<T> prepare_segments_b(int64_t nseg, int64_t kc, int64_t n, SegmentedView<T> b, T* storage);
 
-// C (m x n) = Σ_s A_s · B_s (+ the epilogue) over nseg segments of kc: A_s is m x kc with rows lda
+// C (m x n) = Σ_s A_s · B_s (+ the epilogue) over b's nseg segments of kc: A_s is m x kc with rows lda
 // apart and unit column stride, starting at a_seg[s]. The channels_last convolution's form: the
 // segments are the filter's taps, A_s the input's pixels shifted by the tap, B the filters. On AVX-512
 // (float32) A is never packed (microkernel_avx512_segments); elsewhere it is one packed GEMM per segment.
 template <typename T>
-void gemm_segments(int64_t m, int64_t nseg, int64_t kc, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c,
-                   int64_t ldc, const GemmEpilogue<T>& epilogue = {});
+void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
+                   const GemmEpilogue<T>& epilogue = {});
 
 }  // namespace cpu
 }  // namespace torch_cs231n

@@ -213,10 +213,12 @@ def has_avx512_bf16():
     (36, 40, 5, 3, 2, 1, True),      # d_x by phases: padding, phases of 2 and 1 taps
 ])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, dilation, bias, isa):
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, dilation, bias, isa, weight_layout):
     """bfloat16 in, float32 sums, one rounding out: within one bfloat16 ulp (2^-8 relative) of the float64
     result on the same bfloat16 operands, plus float32's error on the sum (cancelling terms). avx512 takes
-    the AVX512-BF16 route where the CPU has it (conv2d_bf16.h); avx2 the float32 kernels."""
+    the AVX512-BF16 route where the CPU has it (conv2d_bf16.h); avx2 the float32 kernels. The weight's
+    layout chooses how the filters are packed: runs of taps (NCHW) or of channels (channels_last)."""
     if isa == "avx512" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(c * 100 + f)
@@ -226,6 +228,8 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, 
     b = torch.randn(f, generator=gen).bfloat16() if bias else None
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
     args = dict(stride=stride, padding=padding, dilation=dilation)
     leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
     with forced_isa(isa):

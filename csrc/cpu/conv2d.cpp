@@ -235,10 +235,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     if (dw_bf16) {
       const bool planes = format != at::MemoryFormat::ChannelsLast;
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
-      // [F][taps][C] is W's shape in channels_last memory; rounded once, into the results' format.
+      // [F][taps][C] is W's shape in channels_last memory; NCHW's order by our transposes (torch's
+      // permuting copy was single-threaded); rounded once, keeping the layout.
       const at::Tensor dw32 =
           conv_weight_grad_bf16(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(), g, planes);
-      dw = dw32.view({g.f, g.kh, g.kw, g.c}).permute({0, 3, 1, 2}).to(dtype).contiguous(format);
+      at::Tensor dw_ordered = dw32.view({g.f, g.kh, g.kw, g.c}).permute({0, 3, 1, 2});
+      if (planes) {
+        dw_ordered = at::empty(weight.sizes(), dw32.options());
+        taps_major_to_nchw(dw32.const_data_ptr<float>(), dw_ordered.mutable_data_ptr<float>(), g);
+      }
+      dw = dw_ordered.to(dtype);
     }
     return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }

@@ -38,6 +38,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/reduced_float.h"
+#include "cpu/transpose16.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
@@ -82,11 +83,75 @@ struct Bf16Filters {
 
 // The filters, packed: sliver s (filters 64s .. 64s+63), tap t, channel pair q at
 // packed[((s * taps + t) * pairs + q) * 64 + j] = (W[64s+j, 2q, t], W[64s+j, 2q+1, t]), 0 past F or C.
-// In parallel over (sliver, tap): each writes its own block of pairs x 64 words.
+
+// The step from one tap to the next, when each (filter, channel)'s taps lie in one run of memory, read
+// forwards (+1: an NCHW weight) or backwards (-1: its transposed view); 0 otherwise.
+inline int64_t bf16_tap_run_step(const Bf16Filters& w, const Conv2dGeometry& g) {
+  const int64_t step = g.kw > 1 ? w.sw : w.sh;
+  const bool even = g.kh == 1 || g.kw == 1 || w.sh == g.kw * w.sw;
+  return even && (step == 1 || step == -1) ? step : 0;
+}
+
+#if CS231N_X86
+// (GCC 12 bug 105593: intrinsics whose unused source is _mm512_undefined_*() warn once inlined here.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Pairs [q0, q1) of sliver s from tap runs: for 16 filters and one channel pair, the two channels' runs
+// (up to 16 taps) widened into words, lo | hi << 16, then the 16 filters' words transposed in registers
+// (cpu/transpose16.h) into one vector per tap. Filters outermost: 16 runs are read side by side.
+CS231N_AVX512_BF16 inline void pack_bf16_tap_runs(const Bf16Filters& w, const Conv2dGeometry& g, int64_t pairs,
+                                                  int64_t step, int64_t s, int64_t q0, int64_t q1, uint32_t* packed) {
+  const int64_t taps = g.taps(), f0 = s * kBf16Nr, nf = std::min<int64_t>(kBf16Nr, g.f - f0);
+  const auto* wb = reinterpret_cast<const uint16_t*>(w.base);
+  for (int64_t jb = 0; jb < kBf16Nr; jb += 16) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const bool hi_exists = 2 * q + 1 < g.c;
+      for (int64_t t0 = 0; t0 < taps; t0 += 16) {
+        const int valid = static_cast<int>(std::min<int64_t>(16, taps - t0));
+        const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+        // the lowest address of the run of taps [t0, t0 + valid)
+        const int64_t low = step > 0 ? t0 : -(t0 + valid - 1);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          if (jb + i >= nf) {
+            r[i] = _mm512_setzero_ps();
+            continue;
+          }
+          const uint16_t* lo = wb + (f0 + jb + i) * w.sf + 2 * q * w.sc + low;
+          const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo));
+          const __m512i h =
+              hi_exists ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo + w.sc)) : _mm512_setzero_si512();
+          r[i] = _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+        }
+        cpu::transpose16(r);  // r[m]: the 16 filters' words at position m of their runs
+        for (int m = 0; m < valid; ++m) {
+          const int64_t t = step > 0 ? t0 + m : t0 + valid - 1 - m;
+          _mm512_storeu_ps(reinterpret_cast<float*>(packed + ((s * taps + t) * pairs + q) * kBf16Nr + jb), r[m]);
+        }
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// In parallel: over (sliver, 16 pairs) from tap runs, otherwise over (sliver, tap), element by element.
 inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2dGeometry& g, int64_t pairs) {
   const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
   std::vector<uint32_t> packed(slivers * taps * pairs * kBf16Nr, 0);
   const auto* wb = reinterpret_cast<const uint16_t*>(w.base);
+#if CS231N_X86
+  if (const int64_t step = bf16_tap_run_step(w, g)) {
+    const int64_t blocks = (pairs + 15) / 16;
+    at::parallel_for(0, slivers * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / blocks, q0 = task % blocks * 16;
+        pack_bf16_tap_runs(w, g, pairs, step, s, q0, std::min<int64_t>(pairs, q0 + 16), packed.data());
+      }
+    });
+    return packed;
+  }
+#endif
   at::parallel_for(0, slivers * taps, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / taps, t = task % taps, f0 = s * kBf16Nr;
@@ -330,10 +395,11 @@ inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& 
 //   B: x_pairs[p * cw + c]   = (x_pad[p, c], x_pad[p+1, c])          every pixel p, so that the pair of any
 //      tap, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is the word at p = 2q + o: read in place
 // (cw: C rounded up to 16, whole vectors). A tile is 6 filters x 64 channels of one tap, summed over all
-// pixel pairs, added into d_W.
+// pixel pairs, written into d_W or added to it.
 #if CS231N_X86
 CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_word* a, int64_t lda, const bf16_word* b,
-                                                     int64_t ldb, float* c, int64_t ldc, int m, int n) {
+                                                     int64_t ldb, float* c, int64_t ldc, int m, int n,
+                                                     bool accumulate) {
   Bf16Tile acc;
   bf16_zero(acc);
 #pragma GCC unroll 2
@@ -341,31 +407,34 @@ CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_w
     const bf16_word* aq = a + q * lda;
     bf16_step(acc, b + q * ldb, [aq, m](int r) { return aq[r < m ? r : 0]; });
   }
-  bf16_store(acc, c, ldc, m, n, /*bias=*/nullptr, /*accumulate=*/true);
+  bf16_store(acc, c, ldc, m, n, /*bias=*/nullptr, accumulate);
 }
 #undef CS231N_BF16_INLINE
 #endif
 
 // d_W of small images (bf16_pixel_rows) by pixel rows: k is an output pixel of a block of samples, taken
-// in pairs of rows (2r, 2r+1), with no pixel thrown away. Blocks are long, up to kBf16WeightGradRows rows
-// (whole samples): each block reads and writes all of d_W (9 MiB at 512 x 512 x 3 x 3), and each tile's
-// store is amortised over the block's pairs (4x4 images: 14.9 ms per sample, 6.2 in blocks of 7, 4.5 of 8).
+// in pairs of rows (2r, 2r+1), with no pixel thrown away:
+//   A: dy_pairs[r * F + f]               = (dY[2r, f], dY[2r+1, f])
+//   B: row_pairs[(r * taps + t) * cw + c] = (x under tap t of output 2r, of output 2r+1), channel c
+// (the im2col of x, in pairs of rows; the odd last row pairs with zeros). Blocks are long, up to
+// kBf16WeightGradRows rows (whole samples), and all the threads work on each: the pairs are built in
+// parallel, then d_W's tiles are split among the threads, each tile summing the whole block. A tile is
+// stored once per block, written by the first and added to by the others. Splitting the samples instead
+// gave each thread a d_W of its own to zero and add up (9 MiB each at 512 x 512 x 3 x 3: 5.2 ms against
+// 2.4 for d_W of (16, 512, 4, 4)).
 constexpr int64_t kBf16WeightGradRows = 512;
 
-//   A: dy_pairs[r * F + f]           = (dY[2r, f], dY[2r+1, f])
-//   B: row_pairs[(r * taps + t) * cw + c] = (x under tap t of output 2r, of output 2r+1), channel c
-// (the im2col of x, in pairs of rows; the odd last row pairs with zeros). Adds into dw ([F][taps][C]).
-inline void weight_grad_bf16_rows(const uint16_t* dy_rows, const uint16_t* x_pad, const Conv2dGeometry& g,
-                                  const ShiftedPlanes& sp, const std::vector<int64_t>& offsets, int64_t cp, int64_t cw,
-                                  int64_t rows, uint32_t* dy_pairs, uint32_t* row_pairs, float* dw) {
-#if CS231N_X86
-  const int64_t taps = g.taps(), pairs = (rows + 1) / 2, ldc = taps * g.c, plane = sp.plane();
+// Rows [2 r0, 2 r1) of the block (of `rows`) into their pairs.
+inline void bf16_row_pairs(const uint16_t* dy_rows, const uint16_t* x_pad, const Conv2dGeometry& g,
+                           const ShiftedPlanes& sp, const std::vector<int64_t>& offsets, int64_t cp, int64_t cw,
+                           int64_t rows, int64_t r0, int64_t r1, uint32_t* dy_pairs, uint32_t* row_pairs) {
+  const int64_t taps = g.taps(), plane = sp.plane();
   // Output row j (sample j / oH*oW, output o) sits at this pixel of the block's padded planes.
   const auto pixel = [&](int64_t j) {
     const int64_t o = j % g.col_cols();
     return j / g.col_cols() * plane + o / g.ow * sp.wq + o % g.ow;
   };
-  for (int64_t r = 0; r < pairs; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const bool odd_last = 2 * r + 1 == rows;  // the last row's partner is a zero row
     const uint16_t *even = dy_rows + 2 * r * g.f, *odd = even + g.f;
     for (int64_t f = 0; f < g.f; ++f) dy_pairs[r * g.f + f] = bf16_pair(even[f], odd_last ? uint16_t(0) : odd[f]);
@@ -376,85 +445,107 @@ inline void weight_grad_bf16_rows(const uint16_t* dy_rows, const uint16_t* x_pad
       for (int64_t c = 0; c < g.c; ++c) out[c] = bf16_pair(a[c], b ? b[c] : uint16_t(0));
     }
   }
-  const auto* a = reinterpret_cast<const bf16_word*>(dy_pairs);
-  const auto* b = reinterpret_cast<const bf16_word*>(row_pairs);
-  for (int64_t t = 0; t < taps; ++t) {
-    for (int64_t c0 = 0; c0 < g.c; c0 += kBf16Nr) {
-      const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - c0));
-      for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Mr) {
-        const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, g.f - f0));
-        bf16_weight_grad_tile(pairs, a + f0, g.f, b + t * cw + c0, taps * cw, dw + f0 * ldc + t * g.c + c0, ldc, m_tile,
-                              n_tile);
+}
+
+// d_W (float32, [F][taps][C]) of a bf16_direct layer with small images, from bfloat16 dy and x (NHWC, or
+// NCHW when `planes`). The blocks are summed in order: the result does not depend on the threads.
+inline at::Tensor conv_weight_grad_bf16_rows(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
+                                             bool planes) {
+  at::Tensor dw = at::empty({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t cp = g.c + (g.c & 1), cw = (g.c + 15) / 16 * 16, taps = g.taps(), outputs = g.col_cols();
+  const int64_t plane = sp.plane(), ldc = taps * g.c, in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
+  const int64_t block = std::clamp<int64_t>(kBf16WeightGradRows / outputs, 1, g.n);
+  const int64_t max_pairs = (block * outputs + 1) / 2;
+  std::vector<uint16_t> x_pad((block * plane + 1) * cp, 0);          // one zero pixel more: the last one's pair
+  std::vector<uint16_t> dy_planes(planes ? block * out_sample : 0);  // NCHW dY as rows; NHWC's are its own
+  std::vector<uint32_t> dy_pairs(max_pairs * g.f), row_pairs(max_pairs * taps * cw, 0);
+  std::vector<int64_t> offsets(taps);
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // tap t's pixel from an output's
+  const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
+  // d_W's tiles: (tap, 64 channels, 6 filters)
+  const int64_t c_tiles = (g.c + kBf16Nr - 1) / kBf16Nr, f_tiles = (g.f + kBf16Mr - 1) / kBf16Mr;
+  float* out = dw.mutable_data_ptr<float>();
+  for (int64_t n0 = 0; n0 < g.n; n0 += block) {
+    const int64_t nb = std::min(block, g.n - n0), rows = nb * outputs, pairs = (rows + 1) / 2;
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data() + s * plane * cp);
+        if (!planes) continue;
+        const uint16_t* dy_n = dyb + (n0 + s) * out_sample;  // [F][outputs] -> [outputs][F]
+        for (int64_t f = 0; f < g.f; ++f) {
+          for (int64_t o = 0; o < outputs; ++o) dy_planes[(s * outputs + o) * g.f + f] = dy_n[f * outputs + o];
+        }
       }
-    }
+    });
+    const uint16_t* dy_rows = planes ? dy_planes.data() : dyb + n0 * out_sample;
+    at::parallel_for(0, pairs, 1, [&](int64_t r0, int64_t r1) {
+      bf16_row_pairs(dy_rows, x_pad.data(), g, sp, offsets, cp, cw, rows, r0, r1, dy_pairs.data(), row_pairs.data());
+    });
+    const auto* a = reinterpret_cast<const bf16_word*>(dy_pairs.data());
+    const auto* b = reinterpret_cast<const bf16_word*>(row_pairs.data());
+    at::parallel_for(0, taps * c_tiles * f_tiles, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / (c_tiles * f_tiles), c0 = i / f_tiles % c_tiles * kBf16Nr, f0 = i % f_tiles * kBf16Mr;
+        bf16_weight_grad_tile(pairs, a + f0, g.f, b + t * cw + c0, taps * cw, out + f0 * ldc + t * g.c + c0, ldc,
+                              static_cast<int>(std::min<int64_t>(kBf16Mr, g.f - f0)),
+                              static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - c0)), /*accumulate=*/n0 > 0);
+      }
+    });
   }
 #else
-  (void)dy_rows, (void)x_pad, (void)g, (void)sp, (void)offsets, (void)cp, (void)cw, (void)rows, (void)dy_pairs;
-  (void)row_pairs, (void)dw;
+  (void)dy, (void)x, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_weight_grad_bf16_rows: AVX512-BF16 is an x86 instruction set");
 #endif
+  return dw;
 }
 
 // d_W (float32, [F][taps][C]: W's shape in channels_last memory) of a bf16_direct layer, from bfloat16
-// dy and x (NHWC, or NCHW when `planes`): per sample by the padded planes, or by pixel rows in blocks of
-// samples (bf16_pixel_rows). Each chunk of samples sums into its own d_W; the chunks are then added in
-// order, so the result does not depend on the threads' timing.
+// dy and x (NHWC, or NCHW when `planes`): by pixel rows for small images (above), otherwise per sample by
+// the padded planes. Each chunk of samples sums into its own d_W; the chunks are then added in order, so
+// the result does not depend on the threads' timing.
 inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
                                         bool planes) {
+  if (bf16_pixel_rows(g)) return conv_weight_grad_bf16_rows(dy, x, g, planes);
   at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), cw = (g.c + 15) / 16 * 16, taps = g.taps();
-  const int64_t plane = sp.plane(), ldc = taps * g.c, outputs = g.col_cols();
+  const int64_t plane = sp.plane(), ldc = taps * g.c;
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  const bool by_rows = bf16_pixel_rows(g);
-  const int64_t block =
-      by_rows ? std::clamp<int64_t>(kBf16WeightGradRows / outputs, 1, (g.n + chunks - 1) / chunks) : 1;
-  const int64_t max_pairs = by_rows ? (block * outputs + 1) / 2 : (sp.cols + 1) / 2;
+  const int64_t pairs = (sp.cols + 1) / 2;
   std::vector<float> partial(chunks * g.f * ldc, 0.0f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<uint16_t> x_pad((block * plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
-    std::vector<uint32_t> dy_pairs(max_pairs * g.f, 0);
-    std::vector<uint32_t> x_pairs(by_rows ? max_pairs * taps * cw : plane * cw, 0);
-    // dY' in the pitch Wq (its gaps are never written: they stay 0), or the block's rows of dY.
-    std::vector<uint16_t> dy_pitch(by_rows ? block * outputs * g.f : 2 * max_pairs * g.f, 0);
+    std::vector<uint16_t> x_pad((plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
+    std::vector<uint32_t> dy_pairs(pairs * g.f, 0), x_pairs(plane * cw, 0);
+    std::vector<uint16_t> dy_pitch(2 * pairs * g.f, 0);  // dY' in the pitch Wq: its gaps are never written
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
     const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       float* dw_chunk = partial.data() + chunk * g.f * ldc;
-      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
-      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
-        const int64_t nb = std::min(block, n_end - n0);
-        for (int64_t s = 0; s < nb; ++s) {
-          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data() + s * plane * cp);
-          // dY in the pitch Wq (planes) or as rows (by_rows: NHWC dY is already its rows).
-          if (by_rows && !planes) continue;
-          const uint16_t* dy_n = dyb + (n0 + s) * out_sample;
-          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-            uint16_t* row = dy_pitch.data() + (by_rows ? s * outputs + o_h * g.ow : o_h * sp.wq) * g.f;
-            if (!planes) {
-              std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
-              continue;
-            }
-            for (int64_t f = 0; f < g.f; ++f) {
-              const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
-              for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
-            }
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
+        const uint16_t* dy_n = dyb + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+          uint16_t* row = dy_pitch.data() + o_h * sp.wq * g.f;
+          if (!planes) {
+            std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
+            continue;
           }
-        }
-        if (by_rows) {
-          const uint16_t* dy_rows = planes ? dy_pitch.data() : dyb + n0 * out_sample;
-          weight_grad_bf16_rows(dy_rows, x_pad.data(), g, sp, offsets, cp, cw, nb * outputs, dy_pairs.data(),
-                                x_pairs.data(), dw_chunk);
-          continue;
+          for (int64_t f = 0; f < g.f; ++f) {
+            const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
+            for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
+          }
         }
         for (int64_t p = 0; p < plane; ++p) {
           const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
           for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
         }
-        const int64_t pairs = max_pairs;
         for (int64_t q = 0; q < pairs; ++q) {
           const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
           for (int64_t f = 0; f < g.f; ++f) dy_pairs[q * g.f + f] = bf16_pair(even[f], odd[f]);
@@ -467,7 +558,7 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
             for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Mr) {
               const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, g.f - f0));
               bf16_weight_grad_tile(pairs, a + f0, g.f, b + offsets[t] * cw + c0, 2 * cw,
-                                    dw_chunk + f0 * ldc + t * g.c + c0, ldc, m_tile, n_tile);
+                                    dw_chunk + f0 * ldc + t * g.c + c0, ldc, m_tile, n_tile, /*accumulate=*/true);
             }
           }
         }

@@ -283,6 +283,18 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, c
   }
 }
 
+// Filters (or their gradients) from the pixel kernels' order [F][taps][C] (channels_last memory) to
+// NCHW's [F][C][taps], each filter's taps x C matrix transposed, in parallel over the filters.
+template <typename T>
+void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
+  const int64_t k = g.taps() * g.c_per_group();
+  at::parallel_for(0, g.f, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      cpu::transpose_matrix(src + f * k, g.c_per_group(), g.taps(), g.c_per_group(), dst + f * k, g.taps());
+    }
+  });
+}
+
 // d_W into dw (W's shape; NCHW memory when `planes`, else channels_last), from dy and x (NCHW when
 // `planes`, else NHWC).
 template <typename T>
@@ -308,10 +320,7 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeo
     ep.accumulate = n0 > 0;
     cpu::gemm<T>(g.f, k, nb * p, {dy_rows, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
   }
-  if (!planes) return;
-  at::parallel_for(0, g.f, 1, [&](int64_t f0, int64_t f1) {  // [F][t][c] -> [F][c][t]
-    for (int64_t f = f0; f < f1; ++f) cpu::transpose_matrix(dw_cl + f * k, g.c, g.taps(), g.c, dw + f * k, g.taps());
-  });
+  if (planes) taps_major_to_nchw(dw_cl, dw, g);
 }
 
 }  // namespace conv2d_cpu

@@ -25,6 +25,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/gemm_microkernel.h"
+#include "cpu/transpose16.h"
 
 namespace torch_cs231n {
 namespace cpu {
@@ -190,33 +191,6 @@ void gemm_split(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const P
 // reports once they are inlined into the packing loops (GCC bug 105593); every register is set before use.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// The 16 x 16 transpose of r[0..15] in registers: out[i] lane j = r[j] lane i.
-CS231N_AVX512 inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {  // interleave pairs of rows, 32-bit elements
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // then 64-bit pairs
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-  for (int i = 0; i < 4; ++i) {  // then 128-bit lanes: rows i, i+4, i+8, i+12
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 // pack_transposed_rows for AVX-512 with nr a multiple of 16: blocks of 16 columns (runs) x 16 rows (p),
 // loaded (masked past kc; missing runs read as zeros), transposed, stored into the sliver. Rows go in
 // chunks of 256 (64 KiB of the sliver, which stays in L2 while its 16-column stripes are written one

@@ -270,3 +270,31 @@ def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
     (dw_ref,) = torch.autograd.grad(F.conv2d(x.double(), w64, padding=padding), w64, dy.double())
     scale = dw_ref.abs().max().item()
     torch.testing.assert_close(dw.double(), dw_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("c,f,k,stride,layout", [
+    (3, 64, 7, 2, "contiguous"),      # the stem: 3 x 49 rows of (tap, channel), one sliver of filters
+    (3, 64, 7, 2, "channels_last"),
+    (20, 72, 3, 1, "contiguous"),     # 180 rows (30 tiles), a second, partial sliver of 8 filters
+    (5, 33, 3, 2, "channels_last"),   # a last tile of 3 rows (45 = 7 x 6 + 3), 33 filters
+])
+def test_bfloat16_weight_grad_of_few_channels_by_taps(c, f, k, stride, layout):
+    """Layers of fewer than 32 channels take d_W's tiles along the filters, (tap, channel) as the rows
+    (conv2d_bf16.h, bf16_weight_grad_by_taps): every row of a tile, and the filters past a whole sliver,
+    against float64 on the same bfloat16 operands. Input that needs no gradient, as a stem's."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c * 100 + f)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(3, c, 40, 38, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16().requires_grad_()
+    with forced_isa("avx512"):
+        y = ours.conv2d(x, w, stride=stride, padding=k // 2)
+        dy = torch.randn(y.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
+        (dw,) = torch.autograd.grad(y, w, dy)
+    w64 = w.detach().double().requires_grad_()
+    (dw_ref,) = torch.autograd.grad(F.conv2d(x.double(), w64, stride=stride, padding=k // 2), w64, dy.double())
+    assert dw.dtype == torch.bfloat16
+    assert_same_layout(dw, dw_ref)
+    scale = dw_ref.abs().max().item()
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)

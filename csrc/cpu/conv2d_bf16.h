@@ -51,9 +51,17 @@ inline bool bf16_direct(const Conv2dGeometry& g) {
   return cpu::cpu_isa() == cpu::Isa::kAvx512 && cpu::has_avx512_bf16() && g.groups == 1 && g.f > 0 && g.c > 0;
 }
 
-// d_W's tiles are kBf16Nr = 64 channels wide: with fewer than 32 channels most of each tile is padding, and
-// the float32 kernels on converted copies are faster (the 7x7 stem on 3 channels: 194 against 33 ms).
-inline bool bf16_weight_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
+// d_W's tiles are kBf16Nr = 64 wide: along the channels, or for a layer of fewer than 32 channels (a stem:
+// 3 of 64 would be used) along the filters, with (tap, channel) as the rows (bf16_weight_grad_by_taps; large
+// images only). With both under 32, most of each tile is padding, and the float32 kernels on converted
+// copies are faster.
+inline bool bf16_pixel_rows(const Conv2dGeometry& g) { return g.col_cols() < kMinPixelsPerSample; }  // see below
+inline bool bf16_weight_grad_by_taps(const Conv2dGeometry& g) {
+  return bf16_direct(g) && 2 * g.c < kBf16Nr && 2 * g.f >= kBf16Nr && !bf16_pixel_rows(g);
+}
+inline bool bf16_weight_grad_direct(const Conv2dGeometry& g) {
+  return bf16_direct(g) && (2 * g.c >= kBf16Nr || bf16_weight_grad_by_taps(g));
+}
 
 // x_pad's channel pairs are read as 32-bit words through this type, which may alias its uint16_t storage.
 typedef uint32_t bf16_word __attribute__((__may_alias__));
@@ -177,6 +185,57 @@ inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2
   return packed;
 }
 
+// dst[p * dst_stride + c] = src[c * src_stride + p] for c < channels, p < count: bfloat16 planes (NCHW) to
+// pixels (channels innermost). Element by element, a transpose of 16-bit values strides through one side
+// (the stem's dY took half of its d_W); on AVX-512 two channels' values make one 32-bit word, and 16 x 16
+// blocks of words are transposed in registers (cpu/transpose16.h).
+#if CS231N_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 bug 105593, as pack_bf16_tap_runs
+CS231N_AVX512 inline void planes_to_pixels_avx512(const uint16_t* src, int64_t src_stride, int64_t channels,
+                                                  int64_t count, uint16_t* dst, int64_t dst_stride) {
+  const int64_t pairs = channels / 2;
+  for (int64_t p0 = 0; p0 < count; p0 += 16) {
+    const int valid = static_cast<int>(std::min<int64_t>(16, count - p0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+      const int nq = static_cast<int>(std::min<int64_t>(16, pairs - q0));
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {  // r[i]: pixels p0.. of channels 2(q0+i) (low halves) and 2(q0+i)+1
+        if (i >= nq) {
+          r[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const uint16_t* lo = src + 2 * (q0 + i) * src_stride + p0;
+        const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo));
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo + src_stride));
+        r[i] = _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+      }
+      cpu::transpose16(r);  // r[m]: pixel p0 + m's words of the pairs q0 ..
+      const __mmask16 words = static_cast<__mmask16>((1u << nq) - 1u);
+      for (int m = 0; m < valid; ++m) {
+        _mm512_mask_storeu_epi32(dst + (p0 + m) * dst_stride + 2 * q0, words, _mm512_castps_si512(r[m]));
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+inline void planes_to_pixels(const uint16_t* src, int64_t src_stride, int64_t channels, int64_t count, uint16_t* dst,
+                             int64_t dst_stride) {
+  int64_t first = 0;  // the first channel left to do
+#if CS231N_X86
+  if (cpu::cpu_isa() == cpu::Isa::kAvx512) {
+    planes_to_pixels_avx512(src, src_stride, channels, count, dst, dst_stride);
+    first = channels / 2 * 2;  // an odd last channel below
+  }
+#endif
+  for (int64_t c = first; c < channels; ++c) {
+    for (int64_t p = 0; p < count; ++p) dst[p * dst_stride + c] = src[c * src_stride + p];
+  }
+}
+
 // x_pad: the sample with its zero border, split into the stride's phases, pixel-major (conv2d_shifted.h:
 // phase_pixel, the layout of its pad_planes with the channels innermost). Channel pitch cp = C rounded
 // up to even (the odd channel zero). From NHWC (`planes` false) or NCHW (`planes` true) memory. Only the
@@ -185,6 +244,12 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
                             bool planes, const std::vector<uint8_t>& used, uint16_t* x_pad) {
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
   std::fill(x_pad, x_pad + sp.plane() * cp, uint16_t(0));
+  if (planes && sp.sh == 1 && sp.sw == 1) {  // one phase: each input row is a run of pixels
+    for (int64_t i = 0; i < g.h; ++i) {
+      planes_to_pixels(xb + i * g.w, g.h * g.w, g.c, g.w, x_pad + phase_pixel(sp, g.ph + i, g.pw) * cp, cp);
+    }
+    return;
+  }
   for (int64_t i = 0; i < g.h; ++i) {
     const int64_t pi = g.ph + i;
     for (int64_t j = 0; j < g.w; ++j) {
@@ -283,8 +348,7 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
 // reload the filters for every 6 of them. Every output pixel of a block of samples becomes a row,
 //     A[j][t][q] = x_pad's pair q under tap t of output j          (the im2col of the pairs, copied)
 // so that for every tap the tile's rows are taps * pairs words apart; a block's A is at most
-// kBf16RowsBytes, in whole samples.
-inline bool bf16_pixel_rows(const Conv2dGeometry& g) { return g.col_cols() < kMinPixelsPerSample; }
+// kBf16RowsBytes, in whole samples (bf16_pixel_rows, above).
 constexpr int64_t kBf16RowsBytes = int64_t{1} << 20;
 
 // y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a one-group layer (bf16_direct).
@@ -409,6 +473,23 @@ CS231N_AVX512_BF16 inline void bf16_weight_grad_tile(int64_t pairs, const bf16_w
   }
   bf16_store(acc, c, ldc, m, n, /*bias=*/nullptr, accumulate);
 }
+
+// The tile of bf16_weight_grad_by_taps: 6 (tap, channel) rows x 64 filters, d_Wᵀ[(t, c), f] += Σ_q
+// x_pairs[2q + offset(t), c] · dy_pairs[q, f]. Row r's words are rows[r][q * row_step]; B is dy_pairs.
+CS231N_AVX512_BF16 inline void bf16_weight_grad_tile_by_taps(int64_t pairs, const bf16_word* const* rows,
+                                                             int64_t row_step, const bf16_word* b, int64_t ldb,
+                                                             float* c, int64_t ldc, int m, int n) {
+  Bf16Tile acc;
+  bf16_zero(acc);
+  const bf16_word* ar[kBf16Mr];
+#pragma GCC unroll 8
+  for (int r = 0; r < kBf16Mr; ++r) ar[r] = rows[r < m ? r : 0];
+#pragma GCC unroll 2
+  for (int64_t q = 0; q < pairs; ++q) {
+    bf16_step(acc, b + q * ldb, [&ar, q, row_step](int r) { return ar[r][q * row_step]; });
+  }
+  bf16_store(acc, c, ldc, m, n, /*bias=*/nullptr, /*accumulate=*/true);
+}
 #undef CS231N_BF16_INLINE
 #endif
 
@@ -475,9 +556,7 @@ inline at::Tensor conv_weight_grad_bf16_rows(const c10::BFloat16* dy, const c10:
         pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data() + s * plane * cp);
         if (!planes) continue;
         const uint16_t* dy_n = dyb + (n0 + s) * out_sample;  // [F][outputs] -> [outputs][F]
-        for (int64_t f = 0; f < g.f; ++f) {
-          for (int64_t o = 0; o < outputs; ++o) dy_planes[(s * outputs + o) * g.f + f] = dy_n[f * outputs + o];
-        }
+        planes_to_pixels(dy_n, outputs, g.f, outputs, dy_planes.data() + s * outputs * g.f, g.f);
       }
     });
     const uint16_t* dy_rows = planes ? dy_planes.data() : dyb + n0 * out_sample;
@@ -518,10 +597,12 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   const int64_t pairs = (sp.cols + 1) / 2;
+  const bool by_taps = bf16_weight_grad_by_taps(g);  // partial d_Wᵀ [(t, c)][F] then, else d_W [F][(t, c)]
   std::vector<float> partial(chunks * g.f * ldc, 0.0f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad((plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
-    std::vector<uint32_t> dy_pairs(pairs * g.f, 0), x_pairs(plane * cw, 0);
+    // dy_pairs: kBf16Nr words more, read (not used) past F by the last pair's tiles when by_taps
+    std::vector<uint32_t> dy_pairs(pairs * g.f + kBf16Nr, 0), x_pairs(plane * cw, 0);
     std::vector<uint16_t> dy_pitch(2 * pairs * g.f, 0);  // dY' in the pitch Wq: its gaps are never written
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
@@ -537,10 +618,7 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
             std::memcpy(row, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
             continue;
           }
-          for (int64_t f = 0; f < g.f; ++f) {
-            const uint16_t* src = dy_n + (f * g.oh + o_h) * g.ow;
-            for (int64_t o_w = 0; o_w < g.ow; ++o_w) row[o_w * g.f + f] = src[o_w];
-          }
+          planes_to_pixels(dy_n + o_h * g.ow, g.oh * g.ow, g.f, g.ow, row, g.f);
         }
         for (int64_t p = 0; p < plane; ++p) {
           const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
@@ -552,6 +630,22 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
         }
         const auto* a = reinterpret_cast<const bf16_word*>(dy_pairs.data());
         const auto* b = reinterpret_cast<const bf16_word*>(x_pairs.data());
+        if (by_taps) {
+          for (int64_t k0 = 0; k0 < ldc; k0 += kBf16Mr) {
+            const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, ldc - k0));
+            const bf16_word* rows[kBf16Mr];
+            for (int r = 0; r < m_tile; ++r) {  // row k = (t, c): x_pairs at the tap's pixel, channel c
+              const int64_t t = (k0 + r) / g.c, c = (k0 + r) % g.c;
+              rows[r] = b + offsets[t] * cw + c;
+            }
+            for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Nr) {
+              const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - f0));
+              bf16_weight_grad_tile_by_taps(pairs, rows, 2 * cw, a + f0, g.f, dw_chunk + k0 * g.f + f0, g.f, m_tile,
+                                            n_tile);
+            }
+          }
+          continue;
+        }
         for (int64_t t = 0; t < taps; ++t) {
           for (int64_t c0 = 0; c0 < g.c; c0 += kBf16Nr) {
             const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - c0));
@@ -568,6 +662,12 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
   float* out = dw.mutable_data_ptr<float>();
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const float* part = partial.data() + chunk * g.f * ldc;
+    if (by_taps) {  // d_Wᵀ[k][f] -> d_W[f][k]
+      for (int64_t k = 0; k < ldc; ++k) {
+        for (int64_t f = 0; f < g.f; ++f) out[f * ldc + k] += part[k * g.f + f];
+      }
+      continue;
+    }
     for (int64_t i = 0; i < g.f * ldc; ++i) out[i] += part[i];
   }
 #else

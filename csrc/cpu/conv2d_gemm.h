@@ -113,14 +113,14 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);
-  std::vector<T> partial(dw ? chunks * g.f * kg : 0, T(0));  // d_W of each chunk, summed in order below
+  const ChunkPartials<T> partial(dw ? chunks : 0, g.f * kg);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = block_size(g, n_end - n_begin);
       T* dy_buffer = nb_max > 1 ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * nb_max * cols) : nullptr;
       T* dcol = dx_by_col2im ? cpu::thread_scratch<T>(cpu::Scratch::kRows, g.col_rows() * nb_max * cols) : nullptr;
-      T* dw_chunk = dw ? partial.data() + chunk * g.f * kg : nullptr;
+      T* dw_chunk = dw ? partial.of(chunk) : nullptr;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += nb_max) {
         const int64_t nb = std::min(nb_max, n_end - n0), ld = nb * cols;
         const T* dy_b = dy + n0 * out_sample;
@@ -137,7 +137,7 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
           const cpu::MatrixView<T> dy_g{dy_b + grp * fg * ld, ld, 1};
           if (dw) {
             cpu::GemmEpilogue<T> ep;
-            ep.accumulate = true;
+            ep.accumulate = n0 > n_begin;
             cpu::gemm<T>(fg, kg, ld, dy_g, pack_columns_transposed(x + n0 * in_sample, in_sample, g, grp * kg),
                          dw_chunk + grp * fg * kg, kg, ep);
           }
@@ -149,7 +149,7 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
       }
     }
   });
-  if (dw) sum_chunks(partial, chunks, g.f * kg, dw);
+  if (dw) partial.sum_into(chunks, dw);
 }
 
 }  // namespace conv2d_cpu

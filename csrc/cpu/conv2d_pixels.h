@@ -130,9 +130,15 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const int64_t chunks = chunk_count(g);
   const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);  // packed once for every sample
+  // The GEMM's rows are the real outputs only: row (o_h, o_w) reads the pixels at its place in the pitch
+  // Wq, and the pitch's thrown-away pixels (2 of 16 in a 14x14 image) are never computed.
+  std::vector<int64_t> rows(g.col_cols());
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
-    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.cols * g.f);
+    T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.col_cols() * g.f) : nullptr;
     std::vector<const T*> taps(g.taps());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
@@ -141,55 +147,68 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
         } else {
           pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         }
+        T* y_n = y + n * out_sample;
+        T* pixels = planes ? out : y_n;  // [pixels x F]: NHWC's y itself
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + shifted_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
-          cpu::gemm_segments<T>(sp.cols, taps.data(), g.c, filters.groups[grp], out + grp * fg, g.f, ep);
+          cpu::gemm_segments<T>(g.col_cols(), taps.data(), g.c, filters.groups[grp], pixels + grp * fg, g.f, ep,
+                                rows.data());
         }
-        T* y_n = y + n * out_sample;
-        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the oW real pixels of each row
-          const T* src = out + o_h * sp.wq * g.f;
-          if (!planes) {
-            std::copy(src, src + g.ow * g.f, y_n + o_h * g.ow * g.f);
-            continue;
-          }
-          cpu::transpose_matrix(src, g.f, g.ow, g.f, y_n + o_h * g.ow, g.oh * g.ow);  // [oW x F] -> y[:, o_h, :]
-        }
+        if (planes) cpu::transpose_matrix(out, g.f, g.col_cols(), g.f, y_n, g.col_cols());  // -> y[n][F][pixels]
       }
     }
   });
 }
 
-// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY'[j, f] · x_pad[j + offset(t), c], with dY' = dY in the
-// pitch Wq (zeros in the thrown-away pixels) and x_pad in the stride's phases. A = dY'ᵀ, whose packing
-// copies MR channels of a pixel; B's rows are pixels, each a run of C channels per tap: packing copies
-// runs. dw is W's shape in channels_last memory.
+// Filters (or their gradients) from the pixel kernels' order [F][taps][C] (channels_last memory) to
+// NCHW's [F][C][taps], each filter's taps x C matrix transposed, in parallel over the filters.
 template <typename T>
-void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
+void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
+  const int64_t k = g.taps() * g.c_per_group();
+  at::parallel_for(0, g.f, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      cpu::transpose_matrix(src + f * k, g.c_per_group(), g.taps(), g.c_per_group(), dst + f * k, g.taps());
+    }
+  });
+}
+
+// d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY[j, f] · x_pad[pixel(j) + offset(t), c] over the real outputs
+// j, pixel(j) being j's place in the pitch Wq of x_pad (in the stride's phases): the pitch's thrown-away
+// pixels are never summed. A = dYᵀ (NHWC's dY as it lies), whose packing copies MR channels of a pixel;
+// B's rows are the outputs' pixels, each a run of C channels per tap: packing copies runs. dw is W's
+// shape in channels_last memory; or, when `planes`, x, dY and dw are NCHW (x and dY transposed per sample
+// while it is in cache; stride 1 only).
+template <typename T>
+void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
-  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps();
-  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = cg * g.taps(), outputs = g.col_cols();
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = outputs * g.f;
   const int64_t chunks = chunk_count(g);
-  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
-  std::vector<int64_t> offsets(g.taps());
+  const ChunkPartials<T> partial(chunks, g.f * kg);
+  std::vector<int64_t> offsets(g.taps()), pixels(outputs);
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) pixels[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
-    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, sp.cols * g.f);
-    std::fill(dy_pitch, dy_pitch + sp.cols * g.f, T(0));  // the gaps stay zero
+    T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [pixels x F]
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
-        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {  // the gaps stay zero from the allocation
-          const T* src = dy + n * out_sample + o_h * g.ow * g.f;
-          std::copy(src, src + g.ow * g.f, dy_pitch + o_h * sp.wq * g.f);
+        if (planes) {
+          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+          cpu::transpose_matrix(dy + n * out_sample, outputs, g.f, outputs, dy_t, g.f);
+        } else {
+          pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         }
+        const T* dy_n = planes ? dy_t : dy + n * out_sample;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const T* x_grp = x_pad + grp * cg;
           const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
             for (int64_t p = 0; p < kc; ++p) {
-              const T* pixel = x_grp + (p0 + p) * g.c;
+              const T* pixel = x_grp + pixels[p0 + p];
               for (int64_t k = j0; k < j0 + nc;) {  // runs of channels, one tap at a time
                 const int64_t t = k / cg, c = k % cg, len = std::min(cg - c, j0 + nc - k);
                 cpu::copy_run_to_slivers(pixel + offsets[t] * g.c + c, k - j0, len, p, kc, nr, dst);
@@ -199,14 +218,19 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
             cpu::zero_last_sliver_tail(dst, kc, nc, nr);
           };
           cpu::GemmEpilogue<T> ep;
-          ep.accumulate = true;
-          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg, 1, g.f}, pack,
-                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+          ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
+          cpu::gemm<T>(fg, kg, outputs, {dy_n + grp * fg, 1, g.f}, pack, partial.of(chunk) + grp * fg * kg, kg, ep);
         }
       }
     }
   });
-  sum_chunks(partial, chunks, g.f * kg, dw);
+  if (!planes) {
+    partial.sum_into(chunks, dw);
+    return;
+  }
+  // [F][taps][C] summed into the first chunk's buffer, then in NCHW's order into dw
+  partial.sum_into(chunks, partial.of(0));
+  taps_major_to_nchw(partial.of(0), dw, g);
 }
 
 // --------------------------------------------------------------------------- small images: pixel rows
@@ -281,18 +305,6 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, c
       }
     });
   }
-}
-
-// Filters (or their gradients) from the pixel kernels' order [F][taps][C] (channels_last memory) to
-// NCHW's [F][C][taps], each filter's taps x C matrix transposed, in parallel over the filters.
-template <typename T>
-void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
-  const int64_t k = g.taps() * g.c_per_group();
-  at::parallel_for(0, g.f, 1, [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
-      cpu::transpose_matrix(src + f * k, g.c_per_group(), g.taps(), g.c_per_group(), dst + f * k, g.taps());
-    }
-  });
 }
 
 // d_W into dw (W's shape; NCHW memory when `planes`, else channels_last), from dy and x (NCHW when

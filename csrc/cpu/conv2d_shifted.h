@@ -144,7 +144,7 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeomet
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
   const int64_t chunks = chunk_count(g);
-  std::vector<T> partial(chunks * g.f * kg, T(0));  // d_W of each chunk, summed in order below
+  const ChunkPartials<T> partial(chunks, g.f * kg);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
     T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
@@ -165,14 +165,14 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeomet
             cpu::pack_transposed_rows(runs.data() + j0, p0, kc, nc, nr, dst);
           };
           cpu::GemmEpilogue<T> ep;
-          ep.accumulate = true;
+          ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
           cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg * sp.cols, sp.cols, 1}, pack,
-                       partial.data() + (chunk * g.f + grp * fg) * kg, kg, ep);
+                       partial.of(chunk) + grp * fg * kg, kg, ep);
         }
       }
     }
   });
-  sum_chunks(partial, chunks, g.f * kg, dw);
+  partial.sum_into(chunks, dw);
 }
 
 // ------------------------------------------------------------------------------- d_x by the phases

@@ -53,6 +53,15 @@ template <typename T>
 void pack_a(const MatrixView<T>& a, int64_t i0, int64_t p0, int64_t mc, int64_t kc, int mr, T* dst) {
   for (int64_t s = 0; s < mc; s += mr) {
     const int rows = static_cast<int>(std::min<int64_t>(mr, mc - s));
+    if (a.rows) {  // rows through the table, each read along k
+      for (int r = 0; r < rows; ++r) {
+        const T* src = a.row(i0 + s + r) + p0 * a.cs;
+        for (int64_t p = 0; p < kc; ++p) dst[p * mr + r] = src[p * a.cs];
+      }
+      for (int64_t p = 0; p < kc; ++p) std::fill(dst + p * mr + rows, dst + (p + 1) * mr, T(0));
+      dst += kc * mr;
+      continue;
+    }
     const T* base = a.data + (i0 + s) * a.rs + p0 * a.cs;
     for (int64_t p = 0; p < kc; ++p, dst += mr) {
       const T* src = base + p * a.cs;
@@ -180,7 +189,9 @@ void gemm_split(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const P
       } else {  // rows [i0, i1): A's and C's rows shift, B stays
         const int64_t i0 = u0 * uk.mr, i1 = std::min(m, u1 * uk.mr);
         if (e.row_bias) e.row_bias += i0;
-        gemm_blocked(i1 - i0, n, k, MatrixView<T>{a.data + i0 * a.rs, a.rs, a.cs}, pack_b_block, c + i0 * ldc, ldc, e);
+        const MatrixView<T> a_part =
+            a.rows ? MatrixView<T>{a.data, a.rs, a.cs, a.rows + i0} : MatrixView<T>{a.data + i0 * a.rs, a.rs, a.cs};
+        gemm_blocked(i1 - i0, n, k, a_part, pack_b_block, c + i0 * ldc, ldc, e);
       }
     }
   });
@@ -319,14 +330,14 @@ namespace {
 #if CS231N_X86
 constexpr int kSegmentsMr = 6, kSegmentsNr = 64;
 
-void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const float* const* a_seg, int64_t lda,
-                          const float* b_pack, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {
+void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const float* const* a_seg,
+                          const int64_t* a_rows, const float* b_pack, float* c, int64_t ldc,
+                          const GemmEpilogue<float>& ep) {
   constexpr int mr = kSegmentsMr, nr = kSegmentsNr;
   const int64_t k = nseg * kc;
   // Segments in blocks of about kKc * 2 rows of B, so that a block of a B sliver (64 KiB to 128 KiB)
   // stays in L2 while every row tile of C passes over it.
   const int64_t per_block = std::max<int64_t>(1, 2 * kKc / kc);
-  std::vector<const float*> a_tile(nseg);
   for (int64_t s0 = 0; s0 < nseg; s0 += per_block) {
     const int64_t s1 = std::min(nseg, s0 + per_block);
     const bool first = s0 == 0;
@@ -334,9 +345,8 @@ void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
       const int n_tile = static_cast<int>(std::min<int64_t>(nr, n - j));
       for (int64_t i = 0; i < m; i += mr) {
         const int m_tile = static_cast<int>(std::min<int64_t>(mr, m - i));
-        for (int64_t s = s0; s < s1; ++s) a_tile[s] = a_seg[s] + i * lda;
         const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
-        microkernel_avx512_segments<mr, 4>(s1 - s0, a_tile.data() + s0, lda, kc, b_pack + j * k + s0 * kc * nr,
+        microkernel_avx512_segments<mr, 4>(s1 - s0, a_seg + s0, a_rows + i, kc, b_pack + j * k + s0 * kc * nr,
                                            c + i * ldc + j, ldc, m_tile, n_tile, tile);
       }
     }
@@ -424,8 +434,8 @@ CS231N_AVX512 void pack_segments_avx512(const SegmentedView<float>& b, SegmentsP
 
 // Elsewhere: one packed GEMM per segment, the first writing C with the epilogue, the others adding.
 template <typename T>
-void gemm_segments_packed(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
-                          const GemmEpilogue<T>& ep) {
+void gemm_segments_packed(int64_t m, const T* const* a_seg, const int64_t* a_rows, const SegmentsB<T>& b, T* c,
+                          int64_t ldc, const GemmEpilogue<T>& ep) {
   for (int64_t s = 0; s < b.nseg; ++s) {
     GemmEpilogue<T> e = ep;
     if (s > 0) e = GemmEpilogue<T>{true, nullptr, nullptr};
@@ -433,7 +443,7 @@ void gemm_segments_packed(int64_t m, const T* const* a_seg, int64_t lda, const S
     auto pack = [&](int64_t p0, int64_t j0, int64_t kcb, int64_t nc, int nr, T* dst) {
       pack_b(b_s, p0, j0, kcb, nc, nr, dst);
     };
-    gemm_blocked(m, b.n, b.kc, MatrixView<T>{a_seg[s], lda, 1}, pack, c, ldc, e);
+    gemm_blocked(m, b.n, b.kc, MatrixView<T>{a_seg[s], 0, 1, a_rows}, pack, c, ldc, e);
   }
 }
 
@@ -474,33 +484,37 @@ SegmentsB<T> prepare_segments_b(int64_t nseg, int64_t kc, int64_t n, SegmentedVi
 
 template <typename T>
 void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
-                   const GemmEpilogue<T>& ep) {
+                   const GemmEpilogue<T>& ep, const int64_t* a_rows) {
   const int64_t n = b.n, nseg = b.nseg, kc = b.kc;
   if (m <= 0 || n <= 0) return;
   if (nseg <= 0 || kc <= 0) {
     epilogue_only(m, n, c, ldc, ep);
     return;
   }
+  std::vector<int64_t> evenly;  // the rows lda apart, as a table: one form for the kernels
+  if (a_rows == nullptr) {
+    evenly.resize(m);
+    for (int64_t i = 0; i < m; ++i) evenly[i] = i * lda;
+    a_rows = evenly.data();
+  }
   // Rows among the threads when called outside a parallel region (a single sample).
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t parts = 2 * m * n * nseg * kc < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, (m + 5) / 6);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> a_part(nseg);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t i0 = (part * m / parts) / 6 * 6, i1 = part + 1 == parts ? m : ((part + 1) * m / parts) / 6 * 6;
       if (i1 <= i0) continue;
-      for (int64_t s = 0; s < nseg; ++s) a_part[s] = a_seg[s] + i0 * lda;
       GemmEpilogue<T> e = ep;
       if (e.row_bias) e.row_bias += i0;
 #if CS231N_X86
       if constexpr (std::is_same_v<T, float>) {
         if (b.packed != nullptr) {
-          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_part.data(), lda, b.packed, c + i0 * ldc, ldc, e);
+          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_seg, a_rows + i0, b.packed, c + i0 * ldc, ldc, e);
           continue;
         }
       }
 #endif
-      gemm_segments_packed(i1 - i0, a_part.data(), lda, b, c + i0 * ldc, ldc, e);
+      gemm_segments_packed(i1 - i0, a_seg, a_rows + i0, b, c + i0 * ldc, ldc, e);
     }
   });
 }
@@ -510,9 +524,9 @@ template int64_t segments_b_size<double>(int64_t, int64_t);
 template SegmentsB<float> prepare_segments_b<float>(int64_t, int64_t, int64_t, SegmentedView<float>, float*);
 template SegmentsB<double> prepare_segments_b<double>(int64_t, int64_t, int64_t, SegmentedView<double>, double*);
 template void gemm_segments<float>(int64_t, const float* const*, int64_t, const SegmentsB<float>&, float*, int64_t,
-                                   const GemmEpilogue<float>&);
+                                   const GemmEpilogue<float>&, const int64_t*);
 template void gemm_segments<double>(int64_t, const double* const*, int64_t, const SegmentsB<double>&, double*, int64_t,
-                                    const GemmEpilogue<double>&);
+                                    const GemmEpilogue<double>&, const int64_t*);
 
 namespace {
 

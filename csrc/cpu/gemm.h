@@ -19,7 +19,7 @@ namespace cpu {
 // 4 ms convolution in this VM). `slot` tells apart the buffers in use at the same time (Scratch below);
 // the contents are not initialised. What stays allocated is the largest size each slot was asked for,
 // which the convolution bounds independently of the batch size (docs/conv2d.md).
-enum class Scratch : int { kPackA, kPackB, kFilters, kRows, kOut, kPadded, kGrad, kCount };
+enum class Scratch : int { kPackA, kPackB, kFilters, kRows, kOut, kPadded, kGrad, kPartial, kCount };
 
 template <typename T>
 T* thread_scratch(Scratch slot, int64_t size) {
@@ -29,11 +29,16 @@ T* thread_scratch(Scratch slot, int64_t size) {
   return buffer.data();
 }
 
-// Element (i, j) of a matrix view lies at data[i * rs + j * cs].
+// Element (i, j) of a matrix view lies at data[i * rs + j * cs], or at data[rows[i] + j * cs] when the
+// view has a table of its rows (A's rows are then where the table says: the real pixels of a padded
+// plane, for one; only A may have one).
 template <typename T>
 struct MatrixView {
   const T* data;
   int64_t rs, cs;
+  const int64_t* rows = nullptr;
+
+  const T* row(int64_t i) const { return data + (rows ? rows[i] : i * rs); }
 };
 
 // What is added to A·B when C is written:
@@ -145,13 +150,14 @@ int64_t segments_b_size(int64_t k, int64_t n);
 template <typename T>
 SegmentsB<T> prepare_segments_b(int64_t nseg, int64_t kc, int64_t n, SegmentedView<T> b, T* storage);
 
-// C (m x n) = Σ_s A_s · B_s (+ the epilogue) over b's nseg segments of kc: A_s is m x kc with rows lda
-// apart and unit column stride, starting at a_seg[s]. The channels_last convolution's form: the
-// segments are the filter's taps, A_s the input's pixels shifted by the tap, B the filters. On AVX-512
-// (float32) A is never packed (microkernel_avx512_segments); elsewhere it is one packed GEMM per segment.
+// C (m x n) = Σ_s A_s · B_s (+ the epilogue) over b's nseg segments of kc: A_s is m x kc with unit
+// column stride, its row i at a_seg[s] + a_rows[i] (a table of m offsets), or a_seg[s] + i * lda
+// without one. The channels_last convolution's form: the segments are the filter's taps, A_s the input's
+// pixels shifted by the tap (the table skips the padding's pixels), B the filters. On AVX-512 (float32)
+// A is never packed (microkernel_avx512_segments); elsewhere it is one packed GEMM per segment.
 template <typename T>
 void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
-                   const GemmEpilogue<T>& epilogue = {});
+                   const GemmEpilogue<T>& epilogue = {}, const int64_t* a_rows = nullptr);
 
 }  // namespace cpu
 }  // namespace torch_cs231n

@@ -212,21 +212,21 @@ CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict
 }
 
 // A read in place, for the channels_last convolution: C = Σ_s A_s · B_s over nseg segments (the
-// filter's taps), A_s read at a_seg[s] + r*lda + p (rows r = pixels, lda = C apart; p = channels,
-// contiguous), B packed as for the first kernel (the segments' rows one after the other). No A panel
+// filter's taps), A_s read at a_seg[s] + a_rows[r] + p (rows r = pixels, at the table's offsets; p =
+// channels, contiguous), B packed as for the first kernel (the segments' rows one after the other). No A panel
 // is packed: each pixel row is broadcast straight from the input, so the accumulators stay in registers
 // across all taps. Rows r >= m read row 0 (never written).
 template <int MR, int NV>
-CS231N_AVX512 void microkernel_avx512_segments(int64_t nseg, const float* const* a_seg, int64_t lda, int64_t kc,
-                                               const float* __restrict__ b, float* __restrict__ c, int64_t ldc, int m,
-                                               int n, const TileEpilogue<float>& ep) {
+CS231N_AVX512 void microkernel_avx512_segments(int64_t nseg, const float* const* a_seg, const int64_t* a_rows,
+                                               int64_t kc, const float* __restrict__ b, float* __restrict__ c,
+                                               int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
   zero_tile(acc);
   for (int64_t s = 0; s < nseg; ++s) {
     const float* ar[MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) ar[r] = a_seg[s] + (r < m ? r : 0) * lda;
+    for (int r = 0; r < MR; ++r) ar[r] = a_seg[s] + a_rows[r < m ? r : 0];
 #pragma GCC unroll 2
     for (int64_t p = 0; p < kc; ++p, b += NR) fma_step(acc, b, [&ar, p](int r) { return ar[r][p]; });
   }

@@ -56,16 +56,25 @@ FilterSegments<T> filter_segments(const at::Tensor& weight, bool transposed, con
 
 // ---------------------------------------------------------------------------- channels_last (NHWC)
 // In NHWC a pixel's channels are contiguous, so pixels are the GEMM's rows and channels its k. With
-// stride 1 and the shifted planes (above), now of pixels: x_pad[Hp][Wp][C], output j = o_h*Wp + o_w,
-//     Y'[j, f] = b[f] + Σ_{t_h, t_w} Σ_c x_pad[j + t_h*dH*Wp + t_w*dW, c] · W[f, c, t_h, t_w]
-// one GEMM per tap over the channels, summed: Y' = Σ_taps A_tap · B_tap, where A_tap is x_pad shifted by
-// the tap (pixel rows C apart, read in place) and B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments).
-// The weight in channels_last memory is W[f][t_h][t_w][c], so the taps' B are its rows, one after the
-// other. A strided layer splits x_pad into the stride's phases first (conv2d_shifted.h), pixel-major:
-// each tap is again one shift, of one phase, in the outputs' pitch Wq.
-// It runs one sample at a time (kMinPixelsPerSample).
+// stride 1 and the shifted planes (above), now of pixels: x_pad[Hp][Wp][C], output j = (o_h, o_w) at
+// pixel p(j) = o_h*Wp + o_w of the padded pitch,
+//     Y[j, f] = b[f] + Σ_{t_h, t_w} Σ_c x_pad[p(j) + t_h*dH*Wp + t_w*dW, c] · W[f, c, t_h, t_w]
+// one GEMM per tap over the channels, summed: Y = Σ_taps A_tap · B_tap, where A_tap is x_pad shifted by
+// the tap (its rows read in place through the table p(j), so the pitch's padding pixels are skipped) and
+// B_tap = W[:, :, t_h, t_w]ᵀ (cpu::gemm_segments; filter_segments above). A strided layer splits x_pad
+// into the stride's phases first (conv2d_shifted.h), pixel-major: each tap is again one shift, of one
+// phase, in the outputs' pitch Wq. It runs one sample at a time (kMinPixelsPerSample).
 inline bool channels_last_direct(const Conv2dGeometry& g) {
   return !conv2d_is_depthwise(g) && g.col_cols() >= kMinPixelsPerSample;
+}
+
+// p(j) * C for every output j = o_h*oW + o_w: where its pixel row starts in x_pad (elements).
+inline std::vector<int64_t> output_pixels(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
+  std::vector<int64_t> rows(g.col_cols());
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
+  }
+  return rows;
 }
 
 // x_pad = the NHWC sample x with pH rows and pW columns of zero pixels around it.
@@ -132,10 +141,7 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);  // packed once for every sample
   // The GEMM's rows are the real outputs only: row (o_h, o_w) reads the pixels at its place in the pitch
   // Wq, and the pitch's thrown-away pixels (2 of 16 in a 14x14 image) are never computed.
-  std::vector<int64_t> rows(g.col_cols());
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
-  }
+  const std::vector<int64_t> rows = output_pixels(g, sp);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.col_cols() * g.f) : nullptr;
@@ -187,11 +193,9 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   const int64_t in_sample = g.h * g.w * g.c, out_sample = outputs * g.f;
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(chunks, g.f * kg);
-  std::vector<int64_t> offsets(g.taps()), pixels(outputs);
+  const std::vector<int64_t> pixels = output_pixels(g, sp);
+  std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) pixels[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
-  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [pixels x F]

@@ -250,17 +250,19 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
     }
     return;
   }
+  // Strided: the pixels of an input row (from NCHW, transposed into `row` first) to their phases.
+  std::vector<uint16_t> row(planes ? g.w * g.c : 0);
   for (int64_t i = 0; i < g.h; ++i) {
     const int64_t pi = g.ph + i;
+    const uint16_t* pixels = xb + i * g.w * g.c;
+    if (planes) {
+      planes_to_pixels(xb + i * g.w, g.h * g.w, g.c, g.w, row.data(), g.c);
+      pixels = row.data();
+    }
     for (int64_t j = 0; j < g.w; ++j) {
       const int64_t pj = g.pw + j;
       if (!used[(pi % sp.sh) * sp.sw + pj % sp.sw]) continue;  // a phase no tap reads
-      uint16_t* pixel = x_pad + phase_pixel(sp, pi, pj) * cp;
-      if (planes) {
-        for (int64_t c = 0; c < g.c; ++c) pixel[c] = xb[(c * g.h + i) * g.w + j];
-      } else {
-        std::memcpy(pixel, xb + (i * g.w + j) * g.c, g.c * sizeof(uint16_t));
-      }
+      std::memcpy(x_pad + phase_pixel(sp, pi, pj) * cp, pixels + j * g.c, g.c * sizeof(uint16_t));
     }
   }
 }
@@ -324,17 +326,19 @@ CS231N_BF16_INLINE void bf16_store(const Bf16Tile& acc, float* c, int64_t ldc, i
   }
 }
 
-// One tile of the forward: rows (pixels) i .. i+m-1 of Y' and the filters of one sliver, all taps and
-// channel pairs in registers. a_tap[t] points at pixel i under tap t, as 32-bit words (pairs), `lda`
-// words per pixel. Rows r >= m read pixel i (never stored); stored with the bias, its first n columns.
-CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap, int64_t lda,
-                                         const uint32_t* b, float* c, int64_t ldc, int m, int n, const float* bias) {
+// One tile of the forward: rows (pixels) i .. i+m-1 of Y and the filters of one sliver, all taps and
+// channel pairs in registers. Row r's pairs (32-bit words) under tap t are at a_tap[t] + a_rows[r] (the
+// table's entries from row i on). Rows r >= m read row i (never stored); stored with the bias, its
+// first n columns.
+CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap,
+                                         const int64_t* a_rows, const uint32_t* b, float* c, int64_t ldc, int m, int n,
+                                         const float* bias) {
   Bf16Tile acc;
   bf16_zero(acc);
   for (int64_t t = 0; t < taps; ++t) {
     const bf16_word* ar[kBf16Mr];
 #pragma GCC unroll 8
-    for (int r = 0; r < kBf16Mr; ++r) ar[r] = a_tap[t] + (r < m ? r : 0) * lda;
+    for (int r = 0; r < kBf16Mr; ++r) ar[r] = a_tap[t] + a_rows[r < m ? r : 0];
     const auto* bt = reinterpret_cast<const bf16_word*>(b + t * pairs * kBf16Nr);
 #pragma GCC unroll 2
     for (int64_t q = 0; q < pairs; ++q) bf16_step(acc, bt + q * kBf16Nr, [&ar, q](int r) { return ar[r][q]; });
@@ -362,19 +366,21 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  // Samples per block, and the GEMM's rows per sample: the padded plane's pitch-Wq pixels, one sample at
-  // a time; or the real output pixels of as many samples as fit kBf16RowsBytes.
+  // Samples per block: one, its rows read in place from the padded plane (the real outputs' pixels in the
+  // pitch Wq, through a table: the pitch's padding is never computed); or, by rows, as many samples as
+  // fit kBf16RowsBytes, their rows copied.
   const bool by_rows = bf16_pixel_rows(g);
-  const int64_t row_words = taps * pairs;
+  const int64_t row_words = taps * pairs, outputs = g.col_cols();
   const int64_t block =
-      by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (g.col_cols() * row_words * 4), 1, (g.n + chunks - 1) / chunks)
-              : 1;
-  const int64_t rows_per_sample = by_rows ? g.col_cols() : sp.cols;
-  const int64_t out_pitch = by_rows ? g.ow : sp.wq;  // output row o_h of sample s: row s * rows + o_h * pitch
+      by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_words * 4), 1, (g.n + chunks - 1) / chunks) : 1;
+  std::vector<int64_t> row_table(block * outputs);  // row j's words from a_tap[t]
+  for (int64_t j = 0; j < block * outputs; ++j) {
+    row_table[j] = by_rows ? j * row_words : (j / g.ow * sp.wq + j % g.ow) * pairs;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad(sp.plane() * cp);
-    std::vector<uint32_t> a_rows(by_rows ? block * g.col_cols() * row_words : 0);
-    std::vector<float> out(block * rows_per_sample * g.f), rows(g.f * g.ow);
+    std::vector<uint32_t> a_rows(by_rows ? block * outputs * row_words : 0);
+    std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
     std::vector<const bf16_word*> a_tap(taps);
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
@@ -383,7 +389,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
       for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
-        const int64_t nb = std::min(block, n_end - n0), m = by_rows ? nb * g.col_cols() : sp.cols;
+        const int64_t nb = std::min(block, n_end - n0), m = nb * outputs;
         for (int64_t s = 0; s < nb; ++s) {
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
           if (!by_rows) break;  // one sample a block
@@ -400,27 +406,19 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
           for (int64_t i = 0; i < m; i += kBf16Mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, m - i));
-            for (int64_t t = 0; t < taps; ++t) {
-              a_tap[t] = by_rows ? a_words + i * row_words + t * pairs : words + (i + offsets[t]) * pairs;
-            }
-            bf16_tile(taps, pairs, a_tap.data(), by_rows ? row_words : pairs, sliver, out.data() + i * g.f + j, g.f,
-                      m_tile, n_tile, b ? b + j : nullptr);
+            for (int64_t t = 0; t < taps; ++t) a_tap[t] = by_rows ? a_words + t * pairs : words + offsets[t] * pairs;
+            bf16_tile(taps, pairs, a_tap.data(), row_table.data() + i, sliver, out.data() + i * g.f + j, g.f, m_tile,
+                      n_tile, b ? b + j : nullptr);
           }
         }
-        // The oW real pixels of each output row, rounded to bfloat16 once.
+        // [outputs x F] a sample, rounded to bfloat16 once (NCHW: transposed first).
         for (int64_t s = 0; s < nb; ++s) {
-          c10::BFloat16* y_n = y + (n0 + s) * out_sample;
-          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-            const float* src = out.data() + (s * rows_per_sample + o_h * out_pitch) * g.f;  // [oW x F]
-            if (!planes) {
-              cpu::from_float(src, g.ow * g.f, y_n + o_h * g.ow * g.f);
-              continue;
-            }
-            cpu::transpose_matrix(src, g.f, g.ow, g.f, rows.data(), g.ow);  // [F x oW]
-            for (int64_t f = 0; f < g.f; ++f) {
-              cpu::from_float(rows.data() + f * g.ow, g.ow, y_n + (f * g.oh + o_h) * g.ow);
-            }
+          const float* src = out.data() + s * outputs * g.f;
+          if (planes) {
+            cpu::transpose_matrix(src, g.f, outputs, g.f, planes_out.data(), outputs);
+            src = planes_out.data();
           }
+          cpu::from_float(src, out_sample, y + (n0 + s) * out_sample);
         }
       }
     }

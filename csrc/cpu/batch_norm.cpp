@@ -431,6 +431,10 @@ std::vector<BnStats<acc_t>> channel_stats(const scalar_t* x, const BatchNormLayo
       acc_t* m2 = &g_m2[g * C];
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
+        // The two passes walk each 16-channel column down the rows, a line every C values: the next
+        // block is fetched ahead, in memory order, so that they find it in cache.
+        const int64_t next = std::min(R, r0 + nr + rows) * C;
+        for (int64_t i = (r0 + nr) * C; i < next; i += 64 / sizeof(scalar_t)) __builtin_prefetch(x + i);
         const T* xb = load(x + r0 * C, nr * C, Piece::kX);
         rows_two_pass<T>(xb, nr, C, shift.data(), sd.data(), sd2.data());
         // Every channel of the block has nr values and of the group g_n[g]: Chan's weights are shared,

@@ -168,9 +168,13 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 32, 30, 30), f=16, k=3, stride=2, padding=1, groups=2),
     dict(shape=(2, 16, 28, 37), f=12, k=3, stride=(2, 3), padding=1, groups=1),
     dict(shape=(3, 16, 9, 11), f=20, k=3, stride=2, padding=1, groups=1),
+    # depthwise with channels as vectors (channels_last: every size, channels innermost): 2 whole vectors
+    # and a tail of 8, 3x3 (d_W's nine sums in registers) and 5x5, d_x by the flipped filters
+    dict(shape=(2, 40, 9, 11), f=40, k=3, stride=1, padding=1, groups=40),
+    dict(shape=(2, 20, 8, 9), f=20, k=5, stride=1, padding=2, groups=20),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
-        "small_strided"])
+        "small_strided", "depthwise_vectors", "depthwise_5x5"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -176,11 +176,15 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (y.numel() == 0) return y;
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  if (format == at::MemoryFormat::ChannelsLast && (channels_last_direct(g) || use_pixel_rows(g))) {
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  if (cl && (channels_last_direct(g) || use_pixel_rows(g) || depthwise_channels_last_direct(g))) {
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
       const scalar_t* bp = b ? b->const_data_ptr<scalar_t>() : nullptr;
-      if (channels_last_direct(g)) {  // the filters read through the weight's strides, whatever its layout
+      if (depthwise_channels_last_direct(g)) {  // channels innermost as they lie
+        depthwise_forward_pixels<scalar_t>(x.const_data_ptr<scalar_t>(), weight.contiguous().const_data_ptr<scalar_t>(),
+                                           bp, y.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);
+      } else if (channels_last_direct(g)) {  // the filters read through the weight's strides, whatever its layout
         conv_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), weight, /*transposed=*/false, bp,
                                     y.mutable_data_ptr<scalar_t>(), g);
       } else {  // small images, as pixel rows of NHWC
@@ -273,6 +277,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const bool rows = use_pixel_rows(g) && !channels_last_direct(g);
   const bool dx_transposed = need_dx && transposed_geometry(g, &t) && (!rows || use_pixel_rows(t));
   const bool dx_phases = need_dx && !dx_transposed && g.dh == 1 && g.dw == 1 && (g.sh > 1 || g.sw > 1);
+  if (format == at::MemoryFormat::ChannelsLast && depthwise_channels_last_direct(g)) {  // as the forward
+    // d_x of a stride-1 layer as the forward on dY with the flipped filters (a gather: the scatter's
+    // updates of one d_x pixel by neighbouring outputs queued behind each other, 4x slower than oneDNN).
+    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format), w = weight.contiguous();
+    Conv2dGeometry u;
+    const bool dx_by_conv = need_dx && transposed_geometry(g, &u);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      if (dx_by_conv) {
+        depthwise_forward_pixels<scalar_t>(dy.const_data_ptr<scalar_t>(),
+                                           transposed_filters(w, g).const_data_ptr<scalar_t>(), nullptr,
+                                           dx.mutable_data_ptr<scalar_t>(), u, /*planes=*/false);
+      }
+      if (need_dw || need_db || (need_dx && !dx_by_conv)) {
+        depthwise_backward_pixels<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                            w.const_data_ptr<scalar_t>(),
+                                            need_dx && !dx_by_conv ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                            need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr,
+                                            need_db ? db.mutable_data_ptr<scalar_t>() : nullptr, g, /*planes=*/false);
+      }
+    });
+    return {dx, dw, db};
+  }
   if (format == at::MemoryFormat::ChannelsLast && (nhwc || rows) && (!need_dx || dx_transposed || dx_phases)) {
     const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
     if (need_db) db.copy_(dy.sum({0, 2, 3}));

@@ -327,10 +327,10 @@ CS231N_BF16_INLINE void bf16_store(const Bf16Tile& acc, float* c, int64_t ldc, i
 }
 
 // One tile of the forward: rows (pixels) i .. i+m-1 of Y and the filters of one sliver, all taps and
-// channel pairs in registers. Row r's pairs (32-bit words) under tap t are at a_tap[t] + a_rows[r] (the
-// table's entries from row i on). Rows r >= m read row i (never stored); stored with the bias, its
+// channel pairs in registers. Row r's pairs (32-bit words) under tap t are at a + a_tap[t] + a_rows[r]
+// (the table's entries from row i on). Rows r >= m read row i (never stored); stored with the bias, its
 // first n columns.
-CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* const* a_tap,
+CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16_word* a, const int64_t* a_tap,
                                          const int64_t* a_rows, const uint32_t* b, float* c, int64_t ldc, int m, int n,
                                          const float* bias) {
   Bf16Tile acc;
@@ -338,7 +338,7 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
   for (int64_t t = 0; t < taps; ++t) {
     const bf16_word* ar[kBf16Mr];
 #pragma GCC unroll 8
-    for (int r = 0; r < kBf16Mr; ++r) ar[r] = a_tap[t] + a_rows[r < m ? r : 0];
+    for (int r = 0; r < kBf16Mr; ++r) ar[r] = a + a_tap[t] + a_rows[r < m ? r : 0];
     const auto* bt = reinterpret_cast<const bf16_word*>(b + t * pairs * kBf16Nr);
 #pragma GCC unroll 2
     for (int64_t q = 0; q < pairs; ++q) bf16_step(acc, bt + q * kBf16Nr, [&ar, q](int r) { return ar[r][q]; });
@@ -373,7 +373,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
   const int64_t row_words = taps * pairs, outputs = g.col_cols();
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_words * 4), 1, (g.n + chunks - 1) / chunks) : 1;
-  std::vector<int64_t> row_table(block * outputs);  // row j's words from a_tap[t]
+  std::vector<int64_t> row_table(block * outputs);  // row j's first word in the rows' words (a, below)
   for (int64_t j = 0; j < block * outputs; ++j) {
     row_table[j] = by_rows ? j * row_words : (j / g.ow * sp.wq + j % g.ow) * pairs;
   }
@@ -381,11 +381,14 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
     std::vector<uint16_t> x_pad(sp.plane() * cp);
     std::vector<uint32_t> a_rows(by_rows ? block * outputs * row_words : 0);
     std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
-    std::vector<const bf16_word*> a_tap(taps);
-    std::vector<int64_t> offsets(taps);
-    for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
-    const auto* words = reinterpret_cast<const bf16_word*>(x_pad.data());
-    const auto* a_words = reinterpret_cast<const bf16_word*>(a_rows.data());
+    std::vector<int64_t> offsets(taps), a_tap(taps);
+    for (int64_t t = 0; t < taps; ++t) {
+      offsets[t] = shifted_offset(g, sp, t);                // B's row (c = 0, t): the tap's pixel
+      a_tap[t] = by_rows ? t * pairs : offsets[t] * pairs;  // the tap's words from a row's start
+    }
+    // the rows' words: the block's copied rows, or the padded plane read in place
+    const bf16_word* a =
+        by_rows ? reinterpret_cast<const bf16_word*>(a_rows.data()) : reinterpret_cast<const bf16_word*>(x_pad.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
       for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
@@ -406,8 +409,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
           for (int64_t i = 0; i < m; i += kBf16Mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, m - i));
-            for (int64_t t = 0; t < taps; ++t) a_tap[t] = by_rows ? a_words + t * pairs : words + offsets[t] * pairs;
-            bf16_tile(taps, pairs, a_tap.data(), row_table.data() + i, sliver, out.data() + i * g.f + j, g.f, m_tile,
+            bf16_tile(taps, pairs, a, a_tap.data(), row_table.data() + i, sliver, out.data() + i * g.f + j, g.f, m_tile,
                       n_tile, b ? b + j : nullptr);
           }
         }

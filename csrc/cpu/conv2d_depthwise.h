@@ -181,6 +181,17 @@ CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, con
   depthwise_backward_channels<T>(dyp, xp, wp, dxp, dwp, dbp, g, begin, end);
 }
 
+// Vectors of T: GCC's generic vectors of 64 bytes, which each instruction set's build splits as it can.
+template <typename T>
+struct ChannelVectors {
+  static constexpr int kLanes = 64 / sizeof(T);
+  // at(p): the vector at p, any T-aligned address (read and written through a reference, which also keeps
+  // vectors out of the ABI of functions built for the baseline ISA)
+  typedef T Vec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  static const Vec& at(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  static Vec& at(T* p) { return *reinterpret_cast<Vec*>(p); }
+};
+
 // d_W and d_b of a 3x3 stride-1 depthwise layer (one filter per channel), with the nine tap sums in
 // registers: each vector of dY is loaded once for all nine taps, where the loop above keeps a lane row
 // per tap in memory. The x plane is padded once (scratch), so that no tap needs a bounds test:
@@ -189,16 +200,12 @@ CS231N_AVX2 void depthwise_backward_channels_avx2(const T* dyp, const T* xp, con
 template <typename T>
 CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp, T* dwp, T* dbp,
                                                       const Conv2dGeometry& g, int64_t begin, int64_t end) {
-  constexpr int kLanes = 64 / sizeof(T);
-  typedef T Vec __attribute__((vector_size(64)));
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int kLanes = V::kLanes;
   const int64_t wp = g.w + 2 * g.pw, hp = g.h + 2 * g.ph, plane_out = g.oh * g.ow;
   T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, hp * wp + kLanes);
   std::fill(x_pad, x_pad + hp * wp + kLanes, T(0));  // the border stays zero: only the interior is copied
-  auto load = [](const T* p) {
-    Vec v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  };
   for (int64_t c = begin; c < end; ++c) {
     Vec acc[9] = {}, bias = {};
     T tail[9] = {}, tail_bias = 0;
@@ -212,12 +219,12 @@ CS231N_INLINE void depthwise_weight_grad_3x3_channels(const T* dyp, const T* xp,
         const T* rows[3] = {x_pad + o_h * wp, x_pad + (o_h + g.dh) * wp, x_pad + (o_h + 2 * g.dh) * wp};
         int64_t o_w = 0;
         for (; o_w + kLanes <= g.ow; o_w += kLanes) {
-          const Vec dv = load(d + o_w);
+          const Vec dv = V::at(d + o_w);
           bias += dv;
 #pragma GCC unroll 3
           for (int th = 0; th < 3; ++th) {
 #pragma GCC unroll 3
-            for (int tw = 0; tw < 3; ++tw) acc[th * 3 + tw] += dv * load(rows[th] + o_w + tw * g.dw);
+            for (int tw = 0; tw < 3; ++tw) acc[th * 3 + tw] += dv * V::at(rows[th] + o_w + tw * g.dw);
           }
         }
         for (; o_w < g.ow; ++o_w) {
@@ -296,56 +303,142 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 //   d_x_pad[o*s + t*d, c]  += W[c, t] · dY[o, c]          (the transposed convolution, as a scatter)
 //   d_W[c, t]              += dY[o, c] · x_pad[o*s + t*d, c],   d_b[c] += dY[o, c]
 // The backward runs the samples of a chunk in order on one thread, so its sums are deterministic.
-// Taken for planes of up to 16 x 16 outputs, where the plane kernels (above) spend more on their short
-// rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and slower on
-// large planes (56 x 56: the two transposes cost more than the short rows).
+// NCHW layers take it for planes of up to 16 x 16 outputs, where the plane kernels (above) spend more on
+// their short rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and
+// slower on large planes (56 x 56: the two transposes cost more than the short rows). channels_last
+// layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC).
 constexpr int64_t kMaxDepthwisePixels = 256;
 inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
   return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;
 }
+inline bool depthwise_channels_last_direct(const Conv2dGeometry& g) { return conv2d_is_depthwise(g) && g.f == g.c; }
 
-// out[o, :] for every output pixel o of one sample; w_t = W as [taps][C].
+// The padded pixel of output (o_h, o_w)'s first tap, and each tap's offset from it (pixels):
+// dw_in_pixel(g, sp, o_h, o_w, t) = first + offset[t].
+inline std::vector<int64_t> depthwise_tap_offsets(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
+  std::vector<int64_t> offset(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) offset[t] = (t / g.kw) * g.dh * sp.wp + (t % g.kw) * g.dw;
+  return offset;
+}
+
+// out[o, :] for every output pixel o of one sample; w_t = W as [taps][C]. One vector of channels at a
+// time, its weights (one vector per tap) read once; then 8 output pixels of a row at a time, whose sums
+// stay in registers over the taps (the loop that added into out tap by tap was 3-7x slower than oneDNN's).
 template <typename T>
 CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
-                                     const ShiftedPlanes& sp) {
-  const int64_t C = g.c;
+                                     const ShiftedPlanes& sp, const int64_t* offset) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int kPixels = 8, kMaxTaps = 49;
+  const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes, step = g.sw * C;
+  int64_t at[kMaxTaps];  // tap t's first element from an output's first tap's, when taps fit
+  const bool few_taps = taps <= kMaxTaps;
+  for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
+  for (int64_t c = 0; c < whole && few_taps; c += V::kLanes) {
+    Vec w[kMaxTaps];
+    for (int64_t t = 0; t < taps; ++t) w[t] = V::at(w_t + t * C + c);
+    const Vec init = b ? V::at(b + c) : Vec{};
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      const T* row = x_pad + o_h * g.sh * sp.wp * C + c;  // output (o_h, 0)'s first tap, channel c
+      T* y = out + o_h * g.ow * C + c;
+      int64_t o_w = 0;
+      for (; o_w + kPixels <= g.ow; o_w += kPixels) {
+        Vec acc[kPixels];
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p) acc[p] = init;
+        const T* first = row + o_w * step;
+        for (int64_t t = 0; t < taps; ++t) {
+#pragma GCC unroll 8
+          for (int p = 0; p < kPixels; ++p) acc[p] += w[t] * V::at(first + p * step + at[t]);
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p) V::at(y + (o_w + p) * C) = acc[p];
+      }
+      for (; o_w < g.ow; ++o_w) {
+        Vec acc = init;
+        for (int64_t t = 0; t < taps; ++t) acc += w[t] * V::at(row + o_w * step + at[t]);
+        V::at(y + o_w * C) = acc;
+      }
+    }
+  }
+  const int64_t scalar_from = few_taps ? whole : 0;  // the channels past the vectors (all, for huge filters)
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
-      T* __restrict__ acc = out + (o_h * g.ow + o_w) * C;
-      for (int64_t c = 0; c < C; ++c) acc[c] = b ? b[c] : T(0);
-      for (int64_t t = 0; t < g.taps(); ++t) {
-        const T* __restrict__ xs = x_pad + dw_in_pixel(g, sp, o_h, o_w, t) * C;
-        const T* __restrict__ wt = w_t + t * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += wt[c] * xs[c];
+    for (int64_t o_w = 0; o_w < g.ow && scalar_from < C; ++o_w) {
+      const T* first = x_pad + (o_h * g.sh * sp.wp + o_w * g.sw) * C;
+      for (int64_t c = scalar_from; c < C; ++c) {
+        T acc = b ? b[c] : T(0);
+        for (int64_t t = 0; t < taps; ++t) acc += w_t[t * C + c] * first[offset[t] * C + c];
+        out[(o_h * g.ow + o_w) * C + c] = acc;
       }
     }
   }
 }
 
-// The backward's sums for one sample: dx_pad (zeroed here) and the running dw_t [taps][C] and db [C].
+// The backward's sums for one sample: dx_pad (zeroed here; the transposed convolution as a scatter) and
+// the running dw_t [taps][C] and db [C]. One vector of channels at a time over all the pixels, its
+// weights read once and its d_W (one vector per tap) and d_b held in registers.
 template <typename T>
 CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                      const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-  const int64_t C = g.c;
+                                      const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int kMaxTaps = 49;
+  const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes;
   if (dx_pad) std::fill(dx_pad, dx_pad + sp.hp * sp.wp * C, T(0));
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
-      const T* __restrict__ d = dy_t + (o_h * g.ow + o_w) * C;
-      if (db) {
-        T* __restrict__ db_r = db;
-        for (int64_t c = 0; c < C; ++c) db_r[c] += d[c];
+  const bool few_taps = taps <= kMaxTaps;
+  bool whole_done = false;  // the whole vectors of channels, by the 3x3 loop
+  int64_t at[kMaxTaps];
+  for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
+  const auto first = [&](int64_t o_h, int64_t o_w) { return ((o_h * g.sh) * sp.wp + o_w * g.sw) * C; };
+  if (taps == 9 && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
+    for (int64_t c = 0; c < whole; c += V::kLanes) {
+      Vec dw_acc[9] = {}, db_acc = {};
+      for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+        for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+          const Vec d = V::at(dy_t + (o_h * g.ow + o_w) * C + c);
+          db_acc += d;
+          const T* x = x_pad + first(o_h, o_w) + c;
+#pragma GCC unroll 9
+          for (int t = 0; t < 9; ++t) dw_acc[t] += d * V::at(x + at[t]);
+        }
       }
-      for (int64_t t = 0; t < g.taps(); ++t) {
-        const int64_t pixel = dw_in_pixel(g, sp, o_h, o_w, t) * C;
+      if (db) V::at(db + c) += db_acc;
+      for (int t = 0; dw_t && t < 9; ++t) V::at(dw_t + t * C + c) += dw_acc[t];
+    }
+    whole_done = true;
+  }
+  for (int64_t c = 0; c < whole && few_taps && !whole_done; c += V::kLanes) {
+    Vec w[kMaxTaps], dw_acc[kMaxTaps], db_acc = {};
+    for (int64_t t = 0; t < taps; ++t) {
+      w[t] = V::at(w_t + t * C + c);
+      dw_acc[t] = Vec{};
+    }
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+        const Vec d = V::at(dy_t + (o_h * g.ow + o_w) * C + c);
+        db_acc += d;
+        const int64_t base = first(o_h, o_w) + c;
         if (dx_pad) {
-          T* __restrict__ dx = dx_pad + pixel;
-          const T* __restrict__ wt = w_t + t * C;
-          for (int64_t c = 0; c < C; ++c) dx[c] += wt[c] * d[c];
+          for (int64_t t = 0; t < taps; ++t) V::at(dx_pad + base + at[t]) += w[t] * d;
         }
         if (dw_t) {
-          T* __restrict__ dw = dw_t + t * C;
-          const T* __restrict__ xs = x_pad + pixel;
-          for (int64_t c = 0; c < C; ++c) dw[c] += d[c] * xs[c];
+          for (int64_t t = 0; t < taps; ++t) dw_acc[t] += d * V::at(x_pad + base + at[t]);
+        }
+      }
+    }
+    if (db) V::at(db + c) += db_acc;
+    for (int64_t t = 0; dw_t && t < taps; ++t) V::at(dw_t + t * C + c) += dw_acc[t];
+  }
+  for (int64_t c = few_taps ? whole : 0; c < C; ++c) {  // the channels past the vectors (all, for huge filters)
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+        const T d = dy_t[(o_h * g.ow + o_w) * C + c];
+        if (db) db[c] += d;
+        const int64_t base = first(o_h, o_w) + c;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t e = base + offset[t] * C;
+          if (dx_pad) dx_pad[e] += w_t[t * C + c] * d;
+          if (dw_t) dw_t[t * C + c] += d * x_pad[e];
         }
       }
     }
@@ -355,33 +448,33 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
 // The loops above compiled for each instruction set (their bodies inline into each).
 template <typename T>
 void dw_forward_pixels_baseline(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
-                                const ShiftedPlanes& sp) {
-  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+                                const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
 }
 template <typename T>
 CS231N_AVX2 void dw_forward_pixels_avx2(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
-                                        const ShiftedPlanes& sp) {
-  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+                                        const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
 }
 template <typename T>
 CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
-                                            const ShiftedPlanes& sp) {
-  dw_forward_pixels(x_pad, w_t, b, out, g, sp);
+                                            const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
 }
 template <typename T>
 void dw_backward_pixels_baseline(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                 const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+                                 const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
 }
 template <typename T>
 CS231N_AVX2 void dw_backward_pixels_avx2(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                         const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+                                         const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
 }
 template <typename T>
 CS231N_AVX512 void dw_backward_pixels_avx512(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                             const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp);
+                                             const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
 }
 
 // W [C, 1, kH, kW] as [taps][C].
@@ -395,32 +488,40 @@ std::vector<T> taps_by_channel(const T* w, const Conv2dGeometry& g) {
 }
 
 template <typename T>
-void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g) {
+void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g, bool planes = true) {
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_t = taps_by_channel(w, g);
+  const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
-    T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample);
+    T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample) : nullptr;
     for (int64_t n = n0; n < n1; ++n) {
-      pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
-      if (isa == cpu::Isa::kAvx512) {
-        dw_forward_pixels_avx512(x_pad, w_t.data(), b, out, g, sp);
-      } else if (isa == cpu::Isa::kAvx2) {
-        dw_forward_pixels_avx2(x_pad, w_t.data(), b, out, g, sp);
+      if (planes) {
+        pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
       } else {
-        dw_forward_pixels_baseline(x_pad, w_t.data(), b, out, g, sp);
+        pad_pixels(x + n * in_sample, g, sp, x_pad);
+        out = y + n * out_sample;  // NHWC's y is [oH*oW][C]
       }
-      cpu::transpose_matrix(out, g.c, g.col_cols(), g.c, y + n * out_sample, g.col_cols());  // -> [C][oH*oW]
+      if (isa == cpu::Isa::kAvx512) {
+        dw_forward_pixels_avx512(x_pad, w_t.data(), b, out, g, sp, offset.data());
+      } else if (isa == cpu::Isa::kAvx2) {
+        dw_forward_pixels_avx2(x_pad, w_t.data(), b, out, g, sp, offset.data());
+      } else {
+        dw_forward_pixels_baseline(x_pad, w_t.data(), b, out, g, sp, offset.data());
+      }
+      if (planes) cpu::transpose_matrix(out, g.c, g.col_cols(), g.c, y + n * out_sample, g.col_cols());  // [C][oH*oW]
     }
   });
 }
 
 template <typename T>
-void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const Conv2dGeometry& g) {
+void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const Conv2dGeometry& g,
+                               bool planes = true) {
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_t = taps_by_channel(w, g);
+  const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   // each chunk's d_W [taps][C] and d_b [C], summed in chunk order below
@@ -429,24 +530,33 @@ void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = dw ? cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c) : nullptr;
     T* dx_pad = dx ? cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.hp * sp.wp * g.c) : nullptr;
-    T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample);
+    T* dy_scratch = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       T* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
       T* db_c = db ? db_part.data() + chunk * g.c : nullptr;
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        cpu::transpose_matrix(dy + n * out_sample, g.col_cols(), g.c, g.col_cols(), dy_t, g.c);  // -> [oH*oW][C]
-        if (dw) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        const T* dy_t = dy + n * out_sample;  // [oH*oW][C]: NHWC's dY as it lies
+        if (planes) {
+          cpu::transpose_matrix(dy_t, g.col_cols(), g.c, g.col_cols(), dy_scratch, g.c);
+          dy_t = dy_scratch;
+        }
+        if (dw && planes) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        if (dw && !planes) pad_pixels(x + n * in_sample, g, sp, x_pad);
         T* dxp = dx_pad;
         if (isa == cpu::Isa::kAvx512) {
-          dw_backward_pixels_avx512(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_avx512(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
         } else if (isa == cpu::Isa::kAvx2) {
-          dw_backward_pixels_avx2(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_avx2(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
         } else {
-          dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp);
+          dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
         }
-        for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W]
-          cpu::transpose_matrix(dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c, g.c, g.w, g.c, dx + n * in_sample + i * g.w,
-                                g.h * g.w);
+        for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W] or [H][W][C]
+          const T* src = dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c;
+          if (planes) {
+            cpu::transpose_matrix(src, g.c, g.w, g.c, dx + n * in_sample + i * g.w, g.h * g.w);
+          } else {
+            std::copy(src, src + g.w * g.c, dx + n * in_sample + i * g.w * g.c);
+          }
         }
       }
     }

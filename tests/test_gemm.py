@@ -172,9 +172,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # and a tail of 8, 3x3 (d_W's nine sums in registers) and 5x5, d_x by the flipped filters
     dict(shape=(2, 40, 9, 11), f=40, k=3, stride=1, padding=1, groups=40),
     dict(shape=(2, 20, 8, 9), f=20, k=5, stride=1, padding=2, groups=20),
+    # a pointwise expansion (fewer channels than filters): channels_last's d_W as Xᵀ · dY
+    dict(shape=(2, 16, 12, 13), f=40, k=1, stride=1, padding=0, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
-        "small_strided", "depthwise_vectors", "depthwise_5x5"])
+        "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

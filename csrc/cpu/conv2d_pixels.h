@@ -193,6 +193,26 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   const int64_t in_sample = g.h * g.w * g.c, out_sample = outputs * g.f;
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(chunks, g.f * kg);
+  // A pointwise layer of fewer channels than filters (MobileNet's expansions, 16 -> 96) the other way
+  // round: d_Wᵀ [C x F] = Xᵀ · dY, both read as they lie. As dYᵀ · X, A was packed F rows wide for C
+  // columns, under a third of the micro-kernel's 48 (packing was a third of the time).
+  const bool pointwise =
+      !planes && g.groups == 1 && g.taps() == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && g.c < g.f;
+  if (pointwise) {
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+          cpu::GemmEpilogue<T> ep;
+          ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
+          cpu::gemm<T>(g.c, g.f, outputs, {x + n * in_sample, 1, g.c}, cpu::MatrixView<T>{dy + n * out_sample, g.f, 1},
+                       partial.of(chunk), g.f, ep);
+        }
+      }
+    });
+    partial.sum_into(chunks, partial.of(0));
+    cpu::transpose_matrix(partial.of(0), g.f, g.c, g.f, dw, g.c);  // [C x F] -> W's [F][C]
+    return;
+  }
   const std::vector<int64_t> pixels = output_pixels(g, sp);
   std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);

@@ -318,7 +318,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
           conv_forward_nhwc<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u);
         }
       };
-      if (dx_transposed) transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
+      if (dx_transposed && pointwise_expansion(g)) {
+        conv_input_grad_pointwise_nhwc<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g);
+      } else if (dx_transposed) {
+        transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
+      }
       if (dx_phases) {
         dx.zero_();
         for_each_input_phase(g, weight, dx, [&](const InputPhase& phase, const at::Tensor& taps) {

@@ -304,3 +304,26 @@ def test_bfloat16_weight_grad_of_few_channels_by_taps(c, f, k, stride, layout):
     assert_same_layout(dw, dw_ref)
     scale = dw_ref.abs().max().item()
     torch.testing.assert_close(dw.double(), dw_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("needs", ["bias", "weight", "input"])
+def test_depthwise_gradients_asked_one_at_a_time(channels_last, needs):
+    """Each gradient of a depthwise layer alone (a frozen weight with a trainable bias, say): the kernels
+    skip what is not asked for, and must not read what they then did not prepare (channels_last: d_W's
+    3x3 loop reads the padded input, which is built only when d_W is asked for)."""
+    gen = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 32, 10, 9, generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(32, 1, 3, 3, generator=gen)
+    b = torch.randn(32, generator=gen)
+    leaves = {"input": x, "weight": w, "bias": b}
+    leaves[needs] = leaves[needs].clone().requires_grad_()
+    y = ours.conv2d(leaves["input"], leaves["weight"], leaves["bias"], padding=1, groups=32)
+    dy = torch.randn(y.shape, generator=gen)
+    (got,) = torch.autograd.grad(y, leaves[needs], dy)
+    ref = {k: v.double().detach() for k, v in leaves.items()}
+    ref[needs].requires_grad_()
+    (want,) = torch.autograd.grad(F.conv2d(ref["input"], ref["weight"], ref["bias"], padding=1, groups=32), ref[needs],
+                                  dy.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

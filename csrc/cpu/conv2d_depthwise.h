@@ -390,7 +390,7 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
   int64_t at[kMaxTaps];
   for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
   const auto first = [&](int64_t o_h, int64_t o_w) { return ((o_h * g.sh) * sp.wp + o_w * g.sw) * C; };
-  if (taps == 9 && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
+  if (taps == 9 && dw_t && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
     for (int64_t c = 0; c < whole; c += V::kLanes) {
       Vec dw_acc[9] = {}, db_acc = {};
       for (int64_t o_h = 0; o_h < g.oh; ++o_h) {

@@ -373,10 +373,9 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
   const int64_t row_words = taps * pairs, outputs = g.col_cols();
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_words * 4), 1, (g.n + chunks - 1) / chunks) : 1;
-  std::vector<int64_t> row_table(block * outputs);  // row j's first word in the rows' words (a, below)
-  for (int64_t j = 0; j < block * outputs; ++j) {
-    row_table[j] = by_rows ? j * row_words : (j / g.ow * sp.wq + j % g.ow) * pairs;
-  }
+  const std::vector<int64_t> in_pitch = output_pixels(g, sp, 1);  // output o's pixel in the pitch Wq
+  std::vector<int64_t> row_table(block * outputs);                // row j's first word in the rows' words (a)
+  for (int64_t j = 0; j < block * outputs; ++j) row_table[j] = by_rows ? j * row_words : in_pitch[j] * pairs;
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad(sp.plane() * cp);
     std::vector<uint32_t> a_rows(by_rows ? block * outputs * row_words : 0);
@@ -397,7 +396,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
           if (!by_rows) break;  // one sample a block
           for (int64_t o = 0; o < g.col_cols(); ++o) {
-            const int64_t pixel = o / g.ow * sp.wq + o % g.ow;  // output o in the pitch Wq
+            const int64_t pixel = in_pitch[o];
             uint32_t* row = a_rows.data() + (s * g.col_cols() + o) * row_words;
             for (int64_t t = 0; t < taps; ++t) {
               std::memcpy(row + t * pairs, x_pad.data() + (pixel + offsets[t]) * cp, pairs * sizeof(uint32_t));

@@ -313,11 +313,11 @@ inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
 }
 inline bool depthwise_channels_last_direct(const Conv2dGeometry& g) { return conv2d_is_depthwise(g) && g.f == g.c; }
 
-// The padded pixel of output (o_h, o_w)'s first tap, and each tap's offset from it (pixels):
-// dw_in_pixel(g, sp, o_h, o_w, t) = first + offset[t].
+// Each tap's offset (pixels) from the padded pixel of an output's first tap:
+// dw_in_pixel(g, sp, o_h, o_w, t) = dw_in_pixel(g, sp, o_h, o_w, 0) + offset[t].
 inline std::vector<int64_t> depthwise_tap_offsets(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   std::vector<int64_t> offset(g.taps());
-  for (int64_t t = 0; t < g.taps(); ++t) offset[t] = (t / g.kw) * g.dh * sp.wp + (t % g.kw) * g.dw;
+  for (int64_t t = 0; t < g.taps(); ++t) offset[t] = dw_in_pixel(g, sp, 0, 0, t);
   return offset;
 }
 
@@ -339,7 +339,7 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
     for (int64_t t = 0; t < taps; ++t) w[t] = V::at(w_t + t * C + c);
     const Vec init = b ? V::at(b + c) : Vec{};
     for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-      const T* row = x_pad + o_h * g.sh * sp.wp * C + c;  // output (o_h, 0)'s first tap, channel c
+      const T* row = x_pad + dw_in_pixel(g, sp, o_h, 0, 0) * C + c;  // output (o_h, 0)'s first tap, channel c
       T* y = out + o_h * g.ow * C + c;
       int64_t o_w = 0;
       for (; o_w + kPixels <= g.ow; o_w += kPixels) {
@@ -364,7 +364,7 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
   const int64_t scalar_from = few_taps ? whole : 0;  // the channels past the vectors (all, for huge filters)
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
     for (int64_t o_w = 0; o_w < g.ow && scalar_from < C; ++o_w) {
-      const T* first = x_pad + (o_h * g.sh * sp.wp + o_w * g.sw) * C;
+      const T* first = x_pad + dw_in_pixel(g, sp, o_h, o_w, 0) * C;
       for (int64_t c = scalar_from; c < C; ++c) {
         T acc = b ? b[c] : T(0);
         for (int64_t t = 0; t < taps; ++t) acc += w_t[t * C + c] * first[offset[t] * C + c];
@@ -389,7 +389,7 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
   bool whole_done = false;  // the whole vectors of channels, by the 3x3 loop
   int64_t at[kMaxTaps];
   for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
-  const auto first = [&](int64_t o_h, int64_t o_w) { return ((o_h * g.sh) * sp.wp + o_w * g.sw) * C; };
+  const auto first = [&](int64_t o_h, int64_t o_w) { return dw_in_pixel(g, sp, o_h, o_w, 0) * C; };
   if (taps == 9 && dw_t && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
     for (int64_t c = 0; c < whole; c += V::kLanes) {
       Vec dw_acc[9] = {}, db_acc = {};

@@ -100,11 +100,12 @@ void conv_input_grad_pointwise_nhwc(const T* dy, const at::Tensor& w, T* dx, con
   });
 }
 
-// p(j) * C for every output j = o_h*oW + o_w: where its pixel row starts in x_pad (elements).
-inline std::vector<int64_t> output_pixels(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
+// p(j) * unit for every output j = o_h*oW + o_w: where its pixel starts in x_pad, in elements (unit = C)
+// or in any other count per pixel (bfloat16 pairs; 1: the pixel itself).
+inline std::vector<int64_t> output_pixels(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t unit) {
   std::vector<int64_t> rows(g.col_cols());
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * g.c;
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * sp.wq + o_w) * unit;
   }
   return rows;
 }
@@ -190,7 +191,7 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);  // packed once for every sample
   // The GEMM's rows are the real outputs only: row (o_h, o_w) reads the pixels at its place in the pitch
   // Wq, and the pitch's thrown-away pixels (2 of 16 in a 14x14 image) are never computed.
-  const std::vector<int64_t> rows = output_pixels(g, sp);
+  const std::vector<int64_t> rows = output_pixels(g, sp, g.c);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.col_cols() * g.f) : nullptr;
@@ -260,7 +261,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
     cpu::transpose_matrix(partial.of(0), g.f, g.c, g.f, dw, g.c);  // [C x F] -> W's [F][C]
     return;
   }
-  const std::vector<int64_t> pixels = output_pixels(g, sp);
+  const std::vector<int64_t> pixels = output_pixels(g, sp, g.c);
   std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {

@@ -172,11 +172,20 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # and a tail of 8, 3x3 (d_W's nine sums in registers) and 5x5, d_x by the flipped filters
     dict(shape=(2, 40, 9, 11), f=40, k=3, stride=1, padding=1, groups=40),
     dict(shape=(2, 20, 8, 9), f=20, k=5, stride=1, padding=2, groups=20),
-    # a pointwise expansion (fewer channels than filters): channels_last's d_W as Xᵀ · dY
+    # 1x1 layers, which channels_last runs as products over the whole batch's pixels (conv2d_pointwise.h):
+    # an expansion (fewer channels than filters: d_W as Xᵀ · dY, transposed; under 32 channels the
+    # forward as a plain GEMM), projections whose filters make narrow tiles (16: 24 x 16, 24: 12 x 32;
+    # rows not a whole number of tiles), 100 filters (a sliver of 64 and one of 36 in 8 x 48), and one
+    # large enough that d_W sums a chunk of rows per thread
     dict(shape=(2, 16, 12, 13), f=40, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(2, 48, 7, 9), f=16, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(3, 40, 5, 7), f=24, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(2, 36, 5, 7), f=100, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(3, 40, 10, 11), f=24, k=1, stride=1, padding=0, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
-        "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion"])
+        "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
+        "pointwise_24", "pointwise_100", "pointwise_chunks"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

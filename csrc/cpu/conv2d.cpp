@@ -9,6 +9,7 @@
 //   conv2d_gemm.h       the NCHW forward and backward: d_W, d_col + col2im, d_x as the transposed conv
 //   conv2d_pixels.h     pixels as GEMM rows: channels_last layers (taps as segments), NCHW layers with
 //                       short rows transposed in cache, small images as the pixel rows of all samples
+//   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //
@@ -42,6 +43,7 @@
 #include "cpu/conv2d_gemm.h"
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_pixels.h"
+#include "cpu/conv2d_pointwise.h"
 #include "cpu/conv2d_shifted.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
@@ -177,6 +179,14 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   const bool cl = format == at::MemoryFormat::ChannelsLast;
+  if (cl && pointwise_nhwc(g)) {  // one product over the batch's pixels
+    const at::Tensor x = input.contiguous(format);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+      pointwise_forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), weight, /*transposed=*/false,
+                                       b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
+    });
+    return y;
+  }
   if (cl && (channels_last_direct(g) || use_pixel_rows(g) || depthwise_channels_last_direct(g))) {
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
@@ -277,6 +287,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const bool rows = use_pixel_rows(g) && !channels_last_direct(g);
   const bool dx_transposed = need_dx && transposed_geometry(g, &t) && (!rows || use_pixel_rows(t));
   const bool dx_phases = need_dx && !dx_transposed && g.dh == 1 && g.dw == 1 && (g.sh > 1 || g.sw > 1);
+  if (format == at::MemoryFormat::ChannelsLast && pointwise_nhwc(g)) {  // as the forward: whole-batch products
+    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
+    if (need_db) db.copy_(dy.sum({0, 2, 3}));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+      if (need_dw) pointwise_weight_grad_nhwc<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g);
+      Conv2dGeometry u;  // d_X = dY · W: the transposed convolution, 1 x 1 and of stride 1 as well
+      if (need_dx && transposed_geometry(g, &u)) {
+        pointwise_forward_nhwc<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), u);
+      }
+    });
+    return {dx, dw, db};
+  }
   if (format == at::MemoryFormat::ChannelsLast && depthwise_channels_last_direct(g)) {  // as the forward
     // d_x of a stride-1 layer as the forward on dY with the flipped filters (a gather: the scatter's
     // updates of one d_x pixel by neighbouring outputs queued behind each other, 4x slower than oneDNN).
@@ -318,9 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
           conv_forward_nhwc<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u);
         }
       };
-      if (dx_transposed && pointwise_expansion(g)) {
-        conv_input_grad_pointwise_nhwc<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g);
-      } else if (dx_transposed) {
+      if (dx_transposed) {
         transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
       }
       if (dx_phases) {

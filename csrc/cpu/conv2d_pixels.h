@@ -68,38 +68,6 @@ inline bool channels_last_direct(const Conv2dGeometry& g) {
   return !conv2d_is_depthwise(g) && g.col_cols() >= kMinPixelsPerSample;
 }
 
-// A 1x1 stride-1 layer of fewer channels than filters (MobileNetV2's expansions, 16 -> 96), in NHWC: a
-// plain product of pixels, X [pixels x C] · Wᵀ, whose backward is better taken with C as the rows than
-// as the columns (conv_weight_grad_nhwc, conv_input_grad_pointwise_nhwc).
-inline bool pointwise_expansion(const Conv2dGeometry& g) {
-  return g.groups == 1 && g.taps() == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && g.c < g.f;
-}
-
-// d_x of a pointwise expansion, per sample: d_Xᵀ [C x pixels] = Wᵀ · dYᵀ, B = dYᵀ packed from dY's pixel
-// rows by 16 x 16 transposes, then transposed into NHWC. As the transposed convolution (d_X = dY · W) it
-// had C = 16 columns: a quarter of the 64-wide tile.
-template <typename T>
-void conv_input_grad_pointwise_nhwc(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g) {
-  const int64_t pixels = g.col_cols(), in_sample = pixels * g.c, out_sample = pixels * g.f;
-  const at::Tensor wc = w.contiguous();  // [F][C]
-  const T* wp = wc.const_data_ptr<T>();
-  const int64_t chunks = chunk_count(g);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    T* dx_t = cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample);  // [C x pixels]
-    std::vector<const T*> rows(pixels);                               // dYᵀ's columns: dY's pixel rows
-    for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        for (int64_t p = 0; p < pixels; ++p) rows[p] = dy + n * out_sample + p * g.f;
-        const cpu::PackB<T> pack = [&rows](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
-          cpu::pack_transposed_rows(rows.data() + j0, p0, kc, nc, nr, dst);
-        };
-        cpu::gemm<T>(g.c, pixels, g.f, {wp, 1, g.c}, pack, dx_t, pixels);  // A = Wᵀ: (c, f) at f*C + c
-        cpu::transpose_matrix(dx_t, pixels, g.c, pixels, dx + n * in_sample, g.c);
-      }
-    }
-  });
-}
-
 // p(j) * unit for every output j = o_h*oW + o_w: where its pixel starts in x_pad, in elements (unit = C)
 // or in any other count per pixel (bfloat16 pairs; 1: the pixel itself).
 inline std::vector<int64_t> output_pixels(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t unit) {
@@ -171,23 +139,6 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   const int64_t fg = g.f_per_group(), cg = g.c_per_group();
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const int64_t chunks = chunk_count(g);
-  if (!planes && !transposed && pointwise_expansion(g) && g.c < 32) {
-    // Y [pixels x F] = X · Wᵀ, a plain GEMM on NHWC as it lies: its 48-wide tiles fit F = 96 or 144,
-    // where gemm_segments' 64-wide ones left a quarter idle, and k = C (16, 24) is too short for its long
-    // tiles: 16 -> 96 at 64 x 64, 1.1-1.7 -> 0.8 ms (oneDNN 0.56). From 32 channels on, gemm_segments wins.
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-          cpu::GemmEpilogue<T> ep;
-          ep.col_bias = b;
-          cpu::gemm<T>(g.col_cols(), g.f, g.c, {x + n * in_sample, g.c, 1},
-                       cpu::MatrixView<T>{w.const_data_ptr<T>(), w.stride(1), w.stride(0)}, y + n * out_sample, g.f,
-                       ep);
-        }
-      }
-    });
-    return;
-  }
   const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);  // packed once for every sample
   // The GEMM's rows are the real outputs only: row (o_h, o_w) reads the pixels at its place in the pitch
   // Wq, and the pitch's thrown-away pixels (2 of 16 in a 14x14 image) are never computed.
@@ -243,24 +194,6 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   const int64_t in_sample = g.h * g.w * g.c, out_sample = outputs * g.f;
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(chunks, g.f * kg);
-  // A pointwise expansion the other way round: d_Wᵀ [C x F] = Xᵀ · dY, both read as they lie. As
-  // dYᵀ · X, A was packed F rows wide for C columns, under a third of the micro-kernel's 48 (packing was
-  // a third of the time).
-  if (!planes && pointwise_expansion(g)) {
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-          cpu::GemmEpilogue<T> ep;
-          ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
-          cpu::gemm<T>(g.c, g.f, outputs, {x + n * in_sample, 1, g.c}, cpu::MatrixView<T>{dy + n * out_sample, g.f, 1},
-                       partial.of(chunk), g.f, ep);
-        }
-      }
-    });
-    partial.sum_into(chunks, partial.of(0));
-    cpu::transpose_matrix(partial.of(0), g.f, g.c, g.f, dw, g.c);  // [C x F] -> W's [F][C]
-    return;
-  }
   const std::vector<int64_t> pixels = output_pixels(g, sp, g.c);
   std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);

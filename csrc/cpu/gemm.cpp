@@ -324,16 +324,31 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const PackB<T>& b, T
 
 namespace {
 
-// gemm_segments on AVX-512: B packed once in slivers of 64 columns (all segments' rows), then every 6-row
-// tile of C runs through all segments and k in registers (the 6 x 64 block: 24 accumulators, 4 B
-// vectors, one broadcast; 64 columns are a whole number of slivers for 64, 128 and 256 filters).
+// gemm_segments on AVX-512: B packed once in slivers of 64 columns (all segments' rows), then every tile
+// of C runs through all segments and k in registers. The tile has 24 accumulators and a shape fitted to
+// its sliver's real columns: 6 x 64 (4 B vectors, one broadcast; 64, 128 and 256 filters are whole
+// slivers), and for a narrow sliver (16, 24 or 32 filters, the last of 96 or 144) 8 x 48, 12 x 32 or
+// 24 x 16, which run more rows where 6 x 64 would multiply zeros.
 #if CS231N_X86
-constexpr int kSegmentsMr = 6, kSegmentsNr = 64;
+constexpr int kSegmentsNr = 64;
+
+// The tiles of sliver columns [j, j + nc) for rows [0, m), MR rows at a time.
+template <int MR, int NV>
+void segments_sliver(int64_t m, int64_t j, int nc, int64_t nseg, int64_t kc, const float* const* a_seg,
+                     const int64_t* a_rows, const float* b_sliver, float* c, int64_t ldc, const GemmEpilogue<float>& ep,
+                     bool first) {
+  for (int64_t i = 0; i < m; i += MR) {
+    const int m_tile = static_cast<int>(std::min<int64_t>(MR, m - i));
+    const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
+    microkernel_avx512_segments<MR, NV, kSegmentsNr>(nseg, a_seg, a_rows + i, kc, b_sliver, c + i * ldc + j, ldc,
+                                                     m_tile, nc, tile);
+  }
+}
 
 void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const float* const* a_seg,
                           const int64_t* a_rows, const float* b_pack, float* c, int64_t ldc,
                           const GemmEpilogue<float>& ep) {
-  constexpr int mr = kSegmentsMr, nr = kSegmentsNr;
+  constexpr int nr = kSegmentsNr;
   const int64_t k = nseg * kc;
   // Segments in blocks of about kKc * 2 rows of B, so that a block of a B sliver (64 KiB to 128 KiB)
   // stays in L2 while every row tile of C passes over it.
@@ -342,12 +357,16 @@ void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
     const int64_t s1 = std::min(nseg, s0 + per_block);
     const bool first = s0 == 0;
     for (int64_t j = 0; j < n; j += nr) {
-      const int n_tile = static_cast<int>(std::min<int64_t>(nr, n - j));
-      for (int64_t i = 0; i < m; i += mr) {
-        const int m_tile = static_cast<int>(std::min<int64_t>(mr, m - i));
-        const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
-        microkernel_avx512_segments<mr, 4>(s1 - s0, a_seg + s0, a_rows + i, kc, b_pack + j * k + s0 * kc * nr,
-                                           c + i * ldc + j, ldc, m_tile, n_tile, tile);
+      const int nc = static_cast<int>(std::min<int64_t>(nr, n - j));
+      const float* b_sliver = b_pack + j * k + s0 * kc * nr;
+      if (nc > 48) {
+        segments_sliver<6, 4>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
+      } else if (nc > 32) {
+        segments_sliver<8, 3>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
+      } else if (nc > 16) {
+        segments_sliver<12, 2>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
+      } else {
+        segments_sliver<24, 1>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
       }
     }
   }
@@ -499,10 +518,14 @@ void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const Segments
   }
   // Rows among the threads when called outside a parallel region (a single sample).
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t parts = 2 * m * n * nseg * kc < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, (m + 5) / 6);
+  // Parts start at multiples of 24 rows, a whole number of tiles of every shape (6, 8, 12, 24 rows).
+  constexpr int64_t kUnit = 24;
+  const int64_t parts =
+      2 * m * n * nseg * kc < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, (m + kUnit - 1) / kUnit);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      const int64_t i0 = (part * m / parts) / 6 * 6, i1 = part + 1 == parts ? m : ((part + 1) * m / parts) / 6 * 6;
+      const int64_t i0 = (part * m / parts) / kUnit * kUnit,
+                    i1 = part + 1 == parts ? m : ((part + 1) * m / parts) / kUnit * kUnit;
       if (i1 <= i0) continue;
       GemmEpilogue<T> e = ep;
       if (e.row_bias) e.row_bias += i0;

@@ -131,7 +131,7 @@ CS231N_AVX2 void microkernel_avx2(int64_t kc, const float* __restrict__ a, const
 
 template <int MR, int NV>
 CS231N_AVX512_INLINE void zero_tile(__m512 (&acc)[MR][NV]) {
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -144,7 +144,7 @@ CS231N_AVX512_INLINE void fma_step(__m512 (&acc)[MR][NV], const float* b_row, co
   __m512 bv[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b_row + 16 * v);
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     const __m512 av = _mm512_set1_ps(a(r));
 #pragma GCC unroll 4
@@ -162,7 +162,7 @@ CS231N_AVX512_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int6
     const int lanes = std::clamp(n - 16 * v, 0, 16);
     mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     if (r >= m) break;
     float* c_row = c + r * ldc;
@@ -185,7 +185,7 @@ CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, c
   __m512 acc[MR][NV];
   zero_tile(acc);
   // The tile of C is read after the loop: ask for its lines now.
-#pragma GCC unroll 16
+#pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     if (r >= m) break;
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
@@ -215,20 +215,21 @@ CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict
 // filter's taps), A_s read at a_seg[s] + a_rows[r] + p (rows r = pixels, at the table's offsets; p =
 // channels, contiguous), B packed as for the first kernel (the segments' rows one after the other). No A panel
 // is packed: each pixel row is broadcast straight from the input, so the accumulators stay in registers
-// across all taps. Rows r >= m read row 0 (never written).
-template <int MR, int NV>
+// across all taps. Rows r >= m read row 0 (never written). B's rows lie PITCH floats apart (its slivers'
+// width), of which the tile reads its NR = 16 * NV.
+template <int MR, int NV, int PITCH>
 CS231N_AVX512 void microkernel_avx512_segments(int64_t nseg, const float* const* a_seg, const int64_t* a_rows,
                                                int64_t kc, const float* __restrict__ b, float* __restrict__ c,
                                                int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
-  constexpr int NR = 16 * NV;
+  static_assert(16 * NV <= PITCH, "the tile reads within B's rows");
   __m512 acc[MR][NV];
   zero_tile(acc);
   for (int64_t s = 0; s < nseg; ++s) {
     const float* ar[MR];
-#pragma GCC unroll 16
+#pragma GCC unroll 24
     for (int r = 0; r < MR; ++r) ar[r] = a_seg[s] + a_rows[r < m ? r : 0];
 #pragma GCC unroll 2
-    for (int64_t p = 0; p < kc; ++p, b += NR) fma_step(acc, b, [&ar, p](int r) { return ar[r][p]; });
+    for (int64_t p = 0; p < kc; ++p, b += PITCH) fma_step(acc, b, [&ar, p](int r) { return ar[r][p]; });
   }
   store_tile(acc, c, ldc, m, n, ep);
 }

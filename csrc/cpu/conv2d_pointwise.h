@@ -1,0 +1,78 @@
+// The CPU convolution of 1 x 1 layers in channels_last: whole-batch matrix products. Part of the CPU
+// convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/conv2d.h"
+#include "cpu/conv2d_blocks.h"
+#include "cpu/conv2d_pixels.h"
+#include "cpu/gemm.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+// A 1 x 1 layer of stride 1 without padding and of one group (MobileNetV2's expansions and projections,
+// ResNet-50's bottlenecks), in NHWC. Every pixel of every sample is a row of X [P x C], P = N·H·W, as
+// the tensor lies, and the layer is a product over the channels:
+//     Y   [P x F] = X · Wᵀ + b          the forward
+//     d_X [P x C] = dY · W              its transposed convolution, a 1 x 1 layer too
+//     d_W [F x C] = dYᵀ · X             a sum over all P rows
+// One product for the whole batch: no padded copy, no loop over the samples, and the small images
+// (MobileNetV2's 8 x 8 and 4 x 4 stages, 16 and 64 rows a sample) make products as long as the large ones.
+inline bool pointwise_nhwc(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.taps() == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+}
+
+// Y = X · B by the filters of w (filter_segments: Wᵀ, or when `transposed` W itself, for d_X = dY · W;
+// g is the convolution that runs), + b; the rows split among the threads (gemm_segments).
+template <typename T>
+void pointwise_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y,
+                            const Conv2dGeometry& g) {
+  cpu::GemmEpilogue<T> ep;
+  ep.col_bias = b;
+  if (!transposed && g.c < 32) {
+    const cpu::MatrixView<T> wt = {w.const_data_ptr<T>(), w.stride(1), w.stride(0)};
+    cpu::gemm<T>(g.n * g.h * g.w, g.f, g.c, {x, g.c, 1}, wt, y, g.f, ep);
+    return;
+  }
+  const FilterSegments<T> filters = filter_segments<T>(w, transposed, g);
+  cpu::gemm_segments<T>(g.n * g.h * g.w, &x, g.c, filters.groups[0], y, g.f, ep);
+}
+
+// d_W = dYᵀ · X, its rows cut into one chunk per thread, each chunk's product summed in chunk order
+// (deterministic for a given thread count). The GEMM's columns are the larger of C and F, its rows the
+// smaller: 8 x 48 tiles fill up along the wide side (d_Wᵀ = Xᵀ · dY when C < F, then transposed).
+template <typename T>
+void pointwise_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
+  const int64_t rows = g.n * g.h * g.w;
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>({rows * g.c * g.f / kMinParallelMacs, rows, at::get_num_threads()}));
+  const ChunkPartials<T> partial(chunks, g.f * g.c);
+  const bool filters_as_rows = g.f <= g.c;
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      const int64_t r0 = chunk_begin(chunk, chunks, rows), r1 = chunk_begin(chunk + 1, chunks, rows);
+      const cpu::MatrixView<T> dy_t{dy + r0 * g.f, 1, g.f}, x_t{x + r0 * g.c, 1, g.c};  // dYᵀ, Xᵀ
+      const cpu::MatrixView<T> x_rows{x + r0 * g.c, g.c, 1}, dy_rows{dy + r0 * g.f, g.f, 1};
+      if (filters_as_rows) {
+        cpu::gemm<T>(g.f, g.c, r1 - r0, dy_t, x_rows, partial.of(chunk), g.c);
+      } else {
+        cpu::gemm<T>(g.c, g.f, r1 - r0, x_t, dy_rows, partial.of(chunk), g.f);
+      }
+    }
+  });
+  if (filters_as_rows) {  // [F x C]: W's memory in either layout
+    partial.sum_into(chunks, dw);
+    return;
+  }
+  partial.sum_into(chunks, partial.of(0));
+  cpu::transpose_matrix(partial.of(0), g.f, g.c, g.f, dw, g.c);  // [C x F] -> [F x C]
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

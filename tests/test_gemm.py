@@ -182,10 +182,14 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 40, 5, 7), f=24, k=1, stride=1, padding=0, groups=1),
     dict(shape=(2, 36, 5, 7), f=100, k=1, stride=1, padding=0, groups=1),
     dict(shape=(3, 40, 10, 11), f=24, k=1, stride=1, padding=0, groups=1),
+    # few channels, which channels_last runs by window rows (conv2d_windows.h; stem_like above too): blocks
+    # that end mid-row, and windows cut by the padding or lying wholly in it
+    dict(shape=(3, 4, 33, 37), f=20, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(2, 3, 4, 5), f=6, k=2, stride=2, padding=3, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks"])
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

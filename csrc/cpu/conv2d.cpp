@@ -10,6 +10,7 @@
 //   conv2d_pixels.h     pixels as GEMM rows: channels_last layers (taps as segments), NCHW layers with
 //                       short rows transposed in cache, small images as the pixel rows of all samples
 //   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
+//   conv2d_windows.h    channels_last layers of few channels (a stem): each pixel's window a GEMM row
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //
@@ -45,6 +46,7 @@
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_pointwise.h"
 #include "cpu/conv2d_shifted.h"
+#include "cpu/conv2d_windows.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/reduced_float.h"
@@ -187,6 +189,14 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
+  if (cl && few_channels_by_windows(g)) {  // a stem: whole windows as rows
+    const at::Tensor x = input.contiguous(format);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+      conv_forward_windows<scalar_t>(x.const_data_ptr<scalar_t>(), weight, b ? b->const_data_ptr<scalar_t>() : nullptr,
+                                     y.mutable_data_ptr<scalar_t>(), g);
+    });
+    return y;
+  }
   if (cl && (channels_last_direct(g) || use_pixel_rows(g) || depthwise_channels_last_direct(g))) {
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
@@ -267,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     }
     return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
-  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask, format);
   if (g.n == 0 || g.f == 0 || g.c == 0) {  // nothing flows: every gradient is zero
@@ -299,6 +309,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       }
     });
     return {dx, dw, db};
+  }
+  if (format == at::MemoryFormat::ChannelsLast && few_channels_by_windows(g) && need_dw) {
+    // d_W (and d_b) of a stem by window rows as the forward; d_x, if asked for, by the NCHW kernels below
+    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
+    if (need_db) db.copy_(dy.sum({0, 2, 3}));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      conv_weight_grad_windows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                         dw.mutable_data_ptr<scalar_t>(), g);
+    });
+    if (!need_dx) return {dx, dw, db};
+    need_dw = need_db = false;
   }
   if (format == at::MemoryFormat::ChannelsLast && depthwise_channels_last_direct(g)) {  // as the forward
     // d_x of a stride-1 layer as the forward on dY with the flipped filters (a gather: the scatter's

@@ -25,7 +25,7 @@ namespace conv2d_cpu {
 // One product for the whole batch: no padded copy, no loop over the samples, and the small images
 // (MobileNetV2's 8 x 8 and 4 x 4 stages, 16 and 64 rows a sample) make products as long as the large ones.
 inline bool pointwise_nhwc(const Conv2dGeometry& g) {
-  return g.groups == 1 && g.taps() == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  return g.groups == 1 && conv2d_is_pointwise(g);
 }
 
 // Y = X · B by the filters of w (filter_segments: Wᵀ, or when `transposed` W itself, for d_X = dY · W;

@@ -1,0 +1,171 @@
+// The CPU convolution of layers with few input channels (a stem: RGB) in channels_last, each output
+// pixel's whole window a GEMM row. Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer;
+// docs/conv2d.md has the table).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/conv2d.h"
+#include "cpu/conv2d_blocks.h"
+#include "cpu/cpu_features.h"
+#include "cpu/gemm.h"
+
+#if CS231N_X86
+#include <immintrin.h>
+#endif
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+// With C = 3 channels a tap is a run of 3 floats: as the k of the NHWC kernels (taps as segments) it
+// makes 3 steps a segment, and d_W's packing copies runs of 3. A pixel's whole window is long, though:
+// taps x C = 27 (3 x 3) or 147 (7 x 7) values, and in NHWC each of its rows of taps lies in memory as
+// one run of kW·C floats (dilation 1). So the window rows of a block of output pixels,
+//     A[j, (t_h, t_w, c)] = x[n, o_h·sH - pH + t_h·dH, o_w·sW - pW + t_w, c]    (0 in the padding)
+// (kH runs a row, the im2col of NHWC, built in L2 by the thread that uses it), are multiplied at once:
+//     Y_block   = A · W_clᵀ        k = taps·C, W in channels_last order [F][kH][kW][C] (one segment)
+//     d_W[F, K] += dY_blockᵀ · A    summed over the blocks of a thread, then over the threads
+// No padded copy of the input is made, and no layout change: d_W comes out in channels_last order.
+inline bool few_channels_by_windows(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.c < 16 && g.dw == 1 && !conv2d_is_pointwise(g);
+}
+
+// Output pixels a block: its window rows about 32 Ki floats (128 KiB, in L2), a multiple of 24 rows
+// (gemm_segments' tiles).
+inline int64_t window_rows_block(const Conv2dGeometry& g) {
+  const int64_t rows = (int64_t(1) << 15) / (g.taps() * g.c);
+  return std::max<int64_t>(24, rows / 24 * 24);
+}
+
+// dst[0, len) = src[0, len), or zeros when src is null. A window's runs are 9 or 21 floats: with AVX-512
+// masked moves of 16 (a call to memcpy cost more than the copy), elsewhere memcpy and fill.
+struct PutRun {
+  template <typename T>
+  void operator()(T* dst, const T* src, int64_t len) const {
+    if (src) {
+      std::memcpy(dst, src, sizeof(T) * len);
+    } else {
+      std::fill(dst, dst + len, T(0));
+    }
+  }
+};
+#if CS231N_X86
+struct PutRunAvx512 {
+  CS231N_AVX512 void operator()(float* dst, const float* src, int64_t len) const {
+    for (; len > 0; len -= 16, dst += 16) {
+      const __mmask16 mask = len >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << len) - 1u);
+      _mm512_mask_storeu_ps(dst, mask, src ? _mm512_maskz_loadu_ps(mask, src) : _mm512_setzero_ps());
+      if (src) src += 16;
+    }
+  }
+};
+#endif
+
+// The window rows of output pixels [j0, j1) of sample x (NHWC) into a (row stride taps·C): kH runs of
+// kW·C floats a row, cut where they cross the padding.
+template <typename T, typename Put>
+void build_window_rows_by(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry& g, T* a, const Put& put) {
+  const int64_t run = g.kw * g.c, k = g.taps() * g.c;
+  const T* none = nullptr;
+  int64_t o_h = j0 / g.ow, o_w = j0 % g.ow;  // pixel j, stepped along (no division a row)
+  for (T* row = a; row < a + (j1 - j0) * k; row += k) {
+    const int64_t w0 = conv_in_index<int64_t>(o_w, 0, g.sw, g.pw, 1);  // the window's first column
+    // columns [w0, w0 + kW) of which [lo, hi) lie in the image: runs of `head` zeros, `body` values, zeros
+    const int64_t lo = std::max<int64_t>(0, w0), hi = std::max(lo, std::min<int64_t>(g.w, w0 + g.kw));
+    const int64_t head = (lo - w0) * g.c, body = (hi - lo) * g.c;
+    const T* src = x + lo * g.c;
+    int64_t i_h = conv_in_index<int64_t>(o_h, 0, g.sh, g.ph, g.dh);
+    for (T* out = row; out < row + k; out += run, i_h += g.dh) {
+      if (i_h < 0 || i_h >= g.h || body == 0) {
+        put(out, none, run);
+        continue;
+      }
+      if (head > 0) put(out, none, head);
+      put(out + head, src + i_h * g.w * g.c, body);
+      if (head + body < run) put(out + head + body, none, run - head - body);
+    }
+    if (++o_w == g.ow) {
+      o_w = 0;
+      ++o_h;
+    }
+  }
+}
+
+#if CS231N_X86
+// `flatten` inlines the loops and the masked moves into one AVX-512 body (cpu_features.h: run_avx512).
+CS231N_AVX512 __attribute__((flatten)) inline void build_window_rows_avx512(const float* x, int64_t j0, int64_t j1,
+                                                                            const Conv2dGeometry& g, float* a) {
+  build_window_rows_by(x, j0, j1, g, a, PutRunAvx512{});
+}
+#endif
+
+template <typename T>
+void build_window_rows(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry& g, T* a) {
+#if CS231N_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::cpu_isa() == cpu::Isa::kAvx512) return build_window_rows_avx512(x, j0, j1, g, a);
+  }
+#endif
+  build_window_rows_by(x, j0, j1, g, a, PutRun{});
+}
+
+// y = conv(x, W) + b, x and y NHWC.
+template <typename T>
+void conv_forward_windows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), block = window_rows_block(g);
+  const int64_t blocks = (p + block - 1) / block, in_sample = g.h * g.w * g.c;
+  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // [F][K]: B[(t, c), f] at f*K + t*C + c
+  T* storage = cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f));
+  const cpu::SegmentsB<T> filters =
+      cpu::prepare_segments_b<T>(1, k, g.f, cpu::SegmentedView<T>{w_cl.const_data_ptr<T>(), 0, 1, k}, storage);
+  at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, j0 = item % blocks * block, j1 = std::min(p, j0 + block);
+      build_window_rows(x + n * in_sample, j0, j1, g, a);
+      cpu::GemmEpilogue<T> ep;
+      ep.col_bias = b;
+      const T* segment = a;
+      cpu::gemm_segments<T>(j1 - j0, &segment, k, filters, y + (n * p + j0) * g.f, g.f, ep);
+    }
+  });
+}
+
+// d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x. The
+// blocks are cut into one chunk per thread, each summed into its own buffer, then the buffers in chunk
+// order (deterministic for a given thread count).
+template <typename T>
+void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), block = window_rows_block(g);
+  const int64_t blocks = (p + block - 1) / block, in_sample = g.h * g.w * g.c, items = g.n * blocks;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  const ChunkPartials<T> partial(chunks, g.f * k);
+  if (items == 0) {  // no output pixels: nothing flows
+    std::fill(dw, dw + g.f * k, T(0));
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      const int64_t first = chunk_begin(chunk, chunks, items);
+      for (int64_t item = first; item < chunk_begin(chunk + 1, chunks, items); ++item) {
+        const int64_t n = item / blocks, j0 = item % blocks * block, j1 = std::min(p, j0 + block);
+        build_window_rows(x + n * in_sample, j0, j1, g, a);
+        cpu::GemmEpilogue<T> ep;
+        ep.accumulate = item > first;
+        const T* dy_block = dy + (n * p + j0) * g.f;
+        cpu::gemm<T>(g.f, k, j1 - j0, {dy_block, 1, g.f}, cpu::MatrixView<T>{a, k, 1}, partial.of(chunk), k, ep);
+      }
+    }
+  });
+  partial.sum_into(chunks, dw);
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -189,7 +189,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
-  if (cl && few_channels_by_windows(g)) {  // a stem: whole windows as rows
+  if (cl && forward_by_windows(g)) {  // a stem: whole windows as rows
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
       conv_forward_windows<scalar_t>(x.const_data_ptr<scalar_t>(), weight, b ? b->const_data_ptr<scalar_t>() : nullptr,
@@ -277,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     }
     return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
-  bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  const bool need_dx = output_mask[0];
+  bool need_dw = output_mask[1], need_db = output_mask[2];  // cleared once a route has computed them
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask, format);
   if (g.n == 0 || g.f == 0 || g.c == 0) {  // nothing flows: every gradient is zero

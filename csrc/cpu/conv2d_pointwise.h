@@ -24,9 +24,7 @@ namespace conv2d_cpu {
 //     d_W [F x C] = dYᵀ · X             a sum over all P rows
 // One product for the whole batch: no padded copy, no loop over the samples, and the small images
 // (MobileNetV2's 8 x 8 and 4 x 4 stages, 16 and 64 rows a sample) make products as long as the large ones.
-inline bool pointwise_nhwc(const Conv2dGeometry& g) {
-  return g.groups == 1 && conv2d_is_pointwise(g);
-}
+inline bool pointwise_nhwc(const Conv2dGeometry& g) { return g.groups == 1 && conv2d_is_pointwise(g); }
 
 // Y = X · B by the filters of w (filter_segments: Wᵀ, or when `transposed` W itself, for d_X = dY · W;
 // g is the convolution that runs), + b; the rows split among the threads (gemm_segments).

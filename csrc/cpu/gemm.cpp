@@ -516,7 +516,7 @@ void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const Segments
     for (int64_t i = 0; i < m; ++i) evenly[i] = i * lda;
     a_rows = evenly.data();
   }
-  // Rows among the threads when called outside a parallel region (a single sample).
+  // Rows among the threads when called outside a parallel region (a single sample, a batch's pixels).
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // Parts start at multiples of 24 rows, a whole number of tiles of every shape (6, 8, 12, 24 rows).
   constexpr int64_t kUnit = 24;

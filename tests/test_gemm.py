@@ -186,10 +186,13 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # that end mid-row, and windows cut by the padding or lying wholly in it
     dict(shape=(3, 4, 33, 37), f=20, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 3, 4, 5), f=6, k=2, stride=2, padding=3, groups=1),
+    # d_W in NHWC with neither operand packed (cpu::gemm_gather_a): 323 outputs make two blocks of k,
+    # 70 filters a sliver of 64 and one of 6 (24 x 16 tiles)
+    dict(shape=(2, 16, 19, 17), f=70, k=3, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding"])
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding", "gathered_dw"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

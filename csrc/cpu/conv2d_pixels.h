@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/conv2d.h"
@@ -183,10 +184,12 @@ void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
 
 // d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY[j, f] · x_pad[pixel(j) + offset(t), c] over the real outputs
 // j, pixel(j) being j's place in the pitch Wq of x_pad (in the stride's phases): the pitch's thrown-away
-// pixels are never summed. A = dYᵀ (NHWC's dY as it lies), whose packing copies MR channels of a pixel;
-// B's rows are the outputs' pixels, each a run of C channels per tap: packing copies runs. dw is W's
-// shape in channels_last memory; or, when `planes`, x, dY and dw are NCHW (x and dY transposed per sample
-// while it is in cache; stride 1 only).
+// pixels are never summed. On AVX-512 (float32) neither operand is copied: d_W_gᵀ = col(x)ᵀ · dY, row
+// (t, c) of col(x)ᵀ starting at its tap's shift of x_pad and column j adding pixel(j), dY's rows as they
+// lie (cpu::gemm_gather_a); transposed into W's order at the end. Elsewhere A = dYᵀ, whose packing copies
+// MR channels of a pixel, and B's rows are the outputs' pixels, each a run of C channels per tap: packing
+// copies runs. dw is W's shape in channels_last memory; or, when `planes`, x, dY and dw are NCHW (x and dY
+// transposed per sample while it is in cache; stride 1 only).
 template <typename T>
 void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
@@ -197,9 +200,11 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   const std::vector<int64_t> pixels = output_pixels(g, sp, g.c);
   std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
+  const bool gather = std::is_same_v<T, float> && cpu::gather_a_available();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [pixels x F]
+    std::vector<const T*> a_row(gather ? kg : 0);  // where each row (t, c) of a group's col(x)ᵀ starts
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
@@ -211,6 +216,18 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
         const T* dy_n = planes ? dy_t : dy + n * out_sample;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const T* x_grp = x_pad + grp * cg;
+          if constexpr (std::is_same_v<T, float>) {
+            if (gather) {  // d_W_gᵀ [kg x fg] into the chunk's buffer
+              for (int64_t t = 0; t < g.taps(); ++t) {
+                for (int64_t c = 0; c < cg; ++c) a_row[t * cg + c] = x_grp + offsets[t] * g.c + c;
+              }
+              cpu::GemmEpilogue<T> ep;
+              ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
+              cpu::gemm_gather_a(kg, fg, outputs, a_row.data(), pixels.data(), dy_n + grp * fg, g.f,
+                                 partial.of(chunk) + grp * kg * fg, fg, ep);
+              continue;
+            }
+          }
           // Runs of channels, one tap at a time (the same cut for every row p), copied in the CPU's widest
           // vectors (with_best_isa: in the baseline build the copies were SSE, a quarter of d_W's time).
           const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
@@ -233,6 +250,15 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
       }
     }
   });
+  if (gather) {  // each group's [kg x fg] summed, then transposed into [F][taps][C] (W's channels_last order)
+    partial.sum_into(chunks, partial.of(0));
+    T* taps_major = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * kg) : dw;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      cpu::transpose_matrix(partial.of(0) + grp * kg * fg, fg, kg, fg, taps_major + grp * fg * kg, kg);
+    }
+    if (planes) taps_major_to_nchw(taps_major, dw, g);
+    return;
+  }
   if (!planes) {
     partial.sum_into(chunks, dw);
     return;

@@ -554,6 +554,57 @@ template void gemm_segments<double>(int64_t, const double* const*, int64_t, cons
 namespace {
 
 #if CS231N_X86
+// The tiles of columns [j, j + nc) (nc <= 64) for rows [0, m), MR rows at a time, over k block [p0, p0 + kc).
+template <int MR, int NV>
+void gather_a_sliver(int64_t m, int64_t j, int nc, int64_t p0, int64_t kc, const float* const* a_row,
+                     const int64_t* a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
+                     const GemmEpilogue<float>& ep) {
+  for (int64_t i = 0; i < m; i += MR) {
+    const int m_tile = static_cast<int>(std::min<int64_t>(MR, m - i));
+    const TileEpilogue<float> tile = tile_epilogue(ep, p0 == 0, i, j);
+    microkernel_avx512_gather_a<MR, NV>(kc, a_row + i, a_col + p0, b + p0 * ldb + j, ldb, c + i * ldc + j, ldc, m_tile,
+                                        nc, tile);
+  }
+}
+#endif
+
+}  // namespace
+
+bool gather_a_available() { return CS231N_X86 && cpu_isa() == Isa::kAvx512; }
+
+// k in blocks of kKc, so that B's block (kKc x 64 floats, 64 KiB) stays in L2 while every row tile passes
+// over it; C is added to from the second block on. Tiles as gemm_segments': 24 accumulators, shaped to
+// the columns (6 x 64, or for fewer 8 x 48, 12 x 32, 24 x 16).
+void gemm_gather_a(int64_t m, int64_t n, int64_t k, const float* const* a_row, const int64_t* a_col, const float* b,
+                   int64_t ldb, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {
+  TORCH_CHECK(gather_a_available(), "gemm_gather_a: needs the AVX-512 kernel");
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    epilogue_only(m, n, c, ldc, ep);
+    return;
+  }
+#if CS231N_X86
+  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+    const int64_t kc = std::min(kKc, k - p0);
+    for (int64_t j = 0; j < n; j += 64) {
+      const int nc = static_cast<int>(std::min<int64_t>(64, n - j));
+      if (nc > 48) {
+        gather_a_sliver<6, 4>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
+      } else if (nc > 32) {
+        gather_a_sliver<8, 3>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
+      } else if (nc > 16) {
+        gather_a_sliver<12, 2>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
+      } else {
+        gather_a_sliver<24, 1>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
+      }
+    }
+  }
+#endif
+}
+
+namespace {
+
+#if CS231N_X86
 // gemm_rows_b on AVX-512, on the calling thread: gemm_blocked's loops without B's packing.
 void gemm_rows_b_avx512(int64_t m, int64_t n, int64_t k, const MatrixView<float>& a, const float* b,
                         const int64_t* b_off, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {

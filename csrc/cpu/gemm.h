@@ -159,5 +159,15 @@ template <typename T>
 void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const SegmentsB<T>& b, T* c, int64_t ldc,
                    const GemmEpilogue<T>& epilogue = {}, const int64_t* a_rows = nullptr);
 
+// C (m x n) = A · B (+ the epilogue) with neither operand packed, for d_W in NHWC (d_Wᵀ = col(x)ᵀ · dY):
+//     A[i, p] = a_row[i][a_col[p]]     row i's start, plus column p's offset (a tap's shift of the padded
+//                                      input, plus an output's pixel: a column's rows are channels side by side)
+//     B[p, j] = b[p * ldb + j]         dY's rows as they lie
+// Only where the AVX-512 kernel runs (float32: gather_a_available()); elsewhere the caller packs. On the
+// calling thread.
+bool gather_a_available();
+void gemm_gather_a(int64_t m, int64_t n, int64_t k, const float* const* a_row, const int64_t* a_col, const float* b,
+                   int64_t ldb, float* c, int64_t ldc, const GemmEpilogue<float>& epilogue = {});
+
 }  // namespace cpu
 }  // namespace torch_cs231n

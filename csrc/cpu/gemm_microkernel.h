@@ -233,6 +233,38 @@ CS231N_AVX512 void microkernel_avx512_segments(int64_t nseg, const float* const*
   }
   store_tile(acc, c, ldc, m, n, ep);
 }
+
+// Neither operand packed, for d_W in NHWC: A[r, p] = a_row[r][a_col[p]] (row r's start, plus column p's
+// offset: a tap's shift of the padded input plus an output's pixel, so the MR values of a column are
+// channels side by side), B's row p at b + p * ldb as it lies (dY), its first n columns read through
+// lane masks. Rows r >= m read row 0 (never written).
+template <int MR, int NV>
+CS231N_AVX512 void microkernel_avx512_gather_a(int64_t kc, const float* const* a_row, const int64_t* __restrict__ a_col,
+                                               const float* __restrict__ b, int64_t ldb, float* __restrict__ c,
+                                               int64_t ldc, int m, int n, const TileEpilogue<float>& ep) {
+  __m512 acc[MR][NV];
+  zero_tile(acc);
+  const float* ar[MR];
+#pragma GCC unroll 24
+  for (int r = 0; r < MR; ++r) ar[r] = a_row[r < m ? r : 0];
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < kc; ++p, b += ldb) {
+    const int64_t at = a_col[p];
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + 16 * v);
+#pragma GCC unroll 24
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(ar[r][at]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  store_tile(acc, c, ldc, m, n, ep);
+}
 #endif  // CS231N_X86
 
 // The register block of each path (see the table above).

@@ -189,10 +189,12 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # d_W in NHWC with neither operand packed (cpu::gemm_gather_a): 323 outputs make two blocks of k,
     # 70 filters a sliver of 64 and one of 6 (24 x 16 tiles)
     dict(shape=(2, 16, 19, 17), f=70, k=3, stride=1, padding=1, groups=1),
+    # a small image (pixel rows: 90 outputs a sample) read from the block's padded planes, d_W gathered
+    dict(shape=(3, 16, 9, 10), f=40, k=3, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding", "gathered_dw"])
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

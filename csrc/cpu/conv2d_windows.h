@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/conv2d.h"
 #include "cpu/conv2d_blocks.h"
@@ -144,7 +145,10 @@ void conv_forward_windows(const T* x, const at::Tensor& w, const T* b, T* y, con
 
 // d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x. The
 // blocks are cut into one chunk per thread, each summed into its own buffer, then the buffers in chunk
-// order (deterministic for a given thread count).
+// order (deterministic for a given thread count). On AVX-512 (float32) as d_Wᵀ = Aᵀ · dY with neither
+// operand packed (cpu::gemm_gather_a: row (t, c) of Aᵀ starts at column (t, c) of the block, column j is
+// row j's, K further on; dY's rows as they lie), transposed at the end: K = 27 rows fill the 6-row tiles
+// where the packed product's 48-wide ones held 27 columns.
 template <typename T>
 void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), block = window_rows_block(g);
@@ -155,8 +159,13 @@ void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeomet
     std::fill(dw, dw + g.f * k, T(0));
     return;
   }
+  const bool gather = std::is_same_v<T, float> && cpu::gather_a_available();
+  std::vector<int64_t> row_at(gather ? block : 0);  // column j of Aᵀ: window row j, from the block's start
+  for (int64_t j = 0; j < static_cast<int64_t>(row_at.size()); ++j) row_at[j] = j * k;
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
+    std::vector<const T*> column(gather ? k : 0);  // where each row of Aᵀ starts
+    for (int64_t i = 0; i < static_cast<int64_t>(column.size()); ++i) column[i] = a + i;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t first = chunk_begin(chunk, chunks, items);
       for (int64_t item = first; item < chunk_begin(chunk + 1, chunks, items); ++item) {
@@ -165,11 +174,23 @@ void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeomet
         cpu::GemmEpilogue<T> ep;
         ep.accumulate = item > first;
         const T* dy_block = dy + (n * p + j0) * g.f;
+        if constexpr (std::is_same_v<T, float>) {
+          if (gather) {  // d_Wᵀ [K x F]
+            cpu::gemm_gather_a(k, g.f, j1 - j0, column.data(), row_at.data(), dy_block, g.f, partial.of(chunk), g.f,
+                               ep);
+            continue;
+          }
+        }
         cpu::gemm<T>(g.f, k, j1 - j0, {dy_block, 1, g.f}, cpu::MatrixView<T>{a, k, 1}, partial.of(chunk), k, ep);
       }
     }
   });
-  partial.sum_into(chunks, dw);
+  if (!gather) {
+    partial.sum_into(chunks, dw);
+    return;
+  }
+  partial.sum_into(chunks, partial.of(0));
+  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, dw, k);  // [K x F] -> [F x K]
 }
 
 }  // namespace conv2d_cpu

@@ -229,7 +229,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
             }
           }
           // Runs of channels, one tap at a time (the same cut for every row p), copied in the CPU's widest
-          // vectors (with_best_isa: in the baseline build the copies were SSE, a quarter of d_W's time).
+          // vectors (with_best_isa: the baseline build's copies are SSE).
           const cpu::PackB<T> pack = [&, x_grp](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
             cpu::with_best_isa([&] {
               for (int64_t k = j0; k < j0 + nc;) {

@@ -39,7 +39,7 @@ inline bool few_channels_by_windows(const Conv2dGeometry& g) {
 
 // The forward goes by window rows for short windows only (3 x 3 on RGB: 27 values, 0.89 -> 0.63 ms at
 // MobileNetV2's stem): at 7 x 7 (147) the NHWC kernel, 49 taps of 3 steps, was faster than building the
-// rows (3.3 against 4.0 ms at ResNet's stem; d_W by window rows wins there too, 8.4 -> 5.4).
+// rows (3.3 against 4.0 ms at ResNet's stem; d_W by window rows wins there too, 8.4 -> 4.0).
 inline bool forward_by_windows(const Conv2dGeometry& g) { return few_channels_by_windows(g) && g.taps() * g.c <= 64; }
 
 // Output pixels a block: its window rows about 32 Ki floats (128 KiB, in L2), a multiple of 24 rows

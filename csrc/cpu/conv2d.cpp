@@ -334,10 +334,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
                                            transposed_filters(w, g).const_data_ptr<scalar_t>(), nullptr,
                                            dx.mutable_data_ptr<scalar_t>(), u, /*planes=*/false);
       }
-      if (need_dw || need_db || (need_dx && !dx_by_conv)) {
+      if (need_dx && !dx_by_conv) {  // strided: a gather of the taps that reach each input pixel
+        depthwise_input_grad_nhwc<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                            dx.mutable_data_ptr<scalar_t>(), g);
+      }
+      if (need_dw || need_db) {
         depthwise_backward_pixels<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                            w.const_data_ptr<scalar_t>(),
-                                            need_dx && !dx_by_conv ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                            w.const_data_ptr<scalar_t>(), nullptr,
                                             need_dw ? dw.mutable_data_ptr<scalar_t>() : nullptr,
                                             need_db ? db.mutable_data_ptr<scalar_t>() : nullptr, g, /*planes=*/false);
       }

@@ -516,6 +516,65 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
   });
 }
 
+// d_x of a strided depthwise layer in NHWC as a gather: each input pixel sums the taps that reach it,
+//     d_x[i_h, i_w, c] = Σ W[c, t_h, t_w] · dY[o_h, o_w, c]   over i_h + pH - t_h·dH = o_h·sH, 0 <= o_h < oH
+// (and the same along the width: conv_out_index). Which (tap, output) pairs reach a row depends on the
+// row alone, so they are listed once per row and per column: at stride 2 a pixel sums 1, 2 or 4 taps.
+// The scatter it replaces added each output's nine taps into a padded d_x, every update queued behind a
+// neighbouring output's; the forward with flipped filters serves stride 1 (depthwise_forward_pixels).
+template <typename T>
+void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeometry& g) {
+  struct Reach {
+    int64_t t, o;  // a tap and the output it comes from
+  };
+  const auto reaches = [](int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
+    std::vector<std::vector<Reach>> r(in);
+    for (int64_t i = 0; i < in; ++i) {
+      for (int64_t t = 0; t < k; ++t) {
+        int64_t o;
+        if (conv_out_index(i, t, s, p, d, out, &o)) r[i].push_back({t, o});
+      }
+    }
+    return r;
+  };
+  const auto rows = reaches(g.h, g.oh, g.kh, g.sh, g.ph, g.dh), cols = reaches(g.w, g.ow, g.kw, g.sw, g.pw, g.dw);
+  const std::vector<T> w_t = taps_by_channel(w, g);  // [taps][C]
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  const int64_t C = g.c, whole = C / V::kLanes * V::kLanes, in_sample = g.h * g.w * C, out_sample = g.col_cols() * C;
+  at::parallel_for(0, g.n * g.h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> at_w, at_dy;  // a pixel's (weight, dY) offsets, one pair per tap reaching it
+    cpu::with_best_isa([&] {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / g.h, i_h = item % g.h;
+        const T* dy_n = dy + n * out_sample;
+        for (int64_t i_w = 0; i_w < g.w; ++i_w) {
+          at_w.clear();
+          at_dy.clear();
+          for (const Reach& rh : rows[i_h]) {
+            for (const Reach& rw : cols[i_w]) {
+              at_w.push_back((rh.t * g.kw + rw.t) * C);
+              at_dy.push_back((rh.o * g.ow + rw.o) * C);
+            }
+          }
+          const int64_t pairs = static_cast<int64_t>(at_w.size());
+          T* out = dx + n * in_sample + (i_h * g.w + i_w) * C;
+          for (int64_t c = 0; c < whole; c += V::kLanes) {
+            Vec acc = {};
+            for (int64_t q = 0; q < pairs; ++q) acc += V::at(w_t.data() + at_w[q] + c) * V::at(dy_n + at_dy[q] + c);
+            V::at(out + c) = acc;
+          }
+          for (int64_t c = whole; c < C; ++c) {  // the channels past the vectors
+            T acc = T(0);
+            for (int64_t q = 0; q < pairs; ++q) acc += w_t[at_w[q] + c] * dy_n[at_dy[q] + c];
+            out[c] = acc;
+          }
+        }
+      }
+    });
+  });
+}
+
 template <typename T>
 void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const Conv2dGeometry& g,
                                bool planes = true) {

@@ -182,6 +182,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 40, 5, 7), f=24, k=1, stride=1, padding=0, groups=1),
     dict(shape=(2, 36, 5, 7), f=100, k=1, stride=1, padding=0, groups=1),
     dict(shape=(3, 40, 10, 11), f=24, k=1, stride=1, padding=0, groups=1),
+    # 8960 pixels: more than one block of gemm_segments' row table (d_x) and of d_W's pixel table a chunk
+    dict(shape=(2, 24, 64, 70), f=16, k=1, stride=1, padding=0, groups=1),
     # few channels, which channels_last runs by window rows (conv2d_windows.h; stem_like above too): blocks
     # that end mid-row, and windows cut by the padding or lying wholly in it
     dict(shape=(3, 4, 33, 37), f=20, k=3, stride=1, padding=1, groups=1),
@@ -194,7 +196,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block"])
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -182,6 +182,16 @@ void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
   });
 }
 
+// rows[t*cg + c] = where row (t, c) of col(x)ᵀ starts (cpu::gemm_gather_a's A), cg channels from `first`
+// (a group's first channel of a padded plane): tap t's shift plus c.
+template <typename T>
+void col_rows_from(const T* first, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t cg, const T** rows) {
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    const T* tap = first + shifted_offset(g, sp, t) * g.c;
+    for (int64_t c = 0; c < cg; ++c) rows[t * cg + c] = tap + c;
+  }
+}
+
 // d_W in NHWC: d_W_g[f, (t, c)] += Σ_j dY[j, f] · x_pad[pixel(j) + offset(t), c] over the real outputs
 // j, pixel(j) being j's place in the pitch Wq of x_pad (in the stride's phases): the pitch's thrown-away
 // pixels are never summed. On AVX-512 (float32) neither operand is copied: d_W_gᵀ = col(x)ᵀ · dY, row
@@ -218,9 +228,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
           const T* x_grp = x_pad + grp * cg;
           if constexpr (std::is_same_v<T, float>) {
             if (gather) {  // d_W_gᵀ [kg x fg] into the chunk's buffer
-              for (int64_t t = 0; t < g.taps(); ++t) {
-                for (int64_t c = 0; c < cg; ++c) a_row[t * cg + c] = x_grp + offsets[t] * g.c + c;
-              }
+              col_rows_from(x_grp, g, sp, cg, a_row.data());
               cpu::GemmEpilogue<T> ep;
               ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
               cpu::gemm_gather_a(kg, fg, outputs, a_row.data(), pixels.data(), dy_n + grp * fg, g.f,
@@ -281,13 +289,16 @@ inline bool use_pixel_rows(const Conv2dGeometry& g) {
   return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
 }
 
-// Samples per block: the rows (block * oH*oW x taps*C) under twice kColumnBudget, in equal blocks.
-inline int64_t pixel_rows_block(const Conv2dGeometry& g) {
-  const int64_t per_sample = g.col_cols() * g.taps() * g.c;
+// Samples per block, when each takes per_sample elements of a block's buffer: under twice kColumnBudget
+// elements, in equal blocks.
+inline int64_t samples_per_block(const Conv2dGeometry& g, int64_t per_sample) {
   const int64_t most = std::max<int64_t>(1, 2 * kColumnBudget / std::max<int64_t>(1, per_sample));
   const int64_t blocks = (g.n + most - 1) / most;
   return (g.n + blocks - 1) / blocks;
 }
+
+// Samples per block of pixel rows (oH*oW x taps*C a sample).
+inline int64_t pixel_rows_block(const Conv2dGeometry& g) { return samples_per_block(g, g.col_cols() * g.taps() * g.c); }
 
 // A's rows for samples [n0, n0 + nb) of x (NCHW when `planes`, else NHWC), in parallel over the samples.
 template <typename T>
@@ -322,11 +333,9 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
 // padded planes where the rows were 9.4 MiB.
 inline bool pixel_rows_padded(const Conv2dGeometry& g, bool planes) { return !planes || (g.sh == 1 && g.sw == 1); }
 
-// Samples per block of padded planes: under twice kColumnBudget elements, in equal blocks.
+// Samples per block of padded planes.
 inline int64_t padded_rows_block(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-  const int64_t most = std::max<int64_t>(1, 2 * kColumnBudget / std::max<int64_t>(1, sp.plane() * g.c));
-  const int64_t blocks = (g.n + most - 1) / most;
-  return (g.n + blocks - 1) / blocks;
+  return samples_per_block(g, sp.plane() * g.c);
 }
 
 // Samples [n0, n0 + nb) of x (NCHW when `planes`, else NHWC) padded into `padded`, one plane apart, in
@@ -433,9 +442,7 @@ void conv_weight_grad_padded_block(const T* dy, const T* x, T* dw, const Conv2dG
   T* dw_t = cpu::thread_scratch<T>(cpu::Scratch::kPartial, k * g.f);  // d_Wᵀ
   const std::vector<int64_t> rows = padded_block_rows(g, sp, nb_max);
   std::vector<const T*> a_row(k);
-  for (int64_t t = 0; t < g.taps(); ++t) {
-    for (int64_t c = 0; c < g.c; ++c) a_row[t * g.c + c] = padded + shifted_offset(g, sp, t) * g.c + c;
-  }
+  col_rows_from<T>(padded, g, sp, g.c, a_row.data());
   constexpr int64_t kUnit = 24;  // rows a part: whole tiles of every shape
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / kUnit));
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {

@@ -332,6 +332,17 @@ namespace {
 #if CS231N_X86
 constexpr int kSegmentsNr = 64;
 
+// f(MR, NV) (as std::integral_constant) with the tile for a sliver of nc <= 64 real columns: always 24
+// accumulators, shaped to the width (gemm_segments' and gemm_gather_a's kernels alike).
+template <typename F>
+void with_tile_for(int nc, const F& f) {
+  using std::integral_constant;
+  if (nc > 48) return f(integral_constant<int, 6>{}, integral_constant<int, 4>{});
+  if (nc > 32) return f(integral_constant<int, 8>{}, integral_constant<int, 3>{});
+  if (nc > 16) return f(integral_constant<int, 12>{}, integral_constant<int, 2>{});
+  f(integral_constant<int, 24>{}, integral_constant<int, 1>{});
+}
+
 // The tiles of sliver columns [j, j + nc) for rows [0, m), MR rows at a time.
 template <int MR, int NV>
 void segments_sliver(int64_t m, int64_t j, int nc, int64_t nseg, int64_t kc, const float* const* a_seg,
@@ -359,15 +370,10 @@ void gemm_segments_avx512(int64_t m, int64_t n, int64_t nseg, int64_t kc, const 
     for (int64_t j = 0; j < n; j += nr) {
       const int nc = static_cast<int>(std::min<int64_t>(nr, n - j));
       const float* b_sliver = b_pack + j * k + s0 * kc * nr;
-      if (nc > 48) {
-        segments_sliver<6, 4>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
-      } else if (nc > 32) {
-        segments_sliver<8, 3>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
-      } else if (nc > 16) {
-        segments_sliver<12, 2>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
-      } else {
-        segments_sliver<24, 1>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver, c, ldc, ep, first);
-      }
+      with_tile_for(nc, [&](auto mr, auto nv) {
+        segments_sliver<decltype(mr)::value, decltype(nv)::value>(m, j, nc, s1 - s0, kc, a_seg + s0, a_rows, b_sliver,
+                                                                  c, ldc, ep, first);
+      });
     }
   }
 }
@@ -510,12 +516,20 @@ void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const Segments
     epilogue_only(m, n, c, ldc, ep);
     return;
   }
-  std::vector<int64_t> evenly;  // the rows lda apart, as a table: one form for the kernels
-  if (a_rows == nullptr) {
-    evenly.resize(m);
-    for (int64_t i = 0; i < m; ++i) evenly[i] = i * lda;
-    a_rows = evenly.data();
-  }
+  // Rows [i0, i1), their offsets in `rows` (rows[0] for row i0).
+  const auto run = [&](int64_t i0, int64_t i1, const int64_t* rows) {
+    GemmEpilogue<T> e = ep;
+    if (e.row_bias) e.row_bias += i0;
+#if CS231N_X86
+    if constexpr (std::is_same_v<T, float>) {
+      if (b.packed != nullptr) {
+        gemm_segments_avx512(i1 - i0, n, nseg, kc, a_seg, rows, b.packed, c + i0 * ldc, ldc, e);
+        return;
+      }
+    }
+#endif
+    gemm_segments_packed(i1 - i0, a_seg, rows, b, c + i0 * ldc, ldc, e);
+  };
   // Rows among the threads when called outside a parallel region (a single sample, a batch's pixels).
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   // Parts start at multiples of 24 rows, a whole number of tiles of every shape (6, 8, 12, 24 rows).
@@ -527,17 +541,19 @@ void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const Segments
       const int64_t i0 = (part * m / parts) / kUnit * kUnit,
                     i1 = part + 1 == parts ? m : ((part + 1) * m / parts) / kUnit * kUnit;
       if (i1 <= i0) continue;
-      GemmEpilogue<T> e = ep;
-      if (e.row_bias) e.row_bias += i0;
-#if CS231N_X86
-      if constexpr (std::is_same_v<T, float>) {
-        if (b.packed != nullptr) {
-          gemm_segments_avx512(i1 - i0, n, nseg, kc, a_seg, a_rows + i0, b.packed, c + i0 * ldc, ldc, e);
-          continue;
-        }
+      if (a_rows != nullptr) {
+        run(i0, i1, a_rows + i0);
+        continue;
       }
-#endif
-      gemm_segments_packed(i1 - i0, a_seg, a_rows + i0, b, c + i0 * ldc, ldc, e);
+      // Rows lda apart: the kernels' table of them, built for a block at a time (a whole batch's pixels
+      // would make a table of N·H·W offsets)
+      constexpr int64_t kBlock = 100 * kUnit;
+      std::vector<int64_t> evenly(std::min(kBlock, i1 - i0));
+      for (int64_t r0 = i0; r0 < i1; r0 += kBlock) {
+        const int64_t r1 = std::min(i1, r0 + kBlock);
+        for (int64_t i = r0; i < r1; ++i) evenly[i - r0] = i * lda;
+        run(r0, r1, evenly.data());
+      }
     }
   });
 }
@@ -588,15 +604,9 @@ void gemm_gather_a(int64_t m, int64_t n, int64_t k, const float* const* a_row, c
     const int64_t kc = std::min(kKc, k - p0);
     for (int64_t j = 0; j < n; j += 64) {
       const int nc = static_cast<int>(std::min<int64_t>(64, n - j));
-      if (nc > 48) {
-        gather_a_sliver<6, 4>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
-      } else if (nc > 32) {
-        gather_a_sliver<8, 3>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
-      } else if (nc > 16) {
-        gather_a_sliver<12, 2>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
-      } else {
-        gather_a_sliver<24, 1>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
-      }
+      with_tile_for(nc, [&](auto mr, auto nv) {
+        gather_a_sliver<decltype(mr)::value, decltype(nv)::value>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
+      });
     }
   }
 #endif

@@ -57,13 +57,13 @@ namespace {
 using namespace conv2d_cpu;  // the kernels of the cpu/conv2d_*.h headers
 
 // ---------------------------------------------------------------------------------------------- routing
-// A stride-1 NCHW layer whose shifted planes would throw away a tenth or more of the GEMM (short rows:
-// 14 of 16 columns) but whose channels are many runs the NHWC kernel instead, transposing each sample in
-// and out while it is in cache. It throws away as many pixels, but its kernel packs nothing and runs at
-// nearly the FMA peak (docs/conv2d.md).
+// An NCHW layer of many channels whose shifted planes would throw away a tenth or more of the GEMM (short
+// rows: 14 of 16 columns), or that is strided, runs the NHWC kernel instead, transposing each sample in
+// and out while it is in cache: its kernel packs nothing, computes only the real outputs and runs at
+// nearly the FMA peak (docs/conv2d.md), where the shifted phases' GEMM is one of 14 x 15 columns.
 bool nchw_through_pixels(const Conv2dGeometry& g) {
-  return channels_last_direct(g) && g.sh == 1 && g.sw == 1 && g.c_per_group() >= 16 &&
-         10 * g.col_cols() < 9 * shifted_planes(g).cols;
+  if (!channels_last_direct(g) || g.c_per_group() < 16) return false;
+  return g.sh > 1 || g.sw > 1 || 10 * g.col_cols() < 9 * shifted_planes(g).cols;
 }
 
 // The NCHW choices of a dense layer: y = conv(x, W) + b, with W the filters of w, or when `transposed`
@@ -122,9 +122,12 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
   // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels (our in
   // channels) fill the micro-kernel's rows; otherwise d_col and col2im.
+  // Strided (dilation 1), when the layer goes by pixels: that of each of the stride's phases.
   Conv2dGeometry t;
   const bool dx_by_conv = need_dx && g.c_per_group() >= 16 && transposed_geometry(g, &t);
-  const bool dx_by_col2im = need_dx && !dx_by_conv;
+  const bool dx_by_phases = need_dx && !dx_by_conv && (nchw_through_pixels(g) || use_pixel_rows(g)) &&
+                            (g.sh > 1 || g.sw > 1) && g.dh == 1 && g.dw == 1;
+  const bool dx_by_col2im = need_dx && !dx_by_conv && !dx_by_phases;
   // d_W: by pixel rows or shifted planes where the forward uses them, otherwise from im2col panels.
   const bool dw_by_rows = need_dw && use_pixel_rows(g);
   const bool dw_by_pixels = need_dw && !dw_by_rows && nchw_through_pixels(g);
@@ -147,6 +150,9 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   }
   if (dx_by_conv) {
     forward_nchw_dense<T>(dy.const_data_ptr<T>(), w, /*transposed=*/true, nullptr, dx.mutable_data_ptr<T>(), t, g);
+  }
+  if (dx_by_phases) {
+    conv_input_grad_phases<T>(dy.const_data_ptr<T>(), w, dx.mutable_data_ptr<T>(), g, /*planes=*/true);
   }
 }
 
@@ -370,12 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
         transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
       }
       if (dx_phases) {
-        dx.zero_();
-        for_each_input_phase(g, weight, dx, [&](const InputPhase& phase, const at::Tensor& taps) {
-          at::Tensor out = at::empty({g.n, g.c, phase.t.oh, phase.t.ow}, dx.options().memory_format(format));
-          transposed(taps, out.mutable_data_ptr<scalar_t>(), phase.t);
-          return out;
-        });
+        conv_input_grad_phases<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);
       }
     });
     return {dx, dw, db};

@@ -29,22 +29,26 @@ namespace conv2d_cpu {
 // the geometry of the convolution that runs: its C and F per group are the segments' rows and B's columns.
 // The taps must lie evenly spaced (t_h's stride kW times t_w's), as in any contiguous layout; a view
 // whose taps do not (a phase's) is copied first.
+// The packed filters lie in the calling thread's scratch, so one set at a time, unless `own_storage`.
 template <typename T>
 struct FilterSegments {
-  at::Tensor w;  // W, or its copy with evenly spaced taps: the views below read it
+  at::Tensor w;            // W, or its copy with evenly spaced taps: the views below read it
+  std::vector<T> storage;  // the packed filters, when own_storage
   std::vector<cpu::SegmentsB<T>> groups;
 };
 
 template <typename T>
-FilterSegments<T> filter_segments(const at::Tensor& weight, bool transposed, const Conv2dGeometry& g) {
+FilterSegments<T> filter_segments(const at::Tensor& weight, bool transposed, const Conv2dGeometry& g,
+                                  bool own_storage = false) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
   const bool even = kh == 1 || kw == 1 || weight.stride(2) == kw * weight.stride(3);
-  FilterSegments<T> out{even ? weight : weight.contiguous(), {}};
+  FilterSegments<T> out{even ? weight : weight.contiguous(), {}, {}};
   const at::Tensor& w = out.w;
   const int64_t st = kw > 1 ? w.stride(3) : w.stride(2);  // from one tap to the next
   const int64_t fg = w.size(0) / g.groups, kc = g.c_per_group(), n = g.f_per_group(),
                 size = cpu::segments_b_size<T>(g.taps() * kc, n);
-  T* packed = cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * size);
+  if (own_storage) out.storage.resize(g.groups * size);
+  T* packed = own_storage ? out.storage.data() : cpu::thread_scratch<T>(cpu::Scratch::kFilters, g.groups * size);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const T* base = w.const_data_ptr<T>() + grp * fg * w.stride(0);
     const cpu::SegmentedView<T> view =
@@ -130,9 +134,24 @@ void pad_pixels_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPl
   std::fill(x_pad + (g.ph + g.h) * row, x_pad + sp.hp * row, T(0));
 }
 
+// pad_pixel_phases from an NCHW sample: each input row's [C x W] slice transposed (in L1), then its
+// pixels copied to their phases (pad_pixels_from_planes itself for stride 1).
+template <typename T>
+void pad_pixel_phases_from_planes(const T* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* x_pad) {
+  if (sp.sh == 1 && sp.sw == 1) return pad_pixels_from_planes(x, g, sp, x_pad);
+  T* row = cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * g.c);
+  std::fill(x_pad, x_pad + sp.plane() * g.c, T(0));
+  for (int64_t i = 0; i < g.h; ++i) {
+    cpu::transpose_matrix(x + i * g.w, g.h * g.w, g.c, g.w, row, g.c);
+    for (int64_t j = 0; j < g.w; ++j) {
+      std::copy(row + j * g.c, row + (j + 1) * g.c, x_pad + phase_pixel(sp, g.ph + i, g.pw + j) * g.c);
+    }
+  }
+}
+
 // The forward in NHWC, by the filters of w (filter_segments: W's own, or when `transposed` those of its
 // transposed convolution, g being that convolution); x and y are NHWC, or NCHW when `planes` is set
-// (transposed per sample on the way in and out, while the sample is in cache; stride 1 only).
+// (transposed per sample on the way in and out, while the sample is in cache).
 template <typename T>
 void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y, const Conv2dGeometry& g,
                        bool planes = false) {
@@ -151,7 +170,7 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
-          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+          pad_pixel_phases_from_planes(x + n * in_sample, g, sp, x_pad);
         } else {
           pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         }
@@ -199,7 +218,7 @@ void col_rows_from(const T* first, const Conv2dGeometry& g, const ShiftedPlanes&
 // lie (cpu::gemm_gather_a); transposed into W's order at the end. Elsewhere A = dYᵀ, whose packing copies
 // MR channels of a pixel, and B's rows are the outputs' pixels, each a run of C channels per tap: packing
 // copies runs. dw is W's shape in channels_last memory; or, when `planes`, x, dY and dw are NCHW (x and dY
-// transposed per sample while it is in cache; stride 1 only).
+// transposed per sample while it is in cache).
 template <typename T>
 void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
@@ -218,7 +237,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
-          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+          pad_pixel_phases_from_planes(x + n * in_sample, g, sp, x_pad);
           cpu::transpose_matrix(dy + n * out_sample, outputs, g.f, outputs, dy_t, g.f);
         } else {
           pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
@@ -347,7 +366,7 @@ void pad_block(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, cons
   at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       if (planes) {
-        pad_pixels_from_planes(x + (n0 + s) * in_sample, g, sp, padded + s * plane);
+        pad_pixel_phases_from_planes(x + (n0 + s) * in_sample, g, sp, padded + s * plane);
       } else {
         pad_pixel_phases(x + (n0 + s) * in_sample, g, sp, padded + s * plane);
       }
@@ -489,6 +508,129 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeo
     cpu::gemm<T>(g.f, k, nb * p, {dy_rows, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw_cl, k, ep);
   }
   if (planes) taps_major_to_nchw(dw_cl, dw, g);
+}
+
+// ------------------------------------------------------------------ d_x of strided layers by phases
+// d_x of a strided layer (dilation 1) by the stride's phases (conv2d_shifted.h: input_phases derives
+// it), for the layers the pixel kernels run. dY is padded into pixels once, by phase (0, 0)'s padding,
+// the largest; each phase's transposed convolution is then a gemm_segments over it whose rows are only
+// its outputs that land in the image, [u0, u1) x [v0, v1) (a phase of fewer taps reads dY from further
+// in), and their [rows x C] go to the phase's pixels of d_x: the phases' rows are d_x's pixels, each
+// once. Pixels no window reaches (a stride over the kernel, a remainder at the end) are zeros. One
+// sample a GEMM from kMinPixelsPerSample outputs; below, a block of samples' padded dY side by side (as
+// the pixel rows). dy and dx are NHWC, or NCHW when `planes` (transposed per sample, in cache).
+template <typename T>
+void conv_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g, bool planes) {
+  const std::vector<InputPhase> phases = input_phases(g);
+  const Conv2dGeometry& t0 = phases.front().t;  // pads dY by ceil(kH/sH) - 1 rows, the most of any phase
+  const ShiftedPlanes sp = shifted_planes(t0);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), pixels = g.h * g.w;
+  const int64_t in_sample = g.c * pixels, out_sample = g.f * g.col_cols(), dy_plane = sp.plane() * g.f;
+  const size_t np = phases.size();
+  const std::vector<at::Tensor> taps_of = phase_filters<T>(w, phases);
+  std::vector<FilterSegments<T>> filters;
+  std::vector<std::vector<int64_t>> rows(np);  // each phase's outputs in a sample: where they start in dY_pad
+  std::vector<std::vector<int64_t>> taps(np);  // each tap's shift of dY_pad, in elements
+  for (size_t q = 0; q < np; ++q) {
+    const InputPhase& ph = phases[q];
+    filters.push_back(filter_segments<T>(taps_of[q], /*transposed=*/true, ph.t, /*own_storage=*/true));
+    const int64_t dh = t0.ph - ph.t.ph, dw = t0.pw - ph.t.pw;  // where its padded dY starts in dY_pad
+    for (int64_t u = ph.u0; u < ph.u1; ++u) {
+      for (int64_t v = ph.v0; v < ph.v1; ++v) rows[q].push_back(((u + dh) * sp.wp + v + dw) * g.f);
+    }
+    for (int64_t th = 0; th < ph.t.kh; ++th) {
+      for (int64_t tw = 0; tw < ph.t.kw; ++tw) taps[q].push_back((th * sp.wp + tw) * g.f);
+    }
+  }
+  // The rows and columns of the image some phase reaches: a pixel outside them stays 0.
+  std::vector<bool> row_hit(g.h, false), col_hit(g.w, false);
+  for (const InputPhase& ph : phases) {
+    for (int64_t u = ph.u0; u < ph.u1; ++u) row_hit[u * g.sh + ph.a - g.ph] = true;
+    for (int64_t v = ph.v0; v < ph.v1; ++v) col_hit[v * g.sw + ph.b - g.pw] = true;
+  }
+  const bool all_hit = std::find(row_hit.begin(), row_hit.end(), false) == row_hit.end() &&
+                       std::find(col_hit.begin(), col_hit.end(), false) == col_hit.end();
+
+  // out = the phases' products for nb samples padded `padded` apart from dy_pad, phase after phase:
+  // phase q's rows for sample s at out + (nb * first_q + s * rows_q) * C, first_q its predecessors' rows.
+  const auto products = [&](const T* dy_pad, int64_t nb, const std::vector<std::vector<int64_t>>& block_rows, T* out) {
+    std::vector<const T*> segments;
+    for (size_t q = 0; q < np; ++q) {
+      for (int64_t grp = 0; grp < g.groups; ++grp) {  // dY's channels of the group; d_x's columns
+        segments.clear();
+        for (const int64_t shift : taps[q]) segments.push_back(dy_pad + shift + grp * fg);
+        cpu::gemm_segments<T>(block_rows[q].size(), segments.data(), g.f, filters[q].groups[grp], out + grp * cg, g.c,
+                              {}, block_rows[q].data());
+      }
+      out += block_rows[q].size() * g.c;
+    }
+  };
+  // Sample s of such a block into its pixels dx_n [H*W x C]: output (u, v) of phase (a, b) is input
+  // (u*sH + a - pH, v*sW + b - pW).
+  const auto put = [&](const T* out, int64_t nb, int64_t s, T* dx_n) {
+    if (!all_hit) {
+      for (int64_t i = 0; i < g.h; ++i) {
+        for (int64_t j = 0; j < g.w; ++j) {
+          if (!row_hit[i] || !col_hit[j]) std::fill(dx_n + (i * g.w + j) * g.c, dx_n + (i * g.w + j + 1) * g.c, T(0));
+        }
+      }
+    }
+    for (size_t q = 0; q < np; ++q) {
+      const InputPhase& ph = phases[q];
+      const int64_t nv = ph.v1 - ph.v0, j0 = ph.v0 * g.sw + ph.b - g.pw;
+      const T* src = out + s * rows[q].size() * g.c;
+      for (int64_t u = ph.u0; u < ph.u1; ++u) {
+        T* dst = dx_n + ((u * g.sh + ph.a - g.ph) * g.w + j0) * g.c;
+        for (int64_t v = 0; v < nv; ++v, src += g.c) std::copy(src, src + g.c, dst + v * g.sw * g.c);
+      }
+      out += nb * rows[q].size() * g.c;
+    }
+  };
+  const auto store = [&](const T* out, int64_t nb, int64_t s, int64_t n) {  // sample s of a block is sample n
+    if (!planes) return put(out, nb, s, dx + n * in_sample);
+    T* dx_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, in_sample);  // [pixels x C] -> dx[n][C][pixels]
+    put(out, nb, s, dx_t);
+    cpu::transpose_matrix(dx_t, g.c, pixels, g.c, dx + n * in_sample, pixels);
+  };
+
+  if (channels_last_direct(g)) {  // a sample a GEMM, the samples cut among the threads
+    const int64_t chunks = chunk_count(g);
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      T* dy_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, dy_plane);
+      T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample);
+      for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
+        if (planes) {
+          pad_pixels_from_planes(dy + n * out_sample, t0, sp, dy_pad);
+        } else {
+          pad_pixels(dy + n * out_sample, t0, sp, dy_pad);
+        }
+        products(dy_pad, 1, rows, out);
+        store(out, 1, 0, n);
+      }
+    });
+    return;
+  }
+  // Small images: a block's padded dY side by side, each GEMM split among the threads.
+  const int64_t nb_max = samples_per_block(t0, dy_plane);
+  T* padded = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * dy_plane);
+  T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * in_sample);
+  std::vector<std::vector<int64_t>> block_rows(np);
+  for (size_t q = 0; q < np; ++q) {
+    for (int64_t s = 0; s < nb_max; ++s) {
+      for (const int64_t r : rows[q]) block_rows[q].push_back(s * dy_plane + r);
+    }
+  }
+  for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, g.n - n0);
+    if (nb < nb_max) {
+      for (size_t q = 0; q < np; ++q) block_rows[q].resize(nb * rows[q].size());
+    }
+    pad_block(dy, n0, nb, t0, sp, planes, padded);
+    products(padded, nb, block_rows, out);
+    at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) store(out, nb, s, n0 + s);
+    });
+  }
 }
 
 }  // namespace conv2d_cpu

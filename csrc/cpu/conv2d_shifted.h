@@ -196,11 +196,9 @@ inline void phase_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t
   *u1 = std::min(out, last >= 0 ? last / s + 1 : 0);
 }
 
-// For each phase that reaches an input: `transposed(phase, taps)` runs t on dY with `taps` (the view of
-// W's taps of the phase, (F, C, k_a, k_b)) and returns its output, (N, C, t.oh, t.ow) in dx's layout,
-// whose range [u0, u1) x [v0, v1) is then copied to dx's inputs of the phase. dx starts as zeros.
-template <typename Transposed>
-void for_each_input_phase(const Conv2dGeometry& g, const at::Tensor& w, at::Tensor& dx, const Transposed& transposed) {
+// The phases that reach an input, phase (0, 0) first (it has the most taps: its t pads dY the most).
+inline std::vector<InputPhase> input_phases(const Conv2dGeometry& g) {
+  std::vector<InputPhase> phases;
   for (int64_t a = 0; a < std::min(g.sh, g.kh); ++a) {
     for (int64_t b = 0; b < std::min(g.sw, g.kw); ++b) {
       InputPhase phase{a, b, g, g, 0, 0, 0, 0};
@@ -213,13 +211,71 @@ void for_each_input_phase(const Conv2dGeometry& g, const at::Tensor& w, at::Tens
       t.oh = g.oh + phase.sub.kh - 1, t.ow = g.ow + phase.sub.kw - 1;
       phase_outputs(g.h, t.oh, g.sh, g.ph, a, &phase.u0, &phase.u1);
       phase_outputs(g.w, t.ow, g.sw, g.pw, b, &phase.v0, &phase.v1);
-      if (phase.u1 <= phase.u0 || phase.v1 <= phase.v0) continue;
-      const at::Tensor out = transposed(phase, w.slice(2, a, g.kh, g.sh).slice(3, b, g.kw, g.sw));
-      const int64_t i0 = phase.u0 * g.sh + a - g.ph, j0 = phase.v0 * g.sw + b - g.pw;
-      dx.slice(2, i0, i0 + (phase.u1 - phase.u0 - 1) * g.sh + 1, g.sh)
-          .slice(3, j0, j0 + (phase.v1 - phase.v0 - 1) * g.sw + 1, g.sw)
-          .copy_(out.slice(2, phase.u0, phase.u1).slice(3, phase.v0, phase.v1));
+      if (phase.u1 > phase.u0 && phase.v1 > phase.v0) phases.push_back(phase);
     }
+  }
+  return phases;
+}
+
+// W's taps of each phase, (F, C, k_a, k_b): views of one tensor [F][taps][C] that holds each filter's
+// taps phase after phase, channels innermost, so that a phase's taps lie evenly spaced, as in a whole
+// channels_last weight: the pixel kernels pack them by runs of channels (a strided view of w's taps they
+// would first copy). From a channels_last w the channels are copied by runs; from NCHW each filter's
+// [C x taps] is transposed first (cpu::transpose_matrix). One pass, parallel over the filters.
+template <typename T>
+std::vector<at::Tensor> phase_filters(const at::Tensor& w, const std::vector<InputPhase>& phases) {
+  const int64_t f = w.size(0), c = w.size(1), kh = w.size(2), kw = w.size(3);
+  std::vector<int64_t> first{0};  // each phase's first tap in a filter's taps
+  std::vector<int64_t> tap_of;    // w's tap (t_h*kW + t_w) of each of them: a + i*sH, b + j*sW
+  for (const InputPhase& ph : phases) {
+    first.push_back(first.back() + ph.sub.kh * ph.sub.kw);
+    for (int64_t i = 0; i < ph.sub.kh; ++i) {
+      for (int64_t j = 0; j < ph.sub.kw; ++j) tap_of.push_back((ph.a + i * ph.sub.sh) * kw + ph.b + j * ph.sub.sw);
+    }
+  }
+  const int64_t taps = first.back();
+  const bool nchw = w.is_contiguous();
+  at::Tensor all = at::empty({f, taps * c}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* src = w.const_data_ptr<T>();
+  T* dst = all.mutable_data_ptr<T>();
+  at::parallel_for(0, f, 1, [&](int64_t f0, int64_t f1) {
+    T* by_tap = nchw ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, kh * kw * c) : nullptr;  // [taps][C]
+    for (int64_t fi = f0; fi < f1; ++fi) {
+      T* to = dst + fi * taps * c;
+      if (nchw) {
+        cpu::transpose_matrix(src + fi * c * kh * kw, kh * kw, c, kh * kw, by_tap, c);
+        for (int64_t t = 0; t < taps; ++t) std::copy(by_tap + tap_of[t] * c, by_tap + (tap_of[t] + 1) * c, to + t * c);
+        continue;
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        const T* tap = src + fi * w.stride(0) + tap_of[t] / kw * w.stride(2) + tap_of[t] % kw * w.stride(3);
+        if (w.stride(1) == 1) {  // channels_last: a run
+          std::copy(tap, tap + c, to + t * c);
+        } else {
+          for (int64_t ci = 0; ci < c; ++ci) to[t * c + ci] = tap[ci * w.stride(1)];
+        }
+      }
+    }
+  });
+  std::vector<at::Tensor> views;
+  for (size_t q = 0; q < phases.size(); ++q) {
+    const int64_t kb = phases[q].sub.kw;
+    views.push_back(all.as_strided({f, c, phases[q].sub.kh, kb}, {taps * c, 1, kb * c, c}, first[q] * c));
+  }
+  return views;
+}
+
+// For each phase that reaches an input: `transposed(phase, taps)` runs t on dY with `taps` (phase_filters)
+// and returns its output, (N, C, t.oh, t.ow) in dx's layout, whose range [u0, u1) x [v0, v1) is then
+// copied to dx's inputs of the phase. dx starts as zeros.
+template <typename Transposed>
+void for_each_input_phase(const Conv2dGeometry& g, const at::Tensor& w, at::Tensor& dx, const Transposed& transposed) {
+  for (const InputPhase& phase : input_phases(g)) {
+    const at::Tensor out = transposed(phase, w.slice(2, phase.a, g.kh, g.sh).slice(3, phase.b, g.kw, g.sw));
+    const int64_t i0 = phase.u0 * g.sh + phase.a - g.ph, j0 = phase.v0 * g.sw + phase.b - g.pw;
+    dx.slice(2, i0, i0 + (phase.u1 - phase.u0 - 1) * g.sh + 1, g.sh)
+        .slice(3, j0, j0 + (phase.v1 - phase.v0 - 1) * g.sw + 1, g.sw)
+        .copy_(out.slice(2, phase.u0, phase.u1).slice(3, phase.v0, phase.v1));
   }
 }
 

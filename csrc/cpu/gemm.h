@@ -19,7 +19,7 @@ namespace cpu {
 // 4 ms convolution in this VM). `slot` tells apart the buffers in use at the same time (Scratch below);
 // the contents are not initialised. What stays allocated is the largest size each slot was asked for,
 // which the convolution bounds independently of the batch size (docs/conv2d.md).
-enum class Scratch : int { kPackA, kPackB, kFilters, kRows, kOut, kPadded, kGrad, kPartial, kCount };
+enum class Scratch : int { kPackA, kPackB, kFilters, kRows, kOut, kPadded, kGrad, kPartial, kTransposed, kCount };
 
 template <typename T>
 T* thread_scratch(Scratch slot, int64_t size) {

@@ -345,11 +345,13 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
   });
 }
 
-// The padded planes of a block of samples side by side (pad_pixel_phases each; from NCHW planes, stride 1
-// only), in which the rows of all the block's outputs are places: the NHWC kernel's row table, made to
-// span samples. Read in place by gemm_segments (taps as segments) and gemm_gather_a (d_W), it stands for
-// the pixel rows' im2col without copying each input taps times: (16, 256, 8, 8) 3 x 3, 1.6 MiB of
-// padded planes where the rows were 9.4 MiB.
+// The padded planes of a block of samples side by side (pad_pixel_phases each, or its _from_planes), in
+// which the rows of all the block's outputs are places: the NHWC kernel's row table, made to span
+// samples. Read in place by gemm_segments (taps as segments) and gemm_gather_a (d_W), it stands for the
+// pixel rows' im2col without copying each input taps times: (16, 256, 8, 8) 3 x 3, 1.6 MiB of padded
+// planes where the rows were 9.4 MiB. The forward of strided NCHW layers keeps the im2col: transposed
+// into the stride's phases, a 4 x 4 output's planes are 6 times its pixels ((16, 256, 8, 8) 3 x 3 stride
+// 2: 1.5 ms by im2col, 1.8 padded), and at 8 x 8 the two tie.
 inline bool pixel_rows_padded(const Conv2dGeometry& g, bool planes) { return !planes || (g.sh == 1 && g.sw == 1); }
 
 // Samples per block of padded planes.
@@ -446,7 +448,7 @@ const T* dy_pixel_rows(const T* dy, int64_t n0, int64_t nb, const Conv2dGeometry
   return dy_t;
 }
 
-// d_W by pixel rows on AVX-512 (float32), from a block's padded planes (pixel_rows_padded) with neither
+// d_W by pixel rows on AVX-512 (float32), from a block's padded planes (pad_block) with neither
 // operand copied: d_Wᵀ [(t, c) x F] += col(x)ᵀ · dY (cpu::gemm_gather_a: row (t, c) starts at its tap's
 // shift of the block, column j adds output j's place), the rows split among the threads; then
 // transposed into W's order. From 8 x 8 outputs on ((16, 256, 8, 8) 3 x 3: 3.1-4.1 -> 2.8-3.2 ms); at
@@ -490,7 +492,7 @@ void conv_weight_grad_padded_block(const T* dy, const T* x, T* dw, const Conv2dG
 template <typename T>
 void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = true) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::gather_a_available() && pixel_rows_padded(g, planes) && g.col_cols() >= kMinGatheredPixels) {
+    if (cpu::gather_a_available() && g.col_cols() >= kMinGatheredPixels) {
       return conv_weight_grad_padded_block(dy, x, dw, g, planes);
     }
   }

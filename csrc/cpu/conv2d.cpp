@@ -5,10 +5,11 @@
 //   conv2d_blocks.h     how the batch is cut among threads and into GEMMs
 //   conv2d_im2col.h     im2col written straight into the GEMM's panels; col2im (a gather)
 //   conv2d_shifted.h    shifted planes: each row of col(x) a run of the padded input (or of one phase of
-//                       it, for strided layers), read in place by the GEMM; d_x of strided layers by phases
+//                       it, for strided layers), read in place by the GEMM; the phases of a strided d_x
 //   conv2d_gemm.h       the NCHW forward and backward: d_W, d_col + col2im, d_x as the transposed conv
 //   conv2d_pixels.h     pixels as GEMM rows: channels_last layers (taps as segments), NCHW layers with
-//                       short rows transposed in cache, small images as the pixel rows of all samples
+//                       short rows or strides transposed in cache, small images as the pixel rows of all
+//                       samples, d_x of strided layers by phases
 //   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
 //   conv2d_windows.h    channels_last layers of few channels (a stem): each pixel's window a GEMM row
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
@@ -296,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
   // channels_last in NHWC kernels, and small images as pixel rows of NHWC. d_x: the transposed convolution
   // (stride 1; a small image's has its input's size, so it goes by pixel rows too), or for strided layers
-  // that of each of the stride's phases (conv2d_shifted.h: for_each_input_phase).
+  // that of each of the stride's phases (conv_input_grad_phases).
   // Both need 16 input channels a group: with 3 (a stem, the CS231n layer) d_W's runs are 3 long and d_x's
   // 3 output channels fill none of a vector; the NCHW kernels on NCHW copies were 3-8x faster there.
   Conv2dGeometry t;
@@ -363,17 +364,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       } else if (need_dw) {
         conv_weight_grad_nhwc<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g);
       }
-      // y = the transposed convolution u of w's filters on dY (stride 1), in NHWC: by pixel rows for small
-      // images; the filters read through w's strides (filter_segments)
-      const auto transposed = [&](const at::Tensor& w, scalar_t* y, const Conv2dGeometry& u) {
-        if (use_pixel_rows(u) && !channels_last_direct(u)) {
-          conv_forward_pixel_rows<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u, /*planes=*/false);
-        } else {
-          conv_forward_nhwc<scalar_t>(dyp, w, /*transposed=*/true, nullptr, y, u);
-        }
-      };
-      if (dx_transposed) {
-        transposed(weight, dx.mutable_data_ptr<scalar_t>(), t);
+      // d_x = the transposed convolution t of w's filters on dY, in NHWC: by pixel rows for small images;
+      // the filters read through w's strides (filter_segments)
+      if (dx_transposed && use_pixel_rows(t) && !channels_last_direct(t)) {
+        conv_forward_pixel_rows<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t,
+                                          /*planes=*/false);
+      } else if (dx_transposed) {
+        conv_forward_nhwc<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t);
       }
       if (dx_phases) {
         conv_input_grad_phases<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);

@@ -172,6 +172,10 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # and a tail of 8, 3x3 (d_W's nine sums in registers) and 5x5, d_x by the flipped filters
     dict(shape=(2, 40, 9, 11), f=40, k=3, stride=1, padding=1, groups=40),
     dict(shape=(2, 20, 8, 9), f=20, k=5, stride=1, padding=2, groups=20),
+    # ... and rows long enough for blocks of 8 outputs read in place between blocks that meet the padding
+    # (channels_last reads x where it lies), strided and dilated too
+    dict(shape=(2, 32, 5, 40), f=32, k=3, stride=1, padding=1, groups=32),
+    dict(shape=(2, 48, 9, 61), f=48, k=5, stride=2, padding=3, groups=48, dilation=2),
     # 1x1 layers, which channels_last runs as products over the whole batch's pixels (conv2d_pointwise.h):
     # an expansion (fewer channels than filters: d_W as Xᵀ · dY, transposed; under 32 channels the
     # forward as a plain GEMM), projections whose filters make narrow tiles (16: 24 x 16, 24: 12 x 32;
@@ -198,7 +202,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 16, 17, 18), f=20, k=3, stride=2, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
-        "small_strided", "depthwise_vectors", "depthwise_5x5", "pointwise_expansion", "pointwise_16",
+        "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block",
         "padded_block_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])

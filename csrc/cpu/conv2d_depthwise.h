@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/conv2d.h"
@@ -374,6 +375,82 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
   }
 }
 
+// The same from an NHWC sample x read where it lies, with no padded copy (that copy was a third of the
+// forward's time): a tap that falls in the padding reads a vector of zeros instead. Per output row, the
+// taps whose rows lie in the image (`rows`); along the row, blocks of 8 outputs as above (the last one
+// ending at the row's end, overlapping its predecessor), those whose taps' columns all lie in the image
+// [lo, hi) read x directly, the others choose per output and tap between x and the zeros (a select, not
+// a branch: the outputs' sums stay 8 independent chains; one output at a time waited on its chain of
+// taps). At most kMaxTaps taps (the caller pads for more).
+template <typename T>
+CS231N_INLINE void dw_forward_nhwc(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int kPixels = 8, kMaxTaps = 49;
+  alignas(64) static const T zeros[V::kLanes] = {};
+  const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes, step = g.sw * C;
+  int64_t lo, hi, lo_last, hi_last;  // the outputs whose first and whose last tap column lie in the image
+  conv_valid_out_range(0, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
+  conv_valid_out_range(g.kw - 1, g.sw, g.pw, g.dw, g.w, g.ow, &lo_last, &hi_last);
+  lo = std::max(lo, lo_last);
+  hi = std::max(lo, std::min(hi, hi_last));
+  int64_t rows[kMaxTaps];  // an output row's taps in the image
+  int64_t at[kMaxTaps];    // and where each reads for output (o_h, 0), from x: its column may be < 0
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    int n = 0;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh);
+      if (i_h < 0 || i_h >= g.h) continue;
+      rows[n] = t;
+      at[n++] = (i_h * g.w + conv_in_index<int64_t>(0, t % g.kw, g.sw, g.pw, g.dw)) * C;
+    }
+    T* y = out + o_h * g.ow * C;
+    for (int64_t c = 0; c < whole; c += V::kLanes) {
+      Vec w[kMaxTaps];
+      for (int k = 0; k < n; ++k) w[k] = V::at(w_t + rows[k] * C + c);
+      const Vec init = b ? V::at(b + c) : Vec{};
+      for (int64_t b0 = 0; b0 < g.ow; b0 += kPixels) {
+        const int64_t o0 = std::max<int64_t>(0, std::min(b0, g.ow - kPixels));
+        int64_t px[kPixels];  // the block's outputs (the last one repeated in a row under 8 long)
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p) px[p] = std::min(o0 + p, g.ow - 1);
+        Vec acc[kPixels];
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p) acc[p] = init;
+        if (o0 >= lo && o0 + kPixels <= hi) {
+          const T* first = x + o0 * step + c;
+          for (int k = 0; k < n; ++k) {
+#pragma GCC unroll 8
+            for (int p = 0; p < kPixels; ++p) acc[p] += w[k] * V::at(first + p * step + at[k]);
+          }
+        } else {
+          for (int k = 0; k < n; ++k) {
+            const int64_t tw = rows[k] % g.kw;
+#pragma GCC unroll 8
+            for (int p = 0; p < kPixels; ++p) {
+              const int64_t i_w = conv_in_index(px[p], tw, g.sw, g.pw, g.dw);
+              const T* src = i_w >= 0 && i_w < g.w ? x + at[k] + px[p] * step + c : zeros;
+              acc[p] += w[k] * V::at(src);
+            }
+          }
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p) V::at(y + px[p] * C + c) = acc[p];
+      }
+    }
+    for (int64_t c = whole; c < C; ++c) {  // the channels past the vectors, one output at a time
+      for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+        T acc = b ? b[c] : T(0);
+        for (int k = 0; k < n; ++k) {
+          const int64_t i_w = conv_in_index(o_w, rows[k] % g.kw, g.sw, g.pw, g.dw);
+          if (i_w >= 0 && i_w < g.w) acc += w_t[rows[k] * C + c] * x[at[k] + o_w * step + c];
+        }
+        y[o_w * C + c] = acc;
+      }
+    }
+  }
+}
+
 // The backward's sums for one sample: dx_pad (zeroed here; the transposed convolution as a scatter) and
 // the running dw_t [taps][C] and db [C]. One vector of channels at a time over all the pixels, its
 // weights read once and its d_W (one vector per tap) and d_b held in registers.
@@ -447,6 +524,18 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
 
 // The loops above compiled for each instruction set (their bodies inline into each).
 template <typename T>
+void dw_forward_nhwc_baseline(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, w_t, b, out, g);
+}
+template <typename T>
+CS231N_AVX2 void dw_forward_nhwc_avx2(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, w_t, b, out, g);
+}
+template <typename T>
+CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, w_t, b, out, g);
+}
+template <typename T>
 void dw_forward_pixels_baseline(const T* x_pad, const T* w_t, const T* b, T* out, const Conv2dGeometry& g,
                                 const ShiftedPlanes& sp, const int64_t* offset) {
   dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
@@ -494,6 +583,22 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
   const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
+  if (!planes && g.taps() <= 49) {  // NHWC read where it lies (dw_forward_nhwc's kMaxTaps)
+    at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const T *x_n = x + n * in_sample, *w = w_t.data();
+        T* y_n = y + n * out_sample;
+        if (isa == cpu::Isa::kAvx512) {
+          dw_forward_nhwc_avx512(x_n, w, b, y_n, g);
+        } else if (isa == cpu::Isa::kAvx2) {
+          dw_forward_nhwc_avx2(x_n, w, b, y_n, g);
+        } else {
+          dw_forward_nhwc_baseline(x_n, w, b, y_n, g);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample) : nullptr;

@@ -513,122 +513,80 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeo
 }
 
 // ------------------------------------------------------------------ d_x of strided layers by phases
-// d_x of a strided layer (dilation 1) by the stride's phases (conv2d_shifted.h: input_phases derives
-// it), for the layers the pixel kernels run. dY is padded into pixels once, by phase (0, 0)'s padding,
-// the largest; each phase's transposed convolution is then a gemm_segments over it whose rows are only
-// its outputs that land in the image, [u0, u1) x [v0, v1) (a phase of fewer taps reads dY from further
-// in), and their [rows x C] go to the phase's pixels of d_x: the phases' rows are d_x's pixels, each
-// once. Pixels no window reaches (a stride over the kernel, a remainder at the end) are zeros. One
-// sample a GEMM from kMinPixelsPerSample outputs; below, a block of samples' padded dY side by side (as
-// the pixel rows). dy and dx are NHWC, or NCHW when `planes` (transposed per sample, in cache).
+// d_x of a strided layer (dilation 1) by the stride's phases, for the layers the pixel kernels run
+// (conv2d_shifted.h: input_phases derives it, PhasePixels lays it out): dY padded into pixels once, each
+// phase's transposed convolution a gemm_segments over it whose rows are only its outputs that land in the
+// image. Each phase's filters are W's taps of the phase reordered once (phase_filters), so that they pack
+// by runs of channels. One sample a product from kMinPixelsPerSample outputs; below, a block of samples'
+// padded dY side by side (as the pixel rows). dy and dx are NHWC, or NCHW when `planes` (transposed per
+// sample, in cache).
 template <typename T>
 void conv_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g, bool planes) {
-  const std::vector<InputPhase> phases = input_phases(g);
-  const Conv2dGeometry& t0 = phases.front().t;  // pads dY by ceil(kH/sH) - 1 rows, the most of any phase
-  const ShiftedPlanes sp = shifted_planes(t0);
+  const PhasePixels pp(g);
+  const size_t np = pp.phases.size();
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), pixels = g.h * g.w;
-  const int64_t in_sample = g.c * pixels, out_sample = g.f * g.col_cols(), dy_plane = sp.plane() * g.f;
-  const size_t np = phases.size();
-  const std::vector<at::Tensor> taps_of = phase_filters<T>(w, phases);
+  const int64_t in_sample = g.c * pixels, out_sample = g.f * g.col_cols(), dy_plane = pp.sp.plane() * g.f;
+  const std::vector<at::Tensor> taps_of = phase_filters<T>(w, pp.phases);
   std::vector<FilterSegments<T>> filters;
-  std::vector<std::vector<int64_t>> rows(np);  // each phase's outputs in a sample: where they start in dY_pad
-  std::vector<std::vector<int64_t>> taps(np);  // each tap's shift of dY_pad, in elements
   for (size_t q = 0; q < np; ++q) {
-    const InputPhase& ph = phases[q];
-    filters.push_back(filter_segments<T>(taps_of[q], /*transposed=*/true, ph.t, /*own_storage=*/true));
-    const int64_t dh = t0.ph - ph.t.ph, dw = t0.pw - ph.t.pw;  // where its padded dY starts in dY_pad
-    for (int64_t u = ph.u0; u < ph.u1; ++u) {
-      for (int64_t v = ph.v0; v < ph.v1; ++v) rows[q].push_back(((u + dh) * sp.wp + v + dw) * g.f);
-    }
-    for (int64_t th = 0; th < ph.t.kh; ++th) {
-      for (int64_t tw = 0; tw < ph.t.kw; ++tw) taps[q].push_back((th * sp.wp + tw) * g.f);
-    }
+    filters.push_back(filter_segments<T>(taps_of[q], /*transposed=*/true, pp.phases[q].t, /*own_storage=*/true));
   }
-  // The rows and columns of the image some phase reaches: a pixel outside them stays 0.
-  std::vector<bool> row_hit(g.h, false), col_hit(g.w, false);
-  for (const InputPhase& ph : phases) {
-    for (int64_t u = ph.u0; u < ph.u1; ++u) row_hit[u * g.sh + ph.a - g.ph] = true;
-    for (int64_t v = ph.v0; v < ph.v1; ++v) col_hit[v * g.sw + ph.b - g.pw] = true;
-  }
-  const bool all_hit = std::find(row_hit.begin(), row_hit.end(), false) == row_hit.end() &&
-                       std::find(col_hit.begin(), col_hit.end(), false) == col_hit.end();
-
-  // out = the phases' products for nb samples padded `padded` apart from dy_pad, phase after phase:
-  // phase q's rows for sample s at out + (nb * first_q + s * rows_q) * C, first_q its predecessors' rows.
-  const auto products = [&](const T* dy_pad, int64_t nb, const std::vector<std::vector<int64_t>>& block_rows, T* out) {
+  // rows[q] for a block of nb samples, in elements: sample s's rows one dY_pad further on
+  const auto block_rows = [&](int64_t nb) {
+    std::vector<std::vector<int64_t>> rows(np);
+    for (size_t q = 0; q < np; ++q) {
+      for (int64_t s = 0; s < nb; ++s) {
+        for (const int64_t r : pp.rows[q]) rows[q].push_back(s * dy_plane + r * g.f);
+      }
+    }
+    return rows;
+  };
+  // out = the products for a block of samples padded dy_plane apart from dy_pad, phase after phase
+  const auto products = [&](const T* dy_pad, const std::vector<std::vector<int64_t>>& rows, T* out) {
     std::vector<const T*> segments;
     for (size_t q = 0; q < np; ++q) {
       for (int64_t grp = 0; grp < g.groups; ++grp) {  // dY's channels of the group; d_x's columns
         segments.clear();
-        for (const int64_t shift : taps[q]) segments.push_back(dy_pad + shift + grp * fg);
-        cpu::gemm_segments<T>(block_rows[q].size(), segments.data(), g.f, filters[q].groups[grp], out + grp * cg, g.c,
-                              {}, block_rows[q].data());
+        for (const int64_t shift : pp.taps[q]) segments.push_back(dy_pad + shift * g.f + grp * fg);
+        cpu::gemm_segments<T>(rows[q].size(), segments.data(), g.f, filters[q].groups[grp], out + grp * cg, g.c, {},
+                              rows[q].data());
       }
-      out += block_rows[q].size() * g.c;
-    }
-  };
-  // Sample s of such a block into its pixels dx_n [H*W x C]: output (u, v) of phase (a, b) is input
-  // (u*sH + a - pH, v*sW + b - pW).
-  const auto put = [&](const T* out, int64_t nb, int64_t s, T* dx_n) {
-    if (!all_hit) {
-      for (int64_t i = 0; i < g.h; ++i) {
-        for (int64_t j = 0; j < g.w; ++j) {
-          if (!row_hit[i] || !col_hit[j]) std::fill(dx_n + (i * g.w + j) * g.c, dx_n + (i * g.w + j + 1) * g.c, T(0));
-        }
-      }
-    }
-    for (size_t q = 0; q < np; ++q) {
-      const InputPhase& ph = phases[q];
-      const int64_t nv = ph.v1 - ph.v0, j0 = ph.v0 * g.sw + ph.b - g.pw;
-      const T* src = out + s * rows[q].size() * g.c;
-      for (int64_t u = ph.u0; u < ph.u1; ++u) {
-        T* dst = dx_n + ((u * g.sh + ph.a - g.ph) * g.w + j0) * g.c;
-        for (int64_t v = 0; v < nv; ++v, src += g.c) std::copy(src, src + g.c, dst + v * g.sw * g.c);
-      }
-      out += nb * rows[q].size() * g.c;
+      out += rows[q].size() * g.c;
     }
   };
   const auto store = [&](const T* out, int64_t nb, int64_t s, int64_t n) {  // sample s of a block is sample n
-    if (!planes) return put(out, nb, s, dx + n * in_sample);
+    if (!planes) return pp.put(out, nb, s, dx + n * in_sample, g);
     T* dx_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, in_sample);  // [pixels x C] -> dx[n][C][pixels]
-    put(out, nb, s, dx_t);
+    pp.put(out, nb, s, dx_t, g);
     cpu::transpose_matrix(dx_t, g.c, pixels, g.c, dx + n * in_sample, pixels);
   };
 
   if (channels_last_direct(g)) {  // a sample a GEMM, the samples cut among the threads
+    const std::vector<std::vector<int64_t>> rows = block_rows(1);
     const int64_t chunks = chunk_count(g);
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       T* dy_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, dy_plane);
       T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample);
       for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
         if (planes) {
-          pad_pixels_from_planes(dy + n * out_sample, t0, sp, dy_pad);
+          pad_pixels_from_planes(dy + n * out_sample, pp.t0, pp.sp, dy_pad);
         } else {
-          pad_pixels(dy + n * out_sample, t0, sp, dy_pad);
+          pad_pixels(dy + n * out_sample, pp.t0, pp.sp, dy_pad);
         }
-        products(dy_pad, 1, rows, out);
+        products(dy_pad, rows, out);
         store(out, 1, 0, n);
       }
     });
     return;
   }
   // Small images: a block's padded dY side by side, each GEMM split among the threads.
-  const int64_t nb_max = samples_per_block(t0, dy_plane);
+  const int64_t nb_max = samples_per_block(pp.t0, dy_plane);
   T* padded = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * dy_plane);
   T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * in_sample);
-  std::vector<std::vector<int64_t>> block_rows(np);
-  for (size_t q = 0; q < np; ++q) {
-    for (int64_t s = 0; s < nb_max; ++s) {
-      for (const int64_t r : rows[q]) block_rows[q].push_back(s * dy_plane + r);
-    }
-  }
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, g.n - n0);
-    if (nb < nb_max) {
-      for (size_t q = 0; q < np; ++q) block_rows[q].resize(nb * rows[q].size());
-    }
-    pad_block(dy, n0, nb, t0, sp, planes, padded);
-    products(padded, nb, block_rows, out);
+    pad_block(dy, n0, nb, pp.t0, pp.sp, planes, padded);
+    products(padded, block_rows(nb), out);
     at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) store(out, nb, s, n0 + s);
     });

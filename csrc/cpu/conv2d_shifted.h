@@ -217,6 +217,65 @@ inline std::vector<InputPhase> input_phases(const Conv2dGeometry& g) {
   return phases;
 }
 
+// d_x by phases over dY padded into pixels (conv_input_grad_phases, conv_input_grad_bf16_phases). dY is
+// padded once, by phase (0, 0)'s padding, the most of any phase (a phase of fewer taps reads it from
+// further in); each phase's outputs that land in the image, [u0, u1) x [v0, v1), are the rows of one
+// product over it, and their results go to the phase's pixels of d_x: every pixel once, the ones no
+// window reaches (a stride over the kernel, a remainder at the end) zero.
+struct PhasePixels {
+  std::vector<InputPhase> phases;
+  Conv2dGeometry t0;                       // phase (0, 0)'s transposed convolution: dY_pad's padding
+  ShiftedPlanes sp;                        // dY_pad (stride 1: the padded plane)
+  std::vector<std::vector<int64_t>> rows;  // phase q's rows: their first tap's pixel in dY_pad
+  std::vector<std::vector<int64_t>> taps;  // phase q's taps: their shifts in dY_pad, in pixels
+  std::vector<bool> row_hit, col_hit;      // the image's rows and columns that some phase reaches
+  bool all_hit;
+
+  explicit PhasePixels(const Conv2dGeometry& g)
+      : phases(input_phases(g)), t0(phases.front().t), sp(shifted_planes(t0)), rows(phases.size()),
+        taps(phases.size()), row_hit(g.h, false), col_hit(g.w, false) {
+    for (size_t q = 0; q < phases.size(); ++q) {
+      const InputPhase& ph = phases[q];
+      const int64_t dh = t0.ph - ph.t.ph, dw = t0.pw - ph.t.pw;  // where its padded dY starts in dY_pad
+      for (int64_t u = ph.u0; u < ph.u1; ++u) {
+        for (int64_t v = ph.v0; v < ph.v1; ++v) rows[q].push_back((u + dh) * sp.wp + v + dw);
+        row_hit[u * g.sh + ph.a - g.ph] = true;
+      }
+      for (int64_t v = ph.v0; v < ph.v1; ++v) col_hit[v * g.sw + ph.b - g.pw] = true;
+      for (int64_t th = 0; th < ph.t.kh; ++th) {
+        for (int64_t tw = 0; tw < ph.t.kw; ++tw) taps[q].push_back(th * sp.wp + tw);
+      }
+    }
+    all_hit = std::find(row_hit.begin(), row_hit.end(), false) == row_hit.end() &&
+              std::find(col_hit.begin(), col_hit.end(), false) == col_hit.end();
+  }
+
+  // Sample s of a block of nb samples into its pixels dx_n [H*W x C], from the products `out`: phase
+  // after phase, the block's rows of each ([rows x C] a sample). Output (u, v) of phase (a, b) is input
+  // (u*sH + a - pH, v*sW + b - pW).
+  template <typename T>
+  void put(const T* out, int64_t nb, int64_t s, T* dx_n, const Conv2dGeometry& g) const {
+    const int64_t C = g.c;
+    if (!all_hit) {
+      for (int64_t i = 0; i < g.h; ++i) {
+        for (int64_t j = 0; j < g.w; ++j) {
+          if (!row_hit[i] || !col_hit[j]) std::fill(dx_n + (i * g.w + j) * C, dx_n + (i * g.w + j + 1) * C, T(0));
+        }
+      }
+    }
+    for (size_t q = 0; q < phases.size(); ++q) {
+      const InputPhase& ph = phases[q];
+      const int64_t nv = ph.v1 - ph.v0, j0 = ph.v0 * g.sw + ph.b - g.pw, count = rows[q].size();
+      const T* src = out + s * count * C;
+      for (int64_t u = ph.u0; u < ph.u1; ++u) {
+        T* dst = dx_n + ((u * g.sh + ph.a - g.ph) * g.w + j0) * C;
+        for (int64_t v = 0; v < nv; ++v, src += C) std::copy(src, src + C, dst + v * g.sw * C);
+      }
+      out += nb * count * C;
+    }
+  }
+};
+
 // W's taps of each phase, (F, C, k_a, k_b): views of one tensor [F][taps][C] that holds each filter's
 // taps phase after phase, channels innermost, so that a phase's taps lie evenly spaced, as in a whole
 // channels_last weight: the pixel kernels pack them by runs of channels (a strided view of w's taps they

@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       bf16_forward(grad_output, Bf16Filters::transposed_of(weight), c10::nullopt, dx, t, format);
     }
     if (dx_phases) {
-      dx = at::zeros(input.sizes(), input.options().memory_format(format));
+      dx = at::empty(input.sizes(), input.options().memory_format(format));
       conv_input_grad_bf16_phases(grad_output.contiguous(format), weight, dx, g,
                                   format != at::MemoryFormat::ChannelsLast);
     }

@@ -437,18 +437,82 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
 // tiles are mostly padding, and the float32 route is faster (12.4 against 2.3 ms on the CS231n layer).
 inline bool bf16_input_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
 
-// A strided layer (dilation 1): d_x by the stride's phases (conv2d_shifted.h: for_each_input_phase), each
-// a stride-1 transposed convolution of dY run by the forward above.
-// dx: zeros, in the results' layout (NCHW when `planes`); dy: bfloat16 in that layout, contiguous.
+// A strided layer (dilation 1): d_x by the stride's phases in one pass, as the float32 route does
+// (conv2d_shifted.h: PhasePixels): dY padded into pixel pairs once, each phase's transposed convolution
+// tiles (bf16_tile) whose rows are only its outputs that land in the image, their float32 sums put at the
+// phase's pixels of the sample's d_x and rounded once. Small images (under kMinPixelsPerSample outputs)
+// a block of samples at a time, their padded dY side by side (at most kBf16RowsBytes), so that a filter
+// sliver serves more than a sample's few rows. The filters of each phase are packed from a strided view of
+// W's taps. dx in the results' layout (NCHW when `planes`), dy bfloat16 in that layout, contiguous.
 inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx,
                                         const Conv2dGeometry& g, bool planes) {
-  const auto format = planes ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  for_each_input_phase(g, w, dx, [&](const InputPhase& phase, const at::Tensor& taps) {
-    at::Tensor out = at::empty({g.n, g.c, phase.t.oh, phase.t.ow}, dy.options().memory_format(format));
-    conv_forward_bf16(dy.const_data_ptr<c10::BFloat16>(), Bf16Filters::transposed_of(taps), nullptr,
-                      out.mutable_data_ptr<c10::BFloat16>(), phase.t, planes);
-    return out;
+#if CS231N_X86
+  const PhasePixels pp(g);
+  const size_t np = pp.phases.size();
+  const int64_t cp = g.f + (g.f & 1), pairs = cp / 2;  // dY's channels, the transposed convolutions' input
+  const int64_t plane = pp.sp.plane(), pixels = g.h * g.w, in_sample = g.c * pixels;
+  const int64_t out_sample = g.f * g.col_cols();
+  std::vector<std::vector<uint32_t>> filters;
+  for (const InputPhase& ph : pp.phases) {
+    const at::Tensor taps = w.slice(2, ph.a, g.kh, g.sh).slice(3, ph.b, g.kw, g.sw);
+    filters.push_back(pack_bf16_filters(Bf16Filters::transposed_of(taps), ph.t, pairs));
+  }
+  const std::vector<uint8_t> used = bf16_used_phases(pp.t0, pp.sp);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const int64_t block = g.col_cols() < kMinPixelsPerSample
+                            ? std::clamp<int64_t>(kBf16RowsBytes / (plane * cp * 2), 1, (g.n + chunks - 1) / chunks)
+                            : 1;
+  // phase q's rows for a block, in words: sample s's one padded dY further on; its taps' shifts
+  std::vector<std::vector<int64_t>> rows(np), taps(np);
+  for (size_t q = 0; q < np; ++q) {
+    for (int64_t s = 0; s < block; ++s) {
+      for (const int64_t r : pp.rows[q]) rows[q].push_back((s * plane + r) * pairs);
+    }
+    for (const int64_t t : pp.taps[q]) taps[q].push_back(t * pairs);
+  }
+  auto* dxp = dx.mutable_data_ptr<c10::BFloat16>();
+  const auto* dyp = dy.const_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<uint16_t> dy_pad(block * plane * cp);
+    std::vector<float> out(block * pixels * g.c), dx_pixels(in_sample), dx_planes(planes ? in_sample : 0);
+    const auto* a = reinterpret_cast<const bf16_word*>(dy_pad.data());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
+      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0);
+        for (int64_t s = 0; s < nb; ++s) {
+          pad_bf16_pixels(dyp + (n0 + s) * out_sample, pp.t0, pp.sp, cp, planes, used, dy_pad.data() + s * plane * cp);
+        }
+        float* o = out.data();  // phase after phase, the block's rows of each
+        for (size_t q = 0; q < np; ++q) {
+          const int64_t m = nb * pp.rows[q].size();
+          for (int64_t j = 0; j < g.c; j += kBf16Nr) {
+            const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.c - j));
+            const uint32_t* sliver = filters[q].data() + (j / kBf16Nr) * taps[q].size() * pairs * kBf16Nr;
+            for (int64_t i = 0; i < m; i += kBf16Mr) {
+              const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, m - i));
+              bf16_tile(taps[q].size(), pairs, a, taps[q].data(), rows[q].data() + i, sliver, o + i * g.c + j, g.c,
+                        m_tile, n_tile, nullptr);
+            }
+          }
+          o += m * g.c;
+        }
+        for (int64_t s = 0; s < nb; ++s) {  // [pixels x C], rounded once (NCHW: transposed first)
+          pp.put(out.data(), nb, s, dx_pixels.data(), g);
+          const float* src = dx_pixels.data();
+          if (planes) {
+            cpu::transpose_matrix(src, g.c, pixels, g.c, dx_planes.data(), pixels);
+            src = dx_planes.data();
+          }
+          cpu::from_float(src, in_sample, dxp + (n0 + s) * in_sample);
+        }
+      }
+    }
   });
+#else
+  (void)dy, (void)w, (void)dx, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_input_grad_bf16_phases: AVX512-BF16 is an x86 instruction set");
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------ d_W

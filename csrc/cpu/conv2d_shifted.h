@@ -232,8 +232,13 @@ struct PhasePixels {
   bool all_hit;
 
   explicit PhasePixels(const Conv2dGeometry& g)
-      : phases(input_phases(g)), t0(phases.front().t), sp(shifted_planes(t0)), rows(phases.size()),
-        taps(phases.size()), row_hit(g.h, false), col_hit(g.w, false) {
+      : phases(input_phases(g)),
+        t0(phases.front().t),
+        sp(shifted_planes(t0)),
+        rows(phases.size()),
+        taps(phases.size()),
+        row_hit(g.h, false),
+        col_hit(g.w, false) {
     for (size_t q = 0; q < phases.size(); ++q) {
       const InputPhase& ph = phases[q];
       const int64_t dh = t0.ph - ph.t.ph, dw = t0.pw - ph.t.pw;  // where its padded dY starts in dY_pad
@@ -322,20 +327,6 @@ std::vector<at::Tensor> phase_filters(const at::Tensor& w, const std::vector<Inp
     views.push_back(all.as_strided({f, c, phases[q].sub.kh, kb}, {taps * c, 1, kb * c, c}, first[q] * c));
   }
   return views;
-}
-
-// For each phase that reaches an input: `transposed(phase, taps)` runs t on dY with `taps` (phase_filters)
-// and returns its output, (N, C, t.oh, t.ow) in dx's layout, whose range [u0, u1) x [v0, v1) is then
-// copied to dx's inputs of the phase. dx starts as zeros.
-template <typename Transposed>
-void for_each_input_phase(const Conv2dGeometry& g, const at::Tensor& w, at::Tensor& dx, const Transposed& transposed) {
-  for (const InputPhase& phase : input_phases(g)) {
-    const at::Tensor out = transposed(phase, w.slice(2, phase.a, g.kh, g.sh).slice(3, phase.b, g.kw, g.sw));
-    const int64_t i0 = phase.u0 * g.sh + phase.a - g.ph, j0 = phase.v0 * g.sw + phase.b - g.pw;
-    dx.slice(2, i0, i0 + (phase.u1 - phase.u0 - 1) * g.sh + 1, g.sh)
-        .slice(3, j0, j0 + (phase.v1 - phase.v0 - 1) * g.sw + 1, g.sw)
-        .copy_(out.slice(2, phase.u0, phase.u1).slice(3, phase.v0, phase.v1));
-  }
 }
 
 }  // namespace conv2d_cpu

@@ -200,11 +200,13 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # strided, 81 outputs: d_W gathered from the block's planes split into phases; d_x by phases, a block
     # of samples a product
     dict(shape=(3, 16, 17, 18), f=20, k=3, stride=2, padding=1, groups=1),
+    # one input row, which no even tap reaches: d_x's first phase is (1, 0), of fewer taps than (0, 0)
+    dict(shape=(2, 16, 1, 2), f=20, k=3, stride=2, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block",
-        "padded_block_strided"])
+        "padded_block_strided", "first_phase_odd"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -196,7 +196,8 @@ inline void phase_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t
   *u1 = std::min(out, last >= 0 ? last / s + 1 : 0);
 }
 
-// The phases that reach an input, phase (0, 0) first (it has the most taps: its t pads dY the most).
+// The phases that reach an input: those of the rows that reach one times those of the columns. The first
+// has the most taps along each axis (k_a falls as a grows), so its t pads dY the most.
 inline std::vector<InputPhase> input_phases(const Conv2dGeometry& g) {
   std::vector<InputPhase> phases;
   for (int64_t a = 0; a < std::min(g.sh, g.kh); ++a) {
@@ -218,13 +219,13 @@ inline std::vector<InputPhase> input_phases(const Conv2dGeometry& g) {
 }
 
 // d_x by phases over dY padded into pixels (conv_input_grad_phases, conv_input_grad_bf16_phases). dY is
-// padded once, by phase (0, 0)'s padding, the most of any phase (a phase of fewer taps reads it from
+// padded once, by the first phase's padding, the most of any phase (a phase of fewer taps reads it from
 // further in); each phase's outputs that land in the image, [u0, u1) x [v0, v1), are the rows of one
 // product over it, and their results go to the phase's pixels of d_x: every pixel once, the ones no
 // window reaches (a stride over the kernel, a remainder at the end) zero.
 struct PhasePixels {
   std::vector<InputPhase> phases;
-  Conv2dGeometry t0;                       // phase (0, 0)'s transposed convolution: dY_pad's padding
+  Conv2dGeometry t0;                       // the first phase's transposed convolution: dY_pad's padding
   ShiftedPlanes sp;                        // dY_pad (stride 1: the padded plane)
   std::vector<std::vector<int64_t>> rows;  // phase q's rows: their first tap's pixel in dY_pad
   std::vector<std::vector<int64_t>> taps;  // phase q's taps: their shifts in dY_pad, in pixels

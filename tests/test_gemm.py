@@ -188,10 +188,12 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 40, 10, 11), f=24, k=1, stride=1, padding=0, groups=1),
     # 8960 pixels: more than one block of gemm_segments' row table (d_x) and of d_W's pixel table a chunk
     dict(shape=(2, 24, 64, 70), f=16, k=1, stride=1, padding=0, groups=1),
-    # few channels, which channels_last runs by window rows (conv2d_windows.h; stem_like above too): blocks
-    # that end mid-row, and windows cut by the padding or lying wholly in it
+    # few channels, which channels_last runs by the windows' rows of taps (conv2d_windows.h; stem_like above
+    # too; d_W by window rows): blocks that end mid-row, windows cut by the padding or lying wholly in it,
+    # and a dilation along the height (the rows' segments apart) with strides of each size
     dict(shape=(3, 4, 33, 37), f=20, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 3, 4, 5), f=6, k=2, stride=2, padding=3, groups=1),
+    dict(shape=(2, 3, 17, 19), f=8, k=3, stride=(2, 1), padding=(2, 1), groups=1, dilation=(2, 1)),
     # d_W in NHWC with neither operand packed (cpu::gemm_gather_a): 323 outputs make two blocks of k,
     # 70 filters a sliver of 64 and one of 6 (24 x 16 tiles)
     dict(shape=(2, 16, 19, 17), f=70, k=3, stride=1, padding=1, groups=1),
@@ -205,7 +207,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding", "gathered_dw", "padded_block",
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
+        "windows_dilated", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)

@@ -196,11 +196,12 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
-  if (cl && forward_by_windows(g)) {  // a stem: whole windows as rows
+  if (cl && few_channels_by_windows(g)) {  // a stem: the windows' rows of taps as segments
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
-      conv_forward_windows<scalar_t>(x.const_data_ptr<scalar_t>(), weight, b ? b->const_data_ptr<scalar_t>() : nullptr,
-                                     y.mutable_data_ptr<scalar_t>(), g);
+      conv_forward_row_segments<scalar_t>(x.const_data_ptr<scalar_t>(), weight,
+                                          b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
+                                          g);
     });
     return y;
   }

@@ -14,6 +14,7 @@
 
 #include "common/conv2d.h"
 #include "cpu/conv2d_blocks.h"
+#include "cpu/conv2d_pixels.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 
@@ -27,20 +28,17 @@ namespace conv2d_cpu {
 // With C = 3 channels a tap is a run of 3 floats: as the k of the NHWC kernels (taps as segments) it
 // makes 3 steps a segment, and d_W's packing copies runs of 3. A pixel's whole window is long, though:
 // taps x C = 27 (3 x 3) or 147 (7 x 7) values, and in NHWC each of its rows of taps lies in memory as
-// one run of kW·C floats (dilation 1). So the window rows of a block of output pixels,
-//     A[j, (t_h, t_w, c)] = x[n, o_h·sH - pH + t_h·dH, o_w·sW - pW + t_w, c]    (0 in the padding)
-// (kH runs a row, the im2col of NHWC, built in L2 by the thread that uses it), are multiplied at once:
-//     Y_block   = A · W_clᵀ        k = taps·C, W in channels_last order [F][kH][kW][C] (one segment)
-//     d_W[F, K] += dY_blockᵀ · A    summed over the blocks of a thread, then over the threads
-// No padded copy of the input is made, and no layout change: d_W comes out in channels_last order.
+// one run of kW·C floats (dilation 1). So
+//   - the forward takes those runs as its segments, read in place from the padded sample
+//     (conv_forward_row_segments below): kH segments of kW·C steps instead of kH·kW of C;
+//   - d_W multiplies the window rows of a block of output pixels,
+//       A[j, (t_h, t_w, c)] = x[n, o_h·sH - pH + t_h·dH, o_w·sW - pW + t_w, c]    (0 in the padding)
+//     (kH runs a row, the im2col of NHWC, built in L2 by the thread that uses it) at once:
+//       d_W[F, K] += dY_blockᵀ · A    summed over the blocks of a thread, then over the threads
+//     with no padded copy of the input and no layout change: d_W comes out in channels_last order.
 inline bool few_channels_by_windows(const Conv2dGeometry& g) {
   return g.groups == 1 && g.c < 16 && g.dw == 1 && !conv2d_is_pointwise(g);
 }
-
-// The forward goes by window rows for short windows only (3 x 3 on RGB: 27 values, 0.89 -> 0.63 ms at
-// MobileNetV2's stem): at 7 x 7 (147) the NHWC kernel, 49 taps of 3 steps, was faster than building the
-// rows (3.3 against 4.0 ms at ResNet's stem; d_W by window rows wins there too, 8.4 -> 4.0).
-inline bool forward_by_windows(const Conv2dGeometry& g) { return few_channels_by_windows(g) && g.taps() * g.c <= 64; }
 
 // Output pixels a block: its window rows about 32 Ki floats (128 KiB, in L2), a multiple of 24 rows
 // (gemm_segments' tiles).
@@ -121,24 +119,33 @@ void build_window_rows(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry&
   build_window_rows_by(x, j0, j1, g, a, PutRun{});
 }
 
-// y = conv(x, W) + b, x and y NHWC.
+// The forward with the windows' rows of taps read in place instead of built: each sample padded once
+// (not split into phases), segment t_h of a GEMM over all its output pixels is
+//     A_th[j, (t_w, c)] = x_pad[(o_h·sH + t_h·dH)·Wp + o_w·sW, t_w·C + c]    (a run of kW·C values)
+//     B_th[(t_w, c), f] = W[f, c, t_h, t_w]                                   (W in channels_last order)
+// kH segments of kW·C steps, where the NHWC kernel's taps were kH·kW segments of C (3) steps each.
 template <typename T>
-void conv_forward_windows(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
-  const int64_t k = g.taps() * g.c, p = g.col_cols(), block = window_rows_block(g);
-  const int64_t blocks = (p + block - 1) / block, in_sample = g.h * g.w * g.c;
-  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // [F][K]: B[(t, c), f] at f*K + t*C + c
+void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);  // its padded plane hp x wp (pad_pixels)
+  const int64_t run = g.kw * g.c, k = g.taps() * g.c, p = g.col_cols(), in_sample = g.h * g.w * g.c;
+  const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // [F][kH][kW][C]
   T* storage = cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f));
   const cpu::SegmentsB<T> filters =
-      cpu::prepare_segments_b<T>(1, k, g.f, cpu::SegmentedView<T>{w_cl.const_data_ptr<T>(), 0, 1, k}, storage);
-  at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-    T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks, j0 = item % blocks * block, j1 = std::min(p, j0 + block);
-      build_window_rows(x + n * in_sample, j0, j1, g, a);
+      cpu::prepare_segments_b<T>(g.kh, run, g.f, cpu::SegmentedView<T>{w_cl.const_data_ptr<T>(), run, 1, k}, storage);
+  std::vector<int64_t> rows(p);  // output j's window's first value in x_pad
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * g.sh * sp.wp + o_w * g.sw) * g.c;
+  }
+  const int64_t chunks = chunk_count(g);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    std::vector<const T*> segments(g.kh);
+    for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + th * g.dh * sp.wp * g.c;
+    for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
+      pad_pixels(x + n * in_sample, g, sp, x_pad);
       cpu::GemmEpilogue<T> ep;
       ep.col_bias = b;
-      const T* segment = a;
-      cpu::gemm_segments<T>(j1 - j0, &segment, k, filters, y + (n * p + j0) * g.f, g.f, ep);
+      cpu::gemm_segments<T>(p, segments.data(), run, filters, y + n * p * g.f, g.f, ep, rows.data());
     }
   });
 }

@@ -320,10 +320,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     return {dx, dw, db};
   }
   if (format == at::MemoryFormat::ChannelsLast && few_channels_by_windows(g) && need_dw) {
-    // d_W (and d_b) of a stem by window rows as the forward; d_x, if asked for, by the NCHW kernels below
+    // d_W (and d_b) of a stem: on AVX-512 by the windows' rows of taps read in place, as the forward,
+    // elsewhere by window rows; d_x, if asked for, by the NCHW kernels below
     const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
     if (need_db) db.copy_(dy.sum({0, 2, 3}));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (cpu::gather_a_available()) {
+          conv_weight_grad_row_segments(dy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                        dw.mutable_data_ptr<float>(), g);
+          return;
+        }
+      }
       conv_weight_grad_windows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                          dw.mutable_data_ptr<scalar_t>(), g);
     });

@@ -31,7 +31,8 @@ namespace conv2d_cpu {
 // one run of kW·C floats (dilation 1). So
 //   - the forward takes those runs as its segments, read in place from the padded sample
 //     (conv_forward_row_segments below): kH segments of kW·C steps instead of kH·kW of C;
-//   - d_W multiplies the window rows of a block of output pixels,
+//   - d_W reads them in place too on AVX-512 (conv_weight_grad_row_segments); elsewhere it multiplies the
+//     window rows of a block of output pixels,
 //       A[j, (t_h, t_w, c)] = x[n, o_h·sH - pH + t_h·dH, o_w·sW - pW + t_w, c]    (0 in the padding)
 //     (kH runs a row, the im2col of NHWC, built in L2 by the thread that uses it) at once:
 //       d_W[F, K] += dY_blockᵀ · A    summed over the blocks of a thread, then over the threads
@@ -119,6 +120,15 @@ void build_window_rows(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry&
   build_window_rows_by(x, j0, j1, g, a, PutRun{});
 }
 
+// Where output j's window starts in the padded sample (pad_pixels: not split into phases), in elements.
+inline std::vector<int64_t> window_places(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
+  std::vector<int64_t> places(g.col_cols());
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) places[o_h * g.ow + o_w] = (o_h * g.sh * sp.wp + o_w * g.sw) * g.c;
+  }
+  return places;
+}
+
 // The forward with the windows' rows of taps read in place instead of built: each sample padded once
 // (not split into phases), segment t_h of a GEMM over all its output pixels is
 //     A_th[j, (t_w, c)] = x_pad[(o_h·sH + t_h·dH)·Wp + o_w·sW, t_w·C + c]    (a run of kW·C values)
@@ -132,10 +142,7 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
   T* storage = cpu::thread_scratch<T>(cpu::Scratch::kFilters, cpu::segments_b_size<T>(k, g.f));
   const cpu::SegmentsB<T> filters =
       cpu::prepare_segments_b<T>(g.kh, run, g.f, cpu::SegmentedView<T>{w_cl.const_data_ptr<T>(), run, 1, k}, storage);
-  std::vector<int64_t> rows(p);  // output j's window's first value in x_pad
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) rows[o_h * g.ow + o_w] = (o_h * g.sh * sp.wp + o_w * g.sw) * g.c;
-  }
+  const std::vector<int64_t> rows = window_places(g, sp);
   const int64_t chunks = chunk_count(g);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
@@ -148,6 +155,38 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
       cpu::gemm_segments<T>(p, segments.data(), run, filters, y + n * p * g.f, g.f, ep, rows.data());
     }
   });
+}
+
+// d_W on AVX-512 (float32) the same way, with neither operand copied: d_Wᵀ = Aᵀ · dY summed over each
+// sample's outputs (cpu::gemm_gather_a), row (t_h, t_w, c) of Aᵀ starting at its tap's place in the padded
+// sample and column j adding output j's window_places; dY's rows as they lie. A chunk of samples a
+// thread, its sum in its own buffer, the buffers added in chunk order; transposed into dw ([F][kH][kW][C])
+// at the end.
+inline void conv_weight_grad_row_segments(const float* dy, const float* x, float* dw, const Conv2dGeometry& g) {
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), in_sample = g.h * g.w * g.c;
+  const std::vector<int64_t> places = window_places(g, sp);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const ChunkPartials<float> partial(chunks, k * g.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    std::vector<const float*> a_row(k);  // row (t, c) of Aᵀ: tap t's place in x_pad, plus c
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      for (int64_t c = 0; c < g.c; ++c) a_row[t * g.c + c] = x_pad + ((t / g.kw) * g.dh * sp.wp + t % g.kw) * g.c + c;
+    }
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      float* sum = partial.of(chunk);
+      const int64_t n0 = chunk_begin(chunk, chunks, g.n), n1 = chunk_begin(chunk + 1, chunks, g.n);  // n0 < n1
+      for (int64_t n = n0; n < n1; ++n) {
+        pad_pixels(x + n * in_sample, g, sp, x_pad);
+        cpu::GemmEpilogue<float> ep;
+        ep.accumulate = n > n0;
+        cpu::gemm_gather_a(k, g.f, p, a_row.data(), places.data(), dy + n * p * g.f, g.f, sum, g.f, ep);
+      }
+    }
+  });
+  partial.sum_into(chunks, partial.of(0));
+  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, dw, k);  // d_Wᵀ [K x F] -> [F][K]
 }
 
 // d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x. The

@@ -129,18 +129,28 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const bool dx_by_phases = need_dx && !dx_by_conv && (nchw_through_pixels(g) || use_pixel_rows(g)) &&
                             (g.sh > 1 || g.sw > 1) && g.dh == 1 && g.dw == 1;
   const bool dx_by_col2im = need_dx && !dx_by_conv && !dx_by_phases;
-  // d_W: by pixel rows or shifted planes where the forward uses them, otherwise from im2col panels.
+  // d_W: by pixel rows or shifted planes where the forward uses them, otherwise from im2col panels; a
+  // stem's (few channels) on AVX-512 by its windows' rows of taps read in place (conv2d_windows.h).
   const bool dw_by_rows = need_dw && use_pixel_rows(g);
   const bool dw_by_pixels = need_dw && !dw_by_rows && nchw_through_pixels(g);
-  const bool dw_by_shift = need_dw && !dw_by_rows && !dw_by_pixels && use_shifted_planes(g);
+  const bool dw_by_windows = need_dw && !dw_by_rows && !dw_by_pixels && std::is_same_v<T, float> &&
+                             cpu::gather_a_available() && few_channels_by_windows(g);
+  const bool dw_by_shift = need_dw && !dw_by_rows && !dw_by_pixels && !dw_by_windows && use_shifted_planes(g);
   T* dxp = dx_by_col2im ? dx.mutable_data_ptr<T>() : nullptr;
-  T* dwp = need_dw && !dw_by_shift && !dw_by_rows && !dw_by_pixels ? dw.mutable_data_ptr<T>() : nullptr;
+  T* dwp =
+      need_dw && !dw_by_shift && !dw_by_rows && !dw_by_pixels && !dw_by_windows ? dw.mutable_data_ptr<T>() : nullptr;
   if (dw_by_rows) {
     conv_weight_grad_pixel_rows<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g);
   }
   if (dw_by_pixels) {
     conv_weight_grad_nhwc<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g,
                              /*planes=*/true);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (dw_by_windows) {
+      conv_weight_grad_row_segments(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw.mutable_data_ptr<float>(),
+                                    g, /*planes=*/true);
+    }
   }
   if (dxp || dwp) {
     conv_backward_gemm<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(), dxp, dwp, g,

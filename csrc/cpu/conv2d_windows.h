@@ -160,9 +160,11 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
 // d_W on AVX-512 (float32) the same way, with neither operand copied: d_Wᵀ = Aᵀ · dY summed over each
 // sample's outputs (cpu::gemm_gather_a), row (t_h, t_w, c) of Aᵀ starting at its tap's place in the padded
 // sample and column j adding output j's window_places; dY's rows as they lie. A chunk of samples a
-// thread, its sum in its own buffer, the buffers added in chunk order; transposed into dw ([F][kH][kW][C])
-// at the end.
-inline void conv_weight_grad_row_segments(const float* dy, const float* x, float* dw, const Conv2dGeometry& g) {
+// thread, its sum in its own buffer, the buffers added in chunk order; then into dw ([F][kH][kW][C]).
+// With `planes`, x, dY and dw are NCHW: each sample's x transposed into the padded pixels and its dY
+// into [pixels x F] while in cache, dw written in NCHW's order.
+inline void conv_weight_grad_row_segments(const float* dy, const float* x, float* dw, const Conv2dGeometry& g,
+                                          bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t k = g.taps() * g.c, p = g.col_cols(), in_sample = g.h * g.w * g.c;
   const std::vector<int64_t> places = window_places(g, sp);
@@ -170,6 +172,7 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
   const ChunkPartials<float> partial(chunks, k * g.f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+    float* dy_t = planes ? cpu::thread_scratch<float>(cpu::Scratch::kGrad, p * g.f) : nullptr;  // [pixels x F]
     std::vector<const float*> a_row(k);  // row (t, c) of Aᵀ: tap t's place in x_pad, plus c
     for (int64_t t = 0; t < g.taps(); ++t) {
       for (int64_t c = 0; c < g.c; ++c) a_row[t * g.c + c] = x_pad + ((t / g.kw) * g.dh * sp.wp + t % g.kw) * g.c + c;
@@ -178,15 +181,28 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
       float* sum = partial.of(chunk);
       const int64_t n0 = chunk_begin(chunk, chunks, g.n), n1 = chunk_begin(chunk + 1, chunks, g.n);  // n0 < n1
       for (int64_t n = n0; n < n1; ++n) {
-        pad_pixels(x + n * in_sample, g, sp, x_pad);
+        const float* dy_n = dy + n * p * g.f;
+        if (planes) {
+          pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+          cpu::transpose_matrix(dy_n, p, g.f, p, dy_t, g.f);
+          dy_n = dy_t;
+        } else {
+          pad_pixels(x + n * in_sample, g, sp, x_pad);
+        }
         cpu::GemmEpilogue<float> ep;
         ep.accumulate = n > n0;
-        cpu::gemm_gather_a(k, g.f, p, a_row.data(), places.data(), dy + n * p * g.f, g.f, sum, g.f, ep);
+        cpu::gemm_gather_a(k, g.f, p, a_row.data(), places.data(), dy_n, g.f, sum, g.f, ep);
       }
     }
   });
   partial.sum_into(chunks, partial.of(0));
-  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, dw, k);  // d_Wᵀ [K x F] -> [F][K]
+  const float* dw_t = partial.of(0);                                    // d_Wᵀ [(t, c) x F]
+  if (!planes) return cpu::transpose_matrix(dw_t, g.f, k, g.f, dw, k);  // -> [F][(t, c)]
+  for (int64_t f = 0; f < g.f; ++f) {  // -> [F][C][taps] (a stem's d_W: a few thousand values)
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_t[(t * g.c + c) * g.f + f];
+    }
+  }
 }
 
 // d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x. The

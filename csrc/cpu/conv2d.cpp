@@ -11,7 +11,7 @@
 //                       short rows or strides transposed in cache, small images as the pixel rows of all
 //                       samples, d_x of strided layers by phases
 //   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
-//   conv2d_windows.h    channels_last layers of few channels (a stem): each pixel's window a GEMM row
+//   conv2d_windows.h    layers of few channels (a stem): a window's rows of taps as runs read in place
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //

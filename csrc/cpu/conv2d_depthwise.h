@@ -306,7 +306,8 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // NCHW layers take it for planes of up to 16 x 16 outputs, where the plane kernels (above) spend more on
 // their short rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and
 // slower on large planes (56 x 56: the two transposes cost more than the short rows). channels_last
-// layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC).
+// layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC); their
+// forward reads x unpadded (dw_forward_nhwc).
 constexpr int64_t kMaxDepthwisePixels = 256;
 inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
   return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;

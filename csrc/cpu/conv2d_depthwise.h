@@ -309,6 +309,9 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC); their
 // forward reads x unpadded (dw_forward_nhwc).
 constexpr int64_t kMaxDepthwisePixels = 256;
+// Taps the kernels below hold a vector of weights (and an offset) each for, in registers or on the
+// stack: up to 7 x 7. Larger filters take the padded form's scalar loops.
+constexpr int kMaxDepthwiseTaps = 49;
 inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
   return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;
 }
@@ -330,13 +333,13 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
                                      const ShiftedPlanes& sp, const int64_t* offset) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
-  constexpr int kPixels = 8, kMaxTaps = 49;
+  constexpr int kPixels = 8;
   const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes, step = g.sw * C;
-  int64_t at[kMaxTaps];  // tap t's first element from an output's first tap's, when taps fit
-  const bool few_taps = taps <= kMaxTaps;
+  int64_t at[kMaxDepthwiseTaps];  // tap t's first element from an output's first tap's, when taps fit
+  const bool few_taps = taps <= kMaxDepthwiseTaps;
   for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
   for (int64_t c = 0; c < whole && few_taps; c += V::kLanes) {
-    Vec w[kMaxTaps];
+    Vec w[kMaxDepthwiseTaps];
     for (int64_t t = 0; t < taps; ++t) w[t] = V::at(w_t + t * C + c);
     const Vec init = b ? V::at(b + c) : Vec{};
     for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
@@ -381,12 +384,12 @@ CS231N_INLINE void dw_forward_pixels(const T* x_pad, const T* w_t, const T* b, T
 // ending at the row's end, overlapping its predecessor), those whose taps' columns all lie in the image
 // [lo, hi) read x directly, the others choose per output and tap between x and the zeros (a select, not
 // a branch: the outputs' sums stay 8 independent chains; one output at a time waited on its chain of
-// taps). At most kMaxTaps taps (the caller pads for more).
+// taps). At most kMaxDepthwiseTaps taps (the caller pads for more).
 template <typename T>
 CS231N_INLINE void dw_forward_nhwc(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
-  constexpr int kPixels = 8, kMaxTaps = 49;
+  constexpr int kPixels = 8;
   alignas(64) static const T zeros[V::kLanes] = {};
   const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes, step = g.sw * C;
   int64_t lo, hi, lo_last, hi_last;  // the outputs whose first and whose last tap column lie in the image
@@ -394,8 +397,8 @@ CS231N_INLINE void dw_forward_nhwc(const T* x, const T* w_t, const T* b, T* out,
   conv_valid_out_range(g.kw - 1, g.sw, g.pw, g.dw, g.w, g.ow, &lo_last, &hi_last);
   lo = std::max(lo, lo_last);
   hi = std::max(lo, std::min(hi, hi_last));
-  int64_t rows[kMaxTaps];  // an output row's taps in the image
-  int64_t at[kMaxTaps];    // and where each reads for output (o_h, 0), from x: its column may be < 0
+  int64_t rows[kMaxDepthwiseTaps];  // an output row's taps in the image
+  int64_t at[kMaxDepthwiseTaps];    // and where each reads for output (o_h, 0), from x: its column may be < 0
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
     int n = 0;
     for (int64_t t = 0; t < taps; ++t) {
@@ -406,7 +409,7 @@ CS231N_INLINE void dw_forward_nhwc(const T* x, const T* w_t, const T* b, T* out,
     }
     T* y = out + o_h * g.ow * C;
     for (int64_t c = 0; c < whole; c += V::kLanes) {
-      Vec w[kMaxTaps];
+      Vec w[kMaxDepthwiseTaps];
       for (int k = 0; k < n; ++k) w[k] = V::at(w_t + rows[k] * C + c);
       const Vec init = b ? V::at(b + c) : Vec{};
       for (int64_t b0 = 0; b0 < g.ow; b0 += kPixels) {
@@ -459,12 +462,11 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
                                       const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
-  constexpr int kMaxTaps = 49;
   const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes;
   if (dx_pad) std::fill(dx_pad, dx_pad + sp.hp * sp.wp * C, T(0));
-  const bool few_taps = taps <= kMaxTaps;
+  const bool few_taps = taps <= kMaxDepthwiseTaps;
   bool whole_done = false;  // the whole vectors of channels, by the 3x3 loop
-  int64_t at[kMaxTaps];
+  int64_t at[kMaxDepthwiseTaps];
   for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
   const auto first = [&](int64_t o_h, int64_t o_w) { return dw_in_pixel(g, sp, o_h, o_w, 0) * C; };
   if (taps == 9 && dw_t && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
@@ -485,7 +487,7 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
     whole_done = true;
   }
   for (int64_t c = 0; c < whole && few_taps && !whole_done; c += V::kLanes) {
-    Vec w[kMaxTaps], dw_acc[kMaxTaps], db_acc = {};
+    Vec w[kMaxDepthwiseTaps], dw_acc[kMaxDepthwiseTaps], db_acc = {};
     for (int64_t t = 0; t < taps; ++t) {
       w[t] = V::at(w_t + t * C + c);
       dw_acc[t] = Vec{};
@@ -583,7 +585,7 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
   const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
-  if (!planes && g.taps() <= 49) {  // NHWC read where it lies (dw_forward_nhwc's kMaxTaps)
+  if (!planes && g.taps() <= kMaxDepthwiseTaps) {  // NHWC read where it lies (dw_forward_nhwc)
     at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const T *x_n = x + n * in_sample, *w = w_t.data();

@@ -1,6 +1,6 @@
-// The CPU convolution of layers with few input channels (a stem: RGB) in channels_last, each output
-// pixel's whole window a GEMM row. Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer;
-// docs/conv2d.md has the table).
+// The CPU convolution of layers with few input channels (a stem: RGB), by the rows of taps of each output
+// pixel's window: runs of kW·C values in NHWC. Part of the CPU convolution (cpu/conv2d.cpp, which routes
+// each layer; docs/conv2d.md has the table).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,19 +8,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "common/conv2d.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_pixels.h"
-#include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
-
-#if CS231N_X86
-#include <immintrin.h>
-#endif
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
@@ -31,8 +24,9 @@ namespace conv2d_cpu {
 // one run of kW·C floats (dilation 1). So
 //   - the forward takes those runs as its segments, read in place from the padded sample
 //     (conv_forward_row_segments below): kH segments of kW·C steps instead of kH·kW of C;
-//   - d_W reads them in place too on AVX-512 (conv_weight_grad_row_segments); elsewhere it multiplies the
-//     window rows of a block of output pixels,
+//   - d_W reads them in place too on AVX-512 (conv_weight_grad_row_segments, channels_last or NCHW);
+//     elsewhere (other instruction sets, float64; channels_last) it multiplies the window rows of a
+//     block of output pixels,
 //       A[j, (t_h, t_w, c)] = x[n, o_h·sH - pH + t_h·dH, o_w·sW - pW + t_w, c]    (0 in the padding)
 //     (kH runs a row, the im2col of NHWC, built in L2 by the thread that uses it) at once:
 //       d_W[F, K] += dY_blockᵀ · A    summed over the blocks of a thread, then over the threads
@@ -48,36 +42,11 @@ inline int64_t window_rows_block(const Conv2dGeometry& g) {
   return std::max<int64_t>(24, rows / 24 * 24);
 }
 
-// dst[0, len) = src[0, len), or zeros when src is null. A window's runs are 9 or 21 floats: with AVX-512
-// masked moves of 16 (a call to memcpy cost more than the copy), elsewhere memcpy and fill.
-struct PutRun {
-  template <typename T>
-  void operator()(T* dst, const T* src, int64_t len) const {
-    if (src) {
-      std::memcpy(dst, src, sizeof(T) * len);
-    } else {
-      std::fill(dst, dst + len, T(0));
-    }
-  }
-};
-#if CS231N_X86
-struct PutRunAvx512 {
-  CS231N_AVX512 void operator()(float* dst, const float* src, int64_t len) const {
-    for (; len > 0; len -= 16, dst += 16) {
-      const __mmask16 mask = len >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << len) - 1u);
-      _mm512_mask_storeu_ps(dst, mask, src ? _mm512_maskz_loadu_ps(mask, src) : _mm512_setzero_ps());
-      if (src) src += 16;
-    }
-  }
-};
-#endif
-
 // The window rows of output pixels [j0, j1) of sample x (NHWC) into a (row stride taps·C): kH runs of
-// kW·C floats a row, cut where they cross the padding.
-template <typename T, typename Put>
-void build_window_rows_by(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry& g, T* a, const Put& put) {
+// kW·C values a row, cut where they cross the padding (zeros there).
+template <typename T>
+void build_window_rows(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry& g, T* a) {
   const int64_t run = g.kw * g.c, k = g.taps() * g.c;
-  const T* none = nullptr;
   int64_t o_h = j0 / g.ow, o_w = j0 % g.ow;  // pixel j, stepped along (no division a row)
   for (T* row = a; row < a + (j1 - j0) * k; row += k) {
     const int64_t w0 = conv_in_index<int64_t>(o_w, 0, g.sw, g.pw, 1);  // the window's first column
@@ -88,12 +57,12 @@ void build_window_rows_by(const T* x, int64_t j0, int64_t j1, const Conv2dGeomet
     int64_t i_h = conv_in_index<int64_t>(o_h, 0, g.sh, g.ph, g.dh);
     for (T* out = row; out < row + k; out += run, i_h += g.dh) {
       if (i_h < 0 || i_h >= g.h || body == 0) {
-        put(out, none, run);
+        std::fill(out, out + run, T(0));
         continue;
       }
-      if (head > 0) put(out, none, head);
-      put(out + head, src + i_h * g.w * g.c, body);
-      if (head + body < run) put(out + head + body, none, run - head - body);
+      std::fill(out, out + head, T(0));
+      std::copy(src + i_h * g.w * g.c, src + i_h * g.w * g.c + body, out + head);
+      std::fill(out + head + body, out + run, T(0));
     }
     if (++o_w == g.ow) {
       o_w = 0;
@@ -102,29 +71,12 @@ void build_window_rows_by(const T* x, int64_t j0, int64_t j1, const Conv2dGeomet
   }
 }
 
-#if CS231N_X86
-// `flatten` inlines the loops and the masked moves into one AVX-512 body (cpu_features.h: run_avx512).
-CS231N_AVX512 __attribute__((flatten)) inline void build_window_rows_avx512(const float* x, int64_t j0, int64_t j1,
-                                                                            const Conv2dGeometry& g, float* a) {
-  build_window_rows_by(x, j0, j1, g, a, PutRunAvx512{});
-}
-#endif
-
-template <typename T>
-void build_window_rows(const T* x, int64_t j0, int64_t j1, const Conv2dGeometry& g, T* a) {
-#if CS231N_X86
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu::cpu_isa() == cpu::Isa::kAvx512) return build_window_rows_avx512(x, j0, j1, g, a);
-  }
-#endif
-  build_window_rows_by(x, j0, j1, g, a, PutRun{});
-}
-
-// Where output j's window starts in the padded sample (pad_pixels: not split into phases), in elements.
+// Where output j's window starts in the padded sample (pad_pixels: not split into phases), in elements:
+// its first tap's pixel (dw_in_pixel). Tap t then lies dw_in_pixel(g, sp, 0, 0, t) pixels further on.
 inline std::vector<int64_t> window_places(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   std::vector<int64_t> places(g.col_cols());
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t o_w = 0; o_w < g.ow; ++o_w) places[o_h * g.ow + o_w] = (o_h * g.sh * sp.wp + o_w * g.sw) * g.c;
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) places[o_h * g.ow + o_w] = dw_in_pixel(g, sp, o_h, o_w, 0) * g.c;
   }
   return places;
 }
@@ -147,7 +99,7 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     std::vector<const T*> segments(g.kh);
-    for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + th * g.dh * sp.wp * g.c;
+    for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + dw_in_pixel(g, sp, 0, 0, th * g.kw) * g.c;
     for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
       pad_pixels(x + n * in_sample, g, sp, x_pad);
       cpu::GemmEpilogue<T> ep;
@@ -175,7 +127,7 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
     float* dy_t = planes ? cpu::thread_scratch<float>(cpu::Scratch::kGrad, p * g.f) : nullptr;  // [pixels x F]
     std::vector<const float*> a_row(k);  // row (t, c) of Aᵀ: tap t's place in x_pad, plus c
     for (int64_t t = 0; t < g.taps(); ++t) {
-      for (int64_t c = 0; c < g.c; ++c) a_row[t * g.c + c] = x_pad + ((t / g.kw) * g.dh * sp.wp + t % g.kw) * g.c + c;
+      for (int64_t c = 0; c < g.c; ++c) a_row[t * g.c + c] = x_pad + dw_in_pixel(g, sp, 0, 0, t) * g.c + c;
     }
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       float* sum = partial.of(chunk);
@@ -196,21 +148,16 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
     }
   });
   partial.sum_into(chunks, partial.of(0));
-  const float* dw_t = partial.of(0);                                    // d_Wᵀ [(t, c) x F]
-  if (!planes) return cpu::transpose_matrix(dw_t, g.f, k, g.f, dw, k);  // -> [F][(t, c)]
-  for (int64_t f = 0; f < g.f; ++f) {  // -> [F][C][taps] (a stem's d_W: a few thousand values)
-    for (int64_t c = 0; c < g.c; ++c) {
-      for (int64_t t = 0; t < g.taps(); ++t) dw[(f * g.c + c) * g.taps() + t] = dw_t[(t * g.c + c) * g.f + f];
-    }
-  }
+  // d_Wᵀ [(t, c) x F] -> [F][taps][C] (W's channels_last order), then NCHW's order when `planes`
+  float* taps_major = planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, g.f * k) : dw;
+  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, taps_major, k);
+  if (planes) taps_major_to_nchw(taps_major, dw, g);
 }
 
-// d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x. The
-// blocks are cut into one chunk per thread, each summed into its own buffer, then the buffers in chunk
-// order (deterministic for a given thread count). On AVX-512 (float32) as d_Wᵀ = Aᵀ · dY with neither
-// operand packed (cpu::gemm_gather_a: row (t, c) of Aᵀ starts at column (t, c) of the block, column j is
-// row j's, K further on; dY's rows as they lie), transposed at the end: K = 27 rows fill the 6-row tiles
-// where the packed product's 48-wide ones held 27 columns.
+// d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x, where
+// conv_weight_grad_row_segments does not run (other instruction sets, float64). The blocks are cut into
+// one chunk per thread, each summed into its own buffer, then the buffers in chunk order (deterministic
+// for a given thread count).
 template <typename T>
 void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g) {
   const int64_t k = g.taps() * g.c, p = g.col_cols(), block = window_rows_block(g);
@@ -221,13 +168,8 @@ void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeomet
     std::fill(dw, dw + g.f * k, T(0));
     return;
   }
-  const bool gather = std::is_same_v<T, float> && cpu::gather_a_available();
-  std::vector<int64_t> row_at(gather ? block : 0);  // column j of Aᵀ: window row j, from the block's start
-  for (int64_t j = 0; j < static_cast<int64_t>(row_at.size()); ++j) row_at[j] = j * k;
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
-    std::vector<const T*> column(gather ? k : 0);  // where each row of Aᵀ starts
-    for (int64_t i = 0; i < static_cast<int64_t>(column.size()); ++i) column[i] = a + i;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t first = chunk_begin(chunk, chunks, items);
       for (int64_t item = first; item < chunk_begin(chunk + 1, chunks, items); ++item) {
@@ -236,23 +178,11 @@ void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeomet
         cpu::GemmEpilogue<T> ep;
         ep.accumulate = item > first;
         const T* dy_block = dy + (n * p + j0) * g.f;
-        if constexpr (std::is_same_v<T, float>) {
-          if (gather) {  // d_Wᵀ [K x F]
-            cpu::gemm_gather_a(k, g.f, j1 - j0, column.data(), row_at.data(), dy_block, g.f, partial.of(chunk), g.f,
-                               ep);
-            continue;
-          }
-        }
         cpu::gemm<T>(g.f, k, j1 - j0, {dy_block, 1, g.f}, cpu::MatrixView<T>{a, k, 1}, partial.of(chunk), k, ep);
       }
     }
   });
-  if (!gather) {
-    partial.sum_into(chunks, dw);
-    return;
-  }
-  partial.sum_into(chunks, partial.of(0));
-  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, dw, k);  // [K x F] -> [F x K]
+  partial.sum_into(chunks, dw);
 }
 
 }  // namespace conv2d_cpu

@@ -176,6 +176,12 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # (channels_last reads x where it lies), strided and dilated too
     dict(shape=(2, 32, 5, 40), f=32, k=3, stride=1, padding=1, groups=32),
     dict(shape=(2, 48, 9, 61), f=48, k=5, stride=2, padding=3, groups=48, dilation=2),
+    # channels_last's forward in blocks of 8, 4 and 1 between the border outputs (5 inside: a block of 4 and
+    # one overlapping it); d_W read in place from rows of 16 outputs (21 inside: blocks of 8, 8, 4 and 1),
+    # 2 vectors and a tail of 8 channels; padding 3 leaves output rows that no tap reaches
+    dict(shape=(2, 32, 6, 7), f=32, k=3, stride=1, padding=1, groups=32),
+    dict(shape=(2, 40, 5, 23), f=40, k=3, stride=1, padding=1, groups=40),
+    dict(shape=(2, 16, 2, 18), f=16, k=3, stride=1, padding=3, groups=16),
     # 1x1 layers, which channels_last runs as products over the whole batch's pixels (conv2d_pointwise.h):
     # an expansion (fewer channels than filters: d_W as Xᵀ · dY, transposed; under 32 channels the
     # forward as a plain GEMM), projections whose filters make narrow tiles (16: 24 x 16, 24: 12 x 32;
@@ -206,7 +212,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 16, 1, 2), f=20, k=3, stride=2, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
-        "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "pointwise_expansion", "pointwise_16",
+        "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
+        "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
         "windows_dilated", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd"])

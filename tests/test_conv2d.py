@@ -106,6 +106,22 @@ def test_double_backward_matches_torch(device):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_the_backward_node_is_the_cpp_one(device):
+    """Eager autograd records conv2d_forward's C++ node (csrc/autograd/conv2d_autograd.cpp), not a Python
+    Function; its backward, with create_graph=True, records the differentiable conv2d_backward; no graph
+    without grad. Values: the gradcheck and torch comparisons above."""
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    node = ours.conv2d(x, w, padding=1).grad_fn
+    assert "Conv2dFn" in node.name()
+    assert not isinstance(node, torch.autograd.function.BackwardCFunction)
+    gx, gw = torch.autograd.grad(ours.conv2d(x, w, padding=1).square().sum(), (x, w), create_graph=True)
+    assert gx.grad_fn is not None and gw.grad_fn is not None
+    with torch.no_grad():
+        assert ours.conv2d(x, w).grad_fn is None
+    assert ours.conv2d(x.detach(), w.detach()).grad_fn is None
+
+
 def test_note_example_by_hand():
     """The note's 5x5/3x3/stride 2 example: y[k, l] = Σ_{p,q} x[p + 2k, q + 2l] w[p, q] + b."""
     x = torch.arange(25, dtype=torch.float64).view(1, 1, 5, 5)

@@ -168,13 +168,15 @@ def _conv_pair(value, name):
 @_with_jvp
 class _Conv2d(torch.autograd.Function):
     """y = conv2d(x, W) + b through our ops; backward through _Conv2dBackward, itself differentiable.
-    jvp: the convolution is bilinear, so dy = conv(dx, W) + conv(x, dW) + db."""
+    jvp: the convolution is bilinear, so dy = conv(dx, W) + conv(x, dW) + db. The torch.func path (and
+    second derivatives' convolutions); eager autograd takes the C++ derivative of conv2d_forward."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, groups):
-        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+        with torch._C._AutoDispatchBelowAutograd():  # the kernel itself, not its C++ autograd wrapper
+            return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -346,7 +348,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise RuntimeError(f"conv2d: invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
     else:
         padding = _conv_pair(padding, "padding")
-    output = _fn(_Conv2d).apply(input, weight, bias, stride, padding, dilation, int(groups))
+    if _transforms_active():
+        output = _fn(_Conv2d).apply(input, weight, bias, stride, padding, dilation, int(groups))
+    else:  # the op's own C++ derivative (csrc/autograd/conv2d_autograd.cpp)
+        output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, int(groups))
     return output.squeeze(0) if unbatched else output
 
 
@@ -637,9 +642,8 @@ def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 
 
-# batch_norm_forward_train's is in C++ (csrc/autograd/batch_norm_autograd.cpp), as ReLU's.
-for _op, _function in (("conv2d_forward", _Conv2d), ("max_pool2d_forward", _MaxPool2d),
-                       ("batch_norm_forward_eval", _BatchNormEval)):
+# conv2d_forward's and batch_norm_forward_train's are in C++ (csrc/autograd/), as ReLU's.
+for _op, _function in (("max_pool2d_forward", _MaxPool2d), ("batch_norm_forward_eval", _BatchNormEval)):
     _register(_op, _function.setup_context, _function.backward)
 
 

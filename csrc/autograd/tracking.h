@@ -1,4 +1,5 @@
-// When the C++ autograd kernels (relu_autograd.cpp, batch_norm_autograd.cpp) build a graph node.
+// When the C++ autograd kernels (relu_autograd.cpp, conv2d_autograd.cpp, batch_norm_autograd.cpp) build a graph
+// node.
 #pragma once
 
 #include <ATen/ATen.h>

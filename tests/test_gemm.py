@@ -348,13 +348,15 @@ def test_bfloat16_weight_grad_of_few_channels_by_taps(c, f, k, stride, layout):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("needs", ["bias", "weight", "input"])
-def test_depthwise_gradients_asked_one_at_a_time(channels_last, needs):
+@pytest.mark.parametrize("width", [9, 17])
+def test_depthwise_gradients_asked_one_at_a_time(channels_last, needs, width):
     """Each gradient of a depthwise layer alone (a frozen weight with a trainable bias, say): the kernels
     skip what is not asked for, and must not read what they then did not prepare (channels_last: d_W's
-    3x3 loop reads the padded input, which is built only when d_W is asked for)."""
+    3x3 loop reads the padded input, which is built only when d_W is asked for; from 16 outputs a row,
+    d_W and d_b read x in place, d_b alone with no d_W to add to)."""
     gen = torch.Generator().manual_seed(3)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 32, 10, 9, generator=gen).contiguous(memory_format=fmt)
+    x = torch.randn(2, 32, 10, width, generator=gen).contiguous(memory_format=fmt)
     w = torch.randn(32, 1, 3, 3, generator=gen)
     b = torch.randn(32, generator=gen)
     leaves = {"input": x, "weight": w, "bias": b}

@@ -634,10 +634,11 @@ class _BatchNormBackward(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- the ops' own autograd
 # Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>. The layers' ops: their
-# Function's setup_context and backward are registered as the op's autograd (ReLU's ops and batch norm's
-# training forward have C++ ones); the backward ops take their non-tensor arguments loose where their
-# Functions take them as _Static values, hence adapters. The functional API applies the Functions, which
-# also carry torch.func's jvp and batching (under transforms only, for ReLU and batch norm's training).
+# Function's setup_context and backward are registered as the op's autograd (ReLU's ops, the convolution's
+# forward and batch norm's training forward have C++ ones); the backward ops take their non-tensor arguments
+# loose where their Functions take them as _Static values, hence adapters. The functional API applies the
+# Functions, which also carry torch.func's jvp and batching (under transforms only, for ReLU, the
+# convolution and batch norm's training).
 def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 

@@ -210,13 +210,16 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 16, 17, 18), f=20, k=3, stride=2, padding=1, groups=1),
     # one input row, which no even tap reaches: d_x's first phase is (1, 0), of fewer taps than (0, 0)
     dict(shape=(2, 16, 1, 2), f=20, k=3, stride=2, padding=1, groups=1),
+    # 40 outputs, dilated along the height only: NCHW d_W's pixel rows in W's (c, t) order, each output's
+    # taps through their offsets in the plane
+    dict(shape=(2, 16, 5, 6), f=20, k=3, stride=1, padding=2, groups=1, dilation=(2, 1)),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
         "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
         "windows_dilated", "gathered_dw", "padded_block",
-        "padded_block_strided", "first_phase_odd"])
+        "padded_block_strided", "first_phase_odd", "pixel_rows_dilated"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -175,6 +175,20 @@ def test_matches_torch(device, case, layout, dtype_index, bias, seed):
     assert_all_close(mine, ref, dtype)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_memory_format_follows_torch_in_every_dtype(device, groups):
+    """channels_last in, channels_last out, in every dtype, dense and depthwise; but on CUDA a float64
+    layer comes out NCHW, as torch's does (cuDNN has no NHWC double kernels): the H200 run found it."""
+    for dtype in dtypes_for(device):
+        x = torch.randn(2, 4, 5, 6, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(4, 4 // groups, 3, 3, device=device, dtype=dtype)
+        mine, ref = run_both(x, w, None, torch.randn(2, 4, 5, 6, device=device, dtype=dtype), padding=1,
+                             groups=groups)
+        assert_same_layout(mine[0], ref[0])
+        expect_nchw = device == "cuda" and dtype == torch.float64
+        assert mine[0].is_contiguous() == expect_nchw, (dtype, mine[0].stride())
+
+
 @settings(max_examples=10)
 @given(case=conv_cases(), seed=st.integers(0, 2**31 - 1),
        needs=st.sampled_from([(True, False, False), (False, True, False), (False, False, True), (True, True, False)]))

@@ -48,9 +48,11 @@ def _conv_out(size, k, s, p, d):
 
 def _conv_memory_format(input, weight):
     """csrc/common/conv2d.h's conv2d_memory_format (torch's rule): channels_last when the input or the
-    weight suggests it."""
+    weight suggests it; on CUDA, float64 stays contiguous (cuDNN has no NHWC double kernels)."""
     from torch._prims_common import suggest_memory_format
 
+    if input.device.type == "cuda" and torch.float64 in (input.dtype, weight.dtype):
+        return torch.contiguous_format
     cl = torch.channels_last
     return cl if cl in (suggest_memory_format(input), suggest_memory_format(weight)) else torch.contiguous_format
 

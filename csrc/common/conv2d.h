@@ -184,7 +184,12 @@ inline void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Te
 
 // torch's rule for the memory format of the output and of d_input and d_W: channels_last when the input
 // or the weight suggests it (a channels_last tensor, not an ambiguous one), contiguous NCHW otherwise.
+// On CUDA, float64 stays NCHW whatever the layouts: cuDNN has no NHWC double kernels, so torch's
+// cudnn_conv_suggest_memory_format says contiguous for it (the depthwise kernels too).
 inline at::MemoryFormat conv2d_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  if (input.is_cuda() && (input.scalar_type() == at::kDouble || weight.scalar_type() == at::kDouble)) {
+    return at::MemoryFormat::Contiguous;
+  }
   const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                              weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

@@ -22,7 +22,7 @@
 //     TORCH_CS231N_CUDA_DEPTHWISE=tiles    depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh)
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
-// (conv2d_memory_format: channels_last when the input or the weight is), by a copy.
+// (conv2d_memory_format: channels_last when the input or the weight is, NCHW for float64), by a copy.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>

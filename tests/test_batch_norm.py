@@ -550,12 +550,12 @@ def test_update_stats_refuses_bad_arguments(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused update is a CUDA kernel")
-def test_cuda_fused_update_candidate_matches_the_default(monkeypatch):
-    """TORCH_CS231N_CUDA_BN_UPDATE=fused (a candidate until proven on a GPU) against the exact update and
-    the default, torch's in-place ops, through strided views, in every running dtype, with one statistic
-    absent, and with the two of different dtypes (a launch each). The fused kernel rounds once, as torch's
-    own CUDA batch norm does, so it is held to the exact value rounded; the default rounds after each of
-    its ops (three times in float16: the H200 run saw 2.5e-3 between them), so it gets a few ulps."""
+def test_cuda_running_updates_match_the_exact_one(monkeypatch):
+    """TORCH_CS231N_CUDA_BN_UPDATE=fused (the default) and =aten (torch's in-place ops, the default before)
+    against the exact update, through strided views, in every running dtype, with one statistic absent,
+    and with the two of different dtypes (a launch each). The fused kernel rounds once, as torch's own CUDA
+    batch norm does, so it is held to the exact value rounded; torch's ops round after each op (three
+    times in float16: the H200 run saw 2.5e-3 between the two), so they get a few ulps."""
     mean, var = torch.randn(300, device="cuda"), torch.rand(300, device="cuda")
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
     for dm, dv in [(d, d) for d in dtypes] + [(torch.float32, torch.float64), (torch.float32, None)]:
@@ -576,7 +576,7 @@ def test_cuda_fused_update_candidate_matches_the_default(monkeypatch):
                 rtol, atol = (eps, 1e-6) if choice == "fused" else (4 * eps, 4 * eps)
                 torch.testing.assert_close(got.double(), exact, rtol=max(rtol, 2e-7), atol=atol)
     monkeypatch.setenv("TORCH_CS231N_CUDA_BN_UPDATE", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_BN_UPDATE: expected 'aten' .* or 'fused', but got"):
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_BN_UPDATE: expected 'fused' or 'aten' .*, but got"):
         ops.batch_norm_update_stats_(start_m[:, 0].clone(), None, mean, var, 0.1, 50)
 
 

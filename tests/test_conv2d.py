@@ -329,21 +329,23 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
-@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False),
-                                        (torch.bfloat16, False)])
-def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, dtype, tf32):
-    """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels (a candidate until proven on a GPU).
+@pytest.mark.parametrize("route,dtype,tf32", [("implicit", torch.float32, False), ("implicit", torch.float32, True),
+                                              ("implicit", torch.float16, False), ("implicit", torch.bfloat16, False),
+                                              ("cublas", torch.float32, False), ("cublas", torch.float32, True)])
+def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
+    """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels on every layer they can do (by default
+    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before.
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
     d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;
     TF32 is held to TF32's error, float16 and bfloat16 (exact products, float sums) to their rounding.
     """
-    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "implicit")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", route)
     gen = torch.Generator().manual_seed(7)
     cudnn = torch.backends.cudnn
     flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
     tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-2 if tf32 else 1e-5)
-    # Fg and Cg of 32 or more, so that forward and d_input take the candidate too (below, the stem's d_input
+    # Fg and Cg of 32 or more, so that forward and d_input take the implicit GEMM too (below, the stem's d_input
     # with 3 channels goes the cuBLAS way: cuda/conv2d.cu, kImplicitMinColumns).
     for xs, ws, kw in [((9, 40, 23, 21), (136, 40, 3, 3), dict(padding=1)),
                        ((4, 96, 30, 30), (96, 32, 3, 3), dict(padding=1, groups=3, stride=2)),
@@ -366,7 +368,7 @@ def test_cuda_implicit_gemm_candidate_matches_torch(monkeypatch, dtype, tf32):
             if tf32 and name != "d_b":  # d_b is a plain sum
                 assert error > 1e-5, f"{name}: TF32 was asked for, so the error should show a 10-bit mantissa"
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV: expected 'cublas' .* or 'implicit', but got 'fastest'"):
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV: expected 'implicit' or 'cublas' .*, but got 'fastest'"):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
 
 
@@ -402,25 +404,27 @@ def check_past_int32(monkeypatch, route):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offsets past 2^31 on CUDA")
 def test_cuda_offsets_past_int32_match_cudnn(monkeypatch):
-    """The proven route (im2col and cuBLAS) with int64 offsets."""
+    """The im2col and cuBLAS route with int64 offsets."""
     check_past_int32(monkeypatch, "cublas")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
-def test_cuda_implicit_gemm_candidate_offsets_past_int32_match_cudnn(monkeypatch):
+def test_cuda_implicit_gemm_offsets_past_int32_match_cudnn(monkeypatch):
     """The implicit GEMM's 32-bit positions with a 64-bit offset per sample (cuda/conv2d_implicit_gemm.cuh)."""
     check_past_int32(monkeypatch, "implicit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the depthwise tile kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_cuda_depthwise_tiles_candidate_matches_torch(monkeypatch, dtype):
-    """TORCH_CS231N_CUDA_DEPTHWISE=tiles: the depthwise tile kernels (a candidate until proven on a GPU).
+@pytest.mark.parametrize("route", ["tiles", "lines"])
+def test_cuda_depthwise_routes_match_float64(monkeypatch, route, dtype):
+    """TORCH_CS231N_CUDA_DEPTHWISE=tiles: the depthwise tile kernels (the default for 3x3 and 5x5);
+    =lines: the line kernels, the default before.
 
     Several tiles a plane with ragged edges, multipliers 1 to 3, 3x3 and 5x5, dilation, and a stride (whose
     d_input keeps the line kernel). The reference is float64, the tolerance each dtype's rounding.
     """
-    monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", "tiles")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", route)
     gen = torch.Generator().manual_seed(8)
     tolerance = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
     for xs, ws, kw in [((8, 32, 30, 31), (32, 1, 3, 3), dict(padding=1, groups=32)),
@@ -438,7 +442,7 @@ def test_cuda_depthwise_tiles_candidate_matches_torch(monkeypatch, dtype):
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
             assert error < tolerance, (name, xs, ws, kw, dtype, error)
     monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_DEPTHWISE: expected 'lines' .* or 'tiles', but got"):
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_DEPTHWISE: expected 'tiles' or 'lines' .*, but got"):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(2, 1, 3, 3, device="cuda"), groups=2)
 
 

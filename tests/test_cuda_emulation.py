@@ -25,7 +25,7 @@ HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 
 @pytest.mark.parametrize("program", ["conv2d_test", "max_pool2d_test", "int_divider_test"])
 def test_kernels_agree_with_their_reference_under_emulation(tmp_path, program):
-    """conv2d_test: the implicit GEMM and the depthwise tiles against float64; max_pool2d_test: the candidate
+    """conv2d_test: the implicit GEMM and the depthwise tiles against float64; max_pool2d_test: the flat
     backward against rule (3); int_divider_test: the fixed-point quotients against `/`."""
     cxx = os.environ.get("CXX", "c++")
     assert shutil.which(cxx), f"no C++ compiler ({cxx}): the extension's build needs one too"

@@ -253,9 +253,9 @@ def test_cpu_channels_last_paths_equal_torch(isa):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flat backward kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_cuda_flat_backward_candidate_equals_the_proven_kernel(monkeypatch, dtype, memory_format):
-    """TORCH_CS231N_CUDA_POOL_BACKWARD=flat (a candidate until proven on a GPU) gives the very bits of the
-    default line kernel: the scatter for disjoint windows, the gather for overlapping ones, with the forward's
+def test_cuda_flat_backward_equals_the_line_kernel(monkeypatch, dtype, memory_format):
+    """TORCH_CS231N_CUDA_POOL_BACKWARD=flat (the default) gives the very bits of the line kernel (=lines, the
+    default before): the scatter for disjoint windows, the gather for overlapping ones, with the forward's
     indices and with arbitrary ones (rule (3): an index outside its window's span counts for nothing)."""
     gen = torch.Generator().manual_seed(9)
     for shape, args in [((4, 8, 56, 56), dict(kernel_size=3, stride=2, padding=1)),
@@ -270,13 +270,13 @@ def test_cuda_flat_backward_candidate_equals_the_proven_kernel(monkeypatch, dtyp
         pool = [list(v) if isinstance(v, tuple) else [v, v] for v in pairs] + [args.get("ceil_mode", False)]
         for ind in (indices, arbitrary.contiguous(memory_format=memory_format)):
             monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "lines")
-            proven = torch.ops.torch_cs231n.max_pool2d_backward(dy, x, ind, *pool)
+            lines = torch.ops.torch_cs231n.max_pool2d_backward(dy, x, ind, *pool)
             monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "flat")
             flat = torch.ops.torch_cs231n.max_pool2d_backward(dy, x, ind, *pool)
-            assert torch.equal(flat, proven), (shape, args, dtype, memory_format)
-            assert_same_layout(flat, proven)
+            assert torch.equal(flat, lines), (shape, args, dtype, memory_format)
+            assert_same_layout(flat, lines)
     monkeypatch.setenv("TORCH_CS231N_CUDA_POOL_BACKWARD", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_POOL_BACKWARD: expected 'lines' .* or 'flat', but got"):
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_POOL_BACKWARD: expected 'flat' or 'lines' .*, but got"):
         torch.ops.torch_cs231n.max_pool2d_backward(dy, x, indices, *pool)
 
 

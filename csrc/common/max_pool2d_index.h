@@ -1,7 +1,7 @@
-// Max pooling's index maps along one spatial dimension, without torch types, so that the candidate CUDA
+// Max pooling's index maps along one spatial dimension, without torch types, so that the flat CUDA
 // kernels (cuda/max_pool2d_backward.cuh) and their CPU emulation test can include them; common/max_pool2d.h,
 // which the ops include, states the rules (1)-(3) they serve. The integer type is a template argument:
-// int64 in the ops' loops, int32 where a candidate kernel knows its indices fit.
+// int64 in the ops' loops, int32 where the flat backward knows its indices fit.
 #pragma once
 
 #include <c10/macros/Macros.h>

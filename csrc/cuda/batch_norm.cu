@@ -617,8 +617,9 @@ void launch_update_running(at::Tensor* running_mean, at::Tensor* running_var, co
   });
 }
 
-// The one-launch kernel is a candidate (TORCH_CS231N_CUDA_BN_UPDATE=fused) until it has run on a GPU; by
-// default the update is torch's two in-place ops per statistic, as functional.py issued them, now from C++.
+// One launch for both statistics, rounding once as torch's own CUDA batch norm does: the default since it
+// passed `make gpu-check` on an H200. TORCH_CS231N_CUDA_BN_UPDATE=aten chooses torch's two in-place ops per
+// statistic instead (four launches, a rounding after each).
 void batch_norm_update_stats_cuda(const std::optional<at::Tensor>& running_mean,
                                   const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
                                   const at::Tensor& var, double momentum, int64_t count) {
@@ -628,7 +629,7 @@ void batch_norm_update_stats_cuda(const std::optional<at::Tensor>& running_mean,
   const double keep = 1.0 - momentum, take_var = momentum * static_cast<double>(count) / (count - 1.0);
   at::Tensor rm = running_mean.has_value() ? *running_mean : at::Tensor();
   at::Tensor rv = running_var.has_value() ? *running_var : at::Tensor();
-  if (!cuda::candidate_chosen("TORCH_CS231N_CUDA_BN_UPDATE", "aten", "fused")) {
+  if (cuda::kernel_named("TORCH_CS231N_CUDA_BN_UPDATE", "fused", "aten") == 1) {
     if (rm.defined()) rm.mul_(keep).add_(mean.to(rm.scalar_type()), momentum);
     if (rv.defined()) rv.mul_(keep).add_(var.to(rv.scalar_type()), take_var);
     return;

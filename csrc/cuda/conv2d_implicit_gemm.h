@@ -1,5 +1,5 @@
-// The convolution's implicit-GEMM route on CUDA, as cuda/conv2d.cu calls it: a candidate until it has
-// passed `make gpu-check` on a GPU (TORCH_CS231N_CUDA_CONV=implicit; docs/conv2d.md). Its kernels are in
+// The convolution's implicit-GEMM route on CUDA, as cuda/conv2d.cu calls it: the default for float32 since it
+// passed `make gpu-check` on an H200 (TORCH_CS231N_CUDA_CONV chooses; docs/conv2d.md). Its kernels are in
 // cuda/conv2d_implicit_gemm.cuh; these wrappers and their many instantiations (three dtypes, two kinds of
 // arithmetic for float32, three tile shapes) are compiled in cuda/conv2d_implicit_gemm.cu, beside conv2d.cu rather than
 // inside it, so that the two build in parallel.
@@ -15,8 +15,9 @@
 namespace torch_cs231n {
 namespace cuda {
 
-// Whether TORCH_CS231N_CUDA_CONV chooses the implicit GEMM for this convolution: float32, or float16 and
-// bfloat16 on a GPU with TF32 tensor cores (sm_80+); not depthwise; within the grid's limits.
+// Whether the implicit GEMM does this convolution (not depthwise; within the grid's limits). By default,
+// float32 layers other than 1x1 ones; TORCH_CS231N_CUDA_CONV=implicit: every layer it can do, float16 and
+// bfloat16 too on a GPU with TF32 tensor cores (sm_80+); TORCH_CS231N_CUDA_CONV=cublas: none.
 bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x);
 
 // A product's columns fill tiles 64 or 128 wide: forward has Fg of them, d_input Cg (d_weight Cg*kh*kw).

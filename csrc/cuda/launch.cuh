@@ -34,17 +34,20 @@ __device__ inline int64_t first_line() { return (static_cast<int64_t>(blockIdx.x
 __device__ inline int64_t line_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp; }
 __device__ inline int lane() { return static_cast<int>(threadIdx.x % kWarp); }
 
-// ---- candidate kernels ----
-// A new kernel that has not yet passed `make gpu-check` on a GPU is a candidate: the proven one stays the
-// default and an environment variable chooses the candidate. Whether `name` does: unset, "" or `proven`
-// say no, `candidate` says yes, anything else is an error that names both. Read at each call, so a test
-// can switch it.
-inline bool candidate_chosen(const char* name, const char* proven, const char* candidate) {
+// ---- kernel choices ----
+// Where two kernels can do one job, an environment variable may name one. A new kernel that has not yet
+// passed `make gpu-check` on a GPU is never the default: only its variable chooses it (a candidate). One
+// that has passed, and measured faster, becomes the default, and the kernel it replaced stays a choice.
+// kernel_named(name, {a, b}): 0 or 1 when the variable `name` says a or b, -1 when it is unset or empty
+// (the layer's default); any other value is an error that names both. Read at each call, so a test can
+// switch it.
+inline int kernel_named(const char* name, const char* a, const char* b) {
   const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0' || std::strcmp(env, proven) == 0) return false;
-  TORCH_CHECK(std::strcmp(env, candidate) == 0, name, ": expected '", proven, "' (the default) or '", candidate,
-              "', but got '", env, "'");
-  return true;
+  if (env == nullptr || *env == '\0') return -1;
+  if (std::strcmp(env, a) == 0) return 0;
+  TORCH_CHECK(std::strcmp(env, b) == 0, name, ": expected '", a, "' or '", b, "' (or unset: the default), but got '",
+              env, "'");
+  return 1;
 }
 
 }  // namespace cuda

@@ -1,7 +1,7 @@
-// Max-pool backward on CUDA without 64-bit divisions: the candidate kernels, which cuda/max_pool2d.cu
-// chooses with TORCH_CS231N_CUDA_POOL_BACKWARD=flat until `make gpu-check` has proven them on a GPU.
+// Max-pool backward on CUDA without 64-bit divisions: cuda/max_pool2d.cu's default since they passed
+// `make gpu-check` on an H200 (TORCH_CS231N_CUDA_POOL_BACKWARD=lines chooses the line kernel instead).
 //
-// The proven kernel (cuda/max_pool2d.cu) gathers, for each input i, over the outputs whose window can hold it, rule (3)
+// The line kernel (cuda/max_pool2d.cu) gathers, for each input i, over the outputs whose window can hold it, rule (3)
 // of common/max_pool2d.h:  dx[i] = Σ_{o : i in window(o), ind[o] = i} dy[o].  It finds those outputs with 64-bit
 // divisions per element, a long software routine on a GPU; on the H200 its backward took 1.67 ms where torch's took
 // 0.97. Two forms here:
@@ -9,7 +9,7 @@
 //            each input lies in at most one window, so the sum has at most one term: dx is zeroed and
 //            each output writes dy[o] to dx[ind[o]], if ind[o] lies in its window's span (the gather's
 //            condition). No two outputs write one element: deterministic, without atomics.
-//   gather   the same gather as the proven kernel, flat over the inputs.
+//   gather   the same gather as the line kernel, flat over the inputs.
 // Both decode a flat index with divisions of the index type, 32-bit wherever every index the grid-stride
 // loop forms (the last step's overshoot included) stays below 2^31. Like the other emulatable headers, it
 // has no torch type: tests/cuda_emulation/ runs it on the CPU.
@@ -84,7 +84,7 @@ __global__ void scatter_kernel(const T* __restrict__ dy, const int64_t* __restri
   }
 }
 
-// Gather over the inputs, rule (3), over pool::candidate_outputs (the proven kernel's range, in index_t).
+// Gather over the inputs, rule (3), over pool::candidate_outputs (the line kernel's range, in index_t).
 template <typename T, typename Acc, bool kChannelsLast, typename index_t>
 __global__ void gather_kernel(const T* __restrict__ dy, const int64_t* __restrict__ ind, T* __restrict__ dx,
                               index_t inputs, Params p) {

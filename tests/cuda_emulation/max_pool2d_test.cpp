@@ -1,4 +1,4 @@
-// The candidate max-pool backward kernels (csrc/cuda/max_pool2d_backward.cuh), run on the CPU under
+// The flat max-pool backward kernels (csrc/cuda/max_pool2d_backward.cuh), run on the CPU under
 // cuda_emulation.h, against rule (3) of common/max_pool2d.h written out loop by loop:
 //     dx[i] = Σ_{o : o·s − p <= i <= o·s − p + (k−1)·d on both axes, ind[o] = i} dy[o]
 // with the indices of a real forward (the first maximum of each window) and with arbitrary ones (outside

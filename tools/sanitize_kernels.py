@@ -1,15 +1,21 @@
-"""Each candidate CUDA kernel once, on tiny inputs, for `compute-sanitizer --tool racecheck` in `make gpu-check`.
+"""The shared-memory CUDA kernels once each, on tiny inputs, for `compute-sanitizer --tool racecheck` in
+`make gpu-check`.
 
 The CPU emulation (tests/cuda_emulation/) runs a block's threads in one fixed order, so it cannot show a
 shared-memory race; racecheck on a real GPU can, and tiny inputs keep its slow instrumented run short. Every
-tile shape and arithmetic of the implicit GEMM, the three depthwise tile kernels, both forms of the pool
-backward and the fused batch-norm update run here. Exit status 0 when everything ran; the sanitizer's own
-exit code reports the hazards it found.
+tile shape and arithmetic of the implicit GEMM, the three depthwise tile kernels, both forms of the flat
+pool backward and the fused batch-norm update run here (each chosen by its variable, so that the run
+covers them whatever the defaults). Exit status 0 when everything ran; the sanitizer's own exit code
+reports the hazards it found. Run from anywhere:
 
-    compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_candidates.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
 """
 import os
+import sys
 
+# Run as a script, Python puts tools/ on the path, not the checkout that holds the built torch_cs231n (the
+# first H200 racecheck stopped there).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.update(TORCH_CS231N_CUDA_CONV="implicit", TORCH_CS231N_CUDA_DEPTHWISE="tiles",
                   TORCH_CS231N_CUDA_POOL_BACKWARD="flat", TORCH_CS231N_CUDA_BN_UPDATE="fused")
 
@@ -43,7 +49,7 @@ def main():
     bn = torch_cs231n.BatchNorm2d(5).cuda()
     bn(torch.randn(4, 5, 3, 3, device="cuda"))
     torch.cuda.synchronize()
-    print("sanitize_candidates: every candidate kernel ran")
+    print("sanitize_kernels: every shared-memory kernel ran")
 
 
 if __name__ == "__main__":

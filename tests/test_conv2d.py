@@ -416,10 +416,11 @@ def test_cuda_implicit_gemm_offsets_past_int32_match_cudnn(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the depthwise tile kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("route", ["tiles", "lines"])
+@pytest.mark.parametrize("route", ["tiles", "lines", pytest.param("tall", id="tall_candidate")])
 def test_cuda_depthwise_routes_match_float64(monkeypatch, route, dtype):
     """TORCH_CS231N_CUDA_DEPTHWISE=tiles: the depthwise tile kernels (the default for 3x3 and 5x5);
-    =lines: the line kernels, the default before.
+    =lines: the line kernels, the default before; =tall: the tall tiles, a candidate (its id says so, so
+    that `make gpu-check` runs it in the candidates' round).
 
     Several tiles a plane with ragged edges, multipliers 1 to 3, 3x3 and 5x5, dilation, and a stride (whose
     d_input keeps the line kernel). The reference is float64, the tolerance each dtype's rounding.
@@ -442,7 +443,7 @@ def test_cuda_depthwise_routes_match_float64(monkeypatch, route, dtype):
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
             assert error < tolerance, (name, xs, ws, kw, dtype, error)
     monkeypatch.setenv("TORCH_CS231N_CUDA_DEPTHWISE", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_DEPTHWISE: expected 'tiles' or 'lines' .*, but got"):
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_DEPTHWISE: expected 'tiles', 'lines' or 'tall' .*, but got"):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(2, 1, 3, 3, device="cuda"), groups=2)
 
 

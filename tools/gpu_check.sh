@@ -23,9 +23,12 @@ OUT=${OUT:-gpu-check}
 # their names). The TF32 bench repeats the conv2d cases. All the candidates go in one round, to keep the
 # check under 6 minutes. None now: the four of the first rounds (the implicit GEMM, the depthwise tiles,
 # the flat pool backward and the fused running-statistics update) passed here on an H200 on 2026-11-30,
-# measured faster, and became the defaults (docs/benchmarks.md). A new one would read, for example:
-#   "tiles|TORCH_CS231N_CUDA_DEPTHWISE=tiles|depthwise and candidate|conv2d|depthwise"
-CANDIDATES=()
+# measured faster, and became the defaults (docs/benchmarks.md). Now:
+#   TORCH_CS231N_CUDA_DEPTHWISE=tall   depthwise forward and d_input by 32 x 32 tiles, four outputs a thread
+#                                      (cuda/conv2d_depthwise.cuh)
+CANDIDATES=(
+  "tall|TORCH_CS231N_CUDA_DEPTHWISE=tall|conv2d and cuda and (depthwise or matches_torch or gradcheck)|conv2d|depthwise"
+)
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).
 LIMIT=${LIMIT:-350}

@@ -629,7 +629,7 @@ void batch_norm_update_stats_cuda(const std::optional<at::Tensor>& running_mean,
   const double keep = 1.0 - momentum, take_var = momentum * static_cast<double>(count) / (count - 1.0);
   at::Tensor rm = running_mean.has_value() ? *running_mean : at::Tensor();
   at::Tensor rv = running_var.has_value() ? *running_var : at::Tensor();
-  if (cuda::kernel_named("TORCH_CS231N_CUDA_BN_UPDATE", "fused", "aten") == 1) {
+  if (cuda::kernel_named("TORCH_CS231N_CUDA_BN_UPDATE", {"fused", "aten"}) == 1) {
     if (rm.defined()) rm.mul_(keep).add_(mean.to(rm.scalar_type()), momentum);
     if (rv.defined()) rv.mul_(keep).add_(var.to(rv.scalar_type()), take_var);
     return;

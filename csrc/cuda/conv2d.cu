@@ -22,7 +22,8 @@
 //                                  build in their own file, .cu, its kernels are in .cuh): by default float32
 //                                  layers but 1x1 ones; =implicit every layer it can do, =cublas none
 //     TORCH_CS231N_CUDA_DEPTHWISE  depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh) for 3x3 and
-//                                  5x5 filters by default (=tiles), the line kernels below (=lines)
+//                                  5x5 filters by default (=tiles), the line kernels below (=lines), and
+//                                  a candidate, the tall tiles (=tall: four outputs a thread)
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
 // (conv2d_memory_format: channels_last when the input or the weight is, NCHW for float64), by a copy.
@@ -328,12 +329,17 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------- depthwise
-// The depthwise tile kernels (cuda/conv2d_depthwise.cuh) do 3x3 and 5x5 filters whose input region fits in
-// shared memory (d_input: stride 1 as well); the line kernels above do the rest, and all of it when
-// TORCH_CS231N_CUDA_DEPTHWISE=lines. On the H200 the tiles took the (128,128,56,56) layer's forward+backward
-// from 5.6 to 3.3 ms.
-bool depthwise_tiles_chosen(const Conv2dGeometry& g) {
-  return cuda::kernel_named("TORCH_CS231N_CUDA_DEPTHWISE", "tiles", "lines") != 1 && cuda::depthwise::tiles_fit(g);
+// The kernels TORCH_CS231N_CUDA_DEPTHWISE chooses. tiles (the default): the tiles of cuda/conv2d_depthwise.cuh
+// for 3x3 and 5x5 filters whose input region fits in shared memory (d_input: stride 1 as well), the line
+// kernels above for the rest; on the H200 they took the (128,128,56,56) layer's forward+backward from 5.6 to
+// 3.3 ms. lines: the line kernels for everything. tall (a candidate, not yet run on a GPU): the tall tiles
+// for the forward and d_input where they fit, the tiles' d_weight, the line kernels for the rest.
+enum class Depthwise { kLines, kTiles, kTall };
+Depthwise depthwise_kernels(const Conv2dGeometry& g) {
+  const int named = cuda::kernel_named("TORCH_CS231N_CUDA_DEPTHWISE", {"tiles", "lines", "tall"});
+  if (named == 2 && cuda::depthwise::tall_fit(g)) return Depthwise::kTall;
+  if (named != 1 && cuda::depthwise::tiles_fit(g)) return Depthwise::kTiles;
+  return Depthwise::kLines;
 }
 
 // f(std::integral_constant<int, k>{}) for the filter size k (3 or 5) of a tiles_fit geometry.
@@ -350,7 +356,13 @@ template <typename T>
 void depthwise_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::Tensor& y,
                        const Conv2dGeometry& g, cudaStream_t stream) {
   const T* bias = b.has_value() ? b->const_data_ptr<T>() : nullptr;
-  if (depthwise_tiles_chosen(g)) {
+  const Depthwise kernels = depthwise_kernels(g);
+  if (kernels == Depthwise::kTall) {
+    with_filter_size(g, [&](auto k) {
+      cuda::depthwise::tall_forward<T, at::acc_type<T, true>, k, k>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias,
+                                                                    y.mutable_data_ptr<T>(), g, stream);
+    });
+  } else if (kernels == Depthwise::kTiles) {
     with_filter_size(g, [&](auto k) {
       cuda::depthwise::forward<T, at::acc_type<T, true>, k, k>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias,
                                                                y.mutable_data_ptr<T>(), g, stream);
@@ -366,8 +378,14 @@ template <typename T>
 void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
                         const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   using acc_t = at::acc_type<T, true>;
-  const bool tiles = depthwise_tiles_chosen(g);
-  if (need_dx && tiles && cuda::depthwise::grad_input_tiles_fit(g)) {
+  const Depthwise kernels = depthwise_kernels(g);
+  const bool tiles = kernels != Depthwise::kLines && cuda::depthwise::tiles_fit(g);  // the tall tiles' d_W too
+  if (need_dx && kernels == Depthwise::kTall && cuda::depthwise::grad_input_tall_fit(g)) {
+    with_filter_size(g, [&](auto k) {
+      cuda::depthwise::tall_grad_input<T, acc_t, k, k>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                                       dx.mutable_data_ptr<T>(), g, stream);
+    });
+  } else if (need_dx && tiles && cuda::depthwise::grad_input_tiles_fit(g)) {
     with_filter_size(g, [&](auto k) {
       cuda::depthwise::grad_input<T, acc_t, k, k>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                                   dx.mutable_data_ptr<T>(), g, stream);

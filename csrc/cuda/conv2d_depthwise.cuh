@@ -14,8 +14,9 @@
 //               each thread keeps the kH·kW sums of its output position over a share of the (sample, tile)
 //               pairs of f; the block adds them in shared memory, in a fixed order, into one partial sum per
 //               block, and a second kernel adds a filter's partial sums in block order (deterministic).
-// Like cuda/conv2d_implicit_gemm.cuh, this file has no torch type in it: tests/cuda_emulation/ runs it on the
-// CPU.
+// The tall tiles at the end of the file are a candidate form of the forward and d_input (32 x 32 outputs, four
+// a thread). Like cuda/conv2d_implicit_gemm.cuh, this file has no torch type in it: tests/cuda_emulation/
+// runs it on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -31,14 +32,15 @@ constexpr int kThreads = 256;
 constexpr int kTileH = 8, kTileW = 32;  // one output per thread
 constexpr int kRegion = 48 * 80;        // the shared input region's capacity, in values
 
-// The input region a tile's windows cover, for a map i = o·s − p + t·d (the forward's, or d_input's flipped
-// one): its rows and columns, 0 if it does not fit in kRegion.
+// The input region a tile of tile_h x kTileW outputs covers, for a map i = o·s − p + t·d (the forward's, or
+// d_input's flipped one): its rows and columns, 0 if it does not fit in `capacity` values.
 struct Region {
   int rows, cols;
 };
-inline Region region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
-  const int64_t rows = (kTileH - 1) * sh + (kh - 1) * dh + 1, cols = (kTileW - 1) * sw + (kw - 1) * dw + 1;
-  return rows * cols <= kRegion ? Region{static_cast<int>(rows), static_cast<int>(cols)} : Region{0, 0};
+inline Region region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tile_h = kTileH,
+                        int64_t capacity = kRegion) {
+  const int64_t rows = (tile_h - 1) * sh + (kh - 1) * dh + 1, cols = (kTileW - 1) * sw + (kw - 1) * dw + 1;
+  return rows * cols <= capacity ? Region{static_cast<int>(rows), static_cast<int>(cols)} : Region{0, 0};
 }
 
 // A tiled pass: out[n, o_ch, o] from src planes of src_h x src_w through the map i = o·s − p + t·d.
@@ -171,10 +173,10 @@ __global__ void sum_slices_kernel(const Acc* __restrict__ partial, T* __restrict
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline Tiling tiling(int64_t out_h, int64_t out_w, int64_t src_h, int64_t src_w, int64_t sh, int64_t sw, int64_t ph,
-                     int64_t pw, int64_t dh, int64_t dw, Region r) {
+                     int64_t pw, int64_t dh, int64_t dw, Region r, int64_t tile_h = kTileH) {
   Tiling m{out_h, out_w, src_h, src_w, sh, sw, ph, pw, dh, dw, r.rows, r.cols, 0, 0};
   m.tiles_w = ceil_div(out_w, kTileW);
-  m.tiles = m.tiles_w * ceil_div(out_h, kTileH);
+  m.tiles = m.tiles_w * ceil_div(out_h, tile_h);
   return m;
 }
 
@@ -227,6 +229,136 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_
   const int64_t blocks = ceil_div(g.f * KH * KW, kThreads);
   TORCH_CS231N_LAUNCH(sum, dim3(static_cast<unsigned int>(blocks < 4096 ? blocks : 4096)), kThreads, stream, partial,
                       dw, g.f, int64_t(KH * KW), slices);
+}
+
+// ------------------------------------------------------------------------------ the tall tiles (candidate)
+// On the H200 the tiles above spent most of their instructions on a block's bookkeeping rather than its sums:
+// decoding blockIdx (64-bit divisions), a division per value of the region they load, the weights, all for
+// one output a thread (about 400 instructions a warp around 9 FMAs, by the SASS; the (128,128,56,56)
+// forward took 0.97 ms against torch's 0.48). The tall tiles give a thread kTallRows outputs, consecutive
+// rows of one column (a tile of 32 x 32), take the plane from the grid's y and z instead of dividing, and
+// load the region a warp per row and a lane per column, with no division.
+// TORCH_CS231N_CUDA_DEPTHWISE=tall chooses them (forward, and d_input with stride 1) until `make gpu-check`
+// has tested and timed them on a GPU; d_weight keeps the tiles above.
+constexpr int kTallRows = 4;
+constexpr int kTallTileH = (kThreads / kTileW) * kTallRows;  // 32
+constexpr int kTallRegion = 72 * 72;                         // stride 2 with a 5x5 filter needs 67 x 67
+constexpr int64_t kGridYZ = 65535;                           // gridDim.y's and gridDim.z's limit
+
+// Copies the region of src_plane for the tile whose first output is (o_h0, o_w0) into shared memory, a warp
+// per row and a lane per column (0 in the padding). Positions are 32-bit (tall_fit: a plane holds fewer than
+// 2^31 values), and a lane tests its column once.
+template <typename T, typename Acc>
+__device__ void load_region_by_rows(Acc* region, const T* src_plane, const Tiling& m, int64_t o_h0, int64_t o_w0) {
+  const int i_h0 = static_cast<int>(conv_in_index(o_h0, 0, m.sh, m.ph, 1));
+  const int i_w0 = static_cast<int>(conv_in_index(o_w0, 0, m.sw, m.pw, 1));
+  const int src_h = static_cast<int>(m.src_h), src_w = static_cast<int>(m.src_w);
+  const int warp = threadIdx.x / kTileW, lane = threadIdx.x % kTileW;
+  for (int c = lane; c < m.cols; c += kTileW) {
+    const int i_w = i_w0 + c;
+    const bool column_inside = i_w >= 0 && i_w < src_w;
+    for (int r = warp; r < m.rows; r += kThreads / kTileW) {
+      const int i_h = i_h0 + r;
+      region[r * m.cols + c] =
+          column_inside && i_h >= 0 && i_h < src_h ? static_cast<Acc>(src_plane[i_h * src_w + i_w]) : Acc(0);
+    }
+  }
+}
+
+// The forward (out = y, src = x) and, with stride 1, d_input (out = dx, src = dY, the filters flipped), as
+// tiled_kernel, over a grid (tiles, out_channels, samples up to kGridYZ; more samples loop).
+template <typename T, typename Acc, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    tall_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                Tiling m, int64_t samples, int64_t out_channels, int64_t src_channels, int64_t mult, bool grad_input) {
+  __shared__ Acc region[kTallRegion];
+  const int64_t o_ch = blockIdx.y;
+  const int tile = static_cast<int>(blockIdx.x), tiles_w = static_cast<int>(m.tiles_w);  // tall_fit: 32-bit
+  const int64_t o_h0 = static_cast<int64_t>(tile / tiles_w) * kTallTileH;
+  const int64_t o_w0 = static_cast<int64_t>(tile % tiles_w) * kTileW;
+  // this thread's outputs: rows row0 + r of column col; where their taps start in the region
+  const int row0 = (threadIdx.x / kTileW) * kTallRows, col = threadIdx.x % kTileW;
+  const int sh = static_cast<int>(m.sh), dh = static_cast<int>(m.dh), sw = static_cast<int>(m.sw);
+  const int dw = static_cast<int>(m.dw), cols = m.cols;
+  const int start = row0 * sh * cols + col * sw;
+  const int64_t planes = grad_input ? mult : 1;
+  for (int64_t n = blockIdx.z; n < samples; n += gridDim.z) {
+    const Acc b = bias != nullptr ? static_cast<Acc>(bias[o_ch]) : Acc(0);
+    Acc acc[kTallRows];
+#pragma unroll
+    for (int r = 0; r < kTallRows; ++r) acc[r] = b;
+    for (int64_t j = 0; j < planes; ++j) {
+      const int64_t s_ch = grad_input ? o_ch * mult + j : o_ch / mult;
+      const T* filter = w + (grad_input ? s_ch : o_ch) * (KH * KW);
+      Acc wr[KH * KW];
+#pragma unroll
+      for (int t = 0; t < KH * KW; ++t) wr[t] = static_cast<Acc>(filter[grad_input ? KH * KW - 1 - t : t]);
+      __syncthreads();  // the previous region has been read
+      load_region_by_rows<T, Acc>(region, src + (n * src_channels + s_ch) * m.src_h * m.src_w, m, o_h0, o_w0);
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < kTallRows; ++r) {
+#pragma unroll
+        for (int th = 0; th < KH; ++th) {
+#pragma unroll
+          for (int tw = 0; tw < KW; ++tw) {
+            acc[r] += wr[th * KW + tw] * region[start + (r * sh + th * dh) * cols + tw * dw];
+          }
+        }
+      }
+    }
+    const int64_t o_h = o_h0 + row0, o_w = o_w0 + col;
+    if (o_h < m.out_h && o_w < m.out_w) {  // this thread's column, rows o_h, o_h + 1, ... that exist
+      T* column = out + ((n * out_channels + o_ch) * m.out_h + o_h) * m.out_w + o_w;
+      const int64_t rows = m.out_h - o_h;
+#pragma unroll
+      for (int r = 0; r < kTallRows; ++r) {
+        if (r < rows) column[r * m.out_w] = static_cast<T>(acc[r]);
+      }
+    }
+  }
+}
+
+inline Region tall_region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
+  return region_of(kh, kw, sh, sw, dh, dw, kTallTileH, kTallRegion);
+}
+
+// Which passes the tall tiles can do: 3x3 or 5x5 whose region fits, channels and filters within gridDim.y,
+// planes of under 2^31 values (positions within a plane are 32-bit; the region's too, however far its
+// padding reaches); d_input needs stride 1 as well.
+inline bool tall_fit(const Conv2dGeometry& g) {
+  const bool sizes = (g.kh == 3 && g.kw == 3) || (g.kh == 5 && g.kw == 5);
+  if (!sizes || tall_region_of(g.kh, g.kw, g.sh, g.sw, g.dh, g.dw).rows == 0 || g.f > kGridYZ) return false;
+  const int64_t reach = (kTallTileH + g.kh) * (g.sh + g.dh) + g.ph + g.pw + 64;  // past a plane's edges
+  return (g.h + reach) * (g.w + reach) <= INT32_MAX && (g.oh + reach) * (g.ow + reach) <= INT32_MAX;
+}
+inline bool grad_input_tall_fit(const Conv2dGeometry& g) { return tall_fit(g) && g.sh == 1 && g.sw == 1; }
+
+// grid_z: the most samples the grid's z takes (the tests lower it to exercise the loop over the rest).
+template <typename T, typename Acc, int KH, int KW>
+void tall_forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, cudaStream_t stream,
+                  int64_t grid_z = kGridYZ) {
+  const Tiling m = tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                          tall_region_of(KH, KW, g.sh, g.sw, g.dh, g.dw), kTallTileH);
+  if (g.n * g.f * m.tiles == 0) return;  // no output
+  const dim3 grid(static_cast<unsigned int>(m.tiles), static_cast<unsigned int>(g.f),
+                  static_cast<unsigned int>(g.n < grid_z ? g.n : grid_z));
+  auto* kernel = &tall_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, x, w, bias, y, m, g.n, g.f, g.c, g.f / g.c, false);
+}
+
+// Stride 1 only (grad_input_tall_fit): the flipped filter over dY, padding (k−1)·d − p.
+template <typename T, typename Acc, int KH, int KW>
+void tall_grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cudaStream_t stream,
+                     int64_t grid_z = kGridYZ) {
+  const Tiling m = tiling(g.h, g.w, g.oh, g.ow, 1, 1, (KH - 1) * g.dh - g.ph, (KW - 1) * g.dw - g.pw, g.dh, g.dw,
+                          tall_region_of(KH, KW, 1, 1, g.dh, g.dw), kTallTileH);
+  if (g.n * g.c * m.tiles == 0) return;  // an empty input plane: no d_input to write
+  const dim3 grid(static_cast<unsigned int>(m.tiles), static_cast<unsigned int>(g.c),
+                  static_cast<unsigned int>(g.n < grid_z ? g.n : grid_z));
+  auto* kernel = &tall_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, dy, w, static_cast<const T*>(nullptr), dx, m, g.n, g.c, g.f,
+                      g.f / g.c, true);
 }
 
 }  // namespace depthwise

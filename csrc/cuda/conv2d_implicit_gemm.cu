@@ -87,7 +87,7 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 }  // namespace
 
 bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  const int named = kernel_named("TORCH_CS231N_CUDA_CONV", "implicit", "cublas");
+  const int named = kernel_named("TORCH_CS231N_CUDA_CONV", {"implicit", "cublas"});
   if (named == 1 || conv2d_is_depthwise(g) || !implicit_gemm::fits(g)) return false;
   const auto dtype = x.scalar_type();
   if (named == 0) {  // every layer it can do

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 namespace torch_cs231n {
 namespace cuda {
@@ -38,16 +40,21 @@ __device__ inline int lane() { return static_cast<int>(threadIdx.x % kWarp); }
 // Where two kernels can do one job, an environment variable may name one. A new kernel that has not yet
 // passed `make gpu-check` on a GPU is never the default: only its variable chooses it (a candidate). One
 // that has passed, and measured faster, becomes the default, and the kernel it replaced stays a choice.
-// kernel_named(name, {a, b}): 0 or 1 when the variable `name` says a or b, -1 when it is unset or empty
-// (the layer's default); any other value is an error that names both. Read at each call, so a test can
-// switch it.
-inline int kernel_named(const char* name, const char* a, const char* b) {
+// kernel_named(name, {a, b, ...}): the index of the value the variable `name` holds among the kernels' names,
+// -1 when it is unset or empty (the layer's default); any other value is an error that names them all. Read at
+// each call, so a test can switch it.
+inline int kernel_named(const char* name, std::initializer_list<const char*> kernels) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return -1;
-  if (std::strcmp(env, a) == 0) return 0;
-  TORCH_CHECK(std::strcmp(env, b) == 0, name, ": expected '", a, "' or '", b, "' (or unset: the default), but got '",
-              env, "'");
-  return 1;
+  int index = 0;
+  std::string expected;
+  for (const char* kernel : kernels) {
+    if (std::strcmp(env, kernel) == 0) return index;
+    expected += (index == 0 ? "'" : index + 1 == static_cast<int>(kernels.size()) ? " or '" : ", '");
+    expected += std::string(kernel) + "'";
+    ++index;
+  }
+  TORCH_CHECK(false, name, ": expected ", expected, " (or unset: the default), but got '", env, "'");
 }
 
 }  // namespace cuda

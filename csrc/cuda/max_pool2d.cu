@@ -219,7 +219,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
   const bool nhwc = g.format == at::MemoryFormat::ChannelsLast;
   const Params p = params_of(g);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (cuda::kernel_named("TORCH_CS231N_CUDA_POOL_BACKWARD", "flat", "lines") != 1) {
+  if (cuda::kernel_named("TORCH_CS231N_CUDA_POOL_BACKWARD", {"flat", "lines"}) != 1) {
     flat_backward(dy, ind, grad_input, g.batch, p, nhwc, stream);
     return grad_input;
   }

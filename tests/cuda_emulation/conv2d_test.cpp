@@ -213,7 +213,19 @@ bool run_depthwise(const Case& k, std::mt19937& rng) {
     dwc::grad_input<T, T, KH, KW>(dy.data(), w.data(), dx.data(), g, nullptr);
     ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
   }
-  return compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+  ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+  // The tall tiles (a candidate), with the grid's z at most 2 samples, so that the loop over the rest runs.
+  if (dwc::tall_fit(g)) {
+    std::fill(y.begin(), y.end(), T(NAN));
+    dwc::tall_forward<T, T, KH, KW>(x.data(), w.data(), b.data(), y.data(), g, nullptr, /*grid_z=*/2);
+    ok = compare("tall forward", y, r.y, r.y_abs, tolerance) && ok;
+    if (dwc::grad_input_tall_fit(g)) {
+      std::fill(dx.begin(), dx.end(), T(NAN));
+      dwc::tall_grad_input<T, T, KH, KW>(dy.data(), w.data(), dx.data(), g, nullptr, /*grid_z=*/2);
+      ok = compare("tall d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+    }
+  }
+  return ok;
 }
 
 template <typename T>
@@ -262,6 +274,8 @@ int main() {
       {3, 4, 8, 9, 4, 5, 5, 1, 1, 0, 0, 1, 1, 4},    // no padding (d_input's is 4)
       {1, 1, 6, 6, 1, 3, 3, 1, 1, 3, 3, 1, 1, 1},    // padding 3 > (k-1)d: d_input's is -1
       {3, 2, 33, 9, 6, 3, 3, 1, 2, 1, 0, 1, 1, 2},   // multiplier 3, stride (1, 2)
+      {5, 2, 70, 40, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2},  // tall tiles: 3 x 2 a plane, ragged; 5 samples, z of 2
+      {1, 1, 70, 70, 1, 5, 5, 2, 2, 2, 2, 1, 1, 1},  // 5x5 stride 2: the tall region's 67 x 67
   };
   for (const Case& k : depthwise) {
     ok = run_depthwise<float>(k, rng) && ok;

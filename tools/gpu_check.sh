@@ -24,8 +24,8 @@ OUT=${OUT:-gpu-check}
 # check under 6 minutes. None now: the four of the first rounds (the implicit GEMM, the depthwise tiles,
 # the flat pool backward and the fused running-statistics update) passed here on an H200 on 2026-11-30,
 # measured faster, and became the defaults (docs/benchmarks.md). Now:
-#   TORCH_CS231N_CUDA_DEPTHWISE=tall   depthwise forward and d_input by 32 x 32 tiles, four outputs a thread
-#                                      (cuda/conv2d_depthwise.cuh)
+#   TORCH_CS231N_CUDA_DEPTHWISE=tall   depthwise forward, d_input and d_weight by 32 x 32 tiles, four outputs
+#                                      a thread (cuda/conv2d_depthwise.cuh)
 CANDIDATES=(
   "tall|TORCH_CS231N_CUDA_DEPTHWISE=tall|conv2d and cuda and (depthwise or matches_torch or gradcheck)|conv2d|depthwise"
 )

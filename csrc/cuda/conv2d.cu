@@ -333,7 +333,7 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 // for 3x3 and 5x5 filters whose input region fits in shared memory (d_input: stride 1 as well), the line
 // kernels above for the rest; on the H200 they took the (128,128,56,56) layer's forward+backward from 5.6 to
 // 3.3 ms. lines: the line kernels for everything. tall (a candidate, not yet run on a GPU): the tall tiles
-// for the forward and d_input where they fit, the tiles' d_weight, the line kernels for the rest.
+// where they fit (d_input: stride 1 as well; else the tiles or the line kernels).
 enum class Depthwise { kLines, kTiles, kTall };
 Depthwise depthwise_kernels(const Conv2dGeometry& g) {
   const int named = cuda::kernel_named("TORCH_CS231N_CUDA_DEPTHWISE", {"tiles", "lines", "tall"});
@@ -342,7 +342,7 @@ Depthwise depthwise_kernels(const Conv2dGeometry& g) {
   return Depthwise::kLines;
 }
 
-// f(std::integral_constant<int, k>{}) for the filter size k (3 or 5) of a tiles_fit geometry.
+// f(std::integral_constant<int, k>{}) for the filter size k (3 or 5) of a tiles_fit or tall_fit geometry.
 template <typename F>
 void with_filter_size(const Conv2dGeometry& g, F&& f) {
   if (g.kh == 3) {
@@ -379,7 +379,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
                         const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   using acc_t = at::acc_type<T, true>;
   const Depthwise kernels = depthwise_kernels(g);
-  const bool tiles = kernels != Depthwise::kLines && cuda::depthwise::tiles_fit(g);  // the tall tiles' d_W too
+  const bool tiles = kernels != Depthwise::kLines && cuda::depthwise::tiles_fit(g);
   if (need_dx && kernels == Depthwise::kTall && cuda::depthwise::grad_input_tall_fit(g)) {
     with_filter_size(g, [&](auto k) {
       cuda::depthwise::tall_grad_input<T, acc_t, k, k>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
@@ -395,16 +395,24 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
         dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (need_dw && tiles) {
+  if (need_dw && kernels != Depthwise::kLines) {
     // about four blocks per multiprocessor, each summing a slice of the (sample, tile) pairs of its filter
+    const int64_t blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const bool tall = kernels == Depthwise::kTall;
     const int64_t slices =
-        cuda::depthwise::grad_weight_slices(g, 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+        tall ? cuda::depthwise::tall_grad_weight_slices(g, blocks) : cuda::depthwise::grad_weight_slices(g, blocks);
     at::Tensor partial =
         at::empty({g.f * slices * g.taps()}, x.options().dtype(at::toAccumulateType(x.scalar_type(), true)));
     with_filter_size(g, [&](auto k) {
-      cuda::depthwise::grad_weight<T, acc_t, k, k>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                                                   dw.mutable_data_ptr<T>(), g, slices,
-                                                   partial.mutable_data_ptr<acc_t>(), stream);
+      if (tall) {
+        cuda::depthwise::tall_grad_weight<T, acc_t, k, k>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                                          dw.mutable_data_ptr<T>(), g, slices,
+                                                          partial.mutable_data_ptr<acc_t>(), stream);
+      } else {
+        cuda::depthwise::grad_weight<T, acc_t, k, k>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                                     dw.mutable_data_ptr<T>(), g, slices,
+                                                     partial.mutable_data_ptr<acc_t>(), stream);
+      }
     });
   } else if (need_dw) {
     depthwise_grad_weight_kernel<T><<<g.f * g.taps(), cuda::kThreads, 0, stream>>>(

@@ -112,6 +112,23 @@ __global__ void __launch_bounds__(kThreads)
   if (o_h < m.out_h && o_w < m.out_w) out[(plane * m.out_h + o_h) * m.out_w + o_w] = static_cast<T>(acc);
 }
 
+// out[t] = Σ over the block's threads of acc[t], for each of the kTaps sums a thread keeps, added pairwise in
+// a fixed order through `sums` (kThreads values of shared memory); thread 0 writes.
+template <typename Acc, int kTaps>
+__device__ void add_block_sums(const Acc (&acc)[kTaps], Acc* sums, Acc* out) {
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) {
+    sums[threadIdx.x] = acc[t];
+    __syncthreads();
+    for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+      if (static_cast<int>(threadIdx.x) < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) out[t] = sums[0];
+    __syncthreads();  // sums[0] has been read before the next tap overwrites it
+  }
+}
+
 // d_weight, partial sums: block = (filter f, slice); the slice takes the (sample, tile) pairs u ≡ slice
 // (mod slices). partial[f][slice][t].
 template <typename T, typename Acc, int KH, int KW>
@@ -142,18 +159,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  // each tap's 256 sums, added pairwise in a fixed order
-#pragma unroll
-  for (int t = 0; t < KH * KW; ++t) {
-    sums[threadIdx.x] = acc[t];
-    __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-      if (static_cast<int>(threadIdx.x) < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) partial[blockIdx.x * (KH * KW) + t] = sums[0];
-    __syncthreads();  // sums[0] has been read before the next tap overwrites it
-  }
+  add_block_sums<Acc, KH * KW>(acc, sums, partial + blockIdx.x * (KH * KW));
 }
 
 // dw[f][t] = Σ_slice partial[f][slice][t], in slice order.
@@ -171,6 +177,14 @@ __global__ void sum_slices_kernel(const Acc* __restrict__ partial, T* __restrict
 
 // ----------------------------------------------------------------------------------------------- the calls
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename Acc>
+void launch_sum_slices(const Acc* partial, T* dw, int64_t filters, int64_t taps, int64_t slices, cudaStream_t stream) {
+  auto* sum = &sum_slices_kernel<T, Acc>;
+  const int64_t blocks = ceil_div(filters * taps, kThreads);
+  TORCH_CS231N_LAUNCH(sum, dim3(static_cast<unsigned int>(blocks < 4096 ? blocks : 4096)), kThreads, stream, partial,
+                      dw, filters, taps, slices);
+}
 
 inline Tiling tiling(int64_t out_h, int64_t out_w, int64_t src_h, int64_t src_w, int64_t sh, int64_t sw, int64_t ph,
                      int64_t pw, int64_t dh, int64_t dw, Region r, int64_t tile_h = kTileH) {
@@ -225,10 +239,7 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_
   auto* kernel = &grad_weight_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(g.f * slices)), kThreads, stream, dy, x, partial, m, g.n,
                       g.f, g.c, slices);
-  auto* sum = &sum_slices_kernel<T, Acc>;
-  const int64_t blocks = ceil_div(g.f * KH * KW, kThreads);
-  TORCH_CS231N_LAUNCH(sum, dim3(static_cast<unsigned int>(blocks < 4096 ? blocks : 4096)), kThreads, stream, partial,
-                      dw, g.f, int64_t(KH * KW), slices);
+  launch_sum_slices<T, Acc>(partial, dw, g.f, KH * KW, slices, stream);
 }
 
 // ------------------------------------------------------------------------------ the tall tiles (candidate)
@@ -238,8 +249,9 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_
 // forward took 0.97 ms against torch's 0.48). The tall tiles give a thread kTallRows outputs, consecutive
 // rows of one column (a tile of 32 x 32), take the plane from the grid's y and z instead of dividing, and
 // load the region a warp per row and a lane per column, with no division.
-// TORCH_CS231N_CUDA_DEPTHWISE=tall chooses them (forward, and d_input with stride 1) until `make gpu-check`
-// has tested and timed them on a GPU; d_weight keeps the tiles above.
+// d_weight likewise: four outputs a thread per (sample, tile) pair, the pairs stepped through without
+// dividing. TORCH_CS231N_CUDA_DEPTHWISE=tall chooses them (the forward, d_input with stride 1, d_weight)
+// until `make gpu-check` has tested and timed them on a GPU.
 constexpr int kTallRows = 4;
 constexpr int kTallTileH = (kThreads / kTileW) * kTallRows;  // 32
 constexpr int kTallRegion = 72 * 72;                         // stride 2 with a 5x5 filter needs 67 x 67
@@ -319,6 +331,61 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// d_weight by tall tiles, partial sums: block = (slice, filter f), grid (slices, F). The slice takes the
+// (sample, tile) pairs from pair `slice` on, every `slices`-th, stepping through them as (samples, tile rows,
+// tile columns) with carries rather than dividing; a thread keeps the kH·kW sums of its four outputs, and
+// the block adds them as grad_weight_kernel does, into partial[f][slice][t].
+template <typename T, typename Acc, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    tall_grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc* __restrict__ partial, Tiling m,
+                            int64_t samples, int64_t f_channels, int64_t c_channels, int64_t slices) {
+  __shared__ Acc region[kTallRegion];
+  __shared__ Acc sums[kThreads];
+  const int64_t slice = blockIdx.x, f = blockIdx.y, c = f * c_channels / f_channels;
+  const int row0 = (threadIdx.x / kTileW) * kTallRows, col = threadIdx.x % kTileW;
+  const int sh = static_cast<int>(m.sh), dh = static_cast<int>(m.dh), sw = static_cast<int>(m.sw);
+  const int dw = static_cast<int>(m.dw), cols = m.cols;
+  const int start = row0 * sh * cols + col * sw;
+  Acc acc[KH * KW];
+#pragma unroll
+  for (int t = 0; t < KH * KW; ++t) acc[t] = Acc(0);
+  const int64_t tiles = m.tiles, tiles_w = m.tiles_w, tiles_h = tiles_w > 0 ? tiles / tiles_w : 0;
+  if (tiles > 0) {
+    int64_t n = slice / tiles, t_row = (slice % tiles) / tiles_w, t_col = (slice % tiles) % tiles_w;
+    const int64_t step_n = slices / tiles, step_row = (slices % tiles) / tiles_w, step_col = (slices % tiles) % tiles_w;
+    for (; n < samples; n += step_n) {
+      const int64_t o_h0 = t_row * kTallTileH, o_w0 = t_col * kTileW;
+      __syncthreads();  // the previous region has been read
+      load_region_by_rows<T, Acc>(region, x + (n * c_channels + c) * m.src_h * m.src_w, m, o_h0, o_w0);
+      __syncthreads();
+      const int64_t o_h = o_h0 + row0, o_w = o_w0 + col;
+      if (o_h < m.out_h && o_w < m.out_w) {  // rows o_h + r that exist (an absent one must not add 0 · inf)
+        const T* column = dy + ((n * f_channels + f) * m.out_h + o_h) * m.out_w + o_w;
+        const int64_t rows = m.out_h - o_h;
+#pragma unroll
+        for (int r = 0; r < kTallRows; ++r) {
+          if (r < rows) {
+            const Acc g = static_cast<Acc>(column[r * m.out_w]);
+#pragma unroll
+            for (int th = 0; th < KH; ++th) {
+#pragma unroll
+              for (int tw = 0; tw < KW; ++tw) {
+                acc[th * KW + tw] += g * region[start + (r * sh + th * dh) * cols + tw * dw];
+              }
+            }
+          }
+        }
+      }
+      // the next pair: add the step, carrying columns into rows and rows into samples
+      t_col += step_col;
+      t_row += step_row;
+      if (t_col >= tiles_w) t_col -= tiles_w, ++t_row;
+      if (t_row >= tiles_h) t_row -= tiles_h, ++n;
+    }
+  }
+  add_block_sums<Acc, KH * KW>(acc, sums, partial + (f * slices + slice) * (KH * KW));
+}
+
 inline Region tall_region_of(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw) {
   return region_of(kh, kw, sh, sw, dh, dw, kTallTileH, kTallRegion);
 }
@@ -359,6 +426,25 @@ void tall_grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, cu
   auto* kernel = &tall_kernel<T, Acc, KH, KW>;
   TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, dy, w, static_cast<const T*>(nullptr), dx, m, g.n, g.c, g.f,
                       g.f / g.c, true);
+}
+
+// d_weight's slices per filter with the tall tiles: about `blocks_wanted` blocks in all, each with at least
+// 4 (sample, tile) pairs (a pair is 4 times the tiles' 8-row pair). partial: filters x slices x taps of Acc.
+inline int64_t tall_grad_weight_slices(const Conv2dGeometry& g, int64_t blocks_wanted) {
+  const int64_t units = g.n * ceil_div(g.oh, kTallTileH) * ceil_div(g.ow, kTileW);
+  const int64_t slices = ceil_div(blocks_wanted, g.f), most = ceil_div(units, 4);
+  return slices < 1 ? 1 : (slices > most ? (most < 1 ? 1 : most) : slices);
+}
+
+template <typename T, typename Acc, int KH, int KW>
+void tall_grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, int64_t slices, Acc* partial,
+                      cudaStream_t stream) {
+  const Tiling m = tiling(g.oh, g.ow, g.h, g.w, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                          tall_region_of(KH, KW, g.sh, g.sw, g.dh, g.dw), kTallTileH);
+  auto* kernel = &tall_grad_weight_kernel<T, Acc, KH, KW>;
+  TORCH_CS231N_LAUNCH(kernel, dim3(static_cast<unsigned int>(slices), static_cast<unsigned int>(g.f)), kThreads, stream,
+                      dy, x, partial, m, g.n, g.f, g.c, slices);
+  launch_sum_slices<T, Acc>(partial, dw, g.f, KH * KW, slices, stream);
 }
 
 }  // namespace depthwise

@@ -214,8 +214,15 @@ bool run_depthwise(const Case& k, std::mt19937& rng) {
     ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
   }
   ok = compare("d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
-  // The tall tiles (a candidate), with the grid's z at most 2 samples, so that the loop over the rest runs.
+  // The tall tiles (a candidate), with the grid's z at most 2 samples, so that the loop over the rest runs,
+  // and d_weight in two numbers of slices (steps through the pairs with and without a carry into samples).
   if (dwc::tall_fit(g)) {
+    for (const int64_t tall_slices : {dwc::tall_grad_weight_slices(g, 3 * g.f), int64_t(7)}) {
+      std::vector<T> tall_partial(g.f * tall_slices * KH * KW, NAN);
+      std::fill(dw.begin(), dw.end(), T(NAN));
+      dwc::tall_grad_weight<T, T, KH, KW>(dy.data(), x.data(), dw.data(), g, tall_slices, tall_partial.data(), nullptr);
+      ok = compare("tall d_weight", dw, r.dw, r.dw_abs, tolerance) && ok;
+    }
     std::fill(y.begin(), y.end(), T(NAN));
     dwc::tall_forward<T, T, KH, KW>(x.data(), w.data(), b.data(), y.data(), g, nullptr, /*grid_z=*/2);
     ok = compare("tall forward", y, r.y, r.y_abs, tolerance) && ok;

@@ -580,6 +580,30 @@ def test_cuda_running_updates_match_the_exact_one(monkeypatch):
         ops.batch_norm_update_stats_(start_m[:, 0].clone(), None, mean, var, 0.1, 50)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the block-per-channel kernels are CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 300, 7, 7), (2, 3, 150, 150), (2, 5, 1, 3)])
+def test_cuda_channel_blocks_candidate_match_torch(monkeypatch, dtype, shape):
+    """TORCH_CS231N_CUDA_BN=channels (a candidate): one block per channel does the training forward and
+    backward, for channel-first layouts of up to 65536 values a channel: many channels of a block's width,
+    channels of many values a thread, channels of fewer values than threads; outputs, gradients and
+    running statistics against torch's, with and without affine parameters."""
+    monkeypatch.setenv("TORCH_CS231N_CUDA_BN", "channels")
+    gen = torch.Generator().manual_seed(12)
+    for affine in (True, False):
+        x = (torch.randn(shape, generator=gen) * 3 + 5).to("cuda", dtype)
+        weight = torch.randn(shape[1], generator=gen).to("cuda", dtype) if affine else None
+        bias = torch.randn(shape[1], generator=gen).to("cuda", dtype) if affine else None
+        running = (torch.zeros(shape[1], device="cuda", dtype=dtype), torch.ones(shape[1], device="cuda", dtype=dtype))
+        grad = torch.randn(shape, generator=gen).to("cuda", dtype)
+        mine, ref = run_both(x, weight, bias, running, True, 0.1, 1e-5, grad)
+        for a, b in zip([mine[0], *mine[1], mine[2], mine[3]], [ref[0], *ref[1], ref[2], ref[3]]):
+            torch.testing.assert_close(a, b, **tolerances(dtype))
+    monkeypatch.setenv("TORCH_CS231N_CUDA_BN", "fastest")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_BN: expected 'stages' or 'channels' .*, but got"):
+        ours.batch_norm(x, None, None, training=True)
+
+
 def test_compile_fullgraph_matches_eager(device):
     torch.manual_seed(7)
     model = torch.nn.Sequential(

@@ -23,11 +23,13 @@ OUT=${OUT:-gpu-check}
 # their names). The TF32 bench repeats the conv2d cases. All the candidates go in one round, to keep the
 # check under 6 minutes. None now: the four of the first rounds (the implicit GEMM, the depthwise tiles,
 # the flat pool backward and the fused running-statistics update) passed here on an H200 on 2026-11-30,
-# measured faster, and became the defaults (docs/benchmarks.md). Now:
+# measured faster, and became the defaults (docs/benchmarks.md). Now, in one round:
 #   TORCH_CS231N_CUDA_DEPTHWISE=tall   depthwise forward, d_input and d_weight by 32 x 32 tiles, four outputs
 #                                      a thread (cuda/conv2d_depthwise.cuh)
+#   TORCH_CS231N_CUDA_BN=channels      batch norm's training passes by one block per channel, one launch each
+#                                      (cuda/batch_norm.cu)
 CANDIDATES=(
-  "tall|TORCH_CS231N_CUDA_DEPTHWISE=tall|conv2d and cuda and (depthwise or matches_torch or gradcheck)|conv2d|depthwise"
+  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels|conv2d and cuda and (depthwise or matches_torch or gradcheck) or batch_norm and cuda|conv2d batch_norm|depthwise bn_cs231n bn_deep"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

@@ -9,9 +9,9 @@
 #      convolutions again TF32 against TF32 (torch's default for convolutions);
 #   5. for each candidate kernel (CANDIDATES below: new kernels that are not the default until they pass
 #      here), the tests of its layer with the candidate switched on;
-#   6. while the 6 minutes allow: the shared-memory kernels under compute-sanitizer's racecheck
-#      (tools/sanitize_kernels.py), the candidates' benchmarks, and where each kernel's time goes
-#      (benchmarks/profile_gpu.py), the candidates' first.
+#   6. while the 6 minutes allow (the racecheck before step 5): the shared-memory kernels under
+#      compute-sanitizer's racecheck (tools/sanitize_kernels.py), the candidates' benchmarks, and where each
+#      kernel's time goes (benchmarks/profile_gpu.py), the candidates' first.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
@@ -86,24 +86,17 @@ step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 1 --json "$OUT
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
 step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 1 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
-# What follows is ordered by what it tells, and every step past the candidates' tests runs only if its
-# expected time still fits in the 6 minutes (`fits`; its time limit is wider): the candidates' tests; a
-# racecheck of them; their benchmarks; the profiles. $setting, $ops and $cases are split into words on purpose (several VAR=value for env,
-# several ops). A candidate has never run on a GPU: its steps get a time limit (and a kill 10 s later), so
-# that a kernel that hangs cannot hold the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that
-# a fault names its kernel.
+# What follows is ordered by what it tells, and every step but the candidates' tests runs only if its
+# expected time still fits in the 6 minutes (`fits`; its time limit is wider): a racecheck of the default
+# kernels (and the candidates'); the candidates' tests; their benchmarks; the profiles. $setting, $ops and
+# $cases are split into words on purpose (several VAR=value for env, several ops). A candidate has never
+# run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel that hangs cannot hold
+# the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that a fault names its kernel.
 fits() {  # fits NAME SECONDS: whether a step expected to take that long ends by LIMIT; says so when not
   if [ $((SECONDS + $2)) -le "$LIMIT" ]; then return 0; fi
   echo "$1: skipped, it could end past ${LIMIT} s (the whole check must stay under 6 minutes)" | tee -a "$summary"
   return 1
 }
-for candidate in "${CANDIDATES[@]}"; do
-  IFS='|' read -r name setting tests ops cases <<<"$candidate"
-  echo "candidate $name ($setting):" | tee -a "$summary"
-  step "pytest-$name" timeout -k 10 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
-    "${parallel[@]}"
-  tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
-done
 # Shared-memory races, which the CPU emulation cannot show: each shared-memory kernel once on tiny inputs
 # under compute-sanitizer's racecheck, when the toolkit has it.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
@@ -113,6 +106,13 @@ elif fits racecheck 45; then
   step racecheck timeout -k 10 100 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_kernels.py
   tail -n 4 "$OUT/racecheck.log" >>"$summary"
 fi
+for candidate in "${CANDIDATES[@]}"; do
+  IFS='|' read -r name setting tests ops cases <<<"$candidate"
+  echo "candidate $name ($setting):" | tee -a "$summary"
+  step "pytest-$name" timeout -k 10 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
+    "${parallel[@]}"
+  tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
+done
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   if fits "bench-$name" 40; then

@@ -14,9 +14,8 @@
 //               each thread keeps the kH·kW sums of its output position over a share of the (sample, tile)
 //               pairs of f; the block adds them in shared memory, in a fixed order, into one partial sum per
 //               block, and a second kernel adds a filter's partial sums in block order (deterministic).
-// The tall tiles at the end of the file are a candidate form of the forward and d_input (32 x 32 outputs, four
-// a thread). Like cuda/conv2d_implicit_gemm.cuh, this file has no torch type in it: tests/cuda_emulation/
-// runs it on the CPU.
+// The tall tiles at the end of the file are a candidate form of all three (32 x 32 outputs, four a thread). Like
+// cuda/conv2d_implicit_gemm.cuh, this file has no torch type in it: tests/cuda_emulation/ runs it on the CPU.
 #pragma once
 
 #include <cstdint>

@@ -83,6 +83,18 @@ __device__ Acc window_sum(const Acc* region, const Acc (&w)[KH * KW], const Tili
   return acc;
 }
 
+// Plane j of output channel o_ch: its source channel (returned; the forward's o_ch/m, d_input's o_ch·m + j)
+// and, in wr, the taps of the filter that joins them (flipped for d_input).
+template <typename T, typename Acc, int KH, int KW>
+__device__ int64_t plane_filter(const T* w, int64_t o_ch, int64_t j, int64_t mult, bool grad_input,
+                                Acc (&wr)[KH * KW]) {
+  const int64_t s_ch = grad_input ? o_ch * mult + j : o_ch / mult;
+  const T* filter = w + (grad_input ? s_ch : o_ch) * (KH * KW);
+#pragma unroll
+  for (int t = 0; t < KH * KW; ++t) wr[t] = static_cast<Acc>(filter[grad_input ? KH * KW - 1 - t : t]);
+  return s_ch;
+}
+
 // Forward (out = y, src = x: channel f/m, filter f, plus the bias) and, with stride 1, d_input (out = dx,
 // src = dY: the m planes c·m + j, each through its filter flipped). Block = (out plane, tile).
 template <typename T, typename Acc, int KH, int KW>
@@ -97,11 +109,8 @@ __global__ void __launch_bounds__(kThreads)
   Acc acc = bias != nullptr ? static_cast<Acc>(bias[o_ch]) : Acc(0);
   const int64_t planes = grad_input ? mult : 1;
   for (int64_t j = 0; j < planes; ++j) {
-    const int64_t s_ch = grad_input ? o_ch * mult + j : o_ch / mult;
-    const T* filter = w + (grad_input ? s_ch : o_ch) * (KH * KW);
     Acc wr[KH * KW];
-#pragma unroll
-    for (int t = 0; t < KH * KW; ++t) wr[t] = static_cast<Acc>(filter[grad_input ? KH * KW - 1 - t : t]);
+    const int64_t s_ch = plane_filter<T, Acc, KH, KW>(w, o_ch, j, mult, grad_input, wr);
     if (j > 0) __syncthreads();  // everyone has read the previous plane's region
     load_region<T, Acc>(region, src + (n * src_channels + s_ch) * m.src_h * m.src_w, m, o_h0, o_w0);
     __syncthreads();
@@ -299,11 +308,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < kTallRows; ++r) acc[r] = b;
     for (int64_t j = 0; j < planes; ++j) {
-      const int64_t s_ch = grad_input ? o_ch * mult + j : o_ch / mult;
-      const T* filter = w + (grad_input ? s_ch : o_ch) * (KH * KW);
       Acc wr[KH * KW];
-#pragma unroll
-      for (int t = 0; t < KH * KW; ++t) wr[t] = static_cast<Acc>(filter[grad_input ? KH * KW - 1 - t : t]);
+      const int64_t s_ch = plane_filter<T, Acc, KH, KW>(w, o_ch, j, mult, grad_input, wr);
       __syncthreads();  // the previous region has been read
       load_region_by_rows<T, Acc>(region, src + (n * src_channels + s_ch) * m.src_h * m.src_w, m, o_h0, o_w0);
       __syncthreads();

@@ -28,8 +28,10 @@ OUT=${OUT:-gpu-check}
 #                                      a thread (cuda/conv2d_depthwise.cuh)
 #   TORCH_CS231N_CUDA_BN=channels      batch norm's training passes by one block per channel, one launch each
 #                                      (cuda/batch_norm.cu)
+# Their tests: their own (ids with "candidate"), and the two layers' comparisons with torch and gradchecks
+# on CUDA, which take the candidates wherever they fit (about 40 s, so that their benchmarks fit too).
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels|conv2d and cuda and (depthwise or matches_torch or gradcheck) or batch_norm and cuda|conv2d batch_norm|depthwise bn_cs231n bn_deep"
+  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).
@@ -81,10 +83,11 @@ parallel=()
 # The candidates' own tests (their names say "candidate") wait for the candidates' round, with its limits.
 step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}"
 tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
-# One round each, so that the 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio.
-step bench-gpu "$PY" -m torch_cs231n bench --device cuda --rounds 1 --json "$OUT/bench.json"
+# One short round each (--quick: 0.2 s of timing a case, ample for kernels of milliseconds), so that the
+# 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio.
+step bench-gpu "$PY" -m torch_cs231n bench --device cuda --quick --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
-step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --rounds 1 --op conv2d --tf32 --json "$OUT/bench-tf32.json"
+step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
 # What follows is ordered by what it tells, and every step but the candidates' tests runs only if its
 # expected time still fits in the 6 minutes (`fits`; its time limit is wider): a racecheck of the default

@@ -665,7 +665,7 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad((plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
     // dy_pairs: kBf16Nr words more, read (not used) past F by the last pair's tiles when by_taps
-    std::vector<uint32_t> dy_pairs(pairs * g.f + kBf16Nr, 0), x_pairs(plane * cw, 0);
+    std::vector<uint32_t> dy_pairs(pairs * g.f + kBf16Nr, 0), x_pairs(by_taps ? g.c * plane : plane * cw, 0);
     std::vector<uint16_t> dy_pitch(2 * pairs * g.f, 0);  // dY' in the pitch Wq: its gaps are never written
     std::vector<int64_t> offsets(taps);
     for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);  // B's row (c = 0, t): the tap's pixel
@@ -683,9 +683,16 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
           }
           planes_to_pixels(dy_n + o_h * g.ow, g.oh * g.ow, g.f, g.ow, row, g.f);
         }
-        for (int64_t p = 0; p < plane; ++p) {
-          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
-          for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
+        if (by_taps) {  // channel by channel: x_pairs[c * plane + p] = (x_pad[p, c], x_pad[p + 1, c])
+          for (int64_t c = 0; c < g.c; ++c) {
+            for (int64_t p = 0; p < plane; ++p)
+              x_pairs[c * plane + p] = bf16_pair(x_pad[p * cp + c], x_pad[(p + 1) * cp + c]);
+          }
+        } else {  // pixel by pixel, cw words a pixel: x_pairs[p * cw + c]
+          for (int64_t p = 0; p < plane; ++p) {
+            const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
+            for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
+          }
         }
         for (int64_t q = 0; q < pairs; ++q) {
           const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
@@ -697,14 +704,13 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
           for (int64_t k0 = 0; k0 < ldc; k0 += kBf16Mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, ldc - k0));
             const bf16_word* rows[kBf16Mr];
-            for (int r = 0; r < m_tile; ++r) {  // row k = (t, c): x_pairs at the tap's pixel, channel c
+            for (int r = 0; r < m_tile; ++r) {  // row k = (t, c): channel c's words from the tap's pixel on
               const int64_t t = (k0 + r) / g.c, c = (k0 + r) % g.c;
-              rows[r] = b + offsets[t] * cw + c;
+              rows[r] = b + c * plane + offsets[t];
             }
             for (int64_t f0 = 0; f0 < g.f; f0 += kBf16Nr) {
               const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - f0));
-              bf16_weight_grad_tile_by_taps(pairs, rows, 2 * cw, a + f0, g.f, dw_chunk + k0 * g.f + f0, g.f, m_tile,
-                                            n_tile);
+              bf16_weight_grad_tile_by_taps(pairs, rows, 2, a + f0, g.f, dw_chunk + k0 * g.f + f0, g.f, m_tile, n_tile);
             }
           }
           continue;

@@ -321,6 +321,37 @@ def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
     torch.testing.assert_close(dw.double(), dw_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c,f,k,stride,padding,dilation", [
+    (3, 64, 7, 2, 3, 1),               # the stem: runs of 21 values (11 words), 7 tap rows
+    (3, 70, 3, 1, 1, (2, 1)),          # dilation along the height (the width's must be 1), a second sliver
+    (4, 20, (5, 7), (3, 2), (2, 1), 1),  # runs of 28 values, strides of their own along each axis
+    (1, 9, 5, 1, 0, 1),                # one channel: runs of 5 values (3 words, the last half zero)
+    (15, 33, (3, 2), 1, 1, (1, 1)),    # 15 channels: runs of 30 values
+])
+def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, dilation, layout):
+    """Layers of under 16 channels take the forward by windows (conv2d_bf16.h, bf16_window_rows): an output's
+    row is its window's tap rows, each a run of kW·C values of a padded NHWC copy. Against float64 on the
+    same bfloat16 operands, to one rounding; with at least 128 outputs a sample (fewer go by pixel rows)."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c * 100 + f)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, c, 41, 38, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    w = (torch.randn(f, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5).bfloat16()
+    b = torch.randn(f, generator=gen).bfloat16()
+    args = dict(stride=stride, padding=padding, dilation=dilation)
+    with forced_isa("avx512"):
+        y = ours.conv2d(x, w, b, **args)
+    assert y[0, 0].numel() >= 128
+    y_ref = F.conv2d(x.double(), w.double(), b.double(), **args)
+    assert y.dtype == torch.bfloat16
+    assert_same_layout(y, y_ref)
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.double(), y_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
+
+
 @pytest.mark.parametrize("c,f,k,stride,layout", [
     (3, 64, 7, 2, "contiguous"),      # the stem: 3 x 49 rows of (tap, channel), one sliver of filters
     (3, 64, 7, 2, "channels_last"),

@@ -355,10 +355,123 @@ CS231N_AVX512_BF16 inline void bf16_tile(int64_t taps, int64_t pairs, const bf16
 // kBf16RowsBytes, in whole samples (bf16_pixel_rows, above).
 constexpr int64_t kBf16RowsBytes = int64_t{1} << 20;
 
+// A sample's outputs, [outputs x F] in float32, into y_n rounded to bfloat16 once (NCHW: transposed first,
+// through planes_out, outputs x F floats).
+inline void store_bf16_sample(const float* out, const Conv2dGeometry& g, bool planes, float* planes_out,
+                              c10::BFloat16* y_n) {
+  const int64_t outputs = g.col_cols();
+  if (planes) {
+    cpu::transpose_matrix(out, g.f, outputs, g.f, planes_out, outputs);
+    out = planes_out;
+  }
+  cpu::from_float(out, outputs * g.f, y_n);
+}
+
+// ------------------------------------------------------------------------------ the forward by windows
+// Few channels (a stem: 3) waste the forward above: a tap's pairs are C rounded up to even (a quarter of
+// the stem's products are by the zero fourth channel), and a tile runs 49 taps of two words each, its
+// bookkeeping beside every 48 vdpbf16ps. By windows instead, as the float32 route does for channels_last
+// stems (conv2d_windows.h): an output pixel's row is its window, tap row by tap row, each tap row one
+// run of kW·C values in a padded NHWC copy of the sample (dilation 1 along the width), rounded up to
+// whole words; the filters are packed in the same order, and the tile runs one segment of kH runs.
+// Rows are built kBf16WindowRows at a time, in cache.
+constexpr int64_t kBf16WindowRows = 768;
+inline int64_t bf16_window_run(const Conv2dGeometry& g) { return g.kw * g.c; }  // values in a tap row's run
+inline bool bf16_window_rows(const Conv2dGeometry& g) {
+  return bf16_direct(g) && !bf16_pixel_rows(g) && g.c < 16 && g.dw == 1 && bf16_window_run(g) <= 32;
+}
+
+#if CS231N_X86
+// The rows of output pixels [o0, o1) of the sample x_win (padded NHWC, Wp pixels a row): row o's tap row t_h
+// at words t_h * run_words, the run of kW·C values and a zero to make it even.
+CS231N_AVX512_BF16 inline void bf16_window_rows_of(const uint16_t* x_win, int64_t wp, const Conv2dGeometry& g,
+                                                   int64_t run_words, int64_t o0, int64_t o1, uint32_t* rows) {
+  const int64_t run = bf16_window_run(g);
+  const __mmask32 values = static_cast<__mmask32>((uint64_t{1} << run) - 1u);
+  const __mmask32 words = static_cast<__mmask32>((uint64_t{1} << (2 * run_words)) - 1u);
+  for (int64_t o = o0; o < o1; ++o) {
+    const int64_t o_h = o / g.ow, o_w = o % g.ow;
+    auto* row = reinterpret_cast<uint16_t*>(rows + (o - o0) * g.kh * run_words);
+    for (int64_t t_h = 0; t_h < g.kh; ++t_h) {
+      const uint16_t* src = x_win + ((o_h * g.sh + t_h * g.dh) * wp + o_w * g.sw) * g.c;
+      _mm512_mask_storeu_epi16(row + t_h * 2 * run_words, words, _mm512_maskz_loadu_epi16(values, src));
+    }
+  }
+}
+#endif
+
+// y = conv(x, w) + b by windows (bf16_window_rows), in the layouts of conv_forward_bf16.
+inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
+                                      const Conv2dGeometry& g, bool planes) {
+#if CS231N_X86
+  const int64_t run = bf16_window_run(g), run_words = (run + 1) / 2, row_words = g.kh * run_words;
+  const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw, outputs = g.col_cols();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * outputs, slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
+  // filters[((s * kH + t_h) * run_words + q) * 64 + j]: filter 64 s + j's values 2q and 2q + 1 of tap row t_h's
+  // run, value i being (t_w, c) = (i / C, i % C); 0 past the run and past F
+  std::vector<uint32_t> filters(slivers * row_words * kBf16Nr, 0);
+  const auto* wb = reinterpret_cast<const uint16_t*>(w.base);
+  const auto value = [&](int64_t f, int64_t t_h, int64_t i) {
+    return i < run ? wb[f * w.sf + (i % g.c) * w.sc + t_h * w.sh + (i / g.c) * w.sw] : uint16_t(0);
+  };
+  for (int64_t f = 0; f < g.f; ++f) {
+    for (int64_t t_h = 0; t_h < g.kh; ++t_h) {
+      for (int64_t q = 0; q < run_words; ++q) {
+        filters[((f / kBf16Nr * g.kh + t_h) * run_words + q) * kBf16Nr + f % kBf16Nr] =
+            bf16_pair(value(f, t_h, 2 * q), value(f, t_h, 2 * q + 1));
+      }
+    }
+  }
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const int64_t tap0 = 0;  // one segment: the whole row
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    // the sample padded, channels innermost; 32 values more, read (not kept) by a run's masked load
+    std::vector<uint16_t> x_win(hp * wp * g.c + 32, 0);
+    std::vector<uint32_t> rows(kBf16WindowRows * row_words);
+    std::vector<int64_t> row_table(kBf16WindowRows);
+    for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
+    std::vector<float> out(out_sample), planes_out(planes ? out_sample : 0);
+    const auto* a = reinterpret_cast<const bf16_word*>(rows.data());
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        const auto* xn = reinterpret_cast<const uint16_t*>(x) + n * in_sample;
+        for (int64_t i = 0; i < g.h; ++i) {
+          uint16_t* dst = x_win.data() + ((g.ph + i) * wp + g.pw) * g.c;
+          if (planes) {
+            planes_to_pixels(xn + i * g.w, g.h * g.w, g.c, g.w, dst, g.c);
+          } else {
+            std::memcpy(dst, xn + i * g.w * g.c, g.w * g.c * sizeof(uint16_t));
+          }
+        }
+        for (int64_t o0 = 0; o0 < outputs; o0 += kBf16WindowRows) {
+          const int64_t m = std::min(kBf16WindowRows, outputs - o0);
+          bf16_window_rows_of(x_win.data(), wp, g, run_words, o0, o0 + m, rows.data());
+          for (int64_t s = 0; s < slivers; ++s) {
+            const int64_t j = s * kBf16Nr;
+            const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
+            for (int64_t i = 0; i < m; i += kBf16Mr) {
+              bf16_tile(1, row_words, a, &tap0, row_table.data() + i, filters.data() + s * row_words * kBf16Nr,
+                        out.data() + (o0 + i) * g.f + j, g.f, static_cast<int>(std::min<int64_t>(kBf16Mr, m - i)),
+                        n_tile, b ? b + j : nullptr);
+            }
+          }
+        }
+        store_bf16_sample(out.data(), g, planes, planes_out.data(), y + n * out_sample);
+      }
+    }
+  });
+#else
+  (void)x, (void)w, (void)b, (void)y, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_forward_bf16_windows: AVX512-BF16 is an x86 instruction set");
+#endif
+}
+
 // y (bfloat16; NHWC, or NCHW when `planes`) = conv(x, w) + b for a one-group layer (bf16_direct).
-// x and y are in the same layout; w the (F, C, kH, kW) filters; b a float32 copy of the bias.
+// x and y are in the same layout; w the (F, C, kH, kW) filters; b a float32 copy of the bias. Few channels
+// go by windows (above).
 inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
                               const Conv2dGeometry& g, bool planes) {
+  if (bf16_window_rows(g)) return conv_forward_bf16_windows(x, w, b, y, g, planes);
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t cp = g.c + (g.c & 1), pairs = cp / 2, taps = g.taps();
@@ -412,14 +525,8 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
                       n_tile, b ? b + j : nullptr);
           }
         }
-        // [outputs x F] a sample, rounded to bfloat16 once (NCHW: transposed first).
         for (int64_t s = 0; s < nb; ++s) {
-          const float* src = out.data() + s * outputs * g.f;
-          if (planes) {
-            cpu::transpose_matrix(src, g.f, outputs, g.f, planes_out.data(), outputs);
-            src = planes_out.data();
-          }
-          cpu::from_float(src, out_sample, y + (n0 + s) * out_sample);
+          store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);
         }
       }
     }

@@ -352,6 +352,34 @@ def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, d
     torch.testing.assert_close(y.double(), y_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c,f,k,padding,dilation", [
+    (40, 8, 3, 1, 1),            # d_x is the forward by windows of dY (8 channels) with the flipped filters
+    (32, 12, (3, 2), (2, 0), (2, 1)),  # dilation along the height, a flipped 3 x 2 through W's strides
+])
+def test_bfloat16_input_grad_of_few_filters_by_windows(c, f, k, padding, dilation, layout):
+    """A stride-1 layer of many channels and under 16 filters: its d_x, the transposed convolution, has
+    under 16 channels and takes the forward by windows on dY, the filters read transposed and flipped
+    through W's strides (Bf16Filters::transposed_of). Against float64 on the same operands."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c + f)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, c, 20, 19, generator=gen).bfloat16().contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(f, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5).bfloat16()
+    args = dict(padding=padding, dilation=dilation)
+    with forced_isa("avx512"):
+        y = ours.conv2d(x, w, **args)
+        dy = torch.randn(y.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(F.conv2d(x64, w.double(), **args), x64, dy.double())
+    assert dx.dtype == torch.bfloat16
+    scale = dx_ref.abs().max().item()
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=2**-8, atol=1e-5 * scale + 1e-6)
+
+
 @pytest.mark.parametrize("c,f,k,stride,layout", [
     (3, 64, 7, 2, "contiguous"),      # the stem: 3 x 49 rows of (tap, channel), one sliver of filters
     (3, 64, 7, 2, "channels_last"),

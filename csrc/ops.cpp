@@ -35,8 +35,8 @@ std::string build_info() {
   return info;
 }
 
-// The instruction set the CPU kernels use now (cpu/cpu_features.h): "avx512", "avx2" or "baseline".
-std::string cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
+// The instruction set the CPU kernels use now (cpu/cpu_features.h): "amx", "avx512", "avx2" or "baseline".
+std::string cpu_isa() { return cpu::isa_name(cpu::cpu_level()); }
 
 // Caps the CPU kernels' instruction set ("auto" lifts the cap); returns the previous setting, so that a
 // caller can restore it. A cap above what the CPU has changes nothing: cpu_isa() says what runs.
@@ -44,7 +44,7 @@ std::string set_cpu_isa(const std::string& isa) {
   int cap = -1;
   cpu::Isa parsed;
   if (isa != "auto") {
-    TORCH_CHECK(cpu::parse_isa(isa.c_str(), &parsed), "set_cpu_isa: expected isa to be one of 'avx512', 'avx2', ",
+    TORCH_CHECK(cpu::parse_isa(isa.c_str(), &parsed), "set_cpu_isa: expected isa to be one of 'amx', 'avx512', 'avx2', ",
                 "'baseline' or 'auto', but got '", isa, "'");
     cap = static_cast<int>(parsed);
   }

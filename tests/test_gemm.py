@@ -31,7 +31,7 @@ def test_set_cpu_isa_restores_and_refuses_unknown_names():
     finally:
         ops.set_cpu_isa(previous)
     assert ops.cpu_isa() == detected
-    with pytest.raises(RuntimeError, match="expected isa to be one of 'avx512', 'avx2', 'baseline' or 'auto', but got 'sse9'"):
+    with pytest.raises(RuntimeError, match="expected isa to be one of 'amx', 'avx512', 'avx2', 'baseline' or 'auto', but got 'sse9'"):
         ops.set_cpu_isa("sse9")
 
 
@@ -237,7 +237,7 @@ def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():
     probe = "import torch, torch_cs231n; print(torch.ops.torch_cs231n.cpu_isa())"
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "TORCH_CS231N_CPU_ISA='avx-512' is not one of avx512, avx2, baseline or auto; ignored" in proc.stderr
+    assert "TORCH_CS231N_CPU_ISA='avx-512' is not one of amx, avx512, avx2, baseline or auto; ignored" in proc.stderr
     assert proc.stdout.strip() == ops.cpu_isa()
 
 

@@ -13,6 +13,7 @@
 //   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
 //   conv2d_windows.h    layers of few channels (a stem): a window's rows of taps as runs read in place
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
+//   conv2d_amx.h        bfloat16 on AMX tiles: the forward and stride-1 d_x where the CPU has them
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
@@ -39,6 +40,7 @@
 #include "common/checks.h"
 #include "common/conv2d.h"
 #include "common/grads.h"
+#include "cpu/conv2d_amx.h"
 #include "cpu/conv2d_bf16.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_depthwise.h"
@@ -167,14 +169,16 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   }
 }
 
-// The bfloat16 route (conv2d_bf16.h) into y, which has the results' memory format.
+// The bfloat16 route (conv2d_bf16.h; conv2d_amx.h where the CPU has AMX) into y, which has the results'
+// memory format.
 void bf16_forward(const at::Tensor& input, const Bf16Filters& weight, const c10::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dGeometry& g, at::MemoryFormat format) {
   if (y.numel() == 0) return;
   const at::Tensor x = input.contiguous(format);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  conv_forward_bf16(x.const_data_ptr<c10::BFloat16>(), weight, b.defined() ? b.const_data_ptr<float>() : nullptr,
-                    y.mutable_data_ptr<c10::BFloat16>(), g, format != at::MemoryFormat::ChannelsLast);
+  const auto forward = amx_forward(g) ? conv_forward_bf16_amx : conv_forward_bf16;
+  forward(x.const_data_ptr<c10::BFloat16>(), weight, b.defined() ? b.const_data_ptr<float>() : nullptr,
+          y.mutable_data_ptr<c10::BFloat16>(), g, format != at::MemoryFormat::ChannelsLast);
 }
 
 // ---------------------------------------------------------------------------------------------- the ops

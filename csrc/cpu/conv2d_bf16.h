@@ -143,18 +143,19 @@ CS231N_AVX512_BF16 inline void pack_bf16_tap_runs(const Bf16Filters& w, const Co
 #pragma GCC diagnostic pop
 #endif
 
-// In parallel: over (sliver, 16 pairs) from tap runs, otherwise over (sliver, tap), element by element.
+// `pairs` is the pitch, at least C/2 rounded up (AMX's tiles want a multiple of 16; the pairs past C stay
+// 0). In parallel: over (sliver, 16 pairs) from tap runs, otherwise over (sliver, tap), element by element.
 inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2dGeometry& g, int64_t pairs) {
-  const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
+  const int64_t taps = g.taps(), slivers = (g.f + kBf16Nr - 1) / kBf16Nr, real = (g.c + 1) / 2;
   std::vector<uint32_t> packed(slivers * taps * pairs * kBf16Nr, 0);
   const auto* wb = reinterpret_cast<const uint16_t*>(w.base);
 #if CS231N_X86
   if (const int64_t step = bf16_tap_run_step(w, g)) {
-    const int64_t blocks = (pairs + 15) / 16;
+    const int64_t blocks = (real + 15) / 16;
     at::parallel_for(0, slivers * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / blocks, q0 = task % blocks * 16;
-        pack_bf16_tap_runs(w, g, pairs, step, s, q0, std::min<int64_t>(pairs, q0 + 16), packed.data());
+        pack_bf16_tap_runs(w, g, pairs, step, s, q0, std::min<int64_t>(real, q0 + 16), packed.data());
       }
     });
     return packed;
@@ -173,10 +174,10 @@ inline std::vector<uint32_t> pack_bf16_filters(const Bf16Filters& w, const Conv2
       // The inner loop along the smaller stride (the channels of a weight, its filters when transposed).
       if (std::abs(w.sc) <= std::abs(w.sf)) {
         for (int64_t j = 0; j < nf; ++j) {
-          for (int64_t q = 0; q < pairs; ++q) out[q * kBf16Nr + j] = word(j, q);
+          for (int64_t q = 0; q < real; ++q) out[q * kBf16Nr + j] = word(j, q);
         }
       } else {
-        for (int64_t q = 0; q < pairs; ++q) {
+        for (int64_t q = 0; q < real; ++q) {
           for (int64_t j = 0; j < nf; ++j) out[q * kBf16Nr + j] = word(j, q);
         }
       }

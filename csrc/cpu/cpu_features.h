@@ -4,11 +4,13 @@
 // compiled again for AVX2+FMA (8 floats, fused multiply-add; CS231N_AVX2) and, for the GEMM micro-kernel,
 // for AVX-512 F/BW/VL (16 floats, 32 registers; CS231N_AVX512), and chosen at run time from what the
 // CPU reports, never from the build machine. A function without target attributes (the per-element maths
-// of csrc/common/) inlines into either version.
+// of csrc/common/) inlines into either version. Above AVX-512 stands AMX (Intel's tile unit, Sapphire
+// Rapids and later: 16 x 16 float32 sums of bfloat16 products per instruction; CS231N_AMX), which only the
+// bfloat16 convolution uses (cpu/conv2d_amx.h): the level "amx" is AVX-512 with the tiles allowed.
 //
 // The choice can be lowered, never raised above what the CPU has, so that tests run every path on one
 // machine: the environment variable TORCH_CS231N_CPU_ISA (read once, at the first call) or the op
-// torch.ops.torch_cs231n.set_cpu_isa ("avx512", "avx2", "baseline" or "auto").
+// torch.ops.torch_cs231n.set_cpu_isa ("amx", "avx512", "avx2", "baseline" or "auto").
 #pragma once
 
 #include <atomic>
@@ -16,18 +18,25 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CS231N_X86 1
 #define CS231N_AVX2 __attribute__((target("avx2,fma")))
 #define CS231N_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define CS231N_F16C __attribute__((target("avx,f16c")))
 #define CS231N_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+#define CS231N_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 #else
 #define CS231N_X86 0
 #define CS231N_AVX2
 #define CS231N_AVX512
 #define CS231N_F16C
 #define CS231N_AVX512_BF16
+#define CS231N_AMX
 #endif
 
 // A body shared by the versions of a loop: always inlined, so that it is compiled with its caller's ISA.
@@ -37,10 +46,29 @@ namespace torch_cs231n {
 namespace cpu {
 
 // Ordered: a path may run wherever the CPU has at least its level.
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+  return isa == Isa::kAmx ? "amx" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
+}
+
+// AMX with bfloat16 products, usable by this process: the CPU has the tiles (cpuid leaf 7: AMX-TILE and
+// AMX-BF16), the OS saves them (XCR0 bits 17 and 18), and Linux has granted this process their 8 KiB of
+// state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; without it the first tile instruction is SIGILL).
+inline bool amx_bf16_usable() {
+#if CS231N_X86 && defined(__linux__)
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool amx = (d >> 24 & 1) && (d >> 22 & 1);  // AMX-TILE, AMX-BF16
+  if (!amx || !__builtin_cpu_supports("avx512bf16")) return false;
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo >> 17 & 3) != 3) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 
 // What the CPU can run (cpuid through the compiler's runtime; the OS's saving of the wide registers
@@ -50,7 +78,7 @@ inline Isa detected_isa() {
   static const Isa isa = [] {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("fma"))
-      return Isa::kAvx512;
+      return amx_bf16_usable() ? Isa::kAmx : Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBaseline;
   }();
@@ -81,9 +109,9 @@ inline bool has_avx512_bf16() {
 #endif
 }
 
-// Parses "avx512" / "avx2" / "baseline"; false for anything else.
+// Parses "amx" / "avx512" / "avx2" / "baseline"; false for anything else.
 inline bool parse_isa(const char* text, Isa* out) {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
     if (std::strcmp(text, isa_name(isa)) == 0) {
       *out = isa;
       return true;
@@ -101,7 +129,7 @@ inline std::atomic<int>& isa_cap() {
     if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return -1;
     if (parse_isa(env, &isa)) return static_cast<int>(isa);
     std::fprintf(stderr,
-                 "torch_cs231n: TORCH_CS231N_CPU_ISA='%s' is not one of avx512, avx2, baseline or auto; "
+                 "torch_cs231n: TORCH_CS231N_CPU_ISA='%s' is not one of amx, avx512, avx2, baseline or auto; "
                  "ignored\n",
                  env);
     return -1;
@@ -109,12 +137,18 @@ inline std::atomic<int>& isa_cap() {
   return cap;
 }
 
-// The instruction set the kernels use: what the CPU has, lowered to the cap if one is set.
-inline Isa cpu_isa() {
+// The level in force: what the CPU has, lowered to the cap if one is set (kAmx included).
+inline Isa cpu_level() {
   const int cap = isa_cap().load(std::memory_order_relaxed);
   const Isa have = detected_isa();
   return cap >= 0 && cap < static_cast<int>(have) ? static_cast<Isa>(cap) : have;
 }
+
+// The vector instruction set the kernels use (AVX-512 at most: the tiles are asked for by cpu_amx()).
+inline Isa cpu_isa() { return cpu_level() == Isa::kAmx ? Isa::kAvx512 : cpu_level(); }
+
+// Whether the bfloat16 convolution may use the AMX tiles.
+inline bool cpu_amx() { return cpu_level() == Isa::kAmx; }
 
 inline bool cpu_has_avx2_fma() { return cpu_isa() >= Isa::kAvx2; }
 

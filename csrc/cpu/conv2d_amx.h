@@ -1,0 +1,188 @@
+// The CPU convolution in bfloat16 on AMX (Intel's tile unit: Sapphire Rapids and later). One tdpbf16ps
+// adds a 16 x 32 bfloat16 tile A times a 32 x 16 tile B into a 16 x 16 float32 tile C: 8192 products,
+// exact in float32 and summed there, as vdpbf16ps sums its pairs (conv2d_bf16.h), so the two routes give
+// the numbers of the float32 route on the same bfloat16 operands, up to the order of the additions. On
+// the 2-core Sapphire Rapids machine of docs/benchmarks.md a core runs 586 GFLOP/s of them from L1,
+// against 126 for AVX-512's float32 FMA and about the same for vdpbf16ps.
+//
+// The form is conv2d_bf16.h's (per sample, Y'[pixel, f] = Σ_taps Σ_c x_pad[pixel + offset(t), c] · W[f, c, t]
+// over the padded planes split into the stride's phases, in the outputs' row pitch Wq), which suits the
+// tiles: a tile load takes 16 rows of 64 bytes at any address and any row stride, so A, 16 pixels' 32
+// channels under a tap, is read in place from x_pad, its channel pitch rounded up to 32 (zeros past C).
+// B is conv2d_bf16.h's packed filters, whose 64-filter slivers hold, per (tap, channel pair), the words
+// vdpbf16ps reads: the pair layout ("VNNI") a B tile wants, 16 pairs x 16 filters of a sliver a tile.
+//
+//   block   32 pixels x 32 filters: C tiles 0-3 (2 x 2), A tiles 4-5, B tiles 6-7, the 8 tiles there are;
+//           per (tap, 32 channels): 4 tile loads, 4 tdpbf16ps (32768 products)
+//
+// Pixels computed are those of the pitch (the thrown-away columns of the padding included, 3% at 56 x 56),
+// in blocks of 32 that may run past the last output: x_pad and the rows' copies have 32 zero rows more.
+// Small images go by pixel rows, as conv2d_bf16.h does, the rows then taps * pitch values apart.
+// Used by the forward and by the stride-1 d_x (its transposed convolution); the other passes keep the
+// vdpbf16ps kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/conv2d_bf16.h"
+#include "cpu/cpu_features.h"
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+constexpr int kAmxBlock = 32;  // pixels and filters a block: 2 x 2 tiles of 16
+constexpr int kAmxK = 32;      // bfloat16 values of k a tile step (a tile row: 64 bytes)
+
+// Whether the AMX route takes the layer (the same layers as bf16_direct, but not the few-channel stems,
+// which conv2d_bf16.h takes by windows).
+inline bool amx_forward(const Conv2dGeometry& g) { return cpu::cpu_amx() && bf16_direct(g) && !bf16_window_rows(g); }
+
+#if CS231N_X86
+// The tile configuration (palette 1): tiles 0-7, each 16 rows of 64 bytes.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles configured on this thread for the scope, released after it (a thread holding tile state
+// costs every context switch 8 KiB more to save).
+class AmxScope {
+ public:
+  CS231N_AMX AmxScope() {
+    AmxConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.bytes_per_row[t] = 64;
+      config.rows[t] = 16;
+    }
+    // (GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the config, which then drops the
+    // stores above: the asm names the whole config.)
+    __asm__ volatile("ldtilecfg %0" ::"m"(config));
+  }
+  CS231N_AMX ~AmxScope() { _tile_release(); }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
+
+// One block into c (32 x 32 float32, row stride 32): C[r, j] = Σ_t Σ_k A[r, t, k] · B[t, k, j], where
+// row r's k-th value under tap t is a[r * a_row + a_tap[t] + k] (k < 32 · ksteps) and B's pair q of tap
+// t, filter j is the word b[t * b_tap + q * b_row + j].
+CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a, int64_t a_row, const int64_t* a_tap,
+                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c) {
+  // GCC 12's tile loads name no memory operand: every store to A and B must be done before them.
+  __asm__ volatile("" ::: "memory");
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t a_stride = a_row * 2, b_stride = b_row * 4;  // bytes
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* at = a + a_tap[t];
+    const uint32_t* bt = b + t * b_tap;
+    for (int64_t k = 0; k < ksteps; ++k) {
+      _tile_loadd(4, at + k * kAmxK, a_stride);                   // rows 0-15
+      _tile_loadd(5, at + 16 * a_row + k * kAmxK, a_stride);      // rows 16-31
+      _tile_loadd(6, bt + k * (kAmxK / 2) * b_row, b_stride);       // filters 0-15
+      _tile_loadd(7, bt + k * (kAmxK / 2) * b_row + 16, b_stride);  // filters 16-31
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t ldc = kAmxBlock * 4;  // bytes
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16, ldc);
+  _tile_stored(2, c + 16 * kAmxBlock, ldc);
+  _tile_stored(3, c + 16 * kAmxBlock + 16, ldc);
+}
+
+// The block's row r into out's row (n columns of it, plus the bias when there is one).
+CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, const float* bias) {
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+    __m512 x = _mm512_loadu_ps(c_row + 16 * v);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
+    _mm512_mask_storeu_ps(out + 16 * v, mask, x);
+  }
+}
+#endif
+
+// y = conv(x, w) + b on AMX (amx_forward), in the layouts and with the arguments of conv_forward_bf16.
+inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
+                                  const Conv2dGeometry& g, bool planes) {
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t cp = (g.c + kAmxK - 1) / kAmxK * kAmxK, pairs = cp / 2, ksteps = cp / kAmxK, taps = g.taps();
+  const std::vector<uint32_t> filters = pack_bf16_filters(w, g, pairs);
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
+  const int64_t in_sample = g.c * g.h * g.w, outputs = g.col_cols(), out_sample = g.f * outputs;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // One sample a block, its rows the pitch's pixels read in place from x_pad; or, by rows, as many samples
+  // as fit kBf16RowsBytes, their rows (each output's taps, one after the other) copied.
+  const bool by_rows = bf16_pixel_rows(g);
+  const int64_t row_values = taps * cp;
+  const int64_t block =
+      by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_values * 2), 1, (g.n + chunks - 1) / chunks) : 1;
+  std::vector<int64_t> offsets(taps), a_tap(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    offsets[t] = shifted_offset(g, sp, t);             // the tap's pixel from an output's
+    a_tap[t] = by_rows ? t * cp : offsets[t] * cp;  // the tap's values from a row's start
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    const AmxScope tiles;
+    std::vector<uint16_t> x_pad((sp.plane() + kAmxBlock) * cp);
+    std::vector<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0);
+    std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
+    alignas(64) float c[kAmxBlock * kAmxBlock];
+    const uint16_t* a = by_rows ? a_rows.data() : x_pad.data();
+    const int64_t a_row = by_rows ? row_values : cp;
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
+      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0);
+        for (int64_t s = 0; s < nb; ++s) {
+          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
+          if (!by_rows) break;  // one sample a block
+          for (int64_t o = 0; o < outputs; ++o) {
+            const int64_t pixel = (o / g.ow) * sp.wq + o % g.ow;
+            uint16_t* row = a_rows.data() + (s * outputs + o) * row_values;
+            for (int64_t t = 0; t < taps; ++t) {
+              std::memcpy(row + t * cp, x_pad.data() + (pixel + offsets[t]) * cp, cp * sizeof(uint16_t));
+            }
+          }
+        }
+        // the block's rows: its outputs (by rows), or the pitch's pixels up to the last output
+        const int64_t m = by_rows ? nb * outputs : sp.cols;
+        for (int64_t j = 0; j < g.f; j += kAmxBlock) {
+          const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
+          const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr + j % kBf16Nr;
+          for (int64_t i = 0; i < m; i += kAmxBlock) {
+            amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c);
+            for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
+              const int64_t p = i + r, o_w = p % sp.wq;  // by rows, p is the output
+              if (!by_rows && o_w >= g.ow) continue;    // a thrown-away column of the pitch
+              const int64_t o = by_rows ? p : p / sp.wq * g.ow + o_w;
+              amx_store_row(c + r * kAmxBlock, out.data() + o * g.f + j, n, b ? b + j : nullptr);
+            }
+          }
+        }
+        for (int64_t s = 0; s < nb; ++s) {
+          store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);
+        }
+      }
+    }
+  });
+#else
+  (void)x, (void)w, (void)b, (void)y, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_forward_bf16_amx: AMX is an x86 instruction set");
+#endif
+}
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -288,8 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
       // [F][taps][C] is W's shape in channels_last memory; NCHW's order by our transposes (torch's
       // permuting copy was single-threaded); rounded once, keeping the layout.
+      const auto weight_grad = amx_weight_grad(g) ? conv_weight_grad_bf16_amx : conv_weight_grad_bf16;
       const at::Tensor dw32 =
-          conv_weight_grad_bf16(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(), g, planes);
+          weight_grad(dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(), g, planes);
       at::Tensor dw_ordered = dw32.view({g.f, g.kh, g.kw, g.c}).permute({0, 3, 1, 2});
       if (planes) {
         dw_ordered = at::empty(weight.sizes(), dw32.options());

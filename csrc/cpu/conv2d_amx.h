@@ -38,6 +38,23 @@ namespace conv2d_cpu {
 constexpr int kAmxBlock = 32;  // pixels and filters a block: 2 x 2 tiles of 16
 constexpr int kAmxK = 32;      // bfloat16 values of k a tile step (a tile row: 64 bytes)
 
+// A zeroed buffer of n values whose first lies on a 64-byte boundary: a tile row of 64 bytes then fills one
+// cache line instead of straddling two.
+template <typename T>
+class TileBuffer {
+ public:
+  explicit TileBuffer(int64_t n) : values_(n + 64 / sizeof(T), T(0)) {
+    const auto address = reinterpret_cast<uintptr_t>(values_.data());
+    data_ = values_.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+
+ private:
+  std::vector<T> values_;
+  T* data_;
+};
+
 // Whether the AMX route takes the layer (the same layers as bf16_direct, but not the few-channel stems,
 // which conv2d_bf16.h takes by windows).
 inline bool amx_forward(const Conv2dGeometry& g) { return cpu::cpu_amx() && bf16_direct(g) && !bf16_window_rows(g); }
@@ -136,8 +153,8 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
-    std::vector<uint16_t> x_pad((sp.plane() + kAmxBlock) * cp);
-    std::vector<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0);
+    TileBuffer<uint16_t> x_pad((sp.plane() + kAmxBlock) * cp);
+    TileBuffer<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0);
     std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
     alignas(64) float c[kAmxBlock * kAmxBlock];
     const uint16_t* a = by_rows ? a_rows.data() : x_pad.data();
@@ -182,6 +199,119 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   (void)x, (void)w, (void)b, (void)y, (void)g, (void)planes;
   TORCH_CHECK(false, "conv_forward_bf16_amx: AMX is an x86 instruction set");
 #endif
+}
+
+// ------------------------------------------------------------------------------------------------ d_W
+// d_W[f, t, c] = Σ_p dY'[p, f] · x_pad[p + offset(t), c], k the pixel p of the pitch (dY' zero in the
+// thrown-away columns, as conv2d_bf16.h's d_W), 32 pixels a tile step:
+//   A: dy_planes[f * kp + p]        dY' as planes, filters the rows: 16 filters' 32 pixels a tile
+//   B: x_pairs[p * cw + c]          = (x_pad[p, c], x_pad[p + 1, c]) for every pixel p, so that tap t's
+//                                   pair q, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is row q of a tile
+//                                   read from pixel o = offset(t) on with a row stride of 2 pixels
+// C, 32 filters x 32 channels of one tap, is loaded from the chunk's d_W, summed over the sample's
+// pixels and stored back. Layers of 32 channels or more, as the vdpbf16ps d_W with its pixel pairs; small
+// images keep that route's pixel rows (bf16_pixel_rows).
+inline bool amx_weight_grad(const Conv2dGeometry& g) {
+  return cpu::cpu_amx() && bf16_direct(g) && 2 * g.c >= kBf16Nr && !bf16_pixel_rows(g);
+}
+
+#if CS231N_X86
+// c (32 x 32 float32, row stride ldc) += Σ_k A[r, k] · B[k, j] over ksteps of 32: A's row r at a + r * a_row,
+// B's pair q, channel j at the word b[q * b_row + j].
+CS231N_AMX inline void amx_weight_grad_block(int64_t ksteps, const uint16_t* a, int64_t a_row, const uint32_t* b,
+                                             int64_t b_row, float* c, int64_t ldc) {
+  __asm__ volatile("" ::: "memory");  // as amx_block
+  const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes
+  _tile_loadd(0, c, c_stride);
+  _tile_loadd(1, c + 16, c_stride);
+  _tile_loadd(2, c + 16 * ldc, c_stride);
+  _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  for (int64_t k = 0; k < ksteps; ++k) {
+    _tile_loadd(4, a + k * kAmxK, a_stride);                  // filters 0-15
+    _tile_loadd(5, a + 16 * a_row + k * kAmxK, a_stride);     // filters 16-31
+    _tile_loadd(6, b + k * (kAmxK / 2) * b_row, b_stride);       // channels 0-15
+    _tile_loadd(7, b + k * (kAmxK / 2) * b_row + 16, b_stride);  // channels 16-31
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  _tile_stored(1, c + 16, c_stride);
+  _tile_stored(2, c + 16 * ldc, c_stride);
+  _tile_stored(3, c + 16 * ldc + 16, c_stride);
+}
+#endif
+
+// d_W (float32, [F][taps][C]) of an amx_weight_grad layer, from bfloat16 dy and x (NHWC, or NCHW when
+// `planes`). Each chunk of samples sums into its own d_W; the chunks are then added in order, so the result
+// does not depend on the threads' timing.
+inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
+                                            bool planes) {
+  at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const auto round_up = [](int64_t v) { return (v + kAmxBlock - 1) / kAmxBlock * kAmxBlock; };
+  const int64_t cp = g.c + (g.c & 1), cw = round_up(g.c), fw = round_up(g.f), kp = round_up(sp.cols);
+  const int64_t taps = g.taps(), plane = sp.plane(), ldc = taps * g.c, outputs = g.col_cols();
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  std::vector<int64_t> offsets(taps);
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);
+  TileBuffer<float> partial(chunks * taps * fw * cw);  // chunk's [t][f][c]
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    const AmxScope tiles;
+    std::vector<uint16_t> x_pad((plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
+    // the tiles read up to 32 pixels past the plane (and past the pitch's last output): zeros
+    TileBuffer<uint32_t> x_pairs((plane + kAmxBlock) * cw);
+    TileBuffer<uint16_t> dy_planes(fw * kp);  // the thrown-away columns and the rows past F stay 0
+    const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      float* dw_chunk = partial.data() + chunk * taps * fw * cw;
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
+        for (int64_t p = 0; p < plane; ++p) {
+          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
+          uint32_t* pair = x_pairs.data() + p * cw;
+          for (int64_t c = 0; c < g.c; ++c) pair[c] = bf16_pair(here[c], next[c]);
+        }
+        const uint16_t* dy_n = dyb + n * out_sample;
+        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+          uint16_t* row = dy_planes.data() + o_h * sp.wq;  // filter f's at row + f * kp
+          if (planes) {
+            for (int64_t f = 0; f < g.f; ++f) {
+              std::memcpy(row + f * kp, dy_n + f * outputs + o_h * g.ow, g.ow * sizeof(uint16_t));
+            }
+          } else {  // dst[f * kp + o_w] = src[o_w * F + f]
+            planes_to_pixels(dy_n + o_h * g.ow * g.f, g.f, g.ow, g.f, row, kp);
+          }
+        }
+        for (int64_t t = 0; t < taps; ++t) {
+          for (int64_t f0 = 0; f0 < fw; f0 += kAmxBlock) {
+            for (int64_t c0 = 0; c0 < cw; c0 += kAmxBlock) {
+              amx_weight_grad_block(kp / kAmxK, dy_planes.data() + f0 * kp, kp, x_pairs.data() + offsets[t] * cw + c0,
+                                    2 * cw, dw_chunk + (t * fw + f0) * cw + c0, cw);
+            }
+          }
+        }
+      }
+    }
+  });
+  float* out = dw.mutable_data_ptr<float>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partial.data() + chunk * taps * fw * cw;
+    for (int64_t f = 0; f < g.f; ++f) {
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t c = 0; c < g.c; ++c) out[f * ldc + t * g.c + c] += part[(t * fw + f) * cw + c];
+      }
+    }
+  }
+#else
+  (void)dy, (void)x, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_weight_grad_bf16_amx: AMX is an x86 instruction set");
+#endif
+  return dw;
 }
 
 }  // namespace conv2d_cpu

@@ -261,13 +261,14 @@ def has_avx512_bf16():
     (40, 24, 2, (3, 2), 0, 1, False),  # d_x by phases: a phase without taps, rows and a column no window reaches
     (36, 40, 5, 3, 2, 1, True),      # d_x by phases: padding, phases of 2 and 1 taps
 ])
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2"])
 @pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
 def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, dilation, bias, isa, weight_layout):
     """bfloat16 in, float32 sums, one rounding out: within one bfloat16 ulp (2^-8 relative) of the float64
-    result on the same bfloat16 operands, plus float32's error on the sum (cancelling terms). avx512 takes
-    the AVX512-BF16 route where the CPU has it (conv2d_bf16.h); avx2 the float32 kernels. The weight's
-    layout chooses how the filters are packed: runs of taps (NCHW) or of channels (channels_last)."""
+    result on the same bfloat16 operands, plus float32's error on the sum (cancelling terms). amx takes the
+    AMX tiles where the CPU has them (conv2d_amx.h); avx512 the AVX512-BF16 route (conv2d_bf16.h); avx2
+    the float32 kernels. The weight's layout chooses how the filters are packed: runs of taps (NCHW) or
+    of channels (channels_last)."""
     if isa == "avx512" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(c * 100 + f)
@@ -279,7 +280,32 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, 
         x = x.contiguous(memory_format=torch.channels_last)
     if weight_layout == "channels_last":
         w = w.contiguous(memory_format=torch.channels_last)
-    args = dict(stride=stride, padding=padding, dilation=dilation)
+    check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=padding, dilation=dilation), isa, gen)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n,c,f,hw,stride", [
+    (5, 48, 40, (30, 27), 1),  # channels not a multiple of 32 (zero k), filters past a block, 5 samples
+    (4, 96, 70, (20, 21), 2),  # strided: the phases, each tap one shift of the pitch
+    (3, 32, 33, (70, 9), 1),   # a narrow image: blocks of 32 pixels straddle many rows of the pitch
+])
+def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c, f, hw, stride):
+    """The AMX tiles (conv2d_amx.h) on images larger than the test above's: blocks of 32 pixels whose
+    thrown-away columns of the pitch are skipped when stored, the padded x read 32 pixels past its plane,
+    and d_W summed over each sample's whole pitch."""
+    gen = torch.Generator().manual_seed(c + f)
+    x = torch.randn(n, c, *hw, generator=gen).bfloat16()
+    w = (torch.randn(f, c, 3, 3, generator=gen) / (c * 9) ** 0.5).bfloat16()
+    b = torch.randn(f, generator=gen).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=1), "amx", gen)
+
+
+def check_bfloat16_convolution(x, w, b, args, isa, gen):
+    """Our bfloat16 y, d_x, d_W (and d_b) with the CPU kernels capped at `isa` against float64 on the same
+    bfloat16 operands: within one bfloat16 ulp, plus float32's error on the sum."""
+    bias = b is not None
     leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
     with forced_isa(isa):
         y = ours.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, **args)

@@ -280,8 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     }
     if (dx_phases) {
       dx = at::empty(input.sizes(), input.options().memory_format(format));
-      conv_input_grad_bf16_phases(grad_output.contiguous(format), weight, dx, g,
-                                  format != at::MemoryFormat::ChannelsLast);
+      const auto input_grad = cpu::cpu_amx() ? conv_input_grad_bf16_phases_amx : conv_input_grad_bf16_phases;
+      input_grad(grad_output.contiguous(format), weight, dx, g, format != at::MemoryFormat::ChannelsLast);
     }
     if (dw_bf16) {
       const bool planes = format != at::MemoryFormat::ChannelsLast;

@@ -201,6 +201,88 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------- d_x
+// A strided layer's d_x by the stride's phases (conv2d_bf16.h: conv_input_grad_bf16_phases), each phase's
+// transposed convolution on the tiles. A phase's rows, its outputs that land in the image, are a rectangle
+// of dY_pad's pitch Wp: the blocks run over the pitch from its first row to its last, and keep the rows in
+// the rectangle. Same arguments as conv_input_grad_bf16_phases.
+inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx,
+                                            const Conv2dGeometry& g, bool planes) {
+#if CS231N_X86
+  const PhasePixels pp(g);
+  const size_t np = pp.phases.size();
+  // dY's channels are the transposed convolutions' input: their pitch rounded up to 32
+  const int64_t cp = (g.f + kAmxK - 1) / kAmxK * kAmxK, pairs = cp / 2, ksteps = cp / kAmxK;
+  const int64_t plane = pp.sp.plane(), pixels = g.h * g.w, in_sample = g.c * pixels;
+  const int64_t out_sample = g.f * g.col_cols();
+  std::vector<std::vector<uint32_t>> filters;
+  std::vector<std::vector<int64_t>> taps(np);  // phase q's taps: their shifts in dY_pad, in values
+  for (size_t q = 0; q < np; ++q) {
+    const InputPhase& ph = pp.phases[q];
+    const at::Tensor phase_taps = w.slice(2, ph.a, g.kh, g.sh).slice(3, ph.b, g.kw, g.sw);
+    filters.push_back(pack_bf16_filters(Bf16Filters::transposed_of(phase_taps), ph.t, pairs));
+    for (const int64_t t : pp.taps[q]) taps[q].push_back(t * cp);
+  }
+  const std::vector<uint8_t> used = bf16_used_phases(pp.t0, pp.sp);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const int64_t block = g.col_cols() < kMinPixelsPerSample
+                            ? std::clamp<int64_t>(kBf16RowsBytes / (plane * cp * 2), 1, (g.n + chunks - 1) / chunks)
+                            : 1;
+  auto* dxp = dx.mutable_data_ptr<c10::BFloat16>();
+  const auto* dyp = dy.const_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    const AmxScope tiles;
+    TileBuffer<uint16_t> dy_pad((block * plane + kAmxBlock) * cp);  // 32 pixels more: a last block's reach
+    std::vector<float> out(block * pixels * g.c), dx_pixels(in_sample), dx_planes(planes ? in_sample : 0);
+    alignas(64) float c[kAmxBlock * kAmxBlock];
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
+      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0);
+        for (int64_t s = 0; s < nb; ++s) {
+          pad_bf16_pixels(dyp + (n0 + s) * out_sample, pp.t0, pp.sp, cp, planes, used, dy_pad.data() + s * plane * cp);
+        }
+        float* o = out.data();  // phase after phase, the block's rows of each
+        for (size_t q = 0; q < np; ++q) {
+          const InputPhase& ph = pp.phases[q];
+          const int64_t rows = pp.rows[q].size(), first = pp.rows[q].front(), span = pp.rows[q].back() - first + 1;
+          const int64_t nv = ph.v1 - ph.v0, ntaps = taps[q].size();
+          for (int64_t s = 0; s < nb; ++s) {
+            const uint16_t* a = dy_pad.data() + (s * plane + first) * cp;
+            for (int64_t j = 0; j < g.c; j += kAmxBlock) {
+              const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.c - j));
+              const uint32_t* sliver = filters[q].data() + (j / kBf16Nr) * ntaps * pairs * kBf16Nr + j % kBf16Nr;
+              for (int64_t i = 0; i < span; i += kAmxBlock) {
+                amx_block(ntaps, ksteps, a + i * cp, cp, taps[q].data(), sliver, pairs * kBf16Nr, kBf16Nr, c);
+                for (int64_t r = 0; r < kAmxBlock && i + r < span; ++r) {
+                  const int64_t col = (i + r) % pp.sp.wp;  // (u - u0, v - v0) = divmod(i + r, Wp)
+                  if (col >= nv) continue;
+                  const int64_t row = (i + r) / pp.sp.wp * nv + col;
+                  amx_store_row(c + r * kAmxBlock, o + (s * rows + row) * g.c + j, n, nullptr);
+                }
+              }
+            }
+          }
+          o += nb * rows * g.c;
+        }
+        for (int64_t s = 0; s < nb; ++s) {  // [pixels x C], rounded once (NCHW: transposed first)
+          pp.put(out.data(), nb, s, dx_pixels.data(), g);
+          const float* src = dx_pixels.data();
+          if (planes) {
+            cpu::transpose_matrix(src, g.c, pixels, g.c, dx_planes.data(), pixels);
+            src = dx_planes.data();
+          }
+          cpu::from_float(src, in_sample, dxp + (n0 + s) * in_sample);
+        }
+      }
+    }
+  });
+#else
+  (void)dy, (void)w, (void)dx, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_input_grad_bf16_phases_amx: AMX is an x86 instruction set");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------ d_W
 // d_W[f, t, c] = Σ_p dY'[p, f] · x_pad[p + offset(t), c], k the pixel p of the pitch (dY' zero in the
 // thrown-away columns, as conv2d_bf16.h's d_W), 32 pixels a tile step:

@@ -44,8 +44,9 @@ std::string set_cpu_isa(const std::string& isa) {
   int cap = -1;
   cpu::Isa parsed;
   if (isa != "auto") {
-    TORCH_CHECK(cpu::parse_isa(isa.c_str(), &parsed), "set_cpu_isa: expected isa to be one of 'amx', 'avx512', 'avx2', ",
-                "'baseline' or 'auto', but got '", isa, "'");
+    TORCH_CHECK(cpu::parse_isa(isa.c_str(), &parsed),
+                "set_cpu_isa: expected isa to be one of 'amx', 'avx512', 'avx2', ", "'baseline' or 'auto', but got '",
+                isa, "'");
     cap = static_cast<int>(parsed);
   }
   const int previous = cpu::isa_cap().exchange(cap);

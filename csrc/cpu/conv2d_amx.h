@@ -29,106 +29,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/conv2d_bf16.h"
 #include "cpu/cpu_features.h"
 
 namespace torch_cs231n {
 namespace conv2d_cpu {
 
-constexpr int kAmxBlock = 32;  // pixels and filters a block: 2 x 2 tiles of 16
-constexpr int kAmxK = 32;      // bfloat16 values of k a tile step (a tile row: 64 bytes)
-
-// A zeroed buffer of n values whose first lies on a 64-byte boundary: a tile row of 64 bytes then fills one
-// cache line instead of straddling two.
-template <typename T>
-class TileBuffer {
- public:
-  explicit TileBuffer(int64_t n) : values_(n + 64 / sizeof(T), T(0)) {
-    const auto address = reinterpret_cast<uintptr_t>(values_.data());
-    data_ = values_.data() + ((64 - address % 64) % 64) / sizeof(T);
-  }
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-
- private:
-  std::vector<T> values_;
-  T* data_;
-};
-
 // Whether the AMX route takes the layer (the same layers as bf16_direct, but not the few-channel stems,
 // which conv2d_bf16.h takes by windows).
 inline bool amx_forward(const Conv2dGeometry& g) { return cpu::cpu_amx() && bf16_direct(g) && !bf16_window_rows(g); }
-
-#if CS231N_X86
-// The tile configuration (palette 1): tiles 0-7, each 16 rows of 64 bytes.
-struct alignas(64) AmxConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// The tiles configured on this thread for the scope, released after it (a thread holding tile state
-// costs every context switch 8 KiB more to save).
-class AmxScope {
- public:
-  CS231N_AMX AmxScope() {
-    AmxConfig config;
-    for (int t = 0; t < 8; ++t) {
-      config.bytes_per_row[t] = 64;
-      config.rows[t] = 16;
-    }
-    // (GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the config, which then drops the
-    // stores above: the asm names the whole config.)
-    __asm__ volatile("ldtilecfg %0" ::"m"(config));
-  }
-  CS231N_AMX ~AmxScope() { _tile_release(); }
-  AmxScope(const AmxScope&) = delete;
-  AmxScope& operator=(const AmxScope&) = delete;
-};
-
-// One block into c (32 x 32 float32, row stride 32): C[r, j] = Σ_t Σ_k A[r, t, k] · B[t, k, j], where
-// row r's k-th value under tap t is a[r * a_row + a_tap[t] + k] (k < 32 · ksteps) and B's pair q of tap
-// t, filter j is the word b[t * b_tap + q * b_row + j].
-CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a, int64_t a_row, const int64_t* a_tap,
-                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c) {
-  // GCC 12's tile loads name no memory operand: every store to A and B must be done before them.
-  __asm__ volatile("" ::: "memory");
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int64_t a_stride = a_row * 2, b_stride = b_row * 4;  // bytes
-  for (int64_t t = 0; t < taps; ++t) {
-    const uint16_t* at = a + a_tap[t];
-    const uint32_t* bt = b + t * b_tap;
-    for (int64_t k = 0; k < ksteps; ++k) {
-      _tile_loadd(4, at + k * kAmxK, a_stride);                   // rows 0-15
-      _tile_loadd(5, at + 16 * a_row + k * kAmxK, a_stride);      // rows 16-31
-      _tile_loadd(6, bt + k * (kAmxK / 2) * b_row, b_stride);       // filters 0-15
-      _tile_loadd(7, bt + k * (kAmxK / 2) * b_row + 16, b_stride);  // filters 16-31
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  constexpr int64_t ldc = kAmxBlock * 4;  // bytes
-  _tile_stored(0, c, ldc);
-  _tile_stored(1, c + 16, ldc);
-  _tile_stored(2, c + 16 * kAmxBlock, ldc);
-  _tile_stored(3, c + 16 * kAmxBlock + 16, ldc);
-}
-
-// The block's row r into out's row (n columns of it, plus the bias when there is one).
-CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, const float* bias) {
-  for (int v = 0; v < 2; ++v) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
-    __m512 x = _mm512_loadu_ps(c_row + 16 * v);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
-    _mm512_mask_storeu_ps(out + 16 * v, mask, x);
-  }
-}
-#endif
 
 // y = conv(x, w) + b on AMX (amx_forward), in the layouts and with the arguments of conv_forward_bf16.
 inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
@@ -148,7 +58,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_values * 2), 1, (g.n + chunks - 1) / chunks) : 1;
   std::vector<int64_t> offsets(taps), a_tap(taps);
   for (int64_t t = 0; t < taps; ++t) {
-    offsets[t] = shifted_offset(g, sp, t);             // the tap's pixel from an output's
+    offsets[t] = shifted_offset(g, sp, t);          // the tap's pixel from an output's
     a_tap[t] = by_rows ? t * cp : offsets[t] * cp;  // the tap's values from a row's start
   }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -183,7 +93,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
             amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c);
             for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
               const int64_t p = i + r, o_w = p % sp.wq;  // by rows, p is the output
-              if (!by_rows && o_w >= g.ow) continue;    // a thrown-away column of the pitch
+              if (!by_rows && o_w >= g.ow) continue;     // a thrown-away column of the pitch
               const int64_t o = by_rows ? p : p / sp.wq * g.ow + o_w;
               amx_store_row(c + r * kAmxBlock, out.data() + o * g.f + j, n, b ? b + j : nullptr);
             }
@@ -296,34 +206,6 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
 inline bool amx_weight_grad(const Conv2dGeometry& g) {
   return cpu::cpu_amx() && bf16_direct(g) && 2 * g.c >= kBf16Nr && !bf16_pixel_rows(g);
 }
-
-#if CS231N_X86
-// c (32 x 32 float32, row stride ldc) += Σ_k A[r, k] · B[k, j] over ksteps of 32: A's row r at a + r * a_row,
-// B's pair q, channel j at the word b[q * b_row + j].
-CS231N_AMX inline void amx_weight_grad_block(int64_t ksteps, const uint16_t* a, int64_t a_row, const uint32_t* b,
-                                             int64_t b_row, float* c, int64_t ldc) {
-  __asm__ volatile("" ::: "memory");  // as amx_block
-  const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes
-  _tile_loadd(0, c, c_stride);
-  _tile_loadd(1, c + 16, c_stride);
-  _tile_loadd(2, c + 16 * ldc, c_stride);
-  _tile_loadd(3, c + 16 * ldc + 16, c_stride);
-  for (int64_t k = 0; k < ksteps; ++k) {
-    _tile_loadd(4, a + k * kAmxK, a_stride);                  // filters 0-15
-    _tile_loadd(5, a + 16 * a_row + k * kAmxK, a_stride);     // filters 16-31
-    _tile_loadd(6, b + k * (kAmxK / 2) * b_row, b_stride);       // channels 0-15
-    _tile_loadd(7, b + k * (kAmxK / 2) * b_row + 16, b_stride);  // channels 16-31
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c, c_stride);
-  _tile_stored(1, c + 16, c_stride);
-  _tile_stored(2, c + 16 * ldc, c_stride);
-  _tile_stored(3, c + 16 * ldc + 16, c_stride);
-}
-#endif
 
 // d_W (float32, [F][taps][C]) of an amx_weight_grad layer, from bfloat16 dy and x (NHWC, or NCHW when
 // `planes`). Each chunk of samples sums into its own d_W; the chunks are then added in order, so the result

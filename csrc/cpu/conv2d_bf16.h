@@ -29,9 +29,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/amx_tiles.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_shifted.h"
@@ -405,7 +407,10 @@ CS231N_AVX512_BF16 inline void bf16_window_rows_of(const uint16_t* x_win, int64_
 inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters& w, const float* b, c10::BFloat16* y,
                                       const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
-  const int64_t run = bf16_window_run(g), run_words = (run + 1) / 2, row_words = g.kh * run_words;
+  // On AMX (cpu/amx_tiles.h), each tap row a tap of 32 values (the run and zeros: one tile step), the
+  // rows' blocks 32 outputs x 32 filters.
+  const bool amx = cpu::cpu_amx();
+  const int64_t run = bf16_window_run(g), run_words = amx ? kAmxK / 2 : (run + 1) / 2, row_words = g.kh * run_words;
   const int64_t hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw, outputs = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * outputs, slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
   // filters[((s * kH + t_h) * run_words + q) * 64 + j]: filter 64 s + j's values 2q and 2q + 1 of tap row t_h's
@@ -424,11 +429,16 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
     }
   }
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  const int64_t tap0 = 0;  // one segment: the whole row
+  const int64_t tap0 = 0;               // one segment: the whole row
+  std::vector<int64_t> tap_rows(g.kh);  // on AMX: tap row t_h's values from a row's start
+  for (int64_t t_h = 0; t_h < g.kh; ++t_h) tap_rows[t_h] = t_h * 2 * run_words;
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::optional<AmxScope> tiles;
+    if (amx) tiles.emplace();
+    alignas(64) float c[kAmxBlock * kAmxBlock];
     // the sample padded, channels innermost; 32 values more, read (not kept) by a run's masked load
     std::vector<uint16_t> x_win(hp * wp * g.c + 32, 0);
-    std::vector<uint32_t> rows(kBf16WindowRows * row_words);
+    TileBuffer<uint32_t> rows((kBf16WindowRows + kAmxBlock) * row_words);  // AMX's blocks read 32 rows past
     std::vector<int64_t> row_table(kBf16WindowRows);
     for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
     std::vector<float> out(out_sample), planes_out(planes ? out_sample : 0);
@@ -447,6 +457,21 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
         for (int64_t o0 = 0; o0 < outputs; o0 += kBf16WindowRows) {
           const int64_t m = std::min(kBf16WindowRows, outputs - o0);
           bf16_window_rows_of(x_win.data(), wp, g, run_words, o0, o0 + m, rows.data());
+          if (amx) {
+            const auto* values = reinterpret_cast<const uint16_t*>(rows.data());
+            for (int64_t j = 0; j < g.f; j += kAmxBlock) {
+              const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
+              const uint32_t* sliver = filters.data() + (j / kBf16Nr) * row_words * kBf16Nr + j % kBf16Nr;
+              for (int64_t i = 0; i < m; i += kAmxBlock) {
+                amx_block(g.kh, 1, values + i * 2 * row_words, 2 * row_words, tap_rows.data(), sliver,
+                          run_words * kBf16Nr, kBf16Nr, c);
+                for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
+                  amx_store_row(c + r * kAmxBlock, out.data() + (o0 + i + r) * g.f + j, n, b ? b + j : nullptr);
+                }
+              }
+            }
+            continue;
+          }
           for (int64_t s = 0; s < slivers; ++s) {
             const int64_t j = s * kBf16Nr;
             const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));

@@ -1,0 +1,141 @@
+// The AMX tiles (Intel's matrix unit: Sapphire Rapids and later) as the bfloat16 convolution uses them
+// (conv2d_amx.h has the routes). 8 tiles of 16 rows x 64 bytes; tdpbf16ps adds A (16 x 32 bfloat16)
+// times B (32 x 16 bfloat16, in pairs: row q holds 16 columns' values 2q and 2q+1, the layout vdpbf16ps
+// reads) into C (16 x 16 float32): 8192 products, exact in float32 and summed there. A tile load takes
+// 16 rows from any address with any row stride, so A and B are mostly read in place.
+//
+// GCC 12's intrinsics hide their memory operands from the compiler (_tile_loadconfig names 8 bytes of the
+// config, _tile_loadd none of what it reads): the config is loaded by an asm that names all of it, and
+// the kernels begin with a compiler barrier, so that every store to A and B is done before the loads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+#if CS231N_X86
+#include <immintrin.h>
+#endif
+
+namespace torch_cs231n {
+namespace conv2d_cpu {
+
+constexpr int kAmxBlock = 32;  // pixels and filters a block: 2 x 2 tiles of 16
+constexpr int kAmxK = 32;      // bfloat16 values of k a tile step (a tile row: 64 bytes)
+
+// A zeroed buffer of n values whose first lies on a 64-byte boundary: a tile row of 64 bytes then fills one
+// cache line instead of straddling two.
+template <typename T>
+class TileBuffer {
+ public:
+  explicit TileBuffer(int64_t n) : values_(n + 64 / sizeof(T), T(0)) {
+    const auto address = reinterpret_cast<uintptr_t>(values_.data());
+    data_ = values_.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+
+ private:
+  std::vector<T> values_;
+  T* data_;
+};
+
+#if CS231N_X86
+// The tile configuration (palette 1): tiles 0-7, each 16 rows of 64 bytes.
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles configured on this thread for the scope, released after it (a thread holding tile state
+// costs every context switch 8 KiB more to save).
+class AmxScope {
+ public:
+  CS231N_AMX AmxScope() {
+    AmxConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.bytes_per_row[t] = 64;
+      config.rows[t] = 16;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(config));
+  }
+  CS231N_AMX ~AmxScope() { _tile_release(); }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
+
+// One block into c (32 x 32 float32, row stride 32): C[r, j] = Σ_t Σ_k A[r, t, k] · B[t, k, j], where
+// row r's k-th value under tap t is a[r * a_row + a_tap[t] + k] (k < 32 · ksteps) and B's pair q of tap
+// t, filter j is the word b[t * b_tap + q * b_row + j].
+CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a, int64_t a_row, const int64_t* a_tap,
+                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c) {
+  __asm__ volatile("" ::: "memory");  // (see the top)
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t a_stride = a_row * 2, b_stride = b_row * 4;  // bytes
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* at = a + a_tap[t];
+    const uint32_t* bt = b + t * b_tap;
+    for (int64_t k = 0; k < ksteps; ++k) {
+      _tile_loadd(4, at + k * kAmxK, a_stride);                     // rows 0-15
+      _tile_loadd(5, at + 16 * a_row + k * kAmxK, a_stride);        // rows 16-31
+      _tile_loadd(6, bt + k * (kAmxK / 2) * b_row, b_stride);       // filters 0-15
+      _tile_loadd(7, bt + k * (kAmxK / 2) * b_row + 16, b_stride);  // filters 16-31
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t ldc = kAmxBlock * 4;  // bytes
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16, ldc);
+  _tile_stored(2, c + 16 * kAmxBlock, ldc);
+  _tile_stored(3, c + 16 * kAmxBlock + 16, ldc);
+}
+
+// The block's row r into out's row (n columns of it, plus the bias when there is one).
+CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, const float* bias) {
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+    __m512 x = _mm512_loadu_ps(c_row + 16 * v);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
+    _mm512_mask_storeu_ps(out + 16 * v, mask, x);
+  }
+}
+
+// c (32 x 32 float32, row stride ldc) += Σ_k A[r, k] · B[k, j] over ksteps of 32: A's row r at a + r * a_row,
+// B's pair q, channel j at the word b[q * b_row + j].
+CS231N_AMX inline void amx_weight_grad_block(int64_t ksteps, const uint16_t* a, int64_t a_row, const uint32_t* b,
+                                             int64_t b_row, float* c, int64_t ldc) {
+  __asm__ volatile("" ::: "memory");                                             // (see the top)
+  const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes
+  _tile_loadd(0, c, c_stride);
+  _tile_loadd(1, c + 16, c_stride);
+  _tile_loadd(2, c + 16 * ldc, c_stride);
+  _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  for (int64_t k = 0; k < ksteps; ++k) {
+    _tile_loadd(4, a + k * kAmxK, a_stride);                     // filters 0-15
+    _tile_loadd(5, a + 16 * a_row + k * kAmxK, a_stride);        // filters 16-31
+    _tile_loadd(6, b + k * (kAmxK / 2) * b_row, b_stride);       // channels 0-15
+    _tile_loadd(7, b + k * (kAmxK / 2) * b_row + 16, b_stride);  // channels 16-31
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  _tile_stored(1, c + 16, c_stride);
+  _tile_stored(2, c + 16 * ldc, c_stride);
+  _tile_stored(3, c + 16 * ldc + 16, c_stride);
+}
+
+#endif
+
+}  // namespace conv2d_cpu
+}  // namespace torch_cs231n

@@ -54,7 +54,7 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor):
 
 @contextlib.contextmanager
 def forced_isa(isa):
-    """The CPU kernels capped at `isa` ("avx512", "avx2", "baseline") for the block; skips when this CPU
+    """The CPU kernels capped at `isa` ("amx", "avx512", "avx2", "baseline") for the block; skips when this CPU
     cannot run it."""
     ops = torch.ops.torch_cs231n
     previous = ops.set_cpu_isa(isa)

@@ -1,25 +1,24 @@
-// The CPU convolution in bfloat16 on AMX (Intel's tile unit: Sapphire Rapids and later). One tdpbf16ps
-// adds a 16 x 32 bfloat16 tile A times a 32 x 16 tile B into a 16 x 16 float32 tile C: 8192 products,
-// exact in float32 and summed there, as vdpbf16ps sums its pairs (conv2d_bf16.h), so the two routes give
-// the numbers of the float32 route on the same bfloat16 operands, up to the order of the additions. On
-// the 2-core Sapphire Rapids machine of docs/benchmarks.md a core runs 586 GFLOP/s of them from L1,
-// against 126 for AVX-512's float32 FMA and about the same for vdpbf16ps.
+// The CPU convolution's bfloat16 routes on AMX (Intel's tile unit: Sapphire Rapids and later; the tiles
+// and their blocks are cpu/amx_tiles.h). Products of bfloat16 values are summed in float32 as vdpbf16ps
+// sums them (conv2d_bf16.h), so the two routes give the numbers of the float32 route on the same bfloat16
+// operands, up to the order of the additions. On the 2-core Sapphire Rapids-class machine of
+// docs/benchmarks.md a core runs 586 GFLOP/s of tdpbf16ps from L1, against 126 for AVX-512's float32 FMA
+// and about the same for vdpbf16ps.
 //
-// The form is conv2d_bf16.h's (per sample, Y'[pixel, f] = Σ_taps Σ_c x_pad[pixel + offset(t), c] · W[f, c, t]
-// over the padded planes split into the stride's phases, in the outputs' row pitch Wq), which suits the
-// tiles: a tile load takes 16 rows of 64 bytes at any address and any row stride, so A, 16 pixels' 32
-// channels under a tap, is read in place from x_pad, its channel pitch rounded up to 32 (zeros past C).
-// B is conv2d_bf16.h's packed filters, whose 64-filter slivers hold, per (tap, channel pair), the words
-// vdpbf16ps reads: the pair layout ("VNNI") a B tile wants, 16 pairs x 16 filters of a sliver a tile.
+// The forms are conv2d_bf16.h's (per sample, Y'[pixel, f] = Σ_taps Σ_c x_pad[pixel + offset(t), c] ·
+// W[f, c, t] over the padded planes split into the stride's phases, in the outputs' row pitch Wq), which
+// suit the tiles: a tile load takes 16 rows of 64 bytes at any address and any row stride, so A, 16
+// pixels' 32 channels under a tap, is read in place from x_pad, its channel pitch rounded up to 32 (zeros
+// past C); B is conv2d_bf16.h's packed filters, whose 64-filter slivers hold, per (tap, channel pair),
+// the pair layout a B tile wants: 16 pairs x 16 filters of a sliver a tile.
 //
-//   block   32 pixels x 32 filters: C tiles 0-3 (2 x 2), A tiles 4-5, B tiles 6-7, the 8 tiles there are;
-//           per (tap, 32 channels): 4 tile loads, 4 tdpbf16ps (32768 products)
-//
-// Pixels computed are those of the pitch (the thrown-away columns of the padding included, 3% at 56 x 56),
-// in blocks of 32 that may run past the last output: x_pad and the rows' copies have 32 zero rows more.
-// Small images go by pixel rows, as conv2d_bf16.h does, the rows then taps * pitch values apart.
-// Used by the forward and by the stride-1 d_x (its transposed convolution); the other passes keep the
-// vdpbf16ps kernels.
+// Blocks (amx_block: 32 pixels x 32 filters) run over the pitch's pixels, the thrown-away columns of the
+// padding included (3% at 56 x 56), and may run past the last output: x_pad and the rows' copies have 32
+// zero pixels more; only real outputs are stored. Small images go by pixel rows, as in conv2d_bf16.h, the
+// rows then taps * pitch values apart. Here: the forward and the stride-1 d_x (its transposed
+// convolution), a strided layer's d_x by phases, and d_W. The stems' forward by windows runs its tiles in
+// conv2d_bf16.h; d_W of small images or of few channels, and d_x of few channels, keep their vdpbf16ps or
+// float32 routes.
 #pragma once
 
 #include <ATen/ATen.h>

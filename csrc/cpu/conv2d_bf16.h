@@ -3,6 +3,8 @@
 // are exact in float32 and summed there, and the result is rounded to bfloat16 once: the numbers of the
 // float32 route on the same bfloat16 operands, up to the order of the float32 additions.
 // Part of the CPU convolution (cpu/conv2d.cpp, which routes each layer; docs/conv2d.md has the table).
+// Where the CPU has AMX, conv2d_amx.h runs these forms on tiles (cpu/amx_tiles.h), and so does the forward
+// by windows below.
 //
 // The form is the channels_last one (conv2d_pixels.h): per sample, Y'[pixel, f] = Σ_taps Σ_c
 // x_pad[pixel + offset(t), c] · W[f, c, t], where x_pad is the padded sample split into the stride's

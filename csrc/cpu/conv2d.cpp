@@ -13,7 +13,7 @@
 //   conv2d_pointwise.h  1 x 1 channels_last layers: products over the whole batch's pixels
 //   conv2d_windows.h    layers of few channels (a stem): a window's rows of taps as runs read in place
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
-//   conv2d_amx.h        bfloat16 on AMX tiles: the forward and stride-1 d_x where the CPU has them
+//   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of

@@ -67,36 +67,44 @@ class AmxScope {
   AmxScope& operator=(const AmxScope&) = delete;
 };
 
-// One block into c (32 x 32 float32, row stride 32): C[r, j] = Σ_t Σ_k A[r, t, k] · B[t, k, j], where
-// row r's k-th value under tap t is a[r * a_row + a_tap[t] + k] (k < 32 · ksteps) and B's pair q of tap
-// t, filter j is the word b[t * b_tap + q * b_row + j].
+// One block: C[r, j] (+)= Σ_t Σ_k A[r, t, k] · B[t, k, j] for 32 rows r and 32 columns j, where row r's
+// k-th value under tap t is a[r * a_row + a_tap[t] + k] (k < 32 · ksteps) and B's pair q of tap t,
+// column j is the word b[t * b_tap + q * b_row + j]. C is c (row stride ldc floats): added to when
+// `accumulate`, overwritten otherwise.
 CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a, int64_t a_row, const int64_t* a_tap,
-                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c) {
-  __asm__ volatile("" ::: "memory");  // (see the top)
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  const int64_t a_stride = a_row * 2, b_stride = b_row * 4;  // bytes
+                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c, int64_t ldc,
+                                 bool accumulate) {
+  __asm__ volatile("" ::: "memory");                                             // (see the top)
+  const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    _tile_loadd(1, c + 16, c_stride);
+    _tile_loadd(2, c + 16 * ldc, c_stride);
+    _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t t = 0; t < taps; ++t) {
     const uint16_t* at = a + a_tap[t];
     const uint32_t* bt = b + t * b_tap;
     for (int64_t k = 0; k < ksteps; ++k) {
       _tile_loadd(4, at + k * kAmxK, a_stride);                     // rows 0-15
       _tile_loadd(5, at + 16 * a_row + k * kAmxK, a_stride);        // rows 16-31
-      _tile_loadd(6, bt + k * (kAmxK / 2) * b_row, b_stride);       // filters 0-15
-      _tile_loadd(7, bt + k * (kAmxK / 2) * b_row + 16, b_stride);  // filters 16-31
+      _tile_loadd(6, bt + k * (kAmxK / 2) * b_row, b_stride);       // columns 0-15
+      _tile_loadd(7, bt + k * (kAmxK / 2) * b_row + 16, b_stride);  // columns 16-31
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t ldc = kAmxBlock * 4;  // bytes
-  _tile_stored(0, c, ldc);
-  _tile_stored(1, c + 16, ldc);
-  _tile_stored(2, c + 16 * kAmxBlock, ldc);
-  _tile_stored(3, c + 16 * kAmxBlock + 16, ldc);
+  _tile_stored(0, c, c_stride);
+  _tile_stored(1, c + 16, c_stride);
+  _tile_stored(2, c + 16 * ldc, c_stride);
+  _tile_stored(3, c + 16 * ldc + 16, c_stride);
 }
 
 // The block's row r into out's row (n columns of it, plus the bias when there is one).
@@ -107,32 +115,6 @@ CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, cons
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
     _mm512_mask_storeu_ps(out + 16 * v, mask, x);
   }
-}
-
-// c (32 x 32 float32, row stride ldc) += Σ_k A[r, k] · B[k, j] over ksteps of 32: A's row r at a + r * a_row,
-// B's pair q, channel j at the word b[q * b_row + j].
-CS231N_AMX inline void amx_weight_grad_block(int64_t ksteps, const uint16_t* a, int64_t a_row, const uint32_t* b,
-                                             int64_t b_row, float* c, int64_t ldc) {
-  __asm__ volatile("" ::: "memory");                                             // (see the top)
-  const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes
-  _tile_loadd(0, c, c_stride);
-  _tile_loadd(1, c + 16, c_stride);
-  _tile_loadd(2, c + 16 * ldc, c_stride);
-  _tile_loadd(3, c + 16 * ldc + 16, c_stride);
-  for (int64_t k = 0; k < ksteps; ++k) {
-    _tile_loadd(4, a + k * kAmxK, a_stride);                     // filters 0-15
-    _tile_loadd(5, a + 16 * a_row + k * kAmxK, a_stride);        // filters 16-31
-    _tile_loadd(6, b + k * (kAmxK / 2) * b_row, b_stride);       // channels 0-15
-    _tile_loadd(7, b + k * (kAmxK / 2) * b_row + 16, b_stride);  // channels 16-31
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c, c_stride);
-  _tile_stored(1, c + 16, c_stride);
-  _tile_stored(2, c + 16 * ldc, c_stride);
-  _tile_stored(3, c + 16 * ldc + 16, c_stride);
 }
 
 #endif

@@ -89,7 +89,8 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
           const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr + j % kBf16Nr;
           for (int64_t i = 0; i < m; i += kAmxBlock) {
-            amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c);
+            amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c, kAmxBlock,
+                      /*accumulate=*/false);
             for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
               const int64_t p = i + r, o_w = p % sp.wq;  // by rows, p is the output
               if (!by_rows && o_w >= g.ow) continue;     // a thrown-away column of the pitch
@@ -124,19 +125,14 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
   const int64_t cp = (g.f + kAmxK - 1) / kAmxK * kAmxK, pairs = cp / 2, ksteps = cp / kAmxK;
   const int64_t plane = pp.sp.plane(), pixels = g.h * g.w, in_sample = g.c * pixels;
   const int64_t out_sample = g.f * g.col_cols();
-  std::vector<std::vector<uint32_t>> filters;
+  const std::vector<std::vector<uint32_t>> filters = pack_bf16_phase_filters(pp, w, g, pairs);
   std::vector<std::vector<int64_t>> taps(np);  // phase q's taps: their shifts in dY_pad, in values
   for (size_t q = 0; q < np; ++q) {
-    const InputPhase& ph = pp.phases[q];
-    const at::Tensor phase_taps = w.slice(2, ph.a, g.kh, g.sh).slice(3, ph.b, g.kw, g.sw);
-    filters.push_back(pack_bf16_filters(Bf16Filters::transposed_of(phase_taps), ph.t, pairs));
     for (const int64_t t : pp.taps[q]) taps[q].push_back(t * cp);
   }
   const std::vector<uint8_t> used = bf16_used_phases(pp.t0, pp.sp);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  const int64_t block = g.col_cols() < kMinPixelsPerSample
-                            ? std::clamp<int64_t>(kBf16RowsBytes / (plane * cp * 2), 1, (g.n + chunks - 1) / chunks)
-                            : 1;
+  const int64_t block = bf16_phase_block(g, plane, cp, chunks);
   auto* dxp = dx.mutable_data_ptr<c10::BFloat16>();
   const auto* dyp = dy.const_data_ptr<c10::BFloat16>();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -162,7 +158,8 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
               const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.c - j));
               const uint32_t* sliver = filters[q].data() + (j / kBf16Nr) * ntaps * pairs * kBf16Nr + j % kBf16Nr;
               for (int64_t i = 0; i < span; i += kAmxBlock) {
-                amx_block(ntaps, ksteps, a + i * cp, cp, taps[q].data(), sliver, pairs * kBf16Nr, kBf16Nr, c);
+                amx_block(ntaps, ksteps, a + i * cp, cp, taps[q].data(), sliver, pairs * kBf16Nr, kBf16Nr, c, kAmxBlock,
+                          /*accumulate=*/false);
                 for (int64_t r = 0; r < kAmxBlock && i + r < span; ++r) {
                   const int64_t col = (i + r) % pp.sp.wp;  // (u - u0, v - v0) = divmod(i + r, Wp)
                   if (col >= nv) continue;
@@ -174,14 +171,9 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
           }
           o += nb * rows * g.c;
         }
-        for (int64_t s = 0; s < nb; ++s) {  // [pixels x C], rounded once (NCHW: transposed first)
-          pp.put(out.data(), nb, s, dx_pixels.data(), g);
-          const float* src = dx_pixels.data();
-          if (planes) {
-            cpu::transpose_matrix(src, g.c, pixels, g.c, dx_planes.data(), pixels);
-            src = dx_planes.data();
-          }
-          cpu::from_float(src, in_sample, dxp + (n0 + s) * in_sample);
+        for (int64_t s = 0; s < nb; ++s) {
+          round_bf16_phase_sample(pp, out.data(), nb, s, g, planes, dx_pixels.data(), dx_planes.data(),
+                                  dxp + (n0 + s) * in_sample);
         }
       }
     }
@@ -222,6 +214,7 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   std::vector<int64_t> offsets(taps);
   for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);
+  const int64_t no_shift = 0;                          // d_W's A has one tap, unshifted
   TileBuffer<float> partial(chunks * taps * fw * cw);  // chunk's [t][f][c]
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
@@ -253,8 +246,9 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
         for (int64_t t = 0; t < taps; ++t) {
           for (int64_t f0 = 0; f0 < fw; f0 += kAmxBlock) {
             for (int64_t c0 = 0; c0 < cw; c0 += kAmxBlock) {
-              amx_weight_grad_block(kp / kAmxK, dy_planes.data() + f0 * kp, kp, x_pairs.data() + offsets[t] * cw + c0,
-                                    2 * cw, dw_chunk + (t * fw + f0) * cw + c0, cw);
+              // one "tap" of kp pixels: A's rows are filters, B's pairs pixel pairs, its columns channels
+              amx_block(1, kp / kAmxK, dy_planes.data() + f0 * kp, kp, &no_shift, x_pairs.data() + offsets[t] * cw + c0,
+                        0, 2 * cw, dw_chunk + (t * fw + f0) * cw + c0, cw, /*accumulate=*/true);
             }
           }
         }

@@ -466,7 +466,7 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
               const uint32_t* sliver = filters.data() + (j / kBf16Nr) * row_words * kBf16Nr + j % kBf16Nr;
               for (int64_t i = 0; i < m; i += kAmxBlock) {
                 amx_block(g.kh, 1, values + i * 2 * row_words, 2 * row_words, tap_rows.data(), sliver,
-                          run_words * kBf16Nr, kBf16Nr, c);
+                          run_words * kBf16Nr, kBf16Nr, c, kAmxBlock, /*accumulate=*/false);
                 for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
                   amx_store_row(c + r * kAmxBlock, out.data() + (o0 + i + r) * g.f + j, n, b ? b + j : nullptr);
                 }
@@ -572,6 +572,40 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
 // tiles are mostly padding, and the float32 route is faster (12.4 against 2.3 ms on the CS231n layer).
 inline bool bf16_input_grad_direct(const Conv2dGeometry& g) { return bf16_direct(g) && 2 * g.c >= kBf16Nr; }
 
+// The pieces of a d_x by phases that its vdpbf16ps route (below) and its AMX one (conv2d_amx.h) share.
+// Each phase's filters, W's taps of the phase read transposed, packed with `pairs` the pitch.
+inline std::vector<std::vector<uint32_t>> pack_bf16_phase_filters(const PhasePixels& pp, const at::Tensor& w,
+                                                                  const Conv2dGeometry& g, int64_t pairs) {
+  std::vector<std::vector<uint32_t>> filters;
+  for (const InputPhase& ph : pp.phases) {
+    const at::Tensor taps = w.slice(2, ph.a, g.kh, g.sh).slice(3, ph.b, g.kw, g.sw);
+    filters.push_back(pack_bf16_filters(Bf16Filters::transposed_of(taps), ph.t, pairs));
+  }
+  return filters;
+}
+
+// Samples a block: for small images (under kMinPixelsPerSample outputs) as many as fit kBf16RowsBytes of
+// padded dY (channel pitch cp), at most a chunk's share; otherwise one.
+inline int64_t bf16_phase_block(const Conv2dGeometry& g, int64_t plane, int64_t cp, int64_t chunks) {
+  if (g.col_cols() >= kMinPixelsPerSample) return 1;
+  return std::clamp<int64_t>(kBf16RowsBytes / (plane * cp * 2), 1, (g.n + chunks - 1) / chunks);
+}
+
+// Sample s of a block of nb into dx_n: the phases' float32 sums (`out`, PhasePixels::put's order) at its
+// pixels ([pixels x C] in dx_pixels), transposed into dx_planes when NCHW, rounded to bfloat16 once.
+inline void round_bf16_phase_sample(const PhasePixels& pp, const float* out, int64_t nb, int64_t s,
+                                    const Conv2dGeometry& g, bool planes, float* dx_pixels, float* dx_planes,
+                                    c10::BFloat16* dx_n) {
+  const int64_t pixels = g.h * g.w;
+  pp.put(out, nb, s, dx_pixels, g);
+  const float* src = dx_pixels;
+  if (planes) {
+    cpu::transpose_matrix(src, g.c, pixels, g.c, dx_planes, pixels);
+    src = dx_planes;
+  }
+  cpu::from_float(src, g.c * pixels, dx_n);
+}
+
 // A strided layer (dilation 1): d_x by the stride's phases in one pass, as the float32 route does
 // (conv2d_shifted.h: PhasePixels): dY padded into pixel pairs once, each phase's transposed convolution
 // tiles (bf16_tile) whose rows are only its outputs that land in the image, their float32 sums put at the
@@ -587,16 +621,10 @@ inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& 
   const int64_t cp = g.f + (g.f & 1), pairs = cp / 2;  // dY's channels, the transposed convolutions' input
   const int64_t plane = pp.sp.plane(), pixels = g.h * g.w, in_sample = g.c * pixels;
   const int64_t out_sample = g.f * g.col_cols();
-  std::vector<std::vector<uint32_t>> filters;
-  for (const InputPhase& ph : pp.phases) {
-    const at::Tensor taps = w.slice(2, ph.a, g.kh, g.sh).slice(3, ph.b, g.kw, g.sw);
-    filters.push_back(pack_bf16_filters(Bf16Filters::transposed_of(taps), ph.t, pairs));
-  }
+  const std::vector<std::vector<uint32_t>> filters = pack_bf16_phase_filters(pp, w, g, pairs);
   const std::vector<uint8_t> used = bf16_used_phases(pp.t0, pp.sp);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  const int64_t block = g.col_cols() < kMinPixelsPerSample
-                            ? std::clamp<int64_t>(kBf16RowsBytes / (plane * cp * 2), 1, (g.n + chunks - 1) / chunks)
-                            : 1;
+  const int64_t block = bf16_phase_block(g, plane, cp, chunks);
   // phase q's rows for a block, in words: sample s's one padded dY further on; its taps' shifts
   std::vector<std::vector<int64_t>> rows(np), taps(np);
   for (size_t q = 0; q < np; ++q) {
@@ -632,14 +660,9 @@ inline void conv_input_grad_bf16_phases(const at::Tensor& dy, const at::Tensor& 
           }
           o += m * g.c;
         }
-        for (int64_t s = 0; s < nb; ++s) {  // [pixels x C], rounded once (NCHW: transposed first)
-          pp.put(out.data(), nb, s, dx_pixels.data(), g);
-          const float* src = dx_pixels.data();
-          if (planes) {
-            cpu::transpose_matrix(src, g.c, pixels, g.c, dx_planes.data(), pixels);
-            src = dx_planes.data();
-          }
-          cpu::from_float(src, in_sample, dxp + (n0 + s) * in_sample);
+        for (int64_t s = 0; s < nb; ++s) {
+          round_bf16_phase_sample(pp, out.data(), nb, s, g, planes, dx_pixels.data(), dx_planes.data(),
+                                  dxp + (n0 + s) * in_sample);
         }
       }
     }

@@ -145,7 +145,10 @@ inline Isa cpu_level() {
 }
 
 // The vector instruction set the kernels use (AVX-512 at most: the tiles are asked for by cpu_amx()).
-inline Isa cpu_isa() { return cpu_level() == Isa::kAmx ? Isa::kAvx512 : cpu_level(); }
+inline Isa cpu_isa() {
+  const Isa level = cpu_level();
+  return level == Isa::kAmx ? Isa::kAvx512 : level;
+}
 
 // Whether the bfloat16 convolution may use the AMX tiles.
 inline bool cpu_amx() { return cpu_level() == Isa::kAmx; }

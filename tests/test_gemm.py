@@ -288,11 +288,13 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, 
     (5, 48, 40, (30, 27), 1),  # channels not a multiple of 32 (zero k), filters past a block, 5 samples
     (4, 96, 70, (20, 21), 2),  # strided: the phases, each tap one shift of the pitch
     (3, 32, 33, (70, 9), 1),   # a narrow image: blocks of 32 pixels straddle many rows of the pitch
+    (3, 3, 40, (45, 38), 2),   # a stem's few channels: d_W by taps (rows (t, c)), chunks of 512 pixels
+    (2, 16, 48, (33, 35), 1),  # 16 channels: 144 rows (t, c), the last block partly past them
 ])
 def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c, f, hw, stride):
     """The AMX tiles (conv2d_amx.h) on images larger than the test above's: blocks of 32 pixels whose
     thrown-away columns of the pitch are skipped when stored, the padded x read 32 pixels past its plane,
-    and d_W summed over each sample's whole pitch."""
+    and d_W summed over each sample's whole pitch (by taps for few channels)."""
     gen = torch.Generator().manual_seed(c + f)
     x = torch.randn(n, c, *hw, generator=gen).bfloat16()
     w = (torch.randn(f, c, 3, 3, generator=gen) / (c * 9) ** 0.5).bfloat16()

@@ -192,10 +192,109 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
 //                                   pair q, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is row q of a tile
 //                                   read from pixel o = offset(t) on with a row stride of 2 pixels
 // C, 32 filters x 32 channels of one tap, is loaded from the chunk's d_W, summed over the sample's
-// pixels and stored back. Layers of 32 channels or more, as the vdpbf16ps d_W with its pixel pairs; small
-// images keep that route's pixel rows (bf16_pixel_rows).
+// pixels and stored back. Layers of 32 channels or more, as the vdpbf16ps d_W with its pixel pairs, and
+// layers of few channels (a stem) by taps (below); small images keep that route's pixel rows
+// (bf16_pixel_rows).
 inline bool amx_weight_grad(const Conv2dGeometry& g) {
-  return cpu::cpu_amx() && bf16_direct(g) && 2 * g.c >= kBf16Nr && !bf16_pixel_rows(g);
+  return cpu::cpu_amx() && bf16_direct(g) && (2 * g.c >= kBf16Nr || bf16_weight_grad_by_taps(g)) && !bf16_pixel_rows(g);
+}
+
+// d_W of a layer of few channels (bf16_weight_grad_by_taps: a stem's 3) by taps: d_Wᵀ[(t, c), f] =
+// Σ_p x_pad[p + offset(t), c] · dY'[p, f], the taps·C rows (t, c) in blocks of 32, k the pixel p:
+//   A: rows[(t, c)][p - p0] = channel c's padded phases from pixel offset(t) + p0 on, copied for each chunk
+//      of kAmxTapsChunk pixels (a tile's rows must lie at one stride; the (t, c) rows of x do not)
+//   B: dy_pairs[q * fw + f] = (dY'[2q, f], dY'[2q + 1, f]), read in place
+// A chunk's rows (160 x 512 values for the 7 x 7 stem) and dY pairs stay in L2; C is the chunk of samples'
+// d_Wᵀ, loaded and stored by every block.
+constexpr int64_t kAmxTapsChunk = 512;
+
+inline at::Tensor conv_weight_grad_bf16_amx_by_taps(const c10::BFloat16* dy, const c10::BFloat16* x,
+                                                    const Conv2dGeometry& g, bool planes) {
+  at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
+#if CS231N_X86
+  const ShiftedPlanes sp = shifted_planes(g);
+  const auto round_up = [](int64_t v, int64_t unit) { return (v + unit - 1) / unit * unit; };
+  const int64_t cp = g.c + (g.c & 1), taps = g.taps(), plane = sp.plane(), rows = taps * g.c;
+  const int64_t rw = round_up(rows, kAmxBlock), fw = round_up(g.f, kAmxBlock), kp = round_up(sp.cols, kAmxTapsChunk);
+  const int64_t xc_plane = plane + kAmxTapsChunk;  // a channel's phases and the last chunk's reach past them
+  const int64_t outputs = g.col_cols(), in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
+  const std::vector<uint8_t> used = bf16_used_phases(g, sp);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  std::vector<int64_t> offsets(taps);
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);
+  const int64_t no_shift = 0;                   // A's one tap
+  TileBuffer<float> partial(chunks * rw * fw);  // chunk's d_Wᵀ [(t, c)][f]
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    const AmxScope tiles;
+    // x: channel planes, each its padded phases (from NCHW directly; from NHWC through x_pad, pixel-major)
+    std::vector<uint16_t> x_pad(planes ? g.c * plane : plane * cp), xc(g.c * xc_plane, 0);
+    // dY' in the pitch Wq, its gaps and past it 0: as planes [F][kp] from NCHW, pixels [kp][F] from NHWC
+    std::vector<uint16_t> dy_pitch(kp * g.f, 0);
+    TileBuffer<uint16_t> a_rows(rw * kAmxTapsChunk);  // rows past taps·C stay 0
+    TileBuffer<float> dy_pairs(kp / 2 * fw);          // 32-bit words (pairs of bfloat16), 0 past F
+    const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
+    const auto* xb = reinterpret_cast<const uint16_t*>(x);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      float* part = partial.data() + chunk * rw * fw;
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        const uint16_t* dy_n = dyb + n * out_sample;
+        if (planes) {
+          pad_planes(xb + n * in_sample, g, sp, x_pad.data());
+          for (int64_t c = 0; c < g.c; ++c) {
+            std::memcpy(xc.data() + c * xc_plane, x_pad.data() + c * plane, plane * sizeof(uint16_t));
+          }
+          for (int64_t f = 0; f < g.f; ++f) {
+            for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+              std::memcpy(dy_pitch.data() + f * kp + o_h * sp.wq, dy_n + f * outputs + o_h * g.ow,
+                          g.ow * sizeof(uint16_t));
+            }
+          }
+          // a plane's pixel pairs are its 32-bit words: dy_pairs = the [F][kp/2] words transposed (the
+          // transpose moves bits, whatever type it reads them as)
+          cpu::transpose_matrix(reinterpret_cast<const float*>(dy_pitch.data()), kp / 2, g.f, kp / 2, dy_pairs.data(),
+                                fw);
+        } else {
+          pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
+          for (int64_t p = 0; p < plane; ++p) {
+            for (int64_t c = 0; c < g.c; ++c) xc[c * xc_plane + p] = x_pad[p * cp + c];
+          }
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            std::memcpy(dy_pitch.data() + o_h * sp.wq * g.f, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
+          }
+          auto* words = reinterpret_cast<uint32_t*>(dy_pairs.data());
+          for (int64_t q = 0; q < kp / 2; ++q) {
+            const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;
+            for (int64_t f = 0; f < g.f; ++f) words[q * fw + f] = bf16_pair(even[f], odd[f]);
+          }
+        }
+        for (int64_t p0 = 0; p0 < kp; p0 += kAmxTapsChunk) {
+          for (int64_t k = 0; k < rows; ++k) {  // row (t, c) = (k / C, k % C)
+            const uint16_t* src = xc.data() + (k % g.c) * xc_plane + offsets[k / g.c] + p0;
+            std::memcpy(a_rows.data() + k * kAmxTapsChunk, src, kAmxTapsChunk * sizeof(uint16_t));
+          }
+          for (int64_t r0 = 0; r0 < rw; r0 += kAmxBlock) {
+            for (int64_t f0 = 0; f0 < fw; f0 += kAmxBlock) {
+              amx_block(1, kAmxTapsChunk / kAmxK, a_rows.data() + r0 * kAmxTapsChunk, kAmxTapsChunk, &no_shift,
+                        reinterpret_cast<const uint32_t*>(dy_pairs.data()) + p0 / 2 * fw + f0, 0, fw,
+                        part + r0 * fw + f0, fw, /*accumulate=*/true);
+            }
+          }
+        }
+      }
+    }
+  });
+  float* out = dw.mutable_data_ptr<float>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // d_Wᵀ[k][f] -> d_W[f][k], in order
+    const float* part = partial.data() + chunk * rw * fw;
+    for (int64_t k = 0; k < rows; ++k) {
+      for (int64_t f = 0; f < g.f; ++f) out[f * rows + k] += part[k * fw + f];
+    }
+  }
+#else
+  (void)dy, (void)x, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv_weight_grad_bf16_amx_by_taps: AMX is an x86 instruction set");
+#endif
+  return dw;
 }
 
 // d_W (float32, [F][taps][C]) of an amx_weight_grad layer, from bfloat16 dy and x (NHWC, or NCHW when
@@ -203,6 +302,7 @@ inline bool amx_weight_grad(const Conv2dGeometry& g) {
 // does not depend on the threads' timing.
 inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::BFloat16* x, const Conv2dGeometry& g,
                                             bool planes) {
+  if (bf16_weight_grad_by_taps(g)) return conv_weight_grad_bf16_amx_by_taps(dy, x, g, planes);
   at::Tensor dw = at::zeros({g.f, g.taps() * g.c}, at::TensorOptions().dtype(at::kFloat));
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);

@@ -16,9 +16,9 @@
 // padding included (3% at 56 x 56), and may run past the last output: x_pad and the rows' copies have 32
 // zero pixels more; only real outputs are stored. Small images go by pixel rows, as in conv2d_bf16.h, the
 // rows then taps * pitch values apart. Here: the forward and the stride-1 d_x (its transposed
-// convolution), a strided layer's d_x by phases, and d_W. The stems' forward by windows runs its tiles in
-// conv2d_bf16.h; d_W of small images or of few channels, and d_x of few channels, keep their vdpbf16ps or
-// float32 routes.
+// convolution), a strided layer's d_x by phases, and d_W (by taps for few channels). The stems' forward
+// by windows runs its tiles in conv2d_bf16.h; d_W of small images and d_x of few channels keep their
+// vdpbf16ps or float32 routes.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -55,6 +55,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   const int64_t row_values = taps * cp;
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_values * 2), 1, (g.n + chunks - 1) / chunks) : 1;
+  const std::vector<int64_t> in_pitch = output_pixels(g, sp, 1);  // output o's pixel in the pitch Wq
   std::vector<int64_t> offsets(taps), a_tap(taps);
   for (int64_t t = 0; t < taps; ++t) {
     offsets[t] = shifted_offset(g, sp, t);          // the tap's pixel from an output's
@@ -76,10 +77,9 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
           if (!by_rows) break;  // one sample a block
           for (int64_t o = 0; o < outputs; ++o) {
-            const int64_t pixel = (o / g.ow) * sp.wq + o % g.ow;
             uint16_t* row = a_rows.data() + (s * outputs + o) * row_values;
             for (int64_t t = 0; t < taps; ++t) {
-              std::memcpy(row + t * cp, x_pad.data() + (pixel + offsets[t]) * cp, cp * sizeof(uint16_t));
+              std::memcpy(row + t * cp, x_pad.data() + (in_pitch[o] + offsets[t]) * cp, cp * sizeof(uint16_t));
             }
           }
         }

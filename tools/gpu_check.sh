@@ -28,10 +28,12 @@ OUT=${OUT:-gpu-check}
 #                                      a thread (cuda/conv2d_depthwise.cuh)
 #   TORCH_CS231N_CUDA_BN=channels      batch norm's training passes by one block per channel, one launch each
 #                                      (cuda/batch_norm.cu)
+#   TORCH_CS231N_CUDA_CONV_LOADS=async the implicit GEMM's float32 operands copied by cp.async, four stages
+#                                      deep (cuda/conv2d_implicit_gemm.cuh)
 # Their tests: their own (ids with "candidate"), and the two layers' comparisons with torch and gradchecks
 # on CUDA, which take the candidates wherever they fit (about 40 s, so that their benchmarks fit too).
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep"
+  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels TORCH_CS231N_CUDA_CONV_LOADS=async|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep conv3x3_deep"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).
@@ -80,9 +82,14 @@ step check "$PY" -m torch_cs231n check --device cuda
 tail -n 15 "$OUT/check.log" >>"$summary"
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$jobs")
+# Tests of very unequal lengths (the > 2^31-element ones take many seconds): idle workers take pending
+# tests from busy ones where pytest-xdist can (3.2 and later).
+"$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null &&
+  parallel+=(--dist worksteal)
 # The candidates' own tests (their names say "candidate") wait for the candidates' round, with its limits.
-step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}"
-tail -n 5 "$OUT/pytest-cuda.log" >>"$summary"
+step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}" \
+  --durations=15
+sed -n '/slowest/,$p' "$OUT/pytest-cuda.log" | tail -n 25 >>"$summary"
 # One short round each (--quick: 0.2 s of timing a case, ample for kernels of milliseconds), so that the
 # 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio.
 step bench-gpu "$PY" -m torch_cs231n bench --device cuda --quick --json "$OUT/bench.json"

@@ -3,8 +3,9 @@
 
 The CPU emulation (tests/cuda_emulation/) runs a block's threads in one fixed order, so it cannot show a
 shared-memory race; racecheck on a real GPU can, and tiny inputs keep its slow instrumented run short. Every
-tile shape and arithmetic of the implicit GEMM, the three depthwise tile kernels and the candidate tall
-tiles, both forms of the flat pool backward and the fused batch-norm update run here (each chosen by its
+tile shape and arithmetic of the implicit GEMM (and its candidate with cp.async copies), the three depthwise
+tile kernels and the candidate tall tiles, both forms of the flat pool backward, the fused batch-norm update
+and the candidate batch norm of one block per channel run here (each chosen by its
 variable, so that the run covers them whatever the defaults). Exit status 0 when everything ran; the
 sanitizer's own exit code reports the hazards it found. Run from anywhere:
 
@@ -34,11 +35,13 @@ def conv(shape, weight, dtype, **kwargs):
 
 def main():
     cudnn = torch.backends.cudnn
-    for tf32 in (True, False):  # MmaTf32 and SimtFma
-        cudnn.allow_tf32 = tf32
-        conv((2, 40, 9, 9), (130, 40, 3, 3), torch.float32, padding=1)  # Square forward; d_weight Square
-        conv((2, 64, 9, 9), (64, 64, 3, 3), torch.float32, padding=1, stride=2)  # Tall, d_input's division
-        conv((1, 130, 6, 6), (40, 130, 1, 1), torch.float32)  # Wide d_weight (40 filters, 130 columns)
+    for loads in ("registers", "async"):  # the proven kernel, then the candidate with cp.async copies
+        os.environ["TORCH_CS231N_CUDA_CONV_LOADS"] = loads
+        for tf32 in (True, False):  # MmaTf32 and SimtFma
+            cudnn.allow_tf32 = tf32
+            conv((2, 40, 9, 9), (130, 40, 3, 3), torch.float32, padding=1)  # Square forward; d_weight Square
+            conv((2, 64, 9, 9), (64, 64, 3, 3), torch.float32, padding=1, stride=2)  # Tall, d_input's division
+            conv((1, 130, 6, 6), (40, 130, 1, 1), torch.float32)  # Wide d_weight (40 filters, 130 columns)
     conv((2, 40, 9, 9), (64, 40, 3, 3), torch.float16, padding=1)
     for depthwise in ("tiles", "tall"):  # the default tiles, then the candidate tall tiles
         os.environ["TORCH_CS231N_CUDA_DEPTHWISE"] = depthwise
@@ -48,8 +51,11 @@ def main():
         x = torch.randn(2, 3, 9, 10, device="cuda", requires_grad=True)
         y = ours.max_pool2d(x, **kwargs)
         y.backward(torch.randn_like(y))
-    bn = torch_cs231n.BatchNorm2d(5).cuda()
-    bn(torch.randn(4, 5, 3, 3, device="cuda"))
+    for kernels in ("", "channels"):  # the default, then the candidate of one block per channel
+        os.environ["TORCH_CS231N_CUDA_BN"] = kernels
+        bn = torch_cs231n.BatchNorm2d(5).cuda()
+        x = torch.randn(4, 5, 3, 3, device="cuda", requires_grad=True)
+        bn(x).backward(torch.randn_like(x))
     torch.cuda.synchronize()
     print("sanitize_kernels: every shared-memory kernel ran")
 

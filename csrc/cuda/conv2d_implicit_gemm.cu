@@ -41,6 +41,14 @@ void with_implicit_gemm_math(const at::Tensor& x, F&& f) {
   }
 }
 
+// Whether the products copy their float32 operands with cp.async, kAsyncStages deep (the async kernel of
+// cuda/conv2d_implicit_gemm.cuh), rather than through registers one stage ahead (the default, proven on an
+// H200): TORCH_CS231N_CUDA_CONV_LOADS=async, a candidate until it passes `make gpu-check`; =registers, the
+// default. cp.async needs sm_80; float16 and bfloat16 keep the registers (cp.async moves 4 bytes or more).
+bool async_copies() {
+  return kernel_named("TORCH_CS231N_CUDA_CONV_LOADS", {"async", "registers"}) == 0 && has_tensor_cores();
+}
+
 // A tap table of `count` entries (16 bytes each), on x's device.
 at::Tensor tap_table(int64_t count, const at::Tensor& x) {
   static_assert(sizeof(implicit_gemm::Tap) == 4 * sizeof(int32_t), "a Tap is four 32-bit words");
@@ -57,7 +65,7 @@ void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optio
   at::Tensor wt = at::empty({implicit_gemm::forward_weight_size(g)}, w.options());
   const T* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
   implicit_gemm::forward<T, Math>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), g,
-                                  taps_of(taps), wt.mutable_data_ptr<T>(), stream);
+                                  taps_of(taps), wt.mutable_data_ptr<T>(), stream, async_copies());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -69,7 +77,7 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
     at::Tensor wt = at::empty({ig::grad_input_weight_size(g)}, w.options());
     ig::grad_input<T, Math>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), g, taps_of(taps),
-                            wt.mutable_data_ptr<T>(), stream);
+                            wt.mutable_data_ptr<T>(), stream, async_copies());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (need_dw) {
@@ -79,7 +87,7 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
     at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options().dtype(at::kFloat));
     ig::grad_weight<T, Math>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw.mutable_data_ptr<T>(), g, split,
-                             taps_of(taps), partials.mutable_data_ptr<float>(), stream);
+                             taps_of(taps), partials.mutable_data_ptr<float>(), stream, async_copies());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

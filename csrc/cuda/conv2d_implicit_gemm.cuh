@@ -108,10 +108,13 @@ constexpr int64_t kIndexLimit = int64_t(1) << 30;     // 32-bit positions m, k a
 
 // ---------------------------------------------------------------------------------- operand loaders
 // A loader holds the call's arguments; start() adds what one thread needs for its tile (decoded once per
-// block), and load() gathers the thread's values of the stage that begins at k0: 0 outside the matrix
-// (k >= k_end, a tap in the padding). Rows and columns past the matrix's end are read clamped to its last
-// one: they only feed the tile's rows and columns past the end of D, which the epilogue never writes.
-// Positions are 32-bit (fits()); a thread's base pointer holds the 64-bit offset of its sample.
+// block), and gather() finds the thread's values of the stage that begins at k0: it calls
+// put(i, address, inside) for the thread's i-th value, which is *address when inside, else 0 (outside the
+// matrix: k >= k_end, a tap in the padding; the address is then not to be read). put() either reads the
+// value into a register (load(): the kernel stores it into shared memory a stage later) or copies it
+// straight into shared memory (the async kernel's cp.async). Rows and columns past the matrix's end are read
+// clamped to its last one: they only feed the tile's rows and columns past the end of D, which the epilogue
+// never writes. Positions are 32-bit (fits()); a thread's base pointer holds the 64-bit offset of its sample.
 
 // A gathered image (x, or dY for d_input): its plane, and its elements per sample and per group of channels.
 struct Planes {
@@ -160,6 +163,13 @@ __device__ __forceinline__ float read_only(const T* p) {
 #endif
 }
 
+// A loader's load(): its values of the stage at k0 into registers, as floats, 0 outside.
+template <typename Loader, int kCount>
+__device__ __forceinline__ void load_stage(const Loader& loader, int32_t k0, int32_t k_end, int t, float (&v)[kCount]) {
+  loader.gather(k0, k_end, t,
+                [&](int i, const typename Loader::Element* p, bool inside) { v[i] = inside ? read_only(p) : 0.f; });
+}
+
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
 // t_h, t_w). The value is src[n, ch, h, w] with h = steps.h(r_h) + tap.dh (and w alike), then,
 // for d_input with a stride, divided by it when it divides (kDivide): the inverse map of conv_out_index.
@@ -169,6 +179,7 @@ struct PatchAlongM {
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<false, kExtent>;
+  using Element = T;
   const T* src;
   const Tap* taps;
   int32_t rows;                     // M
@@ -193,7 +204,8 @@ struct PatchAlongM {
   }
 
   // (no test against k_end: past it, the padded tap table's taps fall outside the image)
-  __device__ void load(int32_t k0, int32_t, int t, float (&v)[kPerThread<kExtent>]) const {
+  template <typename Put>
+  __device__ __forceinline__ void gather(int32_t k0, int32_t, int t, Put&& put) const {
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
       const Tap tap = taps[k0 + Map::k(t, i)];
@@ -209,7 +221,7 @@ struct PatchAlongM {
         inside = hu < static_cast<uint32_t>(image.h) && wu < static_cast<uint32_t>(image.w);
         at = pixel + tap.offset;
       }
-      v[i] = inside ? read_only(base + at) : 0.f;
+      put(i, base + at, inside);
     }
   }
 };
@@ -223,6 +235,7 @@ struct MatrixAlongN {
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = true;  // transpose_weight_kernel wrote it ready for the arithmetic
   using Map = TileMap<false, kExtent>;
+  using Element = T;
   const T* src;
   int32_t cols;
   uint32_t ld, group_stride;
@@ -231,9 +244,10 @@ struct MatrixAlongN {
   __device__ void start(int32_t n0, int32_t group, int t) {
     base = opaque(src + group * group_stride + clamped(n0 + Map::mn(t, 0), cols));
   }
-  __device__ void load(int32_t k0, int32_t, int t, float (&v)[kPerThread<kExtent>]) const {
+  template <typename Put>
+  __device__ __forceinline__ void gather(int32_t k0, int32_t, int t, Put&& put) const {
 #pragma unroll
-    for (int i = 0; i < kPerThread<kExtent>; ++i) v[i] = read_only(base + (k0 + Map::k(t, i)) * ld);
+    for (int i = 0; i < kPerThread<kExtent>; ++i) put(i, base + (k0 + Map::k(t, i)) * ld, true);
   }
 };
 
@@ -245,6 +259,7 @@ struct PlanesAlongK {
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
+  using Element = T;
   const T* src;
   int32_t rows;
   IntDivider plane;  // oH*oW
@@ -256,14 +271,15 @@ struct PlanesAlongK {
     m0 = m0_;
     base = src + group * group_stride;
   }
-  __device__ void load(int32_t k0, int32_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+  template <typename Put>
+  __device__ __forceinline__ void gather(int32_t k0, int32_t k_end, int t, Put&& put) const {
     const int32_t k = k0 + Map::k(t, 0);
     const uint32_t position = clamped(k, k_end), n = plane.quotient(position);
     const T* at = opaque(base + n * image_stride + (position - n * plane.divisor));
 #pragma unroll
     for (int i = 0; i < kPerThread<kExtent>; ++i) {
       const uint32_t f = clamped(m0 + Map::mn(t, i), rows);
-      v[i] = k < k_end ? read_only(at + f * plane.divisor) : 0.f;
+      put(i, at + f * plane.divisor, k < k_end);
     }
   }
 };
@@ -276,6 +292,7 @@ struct PatchAlongK {
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
+  using Element = T;
   const T* src;
   const Tap* taps;
   IntDivider out_plane, out_width;  // oH*oW and oW: k = (sample, o_h, o_w)
@@ -288,7 +305,8 @@ struct PatchAlongK {
     n0 = n0_;
     base = src + group * image.group_stride;
   }
-  __device__ void load(int32_t k0, int32_t k_end, int t, float (&v)[kPerThread<kExtent>]) const {
+  template <typename Put>
+  __device__ __forceinline__ void gather(int32_t k0, int32_t k_end, int t, Put&& put) const {
     const int32_t k = k0 + Map::k(t, 0);
     const uint32_t position = clamped(k, k_end), n = out_plane.quotient(position);
     const uint32_t in_plane = position - n * out_plane.divisor, o_h = out_width.quotient(in_plane);
@@ -300,7 +318,7 @@ struct PatchAlongK {
       const Tap tap = taps[n0 + Map::mn(t, i)];
       const uint32_t h = static_cast<uint32_t>(h0 + tap.dh), w = static_cast<uint32_t>(w0 + tap.dw);
       const bool inside = k < k_end && h < static_cast<uint32_t>(image.h) && w < static_cast<uint32_t>(image.w);
-      v[i] = inside ? read_only(sample + (pixel + tap.offset)) : 0.f;
+      put(i, sample + (pixel + tap.offset), inside);
     }
   }
 };
@@ -406,7 +424,14 @@ struct MmaTf32 {
   static __device__ int row(int lane, int r) { return 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
   static __device__ int col(int lane, int c) { return 8 * (c / 2) + 2 * (lane % 4) + c % 2; }
 
-  template <typename TileA, typename TileB>
+  // An operand's fragment value: its bits, rounded to TF32 here when the tile holds it unrounded (kRound:
+  // the async kernel's float32 tiles, copied as they are in memory).
+  template <bool kRound>
+  static __device__ __forceinline__ uint32_t fragment(float x) {
+    return float_bits(kRound ? round_to_tf32(x) : x);
+  }
+
+  template <bool kRoundA = false, bool kRoundB = false, typename TileA, typename TileB>
   static __device__ void multiply(const TileA& a_tile, const TileB& b_tile, int wm, int wn, int lane,
                                   Accumulators& acc) {
     const int g = lane / 4, t = lane % 4;
@@ -419,16 +444,16 @@ struct MmaTf32 {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = wm + 16 * i;
-        a[i][0] = float_bits(a_tile[k + t][m + g0]);
-        a[i][1] = float_bits(a_tile[k + t][m + 8 + g0]);
-        a[i][2] = float_bits(a_tile[k + t + 4][m + g4]);
-        a[i][3] = float_bits(a_tile[k + t + 4][m + 8 + g4]);
+        a[i][0] = fragment<kRoundA>(a_tile[k + t][m + g0]);
+        a[i][1] = fragment<kRoundA>(a_tile[k + t][m + 8 + g0]);
+        a[i][2] = fragment<kRoundA>(a_tile[k + t + 4][m + g4]);
+        a[i][3] = fragment<kRoundA>(a_tile[k + t + 4][m + 8 + g4]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int n = wn + 8 * j;
-        b[j][0] = float_bits(b_tile[k + t][n + g0]);
-        b[j][1] = float_bits(b_tile[k + t + 4][n + g4]);
+        b[j][0] = fragment<kRoundB>(b_tile[k + t][n + g0]);
+        b[j][1] = fragment<kRoundB>(b_tile[k + t + 4][n + g4]);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -460,7 +485,7 @@ struct SimtFma {
   static __device__ int row(int lane, int r) { return 8 * (lane / 4) + r; }
   static __device__ int col(int lane, int c) { return 8 * (lane % 4) + c; }
 
-  template <typename TileA, typename TileB>
+  template <bool = false, bool = false, typename TileA, typename TileB>  // (no rounding: float32 as it is)
   static __device__ void multiply(const TileA& a_tile, const TileB& b_tile, int wm, int wn, int lane,
                                   Accumulators& acc) {
     const int m = wm + row(lane, 0), n = wn + col(lane, 0);
@@ -503,6 +528,23 @@ struct Extent {
   int32_t splits;
 };
 
+// A warp's piece of D, whose corner is (m0, n0), through the epilogue: the entries inside D only.
+template <typename Math, typename Epilogue>
+__device__ __forceinline__ void write_tile(const Epilogue& epilogue, typename Math::Accumulators& acc, const Extent& e,
+                                           int32_t m0, int32_t n0, int32_t z, int32_t group, int lane) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int32_t m = m0 + Math::row(lane, r);
+    if (m >= e.m) continue;
+    auto* row = epilogue.row(m, z);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int32_t n = n0 + Math::col(lane, c);
+      if (n < e.n) epilogue.put(row, group, n, Math::at(acc, r, c));
+    }
+  }
+}
+
 // Its main loop issues about 270-580 instructions a warp per stage with MmaTf32 (32 of them MMAs), 1230-1480
 // with SimtFma (1024 FMAs), in 128 registers a thread where two blocks share a multiprocessor
 // (Math::blocks_per_multiprocessor), else 162-174 (sm_90): tools/sass_loop_report.py counts them.
@@ -530,8 +572,8 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
   float va[kPerThread<Shape::kBM>], vb[kPerThread<Shape::kBN>];
   const int32_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
   if (stages > 0) {
-    a.load(k_begin, k_end, t, va);
-    b.load(k_begin, k_end, t, vb);
+    load_stage(a, k_begin, k_end, t, va);
+    load_stage(b, k_begin, k_end, t, vb);
     store_stage<Math, LoaderA>(a_tiles[0], va, t);
     store_stage<Math, LoaderB>(b_tiles[0], vb, t);
     __syncthreads();
@@ -540,8 +582,8 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
     const int current = s % 2;
     const bool more = s + 1 < stages;
     if (more) {  // the next stage's loads are in flight while this one is multiplied
-      a.load(k_begin + (s + 1) * kBK, k_end, t, va);
-      b.load(k_begin + (s + 1) * kBK, k_end, t, vb);
+      load_stage(a, k_begin + (s + 1) * kBK, k_end, t, va);
+      load_stage(b, k_begin + (s + 1) * kBK, k_end, t, vb);
     }
     Math::multiply(a_tiles[current], b_tiles[current], wm, wn, lane, acc);
     if (more) {  // the other buffer was last read before the previous barrier
@@ -551,17 +593,116 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
     __syncthreads();
   }
 
+  write_tile<Math>(epilogue, acc, e, m0 + wm, n0 + wn, z, group, lane);
+}
+
+// ------------------------------------------------------------------------------- the async kernel (a candidate)
+// The same product with the operands copied global -> shared by cp.async (sm_80+), kAsyncStages stages deep:
+// while the warps multiply stage s, the copies of stages s+1 .. s+3 are in flight, and no register holds
+// them. The kernel above has one stage in flight, in registers, so a gather's latency must hide behind one
+// stage's 32 MMAs a warp; at the H200's 69 TFLOP/s of TF32 (conv3x3_deep, 2026-11-30) a block spent about
+// 2900 cycles a stage where its instructions need about 1200. float32 only (cp.async moves 4, 8 or 16
+// bytes): the tiles hold the values as they are, so the TF32 rounding moves to the fragment reads
+// (MmaTf32::fragment) for the operands that are not ready, which gives the same bits as the rounding at the
+// stores. TORCH_CS231N_CUDA_CONV_LOADS=async chooses it (cuda/conv2d_implicit_gemm.cu), until it passes
+// `make gpu-check`.
+constexpr int kAsyncStages = 4;
+
+template <typename Shape>
+constexpr int async_shared_bytes() {
+  return kAsyncStages * static_cast<int>(sizeof(Tile<Shape::kBM>) + sizeof(Tile<Shape::kBN>));
+}
+
+// *src into *dst (shared memory) without passing through a register, or 0 when !inside (zero-filled: nothing
+// is read, and src is then any address the loader holds, so `fallback`, a valid one, is given instead).
+__device__ __forceinline__ void copy_async(float* dst, const float* src, const float* fallback, bool inside) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(inside ? src : fallback),
+               "r"(inside ? 4 : 0));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // cp.async needs sm_80; cuda/conv2d_implicit_gemm.cu never chooses this kernel below it
+#else
+  (void)fallback;
+  *dst = inside ? *src : 0.f;  // the emulation: at once
+#endif
+}
+// Closes the group of copies issued since the last commit; waits until at most kPending groups are in flight.
+__device__ __forceinline__ void commit_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// A loader's values of the stage at k0, copied into a shared tile where store_stage would put them.
+template <typename Math, typename Loader, typename TileT>
+__device__ __forceinline__ void copy_stage(const Loader& loader, int32_t k0, int32_t k_end, int t, TileT& tile) {
+  using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
+  loader.gather(k0, k_end, t, [&](int i, const float* p, bool inside) {
+    const int k = Map::k(t, i);
+    copy_async(&tile[k][Math::column(Loader::kAlongK ? k : Map::k_for_column(t, i), Map::mn(t, i))], p, loader.src,
+               inside);
+  });
+}
+
+template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
+__global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiprocessor<Shape>())
+    implicit_gemm_async_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
+  static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
+  static_assert(
+      std::is_same<typename LoaderA::Element, float>::value && std::is_same<typename LoaderB::Element, float>::value,
+      "cp.async copies float32 operands");
+  // operands the arithmetic takes rounded (TF32) that the loader does not give ready
+  constexpr bool kRoundA = Math::kTf32 && !LoaderA::kReady, kRoundB = Math::kTf32 && !LoaderB::kReady;
+  auto* a_tiles = dynamic_shared<Tile<Shape::kBM>>();  // [kAsyncStages], then b's
+  auto* b_tiles = reinterpret_cast<Tile<Shape::kBN>*>(a_tiles + kAsyncStages);
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const int wm = (warp % Shape::kWarpsM) * kWarpM, wn = (warp / Shape::kWarpsM) * kWarpN;
+  const int32_t m0 = static_cast<int32_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int32_t>(blockIdx.y) * Shape::kBN;
+  const int32_t z = blockIdx.z, group = z / e.splits, chunk = z - group * e.splits;
+  const int32_t k_begin = chunk * e.k_chunk;
+  const int32_t k_end = e.k - k_begin < e.k_chunk ? e.k : k_begin + e.k_chunk;
+  a.start(m0, group, t);
+  b.start(n0, group, t);
+
+  typename Math::Accumulators acc;
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
-    const int32_t m = m0 + wm + Math::row(lane, r);
-    if (m >= e.m) continue;
-    auto* row = epilogue.row(m, z);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const int32_t n = n0 + wn + Math::col(lane, c);
-      if (n < e.n) epilogue.put(row, group, n, Math::at(acc, r, c));
-    }
+    for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
   }
+  const int32_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+  // the first kAsyncStages - 1 stages in flight; one group per stage, empty past the last, so that the
+  // count of groups in flight says which stage has landed
+#pragma unroll
+  for (int s = 0; s < kAsyncStages - 1; ++s) {
+    if (s < stages) {
+      copy_stage<Math>(a, k_begin + s * kBK, k_end, t, a_tiles[s]);
+      copy_stage<Math>(b, k_begin + s * kBK, k_end, t, b_tiles[s]);
+    }
+    commit_copies();
+  }
+  int current = 0, refill = kAsyncStages - 1;  // the buffers of stage s and of stage s + kAsyncStages - 1
+  for (int32_t s = 0; s < stages; ++s) {
+    wait_copies<kAsyncStages - 2>();  // this thread's copies of stage s have landed
+    __syncthreads();                  // and everyone's; everyone is done with stage s - 1, in buffer `refill`
+    if (s + kAsyncStages - 1 < stages) {
+      const int32_t k0 = k_begin + (s + kAsyncStages - 1) * kBK;
+      copy_stage<Math>(a, k0, k_end, t, a_tiles[refill]);
+      copy_stage<Math>(b, k0, k_end, t, b_tiles[refill]);
+    }
+    commit_copies();
+    Math::template multiply<kRoundA, kRoundB>(a_tiles[current], b_tiles[current], wm, wn, lane, acc);
+    current = current + 1 == kAsyncStages ? 0 : current + 1;
+    refill = refill + 1 == kAsyncStages ? 0 : refill + 1;
+  }
+  write_tile<Math>(epilogue, acc, e, m0 + wm, n0 + wn, z, group, lane);
 }
 
 // ---------------------------------------------------------------------------------------- helper kernels
@@ -690,12 +831,24 @@ inline bool fits(const Conv2dGeometry& g) {
 }
 
 // One product on one tile shape: the grid covers D, blockIdx.z the groups (times the chunks of d_weight).
+// async: the async kernel, for float32 operands (others take the kernel with registers).
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
-void launch_gemm(const LoaderA& a, const LoaderB& b, const Epilogue& out, const Extent& e, int64_t z,
+void launch_gemm(const LoaderA& a, const LoaderB& b, const Epilogue& out, const Extent& e, int64_t z, bool async,
                  cudaStream_t stream) {
   if (e.m == 0 || e.n == 0) return;  // an empty product (an input plane of 0 rows, say): nothing to write
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, Shape::kBM)),
                   static_cast<unsigned int>(ceil_div(e.n, Shape::kBN)), static_cast<unsigned int>(z));
+  if constexpr (std::is_same<typename LoaderA::Element, float>::value) {
+    if (async) {
+      auto* kernel = &implicit_gemm_async_kernel<Shape, Math, LoaderA, LoaderB, Epilogue>;
+      constexpr int bytes = async_shared_bytes<Shape>();  // above the 48 KB a kernel gets unasked
+#if !defined(TORCH_CS231N_CUDA_EMULATION)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);  // per device: every call
+#endif
+      TORCH_CS231N_LAUNCH_SHARED(kernel, grid, kThreads, bytes, stream, a, b, out, e);
+      return;
+    }
+  }
   auto* kernel = &implicit_gemm_kernel<Shape, Math, LoaderA, LoaderB, Epilogue>;
   TORCH_CS231N_LAUNCH(kernel, grid, kThreads, stream, a, b, out, e);
 }
@@ -736,7 +889,7 @@ inline void fill_taps(Tap* taps, int64_t count, int64_t padded, const Conv2dGeom
 // elements.
 template <typename T, typename Math>
 void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& g, Tap* taps, T* wt,
-             cudaStream_t stream) {
+             cudaStream_t stream, bool async = false) {
   const int64_t kg = g.c_per_group() * g.taps(), fg = g.f_per_group(), out_plane = g.oh * g.ow;
   // tap (t_h, t_w) shifts by (t_h·d_h, t_w·d_w), folded into the offset
   fill_taps(taps, kg, forward_taps(g), g, g.h * g.w, 0, g.dh, 0, g.dw, g.w, 1, stream);
@@ -753,7 +906,7 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
         x, taps, e.m, divider(out_plane), divider(g.ow), input_planes(g), window_steps(g)};
     const MatrixAlongN<T, Shape::kBN> b{wt, e.n, static_cast<uint32_t>(fg),
                                         static_cast<uint32_t>(round_up(kg, kBK) * fg)};
-    launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups, async, stream);
   };
   if (fg <= 64) {
     run(Tall{});
@@ -764,7 +917,8 @@ void forward(const T* x, const T* w, const T* bias, T* y, const Conv2dGeometry& 
 
 // d_input = dY ⋆ᵀ W. taps: grad_input_taps(g) entries; wt: grad_input_weight_size(g) elements.
 template <typename T, typename Math>
-void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* taps, T* wt, cudaStream_t stream) {
+void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* taps, T* wt, cudaStream_t stream,
+                bool async = false) {
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = fg * g.taps(), out_plane = g.oh * g.ow;
   const int64_t depth = round_up(kg, kBK);
   const bool unit_stride = g.sh == 1 && g.sw == 1;
@@ -791,7 +945,7 @@ void grad_input(const T* dy, const T* w, T* dx, const Conv2dGeometry& g, Tap* ta
                                                 static_cast<uint32_t>(g.sh * g.oh),
                                                 static_cast<uint32_t>(g.sw * g.ow)};
     const MatrixAlongN<T, Shape::kBN> b{wt, e.n, static_cast<uint32_t>(cg), static_cast<uint32_t>(depth * cg)};
-    launch_gemm<Shape, Math>(a, b, out, e, g.groups, stream);
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups, async, stream);
   };
   // rows are input pixels, never few: Tall or Square; the division by the stride only where there is one
   if (cg <= 64) {
@@ -827,7 +981,7 @@ inline int64_t grad_weight_partials(const Conv2dGeometry& g, const WeightSplit& 
 // taps: grad_weight_taps(g) entries; partials: grad_weight_partials(g, split) floats.
 template <typename T, typename Math>
 void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const WeightSplit& split, Tap* taps,
-                 float* partials, cudaStream_t stream) {
+                 float* partials, cudaStream_t stream, bool async = false) {
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), out_plane = g.oh * g.ow;
   fill_taps(taps, kg, grad_weight_taps(g), g, g.h * g.w, 0, g.dh, 0, g.dw, g.w, 1, stream);  // as the forward's
   const ToPartials out{partials, fg, kg};
@@ -838,7 +992,7 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
     const PlanesAlongK<T, Shape::kBM> a{dy, e.m, divider(out_plane), g.f * out_plane, fg * out_plane};
     // columns (c, t_h, t_w), the sum over output pixels k, gathered from x as in the forward
     const PatchAlongK<T, Shape::kBN> b{x, taps, divider(out_plane), divider(g.ow), input_planes(g), window_steps(g)};
-    launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, stream);
+    launch_gemm<Shape, Math>(a, b, out, e, g.groups * split.splits, async, stream);
   });
   auto* sum = &sum_partials_kernel<T>;
   TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), kThreads, stream, partials, dw, g.groups, split.splits,

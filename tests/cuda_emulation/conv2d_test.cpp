@@ -150,8 +150,9 @@ void poison(const Conv2dGeometry& g, std::vector<T>& x, std::vector<T>& dy) {
 
 // T: the tensors' dtype (float, or c10::Half and c10::BFloat16, whose values TF32 holds exactly).
 // poisoned: with the infinities of poison(), which the results must propagate as the reference does.
+// async: the async kernel (float32 only), whose copies run at once here: its stages' buffers and waits.
 template <typename Math, typename T = float>
-bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisoned = false) {
+bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisoned = false, bool async = false) {
   const Conv2dGeometry g = geometry(k);
   std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
   const std::vector<T> w = random_values<T>(g.f * g.c_per_group() * g.kh * g.kw, rng);
@@ -168,14 +169,14 @@ bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisone
   std::vector<T> y(r.y.size(), T(NAN)), dx(x.size(), T(NAN)), dw(w.size(), T(NAN));
   std::vector<T> wt(std::max(ig::forward_weight_size(g), ig::grad_input_weight_size(g)), T(NAN));
   std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
-  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr);
-  ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
+  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr, async);
+  ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr, async);
   const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
   std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
-  ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr);
+  ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr, async);
 
   char what[64], chunks[64];
-  std::snprintf(what, sizeof what, "implicit GEMM, %s%s%s",
+  std::snprintf(what, sizeof what, "implicit GEMM%s, %s%s%s", async ? " (async)" : "",
                 std::is_same_v<T, float> ? "fp32" : (std::is_same_v<T, c10::Half> ? "fp16" : "bf16"),
                 tf32 ? ", tf32" : "", poisoned ? ", with infinities" : "");
   std::snprintf(chunks, sizeof chunks, " (d_weight in %ld chunks)", long(split.splits));
@@ -267,6 +268,8 @@ int main() {
   for (const Case& k : dense) {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/false, /*async=*/true) && ok;
+    ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/false, /*async=*/true) && ok;
   }
   // float16 and bfloat16, always on the tensor cores (exact in TF32)
   for (const Case& k : {dense[0], dense[3], dense[6], dense[9]}) {
@@ -308,6 +311,7 @@ int main() {
   for (const Case& k : dense) {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/true) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/true) && ok;
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/true, /*async=*/true) && ok;
   }
   ok = run_implicit_gemm<ig::MmaTf32, c10::Half>(dense[1], /*tf32=*/true, rng, /*poisoned=*/true) && ok;
   for (int i = 0; i < 12; ++i) {

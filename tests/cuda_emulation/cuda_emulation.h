@@ -7,7 +7,9 @@
 //   the warp's MMA      each lane posts its fragments and waits; when all 32 lanes of the warp have posted,
 //                       the scheduler computes the product for them all, from the PTX ISA's fragment
 //                       layout (the layout the kernel assumes is then checked against the one written here);
-//   __shared__          a static local, shared by the block's fibers (blocks never overlap).
+//   __shared__          a static local, shared by the block's fibers (blocks never overlap); the dynamic
+//                       shared memory, a buffer of the launch's size;
+//   cp.async            a copy at once (cuda/conv2d_implicit_gemm.cuh), so its waits have nothing to wait for.
 // A barrier that some threads of a block never reach is a deadlock on a GPU; here it aborts with a message.
 // Blocks run in order and threads of a block in a fixed order, so a run is reproducible; races that need
 // two threads to interleave differently are not found, only wrong indices, wrong fragment layouts, and
@@ -61,6 +63,7 @@ struct Scheduler {
   size_t current = 0;
   dim3 block_index, block_dim, grid_dim;
   std::function<void()> body;
+  std::vector<float> dynamic_shared;  // the launch's dynamic shared memory (its heap block: 16-byte aligned)
 };
 
 inline Scheduler& scheduler() {
@@ -189,11 +192,13 @@ inline void run_block() {
   } while (release());
 }
 
-// kernel<<<grid, block>>>(args...): each thread gets its own copy of the parameters, as on a GPU.
+// kernel<<<grid, block, shared_bytes>>>(args...): each thread gets its own copy of the parameters, as on a
+// GPU; the dynamic shared memory starts as NaNs, so that a value read before it was written shows.
 template <typename... Params, typename... Args>
-void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params...), Args... args) {
   const std::tuple<Params...> params(args...);
   Scheduler& s = scheduler();
+  s.dynamic_shared.assign((shared_bytes + sizeof(float) - 1) / sizeof(float), NAN);
   s.body = [&] { std::apply(kernel, params); };
   s.grid_dim = grid;
   s.block_dim = block;

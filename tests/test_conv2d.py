@@ -343,10 +343,12 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
 @pytest.mark.parametrize("route,dtype,tf32", [("implicit", torch.float32, False), ("implicit", torch.float32, True),
                                               ("implicit", torch.float16, False), ("implicit", torch.bfloat16, False),
-                                              ("cublas", torch.float32, False), ("cublas", torch.float32, True)])
+                                              ("cublas", torch.float32, False), ("cublas", torch.float32, True),
+                                              pytest.param("winograd", torch.float32, False, id="winograd_candidate")])
 def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
     """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels on every layer they can do (by default
-    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before.
+    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd (a candidate):
+    the default, but Winograd's forward and d_input on the first layer here (3x3, stride 1, TF32 off).
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
     d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;
@@ -385,7 +387,8 @@ def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
         elif tf32:  # cuBLAS is allowed TF32, not made to use it: on the H200 one case's d_x came back float32-exact
             assert max(errors.values()) > 1e-5, f"TF32 was asked for, yet no product shows it: {errors}"
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "fastest")
-    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV: expected 'implicit' or 'cublas' .*, but got 'fastest'"):
+    with pytest.raises(RuntimeError,
+                       match="TORCH_CS231N_CUDA_CONV: expected 'implicit', 'cublas' or 'winograd' .*, but got 'fastest'"):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
 
 
@@ -421,6 +424,29 @@ def test_cuda_conv_async_loads_candidate_gives_the_registers_bits(monkeypatch, t
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_LOADS", "cp.async")
     with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_LOADS: expected 'async' or 'registers' .*, but got"):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Winograd kernels are CUDA kernels")
+def test_cuda_conv_winograd_candidate_matches_float64(monkeypatch):
+    """TORCH_CS231N_CUDA_CONV=winograd, a candidate: F(2x2, 3x3) does the forward and d_input of float32 3x3
+    layers of stride 1 (TF32 off), with paddings 0, 1 and 2 (d_input's 2, 1, 0) and odd sizes (blocks past
+    the image's edge), as close to float64 as the implicit GEMM is (the transforms add and halve, which
+    adds a few roundings to each product's sum); d_W and d_b take the default route."""
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "winograd")
+    gen = torch.Generator().manual_seed(3)
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    for xs, ws, padding in [((3, 32, 13, 11), (40, 32, 3, 3), 1), ((2, 48, 6, 5), (32, 48, 3, 3), 0),
+                            ((2, 32, 5, 8), (64, 32, 3, 3), 2), ((4, 64, 9, 9), (64, 64, 3, 3), (0, 2))]:
+        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
+        with torch.no_grad():
+            g = torch.randn(F.conv2d(x, w, padding=padding).shape, generator=gen, dtype=torch.float64)
+        exact = run_both(x, w, b, g, padding=padding)[1]
+        with cudnn.flags(**flags, allow_tf32=False):
+            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), padding=padding)[0]
+        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < 1e-5, (name, xs, ws, padding, error)
 
 
 def check_past_int32(monkeypatch, route):

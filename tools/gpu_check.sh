@@ -30,10 +30,12 @@ OUT=${OUT:-gpu-check}
 #                                      (cuda/batch_norm.cu)
 #   TORCH_CS231N_CUDA_CONV_LOADS=async the implicit GEMM's float32 operands copied by cp.async, four stages
 #                                      deep (cuda/conv2d_implicit_gemm.cuh)
+#   TORCH_CS231N_CUDA_CONV=winograd    the forward and d_input of float32 3x3 stride-1 layers with TF32 off by
+#                                      Winograd's F(2x2, 3x3) (cuda/conv2d_winograd.cuh)
 # Their tests: their own (ids with "candidate"), and the two layers' comparisons with torch and gradchecks
 # on CUDA, which take the candidates wherever they fit (about 40 s, so that their benchmarks fit too).
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels TORCH_CS231N_CUDA_CONV_LOADS=async|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep conv3x3_deep"
+  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep conv3x3 conv3x3_deep"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

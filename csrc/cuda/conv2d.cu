@@ -46,6 +46,7 @@
 #include "cuda/blas.cuh"
 #include "cuda/conv2d_depthwise.cuh"
 #include "cuda/conv2d_implicit_gemm.h"
+#include "cuda/conv2d_winograd.h"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -435,6 +436,10 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (cuda::winograd_chosen(g, x)) {
+    cuda::winograd_forward(x, w, b, y, g, stream);
+    return y.contiguous(format);
+  }
   if (cuda::implicit_gemm_chosen(g, x) && g.f_per_group() >= cuda::kImplicitMinColumns) {
     cuda::implicit_gemm_forward(x, w, b, y, g, stream);
     return y.contiguous(format);
@@ -456,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const Conv2dGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
+  bool need_dx = output_mask[0];
+  const bool need_dw = output_mask[1], need_db = output_mask[2];
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask);
   // in NCHW here; handed back in torch's format
@@ -475,6 +481,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (need_dx && cuda::winograd_chosen(g, x)) {  // then d_W as below, by the route that would have done both
+    cuda::winograd_grad_input(dy, w, dx, g, stream);
+    need_dx = false;
+    if (!need_dw) return {in_format(dx), in_format(dw), db};
+  }
   if (cuda::implicit_gemm_chosen(g, x)) {
     const bool implicit_dx = need_dx && g.c_per_group() >= cuda::kImplicitMinColumns;
     cuda::implicit_gemm_backward(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);

@@ -94,11 +94,24 @@ void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 
 }  // namespace
 
+ConvRoute conv_route_named() {
+  switch (kernel_named("TORCH_CS231N_CUDA_CONV", {"implicit", "cublas", "winograd"})) {
+    case 0:
+      return ConvRoute::kImplicit;
+    case 1:
+      return ConvRoute::kCublas;
+    case 2:
+      return ConvRoute::kWinograd;
+    default:
+      return ConvRoute::kDefault;
+  }
+}
+
 bool implicit_gemm_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  const int named = kernel_named("TORCH_CS231N_CUDA_CONV", {"implicit", "cublas"});
-  if (named == 1 || conv2d_is_depthwise(g) || !implicit_gemm::fits(g)) return false;
+  const ConvRoute named = conv_route_named();
+  if (named == ConvRoute::kCublas || conv2d_is_depthwise(g) || !implicit_gemm::fits(g)) return false;
   const auto dtype = x.scalar_type();
-  if (named == 0) {  // every layer it can do
+  if (named == ConvRoute::kImplicit) {  // every layer it can do
     return dtype == at::kFloat || ((dtype == at::kHalf || dtype == at::kBFloat16) && has_tensor_cores());
   }
   // The default, as measured on the H200: float32 layers, but not 1x1 ones, where there is no column buffer

@@ -15,6 +15,12 @@
 namespace torch_cs231n {
 namespace cuda {
 
+// The route TORCH_CS231N_CUDA_CONV names: unset, the default; `implicit`, the implicit GEMM wherever it can;
+// `cublas`, im2col and cuBLAS; `winograd`, the default but Winograd's forward and d_input where they fit
+// (a candidate: cuda/conv2d_winograd.h). Any other value is an error that names these.
+enum class ConvRoute { kDefault, kImplicit, kCublas, kWinograd };
+ConvRoute conv_route_named();
+
 // Whether the implicit GEMM does this convolution (not depthwise; within the grid's limits). By default,
 // float32 layers other than 1x1 ones; TORCH_CS231N_CUDA_CONV=implicit: every layer it can do, float16 and
 // bfloat16 too on a GPU with TF32 tensor cores (sm_80+); TORCH_CS231N_CUDA_CONV=cublas: none.

@@ -13,6 +13,7 @@
 // clang-format off: the emulation header must come first
 #include "cuda/conv2d_depthwise.cuh"
 #include "cuda/conv2d_implicit_gemm.cuh"
+#include "cuda/conv2d_winograd.cuh"
 // clang-format on
 
 #include <c10/util/BFloat16.h>
@@ -27,6 +28,7 @@
 
 namespace ig = torch_cs231n::cuda::implicit_gemm;
 namespace dwc = torch_cs231n::cuda::depthwise;
+namespace wc = torch_cs231n::cuda::winograd_conv;
 using torch_cs231n::Conv2dGeometry;
 
 namespace {
@@ -190,6 +192,36 @@ bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisone
   return ok;
 }
 
+// ------------------------------------------------------------------------------------------ Winograd
+// The forward and d_input by F(2x2, 3x3), its 16 GEMMs done here by a loop (cuBLAS on a GPU).
+bool run_winograd(const Case& k, std::mt19937& rng) {
+  const Conv2dGeometry g = geometry(k);
+  const std::vector<float> x = random_values(g.n * g.c * g.h * g.w, rng);
+  const std::vector<float> w = random_values(g.f * g.c * 9, rng);
+  const std::vector<float> b = random_values(g.f, rng);
+  const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
+  const Reference r = reference(g, x, w, b, dy);
+  auto gemm = [](int64_t m, int64_t n, int64_t depth, const float* a, const float* bm, float* c) {
+    for (int xi = 0; xi < wc::kPositions; ++xi) {
+      const float *ax = a + xi * m * depth, *bx = bm + xi * depth * n;
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          float sum = 0.f;
+          for (int64_t l = 0; l < depth; ++l) sum += ax[i * depth + l] * bx[l * n + j];
+          c[(xi * m + i) * n + j] = sum;
+        }
+      }
+    }
+  };
+  std::vector<float> u(wc::filter_size(g), NAN), v(wc::input_size(g), NAN), m(wc::output_size(g), NAN);
+  std::vector<float> y(r.y.size(), NAN), dx(x.size(), NAN);
+  wc::forward(x.data(), w.data(), b.data(), y.data(), g, u.data(), v.data(), m.data(), gemm, nullptr);
+  wc::grad_input(dy.data(), w.data(), dx.data(), g, u.data(), v.data(), m.data(), gemm, nullptr);
+  describe("winograd F(2x2, 3x3), fp32", k, "");
+  bool ok = compare("forward", y, r.y, r.y_abs, 1e-5);
+  return compare("d_input", dx, r.dx, r.dx_abs, 1e-5) && ok;
+}
+
 // ------------------------------------------------------------------------------------ depthwise tiles
 template <typename T, int KH, int KW>
 bool run_depthwise(const Case& k, std::mt19937& rng) {
@@ -275,6 +307,22 @@ int main() {
   for (const Case& k : {dense[0], dense[3], dense[6], dense[9]}) {
     ok = run_implicit_gemm<ig::MmaTf32, c10::Half>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::MmaTf32, c10::BFloat16>(k, /*tf32=*/true, rng) && ok;
+  }
+  // Winograd: 3x3, stride 1, one group; paddings 0, 1, 2 (d_input's 2, 1, 0), odd and even sizes (ragged blocks)
+  const Case winograd[] = {
+      {2, 5, 7, 9, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1},    // padding 1, odd sizes
+      {1, 4, 6, 8, 3, 3, 3, 1, 1, 0, 0, 1, 1, 1},    // no padding (d_input's is 2)
+      {3, 3, 5, 4, 7, 3, 3, 1, 1, 2, 2, 1, 1, 1},    // padding 2 (d_input's is 0)
+      {1, 6, 3, 10, 2, 3, 3, 1, 1, 0, 2, 1, 1, 1},   // paddings 0 and 2
+      {2, 33, 8, 8, 40, 3, 3, 1, 1, 1, 1, 1, 1, 1},  // more channels
+  };
+  for (const Case& k : winograd) {
+    if (!wc::fits(geometry(k))) {
+      describe("winograd: does not fit", k, " (THE CASE IS WRONG)");
+      ok = false;
+      continue;
+    }
+    ok = run_winograd(k, rng) && ok;
   }
   const Case depthwise[] = {
       {2, 3, 9, 9, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3},    // 3x3, padding 1, one tile a plane

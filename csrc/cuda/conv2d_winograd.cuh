@@ -1,0 +1,163 @@
+// Conv2d on CUDA by Winograd's F(2×2, 3×3) (common/winograd.h), a candidate (TORCH_CS231N_CUDA_CONV=winograd):
+// the forward and d_input of float32 3×3 layers with stride 1, dilation 1 and one group, when TF32 is off.
+// cuDNN's float32 forward of the 256-channel 14×14 layer ran at 85 TFLOP/s on the H200 (counted as a direct
+// convolution), above the 67 that its CUDA cores can do: it multiplies less. So does this route, 16 products
+// for a 2×2 block of outputs where the implicit GEMM does 36:
+//   1. filter_transform_kernel   U[ξ][o][i] = (G g Gᵀ)[ξ] for each filter g = W[o][i] (for d_input, the
+//                                transposed and flipped filter W[i][o][2-r][2-s]: d_input is the stride-1
+//                                correlation of dY with it, with padding 2 - p);
+//   2. input_transform_kernel    V[ξ][i][p] = (Bᵀ d B)[ξ] for the 4×4 input tile d of output block p =
+//                                (n, t_h, t_w), read at rows 2·t_h - p_h .. +3 (zeros outside the image);
+//   3. 16 GEMMs                  M[ξ] (outs × P) = U[ξ] (outs × ins) · V[ξ] (ins × P), by the caller (cuBLAS
+//                                in float32 on a GPU, a loop in the emulation test);
+//   4. output_transform_kernel   the block (Aᵀ M A) of each output channel and tile, plus the bias.
+// Every kernel is a grid-stride loop with the tile index p fastest, so that a warp's writes of V and reads
+// of M are contiguous. The buffers (sizes below) hold 16 floats a tile and channel: four times the input
+// and the output, the price of the 2.25 times fewer multiplications.
+#pragma once
+
+#include <cstdint>
+
+#include "common/conv2d_index.h"
+#include "common/winograd.h"
+#include "cuda/emulatable.cuh"
+
+namespace torch_cs231n {
+namespace cuda {
+namespace winograd_conv {
+
+constexpr int kThreads = 256;
+constexpr int kPositions = 16;  // ξ: the 4×4 transformed tile
+
+// The layers it does: 3×3, stride 1, dilation 1, one group, padding at most 2 (so that d_input's, 2 - p, is
+// a padding too).
+inline bool fits(const Conv2dGeometry& g) {
+  return g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.groups == 1 && g.ph >= 0 &&
+         g.ph <= 2 && g.pw >= 0 && g.pw <= 2;
+}
+
+// The 2×2 output blocks of an image of `samples` planes of h × w outputs.
+struct Blocks {
+  int64_t samples, rows, cols;  // rows = ceil(h / 2), cols = ceil(w / 2)
+  __host__ __device__ int64_t count() const { return samples * rows * cols; }
+};
+inline Blocks blocks_of(int64_t samples, int64_t h, int64_t w) { return {samples, (h + 1) / 2, (w + 1) / 2}; }
+
+// Buffer sizes, in floats, for one call (forward or d_input; `largest` covers both).
+inline int64_t filter_size(const Conv2dGeometry& g) { return kPositions * g.f * g.c; }
+inline int64_t input_size(const Conv2dGeometry& g) {  // V: the forward's over x, d_input's over dY
+  const int64_t forward = g.c * blocks_of(g.n, g.oh, g.ow).count(), grad = g.f * blocks_of(g.n, g.h, g.w).count();
+  return kPositions * (forward > grad ? forward : grad);
+}
+inline int64_t output_size(const Conv2dGeometry& g) {  // M: the forward's F per block, d_input's C
+  const int64_t forward = g.f * blocks_of(g.n, g.oh, g.ow).count(), grad = g.c * blocks_of(g.n, g.h, g.w).count();
+  return kPositions * (forward > grad ? forward : grad);
+}
+
+// The grid of a helper kernel's grid-stride loop over n items (at most 4096 blocks).
+inline dim3 grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return dim3(static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks)));
+}
+
+// U[ξ][o][i] for outs × ins filters of w (F × C × 3 × 3): g = w[o][i] (flipped false), or w[i][o] turned by
+// 180 degrees (flipped: d_input's, with outs = C and ins = F).
+__global__ void filter_transform_kernel(const float* __restrict__ w, float* __restrict__ u, int64_t outs, int64_t ins,
+                                        bool flipped) {
+  const int64_t total = outs * ins;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = k / ins, i = k - o * ins;
+    const float* src = w + (flipped ? i * outs + o : k) * 9;
+    float g[3][3], t[4][4];
+    for (int r = 0; r < 3; ++r) {
+      for (int s = 0; s < 3; ++s) g[r][s] = flipped ? src[(2 - r) * 3 + (2 - s)] : src[r * 3 + s];
+    }
+    winograd::filter_tile(g, t);
+    for (int xi = 0; xi < kPositions; ++xi) u[xi * total + k] = t[xi / 4][xi % 4];
+  }
+}
+
+// V[ξ][c][p] for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`.
+__global__ void input_transform_kernel(const float* __restrict__ src, float* __restrict__ v, int64_t channels,
+                                       int64_t h, int64_t w, int64_t ph, int64_t pw, Blocks blocks) {
+  const int64_t per_plane = blocks.rows * blocks.cols, count = blocks.count(), total = channels * count;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = k / count, p = k - c * count;
+    const int64_t n = p / per_plane, in_plane = p - n * per_plane;
+    const int64_t b_h = in_plane / blocks.cols, b_w = in_plane - b_h * blocks.cols;
+    const float* plane = src + (n * channels + c) * h * w;
+    const int64_t top = 2 * b_h - ph, left = 2 * b_w - pw;  // conv_in_index at the block's first output
+    float d[4][4], t[4][4];
+    for (int r = 0; r < 4; ++r) {
+      for (int s = 0; s < 4; ++s) {
+        const int64_t i = top + r, j = left + s;
+        d[r][s] = i >= 0 && i < h && j >= 0 && j < w ? plane[i * w + j] : 0.f;
+      }
+    }
+    winograd::input_tile(d, t);
+    for (int xi = 0; xi < kPositions; ++xi) v[xi * total + k] = t[xi / 4][xi % 4];
+  }
+}
+
+// dst[n][o] (planes of h × w) = Aᵀ M A over each block, plus bias[o] (or nothing), from M[ξ][o][p].
+__global__ void output_transform_kernel(const float* __restrict__ m, const float* __restrict__ bias,
+                                        float* __restrict__ dst, int64_t outs, int64_t h, int64_t w, Blocks blocks) {
+  const int64_t per_plane = blocks.rows * blocks.cols, count = blocks.count(), total = outs * count;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = k / count, p = k - o * count;
+    const int64_t n = p / per_plane, in_plane = p - n * per_plane;
+    const int64_t b_h = in_plane / blocks.cols, b_w = in_plane - b_h * blocks.cols;
+    float t[4][4], y[2][2];
+    for (int xi = 0; xi < kPositions; ++xi) t[xi / 4][xi % 4] = m[xi * total + k];
+    winograd::output_tile(t, y);
+    const float b = bias != nullptr ? bias[o] : 0.f;
+    float* plane = dst + (n * outs + o) * h * w;
+    for (int r = 0; r < 2; ++r) {
+      for (int s = 0; s < 2; ++s) {
+        const int64_t i = 2 * b_h + r, j = 2 * b_w + s;
+        if (i < h && j < w) plane[i * w + j] = y[r][s] + b;
+      }
+    }
+  }
+}
+
+// dst (n × outs × oh × ow) = the stride-1 3×3 correlation of src (n × ins × h × w, padding ph, pw) with the
+// filters whose transforms are u, plus bias. gemm(m, n, k, a, b, c) computes the 16 row-major products
+// c[ξ] (m × n) = a[ξ] (m × k) · b[ξ] (k × n), matrices packed one after another.
+template <typename Gemm>
+void correlate(const float* src, int64_t n, int64_t ins, int64_t h, int64_t w, int64_t ph, int64_t pw, const float* u,
+               const float* bias, float* dst, int64_t outs, int64_t oh, int64_t ow, float* v, float* m, Gemm&& gemm,
+               cudaStream_t stream) {
+  const Blocks blocks = blocks_of(n, oh, ow);
+  auto* input = &input_transform_kernel;
+  TORCH_CS231N_LAUNCH(input, grid_for(ins * blocks.count()), kThreads, stream, src, v, ins, h, w, ph, pw, blocks);
+  gemm(outs, blocks.count(), ins, u, v, m);
+  auto* output = &output_transform_kernel;
+  TORCH_CS231N_LAUNCH(output, grid_for(outs * blocks.count()), kThreads, stream, m, bias, dst, outs, oh, ow, blocks);
+}
+
+// y = x ⋆ W + b. u, v, m: filter_size(g), input_size(g) and output_size(g) floats.
+template <typename Gemm>
+void forward(const float* x, const float* w, const float* bias, float* y, const Conv2dGeometry& g, float* u, float* v,
+             float* m, Gemm&& gemm, cudaStream_t stream) {
+  auto* filters = &filter_transform_kernel;
+  TORCH_CS231N_LAUNCH(filters, grid_for(g.f * g.c), kThreads, stream, w, u, g.f, g.c, false);
+  correlate(x, g.n, g.c, g.h, g.w, g.ph, g.pw, u, bias, y, g.f, g.oh, g.ow, v, m, gemm, stream);
+}
+
+// d_input: dY correlated with the transposed, flipped filters, with padding 2 - p (so that its output is
+// H × W: oH + 2(2 - p) - 2 = H + 2p - 2 + 2 - 2p).
+template <typename Gemm>
+void grad_input(const float* dy, const float* w, float* dx, const Conv2dGeometry& g, float* u, float* v, float* m,
+                Gemm&& gemm, cudaStream_t stream) {
+  auto* filters = &filter_transform_kernel;
+  TORCH_CS231N_LAUNCH(filters, grid_for(g.f * g.c), kThreads, stream, w, u, g.c, g.f, true);
+  correlate(dy, g.n, g.f, g.oh, g.ow, 2 - g.ph, 2 - g.pw, u, nullptr, dx, g.c, g.h, g.w, v, m, gemm, stream);
+}
+
+}  // namespace winograd_conv
+}  // namespace cuda
+}  // namespace torch_cs231n

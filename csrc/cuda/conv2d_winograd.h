@@ -1,0 +1,33 @@
+// The convolution's Winograd route on CUDA, as cuda/conv2d.cu calls it: a candidate
+// (TORCH_CS231N_CUDA_CONV=winograd) until it passes `make gpu-check`. Its kernels are in
+// cuda/conv2d_winograd.cuh; the buffers come from torch's allocator and the 16 GEMMs from cuBLAS here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include "common/conv2d_index.h"
+
+namespace torch_cs231n {
+namespace cuda {
+
+// Whether Winograd does this layer's forward and d_input: TORCH_CS231N_CUDA_CONV=winograd, float32 with TF32
+// off (torch.backends.cudnn.allow_tf32; with it on, the implicit GEMM's tensor cores are the fast route), a
+// 3×3 layer of stride 1, dilation 1, one group and padding at most 2, at least kImplicitMinColumns channels
+// and filters, and buffers within kWinogradBufferLimit. The other layers, and d_weight, take the default routes.
+bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x);
+
+// The buffers hold 16 floats per 2×2 output block and channel (four times the input and the output); above
+// this many bytes a layer takes the implicit GEMM instead.
+constexpr int64_t kWinogradBufferLimit = int64_t(4) << 30;
+
+// y = conv(x, w) + bias; x, w, bias (if defined) and y contiguous NCHW float32.
+void winograd_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+                      const Conv2dGeometry& g, cudaStream_t stream);
+
+// dx = d_input of conv(x, w) for dY; all contiguous NCHW float32.
+void winograd_grad_input(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx, const Conv2dGeometry& g,
+                         cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace torch_cs231n

@@ -583,11 +583,12 @@ def test_cuda_running_updates_match_the_exact_one(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the block-per-channel kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("shape", [(4, 300, 7, 7), (2, 3, 150, 150), (2, 5, 1, 3)])
-def test_cuda_channel_blocks_candidate_match_torch(monkeypatch, dtype, shape):
-    """TORCH_CS231N_CUDA_BN=channels (a candidate): one block per channel does the training forward and
-    backward, for channel-first layouts of up to 65536 values a channel: many channels of a block's width,
-    channels of many values a thread, channels of fewer values than threads; outputs, gradients and
-    running statistics against torch's, with and without affine parameters."""
+def test_cuda_channel_blocks_match_torch(monkeypatch, dtype, shape):
+    """TORCH_CS231N_CUDA_BN=channels: one block per channel does the training forward and backward (by
+    default only where there are as many channels as multiprocessors), for channel-first layouts of up to
+    65536 values a channel: many channels of a block's width, channels of many values a thread, channels of
+    fewer values than threads; outputs, gradients and running statistics against torch's, with and without
+    affine parameters."""
     monkeypatch.setenv("TORCH_CS231N_CUDA_BN", "channels")
     gen = torch.Generator().manual_seed(12)
     for affine in (True, False):

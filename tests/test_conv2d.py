@@ -344,11 +344,12 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 @pytest.mark.parametrize("route,dtype,tf32", [("implicit", torch.float32, False), ("implicit", torch.float32, True),
                                               ("implicit", torch.float16, False), ("implicit", torch.bfloat16, False),
                                               ("cublas", torch.float32, False), ("cublas", torch.float32, True),
-                                              pytest.param("winograd", torch.float32, False, id="winograd_candidate")])
+                                              ("winograd", torch.float32, False)])
 def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
     """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels on every layer they can do (by default
-    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd (a candidate):
-    the default, but Winograd's forward and d_input on the first layer here (3x3, stride 1, TF32 off).
+    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd, as unset: the
+    default, Winograd's forward and d_input on the first layer here (3x3, stride 1, TF32 off), and the
+    implicit GEMM on the others.
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
     d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;
@@ -421,18 +422,20 @@ def test_cuda_conv_async_loads_candidate_gives_the_registers_bits(monkeypatch, t
                 results[loads] = run_both(x, w, b, g, **kw)[0]
         for name, mine, proven in zip(("y", "d_x", "d_W", "d_b"), results["async"], results["registers"]):
             assert torch.equal(mine, proven), (name, xs, ws, kw, (mine - proven).abs().max().item())
+    # (32 channels and filters, so that the implicit GEMM, which reads the variable, does this layer: a layer
+    # of 3 filters goes to cuBLAS, which never reads it, and this test's first version called one)
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_LOADS", "cp.async")
     with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_LOADS: expected 'async' or 'registers' .*, but got"):
-        ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
+        ours.conv2d(torch.randn(1, 32, 5, 5, device="cuda"), torch.randn(32, 32, 3, 3, device="cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Winograd kernels are CUDA kernels")
-def test_cuda_conv_winograd_candidate_matches_float64(monkeypatch):
-    """TORCH_CS231N_CUDA_CONV=winograd, a candidate: F(2x2, 3x3) does the forward and d_input of float32 3x3
-    layers of stride 1 (TF32 off), with paddings 0, 1 and 2 (d_input's 2, 1, 0) and odd sizes (blocks past
-    the image's edge), as close to float64 as the implicit GEMM is (the transforms add and halve, which
-    adds a few roundings to each product's sum); d_W and d_b take the default route."""
-    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "winograd")
+def test_cuda_conv_winograd_matches_float64(monkeypatch):
+    """By default (as with TORCH_CS231N_CUDA_CONV=winograd), F(2x2, 3x3) does the forward and d_input of
+    float32 3x3 layers of stride 1 (TF32 off), here with paddings 0, 1 and 2 (d_input's 2, 1, 0) and odd
+    sizes (blocks past the image's edge), as close to float64 as the implicit GEMM is (the transforms add and
+    halve, which adds a few roundings to each product's sum); d_W and d_b take the implicit GEMM."""
+    monkeypatch.delenv("TORCH_CS231N_CUDA_CONV", raising=False)
     gen = torch.Generator().manual_seed(3)
     cudnn = torch.backends.cudnn
     flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
@@ -493,11 +496,10 @@ def test_cuda_implicit_gemm_offsets_past_int32_match_cudnn(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the depthwise tile kernels are CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("route", ["tiles", "lines", pytest.param("tall", id="tall_candidate")])
+@pytest.mark.parametrize("route", ["tall", "tiles", "lines"])
 def test_cuda_depthwise_routes_match_float64(monkeypatch, route, dtype):
-    """TORCH_CS231N_CUDA_DEPTHWISE=tiles: the depthwise tile kernels (the default for 3x3 and 5x5);
-    =lines: the line kernels, the default before; =tall: the tall tiles, a candidate (its id says so, so
-    that `make gpu-check` runs it in the candidates' round).
+    """TORCH_CS231N_CUDA_DEPTHWISE=tall: the tall tiles (the default where they fit); =tiles: the depthwise
+    tile kernels, the default before; =lines: the line kernels, the default before those.
 
     Several tiles a plane with ragged edges, multipliers 1 to 3, 3x3 and 5x5, dilation, and a stride (whose
     d_input keeps the line kernel). The reference is float64, the tolerance each dtype's rounding.

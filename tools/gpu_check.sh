@@ -21,21 +21,18 @@ OUT=${OUT:-gpu-check}
 # Candidates, one per line: "name|environment settings|pytest -k expression|bench ops|profile cases" (the
 # last three fields space-separated where there are several; a candidate's own tests have "candidate" in
 # their names). The TF32 bench repeats the conv2d cases. All the candidates go in one round, to keep the
-# check under 6 minutes. None now: the four of the first rounds (the implicit GEMM, the depthwise tiles,
-# the flat pool backward and the fused running-statistics update) passed here on an H200 on 2026-11-30,
-# measured faster, and became the defaults (docs/benchmarks.md). Now, in one round:
-#   TORCH_CS231N_CUDA_DEPTHWISE=tall   depthwise forward, d_input and d_weight by 32 x 32 tiles, four outputs
-#                                      a thread (cuda/conv2d_depthwise.cuh)
-#   TORCH_CS231N_CUDA_BN=channels      batch norm's training passes by one block per channel, one launch each
-#                                      (cuda/batch_norm.cu)
+# check under 6 minutes. Seven candidates have passed here on an H200 and became the defaults
+# (docs/benchmarks.md): the implicit GEMM, the depthwise tiles, the flat pool backward and the fused
+# running-statistics update (first session of 2026-11-30), then Winograd's F(2x2, 3x3), the depthwise tall
+# tiles and one batch-norm block per channel where the channels fill the GPU (2026-11-30, late). Now:
 #   TORCH_CS231N_CUDA_CONV_LOADS=async the implicit GEMM's float32 operands copied by cp.async, four stages
-#                                      deep (cuda/conv2d_implicit_gemm.cuh)
-#   TORCH_CS231N_CUDA_CONV=winograd    the forward and d_input of float32 3x3 stride-1 layers with TF32 off by
-#                                      Winograd's F(2x2, 3x3) (cuda/conv2d_winograd.cuh)
-# Their tests: their own (ids with "candidate"), and the two layers' comparisons with torch and gradchecks
-# on CUDA, which take the candidates wherever they fit (about 40 s, so that their benchmarks fit too).
+#                                      deep (cuda/conv2d_implicit_gemm.cuh): passed its layer's tests on the
+#                                      H200 but measured faster only for some layers; its own bitwise test
+#                                      has not yet run to its end there
+# Its tests: its own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on CUDA,
+# which take it wherever it fits.
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_DEPTHWISE=tall TORCH_CS231N_CUDA_BN=channels TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd|candidate or (conv2d or batch_norm) and cuda and (matches_torch or gradcheck)|conv2d batch_norm|depthwise bn_cs231n bn_deep conv3x3 conv3x3_deep"
+  "async|TORCH_CS231N_CUDA_CONV_LOADS=async|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

@@ -330,15 +330,16 @@ void gemm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------- depthwise
-// The kernels TORCH_CS231N_CUDA_DEPTHWISE chooses. tiles (the default): the tiles of cuda/conv2d_depthwise.cuh
-// for 3x3 and 5x5 filters whose input region fits in shared memory (d_input: stride 1 as well), the line
-// kernels above for the rest; on the H200 they took the (128,128,56,56) layer's forward+backward from 5.6 to
-// 3.3 ms. lines: the line kernels for everything. tall (a candidate, not yet run on a GPU): the tall tiles
-// where they fit (d_input: stride 1 as well; else the tiles or the line kernels).
+// The kernels TORCH_CS231N_CUDA_DEPTHWISE chooses. tall (the default): the tall tiles of
+// cuda/conv2d_depthwise.cuh where they fit (d_input: stride 1 as well), else the tiles, else the line
+// kernels; on the H200 they took the (128,128,56,56) layer's forward+backward from 3.3 ms to 1.9 (torch
+// 2.2). tiles (the default before): the tiles for 3x3 and 5x5 filters whose input region fits in shared
+// memory (d_input: stride 1 as well), the line kernels above for the rest; they had taken that layer from 5.6
+// to 3.3 ms. lines: the line kernels for everything.
 enum class Depthwise { kLines, kTiles, kTall };
 Depthwise depthwise_kernels(const Conv2dGeometry& g) {
   const int named = cuda::kernel_named("TORCH_CS231N_CUDA_DEPTHWISE", {"tiles", "lines", "tall"});
-  if (named == 2 && cuda::depthwise::tall_fit(g)) return Depthwise::kTall;
+  if ((named == 2 || named == -1) && cuda::depthwise::tall_fit(g)) return Depthwise::kTall;
   if (named != 1 && cuda::depthwise::tiles_fit(g)) return Depthwise::kTiles;
   return Depthwise::kLines;
 }

@@ -36,7 +36,9 @@ struct Buffers {
 }  // namespace
 
 bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  if (conv_route_named() != ConvRoute::kWinograd || x.scalar_type() != at::kFloat || conv_allows_tf32()) return false;
+  const ConvRoute named = conv_route_named();
+  if (named == ConvRoute::kImplicit || named == ConvRoute::kCublas) return false;  // (default or winograd: yes)
+  if (x.scalar_type() != at::kFloat || conv_allows_tf32()) return false;
   if (!wc::fits(g) || g.c < kImplicitMinColumns || g.f < kImplicitMinColumns) return false;
   const int64_t floats = wc::filter_size(g) + wc::input_size(g) + wc::output_size(g);
   return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;  // (and so within cuBLAS's ints)

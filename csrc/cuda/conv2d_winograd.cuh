@@ -1,8 +1,9 @@
-// Conv2d on CUDA by Winograd's F(2×2, 3×3) (common/winograd.h), a candidate (TORCH_CS231N_CUDA_CONV=winograd):
-// the forward and d_input of float32 3×3 layers with stride 1, dilation 1 and one group, when TF32 is off.
+// Conv2d on CUDA by Winograd's F(2×2, 3×3) (common/winograd.h): the forward and d_input of float32 3×3 layers
+// with stride 1, dilation 1 and one group, when TF32 is off (cuda/conv2d_winograd.h says which, by default).
 // cuDNN's float32 forward of the 256-channel 14×14 layer ran at 85 TFLOP/s on the H200 (counted as a direct
 // convolution), above the 67 that its CUDA cores can do: it multiplies less. So does this route, 16 products
-// for a 2×2 block of outputs where the implicit GEMM does 36:
+// for a 2×2 block of outputs where the implicit GEMM does 36 (on the H200: forward 0.40 ms against the
+// implicit GEMM's 0.97 and cuDNN's 0.35 for that layer; 0.72, 1.2 and 0.79 for 64 channels at 56×56):
 //   1. filter_transform_kernel   U[ξ][o][i] = (G g Gᵀ)[ξ] for each filter g = W[o][i] (for d_input, the
 //                                transposed and flipped filter W[i][o][2-r][2-s]: d_input is the stride-1
 //                                correlation of dY with it, with padding 2 - p);

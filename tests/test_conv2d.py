@@ -344,12 +344,13 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 @pytest.mark.parametrize("route,dtype,tf32", [("implicit", torch.float32, False), ("implicit", torch.float32, True),
                                               ("implicit", torch.float16, False), ("implicit", torch.bfloat16, False),
                                               ("cublas", torch.float32, False), ("cublas", torch.float32, True),
-                                              ("winograd", torch.float32, False)])
+                                              ("winograd", torch.float32, False),
+                                              pytest.param("winograd", torch.float32, True, id="winograd_tf32_candidate")])
 def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
     """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels on every layer they can do (by default
-    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd, as unset: the
-    default, Winograd's forward and d_input on the first layer here (3x3, stride 1, TF32 off), and the
-    implicit GEMM on the others.
+    float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd: as unset,
+    Winograd's forward and d_input on the first layer here (3x3, stride 1) and the implicit GEMM on the
+    others, but Winograd with TF32 on too (its GEMMs in TF32, a candidate: its id says so).
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
     d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;

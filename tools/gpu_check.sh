@@ -29,10 +29,12 @@ OUT=${OUT:-gpu-check}
 #                                      deep (cuda/conv2d_implicit_gemm.cuh): passed its layer's tests on the
 #                                      H200 but measured faster only for some layers; its own bitwise test
 #                                      has not yet run to its end there
-# Its tests: its own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on CUDA,
-# which take it wherever it fits.
+#   TORCH_CS231N_CUDA_CONV=winograd    Winograd with TF32 on too, its GEMMs in TF32 (cuda/conv2d_winograd.h):
+#                                      the TF32 bench shows it (the float32 one is the default there)
+# Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
+# CUDA, which take them wherever they fit.
 CANDIDATES=(
-  "async|TORCH_CS231N_CUDA_CONV_LOADS=async|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem"
+  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

@@ -43,8 +43,9 @@ void with_implicit_gemm_math(const at::Tensor& x, F&& f) {
 
 // Whether the products copy their float32 operands with cp.async, kAsyncStages deep (the async kernel of
 // cuda/conv2d_implicit_gemm.cuh), rather than through registers one stage ahead (the default, proven on an
-// H200): TORCH_CS231N_CUDA_CONV_LOADS=async, a candidate until it passes `make gpu-check`; =registers, the
-// default. cp.async needs sm_80; float16 and bfloat16 keep the registers (cp.async moves 4 bytes or more).
+// H200): TORCH_CS231N_CUDA_CONV_LOADS=async, a candidate (it passed the tests on an H200 but was faster
+// only for some layers: docs/conv2d.md); =registers, the default. cp.async needs sm_80; float16 and
+// bfloat16 keep the registers (cp.async moves 4 bytes or more).
 bool async_copies() {
   return kernel_named("TORCH_CS231N_CUDA_CONV_LOADS", {"async", "registers"}) == 0 && has_tensor_cores();
 }

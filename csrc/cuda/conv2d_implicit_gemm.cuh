@@ -528,6 +528,37 @@ struct Extent {
   int32_t splits;
 };
 
+// Where a block's tile of D lies (blockIdx = (m tile, n tile, group * splits + chunk)), the part of the sum
+// it adds (k in [k_begin, k_end)), and where the piece of its thread's warp lies in it.
+template <typename Shape>
+struct Place {
+  int t, lane, wm, wn;
+  int32_t m0, n0, z, group, k_begin, k_end;
+  __device__ explicit Place(const Extent& e)
+      : t(threadIdx.x),
+        lane(t % 32),
+        wm((t / 32 % Shape::kWarpsM) * kWarpM),
+        wn((t / 32 / Shape::kWarpsM) * kWarpN),
+        m0(static_cast<int32_t>(blockIdx.x) * Shape::kBM),
+        n0(static_cast<int32_t>(blockIdx.y) * Shape::kBN),
+        z(blockIdx.z),
+        group(z / e.splits),
+        k_begin((z - group * e.splits) * e.k_chunk),
+        k_end(e.k - k_begin < e.k_chunk ? e.k : k_begin + e.k_chunk) {}
+};
+
+// A block's start: its loaders told where its tile lies, its accumulators zeroed.
+template <typename Math, typename LoaderA, typename LoaderB, typename PlaceT>
+__device__ __forceinline__ void start(LoaderA& a, LoaderB& b, const PlaceT& at, typename Math::Accumulators& acc) {
+  a.start(at.m0, at.group, at.t);
+  b.start(at.n0, at.group, at.t);
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
+  }
+}
+
 // A warp's piece of D, whose corner is (m0, n0), through the epilogue: the entries inside D only.
 template <typename Math, typename Epilogue>
 __device__ __forceinline__ void write_tile(const Epilogue& epilogue, typename Math::Accumulators& acc, const Extent& e,
@@ -554,26 +585,15 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
   static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
   __shared__ Tile<Shape::kBM> a_tiles[2];
   __shared__ Tile<Shape::kBN> b_tiles[2];
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  const int wm = (warp % Shape::kWarpsM) * kWarpM, wn = (warp / Shape::kWarpsM) * kWarpN;
-  const int32_t m0 = static_cast<int32_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int32_t>(blockIdx.y) * Shape::kBN;
-  const int32_t z = blockIdx.z, group = z / e.splits, chunk = z - group * e.splits;
-  const int32_t k_begin = chunk * e.k_chunk;
-  const int32_t k_end = e.k - k_begin < e.k_chunk ? e.k : k_begin + e.k_chunk;
-  a.start(m0, group, t);
-  b.start(n0, group, t);
-
+  const Place<Shape> at(e);
+  const int t = at.t;
   typename Math::Accumulators acc;
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
-  }
+  start<Math>(a, b, at, acc);
   float va[kPerThread<Shape::kBM>], vb[kPerThread<Shape::kBN>];
-  const int32_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+  const int32_t stages = at.k_end > at.k_begin ? (at.k_end - at.k_begin + kBK - 1) / kBK : 0;
   if (stages > 0) {
-    load_stage(a, k_begin, k_end, t, va);
-    load_stage(b, k_begin, k_end, t, vb);
+    load_stage(a, at.k_begin, at.k_end, t, va);
+    load_stage(b, at.k_begin, at.k_end, t, vb);
     store_stage<Math, LoaderA>(a_tiles[0], va, t);
     store_stage<Math, LoaderB>(b_tiles[0], vb, t);
     __syncthreads();
@@ -582,10 +602,10 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
     const int current = s % 2;
     const bool more = s + 1 < stages;
     if (more) {  // the next stage's loads are in flight while this one is multiplied
-      load_stage(a, k_begin + (s + 1) * kBK, k_end, t, va);
-      load_stage(b, k_begin + (s + 1) * kBK, k_end, t, vb);
+      load_stage(a, at.k_begin + (s + 1) * kBK, at.k_end, t, va);
+      load_stage(b, at.k_begin + (s + 1) * kBK, at.k_end, t, vb);
     }
-    Math::multiply(a_tiles[current], b_tiles[current], wm, wn, lane, acc);
+    Math::multiply(a_tiles[current], b_tiles[current], at.wm, at.wn, at.lane, acc);
     if (more) {  // the other buffer was last read before the previous barrier
       store_stage<Math, LoaderA>(a_tiles[1 - current], va, t);
       store_stage<Math, LoaderB>(b_tiles[1 - current], vb, t);
@@ -593,7 +613,7 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
     __syncthreads();
   }
 
-  write_tile<Math>(epilogue, acc, e, m0 + wm, n0 + wn, z, group, lane);
+  write_tile<Math>(epilogue, acc, e, at.m0 + at.wm, at.n0 + at.wn, at.z, at.group, at.lane);
 }
 
 // ------------------------------------------------------------------------------- the async kernel (a candidate)
@@ -604,8 +624,9 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
 // 2900 cycles a stage where its instructions need about 1200. float32 only (cp.async moves 4, 8 or 16
 // bytes): the tiles hold the values as they are, so the TF32 rounding moves to the fragment reads
 // (MmaTf32::fragment) for the operands that are not ready, which gives the same bits as the rounding at the
-// stores. TORCH_CS231N_CUDA_CONV_LOADS=async chooses it (cuda/conv2d_implicit_gemm.cu), until it passes
-// `make gpu-check`.
+// stores. TORCH_CS231N_CUDA_CONV_LOADS=async chooses it (cuda/conv2d_implicit_gemm.cu). On the H200 it passed
+// the convolution's tests but was faster only for some layers, and no faster with TF32 (docs/conv2d.md):
+// the loop is bound by latency at two blocks a multiprocessor, and by the grid's last partial wave.
 constexpr int kAsyncStages = 4;
 
 template <typename Shape>
@@ -662,29 +683,18 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
   constexpr bool kRoundA = Math::kTf32 && !LoaderA::kReady, kRoundB = Math::kTf32 && !LoaderB::kReady;
   auto* a_tiles = dynamic_shared<Tile<Shape::kBM>>();  // [kAsyncStages], then b's
   auto* b_tiles = reinterpret_cast<Tile<Shape::kBN>*>(a_tiles + kAsyncStages);
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  const int wm = (warp % Shape::kWarpsM) * kWarpM, wn = (warp / Shape::kWarpsM) * kWarpN;
-  const int32_t m0 = static_cast<int32_t>(blockIdx.x) * Shape::kBM, n0 = static_cast<int32_t>(blockIdx.y) * Shape::kBN;
-  const int32_t z = blockIdx.z, group = z / e.splits, chunk = z - group * e.splits;
-  const int32_t k_begin = chunk * e.k_chunk;
-  const int32_t k_end = e.k - k_begin < e.k_chunk ? e.k : k_begin + e.k_chunk;
-  a.start(m0, group, t);
-  b.start(n0, group, t);
-
+  const Place<Shape> at(e);
+  const int t = at.t;
   typename Math::Accumulators acc;
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) Math::at(acc, r, c) = 0.f;
-  }
-  const int32_t stages = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+  start<Math>(a, b, at, acc);
+  const int32_t stages = at.k_end > at.k_begin ? (at.k_end - at.k_begin + kBK - 1) / kBK : 0;
   // the first kAsyncStages - 1 stages in flight; one group per stage, empty past the last, so that the
   // count of groups in flight says which stage has landed
 #pragma unroll
   for (int s = 0; s < kAsyncStages - 1; ++s) {
     if (s < stages) {
-      copy_stage<Math>(a, k_begin + s * kBK, k_end, t, a_tiles[s]);
-      copy_stage<Math>(b, k_begin + s * kBK, k_end, t, b_tiles[s]);
+      copy_stage<Math>(a, at.k_begin + s * kBK, at.k_end, t, a_tiles[s]);
+      copy_stage<Math>(b, at.k_begin + s * kBK, at.k_end, t, b_tiles[s]);
     }
     commit_copies();
   }
@@ -693,16 +703,16 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
     wait_copies<kAsyncStages - 2>();  // this thread's copies of stage s have landed
     __syncthreads();                  // and everyone's; everyone is done with stage s - 1, in buffer `refill`
     if (s + kAsyncStages - 1 < stages) {
-      const int32_t k0 = k_begin + (s + kAsyncStages - 1) * kBK;
-      copy_stage<Math>(a, k0, k_end, t, a_tiles[refill]);
-      copy_stage<Math>(b, k0, k_end, t, b_tiles[refill]);
+      const int32_t k0 = at.k_begin + (s + kAsyncStages - 1) * kBK;
+      copy_stage<Math>(a, k0, at.k_end, t, a_tiles[refill]);
+      copy_stage<Math>(b, k0, at.k_end, t, b_tiles[refill]);
     }
     commit_copies();
-    Math::template multiply<kRoundA, kRoundB>(a_tiles[current], b_tiles[current], wm, wn, lane, acc);
+    Math::template multiply<kRoundA, kRoundB>(a_tiles[current], b_tiles[current], at.wm, at.wn, at.lane, acc);
     current = current + 1 == kAsyncStages ? 0 : current + 1;
     refill = refill + 1 == kAsyncStages ? 0 : refill + 1;
   }
-  write_tile<Math>(epilogue, acc, e, m0 + wm, n0 + wn, z, group, lane);
+  write_tile<Math>(epilogue, acc, e, at.m0 + at.wm, at.n0 + at.wn, at.z, at.group, at.lane);
 }
 
 // ---------------------------------------------------------------------------------------- helper kernels

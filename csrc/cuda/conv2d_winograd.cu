@@ -15,12 +15,13 @@ namespace {
 
 namespace wc = winograd_conv;
 
-// The 16 products M[ξ] (m × n) = U[ξ] (m × k) · V[ξ] (k × n), row-major and packed, in float32 (no TF32:
-// winograd_chosen leaves TF32 to the implicit GEMM).
+// The 16 products M[ξ] (m × n) = U[ξ] (m × k) · V[ξ] (k × n), row-major and packed: in float32, or in TF32
+// where TF32 is allowed (winograd_chosen takes such layers only when TORCH_CS231N_CUDA_CONV=winograd).
 auto cublas_gemm() {
-  return [](int64_t m, int64_t n, int64_t k, const float* u, const float* v, float* out) {
+  const bool tf32 = conv_allows_tf32();
+  return [tf32](int64_t m, int64_t n, int64_t k, const float* u, const float* v, float* out) {
     gemm_batched<float>(m, n, k, Operand<float>{u, k, m * k, false}, Operand<float>{v, n, k * n, false}, 0.f, out, n,
-                        m * n, wc::kPositions, /*tf32=*/false);
+                        m * n, wc::kPositions, tf32);
   };
 }
 
@@ -38,7 +39,8 @@ struct Buffers {
 bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
   const ConvRoute named = conv_route_named();
   if (named == ConvRoute::kImplicit || named == ConvRoute::kCublas) return false;  // (default or winograd: yes)
-  if (x.scalar_type() != at::kFloat || conv_allows_tf32()) return false;
+  // with TF32 allowed, only when asked for: a candidate, not yet run on a GPU
+  if (x.scalar_type() != at::kFloat || (conv_allows_tf32() && named != ConvRoute::kWinograd)) return false;
   if (!wc::fits(g) || g.c < kImplicitMinColumns || g.f < kImplicitMinColumns) return false;
   const int64_t floats = wc::filter_size(g) + wc::input_size(g) + wc::output_size(g);
   return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;  // (and so within cuBLAS's ints)

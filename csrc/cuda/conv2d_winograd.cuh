@@ -41,6 +41,13 @@ inline bool fits(const Conv2dGeometry& g) {
 struct Blocks {
   int64_t samples, rows, cols;  // rows = ceil(h / 2), cols = ceil(w / 2)
   __host__ __device__ int64_t count() const { return samples * rows * cols; }
+  // block p = (n, b_h, b_w): its sample, and the position of its first output (2·b_h, 2·b_w)
+  __host__ __device__ void place(int64_t p, int64_t& n, int64_t& top, int64_t& left) const {
+    n = p / (rows * cols);
+    const int64_t in_plane = p - n * rows * cols, b_h = in_plane / cols;
+    top = 2 * b_h;
+    left = 2 * (in_plane - b_h * cols);
+  }
 };
 inline Blocks blocks_of(int64_t samples, int64_t h, int64_t w) { return {samples, (h + 1) / 2, (w + 1) / 2}; }
 
@@ -82,18 +89,17 @@ __global__ void filter_transform_kernel(const float* __restrict__ w, float* __re
 // V[ξ][c][p] for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`.
 __global__ void input_transform_kernel(const float* __restrict__ src, float* __restrict__ v, int64_t channels,
                                        int64_t h, int64_t w, int64_t ph, int64_t pw, Blocks blocks) {
-  const int64_t per_plane = blocks.rows * blocks.cols, count = blocks.count(), total = channels * count;
+  const int64_t count = blocks.count(), total = channels * count;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = k / count, p = k - c * count;
-    const int64_t n = p / per_plane, in_plane = p - n * per_plane;
-    const int64_t b_h = in_plane / blocks.cols, b_w = in_plane - b_h * blocks.cols;
+    const int64_t c = k / count;
+    int64_t n, top, left;
+    blocks.place(k - c * count, n, top, left);
     const float* plane = src + (n * channels + c) * h * w;
-    const int64_t top = 2 * b_h - ph, left = 2 * b_w - pw;  // conv_in_index at the block's first output
     float d[4][4], t[4][4];
     for (int r = 0; r < 4; ++r) {
       for (int s = 0; s < 4; ++s) {
-        const int64_t i = top + r, j = left + s;
+        const int64_t i = top - ph + r, j = left - pw + s;  // conv_in_index at the block's first output, + tap
         d[r][s] = i >= 0 && i < h && j >= 0 && j < w ? plane[i * w + j] : 0.f;
       }
     }
@@ -105,12 +111,12 @@ __global__ void input_transform_kernel(const float* __restrict__ src, float* __r
 // dst[n][o] (planes of h × w) = Aᵀ M A over each block, plus bias[o] (or nothing), from M[ξ][o][p].
 __global__ void output_transform_kernel(const float* __restrict__ m, const float* __restrict__ bias,
                                         float* __restrict__ dst, int64_t outs, int64_t h, int64_t w, Blocks blocks) {
-  const int64_t per_plane = blocks.rows * blocks.cols, count = blocks.count(), total = outs * count;
+  const int64_t count = blocks.count(), total = outs * count;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = k / count, p = k - o * count;
-    const int64_t n = p / per_plane, in_plane = p - n * per_plane;
-    const int64_t b_h = in_plane / blocks.cols, b_w = in_plane - b_h * blocks.cols;
+    const int64_t o = k / count;
+    int64_t n, top, left;
+    blocks.place(k - o * count, n, top, left);
     float t[4][4], y[2][2];
     for (int xi = 0; xi < kPositions; ++xi) t[xi / 4][xi % 4] = m[xi * total + k];
     winograd::output_tile(t, y);
@@ -118,7 +124,7 @@ __global__ void output_transform_kernel(const float* __restrict__ m, const float
     float* plane = dst + (n * outs + o) * h * w;
     for (int r = 0; r < 2; ++r) {
       for (int s = 0; s < 2; ++s) {
-        const int64_t i = 2 * b_h + r, j = 2 * b_w + s;
+        const int64_t i = top + r, j = left + s;
         if (i < h && j < w) plane[i * w + j] = y[r][s] + b;
       }
     }

@@ -13,10 +13,11 @@ namespace torch_cs231n {
 namespace cuda {
 
 // Whether Winograd does this layer's forward and d_input: TORCH_CS231N_CUDA_CONV unset or `winograd` (not
-// `implicit` or `cublas`), float32 with TF32 off (torch.backends.cudnn.allow_tf32; with it on, the implicit
-// GEMM's tensor cores are the fast route), a 3×3 layer of stride 1, dilation 1, one group and padding at most
-// 2, at least kImplicitMinColumns channels and filters, and buffers within kWinogradBufferLimit. The other
-// layers, and d_weight, take the implicit GEMM or cuBLAS as implicit_gemm_chosen says.
+// `implicit` or `cublas`), float32 with TF32 off (torch.backends.cudnn.allow_tf32) or, only with `winograd`,
+// on (its GEMMs then in TF32: a candidate, not yet run on a GPU; by default the implicit GEMM's tensor cores
+// take TF32 layers), a 3×3 layer of stride 1, dilation 1, one group and padding at most 2, at least
+// kImplicitMinColumns channels and filters, and buffers within kWinogradBufferLimit. The other layers, and
+// d_weight, take the implicit GEMM or cuBLAS as implicit_gemm_chosen says.
 bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x);
 
 // The buffers hold 16 floats per 2×2 output block and channel (four times the input and the output); above

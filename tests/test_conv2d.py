@@ -394,6 +394,35 @@ def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
         ours.conv2d(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(3, 2, 3, 3, device="cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLAS route is the CUDA one")
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False)])
+def test_cuda_pointwise_dw_by_samples_candidate_matches_float64(monkeypatch, dtype, tf32):
+    """TORCH_CS231N_CUDA_POINTWISE_DW=samples, a candidate: a 1x1 layer's d_W as per-sample products of dY and
+    x as they lie, summed, rather than one product of their transposes: the same d_W as float64's, in one
+    chunk and in several (a large batch), with groups; d_x and y are untouched."""
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "cublas")
+    gen = torch.Generator().manual_seed(9)
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    tolerance = {torch.float16: 2e-3}.get(dtype, 1e-2 if tf32 else 1e-5)
+    for xs, ws, groups in [((6, 48, 9, 7), (40, 48, 1, 1), 1), ((5, 64, 8, 8), (96, 32, 1, 1), 2),
+                           ((8193, 16, 32, 32), (8, 16, 1, 1), 1)]:  # 2^27 column values a chunk: two chunks
+        x = torch.randn(xs, generator=gen, dtype=torch.float64).to(dtype)
+        w = torch.randn(ws, generator=gen, dtype=torch.float64).to(dtype)
+        g = torch.randn(xs[0], ws[0], *xs[2:], generator=gen, dtype=torch.float64).to(dtype)
+        exact = run_both(*(t.double() for t in (x, w, None, g)), groups=groups)[1]
+        monkeypatch.setenv("TORCH_CS231N_CUDA_POINTWISE_DW", "samples")
+        with cudnn.flags(**flags, allow_tf32=tf32):
+            mine = run_both(*(None if t is None else t.cuda() for t in (x, w, None, g)), groups=groups)[0]
+        for name, m, e in zip(("y", "d_x", "d_W"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < tolerance, (name, xs, ws, groups, dtype, error)
+    monkeypatch.setenv("TORCH_CS231N_CUDA_POINTWISE_DW", "pairs")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_POINTWISE_DW: expected 'samples' or 'transposed'"):
+        ours.conv2d(torch.randn(2, 4, 3, 3, device="cuda", requires_grad=True),
+                    torch.randn(5, 4, 1, 1, device="cuda")).sum().backward()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
 @pytest.mark.parametrize("tf32", [False, True])
 def test_cuda_conv_async_loads_candidate_gives_the_registers_bits(monkeypatch, tf32):

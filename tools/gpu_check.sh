@@ -31,10 +31,12 @@ OUT=${OUT:-gpu-check}
 #                                      has not yet run to its end there
 #   TORCH_CS231N_CUDA_CONV=winograd    Winograd with TF32 on too, its GEMMs in TF32 (cuda/conv2d_winograd.h):
 #                                      the TF32 bench shows it (the float32 one is the default there)
+#   TORCH_CS231N_CUDA_POINTWISE_DW=samples  a 1x1 layer's d_W by samples, without transposed copies
+#                                      (cuda/conv2d.cu): the pointwise case
 # Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
 # CUDA, which take them wherever they fit.
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem"
+  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
 )
 # The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
 # end by LIMIT seconds (fits, below).

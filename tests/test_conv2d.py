@@ -410,17 +410,17 @@ def test_cuda_pointwise_dw_by_samples_candidate_matches_float64(monkeypatch, dty
         x = torch.randn(xs, generator=gen, dtype=torch.float64).to(dtype)
         w = torch.randn(ws, generator=gen, dtype=torch.float64).to(dtype)
         g = torch.randn(xs[0], ws[0], *xs[2:], generator=gen, dtype=torch.float64).to(dtype)
-        exact = run_both(*(t.double() for t in (x, w, None, g)), groups=groups)[1]
+        exact = run_both(x.double(), w.double(), None, g.double(), groups=groups)[1]
         monkeypatch.setenv("TORCH_CS231N_CUDA_POINTWISE_DW", "samples")
         with cudnn.flags(**flags, allow_tf32=tf32):
-            mine = run_both(*(None if t is None else t.cuda() for t in (x, w, None, g)), groups=groups)[0]
+            mine = run_both(x.cuda(), w.cuda(), None, g.cuda(), groups=groups)[0]
         for name, m, e in zip(("y", "d_x", "d_W"), mine, exact):
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
             assert error < tolerance, (name, xs, ws, groups, dtype, error)
-    monkeypatch.setenv("TORCH_CS231N_CUDA_POINTWISE_DW", "pairs")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_POINTWISE_DW", "pairs")  # read where a d_W is wanted
     with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_POINTWISE_DW: expected 'samples' or 'transposed'"):
-        ours.conv2d(torch.randn(2, 4, 3, 3, device="cuda", requires_grad=True),
-                    torch.randn(5, 4, 1, 1, device="cuda")).sum().backward()
+        ours.conv2d(torch.randn(2, 4, 3, 3, device="cuda"),
+                    torch.randn(5, 4, 1, 1, device="cuda", requires_grad=True)).sum().backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")

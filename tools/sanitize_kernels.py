@@ -3,10 +3,10 @@
 
 The CPU emulation (tests/cuda_emulation/) runs a block's threads in one fixed order, so it cannot show a
 shared-memory race; racecheck on a real GPU can, and tiny inputs keep its slow instrumented run short. Every
-tile shape and arithmetic of the implicit GEMM (and its candidate with cp.async copies), the three depthwise
-tile kernels and the candidate tall tiles, both forms of the flat pool backward, the fused batch-norm update
-and the candidate batch norm of one block per channel run here (each chosen by its
-variable, so that the run covers them whatever the defaults). Exit status 0 when everything ran; the
+tile shape and arithmetic of the implicit GEMM (and its candidate with cp.async copies), the depthwise tiles
+and tall tiles, both forms of the flat pool backward, the fused batch-norm update and batch norm's two
+stages and one block per channel run here (each chosen by its variable, so that the run covers them
+whatever the defaults). Exit status 0 when everything ran; the
 sanitizer's own exit code reports the hazards it found. Run from anywhere:
 
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
@@ -43,7 +43,7 @@ def main():
             conv((2, 64, 9, 9), (64, 64, 3, 3), torch.float32, padding=1, stride=2)  # Tall, d_input's division
             conv((1, 130, 6, 6), (40, 130, 1, 1), torch.float32)  # Wide d_weight (40 filters, 130 columns)
     conv((2, 40, 9, 9), (64, 40, 3, 3), torch.float16, padding=1)
-    for depthwise in ("tiles", "tall"):  # the default tiles, then the candidate tall tiles
+    for depthwise in ("tiles", "tall"):  # the earlier tiles, then the tall tiles (the default)
         os.environ["TORCH_CS231N_CUDA_DEPTHWISE"] = depthwise
         conv((2, 32, 11, 13), (64, 1, 3, 3), torch.float32, padding=1, groups=32)  # multiplier 2
         conv((2, 8, 11, 13), (8, 1, 5, 5), torch.float64, padding=2, groups=8)
@@ -51,7 +51,7 @@ def main():
         x = torch.randn(2, 3, 9, 10, device="cuda", requires_grad=True)
         y = ours.max_pool2d(x, **kwargs)
         y.backward(torch.randn_like(y))
-    for kernels in ("", "channels"):  # the default, then the candidate of one block per channel
+    for kernels in ("stages", "channels"):  # the two stages, then one block per channel
         os.environ["TORCH_CS231N_CUDA_BN"] = kernels
         bn = torch_cs231n.BatchNorm2d(5).cuda()
         x = torch.randn(4, 5, 3, 3, device="cuda", requires_grad=True)

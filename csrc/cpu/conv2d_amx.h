@@ -327,11 +327,7 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
       float* dw_chunk = partial.data() + chunk * taps * fw * cw;
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
-        for (int64_t p = 0; p < plane; ++p) {
-          const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
-          uint32_t* pair = x_pairs.data() + p * cw;
-          for (int64_t c = 0; c < g.c; ++c) pair[c] = bf16_pair(here[c], next[c]);
-        }
+        pair_pixels(x_pad.data(), plane, cp, g.c, cw, x_pairs.data());
         const uint16_t* dy_n = dyb + n * out_sample;
         for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
           uint16_t* row = dy_planes.data() + o_h * sp.wq;  // filter f's at row + f * kp

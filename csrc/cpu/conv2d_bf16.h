@@ -272,6 +272,16 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
   }
 }
 
+// The pixel pairs d_W's tiles read: pairs[p * width + c] = (x_pad[p, c], x_pad[p + 1, c]) for each pixel p of
+// the padded plane and channel c < C (x_pad, from pad_bf16_pixels, has one zero pixel more at its end).
+inline void pair_pixels(const uint16_t* x_pad, int64_t plane, int64_t cp, int64_t channels, int64_t width,
+                        uint32_t* pairs) {
+  for (int64_t p = 0; p < plane; ++p) {
+    const uint16_t *here = x_pad + p * cp, *next = here + cp;
+    for (int64_t c = 0; c < channels; ++c) pairs[p * width + c] = bf16_pair(here[c], next[c]);
+  }
+}
+
 // Which phases the taps read: tap (t_h, t_w) reads phase ((t_h*dH) % sH, (t_w*dW) % sW).
 inline std::vector<uint8_t> bf16_used_phases(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
   std::vector<uint8_t> used(sp.sh * sp.sw, 0);
@@ -847,10 +857,7 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
               x_pairs[c * plane + p] = bf16_pair(x_pad[p * cp + c], x_pad[(p + 1) * cp + c]);
           }
         } else {  // pixel by pixel, cw words a pixel: x_pairs[p * cw + c]
-          for (int64_t p = 0; p < plane; ++p) {
-            const uint16_t *here = x_pad.data() + p * cp, *next = here + cp;
-            for (int64_t c = 0; c < g.c; ++c) x_pairs[p * cw + c] = bf16_pair(here[c], next[c]);
-          }
+          pair_pixels(x_pad.data(), plane, cp, g.c, cw, x_pairs.data());
         }
         for (int64_t q = 0; q < pairs; ++q) {
           const uint16_t *even = dy_pitch.data() + 2 * q * g.f, *odd = even + g.f;

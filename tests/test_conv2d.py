@@ -482,6 +482,38 @@ def test_cuda_conv_winograd_matches_float64(monkeypatch):
             assert error < 1e-5, (name, xs, ws, padding, error)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Winograd kernels are CUDA kernels")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_conv_winograd_dw_candidate_matches_float64(monkeypatch, tf32):
+    """TORCH_CS231N_CUDA_CONV_DW=winograd, a candidate: d_W of float32 3x3 stride-1 layers by F(2x2, 3x3), 16
+    products of the transformed dY and x summed over blocks (in chunks, the last case in several), held to
+    float64 as the implicit GEMM is (1e-5), or with TF32 on to TF32's error, which its d_W must show; y, d_x
+    and d_b are untouched. Paddings 0, 1 and 2, odd sizes (blocks past the output's edge)."""
+    monkeypatch.delenv("TORCH_CS231N_CUDA_CONV", raising=False)
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DW", "winograd")
+    gen = torch.Generator().manual_seed(4)
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    for xs, ws, padding in [((3, 32, 13, 11), (40, 32, 3, 3), 1), ((2, 48, 6, 5), (32, 48, 3, 3), 0),
+                            ((2, 32, 5, 8), (64, 32, 3, 3), 2), ((4, 64, 9, 9), (64, 64, 3, 3), (0, 2)),
+                            ((16, 32, 40, 40), (48, 32, 3, 3), 1)]:  # 6400 blocks: chunks of about 512
+        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
+        with torch.no_grad():
+            g = torch.randn(F.conv2d(x, w, padding=padding).shape, generator=gen, dtype=torch.float64)
+        exact = run_both(x, w, b, g, padding=padding)[1]
+        with cudnn.flags(**flags, allow_tf32=tf32):
+            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), padding=padding)[0]
+        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < (1e-2 if tf32 else 1e-5), (name, xs, ws, padding, error)
+            if tf32 and name == "d_W":
+                assert error > 1e-5, "d_W: TF32 was asked for, so its error should show a 10-bit mantissa"
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DW", "fft")  # read where a d_W is wanted
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_DW: expected 'winograd' or 'gemm' .*, but got 'fft'"):
+        ours.conv2d(torch.randn(1, 32, 5, 5, device="cuda"),
+                    torch.randn(32, 32, 3, 3, device="cuda", requires_grad=True)).sum().backward()
+
+
 def check_past_int32(monkeypatch, route):
     """A convolution whose output has more than 2^31 elements, its first sample's offsets below 2^31 and the
     last one's above (16385 samples of 32 x 64 x 64): ours against cuDNN in float32 (TF32 off) on the last

@@ -7,11 +7,12 @@
 #      candidates' own), in parallel when pytest-xdist is there;
 #   4. the GPU benchmark suite (benchmarks/cases_gpu.py: batch >= 64), float32 against float32, and the
 #      convolutions again TF32 against TF32 (torch's default for convolutions);
-#   5. for each candidate kernel (CANDIDATES below: new kernels that are not the default until they pass
-#      here), the tests of its layer with the candidate switched on;
-#   6. while the 6 minutes allow (the racecheck before step 5): the shared-memory kernels under
-#      compute-sanitizer's racecheck (tools/sanitize_kernels.py), the candidates' benchmarks, and where each
-#      kernel's time goes (benchmarks/profile_gpu.py), the candidates' first.
+#   5. while the 6 minutes allow (to LIMIT, 350 s: a step that could not end by then is skipped, one that
+#      runs into it is cut short, neither a failure), in this order: the shared-memory kernels under
+#      compute-sanitizer's racecheck (tools/sanitize_kernels.py); for each candidate kernel (CANDIDATES
+#      below: new kernels that are not the default until they pass here), the tests of its layer with the
+#      candidate switched on, then its benchmarks; where each kernel's time goes (benchmarks/profile_gpu.py),
+#      the candidates' first.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
@@ -33,13 +34,16 @@ OUT=${OUT:-gpu-check}
 #                                      the TF32 bench shows it (the float32 one is the default there)
 #   TORCH_CS231N_CUDA_POINTWISE_DW=samples  a 1x1 layer's d_W by samples, without transposed copies
 #                                      (cuda/conv2d.cu): the pointwise case
+#   TORCH_CS231N_CUDA_CONV_DW=winograd d_W of the 3x3 stride-1 layers by F(2x2, 3x3) too, in chunks of blocks
+#                                      (cuda/conv2d_winograd.cuh), float32 and TF32: the conv3x3 cases
 # Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
 # CUDA, which take them wherever they fit.
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
+  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
 )
-# The check must finish in 6 minutes: a step after the candidates' tests starts only if it is expected to
-# end by LIMIT seconds (fits, below).
+# The check must finish in 6 minutes: every step after the benchmarks starts only if it is expected to end
+# by LIMIT seconds (fits, below), and is stopped there if it has not (a step cut short is reported so, and
+# is not a failure: the proven kernels' verdict is in by then).
 LIMIT=${LIMIT:-350}
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -60,6 +64,27 @@ step() {
   shift
   "$@" >"$OUT/$name.log" 2>&1
   rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s ($OUT/$name.log)" | tee -a "$summary"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+# late_step NAME SECONDS COMMAND...: a step after the benchmarks, stopped after SECONDS (a hang: a failure)
+# or at LIMIT, whichever comes first (and killed 10 s later); cut short at LIMIT, it is reported so and is
+# no failure.
+late_step() {
+  local name=$1 seconds=$2 start=$SECONDS rc capped=0
+  shift 2
+  if [ $((SECONDS + seconds)) -gt "$LIMIT" ]; then
+    seconds=$((LIMIT - SECONDS))
+    capped=1
+  fi
+  timeout -k 10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 124 ] && [ "$capped" -eq 1 ]; then
+    echo "$name: cut short at the ${LIMIT} s limit after $((SECONDS - start)) s, unfinished ($OUT/$name.log)" |
+      tee -a "$summary"
+    return "$rc"
+  fi
   echo "$name: exit $rc after $((SECONDS - start)) s ($OUT/$name.log)" | tee -a "$summary"
   [ "$rc" -eq 0 ] || failed=1
   return "$rc"
@@ -99,8 +124,8 @@ step bench-gpu "$PY" -m torch_cs231n bench --device cuda --quick --json "$OUT/be
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
 step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
-# What follows is ordered by what it tells, and every step but the candidates' tests runs only if its
-# expected time still fits in the 6 minutes (`fits`; its time limit is wider): a racecheck of the default
+# What follows is ordered by what it tells, and every step runs only if its expected time still fits in
+# the 6 minutes (`fits`), and is cut short at LIMIT (`late_step`; its own time limit is wider): a racecheck of the default
 # kernels (and the candidates'); the candidates' tests; their benchmarks; the profiles. $setting, $ops and
 # $cases are split into words on purpose (several VAR=value for env, several ops). A candidate has never
 # run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel that hangs cannot hold
@@ -116,25 +141,27 @@ sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if [ -z "$sanitizer" ]; then
   echo "racecheck: skipped (no compute-sanitizer)" | tee -a "$summary"
 elif fits racecheck 45; then
-  step racecheck timeout -k 10 100 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_kernels.py
+  late_step racecheck 100 "$sanitizer" --tool racecheck --error-exitcode 1 "$PY" tools/sanitize_kernels.py
   tail -n 4 "$OUT/racecheck.log" >>"$summary"
 fi
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   echo "candidate $name ($setting):" | tee -a "$summary"
-  step "pytest-$name" timeout -k 10 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
-    "${parallel[@]}"
-  tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
+  if fits "pytest-$name" 30; then
+    late_step "pytest-$name" 150 env CUDA_LAUNCH_BLOCKING=1 $setting "$PY" -m pytest -q -k "$tests" \
+      "${parallel[@]}"
+    tail -n 3 "$OUT/pytest-$name.log" >>"$summary"
+  fi
 done
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   if fits "bench-$name" 40; then
-    step "bench-$name" timeout -k 10 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
+    late_step "bench-$name" 90 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
       $(printf -- '--op %s ' $ops) --json "$OUT/bench-$name.json"
     sed -n '/^op /,$p' "$OUT/bench-$name.log" >>"$summary"
   fi
   if [[ " $ops " == *" conv2d "* ]] && fits "bench-$name-tf32" 25; then
-    step "bench-$name-tf32" timeout -k 10 60 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
+    late_step "bench-$name-tf32" 60 env $setting "$PY" -m torch_cs231n bench --device cuda --quick \
       --op conv2d --tf32 --json "$OUT/bench-$name-tf32.json"
     sed -n '/^op /,$p' "$OUT/bench-$name-tf32.log" >>"$summary"
   fi
@@ -143,12 +170,12 @@ done
 for candidate in "${CANDIDATES[@]}"; do
   IFS='|' read -r name setting tests ops cases <<<"$candidate"
   if fits "profile-$name" 30; then
-    step "profile-$name" timeout -k 10 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
+    late_step "profile-$name" 60 env $setting "$PY" -m benchmarks.profile_gpu --steps 3 \
       $(printf -- '--case %s ' $cases)
   fi
 done
 if fits profile 30; then
-  step profile timeout -k 10 60 "$PY" -m benchmarks.profile_gpu
+  late_step profile 60 "$PY" -m benchmarks.profile_gpu
 fi
 echo "gpu-check: $([ "$failed" -eq 0 ] && echo "every step passed" || echo "a step failed"); see $summary"
 exit "$failed"

@@ -8,8 +8,12 @@
 // the block is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d Bᵀᵀ)] A for a filter g (3×3) and an input tile d (4×4); along one
 // axis, y0 = g0 d0 + g1 d1 + g2 d2 and y1 = g0 d1 + g1 d2 + g2 d3 (a correlation, as conv2d is). Over C
 // input channels the products sum: M[ξ] = Σ_c U[ξ][c] V[ξ][c] for each of the 16 positions ξ of the
-// transformed tile, which is 16 GEMMs of (tiles × C)·(C × F); then each tile's Y = Aᵀ M A. No torch type:
-// cuda/conv2d_winograd.cuh and its CPU emulation test include it.
+// transformed tile, which is 16 GEMMs of (tiles × C)·(C × F); then each tile's Y = Aᵀ M A.
+//
+// d_weight follows from Y being linear in U = G g Gᵀ: ∂L/∂U = V ⊙ (A dY Aᵀ) for the block's 2×2 output
+// gradient dY, and ∂L/∂g = Gᵀ (∂L/∂U) G. Summed over blocks, ∂L/∂U[ξ] = Σ_p (A dY_p Aᵀ)[ξ] V_p[ξ]: 16 GEMMs
+// again, of (F × tiles)·(tiles × C), each filter's 4×4 sum then taken back to 3×3 by Gᵀ · G. No torch
+// type: cuda/conv2d_winograd.cuh and its CPU emulation test include it.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -41,6 +45,23 @@ C10_HOST_DEVICE inline void output_1d(const T* m, int step, T* y, int y_step) { 
   y[y_step] = m1 - m2 - m3;
 }
 
+// The transposes of the last two, for d_weight: z = A dy (2 values to 4) and g = Gᵀ u (4 to 3).
+template <typename T>
+C10_HOST_DEVICE inline void grad_output_1d(const T* dy, int step, T* z, int z_step) {  // z = A dy
+  const T y0 = dy[0], y1 = dy[step];
+  z[0] = y0;
+  z[z_step] = y0 + y1;
+  z[2 * z_step] = y0 - y1;
+  z[3 * z_step] = -y1;
+}
+template <typename T>
+C10_HOST_DEVICE inline void grad_filter_1d(const T* u, int step, T* g, int g_step) {  // g = Gᵀ u
+  const T u0 = u[0], u1 = u[step], u2 = u[2 * step], u3 = u[3 * step], half_sum = T(0.5) * (u1 + u2);
+  g[0] = u0 + half_sum;
+  g[g_step] = T(0.5) * (u1 - u2);
+  g[2 * g_step] = half_sum + u3;
+}
+
 // V = Bᵀ d B for a row-major 4×4 tile d.
 template <typename T>
 C10_HOST_DEVICE inline void input_tile(const T (&d)[4][4], T (&v)[4][4]) {
@@ -63,6 +84,22 @@ C10_HOST_DEVICE inline void output_tile(const T (&m)[4][4], T (&y)[2][2]) {
   T rows[2][4];
   for (int j = 0; j < 4; ++j) output_1d(&m[0][j], 4, &rows[0][j], 4);  // Aᵀ m
   for (int i = 0; i < 2; ++i) output_1d(&rows[i][0], 1, &y[i][0], 1);  // (Aᵀ m) A
+}
+
+// Z = A dy Aᵀ for a row-major 2×2 block dy of the output's gradient.
+template <typename T>
+C10_HOST_DEVICE inline void grad_output_tile(const T (&dy)[2][2], T (&z)[4][4]) {
+  T rows[4][2];
+  for (int j = 0; j < 2; ++j) grad_output_1d(&dy[0][j], 2, &rows[0][j], 2);  // A dy
+  for (int i = 0; i < 4; ++i) grad_output_1d(&rows[i][0], 1, &z[i][0], 1);   // (A dy) Aᵀ
+}
+
+// dg = Gᵀ u G for a row-major 4×4 tile u (∂L/∂U of one filter).
+template <typename T>
+C10_HOST_DEVICE inline void grad_filter_tile(const T (&u)[4][4], T (&dg)[3][3]) {
+  T rows[3][4];
+  for (int j = 0; j < 4; ++j) grad_filter_1d(&u[0][j], 4, &rows[0][j], 4);   // Gᵀ u
+  for (int i = 0; i < 3; ++i) grad_filter_1d(&rows[i][0], 1, &dg[i][0], 1);  // (Gᵀ u) G
 }
 
 }  // namespace winograd

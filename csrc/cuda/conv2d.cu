@@ -490,8 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const Conv2dGeometry g = conv2d_geometry(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_conv2d_grad_output(grad_output, input, g, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  bool need_dx = output_mask[0];
-  const bool need_dw = output_mask[1], need_db = output_mask[2];
+  bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2];
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask);
   // in NCHW here; handed back in torch's format
@@ -510,11 +510,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (need_dx && cuda::winograd_chosen(g, x)) {  // then d_W as below, by the route that would have done both
+  // Winograd's d_input and d_W where chosen; what is left as below, by the route that would have done both
+  if (need_dx && cuda::winograd_chosen(g, x)) {
     cuda::winograd_grad_input(dy, w, dx, g, stream);
     need_dx = false;
-    if (!need_dw) return {in_format(dx), in_format(dw), db};
   }
+  if (need_dw && cuda::winograd_grad_weight_chosen(g, x)) {
+    cuda::winograd_grad_weight(dy, x, dw, g, stream);
+    need_dw = false;
+  }
+  if (!need_dx && !need_dw) return {in_format(dx), in_format(dw), db};
   if (cuda::implicit_gemm_chosen(g, x)) {
     const bool implicit_dx = need_dx && g.c_per_group() >= cuda::kImplicitMinColumns;
     cuda::implicit_gemm_backward(dy, x, w, dx, dw, g, implicit_dx, need_dw, stream);

@@ -1,13 +1,15 @@
 // The Winograd route of the convolution on CUDA (cuda/conv2d_winograd.h): the wrappers that allocate its
-// buffers with torch's allocator and multiply the transformed tiles with cuBLAS in float32.
+// buffers with torch's allocator and multiply the transformed tiles with cuBLAS.
 #include "cuda/conv2d_winograd.h"
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/blas.cuh"
 #include "cuda/conv2d_implicit_gemm.h"
 #include "cuda/conv2d_winograd.cuh"
+#include "cuda/launch.cuh"
 
 namespace torch_cs231n {
 namespace cuda {
@@ -23,6 +25,20 @@ auto cublas_gemm() {
     gemm_batched<float>(m, n, k, Operand<float>{u, k, m * k, false}, Operand<float>{v, n, k * n, false}, 0.f, out, n,
                         m * n, wc::kPositions, tf32);
   };
+}
+
+// d_weight's products, ∂U[j] (m × n) = Z[j] (m × k) · V[j]ᵀ for j < batch: as cublas_gemm's.
+auto cublas_gemm_nt() {
+  const bool tf32 = conv_allows_tf32();
+  return [tf32](int64_t m, int64_t n, int64_t k, int64_t batch, const float* z, const float* v, float* out) {
+    gemm_batched<float>(m, n, k, Operand<float>{z, k, m * k, false}, Operand<float>{v, k, n * k, true}, 0.f, out, n,
+                        m * n, batch, tf32);
+  };
+}
+
+// d_weight's chunks on this GPU: four waves of 128 × 128 tiles.
+wc::Chunks grad_weight_chunks(const Conv2dGeometry& g) {
+  return wc::grad_weight_chunks(g, 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 // The three buffers of one call, on x's device.
@@ -46,6 +62,17 @@ bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
   return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;  // (and so within cuBLAS's ints)
 }
 
+bool winograd_grad_weight_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
+  if (kernel_named("TORCH_CS231N_CUDA_CONV_DW", {"winograd", "gemm"}) != 0) return false;
+  if (x.scalar_type() != at::kFloat || !wc::fits(g) || g.c < kImplicitMinColumns || g.f < kImplicitMinColumns) {
+    return false;
+  }
+  const wc::Chunks chunks = grad_weight_chunks(g);
+  const int64_t floats = wc::grad_weight_input_size(g, chunks) + wc::grad_weight_output_size(g, chunks) +
+                         wc::grad_weight_partial_size(g, chunks);
+  return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;
+}
+
 void winograd_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,
                       const Conv2dGeometry& g, cudaStream_t stream) {
   Buffers b(g, x);
@@ -62,6 +89,18 @@ void winograd_grad_input(const at::Tensor& dy, const at::Tensor& w, at::Tensor& 
   wc::grad_input(dy.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(), g,
                  b.u.mutable_data_ptr<float>(), b.v.mutable_data_ptr<float>(), b.m.mutable_data_ptr<float>(),
                  cublas_gemm(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void winograd_grad_weight(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dw, const Conv2dGeometry& g,
+                          cudaStream_t stream) {
+  const wc::Chunks chunks = grad_weight_chunks(g);
+  const at::Tensor v = at::empty({wc::grad_weight_input_size(g, chunks)}, x.options());
+  const at::Tensor z = at::empty({wc::grad_weight_output_size(g, chunks)}, x.options());
+  const at::Tensor partial = at::empty({wc::grad_weight_partial_size(g, chunks)}, x.options());
+  wc::grad_weight(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw.mutable_data_ptr<float>(), g, chunks,
+                  v.mutable_data_ptr<float>(), z.mutable_data_ptr<float>(), partial.mutable_data_ptr<float>(),
+                  cublas_gemm_nt(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

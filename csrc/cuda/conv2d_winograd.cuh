@@ -1,5 +1,6 @@
 // Conv2d on CUDA by Winograd's F(2×2, 3×3) (common/winograd.h): the forward and d_input of float32 3×3 layers
-// with stride 1, dilation 1 and one group, when TF32 is off (cuda/conv2d_winograd.h says which, by default).
+// with stride 1, dilation 1 and one group, when TF32 is off (cuda/conv2d_winograd.h says which, by default),
+// and their d_weight (a candidate).
 // cuDNN's float32 forward of the 256-channel 14×14 layer ran at 85 TFLOP/s on the H200 (counted as a direct
 // convolution), above the 67 that its CUDA cores can do: it multiplies less. So does this route, 16 products
 // for a 2×2 block of outputs where the implicit GEMM does 36 (on the H200: forward 0.40 ms against the
@@ -12,6 +13,13 @@
 //   3. 16 GEMMs                  M[ξ] (outs × P) = U[ξ] (outs × ins) · V[ξ] (ins × P), by the caller (cuBLAS
 //                                in float32 on a GPU, a loop in the emulation test);
 //   4. output_transform_kernel   the block (Aᵀ M A) of each output channel and tile, plus the bias.
+// d_weight (a candidate, TORCH_CS231N_CUDA_CONV_DW=winograd; common/winograd.h derives it) reuses step 2 on x
+// and sums over blocks instead of channels:
+//   5. grad_output_transform_kernel  Z[ξ][f][p] = (A dY_p Aᵀ)[ξ] for the 2×2 block of dY at output block p;
+//   6. 16·S GEMMs                    ∂U[ξ][s] (F × C) = Z[ξ][s] (F × chunk) · V[ξ][s]ᵀ (chunk × C): the blocks
+//                                    cut into S chunks (Chunks), so that the products, F × C each, are enough
+//                                    of them to fill the GPU while each sums over thousands of blocks;
+//   7. grad_filter_transform_kernel  dW[f][c] = Gᵀ (Σ_s ∂U[ξ][s][f][c]) G, the chunks summed in a fixed order.
 // Every kernel is a grid-stride loop with the tile index p fastest, so that a warp's writes of V and reads
 // of M are contiguous. The buffers (sizes below) hold 16 floats a tile and channel: four times the input
 // and the output, the price of the 2.25 times fewer multiplications.
@@ -51,6 +59,34 @@ struct Blocks {
 };
 inline Blocks blocks_of(int64_t samples, int64_t h, int64_t w) { return {samples, (h + 1) / 2, (w + 1) / 2}; }
 
+// How V (or Z) lays the blocks out: in `count` chunks of `size` blocks, [ξ][s][channel][q] for block
+// p = s·size + q, so that each of d_weight's GEMMs sums over one chunk (positions p past the last block hold
+// zeros); the forward's and d_input's V is one chunk of all the blocks, [ξ][channel][p].
+struct Chunks {
+  int64_t count, size;
+  __host__ __device__ int64_t blocks() const { return count * size; }
+  // Item k = (s·channels + c)·size + q of a transform's loop: its channel c and block p.
+  __host__ __device__ void split(int64_t k, int64_t channels, int64_t& c, int64_t& p) const {
+    const int64_t per_chunk = channels * size, s = count == 1 ? 0 : k / per_chunk, rest = k - s * per_chunk;
+    c = rest / size;
+    p = s * size + (rest - c * size);
+  }
+};
+inline Chunks one_chunk(const Blocks& blocks) { return {1, blocks.count()}; }
+
+// d_weight's chunks: enough products (16 a chunk, each of ceil(F/128)·ceil(C/128) output tiles of 128 × 128)
+// for `tiles_wanted` tiles in all (a few waves of the GPU's multiprocessors), each chunk at least `min_size`
+// blocks deep, a multiple of 4 (rows of 16 bytes for cuBLAS).
+inline Chunks grad_weight_chunks(const Conv2dGeometry& g, int64_t tiles_wanted, int64_t min_size = 512) {
+  const int64_t blocks = blocks_of(g.n, g.oh, g.ow).count();
+  const int64_t tiles = kPositions * ((g.f + 127) / 128) * ((g.c + 127) / 128);
+  const int64_t deepest = blocks / min_size > 1 ? blocks / min_size : 1;
+  int64_t count = (tiles_wanted + tiles - 1) / tiles;
+  count = count < 1 ? 1 : (count > deepest ? deepest : count);
+  const int64_t size = ((blocks + count - 1) / count + 3) / 4 * 4;
+  return {(blocks + size - 1) / size, size};
+}
+
 // Buffer sizes, in floats, for one call (forward or d_input; `largest` covers both).
 inline int64_t filter_size(const Conv2dGeometry& g) { return kPositions * g.f * g.c; }
 inline int64_t input_size(const Conv2dGeometry& g) {  // V: the forward's over x, d_input's over dY
@@ -60,6 +96,18 @@ inline int64_t input_size(const Conv2dGeometry& g) {  // V: the forward's over x
 inline int64_t output_size(const Conv2dGeometry& g) {  // M: the forward's F per block, d_input's C
   const int64_t forward = g.f * blocks_of(g.n, g.oh, g.ow).count(), grad = g.c * blocks_of(g.n, g.h, g.w).count();
   return kPositions * (forward > grad ? forward : grad);
+}
+
+// d_weight's buffers, in floats: V over x and Z over dY, both in `chunks`, and the products' F × C partial
+// sums, 16 a chunk.
+inline int64_t grad_weight_input_size(const Conv2dGeometry& g, Chunks chunks) {
+  return kPositions * g.c * chunks.blocks();
+}
+inline int64_t grad_weight_output_size(const Conv2dGeometry& g, Chunks chunks) {
+  return kPositions * g.f * chunks.blocks();
+}
+inline int64_t grad_weight_partial_size(const Conv2dGeometry& g, Chunks chunks) {
+  return kPositions * chunks.count * g.f * g.c;
 }
 
 // The grid of a helper kernel's grid-stride loop over n items (at most 4096 blocks).
@@ -86,25 +134,72 @@ __global__ void filter_transform_kernel(const float* __restrict__ w, float* __re
   }
 }
 
-// V[ξ][c][p] for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`.
+// V[ξ] for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`, laid out in
+// `chunks` (zeros past the last block).
 __global__ void input_transform_kernel(const float* __restrict__ src, float* __restrict__ v, int64_t channels,
-                                       int64_t h, int64_t w, int64_t ph, int64_t pw, Blocks blocks) {
-  const int64_t count = blocks.count(), total = channels * count;
+                                       int64_t h, int64_t w, int64_t ph, int64_t pw, Blocks blocks, Chunks chunks) {
+  const int64_t count = blocks.count(), total = channels * chunks.blocks();
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = k / count;
-    int64_t n, top, left;
-    blocks.place(k - c * count, n, top, left);
-    const float* plane = src + (n * channels + c) * h * w;
-    float d[4][4], t[4][4];
-    for (int r = 0; r < 4; ++r) {
-      for (int s = 0; s < 4; ++s) {
-        const int64_t i = top - ph + r, j = left - pw + s;  // conv_in_index at the block's first output, + tap
-        d[r][s] = i >= 0 && i < h && j >= 0 && j < w ? plane[i * w + j] : 0.f;
+    int64_t c, p, n, top, left;
+    chunks.split(k, channels, c, p);
+    float d[4][4] = {}, t[4][4];
+    if (p < count) {
+      blocks.place(p, n, top, left);
+      const float* plane = src + (n * channels + c) * h * w;
+      for (int r = 0; r < 4; ++r) {
+        for (int s = 0; s < 4; ++s) {
+          const int64_t i = top - ph + r, j = left - pw + s;  // conv_in_index at the block's first output, + tap
+          d[r][s] = i >= 0 && i < h && j >= 0 && j < w ? plane[i * w + j] : 0.f;
+        }
       }
     }
     winograd::input_tile(d, t);
     for (int xi = 0; xi < kPositions; ++xi) v[xi * total + k] = t[xi / 4][xi % 4];
+  }
+}
+
+// Z[ξ] = A dY Aᵀ for the `outs` planes (h × w, the output's) of dy and every 2×2 block p of `blocks` (zeros
+// past the plane's edge and past the last block), laid out in `chunks`.
+__global__ void grad_output_transform_kernel(const float* __restrict__ dy, float* __restrict__ z, int64_t outs,
+                                             int64_t h, int64_t w, Blocks blocks, Chunks chunks) {
+  const int64_t count = blocks.count(), total = outs * chunks.blocks();
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t o, p, n, top, left;
+    chunks.split(k, outs, o, p);
+    float d[2][2] = {}, t[4][4];
+    if (p < count) {
+      blocks.place(p, n, top, left);
+      const float* plane = dy + (n * outs + o) * h * w;
+      for (int r = 0; r < 2; ++r) {
+        for (int s = 0; s < 2; ++s) {
+          const int64_t i = top + r, j = left + s;
+          d[r][s] = i < h && j < w ? plane[i * w + j] : 0.f;
+        }
+      }
+    }
+    winograd::grad_output_tile(d, t);
+    for (int xi = 0; xi < kPositions; ++xi) z[xi * total + k] = t[xi / 4][xi % 4];
+  }
+}
+
+// dW[o][i] (outs × ins × 3 × 3) = Gᵀ (Σ_s ∂U[ξ][s][o][i]) G from the chunks' partial sums (`count` of them).
+__global__ void grad_filter_transform_kernel(const float* __restrict__ partial, float* __restrict__ dw, int64_t outs,
+                                             int64_t ins, int64_t count) {
+  const int64_t total = outs * ins;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float t[4][4], g[3][3];
+    for (int xi = 0; xi < kPositions; ++xi) {
+      float sum = 0.f;
+      for (int64_t s = 0; s < count; ++s) sum += partial[(xi * count + s) * total + k];
+      t[xi / 4][xi % 4] = sum;
+    }
+    winograd::grad_filter_tile(t, g);
+    for (int r = 0; r < 3; ++r) {
+      for (int s = 0; s < 3; ++s) dw[k * 9 + r * 3 + s] = g[r][s];
+    }
   }
 }
 
@@ -140,7 +235,8 @@ void correlate(const float* src, int64_t n, int64_t ins, int64_t h, int64_t w, i
                cudaStream_t stream) {
   const Blocks blocks = blocks_of(n, oh, ow);
   auto* input = &input_transform_kernel;
-  TORCH_CS231N_LAUNCH(input, grid_for(ins * blocks.count()), kThreads, stream, src, v, ins, h, w, ph, pw, blocks);
+  TORCH_CS231N_LAUNCH(input, grid_for(ins * blocks.count()), kThreads, stream, src, v, ins, h, w, ph, pw, blocks,
+                      one_chunk(blocks));
   gemm(outs, blocks.count(), ins, u, v, m);
   auto* output = &output_transform_kernel;
   TORCH_CS231N_LAUNCH(output, grid_for(outs * blocks.count()), kThreads, stream, m, bias, dst, outs, oh, ow, blocks);
@@ -163,6 +259,25 @@ void grad_input(const float* dy, const float* w, float* dx, const Conv2dGeometry
   auto* filters = &filter_transform_kernel;
   TORCH_CS231N_LAUNCH(filters, grid_for(g.f * g.c), kThreads, stream, w, u, g.c, g.f, true);
   correlate(dy, g.n, g.f, g.oh, g.ow, 2 - g.ph, 2 - g.pw, u, nullptr, dx, g.c, g.h, g.w, v, m, gemm, stream);
+}
+
+// d_weight (F × C × 3 × 3) = Σ over x's blocks of Gᵀ [(A dY Aᵀ) ⊙ (Bᵀ d B)] G. v, z, partial:
+// grad_weight_input_size, grad_weight_output_size and grad_weight_partial_size floats for `chunks`.
+// gemm_nt(m, n, k, batch, a, b, c) computes the row-major products c[j] (m × n) = a[j] (m × k) · b[j]ᵀ
+// (b[j]: n × k) for j < batch, matrices packed one after another.
+template <typename GemmNT>
+void grad_weight(const float* dy, const float* x, float* dw, const Conv2dGeometry& g, Chunks chunks, float* v, float* z,
+                 float* partial, GemmNT&& gemm_nt, cudaStream_t stream) {
+  const Blocks blocks = blocks_of(g.n, g.oh, g.ow);
+  auto* input = &input_transform_kernel;
+  TORCH_CS231N_LAUNCH(input, grid_for(g.c * chunks.blocks()), kThreads, stream, x, v, g.c, g.h, g.w, g.ph, g.pw, blocks,
+                      chunks);
+  auto* output = &grad_output_transform_kernel;
+  TORCH_CS231N_LAUNCH(output, grid_for(g.f * chunks.blocks()), kThreads, stream, dy, z, g.f, g.oh, g.ow, blocks,
+                      chunks);
+  gemm_nt(g.f, g.c, chunks.size, kPositions * chunks.count, z, v, partial);
+  auto* filters = &grad_filter_transform_kernel;
+  TORCH_CS231N_LAUNCH(filters, grid_for(g.f * g.c), kThreads, stream, partial, dw, g.f, g.c, chunks.count);
 }
 
 }  // namespace winograd_conv

@@ -20,6 +20,12 @@ namespace cuda {
 // d_weight, take the implicit GEMM or cuBLAS as implicit_gemm_chosen says.
 bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x);
 
+// Whether Winograd does this layer's d_weight: TORCH_CS231N_CUDA_CONV_DW=winograd (a candidate, not yet run
+// on a GPU; unset or `gemm`: the implicit GEMM or cuBLAS, as implicit_gemm_chosen says), float32 (its GEMMs
+// in TF32 where torch.backends.cudnn.allow_tf32 allows), and the layers that winograd_chosen takes, whatever
+// TORCH_CS231N_CUDA_CONV says.
+bool winograd_grad_weight_chosen(const Conv2dGeometry& g, const at::Tensor& x);
+
 // The buffers hold 16 floats per 2×2 output block and channel (four times the input and the output); above
 // this many bytes a layer takes the implicit GEMM instead.
 constexpr int64_t kWinogradBufferLimit = int64_t(4) << 30;
@@ -31,6 +37,10 @@ void winograd_forward(const at::Tensor& x, const at::Tensor& w, const c10::optio
 // dx = d_input of conv(x, w) for dY; all contiguous NCHW float32.
 void winograd_grad_input(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx, const Conv2dGeometry& g,
                          cudaStream_t stream);
+
+// dw = d_weight of conv(x, w) for dY; dy, x and dw contiguous NCHW float32.
+void winograd_grad_weight(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dw, const Conv2dGeometry& g,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace torch_cs231n

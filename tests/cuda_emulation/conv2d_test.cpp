@@ -224,7 +224,34 @@ bool run_winograd(const Case& k, bool tf32, std::mt19937& rng) {
   // leave ten times a direct TF32 sum's error: up to 5e-3 of the sum of |terms| was seen here
   const double tolerance = tf32 ? 1e-2 : 1e-5;
   bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
-  return compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+  ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
+
+  // d_weight (a candidate), its products c[j] = a[j] · b[j]ᵀ; in one chunk (of blocks rounded up to a multiple
+  // of 4, the rest zeros), and in chunks of 4 blocks (the last one ragged where the blocks are not a multiple
+  // of 4: the 6 of the fourth case)
+  auto gemm_nt = [tf32](int64_t m, int64_t n, int64_t depth, int64_t batch, const float* a, const float* bm, float* c) {
+    auto operand = [tf32](float x) { return tf32 ? ig::round_to_tf32(x) : x; };
+    for (int64_t j = 0; j < batch; ++j) {
+      const float *aj = a + j * m * depth, *bj = bm + j * n * depth;
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t l = 0; l < n; ++l) {
+          float sum = 0.f;
+          for (int64_t d = 0; d < depth; ++d) sum += operand(aj[i * depth + d]) * operand(bj[l * depth + d]);
+          c[(j * m + i) * n + l] = sum;
+        }
+      }
+    }
+  };
+  const int64_t blocks = wc::blocks_of(g.n, g.oh, g.ow).count();
+  for (const wc::Chunks chunks : {wc::grad_weight_chunks(g, /*tiles_wanted=*/1), wc::Chunks{(blocks + 3) / 4, 4}}) {
+    std::vector<float> vw(wc::grad_weight_input_size(g, chunks), NAN), z(wc::grad_weight_output_size(g, chunks), NAN);
+    std::vector<float> partial(wc::grad_weight_partial_size(g, chunks), NAN), dw(w.size(), NAN);
+    wc::grad_weight(dy.data(), x.data(), dw.data(), g, chunks, vw.data(), z.data(), partial.data(), gemm_nt, nullptr);
+    char what[64];
+    std::snprintf(what, sizeof what, "d_weight %ldx%ld", long(chunks.count), long(chunks.size));
+    ok = compare(what, dw, r.dw, r.dw_abs, tolerance) && ok;
+  }
+  return ok;
 }
 
 // ------------------------------------------------------------------------------------ depthwise tiles

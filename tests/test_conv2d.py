@@ -349,8 +349,9 @@ def test_cuda_tf32_follows_the_cudnn_flag():
 def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
     """TORCH_CS231N_CUDA_CONV=implicit: the implicit-GEMM kernels on every layer they can do (by default
     float32 layers but 1x1 ones); =cublas: im2col and cuBLAS, the default before; =winograd: as unset,
-    Winograd's forward and d_input on the first layer here (3x3, stride 1) and the implicit GEMM on the
-    others, but Winograd with TF32 on too (its GEMMs in TF32, a candidate: its id says so).
+    Winograd's forward and d_input on the 3x3 stride-1 layers here (the first and the last) and the implicit
+    GEMM on the others, but Winograd with TF32 on too, where there are 128 channels and filters or more (the
+    last layer; its GEMMs in TF32, a candidate: its id says so).
 
     Shapes with several tiles along m, n and k, ragged edges, groups, strides (d_input's division) and a
     d_weight sum long enough to be split. The reference is float64 of the inputs rounded to the dtype;
@@ -367,7 +368,8 @@ def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
                        ((4, 96, 30, 30), (96, 32, 3, 3), dict(padding=1, groups=3, stride=2)),
                        ((3, 150, 9, 9), (140, 150, 1, 1), dict()),
                        ((2, 3, 64, 64), (64, 3, 7, 7), dict(padding=3, stride=2)),
-                       ((5, 36, 17, 19), (40, 36, 5, 3), dict(padding=(2, 1), dilation=(1, 2), stride=(3, 1)))]:
+                       ((5, 36, 17, 19), (40, 36, 5, 3), dict(padding=(2, 1), dilation=(1, 2), stride=(3, 1))),
+                       ((2, 128, 11, 12), (136, 128, 3, 3), dict(padding=1))]:
         x = torch.randn(xs, generator=gen, dtype=torch.float64).to(dtype)
         w = (torch.randn(ws, generator=gen, dtype=torch.float64) * 0.1).to(dtype)
         b = torch.randn(ws[0], generator=gen, dtype=torch.float64).to(dtype)
@@ -487,8 +489,9 @@ def test_cuda_conv_winograd_matches_float64(monkeypatch):
 def test_cuda_conv_winograd_dw_candidate_matches_float64(monkeypatch, tf32):
     """TORCH_CS231N_CUDA_CONV_DW=winograd, a candidate: d_W of float32 3x3 stride-1 layers by F(2x2, 3x3), 16
     products of the transformed dY and x summed over blocks (in chunks, the last case in several), held to
-    float64 as the implicit GEMM is (1e-5), or with TF32 on to TF32's error, which its d_W must show; y, d_x
-    and d_b are untouched. Paddings 0, 1 and 2, odd sizes (blocks past the output's edge)."""
+    float64 as the implicit GEMM is (1e-5), or with TF32 on to TF32's error, which its d_W must show (with
+    TF32, Winograd takes the layers of 128 channels and filters or more, the last two here); y, d_x and d_b
+    are untouched. Paddings 0, 1 and 2, odd sizes (blocks past the output's edge)."""
     monkeypatch.delenv("TORCH_CS231N_CUDA_CONV", raising=False)
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DW", "winograd")
     gen = torch.Generator().manual_seed(4)
@@ -496,7 +499,8 @@ def test_cuda_conv_winograd_dw_candidate_matches_float64(monkeypatch, tf32):
     flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
     for xs, ws, padding in [((3, 32, 13, 11), (40, 32, 3, 3), 1), ((2, 48, 6, 5), (32, 48, 3, 3), 0),
                             ((2, 32, 5, 8), (64, 32, 3, 3), 2), ((4, 64, 9, 9), (64, 64, 3, 3), (0, 2)),
-                            ((16, 32, 40, 40), (48, 32, 3, 3), 1)]:  # 6400 blocks: chunks of about 512
+                            ((16, 32, 40, 40), (48, 32, 3, 3), 1),  # 6400 blocks: chunks of about 512
+                            ((3, 128, 9, 10), (128, 128, 3, 3), 1), ((32, 144, 16, 16), (128, 144, 3, 3), 1)]:
         x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
         with torch.no_grad():
             g = torch.randn(F.conv2d(x, w, padding=padding).shape, generator=gen, dtype=torch.float64)

@@ -50,27 +50,31 @@ struct Buffers {
         m(at::empty({wc::output_size(g)}, x.options())) {}
 };
 
+// The layers Winograd may do, in float32 or with TF32 on (the buffers aside).
+bool layer_fits(const Conv2dGeometry& g, const at::Tensor& x) {
+  const int64_t fewest = conv_allows_tf32() ? kWinogradTf32MinChannels : kImplicitMinColumns;
+  return x.scalar_type() == at::kFloat && wc::fits(g) && g.c >= fewest && g.f >= fewest;
+}
+
+bool within_limit(int64_t floats) {  // (and so within cuBLAS's ints)
+  return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;
+}
+
 }  // namespace
 
 bool winograd_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
   const ConvRoute named = conv_route_named();
   if (named == ConvRoute::kImplicit || named == ConvRoute::kCublas) return false;  // (default or winograd: yes)
   // with TF32 allowed, only when asked for: a candidate, not yet run on a GPU
-  if (x.scalar_type() != at::kFloat || (conv_allows_tf32() && named != ConvRoute::kWinograd)) return false;
-  if (!wc::fits(g) || g.c < kImplicitMinColumns || g.f < kImplicitMinColumns) return false;
-  const int64_t floats = wc::filter_size(g) + wc::input_size(g) + wc::output_size(g);
-  return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;  // (and so within cuBLAS's ints)
+  if (conv_allows_tf32() && named != ConvRoute::kWinograd) return false;
+  return layer_fits(g, x) && within_limit(wc::filter_size(g) + wc::input_size(g) + wc::output_size(g));
 }
 
 bool winograd_grad_weight_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
-  if (kernel_named("TORCH_CS231N_CUDA_CONV_DW", {"winograd", "gemm"}) != 0) return false;
-  if (x.scalar_type() != at::kFloat || !wc::fits(g) || g.c < kImplicitMinColumns || g.f < kImplicitMinColumns) {
-    return false;
-  }
+  if (kernel_named("TORCH_CS231N_CUDA_CONV_DW", {"winograd", "gemm"}) != 0 || !layer_fits(g, x)) return false;
   const wc::Chunks chunks = grad_weight_chunks(g);
-  const int64_t floats = wc::grad_weight_input_size(g, chunks) + wc::grad_weight_output_size(g, chunks) +
-                         wc::grad_weight_partial_size(g, chunks);
-  return floats * static_cast<int64_t>(sizeof(float)) <= kWinogradBufferLimit;
+  return within_limit(wc::grad_weight_input_size(g, chunks) + wc::grad_weight_output_size(g, chunks) +
+                      wc::grad_weight_partial_size(g, chunks));
 }
 
 void winograd_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y,

@@ -15,6 +15,9 @@
 #      the candidates' first.
 # Every log goes to one folder (OUT, default gpu-check/), with summary.txt on top. Exit status: 0 when
 # every step passed, 1 when one failed, 2 when there is no GPU.
+# ONLY=candidates: a round for a short lease of a GPU, once the defaults have passed here: steps 2 and 3
+# are left out, and step 4 times only the candidates' ops (the defaults' side of their comparison), so
+# that the candidates' tests, benchmarks and profiles fit (raise LIMIT for more of them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -45,6 +48,14 @@ CANDIDATES=(
 # by LIMIT seconds (fits, below), and is stopped there if it has not (a step cut short is reported so, and
 # is not a failure: the proven kernels' verdict is in by then).
 LIMIT=${LIMIT:-350}
+ONLY=${ONLY:-}
+case "$ONLY" in
+  "" | candidates) ;;
+  *)
+    echo "gpu-check: ONLY=$ONLY: expected 'candidates' (or unset: the whole check)" >&2
+    exit 2
+    ;;
+esac
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu-check: no CUDA device is visible to $PY's torch: run this on a GPU machine" >&2
@@ -106,8 +117,10 @@ step build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" "$PY" 
   echo "std::ostream functions defined in $library: $(nm -D --defined-only "$library" | grep -c _M_insert)"
 } >"$OUT/toolchain.log" 2>&1
 cat "$OUT/toolchain.log" >>"$summary"
-step check "$PY" -m torch_cs231n check --device cuda
-tail -n 15 "$OUT/check.log" >>"$summary"
+if [ -z "$ONLY" ]; then
+  step check "$PY" -m torch_cs231n check --device cuda
+  tail -n 15 "$OUT/check.log" >>"$summary"
+fi
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$jobs")
 # Tests of very unequal lengths (the > 2^31-element ones take many seconds): idle workers take pending
@@ -115,12 +128,22 @@ parallel=()
 "$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null &&
   parallel+=(--dist worksteal)
 # The candidates' own tests (their names say "candidate") wait for the candidates' round, with its limits.
-step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}" \
-  --durations=15
-sed -n '/slowest/,$p' "$OUT/pytest-cuda.log" | tail -n 25 >>"$summary"
+if [ -z "$ONLY" ]; then
+  step pytest-cuda timeout -k 10 240 "$PY" -m pytest -q -k "(cuda or libstdcxx) and not candidate" "${parallel[@]}" \
+    --durations=15
+  sed -n '/slowest/,$p' "$OUT/pytest-cuda.log" | tail -n 25 >>"$summary"
+fi
 # One short round each (--quick: 0.2 s of timing a case, ample for kernels of milliseconds), so that the
-# 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio.
-step bench-gpu "$PY" -m torch_cs231n bench --device cuda --quick --json "$OUT/bench.json"
+# 6 minutes leave time for the candidates; `bench --rounds 3` firms up a ratio. With ONLY=candidates, the
+# candidates' ops alone ($ops of each, split into words on purpose).
+bench_ops=()
+if [ -n "$ONLY" ]; then
+  for candidate in "${CANDIDATES[@]}"; do
+    IFS='|' read -r name setting tests ops cases <<<"$candidate"
+    for op in $ops; do bench_ops+=(--op "$op"); done
+  done
+fi
+step bench-gpu "$PY" -m torch_cs231n bench --device cuda --quick "${bench_ops[@]}" --json "$OUT/bench.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
 step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"

@@ -518,6 +518,39 @@ def test_cuda_conv_winograd_dw_candidate_matches_float64(monkeypatch, tf32):
                     torch.randn(32, 32, 3, 3, device="cuda", requires_grad=True)).sum().backward()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the few channels' gather is a CUDA kernel")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_conv_few_channels_dx_candidate_matches_float64(monkeypatch, tf32):
+    """TORCH_CS231N_CUDA_CONV_DX=gather, a candidate: d_x of layers of 1 to 4 channels (stems) gathered from dY
+    with no column buffer, float32 FMAs even with TF32 on, so held to 1e-5 of float64 either way (y and d_W
+    to TF32's error when it is on). Strides 1 to 4, kernels 3x3 to 11x11, sizes that are no multiple of the
+    stride; a dilated layer, which it does not do, takes the cuBLAS route as before."""
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DX", "gather")
+    gen = torch.Generator().manual_seed(6)
+    cudnn = torch.backends.cudnn
+    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
+    for xs, ws, kw in [((4, 3, 45, 47), (16, 3, 7, 7), dict(stride=2, padding=3)),
+                       ((2, 1, 20, 21), (8, 1, 3, 3), dict(padding=1)),
+                       ((3, 4, 33, 30), (24, 4, 5, 5), dict(stride=2, padding=2)),
+                       ((2, 3, 32, 32), (32, 3, 7, 7), dict(padding=3)),
+                       ((2, 2, 18, 16), (8, 2, 4, 4), dict(stride=4)),
+                       ((2, 3, 64, 63), (48, 3, 11, 11), dict(stride=4, padding=2)),
+                       ((2, 3, 17, 19), (8, 3, 3, 3), dict(padding=2, dilation=2))]:
+        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
+        with torch.no_grad():
+            g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
+        exact = run_both(x, w, b, g, **kw)[1]
+        with cudnn.flags(**flags, allow_tf32=tf32):
+            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), **kw)[0]
+        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
+            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            assert error < (1e-2 if tf32 and name in ("y", "d_W") else 1e-5), (name, xs, ws, kw, error)
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DX", "scatter")  # read where a d_x is wanted
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_DX: expected 'gather' or 'gemm' .*, but got 'scatter'"):
+        ours.conv2d(torch.randn(1, 3, 8, 8, device="cuda", requires_grad=True),
+                    torch.randn(4, 3, 3, 3, device="cuda")).sum().backward()
+
+
 def check_past_int32(monkeypatch, route):
     """A convolution whose output has more than 2^31 elements, its first sample's offsets below 2^31 and the
     last one's above (16385 samples of 32 x 64 x 64): ours against cuDNN in float32 (TF32 off) on the last

@@ -1,7 +1,7 @@
 """The CUDA kernels written to be emulated, run on the CPU.
 
-tests/cuda_emulation/ compiles csrc/cuda/conv2d_implicit_gemm.cuh, conv2d_depthwise.cuh and
-max_pool2d_backward.cuh as plain C++ with an emulation of the GPU (a block's threads as fibers, its
+tests/cuda_emulation/ compiles csrc/cuda/conv2d_implicit_gemm.cuh, conv2d_winograd.cuh,
+conv2d_few_channels.cuh, conv2d_depthwise.cuh and max_pool2d_backward.cuh as plain C++ with an emulation of the GPU (a block's threads as fibers, its
 barriers, the warp's tensor-core MMA with the PTX ISA's fragment layout) and compares them with references
 written out loop by loop: the convolution's forward, d_input and d_weight (TF32, float32, float64) with
 float64, max-pool's backward with rule (3). So a wrong index, fragment layout or barrier shows here, on any machine; only
@@ -25,8 +25,9 @@ HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 
 @pytest.mark.parametrize("program", ["conv2d_test", "max_pool2d_test", "int_divider_test"])
 def test_kernels_agree_with_their_reference_under_emulation(tmp_path, program):
-    """conv2d_test: the implicit GEMM and the depthwise tiles against float64; max_pool2d_test: the flat
-    backward against rule (3); int_divider_test: the fixed-point quotients against `/`."""
+    """conv2d_test: the implicit GEMM, Winograd, the few channels' d_input and the depthwise tiles against
+    float64; max_pool2d_test: the flat backward against rule (3); int_divider_test: the fixed-point
+    quotients against `/`."""
     cxx = os.environ.get("CXX", "c++")
     assert shutil.which(cxx), f"no C++ compiler ({cxx}): the extension's build needs one too"
     exe = str(tmp_path / program)

@@ -39,10 +39,12 @@ OUT=${OUT:-gpu-check}
 #                                      (cuda/conv2d.cu): the pointwise case
 #   TORCH_CS231N_CUDA_CONV_DW=winograd d_W of the 3x3 stride-1 layers by F(2x2, 3x3) too, in chunks of blocks
 #                                      (cuda/conv2d_winograd.cuh), float32 and TF32: the conv3x3 cases
+#   TORCH_CS231N_CUDA_CONV_DX=gather   d_x of layers of 1-4 channels gathered from dY, no column buffer
+#                                      (cuda/conv2d_few_channels.cuh): the stem
 # Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
 # CUDA, which take them wherever they fit.
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
+  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd TORCH_CS231N_CUDA_CONV_DX=gather|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
 )
 # The check must finish in 6 minutes: every step after the benchmarks starts only if it is expected to end
 # by LIMIT seconds (fits, below), and is stopped there if it has not (a step cut short is reported so, and

@@ -16,14 +16,18 @@
 // No atomics anywhere, so every result is deterministic. float32 GEMMs run in TF32 when
 // torch.backends.cudnn.allow_tf32 says so, as torch's own convolutions do (cuda/blas.cuh).
 //
-// Two faster kernels passed `make gpu-check` on an H200 (2026-11-30) and became the defaults where they
-// apply; an environment variable still chooses either way (docs/conv2d.md):
-//     TORCH_CS231N_CUDA_CONV       implicit GEMMs, no column buffer (cuda/conv2d_implicit_gemm.h: its wrappers
-//                                  build in their own file, .cu, its kernels are in .cuh): by default float32
-//                                  layers but 1x1 ones; =implicit every layer it can do, =cublas none
-//     TORCH_CS231N_CUDA_DEPTHWISE  depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh) for 3x3 and
-//                                  5x5 filters by default (=tiles), the line kernels below (=lines), and
-//                                  a candidate, the tall tiles (=tall: four outputs a thread)
+// Faster kernels that passed `make gpu-check` on an H200 (2026-11-30) are the defaults where they apply;
+// an environment variable still chooses either way, and chooses the candidates that wait for a GPU
+// (docs/conv2d.md, README):
+//     TORCH_CS231N_CUDA_CONV       by default Winograd's forward and d_input for float32 3x3 stride-1 layers
+//                                  with TF32 off (cuda/conv2d_winograd.h), implicit GEMMs, no column buffer,
+//                                  for the other float32 layers but 1x1 ones (cuda/conv2d_implicit_gemm.h);
+//                                  =implicit every layer it can do, =cublas none, =winograd Winograd with
+//                                  TF32 too (a candidate)
+//     TORCH_CS231N_CUDA_DEPTHWISE  depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh): the tall
+//                                  tiles by default, =tiles the earlier ones, =lines the line kernels below
+//     candidates: TORCH_CS231N_CUDA_CONV_DW=winograd (d_W by Winograd), TORCH_CS231N_CUDA_CONV_DX=gather (the
+//                 few channels' d_x, cuda/conv2d_few_channels.cuh), TORCH_CS231N_CUDA_POINTWISE_DW=samples
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
 // (conv2d_memory_format: channels_last when the input or the weight is, NCHW for float64), by a copy.
@@ -45,6 +49,7 @@
 #include "common/grads.h"
 #include "cuda/blas.cuh"
 #include "cuda/conv2d_depthwise.cuh"
+#include "cuda/conv2d_few_channels.cuh"
 #include "cuda/conv2d_implicit_gemm.h"
 #include "cuda/conv2d_winograd.h"
 #include "cuda/launch.cuh"
@@ -257,6 +262,25 @@ bool pointwise_dw_by_samples(const Conv2dGeometry& g) {
   const int named = cuda::kernel_named("TORCH_CS231N_CUDA_POINTWISE_DW", {"samples", "transposed"});
   const int64_t per_sample = g.f * g.c_per_group(), transposed = (g.c + g.f) * g.col_cols();
   return named == 0 && conv2d_is_pointwise(g) && per_sample < transposed;
+}
+
+// d_input of a layer of few channels (a stem) by the gather of cuda/conv2d_few_channels.cuh, with no column
+// buffer: TORCH_CS231N_CUDA_CONV_DX=gather (a candidate, not yet run on a GPU; unset or `gemm`: the cuBLAS
+// route's column buffer and col2im), float32 layers that fit (1 to 4 channels, dilation 1).
+bool few_channels_grad_input_chosen(const Conv2dGeometry& g, const at::Tensor& x) {
+  if (cuda::kernel_named("TORCH_CS231N_CUDA_CONV_DX", {"gather", "gemm"}) != 0) return false;
+  return x.scalar_type() == at::kFloat && cuda::few_channels::fits(g);
+}
+
+void few_channels_grad_input(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx, const Conv2dGeometry& g,
+                             cudaStream_t stream) {
+  namespace fc = cuda::few_channels;
+  // W as [f][t_h][t_w][4]: each tap's channels side by side, zeros past C (a fresh tensor: 16-byte aligned)
+  const at::Tensor taps = at::constant_pad_nd(w.permute({0, 2, 3, 1}), {0, fc::kMaxChannels - g.c}).contiguous();
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(taps.const_data_ptr()) % alignof(fc::Channels) == 0);
+  fc::grad_input(dy.const_data_ptr<float>(), reinterpret_cast<const fc::Channels*>(taps.const_data_ptr<float>()),
+                 dx.mutable_data_ptr<float>(), g, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -510,9 +534,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  // Winograd's d_input and d_W where chosen; what is left as below, by the route that would have done both
+  // Winograd's d_input and d_W, or the few channels' d_input, where chosen; what is left as below, by the
+  // route that would have done both
   if (need_dx && cuda::winograd_chosen(g, x)) {
     cuda::winograd_grad_input(dy, w, dx, g, stream);
+    need_dx = false;
+  }
+  if (need_dx && few_channels_grad_input_chosen(g, x)) {
+    few_channels_grad_input(dy, w, dx, g, stream);
     need_dx = false;
   }
   if (need_dw && cuda::winograd_grad_weight_chosen(g, x)) {

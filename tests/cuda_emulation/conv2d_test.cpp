@@ -1,5 +1,6 @@
-// The CUDA convolution kernels that are written to be emulated (csrc/cuda/conv2d_implicit_gemm.cuh and
-// csrc/cuda/conv2d_depthwise.cuh), run on the CPU under cuda_emulation.h, against a float64 convolution
+// The CUDA convolution kernels that are written to be emulated (csrc/cuda/conv2d_implicit_gemm.cuh,
+// conv2d_winograd.cuh, conv2d_few_channels.cuh and conv2d_depthwise.cuh), run on the CPU under
+// cuda_emulation.h, against a float64 convolution
 // written out loop by loop. tests/test_cuda_emulation.py compiles and runs it; it prints a line per product
 // and case, and exits 1 if any is wrong.
 //
@@ -12,6 +13,7 @@
 #include "cuda_emulation.h"
 // clang-format off: the emulation header must come first
 #include "cuda/conv2d_depthwise.cuh"
+#include "cuda/conv2d_few_channels.cuh"
 #include "cuda/conv2d_implicit_gemm.cuh"
 #include "cuda/conv2d_winograd.cuh"
 // clang-format on
@@ -29,6 +31,7 @@
 namespace ig = torch_cs231n::cuda::implicit_gemm;
 namespace dwc = torch_cs231n::cuda::depthwise;
 namespace wc = torch_cs231n::cuda::winograd_conv;
+namespace fc = torch_cs231n::cuda::few_channels;
 using torch_cs231n::Conv2dGeometry;
 
 namespace {
@@ -254,6 +257,29 @@ bool run_winograd(const Case& k, bool tf32, std::mt19937& rng) {
   return ok;
 }
 
+// ------------------------------------------------------------------------------- few channels' d_input
+// The gather of a stem's d_input (a candidate), W laid out [f][t_h][t_w][4] by hand as cuda/conv2d.cu does
+// with tensor ops.
+bool run_few_channels(const Case& k, std::mt19937& rng) {
+  const Conv2dGeometry g = geometry(k);
+  const std::vector<float> x = random_values(g.n * g.c * g.h * g.w, rng);
+  const std::vector<float> w = random_values(g.f * g.c * g.kh * g.kw, rng);
+  const std::vector<float> b = random_values(g.f, rng);
+  const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
+  const Reference r = reference(g, x, w, b, dy);
+  std::vector<fc::Channels> w4(g.f * g.kh * g.kw);
+  for (int64_t f = 0; f < g.f; ++f) {
+    for (int64_t t = 0; t < g.kh * g.kw; ++t) {
+      for (int c = 0; c < fc::kMaxChannels; ++c)
+        w4[f * g.kh * g.kw + t].v[c] = c < g.c ? w[(f * g.c + c) * g.kh * g.kw + t] : 0.f;
+    }
+  }
+  std::vector<float> dx(x.size(), NAN);
+  fc::grad_input(dy.data(), w4.data(), dx.data(), g, nullptr);
+  describe("few channels' d_input (gather), fp32", k, "");
+  return compare("d_input", dx, r.dx, r.dx_abs, 1e-5);
+}
+
 // ------------------------------------------------------------------------------------ depthwise tiles
 template <typename T, int KH, int KW>
 bool run_depthwise(const Case& k, std::mt19937& rng) {
@@ -356,6 +382,26 @@ int main() {
     }
     ok = run_winograd(k, /*tf32=*/false, rng) && ok;
     ok = run_winograd(k, /*tf32=*/true, rng) && ok;
+  }
+  // Few channels' d_input: 1 to 4 channels, strides 1 to 4 (phases), paddings past the taps, sizes that are
+  // no multiple of the stride or of a run (8), rows of taps of 1 to 7 (KMax 4 and 7)
+  const Case few[] = {
+      {2, 3, 15, 17, 5, 7, 7, 2, 2, 3, 3, 1, 1, 1},    // an RGB stem: 7x7 stride 2
+      {1, 1, 9, 10, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // one channel, 3x3
+      {2, 4, 13, 11, 3, 5, 5, 2, 2, 2, 2, 1, 1, 1},    // four channels, 5x5 stride 2
+      {1, 2, 16, 16, 6, 4, 4, 4, 4, 0, 0, 1, 1, 1},    // patches: 4x4 stride 4
+      {2, 3, 12, 30, 5, 7, 7, 1, 1, 3, 3, 1, 1, 1},    // 7x7 stride 1 (7 taps a row: KMax 7)
+      {1, 3, 23, 21, 4, 11, 11, 4, 4, 2, 2, 1, 1, 1},  // 11x11 stride 4
+      {1, 3, 10, 9, 3, 3, 5, 1, 3, 0, 2, 1, 1, 1},     // 3x5, strides 1 and 3
+      {1, 2, 6, 7, 3, 3, 3, 2, 1, 2, 2, 1, 1, 1},      // padding 2 of a 3x3 filter
+  };
+  for (const Case& k : few) {
+    if (!fc::fits(geometry(k))) {
+      describe("few channels: does not fit", k, " (THE CASE IS WRONG)");
+      ok = false;
+      continue;
+    }
+    ok = run_few_channels(k, rng) && ok;
   }
   const Case depthwise[] = {
       {2, 3, 9, 9, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3},    // 3x3, padding 1, one tile a plane

@@ -33,8 +33,9 @@ OUT=${OUT:-gpu-check}
 #                                      deep (cuda/conv2d_implicit_gemm.cuh): passed its layer's tests on the
 #                                      H200 but measured faster only for some layers; its own bitwise test
 #                                      has not yet run to its end there
-#   TORCH_CS231N_CUDA_CONV=winograd    Winograd with TF32 on too, its GEMMs in TF32 (cuda/conv2d_winograd.h):
-#                                      the TF32 bench shows it (the float32 one is the default there)
+#   TORCH_CS231N_CUDA_CONV=winograd    Winograd with TF32 on too (128+ channels), its GEMMs in TF32
+#                                      (cuda/conv2d_winograd.h): the TF32 bench shows it (the float32 one is
+#                                      the default there)
 #   TORCH_CS231N_CUDA_POINTWISE_DW=samples  a 1x1 layer's d_W by samples, without transposed copies
 #                                      (cuda/conv2d.cu): the pointwise case
 #   TORCH_CS231N_CUDA_CONV_DW=winograd d_W of the 3x3 stride-1 layers by F(2x2, 3x3) too, in chunks of blocks

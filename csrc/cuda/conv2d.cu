@@ -23,7 +23,7 @@
 //                                  with TF32 off (cuda/conv2d_winograd.h), implicit GEMMs, no column buffer,
 //                                  for the other float32 layers but 1x1 ones (cuda/conv2d_implicit_gemm.h);
 //                                  =implicit every layer it can do, =cublas none, =winograd Winograd with
-//                                  TF32 too (a candidate)
+//                                  TF32 too, on 128+ channels and filters (a candidate)
 //     TORCH_CS231N_CUDA_DEPTHWISE  depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh): the tall
 //                                  tiles by default, =tiles the earlier ones, =lines the line kernels below
 //     candidates: TORCH_CS231N_CUDA_CONV_DW=winograd (d_W by Winograd), TORCH_CS231N_CUDA_CONV_DX=gather (the

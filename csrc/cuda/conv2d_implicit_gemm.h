@@ -17,8 +17,9 @@ namespace cuda {
 
 // The route TORCH_CS231N_CUDA_CONV names: unset, the default (Winograd's forward and d_input where they fit,
 // cuda/conv2d_winograd.h; the implicit GEMM for the rest of float32 but 1x1 layers; cuBLAS for the others);
-// `winograd`, the same and Winograd with TF32 too (a candidate); `implicit`, the implicit GEMM wherever it
-// can (no Winograd); `cublas`, im2col and cuBLAS. Any other value is an error that names these.
+// `winograd`, the same and Winograd with TF32 too, on 128+ channels (a candidate); `implicit`, the implicit
+// GEMM wherever it can (no Winograd); `cublas`, im2col and cuBLAS. Any other value is an error that names
+// these.
 enum class ConvRoute { kDefault, kImplicit, kCublas, kWinograd };
 ConvRoute conv_route_named();
 

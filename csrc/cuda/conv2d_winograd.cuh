@@ -134,51 +134,52 @@ __global__ void filter_transform_kernel(const float* __restrict__ w, float* __re
   }
 }
 
-// V[ξ] for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`, laid out in
-// `chunks` (zeros past the last block).
+// Item k of a transform's loop over the `channels` planes (h × w) of src and the blocks laid out in
+// `chunks`: the R × S values of its plane from (top + dh, left + dw) for its block's first output (top,
+// left), zeros outside the plane and past the last block.
+template <int R, int S>
+__host__ __device__ void block_values(const float* src, int64_t channels, int64_t h, int64_t w, int64_t dh, int64_t dw,
+                                      const Blocks& blocks, const Chunks& chunks, int64_t k, float (&d)[R][S]) {
+  int64_t c, p, n, top, left;
+  chunks.split(k, channels, c, p);
+  for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < S; ++s) d[r][s] = 0.f;
+  }
+  if (p >= blocks.count()) return;
+  blocks.place(p, n, top, left);
+  const float* plane = src + (n * channels + c) * h * w;
+  for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < S; ++s) {
+      const int64_t i = top + dh + r, j = left + dw + s;
+      if (i >= 0 && i < h && j >= 0 && j < w) d[r][s] = plane[i * w + j];
+    }
+  }
+}
+
+// V[ξ] = Bᵀ d B for the `channels` planes (h × w) of src and every block p = (n, b_h, b_w) of `blocks`, d
+// its 4 × 4 tile from (2·b_h - ph, 2·b_w - pw) (conv_in_index at the block's first output), laid out in
+// `chunks`.
 __global__ void input_transform_kernel(const float* __restrict__ src, float* __restrict__ v, int64_t channels,
                                        int64_t h, int64_t w, int64_t ph, int64_t pw, Blocks blocks, Chunks chunks) {
-  const int64_t count = blocks.count(), total = channels * chunks.blocks();
+  const int64_t total = channels * chunks.blocks();
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t c, p, n, top, left;
-    chunks.split(k, channels, c, p);
-    float d[4][4] = {}, t[4][4];
-    if (p < count) {
-      blocks.place(p, n, top, left);
-      const float* plane = src + (n * channels + c) * h * w;
-      for (int r = 0; r < 4; ++r) {
-        for (int s = 0; s < 4; ++s) {
-          const int64_t i = top - ph + r, j = left - pw + s;  // conv_in_index at the block's first output, + tap
-          d[r][s] = i >= 0 && i < h && j >= 0 && j < w ? plane[i * w + j] : 0.f;
-        }
-      }
-    }
+    float d[4][4], t[4][4];
+    block_values(src, channels, h, w, -ph, -pw, blocks, chunks, k, d);
     winograd::input_tile(d, t);
     for (int xi = 0; xi < kPositions; ++xi) v[xi * total + k] = t[xi / 4][xi % 4];
   }
 }
 
-// Z[ξ] = A dY Aᵀ for the `outs` planes (h × w, the output's) of dy and every 2×2 block p of `blocks` (zeros
-// past the plane's edge and past the last block), laid out in `chunks`.
+// Z[ξ] = A dY Aᵀ for the `outs` planes (h × w, the output's) of dy and every 2×2 block of `blocks` (zeros
+// past the plane's edge), laid out in `chunks`.
 __global__ void grad_output_transform_kernel(const float* __restrict__ dy, float* __restrict__ z, int64_t outs,
                                              int64_t h, int64_t w, Blocks blocks, Chunks chunks) {
-  const int64_t count = blocks.count(), total = outs * chunks.blocks();
+  const int64_t total = outs * chunks.blocks();
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t o, p, n, top, left;
-    chunks.split(k, outs, o, p);
-    float d[2][2] = {}, t[4][4];
-    if (p < count) {
-      blocks.place(p, n, top, left);
-      const float* plane = dy + (n * outs + o) * h * w;
-      for (int r = 0; r < 2; ++r) {
-        for (int s = 0; s < 2; ++s) {
-          const int64_t i = top + r, j = left + s;
-          d[r][s] = i < h && j < w ? plane[i * w + j] : 0.f;
-        }
-      }
-    }
+    float d[2][2], t[4][4];
+    block_values(dy, outs, h, w, 0, 0, blocks, chunks, k, d);
     winograd::grad_output_tile(d, t);
     for (int xi = 0; xi < kPositions; ++xi) z[xi * total + k] = t[xi / 4][xi % 4];
   }

@@ -205,18 +205,25 @@ bool run_winograd(const Case& k, bool tf32, std::mt19937& rng) {
   const std::vector<float> b = random_values(g.f, rng);
   const std::vector<float> dy = random_values(g.n * g.f * g.oh * g.ow, rng);
   const Reference r = reference(g, x, w, b, dy);
-  auto gemm = [tf32](int64_t m, int64_t n, int64_t depth, const float* a, const float* bm, float* c) {
+  // c[j] (m × n) = a[j] (m × depth) · b[j] (depth × n), or · b[j]ᵀ (b[j]: n × depth) when b_transposed, j < batch
+  auto products = [tf32](int64_t m, int64_t n, int64_t depth, int64_t batch, const float* a, const float* bm,
+                         bool b_transposed, float* c) {
     auto operand = [tf32](float x) { return tf32 ? ig::round_to_tf32(x) : x; };
-    for (int xi = 0; xi < wc::kPositions; ++xi) {
-      const float *ax = a + xi * m * depth, *bx = bm + xi * depth * n;
+    for (int64_t j = 0; j < batch; ++j) {
+      const float *aj = a + j * m * depth, *bj = bm + j * depth * n;
       for (int64_t i = 0; i < m; ++i) {
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t l = 0; l < n; ++l) {
           float sum = 0.f;
-          for (int64_t l = 0; l < depth; ++l) sum += operand(ax[i * depth + l]) * operand(bx[l * n + j]);
-          c[(xi * m + i) * n + j] = sum;
+          for (int64_t d = 0; d < depth; ++d) {
+            sum += operand(aj[i * depth + d]) * operand(b_transposed ? bj[l * depth + d] : bj[d * n + l]);
+          }
+          c[(j * m + i) * n + l] = sum;
         }
       }
     }
+  };
+  auto gemm = [&products](int64_t m, int64_t n, int64_t depth, const float* a, const float* bm, float* c) {
+    products(m, n, depth, wc::kPositions, a, bm, /*b_transposed=*/false, c);
   };
   std::vector<float> u(wc::filter_size(g), NAN), v(wc::input_size(g), NAN), m(wc::output_size(g), NAN);
   std::vector<float> y(r.y.size(), NAN), dx(x.size(), NAN);
@@ -229,22 +236,11 @@ bool run_winograd(const Case& k, bool tf32, std::mt19937& rng) {
   bool ok = compare("forward", y, r.y, r.y_abs, tolerance);
   ok = compare("d_input", dx, r.dx, r.dx_abs, tolerance) && ok;
 
-  // d_weight (a candidate), its products c[j] = a[j] · b[j]ᵀ; in one chunk (of blocks rounded up to a multiple
+  // d_weight (a candidate), its products a[j] · b[j]ᵀ; in one chunk (of blocks rounded up to a multiple
   // of 4, the rest zeros), and in chunks of 4 blocks (the last one ragged where the blocks are not a multiple
   // of 4: the 6 of the fourth case)
-  auto gemm_nt = [tf32](int64_t m, int64_t n, int64_t depth, int64_t batch, const float* a, const float* bm, float* c) {
-    auto operand = [tf32](float x) { return tf32 ? ig::round_to_tf32(x) : x; };
-    for (int64_t j = 0; j < batch; ++j) {
-      const float *aj = a + j * m * depth, *bj = bm + j * n * depth;
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t l = 0; l < n; ++l) {
-          float sum = 0.f;
-          for (int64_t d = 0; d < depth; ++d) sum += operand(aj[i * depth + d]) * operand(bj[l * depth + d]);
-          c[(j * m + i) * n + l] = sum;
-        }
-      }
-    }
-  };
+  auto gemm_nt = [&products](int64_t m, int64_t n, int64_t depth, int64_t batch, const float* a, const float* bm,
+                             float* c) { products(m, n, depth, batch, a, bm, /*b_transposed=*/true, c); };
   const int64_t blocks = wc::blocks_of(g.n, g.oh, g.ow).count();
   for (const wc::Chunks chunks : {wc::grad_weight_chunks(g, /*tiles_wanted=*/1), wc::Chunks{(blocks + 3) / 4, 4}}) {
     std::vector<float> vw(wc::grad_weight_input_size(g, chunks), NAN), z(wc::grad_weight_output_size(g, chunks), NAN);

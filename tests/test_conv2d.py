@@ -1,4 +1,6 @@
 """Conv2d: our kernels against torch.nn.functional.conv2d, forward and every gradient, in every layout."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,8 +387,11 @@ def test_cuda_conv_routes_match_float64(monkeypatch, route, dtype, tf32):
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
             assert error < tolerance, (name, xs, ws, kw, dtype, error)
             errors[name] = error
+        # (the gather candidate, TORCH_CS231N_CUDA_CONV_DX=gather in gpu-check's candidates' round, does the stem's
+        # d_x in float32 FMAs whatever TF32 says)
+        gathered = os.environ.get("TORCH_CS231N_CUDA_CONV_DX") == "gather" and xs[1] <= 4 and "dilation" not in kw
         if tf32 and route == "implicit":  # our kernels: every product in TF32 (d_b is a plain sum)
-            for name in ("y", "d_x", "d_W"):
+            for name in ("y", "d_W") if gathered else ("y", "d_x", "d_W"):
                 assert errors[name] > 1e-5, f"{name}: TF32 was asked for, so its error should show a 10-bit mantissa"
         elif tf32:  # cuBLAS is allowed TF32, not made to use it: on the H200 one case's d_x came back float32-exact
             assert max(errors.values()) > 1e-5, f"TF32 was asked for, yet no product shows it: {errors}"
@@ -542,9 +547,11 @@ def test_cuda_conv_few_channels_dx_candidate_matches_float64(monkeypatch, tf32):
         exact = run_both(x, w, b, g, **kw)[1]
         with cudnn.flags(**flags, allow_tf32=tf32):
             mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), **kw)[0]
+        gathered = kw.get("dilation", 1) == 1  # (the dilated layer's d_x: cuBLAS, in TF32 when allowed)
         for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
             error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
-            assert error < (1e-2 if tf32 and name in ("y", "d_W") else 1e-5), (name, xs, ws, kw, error)
+            exact_float32 = not tf32 or name == "d_b" or (name == "d_x" and gathered)
+            assert error < (1e-5 if exact_float32 else 1e-2), (name, xs, ws, kw, error)
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DX", "scatter")  # read where a d_x is wanted
     with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_DX: expected 'gather' or 'gemm' .*, but got 'scatter'"):
         ours.conv2d(torch.randn(1, 3, 8, 8, device="cuda", requires_grad=True),

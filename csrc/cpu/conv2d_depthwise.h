@@ -78,18 +78,18 @@ struct ChannelVectors {
 // tap into y's row in memory, a load and a store per tap and output (measured 1.4 times oneDNN's forward
 // on an AVX-512 Xeon). Each plane is copied once into a padded scratch plane (zeros around it, as the
 // 3x3 d_W kernel below), so that no tap needs a bounds test; then each row's outputs go kBlock vectors at
-// a time, each tap's weight broadcast once for them:
+// a time (up to 4, as few as cover a row), each tap's weight broadcast once for them:
 //     y[o_h, o_w .. o_w + kBlock·lanes) = b + Σ_{t_h, t_w} W[t_h, t_w] · x_pad[o_h + t_h·dH, o_w + t_w·dW ..]
 // A row's last vectors read past its end (into the next row, or the scratch's tail) for lanes that are
 // not stored.
 inline bool depthwise_forward_in_registers(const Conv2dGeometry& g) { return g.sh == 1 && g.sw == 1; }
 
-template <typename T>
+template <typename T, int kBlock>
 CS231N_INLINE void depthwise_forward_padded_planes(const T* xp, const T* wp, const T* bp, T* yp,
                                                    const Conv2dGeometry& g, int64_t begin, int64_t end) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
-  constexpr int kBlock = 4, kWidth = kBlock * V::kLanes;
+  constexpr int kWidth = kBlock * V::kLanes;
   const int64_t m = g.f / g.c, pitch = g.w + 2 * g.pw, hp = g.h + 2 * g.ph, plane_out = g.oh * g.ow;
   const int64_t scratch = hp * pitch + kWidth + (g.kw - 1) * g.dw;  // + what the last row's vectors read past
   T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, scratch);
@@ -111,7 +111,7 @@ CS231N_INLINE void depthwise_forward_padded_planes(const T* xp, const T* wp, con
       for (int64_t o_w = 0; o_w < g.ow; o_w += kWidth) {
         Vec acc[kBlock];
 #pragma GCC unroll 4
-        for (int v = 0; v < kBlock; ++v) acc[v] = Vec{} + b;
+        for (int v = 0; v < kBlock; ++v) acc[v] = Vec{} + b;  // (kBlock is a constant: the loops unroll)
         for (int64_t th = 0; th < g.kh; ++th) {
           const T* row = x_pad + (o_h + th * g.dh) * pitch + o_w;
           for (int64_t tw = 0; tw < g.kw; ++tw) {
@@ -135,20 +135,36 @@ CS231N_INLINE void depthwise_forward_padded_planes(const T* xp, const T* wp, con
   }
 }
 
+// The fewest vectors (at most 4) that cover a row of outputs.
+template <typename T>
+CS231N_INLINE void depthwise_forward_padded_rows(const T* xp, const T* wp, const T* bp, T* yp, const Conv2dGeometry& g,
+                                                 int64_t begin, int64_t end) {
+  switch (std::min<int64_t>(4, (g.ow + ChannelVectors<T>::kLanes - 1) / ChannelVectors<T>::kLanes)) {
+    case 1:
+      return depthwise_forward_padded_planes<T, 1>(xp, wp, bp, yp, g, begin, end);
+    case 2:
+      return depthwise_forward_padded_planes<T, 2>(xp, wp, bp, yp, g, begin, end);
+    case 3:
+      return depthwise_forward_padded_planes<T, 3>(xp, wp, bp, yp, g, begin, end);
+    default:
+      return depthwise_forward_padded_planes<T, 4>(xp, wp, bp, yp, g, begin, end);
+  }
+}
+
 template <typename T>
 void depthwise_forward_padded_baseline(const T* xp, const T* wp, const T* bp, T* yp, const Conv2dGeometry& g,
                                        int64_t begin, int64_t end) {
-  depthwise_forward_padded_planes<T>(xp, wp, bp, yp, g, begin, end);
+  depthwise_forward_padded_rows<T>(xp, wp, bp, yp, g, begin, end);
 }
 template <typename T>
 CS231N_AVX2 void depthwise_forward_padded_avx2(const T* xp, const T* wp, const T* bp, T* yp, const Conv2dGeometry& g,
                                                int64_t begin, int64_t end) {
-  depthwise_forward_padded_planes<T>(xp, wp, bp, yp, g, begin, end);
+  depthwise_forward_padded_rows<T>(xp, wp, bp, yp, g, begin, end);
 }
 template <typename T>
 CS231N_AVX512 void depthwise_forward_padded_avx512(const T* xp, const T* wp, const T* bp, T* yp,
                                                    const Conv2dGeometry& g, int64_t begin, int64_t end) {
-  depthwise_forward_padded_planes<T>(xp, wp, bp, yp, g, begin, end);
+  depthwise_forward_padded_rows<T>(xp, wp, bp, yp, g, begin, end);
 }
 
 template <typename T>

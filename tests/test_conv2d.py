@@ -466,6 +466,22 @@ def test_cuda_conv_async_loads_candidate_gives_the_registers_bits(monkeypatch, t
         ours.conv2d(torch.randn(1, 32, 5, 5, device="cuda"), torch.randn(32, 32, 3, 3, device="cuda"))
 
 
+def float32_errors(xs, ws, gen, tf32=False, device="cuda", **kw):
+    """Ours in float32 on `device` (TF32 as asked) against torch's float64 convolution of the same random
+    layer (x, w, b and dY drawn from gen in that order): the largest error of y, d_x, d_W and d_b, each
+    relative to its largest value."""
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
+    with torch.no_grad():
+        g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
+    exact = run_both(x, w, b, g, **kw)[1]
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=tf32):
+        mine = run_both(*(t.float().to(device) for t in (x, w, b, g)), **kw)[0]
+    return {name: ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+            for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Winograd kernels are CUDA kernels")
 def test_cuda_conv_winograd_matches_float64(monkeypatch):
     """By default (as with TORCH_CS231N_CUDA_CONV=winograd), F(2x2, 3x3) does the forward and d_input of
@@ -474,18 +490,9 @@ def test_cuda_conv_winograd_matches_float64(monkeypatch):
     halve, which adds a few roundings to each product's sum); d_W and d_b take the implicit GEMM."""
     monkeypatch.delenv("TORCH_CS231N_CUDA_CONV", raising=False)
     gen = torch.Generator().manual_seed(3)
-    cudnn = torch.backends.cudnn
-    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
     for xs, ws, padding in [((3, 32, 13, 11), (40, 32, 3, 3), 1), ((2, 48, 6, 5), (32, 48, 3, 3), 0),
                             ((2, 32, 5, 8), (64, 32, 3, 3), 2), ((4, 64, 9, 9), (64, 64, 3, 3), (0, 2))]:
-        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
-        with torch.no_grad():
-            g = torch.randn(F.conv2d(x, w, padding=padding).shape, generator=gen, dtype=torch.float64)
-        exact = run_both(x, w, b, g, padding=padding)[1]
-        with cudnn.flags(**flags, allow_tf32=False):
-            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), padding=padding)[0]
-        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
-            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+        for name, error in float32_errors(xs, ws, gen, padding=padding).items():
             assert error < 1e-5, (name, xs, ws, padding, error)
 
 
@@ -500,20 +507,11 @@ def test_cuda_conv_winograd_dw_candidate_matches_float64(monkeypatch, tf32):
     monkeypatch.delenv("TORCH_CS231N_CUDA_CONV", raising=False)
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DW", "winograd")
     gen = torch.Generator().manual_seed(4)
-    cudnn = torch.backends.cudnn
-    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
     for xs, ws, padding in [((3, 32, 13, 11), (40, 32, 3, 3), 1), ((2, 48, 6, 5), (32, 48, 3, 3), 0),
                             ((2, 32, 5, 8), (64, 32, 3, 3), 2), ((4, 64, 9, 9), (64, 64, 3, 3), (0, 2)),
                             ((16, 32, 40, 40), (48, 32, 3, 3), 1),  # 6400 blocks: chunks of about 512
                             ((3, 128, 9, 10), (128, 128, 3, 3), 1), ((32, 144, 16, 16), (128, 144, 3, 3), 1)]:
-        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
-        with torch.no_grad():
-            g = torch.randn(F.conv2d(x, w, padding=padding).shape, generator=gen, dtype=torch.float64)
-        exact = run_both(x, w, b, g, padding=padding)[1]
-        with cudnn.flags(**flags, allow_tf32=tf32):
-            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), padding=padding)[0]
-        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
-            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+        for name, error in float32_errors(xs, ws, gen, tf32=tf32, padding=padding).items():
             assert error < (1e-2 if tf32 else 1e-5), (name, xs, ws, padding, error)
             if tf32 and name == "d_W":
                 assert error > 1e-5, "d_W: TF32 was asked for, so its error should show a 10-bit mantissa"
@@ -532,8 +530,6 @@ def test_cuda_conv_few_channels_dx_candidate_matches_float64(monkeypatch, tf32):
     stride; a dilated layer, which it does not do, takes the cuBLAS route as before."""
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DX", "gather")
     gen = torch.Generator().manual_seed(6)
-    cudnn = torch.backends.cudnn
-    flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
     for xs, ws, kw in [((4, 3, 45, 47), (16, 3, 7, 7), dict(stride=2, padding=3)),
                        ((2, 1, 20, 21), (8, 1, 3, 3), dict(padding=1)),
                        ((3, 4, 33, 30), (24, 4, 5, 5), dict(stride=2, padding=2)),
@@ -541,15 +537,8 @@ def test_cuda_conv_few_channels_dx_candidate_matches_float64(monkeypatch, tf32):
                        ((2, 2, 18, 16), (8, 2, 4, 4), dict(stride=4)),
                        ((2, 3, 64, 63), (48, 3, 11, 11), dict(stride=4, padding=2)),
                        ((2, 3, 17, 19), (8, 3, 3, 3), dict(padding=2, dilation=2))]:
-        x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (xs, ws, ws[:1]))
-        with torch.no_grad():
-            g = torch.randn(F.conv2d(x, w, **kw).shape, generator=gen, dtype=torch.float64)
-        exact = run_both(x, w, b, g, **kw)[1]
-        with cudnn.flags(**flags, allow_tf32=tf32):
-            mine = run_both(*(t.float().cuda() for t in (x, w, b, g)), **kw)[0]
         gathered = kw.get("dilation", 1) == 1  # (the dilated layer's d_x: cuBLAS, in TF32 when allowed)
-        for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact):
-            error = ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
+        for name, error in float32_errors(xs, ws, gen, tf32=tf32, **kw).items():
             exact_float32 = not tf32 or name == "d_b" or (name == "d_x" and gathered)
             assert error < (1e-5 if exact_float32 else 1e-2), (name, xs, ws, kw, error)
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_DX", "scatter")  # read where a d_x is wanted

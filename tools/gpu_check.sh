@@ -151,11 +151,12 @@ sed -n '/^op /,$p' "$OUT/bench-gpu.log" >>"$summary"
 step bench-gpu-tf32 "$PY" -m torch_cs231n bench --device cuda --quick --op conv2d --tf32 --json "$OUT/bench-tf32.json"
 sed -n '/^op /,$p' "$OUT/bench-gpu-tf32.log" >>"$summary"
 # What follows is ordered by what it tells, and every step runs only if its expected time still fits in
-# the 6 minutes (`fits`), and is cut short at LIMIT (`late_step`; its own time limit is wider): a racecheck of the default
-# kernels (and the candidates'); the candidates' tests; their benchmarks; the profiles. $setting, $ops and
-# $cases are split into words on purpose (several VAR=value for env, several ops). A candidate has never
-# run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel that hangs cannot hold
-# the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that a fault names its kernel.
+# the 6 minutes (`fits`), and is cut short at LIMIT (`late_step`; its own time limit is wider): a racecheck
+# of the default kernels (and the candidates'); the candidates' tests; their benchmarks; the profiles.
+# $setting, $ops and $cases are split into words on purpose (several VAR=value for env, several ops). A
+# candidate has never run on a GPU: its steps get a time limit (and a kill 10 s later), so that a kernel
+# that hangs cannot hold the machine, and its tests run with CUDA_LAUNCH_BLOCKING=1, so that a fault names
+# its kernel.
 fits() {  # fits NAME SECONDS: whether a step expected to take that long ends by LIMIT; says so when not
   if [ $((SECONDS + $2)) -le "$LIMIT" ]; then return 0; fi
   echo "$1: skipped, it could end past ${LIMIT} s (the whole check must stay under 6 minutes)" | tee -a "$summary"

@@ -73,6 +73,15 @@ C10_HOST_DEVICE inline void conv_tap_first(int64_t t, int64_t s, int64_t p, int6
   *o0 = (i + off) / s;
 }
 
+// The other way round, dilation 1: the taps that reach input i are t ≡ i + p (mod s); the first, t0 < s,
+// and the output it maps to, so that taps t0, t0+s, t0+2s, ... map to outputs o0, o0-1, o0-2, ... (o0 may be
+// >= out, and the later ones < 0: the caller bounds them). The gather form of d_input for few channels
+// (cuda/conv2d_few_channels.cuh) walks a pixel's taps so.
+C10_HOST_DEVICE inline void conv_first_tap(int64_t i, int64_t s, int64_t p, int64_t* t0, int64_t* o0) {
+  *t0 = (i + p) % s;
+  *o0 = (i + p - *t0) / s;
+}
+
 // ------------------------------------------------------------------------------------ column geometry
 struct Conv2dGeometry {
   int64_t n, c, h, w;  // input

@@ -90,18 +90,20 @@ __global__ void grad_input_kernel(const float* __restrict__ dy, const Channels* 
     const int64_t a_h = rest % g.sh, n = rest / g.sh;
     const int64_t i_h = a_h + g.sh * i, i_w0 = a_w + g.sw * kRun * j;
     if (i_h >= g.h || i_w0 >= g.w) continue;
-    // the taps reaching this phase: t_h ≡ i_h + p_h and t_w ≡ i_w0 + p_w (mod s), the first of each
-    const int64_t th0 = (i_h + g.ph) % g.sh, tw0 = (i_w0 + g.pw) % g.sw;
+    // the taps reaching this phase, t_h ≡ i_h + p_h and t_w ≡ i_w0 + p_w (mod s): the first of each and its
+    // output row (o_h) and column for r = 0 (q0)
+    int64_t th0, o_h, tw0, q0;
+    conv_first_tap(i_h, g.sh, g.ph, &th0, &o_h);
+    conv_first_tap(i_w0, g.sw, g.pw, &tw0, &q0);
     const int taps_w = tw0 < g.kw ? static_cast<int>((g.kw - 1 - tw0) / g.sw + 1) : 0;
-    // tap t_w0's output column for r = 0; window[u] below is dY's column q0 - (KMax - 1) + u, and tap k
-    // and pixel r read u = r - k + KMax - 1. Which u are read and lie in the row: the same for every row.
-    const int64_t q0 = (i_w0 + g.pw - tw0) / g.sw, first = q0 - (KMax - 1);
+    // window[u] below is dY's column q0 - (KMax - 1) + u, and tap k and pixel r read u = r - k + KMax - 1.
+    // Which u are read and lie in the row: the same for every row.
+    const int64_t first = q0 - (KMax - 1);
     bool inside[kRun + KMax - 1];
 #pragma unroll
     for (int u = 0; u < kRun + KMax - 1; ++u) inside[u] = u >= KMax - taps_w && first + u >= 0 && first + u < g.ow;
     float acc[kRun][C] = {};
-    // t_h = th0 + s_h·m reaches output row o_h0 - m: rows down as taps go up, from the one division here
-    int64_t o_h = (i_h + g.ph - th0) / g.sh;
+    // t_h = th0 + s_h·m reaches output row o_h - m: rows down as taps go up
     for (int64_t th = th0; th < g.kh && o_h >= 0; th += g.sh, --o_h) {
       if (o_h >= g.oh) continue;
       const float* row = dy + (n * g.f * g.oh + o_h) * g.ow + first;  // filter f's: + f·oH·oW

@@ -438,6 +438,7 @@ def test_cuda_conv_async_loads_candidate_gives_the_registers_bits(monkeypatch, t
     products summed in the same order, the TF32 rounding done at the fragment reads instead of the stores.
     Shapes with every tile shape, ragged edges, groups, a stride's division, dilation, and a split d_weight."""
     monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "implicit")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_LAYOUT", "nchw")  # the kernels that read the variable
     gen = torch.Generator(device="cuda").manual_seed(5)
     cudnn = torch.backends.cudnn
     flags = dict(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
@@ -480,6 +481,38 @@ def float32_errors(xs, ws, gen, tf32=False, device="cuda", **kw):
         mine = run_both(*(t.float().to(device) for t in (x, w, b, g)), **kw)[0]
     return {name: ((m.double().cpu() - e).abs().max() / e.abs().max()).item()
             for name, m, e in zip(("y", "d_x", "d_W", "d_b"), mine, exact)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the implicit-GEMM kernels are CUDA kernels")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_conv_nhwc_candidate_matches_float64(monkeypatch, tf32):
+    """TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc, a candidate: the implicit GEMM over channels-last copies of x and dY,
+    4 channels a load, held to float64 as the NCHW kernels are (1e-5), or with TF32 on to TF32's error, which
+    y, d_x and d_W must then show. Every tile shape (64 columns, 128 and more, 64 filters' d_W), groups, a
+    stride (d_x's division), dilation, 1x1; a channels_last input gives the contiguous one's bits; a layer of
+    6 channels (no multiple of 4) keeps the NCHW kernels."""
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV", "implicit")
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_LAYOUT", "nhwc")
+    monkeypatch.delenv("TORCH_CS231N_CUDA_CONV_LOADS", raising=False)
+    gen = torch.Generator().manual_seed(8)
+    for xs, ws, kw in [((9, 40, 23, 21), (136, 40, 3, 3), dict(padding=1)),
+                       ((4, 64, 30, 30), (64, 64, 3, 3), dict(padding=1)),
+                       ((4, 96, 30, 30), (96, 32, 3, 3), dict(padding=1, groups=3, stride=2)),
+                       ((3, 152, 9, 9), (140, 152, 1, 1), dict()),
+                       ((5, 36, 17, 19), (40, 36, 5, 3), dict(padding=(2, 1), dilation=(1, 2), stride=(3, 1))),
+                       ((2, 6, 12, 12), (40, 6, 3, 3), dict(padding=1))]:
+        nhwc = xs[1] % 4 == 0  # (channels per group: 32 in the grouped layer)
+        for name, error in float32_errors(xs, ws, gen, tf32=tf32, **kw).items():
+            assert error < (1e-2 if tf32 and name != "d_b" else 1e-5), (name, xs, ws, kw, error)
+            if tf32 and nhwc and name != "d_b":
+                assert error > 1e-5, (name, xs, ws, kw, "TF32 was asked for: its error should show")
+    x = torch.randn(4, 64, 30, 30, generator=gen).cuda()
+    w = torch.randn(64, 64, 3, 3, generator=gen).cuda()
+    assert torch.equal(ours.conv2d(x.to(memory_format=torch.channels_last), w, padding=1),
+                       ours.conv2d(x, w, padding=1))
+    monkeypatch.setenv("TORCH_CS231N_CUDA_CONV_LAYOUT", "nchwc")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CUDA_CONV_LAYOUT: expected 'nhwc' or 'nchw' .*, but got"):
+        ours.conv2d(torch.randn(1, 32, 5, 5, device="cuda"), torch.randn(32, 32, 3, 3, device="cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Winograd kernels are CUDA kernels")

@@ -24,8 +24,8 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
 # Candidates, one per line: "name|environment settings|pytest -k expression|bench ops|profile cases" (the
 # last three fields space-separated where there are several; a candidate's own tests have "candidate" in
-# their names). The TF32 bench repeats the conv2d cases. All the candidates go in one round, to keep the
-# check under 6 minutes. Seven candidates have passed here on an H200 and became the defaults
+# their names). The TF32 bench repeats the conv2d cases. The candidates share rounds, to keep the check
+# under 6 minutes, unless one takes another's layers. Seven candidates have passed here on an H200 and became the defaults
 # (docs/benchmarks.md): the implicit GEMM, the depthwise tiles, the flat pool backward and the fused
 # running-statistics update (first session of 2026-11-30), then Winograd's F(2x2, 3x3), the depthwise tall
 # tiles and one batch-norm block per channel where the channels fill the GPU (2026-11-30, late). Now:
@@ -42,10 +42,15 @@ OUT=${OUT:-gpu-check}
 #                                      (cuda/conv2d_winograd.cuh), float32 and TF32: the conv3x3 cases
 #   TORCH_CS231N_CUDA_CONV_DX=gather   d_x of layers of 1-4 channels gathered from dY, no column buffer
 #                                      (cuda/conv2d_few_channels.cuh): the stem
+# and in a round of its own, as it takes the same layers as two of those (the implicit GEMM's, and with
+# CONV=implicit the 3x3 layers that Winograd would take):
+#   TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc the implicit GEMM over channels-last copies, 4 channels a load
+#                                      (cuda/conv2d_implicit_gemm_nhwc.cuh): the TF32 bench is its target
 # Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
 # CUDA, which take them wherever they fit.
 CANDIDATES=(
   "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd TORCH_CS231N_CUDA_CONV_DX=gather|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
+  "nhwc|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc|nhwc_candidate or conv2d and cuda and (matches_torch or gradcheck or routes) and not candidate|conv2d|conv3x3 conv3x3_deep"
 )
 # The check must finish in 6 minutes: every step after the benchmarks starts only if it is expected to end
 # by LIMIT seconds (fits, below), and is stopped there if it has not (a step cut short is reported so, and

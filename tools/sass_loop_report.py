@@ -116,9 +116,10 @@ def describe(kernel: str) -> str:
         return kernel[:60]
     math = "tf32" if "MmaTf32" in kernel else "fma"
     dtype = "bf16" if "BFloat16" in kernel else "fp16" if "Half" in kernel else "fp32"
-    product = ("d_weight" if "PlanesAlongK" in kernel else "d_input/s" if "Lb1E" in kernel
-               else "forward, d_input")
-    return f"{product:16s} {dtype} {math:4s} {tile.group(1)}x{tile.group(2)}"
+    product = ("d_weight" if "PlanesAlongK" in kernel or "FilterRunsAlongM" in kernel
+               else "d_input/s" if "Lb1E" in kernel else "forward, d_input")
+    kind = "async" if "async_kernel" in kernel else "nhwc" if "RunsAlong" in kernel else ""
+    return f"{product:16s} {dtype} {math:4s} {tile.group(1)}x{tile.group(2):3s} {kind:5s}"
 
 
 def main() -> None:
@@ -140,9 +141,9 @@ def main() -> None:
             kinds[KINDS.get(opcode, "other")] += 1
         r, spill = regs.get(kernel, (0, 0))
         rows.append((describe(kernel), r, spill, len(loop), kinds))
-    print(f"{'kernel':34s} {'regs':>4s} {'spill':>5s} {'loop':>5s}  mma/ffma   lds  sts  ldg  local  other")
+    print(f"{'kernel':42s} {'regs':>4s} {'spill':>5s} {'loop':>5s}  mma/ffma   lds  sts  ldg  local  other")
     for name, r, spill, n, k in sorted(rows):
-        print(f"{name:34s} {r:4d} {spill:5d} {n:5d}  {k['mma'] + k['ffma']:8d} {k['lds']:5d} {k['sts']:4d} "
+        print(f"{name:42s} {r:4d} {spill:5d} {n:5d}  {k['mma'] + k['ffma']:8d} {k['lds']:5d} {k['sts']:4d} "
               f"{k['ldg']:4d} {k['local']:6d} {k['other']:6d}")
 
 

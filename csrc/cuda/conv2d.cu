@@ -27,7 +27,9 @@
 //     TORCH_CS231N_CUDA_DEPTHWISE  depthwise by shared-memory tiles (cuda/conv2d_depthwise.cuh): the tall
 //                                  tiles by default, =tiles the earlier ones, =lines the line kernels below
 //     candidates: TORCH_CS231N_CUDA_CONV_DW=winograd (d_W by Winograd), TORCH_CS231N_CUDA_CONV_DX=gather (the
-//                 few channels' d_x, cuda/conv2d_few_channels.cuh), TORCH_CS231N_CUDA_POINTWISE_DW=samples
+//                 few channels' d_x, cuda/conv2d_few_channels.cuh), TORCH_CS231N_CUDA_POINTWISE_DW=samples,
+//                 TORCH_CS231N_CUDA_CONV_LOADS=async and TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc (the implicit
+//                 GEMM's cp.async copies and channels-last copies, cuda/conv2d_implicit_gemm.cu)
 //
 // Memory format: computed in NCHW; the output, d_input and d_W are handed back in torch's format
 // (conv2d_memory_format: channels_last when the input or the weight is, NCHW for float64), by a copy.

@@ -12,6 +12,7 @@
 #include "common/conv2d.h"
 #include "cuda/blas.cuh"
 #include "cuda/conv2d_implicit_gemm.cuh"
+#include "cuda/conv2d_implicit_gemm_nhwc.cuh"
 #include "cuda/launch.cuh"
 
 namespace torch_cs231n {
@@ -50,6 +51,23 @@ bool async_copies() {
   return kernel_named("TORCH_CS231N_CUDA_CONV_LOADS", {"async", "registers"}) == 0 && has_tensor_cores();
 }
 
+// Whether the float32 products gather from channels-last copies of x and dY, runs of 4 channels at a time
+// (cuda/conv2d_implicit_gemm_nhwc.cuh): TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc, a candidate that has not run on a
+// GPU; =nchw, the default. Layers whose channels or filters per group are no multiple of 4 keep NCHW.
+bool nhwc_chosen(const Conv2dGeometry& g) {
+  return kernel_named("TORCH_CS231N_CUDA_CONV_LAYOUT", {"nhwc", "nchw"}) == 0 && implicit_gemm::nhwc_fits(g);
+}
+
+// The channels-last copy of t, a contiguous NCHW float32 tensor of `channels` channels, as Math takes it.
+template <typename Math>
+at::Tensor channels_last_copy(const at::Tensor& t, int64_t samples, int64_t channels, int64_t plane,
+                              cudaStream_t stream) {
+  at::Tensor copy = at::empty({t.numel()}, t.options());
+  implicit_gemm::to_nhwc<Math>(t.const_data_ptr<float>(), copy.mutable_data_ptr<float>(), samples, channels, plane,
+                               stream);
+  return copy;
+}
+
 // A tap table of `count` entries (16 bytes each), on x's device.
 at::Tensor tap_table(int64_t count, const at::Tensor& x) {
   static_assert(sizeof(implicit_gemm::Tap) == 4 * sizeof(int32_t), "a Tap is four 32-bit words");
@@ -65,15 +83,57 @@ void implicit_forward(const at::Tensor& x, const at::Tensor& w, const c10::optio
   at::Tensor taps = tap_table(implicit_gemm::forward_taps(g), x);
   at::Tensor wt = at::empty({implicit_gemm::forward_weight_size(g)}, w.options());
   const T* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
+  if constexpr (std::is_same<T, float>::value) {
+    if (nhwc_chosen(g)) {
+      const at::Tensor x_nhwc = channels_last_copy<Math>(x, g.n, g.c, g.h * g.w, stream);
+      implicit_gemm::forward_nhwc<Math>(x_nhwc.const_data_ptr<float>(), w.const_data_ptr<float>(), b,
+                                        y.mutable_data_ptr<float>(), g, taps_of(taps), wt.mutable_data_ptr<float>(),
+                                        stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   implicit_gemm::forward<T, Math>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b, y.mutable_data_ptr<T>(), g,
                                   taps_of(taps), wt.mutable_data_ptr<T>(), stream, async_copies());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward over channels-last copies: dY's (for both products) and x's (for d_weight).
+template <typename Math>
+void implicit_backward_nhwc(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
+                            at::Tensor& dw, const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
+  namespace ig = implicit_gemm;
+  const at::Tensor dy_nhwc = channels_last_copy<Math>(dy, g.n, g.f, g.oh * g.ow, stream);
+  if (need_dx) {
+    at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
+    at::Tensor wt = at::empty({ig::grad_input_weight_size(g)}, w.options());
+    ig::grad_input_nhwc<Math>(dy_nhwc.const_data_ptr<float>(), w.const_data_ptr<float>(), dx.mutable_data_ptr<float>(),
+                              g, taps_of(taps), wt.mutable_data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (need_dw) {
+    const at::Tensor x_nhwc = channels_last_copy<Math>(x, g.n, g.c, g.h * g.w, stream);
+    const ig::WeightSplit split =
+        ig::grad_weight_split(g, 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    at::Tensor taps = tap_table(ig::grad_weight_taps(g), x);
+    at::Tensor partials = at::empty({ig::grad_weight_partials(g, split)}, x.options().dtype(at::kFloat));
+    ig::grad_weight_nhwc<Math>(dy_nhwc.const_data_ptr<float>(), x_nhwc.const_data_ptr<float>(),
+                               dw.mutable_data_ptr<float>(), g, split, taps_of(taps),
+                               partials.mutable_data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, typename Math>
 void implicit_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx, at::Tensor& dw,
                        const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   namespace ig = implicit_gemm;
+  if constexpr (std::is_same<T, float>::value) {
+    if (nhwc_chosen(g)) {
+      implicit_backward_nhwc<Math>(dy, x, w, dx, dw, g, need_dx, need_dw, stream);
+      return;
+    }
+  }
   if (need_dx) {
     at::Tensor taps = tap_table(ig::grad_input_taps(g), x);
     at::Tensor wt = at::empty({ig::grad_input_weight_size(g)}, w.options());

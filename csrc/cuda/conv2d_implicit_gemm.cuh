@@ -66,6 +66,8 @@ using Wide = TileShape<64, 256>;
 // (rows k..k+3, columns mn..mn+7) hit 32 banks.
 template <int kExtent>
 using Tile = float[kBK][kExtent + 8];
+// The kernels align their shared tiles to 16 bytes, and so are the rows (kExtent + 8 floats, a multiple of
+// 4), for store_stage's 16-byte stores.
 
 // Each operand's stage is kBK x extent values, kBK * extent / 256 per thread. Which ones depends on which
 // way the operand is contiguous in memory, so that neighbouring threads read neighbouring addresses:
@@ -109,7 +111,9 @@ constexpr int64_t kIndexLimit = int64_t(1) << 30;     // 32-bit positions m, k a
 // ---------------------------------------------------------------------------------- operand loaders
 // A loader holds the call's arguments; start() adds what one thread needs for its tile (decoded once per
 // block), and gather() finds the thread's values of the stage that begins at k0: it calls
-// put(i, address, inside) for the thread's i-th value, which is *address when inside, else 0 (outside the
+// put(i, address, inside) for the thread's i-th value (or, for a loader with kVector = 4, its i-th run of 4
+// values side by side in memory, read in one 16-byte load: cuda/conv2d_implicit_gemm_nhwc.cuh), which is
+// *address when inside, else 0 (outside the
 // matrix: k >= k_end, a tap in the padding; the address is then not to be read). put() either reads the
 // value into a register (load(): the kernel stores it into shared memory a stage later) or copies it
 // straight into shared memory (the async kernel's cp.async). Rows and columns past the matrix's end are read
@@ -163,11 +167,41 @@ __device__ __forceinline__ float read_only(const T* p) {
 #endif
 }
 
+// p[0..3] into v[0..3] in one 16-byte load through the read-only cache, or zeros when !inside (p is then
+// not read). p must be 16-byte aligned: the emulation checks it, as a GPU would fault.
+__device__ __forceinline__ void read_only4(const float* p, bool inside, float* v) {
+#if defined(__CUDA_ARCH__)
+  const float4 q = inside ? __ldg(reinterpret_cast<const float4*>(p)) : make_float4(0.f, 0.f, 0.f, 0.f);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+#else
+#if defined(TORCH_CS231N_CUDA_EMULATION)
+  if (inside && reinterpret_cast<uintptr_t>(p) % 16 != 0) ::cuda_emulation::fault("a 16-byte load", p);
+#endif
+  for (int r = 0; r < 4; ++r) v[r] = inside ? p[r] : 0.f;
+#endif
+}
+
+// v[0..3] into dst[0..3] in one 16-byte store (dst 16-byte aligned, as read_only4's p).
+__device__ __forceinline__ void store4(float* dst, float v0, float v1, float v2, float v3) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(dst) = make_float4(v0, v1, v2, v3);
+#else
+#if defined(TORCH_CS231N_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) ::cuda_emulation::fault("a 16-byte store", dst);
+#endif
+  dst[0] = v0, dst[1] = v1, dst[2] = v2, dst[3] = v3;
+#endif
+}
+
 // A loader's load(): its values of the stage at k0 into registers, as floats, 0 outside.
 template <typename Loader, int kCount>
 __device__ __forceinline__ void load_stage(const Loader& loader, int32_t k0, int32_t k_end, int t, float (&v)[kCount]) {
-  loader.gather(k0, k_end, t,
-                [&](int i, const typename Loader::Element* p, bool inside) { v[i] = inside ? read_only(p) : 0.f; });
+  if constexpr (Loader::kVector == 4) {
+    loader.gather(k0, k_end, t, [&](int i, const float* p, bool inside) { read_only4(p, inside, v + 4 * i); });
+  } else {
+    loader.gather(k0, k_end, t,
+                  [&](int i, const typename Loader::Element* p, bool inside) { v[i] = inside ? read_only(p) : 0.f; });
+  }
 }
 
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) an output (forward) or input (d_input) pixel, k = (ch,
@@ -176,6 +210,7 @@ __device__ __forceinline__ void load_stage(const Loader& loader, int32_t k0, int
 template <typename T, int kExtent, bool kDivide>
 struct PatchAlongM {
   static constexpr bool kAlongK = false;
+  static constexpr int kVector = 1;
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<false, kExtent>;
@@ -232,6 +267,7 @@ struct PatchAlongM {
 template <typename T, int kExtent>
 struct MatrixAlongN {
   static constexpr bool kAlongK = false;
+  static constexpr int kVector = 1;
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = true;  // transpose_weight_kernel wrote it ready for the arithmetic
   using Map = TileMap<false, kExtent>;
@@ -256,6 +292,7 @@ struct MatrixAlongN {
 template <typename T, int kExtent>
 struct PlanesAlongK {
   static constexpr bool kAlongK = true;
+  static constexpr int kVector = 1;
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
@@ -289,6 +326,7 @@ struct PlanesAlongK {
 template <typename T, int kExtent>
 struct PatchAlongK {
   static constexpr bool kAlongK = true;
+  static constexpr int kVector = 1;
   static constexpr int kTileExtent = kExtent;
   static constexpr bool kReady = !std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   using Map = TileMap<true, kExtent>;
@@ -507,17 +545,50 @@ struct SimtFma {
 };
 
 // ---------------------------------------------------------------------------------------------- the kernel
+// A run of 4 values along mn (a loader with kVector = 4 that is contiguous along m or n) is one 16-byte store:
+// its columns mn..mn+3 (mn a multiple of 4) are permuted by column() into base + (r ^ swap) for r < 4, as
+// both kinds of arithmetic permute (MmaTf32 XORs bits 1 and 2 of a column, SimtFma none; the emulation
+// checks it), so the store puts the pairs in swapped order where swap is 2.
+template <typename Math, typename Loader, typename TileT>
+__device__ __forceinline__ void store_runs(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
+  using Map = typename Loader::Map;
+#pragma unroll
+  for (int i = 0; i < kPerThread<Loader::kTileExtent>; i += 4) {
+    const int k = Map::k(t, i), column = Math::column(k, Map::mn(t, i));
+    const int base = column & ~3, swap = column & 3;
+#if defined(TORCH_CS231N_CUDA_EMULATION)
+    for (int r = 0; r < 4; ++r) {
+      if (Math::column(k, Map::mn(t, i) + r) != base + (r ^ swap) || (swap != 0 && swap != 2)) {
+        ::cuda_emulation::fault("a run of 4 columns that column() does not keep together", &tile[k][base]);
+      }
+    }
+#endif
+    float u[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) u[r] = Loader::kReady ? v[i + r] : Math::operand(v[i + r]);
+    if (swap == 0) {
+      store4(&tile[k][base], u[0], u[1], u[2], u[3]);
+    } else {
+      store4(&tile[k][base], u[2], u[3], u[0], u[1]);
+    }
+  }
+}
+
 // A loader's values into a shared tile, as the arithmetic takes them (Math::operand: float32 rounded to TF32
 // for the tensor cores), unless the loader's values are ready as they are (kReady: float16 and bfloat16
 // values are TF32 values; the transposed weights are written rounded).
 template <typename Math, typename Loader, typename TileT>
 __device__ void store_stage(TileT& tile, const float (&v)[kPerThread<Loader::kTileExtent>], int t) {
-  using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
+  using Map = typename Loader::Map;
+  if constexpr (Loader::kVector == 4 && !Loader::kAlongK) {
+    store_runs<Math, Loader>(tile, v, t);
+  } else {
 #pragma unroll
-  for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
-    const int k = Map::k(t, i);  // (along k, k itself: the same value, which ptxas happens to schedule better)
-    tile[k][Math::column(Loader::kAlongK ? k : Map::k_for_column(t, i), Map::mn(t, i))] =
-        Loader::kReady ? v[i] : Math::operand(v[i]);
+    for (int i = 0; i < kPerThread<Loader::kTileExtent>; ++i) {
+      const int k = Map::k(t, i);  // (along k, k itself: the same value, which ptxas happens to schedule better)
+      tile[k][Math::column(Loader::kAlongK ? k : Map::k_for_column(t, i), Map::mn(t, i))] =
+          Loader::kReady ? v[i] : Math::operand(v[i]);
+    }
   }
 }
 
@@ -583,8 +654,8 @@ template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typ
 __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiprocessor<Shape>())
     implicit_gemm_kernel(LoaderA a, LoaderB b, Epilogue epilogue, Extent e) {
   static_assert(LoaderA::kTileExtent == Shape::kBM && LoaderB::kTileExtent == Shape::kBN, "loaders fit the tile");
-  __shared__ Tile<Shape::kBM> a_tiles[2];
-  __shared__ Tile<Shape::kBN> b_tiles[2];
+  alignas(16) __shared__ Tile<Shape::kBM> a_tiles[2];
+  alignas(16) __shared__ Tile<Shape::kBN> b_tiles[2];
   const Place<Shape> at(e);
   const int t = at.t;
   typename Math::Accumulators acc;
@@ -664,7 +735,8 @@ __device__ __forceinline__ void wait_copies() {
 // A loader's values of the stage at k0, copied into a shared tile where store_stage would put them.
 template <typename Math, typename Loader, typename TileT>
 __device__ __forceinline__ void copy_stage(const Loader& loader, int32_t k0, int32_t k_end, int t, TileT& tile) {
-  using Map = TileMap<Loader::kAlongK, Loader::kTileExtent>;
+  static_assert(Loader::kVector == 1, "the async kernel copies single values");
+  using Map = typename Loader::Map;
   loader.gather(k0, k_end, t, [&](int i, const float* p, bool inside) {
     const int k = Map::k(t, i);
     copy_async(&tile[k][Math::column(Loader::kAlongK ? k : Map::k_for_column(t, i), Map::mn(t, i))], p, loader.src,
@@ -716,19 +788,26 @@ __global__ void __launch_bounds__(kThreads, Math::template blocks_per_multiproce
 }
 
 // ---------------------------------------------------------------------------------------- helper kernels
-// taps[k] for k = (ch, t_h, t_w) < count: the shift (first_h + t_h * step_h, first_w + t_w * step_w) and the
-// offset ch * plane + shift_h * fold_h + shift_w * fold_w (fold = (width, 1) folds the shift in, (0, 0)
-// does not); kOutside shifts for k in [count, padded).
-__global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t padded, int64_t kh, int64_t kw, int64_t plane,
-                                 int64_t first_h, int64_t step_h, int64_t first_w, int64_t step_w, int64_t fold_h,
-                                 int64_t fold_w) {
+// How k numbers a product's (channel, tap) pairs: (ch, t_h, t_w) as the weight's rows in NCHW, or
+// (t_h, t_w, ch) for the channels-last loaders (cuda/conv2d_implicit_gemm_nhwc.cuh), whose runs of 4 k are
+// 4 channels of one tap, side by side in memory.
+enum class KOrder { kChannelMajor, kTapMajor };
+
+// taps[k] for k = (ch, t_h, t_w) or (t_h, t_w, ch) < count (of `channels` channels): the shift (first_h + t_h
+// * step_h, first_w + t_w * step_w) and the offset ch * plane + shift_h * fold_h + shift_w * fold_w (fold =
+// (width, 1) folds the shift into an NCHW offset, (width * C, C) into an NHWC one, (0, 0) does not);
+// kOutside shifts for k in [count, padded).
+__global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t padded, int64_t kh, int64_t kw, int64_t channels,
+                                 KOrder order, int64_t plane, int64_t first_h, int64_t step_h, int64_t first_w,
+                                 int64_t step_w, int64_t fold_h, int64_t fold_w) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < padded;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (k >= count) {
       taps[k] = Tap{0, kOutside, kOutside, 0};
       continue;
     }
-    const int64_t ch = k / (kh * kw), tap = k % (kh * kw);
+    const bool tap_major = order == KOrder::kTapMajor;
+    const int64_t ch = tap_major ? k % channels : k / (kh * kw), tap = tap_major ? k / channels : k % (kh * kw);
     const int64_t dh = first_h + (tap / kw) * step_h, dw = first_w + (tap % kw) * step_w;
     taps[k] = Tap{static_cast<uint32_t>(ch * plane + dh * fold_h + dw * fold_w), static_cast<int32_t>(dh),
                   static_cast<int32_t>(dw), 0};
@@ -737,32 +816,39 @@ __global__ void tap_table_kernel(Tap* taps, int64_t count, int64_t padded, int64
 
 // The weight w[g*Fg + f][c][t] transposed per group into the B of a product, wt[g][row][col], contiguous along
 // its columns: row = (c, t) and col = f for the forward (rows_are_filters false), row = (f, t) and col = c
-// for d_input; its rows padded with zeros from Cg*taps (or Fg*taps) to `depth`. kRound: float32 values
-// rounded to TF32 once here, for the tensor cores, rather than as each block loads them.
+// for d_input (row = (t, c) and (t, f) in KOrder::kTapMajor); its rows padded with zeros from Cg*taps (or
+// Fg*taps) to `depth`. kRound: float32 values rounded to TF32 once here, for the tensor cores, rather than
+// as each block loads them.
 template <typename T, bool kRound>
 __global__ void transpose_weight_kernel(const T* __restrict__ w, T* __restrict__ wt, int64_t groups, int64_t fg,
-                                        int64_t cg, int64_t taps, int64_t depth, bool rows_are_filters) {
+                                        int64_t cg, int64_t taps, int64_t depth, bool rows_are_filters, KOrder order) {
   const int64_t cols = rows_are_filters ? cg : fg, rows = (rows_are_filters ? fg : cg) * taps;
+  const int64_t per_tap = rows_are_filters ? fg : cg;  // rows of one tap in KOrder::kTapMajor
   const int64_t total = groups * depth * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t col = i % cols, row = (i / cols) % depth, group = i / (cols * depth);
-    const int64_t f = rows_are_filters ? row / taps : col, c = rows_are_filters ? col : row / taps;
-    T value = row < rows ? w[((group * fg + f) * cg + c) * taps + row % taps] : T(0.f);
+    const bool tap_major = order == KOrder::kTapMajor;
+    const int64_t channel = tap_major ? row % per_tap : row / taps, tap = tap_major ? row / per_tap : row % taps;
+    const int64_t f = rows_are_filters ? channel : col, c = rows_are_filters ? col : channel;
+    T value = row < rows ? w[((group * fg + f) * cg + c) * taps + tap] : T(0.f);
     if constexpr (kRound) value = round_to_tf32(value);
     wt[i] = value;
   }
 }
 
-// dw[g*Fg + f][n] = Σ_chunk partial[g * splits + chunk][f][n], in chunk order (deterministic).
+// dw[g*Fg + f][n] = Σ_chunk partial[g * splits + chunk][f][n'], in chunk order (deterministic), where the
+// partials' columns n' = (c, t) are dw's n, or n' = (t, c) in KOrder::kTapMajor (of cg channels and `taps`).
 template <typename T>
 __global__ void sum_partials_kernel(const float* __restrict__ partial, T* __restrict__ dw, int64_t groups,
-                                    int64_t splits, int64_t per_group) {
-  const int64_t total = groups * per_group;
+                                    int64_t splits, int64_t per_group, int64_t cg, int64_t taps, KOrder order) {
+  const int64_t total = groups * per_group, cols = cg * taps;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t group = i / per_group, j = i % per_group;
-    const float* p = partial + group * splits * per_group + j;
+    const int64_t col = j % cols, c = col / taps, t = col % taps;
+    const int64_t from = order == KOrder::kTapMajor ? j - col + t * cg + c : j;
+    const float* p = partial + group * splits * per_group + from;
     float sum = 0.f;
     for (int64_t s = 0; s < splits; ++s) sum += p[s * per_group];
     dw[i] = static_cast<T>(sum);
@@ -811,13 +897,14 @@ inline int64_t grad_input_weight_size(const Conv2dGeometry& g) {
 }
 // The B of forward (rows_are_filters false) or d_input, ready for Math (MatrixAlongN::kReady).
 template <typename T, typename Math>
-void transpose_weight(const T* w, T* wt, const Conv2dGeometry& g, bool rows_are_filters, cudaStream_t stream) {
+void transpose_weight(const T* w, T* wt, const Conv2dGeometry& g, bool rows_are_filters, cudaStream_t stream,
+                      KOrder order = KOrder::kChannelMajor) {
   const int64_t depth = round_up((rows_are_filters ? g.f_per_group() : g.c_per_group()) * g.taps(), kBK);
   constexpr bool kRound = Math::kTf32 && std::is_same<T, float>::value;  // float16, bfloat16: TF32 values
   auto* transpose = &transpose_weight_kernel<T, kRound>;
   TORCH_CS231N_LAUNCH(transpose, helper_grid(rows_are_filters ? grad_input_weight_size(g) : forward_weight_size(g)),
                       kThreads, stream, w, wt, g.groups, g.f_per_group(), g.c_per_group(), g.taps(), depth,
-                      rows_are_filters);
+                      rows_are_filters, order);
 }
 
 // Whether a geometry fits the kernels' limits; otherwise the caller takes another route:
@@ -841,14 +928,16 @@ inline bool fits(const Conv2dGeometry& g) {
 }
 
 // One product on one tile shape: the grid covers D, blockIdx.z the groups (times the chunks of d_weight).
-// async: the async kernel, for float32 operands (others take the kernel with registers).
+// async: the async kernel, for float32 operands read one value at a time (others take the kernel with
+// registers).
 template <typename Shape, typename Math, typename LoaderA, typename LoaderB, typename Epilogue>
 void launch_gemm(const LoaderA& a, const LoaderB& b, const Epilogue& out, const Extent& e, int64_t z, bool async,
                  cudaStream_t stream) {
   if (e.m == 0 || e.n == 0) return;  // an empty product (an input plane of 0 rows, say): nothing to write
   const dim3 grid(static_cast<unsigned int>(ceil_div(e.m, Shape::kBM)),
                   static_cast<unsigned int>(ceil_div(e.n, Shape::kBN)), static_cast<unsigned int>(z));
-  if constexpr (std::is_same<typename LoaderA::Element, float>::value) {
+  if constexpr (std::is_same<typename LoaderA::Element, float>::value && LoaderA::kVector == 1 &&
+                LoaderB::kVector == 1) {
     if (async) {
       auto* kernel = &implicit_gemm_async_kernel<Shape, Math, LoaderA, LoaderB, Epilogue>;
       constexpr int bytes = async_shared_bytes<Shape>();  // above the 48 KB a kernel gets unasked
@@ -886,13 +975,14 @@ void with_shape(int64_t rows, int64_t cols, F&& f) {
   }
 }
 
-// The tap table of `count` real entries, padded to `padded` (tap_table_kernel).
+// The tap table of `count` real entries, padded to `padded` (tap_table_kernel); in KOrder::kTapMajor, k runs
+// over `channels` channels of each tap.
 inline void fill_taps(Tap* taps, int64_t count, int64_t padded, const Conv2dGeometry& g, int64_t plane, int64_t first_h,
                       int64_t step_h, int64_t first_w, int64_t step_w, int64_t fold_h, int64_t fold_w,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, KOrder order = KOrder::kChannelMajor, int64_t channels = 1) {
   auto* table = &tap_table_kernel;
-  TORCH_CS231N_LAUNCH(table, helper_grid(padded), kThreads, stream, taps, count, padded, g.kh, g.kw, plane, first_h,
-                      step_h, first_w, step_w, fold_h, fold_w);
+  TORCH_CS231N_LAUNCH(table, helper_grid(padded), kThreads, stream, taps, count, padded, g.kh, g.kw, channels, order,
+                      plane, first_h, step_h, first_w, step_w, fold_h, fold_w);
 }
 
 // Forward: y = x ⋆ W (+ b), all NCHW and contiguous. taps: forward_taps(g) entries; wt: forward_weight_size(g)
@@ -1006,7 +1096,7 @@ void grad_weight(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, const 
   });
   auto* sum = &sum_partials_kernel<T>;
   TORCH_CS231N_LAUNCH(sum, helper_grid(g.groups * fg * kg), kThreads, stream, partials, dw, g.groups, split.splits,
-                      fg * kg);
+                      fg * kg, g.c_per_group(), g.taps(), KOrder::kChannelMajor);
 }
 
 }  // namespace implicit_gemm

@@ -15,6 +15,7 @@
 #include "cuda/conv2d_depthwise.cuh"
 #include "cuda/conv2d_few_channels.cuh"
 #include "cuda/conv2d_implicit_gemm.cuh"
+#include "cuda/conv2d_implicit_gemm_nhwc.cuh"
 #include "cuda/conv2d_winograd.cuh"
 // clang-format on
 
@@ -156,8 +157,11 @@ void poison(const Conv2dGeometry& g, std::vector<T>& x, std::vector<T>& dy) {
 // T: the tensors' dtype (float, or c10::Half and c10::BFloat16, whose values TF32 holds exactly).
 // poisoned: with the infinities of poison(), which the results must propagate as the reference does.
 // async: the async kernel (float32 only), whose copies run at once here: its stages' buffers and waits.
+// nhwc: the kernels over channels-last copies (float32 only; cuda/conv2d_implicit_gemm_nhwc.cuh), the copies
+// made by to_nhwc here too.
 template <typename Math, typename T = float>
-bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisoned = false, bool async = false) {
+bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisoned = false, bool async = false,
+                       bool nhwc = false) {
   const Conv2dGeometry g = geometry(k);
   std::vector<T> x = random_values<T>(g.n * g.c * g.h * g.w, rng);
   const std::vector<T> w = random_values<T>(g.f * g.c_per_group() * g.kh * g.kw, rng);
@@ -174,14 +178,27 @@ bool run_implicit_gemm(const Case& k, bool tf32, std::mt19937& rng, bool poisone
   std::vector<T> y(r.y.size(), T(NAN)), dx(x.size(), T(NAN)), dw(w.size(), T(NAN));
   std::vector<T> wt(std::max(ig::forward_weight_size(g), ig::grad_input_weight_size(g)), T(NAN));
   std::vector<ig::Tap> taps(std::max(ig::grad_weight_taps(g), ig::grad_input_taps(g)));
-  ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr, async);
-  ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr, async);
   const ig::WeightSplit split = ig::grad_weight_split(g, /*blocks_wanted=*/16);
   std::vector<float> partials(ig::grad_weight_partials(g, split), NAN);
-  ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr, async);
+  if constexpr (std::is_same_v<T, float>) {
+    if (nhwc) {
+      std::vector<float> x_nhwc(x.size(), NAN), dy_nhwc(dy.size(), NAN);
+      ig::to_nhwc<Math>(x.data(), x_nhwc.data(), g.n, g.c, g.h * g.w, nullptr);
+      ig::to_nhwc<Math>(dy.data(), dy_nhwc.data(), g.n, g.f, g.oh * g.ow, nullptr);
+      ig::forward_nhwc<Math>(x_nhwc.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr);
+      ig::grad_input_nhwc<Math>(dy_nhwc.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr);
+      ig::grad_weight_nhwc<Math>(dy_nhwc.data(), x_nhwc.data(), dw.data(), g, split, taps.data(), partials.data(),
+                                 nullptr);
+    }
+  }
+  if (!nhwc) {
+    ig::forward<T, Math>(x.data(), w.data(), b.data(), y.data(), g, taps.data(), wt.data(), nullptr, async);
+    ig::grad_input<T, Math>(dy.data(), w.data(), dx.data(), g, taps.data(), wt.data(), nullptr, async);
+    ig::grad_weight<T, Math>(dy.data(), x.data(), dw.data(), g, split, taps.data(), partials.data(), nullptr, async);
+  }
 
   char what[64], chunks[64];
-  std::snprintf(what, sizeof what, "implicit GEMM%s, %s%s%s", async ? " (async)" : "",
+  std::snprintf(what, sizeof what, "implicit GEMM%s, %s%s%s", async ? " (async)" : (nhwc ? " (nhwc)" : ""),
                 std::is_same_v<T, float> ? "fp32" : (std::is_same_v<T, c10::Half> ? "fp16" : "bf16"),
                 tf32 ? ", tf32" : "", poisoned ? ", with infinities" : "");
   std::snprintf(chunks, sizeof chunks, " (d_weight in %ld chunks)", long(split.splits));
@@ -357,6 +374,32 @@ int main() {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/false, /*async=*/true) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/false, /*async=*/true) && ok;
   }
+  // Over channels-last copies (a candidate): channels and filters per group multiples of 4; the tile shapes
+  // as above (Tall to 64 columns, Square past them: the 132 cases; d_weight Wide to 64 filters).
+  const Case nhwc[] = {
+      {2, 4, 9, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // 3x3, padding 1
+      {2, 8, 11, 10, 8, 3, 2, 2, 2, 1, 0, 1, 1, 2},     // stride 2, a 3x2 filter, 2 groups of 4
+      {1, 12, 13, 12, 4, 3, 3, 1, 2, 2, 1, 2, 1, 1},    // dilation 2 along h, stride 2 along w
+      {3, 8, 6, 7, 132, 1, 1, 1, 1, 0, 0, 1, 1, 1},     // 1x1, 132 filters: two column tiles
+      {1, 132, 5, 5, 4, 1, 1, 1, 1, 0, 0, 1, 1, 1},     // 132 channels: d_input has two column tiles
+      {2, 4, 20, 20, 4, 5, 5, 3, 3, 2, 2, 1, 1, 1},     // stride 3 (d_input skips two taps in three)
+      {3, 12, 8, 8, 12, 4, 4, 2, 2, 1, 1, 1, 1, 3},     // 4x4 stride 2, 3 groups
+      {1, 40, 4, 4, 36, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // k = 360 and 324: many stages, a ragged last one
+      {1, 132, 7, 7, 4, 3, 3, 2, 2, 1, 1, 1, 1, 1},     // d_input on the square tile, with the stride's division
+      {4, 4, 12, 12, 68, 3, 3, 1, 1, 0, 0, 1, 1, 1},    // 68 filters; d_weight sums 400 positions in chunks
+      {2, 16, 15, 15, 260, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 260 filters: d_weight's Square rows past the end
+  };
+  for (const Case& k : nhwc) {
+    if (!ig::nhwc_fits(geometry(k))) {
+      describe("nhwc: does not fit", k, " (THE CASE IS WRONG)");
+      ok = false;
+      continue;
+    }
+    ok =
+        run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/false, /*async=*/false, /*nhwc=*/true) && ok;
+    ok =
+        run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/true, /*async=*/false, /*nhwc=*/true) && ok;
+  }
   // float16 and bfloat16, always on the tensor cores (exact in TF32)
   for (const Case& k : {dense[0], dense[3], dense[6], dense[9]}) {
     ok = run_implicit_gemm<ig::MmaTf32, c10::Half>(k, /*tf32=*/true, rng) && ok;
@@ -430,6 +473,9 @@ int main() {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng) && ok;
     ok = run_implicit_gemm<ig::SimtFma>(k, /*tf32=*/false, rng, /*poisoned=*/true) && ok;
+    // the same sizes over channels-last copies, with channels and filters per group made multiples of 4
+    k.c = k.groups * 4 * ((k.c / k.groups + 3) / 4), k.f = k.groups * 4 * ((k.f / k.groups + 3) / 4);
+    ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/true, /*async=*/false, /*nhwc=*/true) && ok;
   }
   for (const Case& k : dense) {
     ok = run_implicit_gemm<ig::MmaTf32>(k, /*tf32=*/true, rng, /*poisoned=*/true) && ok;

@@ -134,6 +134,15 @@ inline void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_
   std::abort();
 }
 
+// An access a GPU would fault on (a 16-byte one at an address that is not a multiple of 16), or a layout
+// that a kernel assumes and that does not hold: cuda/conv2d_implicit_gemm.cuh checks them here.
+[[noreturn]] inline void fault(const char* what, const void* p) {
+  Scheduler& s = scheduler();
+  std::fprintf(stderr, "cuda_emulation: block (%u, %u, %u), thread %zu: %s at %p\n", s.block_index.x, s.block_index.y,
+               s.block_index.z, s.current, what, p);
+  std::abort();
+}
+
 // Releases what can be released once no thread can run: each warp whose live lanes all posted to the MMA,
 // else the block barrier when every live thread waits at it. False when everyone has finished.
 inline bool release() {

@@ -243,10 +243,11 @@ __global__ void to_nhwc_kernel(const float* __restrict__ src, float* __restrict_
 }
 
 // ----------------------------------------------------------------------------------------------- the calls
-// Whether a geometry suits these kernels: the NCHW kernels' limits, and runs of 4 channels (and filters)
-// that stay within a group.
+// Whether a geometry suits these kernels: the NCHW kernels' limits, runs of 4 channels (and filters) that
+// stay within a group, and to_nhwc's grid (its y, tiles of 32 channels, below 65536).
 inline bool nhwc_fits(const Conv2dGeometry& g) {
-  return fits(g) && g.c_per_group() % 4 == 0 && g.f_per_group() % 4 == 0;
+  return fits(g) && g.c_per_group() % 4 == 0 && g.f_per_group() % 4 == 0 && ceil_div(g.c, 32) < 65536 &&
+         ceil_div(g.f, 32) < 65536;
 }
 
 // The channels-last copy of an NCHW float32 tensor (samples, channels, plane), as Math takes its operands.

@@ -388,6 +388,9 @@ int main() {
       {1, 132, 7, 7, 4, 3, 3, 2, 2, 1, 1, 1, 1, 1},     // d_input on the square tile, with the stride's division
       {4, 4, 12, 12, 68, 3, 3, 1, 1, 0, 0, 1, 1, 1},    // 68 filters; d_weight sums 400 positions in chunks
       {2, 16, 15, 15, 260, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 260 filters: d_weight's Square rows past the end
+      {2, 64, 12, 12, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1},   // exactly 64: two Tall row tiles, Wide d_weight in chunks
+      {1, 256, 4, 4, 256, 3, 3, 1, 1, 1, 1, 1, 1, 2},   // 2 groups of exactly 128 on the Square tiles
+      {2, 132, 9, 9, 8, 3, 3, 2, 2, 1, 1, 1, 1, 1},     // Square d_input with the division, two row tiles
   };
   for (const Case& k : nhwc) {
     if (!ig::nhwc_fits(geometry(k))) {

@@ -213,13 +213,21 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # 40 outputs, dilated along the height only: NCHW d_W's pixel rows in W's (c, t) order, each output's
     # taps through their offsets in the plane
     dict(shape=(2, 16, 5, 6), f=20, k=3, stride=1, padding=2, groups=1, dilation=(2, 1)),
+    # at most 128 outputs in the batch (AVX-512: the forward by dot products, conv2d_dots.h): 49 outputs (a
+    # last block of 1 pixel), 36 filters (a last block of 4); k = 576 (two chunks, the second of 64),
+    # strided and dilated; a 1x1 layer; 20 outputs of a padding that some taps never leave
+    dict(shape=(1, 32, 7, 7), f=36, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(2, 64, 4, 5), f=20, k=3, stride=2, padding=1, groups=1, dilation=2),
+    dict(shape=(3, 48, 4, 4), f=24, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(1, 16, 2, 3), f=8, k=3, stride=1, padding=2, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
         "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
         "windows_dilated", "gathered_dw", "padded_block",
-        "padded_block_strided", "first_phase_odd", "pixel_rows_dilated"])
+        "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
+        "dots_padding"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

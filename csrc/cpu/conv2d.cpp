@@ -15,6 +15,7 @@
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
+//   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels.
@@ -44,6 +45,7 @@
 #include "cpu/conv2d_bf16.h"
 #include "cpu/conv2d_blocks.h"
 #include "cpu/conv2d_depthwise.h"
+#include "cpu/conv2d_dots.h"
 #include "cpu/conv2d_gemm.h"
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_pixels.h"
@@ -201,6 +203,10 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (y.numel() == 0) return y;
   c10::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  if (use_dots(g, weight)) {  // few output pixels: W's rows read in place, x and y through their strides
+    conv_forward_dots(input, weight, b ? b->const_data_ptr<float>() : nullptr, y, g);
+    return y;
+  }
   const bool cl = format == at::MemoryFormat::ChannelsLast;
   if (cl && pointwise_nhwc(g)) {  // one product over the batch's pixels
     const at::Tensor x = input.contiguous(format);

@@ -2,8 +2,9 @@
 step (forward, cross-entropy loss, backward to every parameter) at batch 16 x 3x128x128, converted with
 torch_cs231n.convert() against the same model with torch's layers. Target (the CPU-convolution issue):
 <= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics).
-ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input: informative (no
-target), not part of --quick."""
+ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input, and at batch 1 in eval
+mode at 224x224 (inference: its fwd column; a small batch leaves the last layers few output pixels, where
+the convolution takes its dot products, cpu/conv2d_dots.h): informative (no target), not part of --quick."""
 import copy
 
 import torch
@@ -76,6 +77,28 @@ def cases():
         make_inputs=make_autocast_inputs,
         ours=lambda x, labels: autocast_step("ours", x, labels),
         reference=lambda x, labels: autocast_step("torch", x, labels),
+        target=None,
+        quick=False,
+        grad_targets=lambda who, models=models: list(models[who].parameters()),
+    )
+
+    # Inference of one image, as a CPU serves a model: eval mode (running statistics), batch 1, 224x224.
+    models = {}
+
+    def make_inference_inputs(device, dtype, models=models):
+        ours, reference = _models("resnet18")
+        models["ours"], models["torch"] = ours.eval().to(device), reference.eval().to(device)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+        labels = torch.zeros(1, dtype=torch.long, device=device)
+        return x, labels
+
+    yield Case(
+        op="model",
+        name="resnet18_b1",
+        describe="resnet18 eval 1x3x224x224 (inference: fwd)",
+        make_inputs=make_inference_inputs,
+        ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
+        reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
         target=None,
         quick=False,
         grad_targets=lambda who, models=models: list(models[who].parameters()),

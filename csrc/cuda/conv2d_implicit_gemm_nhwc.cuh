@@ -64,7 +64,8 @@ inline PixelPlanes output_pixels(const Conv2dGeometry& g) {
 // A(m, k) for forward and d_input: m = (n, r_h, r_w) a pixel of the grid, k = (t_h, t_w, ch). The run is
 // src[n, h, w, ch..ch+3] (in the group's channels) with h = steps.h(r_h) + tap.dh (and w alike), then, for
 // d_input with a stride, divided by it when it divides (kDivide), as PatchAlongM does in NCHW. The tap
-// offsets are ch plus the shift folded as (w * pitch, pitch) (ch alone with kDivide).
+// offsets are ch plus the shift folded as (w * pitch, pitch) (ch alone with kDivide). Its fields and start()
+// mirror PatchAlongM's, which is left as it ran on the H200 until this candidate has run there too.
 template <int kExtent, bool kDivide>
 struct PixelRunsAlongK {
   static constexpr bool kAlongK = true;

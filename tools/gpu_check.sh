@@ -25,8 +25,8 @@ OUT=${OUT:-gpu-check}
 # Candidates, one per line: "name|environment settings|pytest -k expression|bench ops|profile cases" (the
 # last three fields space-separated where there are several; a candidate's own tests have "candidate" in
 # their names). The TF32 bench repeats the conv2d cases. The candidates share rounds, to keep the check
-# under 6 minutes, unless one takes another's layers. Seven candidates have passed here on an H200 and became the defaults
-# (docs/benchmarks.md): the implicit GEMM, the depthwise tiles, the flat pool backward and the fused
+# under 6 minutes, unless one takes another's layers. Seven candidates have passed here on an H200 and
+# became the defaults (docs/benchmarks.md): the implicit GEMM, the depthwise tiles, the flat pool backward and the fused
 # running-statistics update (first session of 2026-11-30), then Winograd's F(2x2, 3x3), the depthwise tall
 # tiles and one batch-norm block per channel where the channels fill the GPU (2026-11-30, late). Now:
 #   TORCH_CS231N_CUDA_CONV_LOADS=async the implicit GEMM's float32 operands copied by cp.async, four stages
@@ -49,7 +49,7 @@ OUT=${OUT:-gpu-check}
 # Their tests: their own (ids with "candidate"), and the layer's comparisons with torch and gradchecks on
 # CUDA, which take them wherever they fit.
 CANDIDATES=(
-  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd TORCH_CS231N_CUDA_CONV_DX=gather|candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
+  "new|TORCH_CS231N_CUDA_CONV_LOADS=async TORCH_CS231N_CUDA_CONV=winograd TORCH_CS231N_CUDA_POINTWISE_DW=samples TORCH_CS231N_CUDA_CONV_DW=winograd TORCH_CS231N_CUDA_CONV_DX=gather|candidate and not nhwc_candidate or conv2d and cuda and (matches_torch or gradcheck or routes)|conv2d|conv3x3 conv3x3_deep stem pointwise"
   "nhwc|TORCH_CS231N_CUDA_CONV=implicit TORCH_CS231N_CUDA_CONV_LAYOUT=nhwc|nhwc_candidate or conv2d and cuda and (matches_torch or gradcheck or routes) and not candidate|conv2d|conv3x3 conv3x3_deep"
 )
 # The check must finish in 6 minutes: every step after the benchmarks starts only if it is expected to end

@@ -103,6 +103,7 @@ template <typename Math>
 void implicit_backward_nhwc(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, at::Tensor& dx,
                             at::Tensor& dw, const Conv2dGeometry& g, bool need_dx, bool need_dw, cudaStream_t stream) {
   namespace ig = implicit_gemm;
+  if (!need_dx && !need_dw) return;  // (d_x by another route, d_W by Winograd: no copy to make)
   const at::Tensor dy_nhwc = channels_last_copy<Math>(dy, g.n, g.f, g.oh * g.ow, stream);
   if (need_dx) {
     at::Tensor taps = tap_table(ig::grad_input_taps(g), x);

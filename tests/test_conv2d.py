@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torch_cs231n
 from torch_cs231n import functional as ours
 
-from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, with_layout
+from helpers import LAYOUTS, assert_compiled_matches_eager, assert_same_layout, dtypes_for, forced_isa, with_layout
 
 ops = torch.ops.torch_cs231n
 
@@ -724,7 +724,7 @@ BAD = [
     (dict(bias=torch.randn(6, 1)), r"expected bias to be 1-D with 6 elements, but got bias of size \[6, 1\]"),
     (dict(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), r"expected weight to have the dtype of input \(Float\), but got Double"),
     (dict(bias=torch.randn(6, dtype=torch.float64)), r"expected bias to have the dtype of input \(Float\), but got Double"),
-    (dict(input=torch.randint(0, 3, (2, 4, 5, 5)), weight=torch.randint(0, 3, (6, 2, 3, 3))), r"expected input to have dtype float32, float64, float16 or bfloat16, but got Long"),
+    (dict(input=torch.ones(2, 4, 5, 5, dtype=torch.bool), weight=torch.ones(6, 2, 3, 3, dtype=torch.bool)), r"expected input to have (an integer dtype .* or )?dtype float32, float64, float16 or bfloat16, but got Bool"),
 ]
 
 
@@ -747,12 +747,143 @@ def test_bad_input_devices():
                         torch.randn(6), groups=2)
 
 
-@pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.complex64, "ComplexFloat"), (torch.int32, "Int")])
+@pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.uint16, "UInt16"), (torch.int32, "Int")])
 def test_dtypes_torch_refuses_are_refused(device, dtype, name):
-    x, w = torch.ones(1, 2, 4, 4, device=device, dtype=dtype), torch.ones(3, 2, 3, 3, device=device, dtype=dtype)
-    with pytest.raises(RuntimeError, match=f"conv2d_forward: expected input to have dtype float32, float64, float16 or "
-                                           f"bfloat16, but got {name}"):
+    """Bool and uint16 everywhere; the integer dtypes on CUDA, whose convolution in torch takes none."""
+    if dtype == torch.int32 and device == "cpu":
+        pytest.skip("torch's CPU convolution takes integers (test_integer_dtypes_match_torch)")
+    x, w = torch.ones(1, 2, 4, 4, dtype=dtype).to(device), torch.ones(3, 2, 3, 3, dtype=dtype).to(device)
+    integers = r"an integer dtype \(uint8, int8, int16, int32, int64\) or " if device == "cpu" else ""
+    with pytest.raises(RuntimeError, match=f"conv2d_forward: expected input to have {integers}dtype float32, float64, "
+                                           f"float16 or bfloat16, but got {name}"):
         ours.conv2d(x, w)
+
+
+# ----------------------------------------------------------------------- integer and complex dtypes
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def _full_range(shape, dtype, gen):
+    """Values over the dtype's whole range, so that the sums wrap around (int64: all but the top bit)."""
+    if dtype == torch.int64:
+        return torch.randint(-2**62, 2**62, shape, generator=gen) * 2 + torch.randint(0, 2, shape, generator=gen)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max + 1, shape, generator=gen).to(dtype)
+
+
+INTEGER_CASES = [
+    dict(shape=(2, 4, 9, 11), f=6, k=(3, 3), stride=1, padding=1, groups=2),
+    dict(shape=(3, 3, 12, 10), f=5, k=(5, 3), stride=(2, 3), padding=(2, 0), groups=1),
+    dict(shape=(1, 6, 7, 7), f=6, k=(3, 3), stride=2, padding=3, groups=6),  # depthwise; padding past the taps
+    dict(shape=(2, 5, 4, 6), f=7, k=(1, 1), stride=1, padding=0, groups=1),
+    # 750 pixels a sample: chunks of 512 that end mid-row; 20 filters: blocks of 8, 8 and 4
+    dict(shape=(2, 3, 30, 25), f=20, k=(3, 3), stride=1, padding=1, groups=1),
+]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+@pytest.mark.parametrize("case", INTEGER_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_integer_dtypes_match_torch(isa, dtype, case, layout):
+    """torch's CPU convolution takes the integer dtypes and sums in the dtype, wrapping around: ours gives
+    its bits (csrc/cpu/conv2d_integer.h, in each instruction set), with and without bias, batched or not,
+    in its layout."""
+    gen = torch.Generator().manual_seed(INTEGER_CASES.index(case))
+    n, c, h, w = case["shape"]
+    x = with_layout(_full_range(case["shape"], dtype, gen), layout)
+    weight = _full_range((case["f"], c // case["groups"], *case["k"]), dtype, gen)
+    bias = _full_range((case["f"],), dtype, gen)
+    kwargs = dict(stride=case["stride"], padding=case["padding"], groups=case["groups"])
+    with forced_isa(isa):
+        for b in (bias, None):
+            got, want = ours.conv2d(x, weight, b, **kwargs), F.conv2d(x, weight, b, **kwargs)
+            assert got.dtype == dtype and torch.equal(got, want)
+            assert_same_layout(got, want)
+        assert torch.equal(ours.conv2d(x[0], weight, bias, **kwargs), F.conv2d(x[0], weight, bias, **kwargs))
+        assert ours.conv2d(x[:0], weight, bias, **kwargs).shape == (0, case["f"], *want.shape[2:])
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_integer_dilated_matches_the_zero_filled_kernel(dtype):
+    """torch refuses dilated integer convolutions ("slow_conv_dilated<>" not implemented); ours takes them,
+    and equals torch's undilated convolution with the taps spread out by rows and columns of zeros."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight = _full_range((2, 4, 11, 13), dtype, gen), _full_range((6, 2, 3, 2), dtype, gen)
+    bias = _full_range((6,), dtype, gen)
+    spread = torch.zeros(6, 2, 5, 4, dtype=dtype)
+    spread[:, :, ::2, ::3] = weight  # dilation (2, 3)
+    got = ours.conv2d(x, weight, bias, stride=(2, 1), padding=(1, 2), dilation=(2, 3), groups=2)
+    assert torch.equal(got, F.conv2d(x, spread, bias, stride=(2, 1), padding=(1, 2), groups=2))
+
+
+COMPLEX_TOLERANCES = {torch.complex128: dict(rtol=1e-10, atol=1e-10), torch.complex64: dict(rtol=1e-4, atol=1e-4),
+                      torch.complex32: dict(rtol=1e-2, atol=3e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(COMPLEX_TOLERANCES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_complex_matches_torch(device, dtype, layout):
+    """Complex convolutions, as torch's: three real ones (Gauss's trick), against torch's complex128 on the
+    CPU, with a conjugated input, padding 'same', no bias, an unbatched input, and in the layout torch
+    gives in the dtype."""
+    gen = torch.Generator().manual_seed(3)
+    x = with_layout(torch.randn(2, 4, 9, 8, dtype=torch.complex128, generator=gen), layout)
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.complex128, generator=gen)
+    bias = torch.randn(6, dtype=torch.complex128, generator=gen)
+    calls = [(lambda f, x, w, b: f(x, w, b, stride=(2, 1), padding=1, groups=2)),
+             (lambda f, x, w, b: f(x.conj(), w, None, padding="same", dilation=2, groups=2)),
+             (lambda f, x, w, b: f(x[1], w, b, groups=2))]
+    for call in calls:
+        want = call(F.conv2d, x, weight, bias)
+        moved = [t.to(device, dtype) for t in (x, weight, bias)]
+        got = call(ours.conv2d, *moved)
+        assert got.dtype == dtype and got.device.type == device
+        torch.testing.assert_close(got.to("cpu", torch.complex128), want, **COMPLEX_TOLERANCES[dtype])
+        if dtype != torch.complex32:  # torch's own complex32 convolution is experimental
+            assert_same_layout(got, call(F.conv2d, *moved))
+
+
+def test_complex_gradients_gradcheck_and_vmap(device):
+    """Complex gradients in torch's convention (gradcheck takes complex inputs as pairs of reals), both
+    modes of AD, and vmap of the complex layer equal to a loop."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
+               for s in ((2, 4, 6, 5), (6, 2, 3, 3), (6,)))
+    conv = lambda x, w, b: ours.conv2d(x, w, b, stride=(1, 2), padding=1, groups=2)  # noqa: E731
+    assert gradcheck(conv, (x, w, b), check_forward_ad=True)
+    assert gradgradcheck(conv, (x, w, b))
+    batched = torch.func.vmap(conv, in_dims=(0, None, None))(x.detach(), w.detach(), b.detach())
+    torch.testing.assert_close(batched, torch.stack([conv(s, w, b) for s in x.detach()]))
+
+
+def test_complex_module_and_convert_match_torch(device):
+    """A complex nn.Conv2d converted to ours keeps its state_dict and gives torch's output and gradients;
+    under autocast both leave the complex layer in its dtype."""
+    torch.manual_seed(6)
+    theirs = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2, dtype=torch.complex64, device=device)
+    mine = torch_cs231n.convert(torch.nn.Sequential(theirs))[0]
+    assert isinstance(mine, torch_cs231n.Conv2d)
+    assert mine.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.complex64, device=device, requires_grad=True)
+    got, want = mine(x), theirs(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(want)
+    for g, r in zip(torch.autograd.grad(got, (x, mine.weight, mine.bias), dy),
+                    torch.autograd.grad(want, (x, theirs.weight, theirs.bias), dy)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert mine(x).dtype == theirs(x).dtype == torch.complex64
+
+
+def test_complex_with_a_real_argument_is_refused(device):
+    x = torch.randn(1, 2, 5, 5, dtype=torch.complex64, device=device)
+    with pytest.raises(RuntimeError, match=r"conv2d_forward: expected weight to have the dtype of input "
+                                           r"\(torch.complex64\), but got torch.float32"):
+        ours.conv2d(x, torch.randn(3, 2, 3, 3, device=device))
+    with pytest.raises(RuntimeError, match=r"expected bias to have the dtype of input \(torch.complex64\), but got "
+                                           r"torch.complex128"):
+        ours.conv2d(x, x.new_ones(3, 2, 3, 3), torch.zeros(3, dtype=torch.complex128, device=device))
 
 
 def test_same_padding_with_stride_is_refused(device):

@@ -436,11 +436,13 @@ def test_bad_input_tensors(device):
         ops.max_pool2d_forward(torch.randn(1, 1, 4, 4, device=device), [2, 2, 2], [2, 2], [0, 0], [1, 1], False)
 
 
-@pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.complex64, "ComplexFloat")])
+@pytest.mark.parametrize("dtype,name", [(torch.bool, "Bool"), (torch.complex64, "ComplexFloat"),
+                                        (torch.uint16, "UInt16")])
 def test_dtypes_torch_refuses_are_refused(device, dtype, name):
-    with pytest.raises(RuntimeError, match=f"max_pool2d_forward: expected input to have an integer dtype or dtype "
-                                           f"float32, float64, float16 or bfloat16, but got {name}"):
-        ours.max_pool2d(torch.ones(1, 1, 4, 4, device=device, dtype=dtype), 2)
+    with pytest.raises(RuntimeError, match=rf"max_pool2d_forward: expected input to have an integer dtype \(uint8, "
+                                           rf"int8, int16, int32, int64\) or dtype float32, float64, float16 or "
+                                           rf"bfloat16, but got {name}"):
+        ours.max_pool2d(torch.ones(1, 1, 4, 4, dtype=dtype).to(device), 2)
 
 
 def test_backward_argument_checks(device):

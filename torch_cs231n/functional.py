@@ -13,6 +13,8 @@ Function, it takes the Python Functions below.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _extension
@@ -314,7 +316,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     (no padding) or ``'same'`` (stride 1 only; when ``dilation*(k-1)`` is odd the extra row/column of
     zeros goes at the bottom/right, as in torch). ``input`` is (N, C, H, W) or unbatched (C, H, W);
     N = 0 works. float32, float64, float16 and bfloat16 (computed in float32 and rounded once); under
-    ``torch.autocast`` the floating inputs are cast to the autocast dtype, as torch's conv2d does.
+    ``torch.autocast`` the floating inputs are cast to the autocast dtype, as torch's conv2d does. As
+    torch's, also complex dtypes (three real convolutions, below) and, on the CPU, the integer dtypes
+    (forward only; sums wrap around in the dtype).
 
     Memory format, as torch's: channels_last output and gradients when the input or the weight is
     channels_last, contiguous NCHW otherwise.
@@ -323,6 +327,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         raise TypeError(f"conv2d(): argument 'input' must be Tensor, not {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'weight' must be Tensor, not {type(weight).__name__}")
+    if input.is_complex() or weight.is_complex() or (isinstance(bias, torch.Tensor) and bias.is_complex()):
+        return _complex_conv2d(input, weight, bias, stride, padding, dilation, groups)
     input, weight, bias = _autocast_inputs(input, weight, bias)
     stride = _conv_pair(stride, "stride")
     dilation = _conv_pair(dilation, "dilation")
@@ -353,6 +359,33 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:  # the op's own C++ derivative (csrc/autograd/conv2d_autograd.cpp)
         output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, int(groups))
     return output.squeeze(0) if unbatched else output
+
+
+def _complex_conv2d(input, weight, bias, stride, padding, dilation, groups):
+    """A complex convolution as three real ones (Gauss's trick, as torch computes it). With x = a + ib and
+    W = c + id, and ⊛ the real convolution, linear in each argument:
+
+        x ⊛ W = (a⊛c − b⊛d) + i((a + b)⊛(c + d) − a⊛c − b⊛d)
+
+    Every step is a differentiable torch op or our convolution, so autograd gives the complex gradients
+    (torch's conjugate Wirtinger convention) and the transforms batch it, with nothing of its own. Autocast
+    leaves it alone, as it leaves torch's: it casts floating tensors, and a complex one is not."""
+    tensors = {"input": input, "weight": weight, "bias": bias}
+    for name, t in tensors.items():
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"conv2d_forward: expected {name} to have the dtype of input ({input.dtype}), "
+                               f"but got {t.dtype}")
+    a, b, c, d = input.real, input.imag, weight.real, weight.imag
+    args = (stride, padding, dilation, groups)
+    device = input.device.type
+    no_autocast = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+    with no_autocast:
+        ac, bd = conv2d(a, c, None, *args), conv2d(b, d, None, *args)
+        real, imag = ac - bd, conv2d(a + b, c + d, None, *args) - ac - bd
+    if bias is not None:
+        per_channel = (-1, 1, 1)  # the channel dimension, batched or not
+        real, imag = real + bias.real.view(per_channel), imag + bias.imag.view(per_channel)
+    return torch.complex(real, imag)
 
 
 # -------------------------------------------------------------------------------------------- MaxPool2d

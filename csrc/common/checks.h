@@ -21,11 +21,17 @@ inline void check_float_dtype(const at::Tensor& t, const char* op, const char* a
               " to have dtype float32, float64, float16 or bfloat16, but got ", t.scalar_type(), " on ", t.device());
 }
 
-// The dtypes torch's ReLU and max-pool take: the floating ones above, and the integer ones (uint8, int8,
-// int16, int32, int64), which need no backward. Not bool: torch refuses it.
+// The integer dtypes torch's ReLU, max-pool and CPU convolution take (forward only: integer tensors have no
+// gradients). Not bool, nor uint16, uint32 and uint64: torch refuses them.
+inline bool is_supported_integer(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == at::kByte || st == at::kChar || st == at::kShort || st == at::kInt || st == at::kLong;
+}
+
 inline void check_float_or_integer_dtype(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(is_supported_float(t) || at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op, ": expected ",
-              arg, " to have an integer dtype or dtype float32, float64, float16 or bfloat16, but got ",
+  TORCH_CHECK(is_supported_float(t) || is_supported_integer(t), op, ": expected ", arg,
+              " to have an integer dtype (uint8, int8, int16, int32, int64) or dtype float32, float64, float16 or "
+              "bfloat16, but got ",
               t.scalar_type(), " on ", t.device());
 }
 

@@ -114,11 +114,12 @@ inline void check_conv2d_params(at::IntArrayRef stride, at::IntArrayRef padding,
 }
 
 // Checks input (N, C, H, W), weight (F, C/groups, kH, kW), bias (F) and the arguments, and returns the
-// geometry of the convolution. The output has (N, F, oH, oW).
+// geometry of the convolution. The output has (N, F, oH, oW). The dtypes are the floating ones, and the
+// integer ones too where `integer_dtypes` (the CPU forward: torch's CUDA convolution takes no integers).
 inline Conv2dGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                      const char* op) {
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const char* op,
+                                      bool integer_dtypes = false) {
   TORCH_CHECK(input.dim() == 4, op,
               ": expected input to be 4-D (N, C, H, W) (conv2d() also takes a 3-D "
               "unbatched (C, H, W) input), but got a ",
@@ -127,7 +128,11 @@ inline Conv2dGeometry conv2d_geometry(const at::Tensor& input, const at::Tensor&
               ": expected weight to be 4-D (out_channels, in_channels/groups, kH, kW), "
               "but got a ",
               weight.dim(), "-D tensor of shape ", weight.sizes());
-  check_float_dtype(input, op, "input");
+  if (integer_dtypes) {
+    check_float_or_integer_dtype(input, op, "input");
+  } else {
+    check_float_dtype(input, op, "input");
+  }
   check_same_device(input, "input", weight, "weight", op);
   check_same_dtype(input, "input", weight, "weight", op);
   check_conv2d_params(stride, padding, dilation, groups, op);

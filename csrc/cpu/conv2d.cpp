@@ -16,6 +16,7 @@
 //   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
+//   conv2d_integer.h    integer dtypes (forward only): direct loops, sums wrapping around as torch's
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels.
@@ -48,6 +49,7 @@
 #include "cpu/conv2d_dots.h"
 #include "cpu/conv2d_gemm.h"
 #include "cpu/conv2d_im2col.h"
+#include "cpu/conv2d_integer.h"
 #include "cpu/conv2d_pixels.h"
 #include "cpu/conv2d_pointwise.h"
 #include "cpu/conv2d_shifted.h"
@@ -187,8 +189,22 @@ void bf16_forward(const at::Tensor& input, const Bf16Filters& weight, const c10:
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
-  const Conv2dGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward");
+  const Conv2dGeometry g = conv2d_geometry(input, weight, bias, stride, padding, dilation, groups, "conv2d_forward",
+                                           /*integer_dtypes=*/true);
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
+  if (is_supported_integer(input)) {  // sums wrapping around in the dtype, as torch's (conv2d_integer.h)
+    const at::Tensor x = input.contiguous(), w = weight.contiguous();
+    const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    at::Tensor y_nchw = at::empty({g.n, g.f, g.oh, g.ow}, input.options());
+    if (y_nchw.numel() > 0) {
+      AT_DISPATCH_INTEGRAL_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+        conv_forward_integer<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                       y_nchw.mutable_data_ptr<scalar_t>(), g);
+      });
+    }
+    return y_nchw.contiguous(format);
+  }
   if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
     at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
     bf16_forward(input, Bf16Filters::of(weight), bias, y, g, format);

@@ -923,6 +923,10 @@ def test_opcheck(device):
         for mask in ([True, True, True], [False, True, False], [True, False, True]):
             torch.library.opcheck(ops.conv2d_backward.default,
                                   (torch.randn_like(y), x, w, stride, padding, dilation, groups, mask))
+    if device == "cpu":  # integers: the forward only (the fake kernel's strides for a channels_last input)
+        x = torch.randint(-50, 50, (2, 4, 6, 5), dtype=torch.int16).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randint(-5, 5, (6, 2, 3, 3), dtype=torch.int16), torch.randint(0, 5, (6,), dtype=torch.int16)
+        torch.library.opcheck(ops.conv2d_forward.default, (x, w, b, [1, 1], [1, 1], [1, 1], 2))
 
 
 def test_compile_fullgraph_matches_eager(device):

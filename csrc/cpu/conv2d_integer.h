@@ -27,7 +27,8 @@ namespace conv2d_cpu {
 // chunk's columns col[k][p] (k = (c, t_h, t_w), 0 in the padding) are gathered once, in the sums' type,
 // then each filter's sums over the chunk add w[f, k] · col[k][:] along k, kIntegerFilters filters a pass
 // over col: long contiguous runs, which vectorise. x, w and y are contiguous NCHW.
-constexpr int64_t kIntegerFilters = 8, kIntegerPixels = 512;
+// At most 512 pixels a chunk, fewer for deep layers: col stays under 2^18 values (up to 2 MiB).
+constexpr int64_t kIntegerFilters = 8, kIntegerPixels = 512, kIntegerColValues = int64_t(1) << 18;
 
 // The sums' type: unsigned, as wide as T, but 16 bits for 8-bit T (the vectors multiply 16-bit lanes;
 // the low 8 bits of a sum mod 2^16 are the sum mod 2^8).
@@ -36,13 +37,17 @@ using IntegerSum = std::conditional_t<sizeof(T) == 1, uint16_t, std::make_unsign
 
 struct IntegerChunks {
   const Conv2dGeometry& g;
-  int64_t chunks() const { return (g.oh * g.ow + kIntegerPixels - 1) / kIntegerPixels; }  // per sample
-  int64_t units() const { return g.n * g.groups * chunks(); }
   int64_t depth() const { return g.c_per_group() * g.kh * g.kw; }  // k, the rows of col
+  int64_t pixels() const {
+    return depth() == 0 ? kIntegerPixels
+                        : std::clamp(kIntegerColValues / depth() / 16 * 16, int64_t(16), kIntegerPixels);
+  }
+  int64_t chunks() const { return (g.oh * g.ow + pixels() - 1) / pixels(); }  // per sample
+  int64_t units() const { return g.n * g.groups * chunks(); }
 };
 
-// Units [begin, end), unit = (n * groups + group) * chunks + chunk. `col` holds depth * kIntegerPixels and
-// `sums` kIntegerFilters * kIntegerPixels. Always inlined into the versions below, each compiled for its
+// Units [begin, end), unit = (n * groups + group) * chunks + chunk. `col` holds depth * r.pixels() and
+// `sums` kIntegerFilters * r.pixels(). Always inlined into the versions below, each compiled for its
 // instruction set.
 template <typename T>
 CS231N_INLINE void integer_chunks(const T* x, const T* w, const T* b, T* y, const IntegerChunks& r, int64_t begin,
@@ -51,16 +56,17 @@ CS231N_INLINE void integer_chunks(const T* x, const T* w, const T* b, T* y, cons
   using P = std::common_type_t<U, unsigned>;  // products: U promotes to int, which may overflow, P does not
   const Conv2dGeometry& g = r.g;
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), depth = r.depth(), pixels = g.oh * g.ow;
+  const int64_t chunk_pixels = r.pixels();  // the pitch of col's rows and of the sums' rows
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t chunk = unit % r.chunks(), group = unit / r.chunks() % g.groups, n = unit / r.chunks() / g.groups;
-    const int64_t p0 = chunk * kIntegerPixels, np = std::min(kIntegerPixels, pixels - p0);
+    const int64_t p0 = chunk * chunk_pixels, np = std::min(chunk_pixels, pixels - p0);
     // col[k][p] = x[n, c, i_h, i_w] of output pixel p0 + p through tap k, row by output row
     for (int64_t k = 0; k < depth; ++k) {
       const int64_t tw = k % g.kw, th = k / g.kw % g.kh, c = k / g.kw / g.kh;
       const T* x_c = x + (n * g.c + group * cg + c) * g.h * g.w;
       int64_t lo, hi;  // the outputs along the width that read inside the image
       conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-      U* col_k = col + k * kIntegerPixels;
+      U* col_k = col + k * chunk_pixels;
       for (int64_t p = 0; p < np;) {
         const int64_t o_h = (p0 + p) / g.ow, first = (p0 + p) % g.ow, last = std::min(g.ow, first + np - p);
         const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
@@ -77,19 +83,19 @@ CS231N_INLINE void integer_chunks(const T* x, const T* w, const T* b, T* y, cons
     for (int64_t f0 = group * fg; f0 < (group + 1) * fg; f0 += kIntegerFilters) {
       const int64_t filters = std::min(kIntegerFilters, (group + 1) * fg - f0);
       for (int64_t i = 0; i < filters; ++i) {
-        std::fill(sums + i * kIntegerPixels, sums + i * kIntegerPixels + np, b ? static_cast<U>(b[f0 + i]) : U(0));
+        std::fill(sums + i * chunk_pixels, sums + i * chunk_pixels + np, b ? static_cast<U>(b[f0 + i]) : U(0));
       }
       for (int64_t k = 0; k < depth; ++k) {
-        const U* col_k = col + k * kIntegerPixels;
+        const U* col_k = col + k * chunk_pixels;
         for (int64_t i = 0; i < filters; ++i) {
           const P weight = static_cast<U>(w[(f0 + i) * depth + k]);
-          U* row = sums + i * kIntegerPixels;
+          U* row = sums + i * chunk_pixels;
           for (int64_t p = 0; p < np; ++p) row[p] = static_cast<U>(row[p] + weight * col_k[p]);
         }
       }
       for (int64_t i = 0; i < filters; ++i) {
         T* y_f = y + (n * g.f + f0 + i) * pixels + p0;
-        for (int64_t p = 0; p < np; ++p) y_f[p] = static_cast<T>(sums[i * kIntegerPixels + p]);
+        for (int64_t p = 0; p < np; ++p) y_f[p] = static_cast<T>(sums[i * chunk_pixels + p]);
       }
     }
   }
@@ -114,7 +120,7 @@ void conv_forward_integer(const T* x, const T* w, const T* b, T* y, const Conv2d
   const IntegerChunks chunks{g};
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, chunks.units(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<IntegerSum<T>> col(chunks.depth() * kIntegerPixels), sums(kIntegerFilters * kIntegerPixels);
+    std::vector<IntegerSum<T>> col(chunks.depth() * chunks.pixels()), sums(kIntegerFilters * chunks.pixels());
 #if CS231N_X86
     if (isa >= cpu::Isa::kAvx512) return integer_chunks_avx512(x, w, b, y, chunks, begin, end, col.data(), sums.data());
     if (isa >= cpu::Isa::kAvx2) return integer_chunks_avx2(x, w, b, y, chunks, begin, end, col.data(), sums.data());

@@ -778,6 +778,8 @@ INTEGER_CASES = [
     dict(shape=(2, 5, 4, 6), f=7, k=(1, 1), stride=1, padding=0, groups=1),
     # 750 pixels a sample: chunks of 512 that end mid-row; 20 filters: blocks of 8, 8 and 4
     dict(shape=(2, 3, 30, 25), f=20, k=(3, 3), stride=1, padding=1, groups=1),
+    # k = 4104: chunks of 48 pixels (the columns held under 2^18 values)
+    dict(shape=(1, 456, 9, 10), f=4, k=(3, 3), stride=1, padding=1, groups=1),
 ]
 
 

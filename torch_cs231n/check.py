@@ -85,6 +85,19 @@ def _conv_cmp(device):
                  [x, w, b], rtol=1e-4, atol=1e-4)
 
 
+@check("conv2d", "vs F.conv2d (complex64; int8 and int64 bit for bit on the CPU)")
+def _conv_dtypes(device):
+    kw = dict(padding=1, groups=2)
+    x, w, b = (torch.randn(s, dtype=torch.complex64, device=device, requires_grad=True)
+               for s in ((2, 4, 9, 8), (6, 2, 3, 3), (6,)))
+    _compare(lambda x, w, b: ours.conv2d(x, w, b, **kw), lambda x, w, b: F.conv2d(x, w, b, **kw), [x, w, b],
+             rtol=1e-4, atol=1e-4)
+    if device == "cpu":  # torch's CUDA convolution takes no integers
+        for dtype in (torch.int8, torch.int64):  # sums that wrap around in int8
+            x, w, b = (torch.randint(-100, 100, s, dtype=dtype) for s in ((2, 4, 9, 8), (6, 2, 3, 3), (6,)))
+            assert torch.equal(ours.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw)), f"{dtype} sums differ from torch's"
+
+
 # ---------------------------------------------------------------------------------------------- MaxPool2d
 @check("max_pool2d", "gradcheck (float64)")
 def _pool_grad(device):

@@ -140,9 +140,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"relu(): argument 'input' must be Tensor, not {type(input).__name__}")
-    if _transforms_active():
-        # Under a transform the in-place form writes the result back through copy_, which the transforms
-        # follow (a Function that marks its input dirty cannot be batched).
+    if _transforms_active() or torch.jit.is_tracing():
+        # Under a transform, or torch.jit.trace, the in-place form writes the result back through copy_,
+        # which they follow (a Function that marks its input dirty can be neither batched nor traced).
         output = _fn(_ReLU).apply(input)
         return input.copy_(output) if inplace else output
     if not inplace:

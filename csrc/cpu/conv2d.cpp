@@ -16,7 +16,8 @@
 //   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
-//   conv2d_integer.h    integer dtypes (forward only): direct loops, sums wrapping around as torch's
+//   conv2d_integer.h    integer dtypes (forward only): im2col of pixel chunks and a product, sums wrapping
+//                       around as torch's
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels.

@@ -67,6 +67,17 @@ def test_layers_we_cannot_take_are_left_alone_and_reported():
     assert "3.0: Conv3d" in str(report)
 
 
+def test_lazy_layers_are_reported_until_initialized():
+    """A lazy layer has no shapes before its first forward: convert says so, and converts it after one."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    _, report = torch_cs231n.convert(model, return_report=True)
+    assert "0: LazyConv2d (not yet initialized: run one forward pass, then convert)" in str(report)
+    assert {name for name, _, _ in report.skipped} == {"0", "1"}
+    model(torch.randn(2, 3, 6, 6))
+    torch_cs231n.convert(model)
+    assert [type(m) for m in model] == [torch_cs231n.Conv2d, torch_cs231n.BatchNorm2d, torch_cs231n.ReLU]
+
+
 def test_user_subclasses_keep_their_forward():
     class Scaled(nn.ReLU):
         def forward(self, x):

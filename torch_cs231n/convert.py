@@ -56,6 +56,10 @@ def _swap(model: nn.Module, mapping: dict, report: Report) -> None:
         if target is not None:
             module.__class__ = target
             report.swapped.append((name, _qualname(source), _qualname(target)))
+        elif isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            # its shapes are not known yet; once a forward has made it a Conv2d or BatchNorm2d, it converts
+            report.skipped.append((name, type(module).__qualname__,
+                                   "not yet initialized: run one forward pass, then convert"))
         elif isinstance(module, _NEAR_MISSES):
             report.skipped.append((name, type(module).__qualname__, "torch_cs231n has no kernel for this layer"))
 

@@ -62,23 +62,26 @@ inline bool use_dots(const Conv2dGeometry& g, const at::Tensor& w) {
 inline void build_dots_rows(const float* x, const int64_t (&xs)[4], const Conv2dGeometry& g, DotsOrder order,
                             int64_t p0, int64_t p1, float* col) {
   const int64_t pixels = g.col_cols(), k = g.c * g.taps();
+  std::vector<int64_t> offsets(g.taps());
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / pixels, o_h = p % pixels / g.ow, o_w = p % g.ow;
     float* row = col + p * k;
     const float* sample = x + n * xs[0];
-    for (int64_t t_h = 0; t_h < g.kh; ++t_h) {
-      const int64_t i_h = conv_in_index(o_h, t_h, g.sh, g.ph, g.dh);
-      for (int64_t t_w = 0; t_w < g.kw; ++t_w) {
-        const int64_t i_w = conv_in_index(o_w, t_w, g.sw, g.pw, g.dw), t = t_h * g.kw + t_w;
-        const bool inside = i_h >= 0 && i_h < g.h && i_w >= 0 && i_w < g.w;
-        const float* at = sample + i_h * xs[2] + i_w * xs[3];
-        if (order == DotsOrder::kTapMajor) {  // k = t * C + c: the pixel's channels
-          float* out = row + t * g.c;
-          for (int64_t c = 0; c < g.c; ++c) out[c] = inside ? at[c * xs[1]] : 0.f;
-        } else {  // k = c * taps + t
-          float* out = row + t;
-          for (int64_t c = 0; c < g.c; ++c) out[c * g.taps()] = inside ? at[c * xs[1]] : 0.f;
-        }
+    for (int64_t t = 0; t < g.taps(); ++t) {  // where each tap reads in a channel's plane, -1 in the padding
+      const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh);
+      const int64_t i_w = conv_in_index(o_w, t % g.kw, g.sw, g.pw, g.dw);
+      offsets[t] = i_h >= 0 && i_h < g.h && i_w >= 0 && i_w < g.w ? i_h * xs[2] + i_w * xs[3] : -1;
+    }
+    if (order == DotsOrder::kTapMajor) {  // k = t * C + c: each tap's run of the pixel's channels
+      for (int64_t t = 0; t < g.taps(); ++t) {
+        float* out = row + t * g.c;
+        for (int64_t c = 0; c < g.c; ++c) out[c] = offsets[t] < 0 ? 0.f : sample[offsets[t] + c * xs[1]];
+      }
+    } else {  // k = c * taps + t: each channel's taps side by side, written in order (one plane at a time)
+      for (int64_t c = 0; c < g.c; ++c) {
+        const float* plane = sample + c * xs[1];
+        float* out = row + c * g.taps();
+        for (int64_t t = 0; t < g.taps(); ++t) out[t] = offsets[t] < 0 ? 0.f : plane[offsets[t]];
       }
     }
   }

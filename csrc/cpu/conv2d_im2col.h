@@ -25,10 +25,11 @@ namespace conv2d_cpu {
 // Row r = (c, t_h, t_w), column q = (s, o_h, o_w):
 //     col[r, q] = x[s, c, o_h*sH - pH + t_h*dH, o_w*sW - pW + t_w*dW]   (0 in the padding)
 // Within an output row the valid o_w of the tap are one interval [lo, hi): copy it, zero the rest, with
-// no test per element. `in_sample` is the distance between samples in x.
-template <typename T>
+// no test per element. `in_sample` is the distance between samples in x. The values are written as Out
+// (T itself, but for the integer convolution's wider sums: conv2d_integer.h).
+template <typename T, typename Out = T>
 void im2col_segment(const T* __restrict__ x, int64_t in_sample, const Conv2dGeometry& g, int64_t r, int64_t q0,
-                    int64_t q1, T* __restrict__ dst) {
+                    int64_t q1, Out* __restrict__ dst) {
   const int64_t tw = r % g.kw, th = (r / g.kw) % g.kh, c = r / g.taps(), cols = g.col_cols();
   int64_t lo, hi;
   conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
@@ -39,20 +40,20 @@ void im2col_segment(const T* __restrict__ x, int64_t in_sample, const Conv2dGeom
   const T* x_plane = x + s * in_sample + c * g.h * g.w;
   for (int64_t q = q0; q < q1;) {
     const int64_t w1 = std::min(g.ow, w0 + (q1 - q));
-    T* out = dst + (q - q0) - w0;  // out[o_w] is column (s, o_h, o_w)
+    Out* out = dst + (q - q0) - w0;  // out[o_w] is column (s, o_h, o_w)
     const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
     const int64_t a = std::max(w0, lo), b = std::min(w1, hi);
     if (i_h < 0 || i_h >= g.h || a >= b) {
-      std::fill(out + w0, out + w1, T(0));
+      std::fill(out + w0, out + w1, Out(0));
     } else {
       const T* x_row = x_plane + i_h * g.w;
-      std::fill(out + w0, out + a, T(0));
+      std::fill(out + w0, out + a, Out(0));
       if (g.sw == 1) {
-        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = x_row[o_w + off];
+        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = static_cast<Out>(x_row[o_w + off]);
       } else {
-        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = x_row[o_w * g.sw + off];
+        for (int64_t o_w = a; o_w < b; ++o_w) out[o_w] = static_cast<Out>(x_row[o_w * g.sw + off]);
       }
-      std::fill(out + b, out + w1, T(0));
+      std::fill(out + b, out + w1, Out(0));
     }
     q += w1 - w0;
     w0 = 0;

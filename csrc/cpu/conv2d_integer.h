@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/conv2d_im2col.h"
 #include "cpu/cpu_features.h"
 
 namespace torch_cs231n {
@@ -60,25 +61,11 @@ CS231N_INLINE void integer_chunks(const T* x, const T* w, const T* b, T* y, cons
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t chunk = unit % r.chunks(), group = unit / r.chunks() % g.groups, n = unit / r.chunks() / g.groups;
     const int64_t p0 = chunk * chunk_pixels, np = std::min(chunk_pixels, pixels - p0);
-    // col[k][p] = x[n, c, i_h, i_w] of output pixel p0 + p through tap k, row by output row
+    // col[k][p] = x[n, c, i_h, i_w] of output pixel p0 + p through tap k (0 in the padding): the GEMM
+    // routes' im2col, its values widened to U (a signed one sign-extended: the same number mod 2^bits)
+    const int64_t q0 = n * pixels + p0;  // the chunk's first column, counted from sample 0
     for (int64_t k = 0; k < depth; ++k) {
-      const int64_t tw = k % g.kw, th = k / g.kw % g.kh, c = k / g.kw / g.kh;
-      const T* x_c = x + (n * g.c + group * cg + c) * g.h * g.w;
-      int64_t lo, hi;  // the outputs along the width that read inside the image
-      conv_valid_out_range(tw, g.sw, g.pw, g.dw, g.w, g.ow, &lo, &hi);
-      U* col_k = col + k * chunk_pixels;
-      for (int64_t p = 0; p < np;) {
-        const int64_t o_h = (p0 + p) / g.ow, first = (p0 + p) % g.ow, last = std::min(g.ow, first + np - p);
-        const int64_t i_h = conv_in_index(o_h, th, g.sh, g.ph, g.dh);
-        U* out = col_k + p - first;  // out[o_w] is output column o_w of this row
-        const bool inside = i_h >= 0 && i_h < g.h;
-        for (int64_t o_w = first; o_w < last; ++o_w) {
-          out[o_w] = inside && o_w >= lo && o_w < hi
-                         ? static_cast<U>(x_c[i_h * g.w + conv_in_index(o_w, tw, g.sw, g.pw, g.dw)])
-                         : U(0);
-        }
-        p += last - first;
-      }
+      im2col_segment<T, U>(x + group * cg * g.h * g.w, g.c * g.h * g.w, g, k, q0, q0 + np, col + k * chunk_pixels);
     }
     for (int64_t f0 = group * fg; f0 < (group + 1) * fg; f0 += kIntegerFilters) {
       const int64_t filters = std::min(kIntegerFilters, (group + 1) * fg - f0);

@@ -184,12 +184,17 @@ CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, c
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
   zero_tile(acc);
-  // The tile of C is read after the loop: ask for its lines now.
+  // The tile of C is read after the loop: ask for its lines now, every one of them (a row of 48 floats
+  // spans 3 or 4 lines; its first and last alone left the middle ones to miss: 2% of a 2048^3 product).
 #pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     if (r >= m) break;
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + std::min(n, NR) - 1), _MM_HINT_T0);
+    const int cols = std::min(n, NR);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; j += 16) {
+      if (j < cols) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + j), _MM_HINT_T0);
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + cols - 1), _MM_HINT_T0);
   }
 #pragma GCC unroll 2
   for (int64_t p = 0; p < kc; ++p, a += MR, b += NR) fma_step(acc, b, [a](int r) { return a[r]; });

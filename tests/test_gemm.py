@@ -200,6 +200,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 4, 33, 37), f=20, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 3, 4, 5), f=6, k=2, stride=2, padding=3, groups=1),
     dict(shape=(2, 3, 17, 19), f=8, k=3, stride=(2, 1), padding=(2, 1), groups=1, dilation=(2, 1)),
+    # strided NCHW stems by the windows too (nchw_by_windows, AVX-512): 575 outputs a sample in blocks of
+    # 216 (70 filters: two slivers), 3 samples over the threads, so that a thread moves on to the next
+    # sample mid-way; then anisotropic strides
+    dict(shape=(3, 3, 45, 50), f=70, k=7, stride=2, padding=3, groups=1),
+    dict(shape=(2, 5, 40, 41), f=16, k=5, stride=(2, 3), padding=(2, 1), groups=1),
     # d_W in NHWC with neither operand packed (cpu::gemm_gather_a): 323 outputs make two blocks of k,
     # 70 filters a sliver of 64 and one of 6 (24 x 16 tiles)
     dict(shape=(2, 16, 19, 17), f=70, k=3, stride=1, padding=1, groups=1),
@@ -225,7 +230,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
         "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
-        "windows_dilated", "gathered_dw", "padded_block",
+        "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding"])
 @pytest.mark.parametrize("channels_last", [False, True])

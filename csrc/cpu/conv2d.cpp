@@ -99,6 +99,9 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<
                                 y.mutable_data_ptr<T>(), g);
   } else if (conv2d_is_depthwise(g)) {
     depthwise_forward<T>(x, w, b, y, g);
+  } else if (nchw_by_windows<T>(g)) {
+    conv_forward_row_segments<T>(x.const_data_ptr<T>(), w, b ? b->const_data_ptr<T>() : nullptr,
+                                 y.mutable_data_ptr<T>(), g, /*planes=*/true);
   } else {
     forward_nchw_dense<T>(x.const_data_ptr<T>(), w, /*transposed=*/false, b ? b->const_data_ptr<T>() : nullptr,
                           y.mutable_data_ptr<T>(), g, g);

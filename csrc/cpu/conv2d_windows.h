@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/conv2d.h"
@@ -33,6 +34,20 @@ namespace conv2d_cpu {
 //     with no padded copy of the input and no layout change: d_W comes out in channels_last order.
 inline bool few_channels_by_windows(const Conv2dGeometry& g) {
   return g.groups == 1 && g.c < 16 && g.dw == 1 && !conv2d_is_pointwise(g);
+}
+
+// Strided NCHW layers (a stem) take the windows too where gemm_segments reads A in place (AVX-512,
+// float32), with both layout changes, when their NCHW route wastes taps and the windows are long:
+// shifted planes of the stride's phases run ceil(kH/sH)·sH x ceil(kW/sW)·sW taps (64 for a 7 x 7
+// stride-2 stem's 49), and this route's transposes pay off only over windows of 64 values or more.
+// Measured, ours through the windows / through the phases (docs/benchmarks.md, 2026-12-01, fourth
+// session): 7 x 7 stride 2 on 3 channels 0.76-0.96, 3 x 3 stride 2 on 12 channels 0.84-0.90; 3 x 3
+// stride 2 on 3 channels (27 values) 1.05-1.08, and 4 x 4 stride 4 (no tap wasted) 0.94-1.25.
+template <typename T>
+bool nchw_by_windows(const Conv2dGeometry& g) {
+  const bool strided = g.sh > 1 || g.sw > 1, wasted_taps = g.kh % g.sh != 0 || g.kw % g.sw != 0;
+  return std::is_same_v<T, float> && cpu::gather_a_available() && few_channels_by_windows(g) && strided &&
+         wasted_taps && g.taps() * g.c >= 64;
 }
 
 // Output pixels a block: its window rows about 32 Ki floats (128 KiB, in L2), a multiple of 24 rows
@@ -86,8 +101,11 @@ inline std::vector<int64_t> window_places(const Conv2dGeometry& g, const Shifted
 //     A_th[j, (t_w, c)] = x_pad[(o_h·sH + t_h·dH)·Wp + o_w·sW, t_w·C + c]    (a run of kW·C values)
 //     B_th[(t_w, c), f] = W[f, c, t_h, t_w]                                   (W in channels_last order)
 // kH segments of kW·C steps, where the NHWC kernel's taps were kH·kW segments of C (3) steps each.
+// With `planes`, x and y are NCHW (nchw_by_windows): each sample's pixels gathered while padding, and y
+// computed a block of output pixels at a time into [pixels x F] in L2, then transposed into its planes.
 template <typename T>
-void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g,
+                               bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);  // its padded plane hp x wp (pad_pixels)
   const int64_t run = g.kw * g.c, k = g.taps() * g.c, p = g.col_cols(), in_sample = g.h * g.w * g.c;
   const at::Tensor w_cl = w.contiguous(at::MemoryFormat::ChannelsLast);  // [F][kH][kW][C]
@@ -95,6 +113,28 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
   const cpu::SegmentsB<T> filters =
       cpu::prepare_segments_b<T>(g.kh, run, g.f, cpu::SegmentedView<T>{w_cl.const_data_ptr<T>(), run, 1, k}, storage);
   const std::vector<int64_t> rows = window_places(g, sp);
+  cpu::GemmEpilogue<T> ep;
+  ep.col_bias = b;
+  if (planes) {
+    // blocks of about 16 Ki outputs (64 KiB in float32), a multiple of 24 pixels (the tiles' rows); every
+    // block of every sample is an item, so that one image keeps all threads busy (a small layer: one)
+    const int64_t block = std::max<int64_t>(24, (int64_t(1) << 14) / std::max<int64_t>(1, g.f) / 24 * 24);
+    const int64_t blocks = (p + block - 1) / block, items = g.n * blocks;
+    const bool small = g.n * p * g.f * k < kMinParallelMacs;
+    at::parallel_for(0, items, small ? items : 1, [&](int64_t begin, int64_t end) {
+      T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
+      T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, block * g.f);
+      std::vector<const T*> segments(g.kh);
+      for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + dw_in_pixel(g, sp, 0, 0, th * g.kw) * g.c;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / blocks, j0 = item % blocks * block, j1 = std::min(p, j0 + block);
+        if (item == begin || j0 == 0) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
+        cpu::gemm_segments<T>(j1 - j0, segments.data(), run, filters, out, g.f, ep, rows.data() + j0);
+        cpu::transpose_matrix(out, g.f, j1 - j0, g.f, y + n * g.f * p + j0, p);
+      }
+    });
+    return;
+  }
   const int64_t chunks = chunk_count(g);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
@@ -102,8 +142,6 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
     for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + dw_in_pixel(g, sp, 0, 0, th * g.kw) * g.c;
     for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
       pad_pixels(x + n * in_sample, g, sp, x_pad);
-      cpu::GemmEpilogue<T> ep;
-      ep.col_bias = b;
       cpu::gemm_segments<T>(p, segments.data(), run, filters, y + n * p * g.f, g.f, ep, rows.data());
     }
   });

@@ -18,6 +18,7 @@
 //   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
 //   conv2d_integer.h    integer dtypes (forward only): im2col of pixel chunks and a product, sums wrapping
 //                       around as torch's
+//   layout_copy.h       channels_last <-> NCHW copies, for the layers that run NCHW kernels on copies
 //
 // The index maps (which input pixel an output position and a filter tap read, and back) are those of
 // common/conv2d.h, shared with the CUDA kernels.
@@ -57,6 +58,7 @@
 #include "cpu/conv2d_windows.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/layout_copy.h"
 #include "cpu/reduced_float.h"
 
 namespace torch_cs231n {
@@ -262,11 +264,12 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
-  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  // NCHW kernels, on NCHW copies when the tensors are channels_last (cpu/layout_copy.h)
+  const at::Tensor x = cpu::contiguous_nchw(input), w = weight.contiguous();
   at::Tensor y_nchw = format == at::MemoryFormat::Contiguous ? y : at::empty(y.sizes(), y.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu",
                              [&] { forward_nchw<scalar_t>(x, w, b, y_nchw, g); });
-  if (!y.is_same(y_nchw)) y.copy_(y_nchw);
+  if (!y.is_same(y_nchw)) cpu::copy_nchw_into(y, y_nchw);
   return y;
 }
 
@@ -429,15 +432,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     return {dx, dw, db};
   }
   // The NCHW kernels, into NCHW buffers when the results are channels_last.
-  const at::Tensor dy = grad_output.contiguous(), x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor dy = cpu::contiguous_nchw(grad_output), x = cpu::contiguous_nchw(input), w = weight.contiguous();
   const bool nchw = format == at::MemoryFormat::Contiguous;
   at::Tensor dx_nchw = nchw || !need_dx ? dx : at::empty(dx.sizes(), dx.options());
   at::Tensor dw_nchw = nchw || !need_dw ? dw : at::empty(dw.sizes(), dw.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
     backward_nchw<scalar_t>(dy, x, w, dx_nchw, dw_nchw, db, g, need_dx, need_dw, need_db);
   });
-  if (!dx.is_same(dx_nchw)) dx.copy_(dx_nchw);
-  if (!dw.is_same(dw_nchw)) dw.copy_(dw_nchw);
+  if (!dx.is_same(dx_nchw)) cpu::copy_nchw_into(dx, dx_nchw);
+  if (!dw.is_same(dw_nchw)) cpu::copy_nchw_into(dw, dw_nchw);
   return {dx, dw, db};
 }
 

@@ -358,7 +358,8 @@ void segments_sliver(int64_t m, int64_t j, int nc, int64_t nseg, int64_t kc, con
 
 // The products of all slivers for rows [0, m), segment block by segment block.
 void gemm_segments_rows(int64_t m, int64_t n, int64_t nseg, int64_t kc, const float* const* a_seg,
-                        const int64_t* a_rows, const float* b_pack, float* c, int64_t ldc, const GemmEpilogue<float>& ep) {
+                        const int64_t* a_rows, const float* b_pack, float* c, int64_t ldc,
+                        const GemmEpilogue<float>& ep) {
   constexpr int nr = kSegmentsNr;
   const int64_t k = nseg * kc;
   // Segments in blocks of about kKc * 2 rows of B, so that a block of a B sliver (64 KiB to 128 KiB)

@@ -370,10 +370,12 @@ def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
     (1, 9, 5, 1, 0, 1),                # one channel: runs of 5 values (3 words, the last half zero)
     (15, 33, (3, 2), 1, 1, (1, 1)),    # 15 channels: runs of 30 values
 ])
-def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, dilation, layout):
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, dilation, layout, isa):
     """Layers of under 16 channels take the forward by windows (conv2d_bf16.h, bf16_window_rows): an output's
-    row is its window's tap rows, each a run of kW·C values of a padded NHWC copy. Against float64 on the
-    same bfloat16 operands, to one rounding; with at least 128 outputs a sample (fewer go by pixel rows)."""
+    row is its window's tap rows, each a run of kW·C values of a padded NHWC copy, by AVX512-BF16 or AMX
+    tiles. Against float64 on the same bfloat16 operands, to one rounding; with at least 128 outputs a
+    sample (fewer go by pixel rows), up to 1558 (blocks of 768 rows rounded into y one after the other)."""
     if not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(c * 100 + f)
@@ -383,7 +385,7 @@ def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, d
     w = (torch.randn(f, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5).bfloat16()
     b = torch.randn(f, generator=gen).bfloat16()
     args = dict(stride=stride, padding=padding, dilation=dilation)
-    with forced_isa("avx512"):
+    with forced_isa(isa):
         y = ours.conv2d(x, w, b, **args)
     assert y[0, 0].numel() >= 128
     y_ref = F.conv2d(x.double(), w.double(), b.double(), **args)

@@ -382,6 +382,15 @@ inline void store_bf16_sample(const float* out, const Conv2dGeometry& g, bool pl
   cpu::from_float(out, outputs * g.f, y_n);
 }
 
+// The same for outputs [o0, o0 + m) of a sample, [m x F] in float32 at `out` (NCHW: transposed through
+// planes_out, m x F floats, then rounded plane by plane).
+inline void store_bf16_outputs(const float* out, int64_t o0, int64_t m, const Conv2dGeometry& g, bool planes,
+                               float* planes_out, c10::BFloat16* y_n) {
+  if (!planes) return cpu::from_float(out, m * g.f, y_n + o0 * g.f);
+  cpu::transpose_matrix(out, g.f, m, g.f, planes_out, m);
+  for (int64_t f = 0; f < g.f; ++f) cpu::from_float(planes_out + f * m, m, y_n + f * g.col_cols() + o0);
+}
+
 // ------------------------------------------------------------------------------ the forward by windows
 // Few channels (a stem: 3) waste the forward above: a tap's pairs are C rounded up to even (a quarter of
 // the stem's products are by the zero fourth channel), and a tile runs 49 taps of two words each, its
@@ -453,7 +462,8 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
     TileBuffer<uint32_t> rows((kBf16WindowRows + kAmxBlock) * row_words);  // AMX's blocks read 32 rows past
     std::vector<int64_t> row_table(kBf16WindowRows);
     for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
-    std::vector<float> out(out_sample), planes_out(planes ? out_sample : 0);
+    // a block's outputs in float32, rounded into y while in cache (a whole sample's were 3.2 MB for a stem)
+    std::vector<float> out(kBf16WindowRows * g.f), planes_out(planes ? kBf16WindowRows * g.f : 0);
     const auto* a = reinterpret_cast<const bf16_word*>(rows.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
@@ -478,10 +488,11 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
                 amx_block(g.kh, 1, values + i * 2 * row_words, 2 * row_words, tap_rows.data(), sliver,
                           run_words * kBf16Nr, kBf16Nr, c, kAmxBlock, /*accumulate=*/false);
                 for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
-                  amx_store_row(c + r * kAmxBlock, out.data() + (o0 + i + r) * g.f + j, n, b ? b + j : nullptr);
+                  amx_store_row(c + r * kAmxBlock, out.data() + (i + r) * g.f + j, n, b ? b + j : nullptr);
                 }
               }
             }
+            store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);
             continue;
           }
           for (int64_t s = 0; s < slivers; ++s) {
@@ -489,12 +500,12 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
             const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
             for (int64_t i = 0; i < m; i += kBf16Mr) {
               bf16_tile(1, row_words, a, &tap0, row_table.data() + i, filters.data() + s * row_words * kBf16Nr,
-                        out.data() + (o0 + i) * g.f + j, g.f, static_cast<int>(std::min<int64_t>(kBf16Mr, m - i)),
-                        n_tile, b ? b + j : nullptr);
+                        out.data() + i * g.f + j, g.f, static_cast<int>(std::min<int64_t>(kBf16Mr, m - i)), n_tile,
+                        b ? b + j : nullptr);
             }
           }
+          store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);
         }
-        store_bf16_sample(out.data(), g, planes, planes_out.data(), y + n * out_sample);
       }
     }
   });

@@ -396,6 +396,31 @@ def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, d
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_outputs_are_rounded_as_torch_rounds(isa, layout):
+    """The float32 sums are rounded to bfloat16 as torch rounds (to nearest, ties to even), bit for bit, by
+    reduced_float.h's vector loop and its scalar tail. A 2 x 2 filter [[1, 0], [0, 0]] and a bias
+    of 1 make each output x + 1, exact in float32 for x in [-4, 4] and rounded once: half of such sums are
+    ties. NaN, infinities and a sum that rounds up to 2^8 are among the inputs; 40 x 37 outputs are not a
+    whole number of 16-value vectors. A NaN's bits are not compared: ours is c10::BFloat16's 0x7fc0, while
+    torch's own vectorised conversion keeps the float's sign and payload (0xffff here)."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.rand(2, 1, 41, 38, generator=gen) * 8 - 4).bfloat16()
+    x.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 255.0, 0.0]).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    w = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]).bfloat16()
+    b = torch.ones(1).bfloat16()
+    with forced_isa(isa):
+        y = ours.conv2d(x, w, b)
+    want = F.conv2d(x.double(), w.double(), b.double()).float().bfloat16()
+    nan = want.isnan()
+    assert nan.sum() == 2 and (y.isnan() == nan).all()
+    assert (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c,f,k,padding,dilation", [
     (40, 8, 3, 1, 1),            # d_x is the forward by windows of dY (8 channels) with the flipped filters
     (32, 12, (3, 2), (2, 0), (2, 1)),  # dilation along the height, a flipped 3 x 2 through W's strides

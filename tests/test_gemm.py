@@ -401,14 +401,15 @@ def test_bfloat16_outputs_are_rounded_as_torch_rounds(isa, layout):
     """The float32 sums are rounded to bfloat16 as torch rounds (to nearest, ties to even), bit for bit, by
     reduced_float.h's vector loop and its scalar tail. A 2 x 2 filter [[1, 0], [0, 0]] and a bias
     of 1 make each output x + 1, exact in float32 for x in [-4, 4] and rounded once: half of such sums are
-    ties. NaN, infinities and a sum that rounds up to 2^8 are among the inputs; 40 x 37 outputs are not a
-    whole number of 16-value vectors. A NaN's bits are not compared: ours is c10::BFloat16's 0x7fc0, while
-    torch's own vectorised conversion keeps the float's sign and payload (0xffff here)."""
+    ties. NaN, infinities and a sum that rounds up to 2^8 are among the inputs; 41 x 38 outputs make
+    blocks of 768 and 790 rows, the second not a whole number of 8-value vectors (the scalar tail). A
+    NaN's bits are not compared: ours is c10::BFloat16's 0x7fc0, while torch's own vectorised conversion
+    keeps the float's sign and payload (0xffff here)."""
     if not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(7)
-    x = (torch.rand(2, 1, 41, 38, generator=gen) * 8 - 4).bfloat16()
-    x.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 255.0, 0.0]).bfloat16()
+    x = (torch.rand(2, 1, 42, 39, generator=gen) * 8 - 4).bfloat16()
+    x.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 254.0, 0.0]).bfloat16()
     x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     w = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]).bfloat16()
     b = torch.ones(1).bfloat16()

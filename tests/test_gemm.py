@@ -225,6 +225,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 64, 4, 5), f=20, k=3, stride=2, padding=1, groups=1, dilation=2),
     dict(shape=(3, 48, 4, 4), f=24, k=1, stride=1, padding=0, groups=1),
     dict(shape=(1, 16, 2, 3), f=8, k=3, stride=1, padding=2, groups=1),
+    # small images of grouped layers (ResNeXt's last stages): pixel rows a group a product, d_W gathered
+    # under 64 outputs; 2 groups of 32 on 7 x 7 (d_x by the transposed convolution), 3 groups of 16 channels
+    # and 24 filters strided on 5 x 5 outputs (the planes padded into phases even for NCHW; d_x by phases)
+    dict(shape=(3, 64, 7, 7), f=64, k=3, stride=1, padding=1, groups=2),
+    dict(shape=(3, 48, 9, 10), f=72, k=3, stride=2, padding=1, groups=3),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -232,7 +237,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
-        "dots_padding"])
+        "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -303,9 +303,12 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
 //     Y[j, f]        = b[f] + Σ_t A[j, (t, :)] · W[f, :, t]ᵀ    (gemm_segments: taps as segments)
 //     d_W[f, (t, c)] = Σ_j dY[j, f] · A[j, (t, c)]              (one GEMM, both operands copied)
 // NCHW samples are transposed to and from pixels in cache (`planes`); NHWC ones are read and written as
-// they are. One group only (the copies of a group's channels would no longer be contiguous rows).
+// they are. With groups (ResNeXt's last stages: 32 groups of 16 or 32 channels on 14 x 14 and 7 x 7
+// images) each group is its own product over the same rows: its channels' runs as segments, its filters
+// as B, its outputs as C's columns. At least 16 channels a group, as the NHWC kernel: fewer fill too little
+// of a vector (the layers of 4 and 8 channels a group run elsewhere).
 inline bool use_pixel_rows(const Conv2dGeometry& g) {
-  return g.groups == 1 && g.col_cols() < kMinPixelsPerSample && g.c >= 16;
+  return g.col_cols() < kMinPixelsPerSample && g.c_per_group() >= 16;
 }
 
 // Samples per block, when each takes per_sample elements of a block's buffer: under twice kColumnBudget
@@ -320,10 +323,13 @@ inline int64_t samples_per_block(const Conv2dGeometry& g, int64_t per_sample) {
 inline int64_t pixel_rows_block(const Conv2dGeometry& g) { return samples_per_block(g, g.col_cols() * g.taps() * g.c); }
 
 // A's rows for samples [n0, n0 + nb) of x (NCHW when `planes`, else NHWC), in parallel over the samples.
+// Columns group by group, (grp, t, c) for c of the group, so that each group's are one run of taps·Cg
+// in W's channels_last order (one group: (t, c)).
 template <typename T>
 void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, bool planes, T* rows) {
   const ShiftedPlanes sp = shifted_planes(g);
-  const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols();
+  const int64_t k = g.taps() * g.c, in_sample = g.c * g.h * g.w, p = g.col_cols(), cg = g.c_per_group(),
+                kg = g.taps() * cg;
   at::parallel_for(0, nb, 1, [&](int64_t s0, int64_t s1) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     for (int64_t s = s0; s < s1; ++s) {
@@ -337,7 +343,9 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
           T* row = rows + (s * p + o_h * g.ow + o_w) * k;
           for (int64_t t = 0; t < g.taps(); ++t) {
             const T* src = x_pad + dw_in_pixel(g, sp, o_h, o_w, t) * g.c;
-            std::copy(src, src + g.c, row + t * g.c);
+            for (int64_t grp = 0; grp < g.groups; ++grp) {
+              std::copy(src + grp * cg, src + (grp + 1) * cg, row + grp * kg + t * cg);
+            }
           }
         }
       }
@@ -346,7 +354,7 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
 }
 
 // The same rows from NCHW x with their columns in W's NCHW order (c, t), for d_W: the product
-// dYᵀ · rows is then d_W as NCHW holds it. Each (sample, channel) plane is read once, an output's taps
+// dYᵀ · rows is then d_W as NCHW holds it (a group's columns are one run: its channels'). Each (sample, channel) plane is read once, an output's taps
 // through a table of their offsets in the plane (-1: the padding's zeros). The im2col route's packer
 // (pack_columns_transposed, building col(x)ᵀ inside the GEMM's packing) gives the same product but took
 // 3.3 ms against 2.8 at (16, 512, 4, 4) 3 x 3, and 1.9 against 1.4 at (16, 256, 8, 8) stride 2.
@@ -380,8 +388,11 @@ void build_pixel_rows_channels_major(const T* x, int64_t n0, int64_t nb, const C
 // pixel rows' im2col without copying each input taps times: (16, 256, 8, 8) 3 x 3, 1.6 MiB of padded
 // planes where the rows were 9.4 MiB. The forward of strided NCHW layers keeps the im2col: transposed
 // into the stride's phases, a 4 x 4 output's planes are 6 times its pixels ((16, 256, 8, 8) 3 x 3 stride
-// 2: 1.5 ms by im2col, 1.8 padded), and at 8 x 8 the two tie.
-inline bool pixel_rows_padded(const Conv2dGeometry& g, bool planes) { return !planes || (g.sh == 1 && g.sw == 1); }
+// 2: 1.5 ms by im2col, 1.8 padded), and at 8 x 8 the two tie. Grouped layers' im2col copies runs of only
+// a group's channels, and they go padded: (16, 1024, 14, 14) 32 groups stride 2, 13.6 -> 11.9 ms.
+inline bool pixel_rows_padded(const Conv2dGeometry& g, bool planes) {
+  return !planes || (g.sh == 1 && g.sw == 1) || g.groups > 1;
+}
 
 // Samples per block of padded planes.
 inline int64_t padded_rows_block(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
@@ -429,21 +440,31 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, c
       }
     });
   };
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group();
+  // group grp's product: its segments (a tap each, cg channels from a_grp + the tap's shift), its
+  // filters, its fg columns of the [pixels x F] result (NHWC's y itself, when not `planes`)
+  std::vector<const T*> taps(g.taps());
+  const auto products = [&](int64_t m, const T* a, int64_t lda, int64_t group_step, const int64_t* shift,
+                            const int64_t* rows, T* out) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {  // each product splits its rows among the threads
+      for (int64_t t = 0; t < g.taps(); ++t) taps[t] = a + grp * group_step + shift[t];
+      cpu::GemmEpilogue<T> ep;
+      ep.col_bias = b ? b + grp * fg : nullptr;
+      cpu::gemm_segments<T>(m, taps.data(), lda, filters.groups[grp], out + grp * fg, g.f, ep, rows);
+    }
+  };
+  std::vector<int64_t> shift(g.taps());
   if (pixel_rows_padded(g, planes)) {
     const ShiftedPlanes sp = shifted_planes(g);
     const int64_t nb_max = padded_rows_block(g, sp);
     T* padded = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * sp.plane() * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f) : nullptr;
     const std::vector<int64_t> rows = padded_block_rows(g, sp, nb_max);
-    std::vector<const T*> taps(g.taps());
-    for (int64_t t = 0; t < g.taps(); ++t) taps[t] = padded + shifted_offset(g, sp, t) * g.c;
+    for (int64_t t = 0; t < g.taps(); ++t) shift[t] = shifted_offset(g, sp, t) * g.c;
     for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, g.n - n0);
       pad_block(x, n0, nb, g, sp, planes, padded);
-      cpu::GemmEpilogue<T> ep;
-      ep.col_bias = b;
-      cpu::gemm_segments<T>(nb * p, taps.data(), g.c, filters.groups[0], planes ? out : y + n0 * out_sample, g.f, ep,
-                            rows.data());
+      products(nb * p, padded, g.c, cg, shift.data(), rows.data(), planes ? out : y + n0 * out_sample);
       if (planes) to_planes(out, n0, nb);
     }
     return;
@@ -451,15 +472,11 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, c
   const int64_t nb_max = pixel_rows_block(g);
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, nb_max * p * g.f);
-  std::vector<const T*> taps(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) shift[t] = t * cg;  // build_pixel_rows' (grp, t, c) columns
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, g.n - n0);
     build_pixel_rows(x, n0, nb, g, planes, rows);
-    for (int64_t t = 0; t < g.taps(); ++t) taps[t] = rows + t * g.c;
-    cpu::GemmEpilogue<T> ep;
-    ep.col_bias = b;
-    // [pixels x F] is NHWC's y itself
-    cpu::gemm_segments<T>(nb * p, taps.data(), k, filters.groups[0], planes ? out : y + n0 * out_sample, g.f, ep);
+    products(nb * p, rows, k, g.taps() * cg, shift.data(), nullptr, planes ? out : y + n0 * out_sample);
     if (planes) to_planes(out, n0, nb);
   }
 }
@@ -482,37 +499,45 @@ const T* dy_pixel_rows(const T* dy, int64_t n0, int64_t nb, const Conv2dGeometry
 // shift of the block, column j adds output j's place), the rows split among the threads; then
 // transposed into W's order. From 8 x 8 outputs on ((16, 256, 8, 8) 3 x 3: 3.1-4.1 -> 2.8-3.2 ms); at
 // 4 x 4 the padded planes are 2.25 times the outputs and it lost to packing (3.2-4.2 -> 4.1-5.7 ms).
+// Grouped layers take it at every size: a group's packed product is too small to pay for its packing
+// ((16, 1024, 7, 7), 32 groups: 7.0-8.9 -> 4.2-6.1 ms; (16, 1024, 4, 4): 2.1-3.0 -> 1.5-1.7).
 constexpr int64_t kMinGatheredPixels = 64;
+// With groups, each group's d_W_gᵀ [(t, c) x Fg] is its own product (its channels' rows, its columns of
+// dY), the parts of every group spread over the threads.
 template <typename T>
 void conv_weight_grad_padded_block(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes) {
   const ShiftedPlanes sp = shifted_planes(g);
-  const int64_t k = g.taps() * g.c, p = g.col_cols(), nb_max = padded_rows_block(g, sp);
+  const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = g.taps() * cg, p = g.col_cols(),
+                nb_max = padded_rows_block(g, sp);
   T* padded = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * sp.plane() * g.c);
   T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f) : nullptr;
-  T* dw_t = cpu::thread_scratch<T>(cpu::Scratch::kPartial, k * g.f);  // d_Wᵀ
+  T* dw_t = cpu::thread_scratch<T>(cpu::Scratch::kPartial, kg * g.f);  // group after group, d_W_gᵀ [kg x fg]
   const std::vector<int64_t> rows = padded_block_rows(g, sp, nb_max);
-  std::vector<const T*> a_row(k);
-  col_rows_from<T>(padded, g, sp, g.c, a_row.data());
+  std::vector<const T*> a_row(g.groups * kg);  // group grp's rows from grp * kg
+  for (int64_t grp = 0; grp < g.groups; ++grp) col_rows_from<T>(padded + grp * cg, g, sp, cg, a_row.data() + grp * kg);
   constexpr int64_t kUnit = 24;  // rows a part: whole tiles of every shape
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / kUnit));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), kg / kUnit));
   for (int64_t n0 = 0; n0 < g.n; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, g.n - n0);
     pad_block(x, n0, nb, g, sp, planes, padded);
     const T* dy_rows = dy_pixel_rows(dy, n0, nb, g, planes, dy_t);
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t part = begin; part < end; ++part) {
-        const int64_t i0 = part * k / parts / kUnit * kUnit,
-                      i1 = part + 1 == parts ? k : (part + 1) * k / parts / kUnit * kUnit;
+    at::parallel_for(0, g.groups * parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t grp = item / parts, part = item % parts;
+        const int64_t i0 = part * kg / parts / kUnit * kUnit,
+                      i1 = part + 1 == parts ? kg : (part + 1) * kg / parts / kUnit * kUnit;
         cpu::GemmEpilogue<T> ep;
         ep.accumulate = n0 > 0;
-        cpu::gemm_gather_a(i1 - i0, g.f, nb * p, a_row.data() + i0, rows.data(), dy_rows, g.f, dw_t + i0 * g.f, g.f,
-                           ep);
+        cpu::gemm_gather_a(i1 - i0, fg, nb * p, a_row.data() + grp * kg + i0, rows.data(), dy_rows + grp * fg, g.f,
+                           dw_t + grp * kg * fg + i0 * fg, fg, ep);
       }
     });
   }
-  // [k x F] -> [F][taps][C] (W's channels_last order), then NCHW's order when `planes`
-  T* taps_major = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * k) : dw;
-  cpu::transpose_matrix(dw_t, g.f, k, g.f, taps_major, k);
+  // each [kg x Fg] -> [Fg][taps][Cg] (W's channels_last order), then NCHW's order when `planes`
+  T* taps_major = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * kg) : dw;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    cpu::transpose_matrix(dw_t + grp * kg * fg, fg, kg, fg, taps_major + grp * fg * kg, kg);
+  }
   if (planes) taps_major_to_nchw(taps_major, dw, g);
 }
 
@@ -521,11 +546,12 @@ void conv_weight_grad_padded_block(const T* dy, const T* x, T* dw, const Conv2dG
 template <typename T>
 void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeometry& g, bool planes = true) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::gather_a_available() && g.col_cols() >= kMinGatheredPixels) {
+    if (cpu::gather_a_available() && (g.col_cols() >= kMinGatheredPixels || g.groups > 1)) {
       return conv_weight_grad_padded_block(dy, x, dw, g, planes);
     }
   }
-  const int64_t k = g.taps() * g.c, p = g.col_cols(), nb_max = pixel_rows_block(g);
+  const int64_t k = g.taps() * g.c, p = g.col_cols(), nb_max = pixel_rows_block(g), fg = g.f_per_group(),
+                kg = g.taps() * g.c_per_group();
   T* rows = cpu::thread_scratch<T>(cpu::Scratch::kRows, nb_max * p * k);
   T* dy_t = cpu::thread_scratch<T>(cpu::Scratch::kGrad, nb_max * p * g.f);
   // The rows' columns in dw's own order: (t, c) for channels_last, (c, t) for NCHW, so that the product
@@ -541,7 +567,10 @@ void conv_weight_grad_pixel_rows(const T* dy, const T* x, T* dw, const Conv2dGeo
     const T* dy_rows = dy_pixel_rows(dy, n0, nb, g, planes, dy_t);
     cpu::GemmEpilogue<T> ep;
     ep.accumulate = n0 > 0;
-    cpu::gemm<T>(g.f, k, nb * p, {dy_rows, 1, g.f}, cpu::MatrixView<T>{rows, k, 1}, dw, k, ep);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {  // a group's columns of the rows are one run (of kg)
+      cpu::gemm<T>(fg, kg, nb * p, {dy_rows + grp * fg, 1, g.f}, cpu::MatrixView<T>{rows + grp * kg, k, 1},
+                   dw + grp * fg * kg, kg, ep);
+    }
   }
 }
 

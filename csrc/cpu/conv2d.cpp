@@ -15,6 +15,8 @@
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
+//   conv2d_grouped.h    groups of 2 to 8 channels (ResNeXt's): each group's channels rotated into depthwise
+//                       taps
 //   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
 //   conv2d_integer.h    integer dtypes (forward only): im2col of pixel chunks and a product, sums wrapping
 //                       around as torch's
@@ -50,6 +52,7 @@
 #include "cpu/conv2d_depthwise.h"
 #include "cpu/conv2d_dots.h"
 #include "cpu/conv2d_gemm.h"
+#include "cpu/conv2d_grouped.h"
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_integer.h"
 #include "cpu/conv2d_pixels.h"
@@ -247,6 +250,14 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
+  if (cl && grouped_by_rotations(g, input.element_size())) {  // few channels a group: rotated into depthwise taps
+    const at::Tensor x = input.contiguous(format);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
+      grouped_forward_rotated<scalar_t>(x.const_data_ptr<scalar_t>(), weight,
+                                        b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
+    });
+    return y;
+  }
   if (cl && (channels_last_direct(g) || use_pixel_rows(g) || depthwise_channels_last_direct(g))) {
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
@@ -380,6 +391,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
                                          dw.mutable_data_ptr<scalar_t>(), g);
     });
     if (!need_dx) return {dx, dw, db};
+    need_dw = need_db = false;
+  }
+  if (format == at::MemoryFormat::ChannelsLast && grouped_by_rotations(g, input.element_size())) {  // as the forward
+    // d_W by the rotated taps; d_x of a stride-1 layer as the forward of the transposed convolution (grouped
+    // alike), of a strided one by the NCHW kernels below
+    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
+    Conv2dGeometry u;
+    const bool dx_by_rotations = need_dx && transposed_geometry(g, &u);
+    if (need_db) db.copy_(dy.sum({0, 2, 3}));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
+      const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+      if (need_dw) grouped_weight_grad_rotated<scalar_t>(dyp, xp, dw, g);
+      if (dx_by_rotations) {
+        grouped_forward_rotated<scalar_t>(dyp, transposed_filters(weight, g), nullptr, dx.mutable_data_ptr<scalar_t>(),
+                                          u);
+      }
+    });
+    if (!need_dx || dx_by_rotations) return {dx, dw, db};
     need_dw = need_db = false;
   }
   if (format == at::MemoryFormat::ChannelsLast && depthwise_channels_last_direct(g)) {  // as the forward

@@ -354,10 +354,11 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
 }
 
 // The same rows from NCHW x with their columns in W's NCHW order (c, t), for d_W: the product
-// dYᵀ · rows is then d_W as NCHW holds it (a group's columns are one run: its channels'). Each (sample, channel) plane is read once, an output's taps
-// through a table of their offsets in the plane (-1: the padding's zeros). The im2col route's packer
-// (pack_columns_transposed, building col(x)ᵀ inside the GEMM's packing) gives the same product but took
-// 3.3 ms against 2.8 at (16, 512, 4, 4) 3 x 3, and 1.9 against 1.4 at (16, 256, 8, 8) stride 2.
+// dYᵀ · rows is then d_W as NCHW holds it (a group's columns are one run: its channels'). Each
+// (sample, channel) plane is read once, an output's taps through a table of their offsets in the plane
+// (-1: the padding's zeros). The im2col route's packer (pack_columns_transposed, building col(x)ᵀ
+// inside the GEMM's packing) gives the same product but took 3.3 ms against 2.8 at (16, 512, 4, 4)
+// 3 x 3, and 1.9 against 1.4 at (16, 256, 8, 8) stride 2.
 template <typename T>
 void build_pixel_rows_channels_major(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, T* rows) {
   const int64_t taps = g.taps(), k = taps * g.c, p = g.col_cols(), plane = g.h * g.w;

@@ -4,7 +4,8 @@ torch_cs231n.convert() against the same model with torch's layers. Target (the C
 <= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics).
 ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input, and at batch 1 in eval
 mode at 224x224 (inference: its fwd column; a small batch leaves the last layers few output pixels, where
-the convolution takes its dot products, cpu/conv2d_dots.h): informative (no target), not part of --quick."""
+the convolution takes its dot products, cpu/conv2d_dots.h): informative (no target), not part of --quick.
+ResNeXt-50 (grouped 3 x 3 layers) likewise, in NCHW and in channels_last."""
 import copy
 
 import torch
@@ -50,6 +51,33 @@ def cases():
             ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
             reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
             target=1.15,
+            quick=False,
+            grad_targets=lambda who, models=models: list(models[who].parameters()),
+        )
+
+    # ResNeXt-50 (32 groups of 4 to 32 channels in its 3 x 3 layers: conv2d_grouped.h and the pixel rows),
+    # in NCHW as torchvision builds it and in channels_last: informative (no target).
+    for layout in (torch.contiguous_format, torch.channels_last):
+        models = {}
+
+        def make_resnext_inputs(device, dtype, models=models, layout=layout):
+            ours, reference = _models("resnext50_32x4d")
+            for who, model in (("ours", ours), ("torch", reference)):
+                models[who] = model.to(device, dtype).to(memory_format=layout)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device, dtype).contiguous(memory_format=layout)
+            labels = torch.randint(CLASSES, (BATCH,), generator=g).to(device)
+            return x, labels
+
+        suffix = "_cl" if layout == torch.channels_last else ""
+        yield Case(
+            op="model",
+            name="resnext50" + suffix,
+            describe=f"resnext50_32x4d train step {BATCH}x3x{SIZE}x{SIZE}" + (" channels_last" if suffix else ""),
+            make_inputs=make_resnext_inputs,
+            ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
+            reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
+            target=None,
             quick=False,
             grad_targets=lambda who, models=models: list(models[who].parameters()),
         )

@@ -230,13 +230,15 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # and 24 filters strided on 5 x 5 outputs (the planes padded into phases even for NCHW; d_x by phases)
     dict(shape=(3, 64, 7, 7), f=64, k=3, stride=1, padding=1, groups=2),
     dict(shape=(3, 48, 9, 10), f=72, k=3, stride=2, padding=1, groups=3),
-    # groups of 2 to 8 channels in channels_last (ResNeXt's first stages): rotated into depthwise taps
-    # (conv2d_grouped.h). Groups of 4 over two vectors of channels, 11 outputs a row (a block of 8, then
-    # single outputs); groups of 8, strided (d_x by the NCHW kernels), a block of 4; groups of 2 dilated
-    # with padding 2 (the ring of x_e rows 5 deep)
+    # groups of 2 to 8 channels (ResNeXt's first stages): rotated into depthwise taps (conv2d_grouped.h;
+    # the forward in channels_last, d_x and d_W in both layouts). Groups of 4 over two vectors of channels,
+    # 11 outputs a row (a block of 8, then single outputs); groups of 8, strided (d_x by the stride's
+    # phases), a block of 4; groups of 2 dilated with padding 2 (the ring of x_e rows 5 deep); strides
+    # (4, 2) with a 2 x 2 kernel: phases with no tap, whose d_x is zero
     dict(shape=(2, 32, 9, 11), f=32, k=3, stride=1, padding=1, groups=8),
     dict(shape=(2, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
     dict(shape=(3, 16, 10, 12), f=16, k=3, stride=1, padding=2, groups=8, dilation=2),
+    dict(shape=(2, 16, 6, 7), f=16, k=2, stride=(4, 2), padding=0, groups=4),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -245,7 +247,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
-        "rotated_groups_8_strided", "rotated_groups_2_dilated"])
+        "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -9,8 +9,8 @@
 //     x_r[q, o] = x[q, base(o) + (j + r) mod k]          W_r[o, t] = W[o, (j + r) mod k, t]
 //     y[p, o]   = b[o] + Σ_t Σ_{r < k} W_r[o, t] · x_r[p·s + t·d, o]
 // since (j + r) mod k runs over the group's k channels as r does. Each (t, r) is then a tap of a
-// depthwise layer over an input of k·C channels a pixel: every vector lane useful, and the depthwise
-// kernels' blocks of outputs with their sums in registers (conv2d_depthwise.h) do the work. The
+// depthwise layer over an input of k·C channels a pixel: every vector lane useful, blocks of outputs
+// keeping their sums in registers over the taps as the depthwise kernels do (conv2d_depthwise.h). The
 // rotations are vector shuffles within groups of k lanes, so k divides the vector's lanes and C is a
 // whole number of vectors. Likewise
 //     d_W_r[o, t] = Σ_p dY[p, o] · x_r[p·s + t·d, o],   then d_W[o, (j + r) mod k, t] = d_W_r[o, t]
@@ -19,7 +19,8 @@
 //
 // Each sample is padded and rotated into x_e [Hp][Wp][C/L][k][L] (L: a vector's lanes; a pixel's vector of
 // channels in its k rotations side by side) a row at a time, as the output rows need them (RotatedRing,
-// below); channels_last x is read as it lies. The filters likewise: W_e [C/L][taps][k][L]. One vector of
+// below); channels_last x is read as it lies, an NCHW sample's rows transposed as they are taken. The
+// filters likewise: W_e [C/L][taps][k][L]. One vector of
 // channels of a block of outputs then reads k·L contiguous values a pixel and tap, and its weights in
 // sequence; with x_e as [k][C] a pixel, the block's loads fell on k·3·10 lines apart for each vector and
 // waited on L2 (7% of the FMA peak).
@@ -59,8 +60,8 @@ struct RotatedTaps {
   RotatedTaps(const Conv2dGeometry& geometry, int64_t vector_lanes)
       : g(geometry), lanes(vector_lanes), rows((g.kh - 1) * g.dh + 1), at(g.taps() * g.c_per_group()) {}
   int n() const { return static_cast<int>(at.size()); }
-  // Elements from one x_e pixel to the next: k·C and a vector unused, so that a block's pixels (k·C a
-  // power of two: 2 or 8 KB) do not all fall in the same few sets of L1.
+  // Elements from one x_e pixel to the next: k·C and a vector unused, so that a block's pixels (2 or 8
+  // KB apart in ResNeXt, where L1's sets repeat every 4 KB) do not all fall in the same few sets.
   static int64_t pixel(const Conv2dGeometry& g, int64_t lanes) { return g.c_per_group() * g.c + lanes; }
   int64_t pixel() const { return pixel(g, lanes); }
   // x_e's padded row i lies in the ring's row i mod rows, of Wp pixels.
@@ -73,17 +74,18 @@ struct RotatedTaps {
   }
 };
 
-// Row i of x_e [Hp][Wp][C/L][k][L] (the NHWC sample x padded, each pixel's channels in their k rotations) into
-// `dst`: zeros in the padding, pixel after pixel.
+// Row i of x_e [Hp][Wp][C/L][k][L] (the sample padded, each pixel's channels in their k rotations) into
+// `dst`, from src_row (input row i - pH as [W][C]; null in the padding's rows): zeros in the padding,
+// pixel after pixel.
 template <typename T>
-CS231N_INLINE void pad_rotated_row(const T* x, int64_t i, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* dst) {
+CS231N_INLINE void pad_rotated_row(const T* src_row, const Conv2dGeometry& g, int64_t wp, T* dst) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Lane;  // __builtin_shuffle's mask: lanes of T's size
   typedef Lane LaneMask __attribute__((vector_size(64)));
   const int64_t k = g.c_per_group(), C = g.c, kc = RotatedTaps::pixel(g, ChannelVectors<T>::kLanes);
-  if (i < g.ph || i >= g.ph + g.h) {
-    std::fill(dst, dst + sp.wp * kc, T(0));
+  if (!src_row) {
+    std::fill(dst, dst + wp * kc, T(0));
     return;
   }
   LaneMask mask[8];  // mask[r][l] = the lane rotation r puts into lane l: l - l mod k + (l mod k + r) mod k
@@ -91,7 +93,6 @@ CS231N_INLINE void pad_rotated_row(const T* x, int64_t i, const Conv2dGeometry& 
     for (int l = 0; l < V::kLanes; ++l) mask[r][l] = static_cast<Lane>(l - l % k + (l % k + r) % k);
   }
   std::fill(dst, dst + g.pw * kc, T(0));
-  const T* src_row = x + (i - g.ph) * g.w * C;
   for (int64_t j = 0; j < g.w; ++j) {
     const T* src = src_row + j * C;
     T* out = dst + (g.pw + j) * kc;
@@ -101,40 +102,48 @@ CS231N_INLINE void pad_rotated_row(const T* x, int64_t i, const Conv2dGeometry& 
       for (int64_t r = 1; r < k; ++r) V::at(out + c * k + r * V::kLanes) = __builtin_shuffle(v, mask[r]);
     }
   }
-  std::fill(dst + (g.pw + g.w) * kc, dst + sp.wp * kc, T(0));
+  std::fill(dst + (g.pw + g.w) * kc, dst + wp * kc, T(0));
 }
 
-// x_e is built a row at a time into a ring of the rows one output row's taps span, each row when an
-// output row first needs it: the whole of it is k times the sample (27 MB for ResNeXt's (256, 56, 56),
-// k = 8), and built whole it went to memory and back (8 times oneDNN's time); the ring stays in L2
-// (3 rows of 475 KB there).
+// x_e is built a row at a time into a ring of the rows one output row's taps span (padded row i in the
+// ring's row i mod rows), each row when an output row first needs it: the whole of it is k times the
+// sample (27 MB for ResNeXt's (256, 56, 56), k = 8), and built whole it went to memory and back (8 times
+// oneDNN's time); the ring stays in L2 (3 rows of 475 KB there). g is the ring's input (H x W pixels of
+// C channels, padded by pH and pW, rows Wp pixels wide). An NCHW sample's rows are transposed to [W][C]
+// first, into `row_t` (null for NHWC samples).
 template <typename T>
 struct RotatedRing {
   const Conv2dGeometry& g;
-  const ShiftedPlanes& sp;
-  T* ring;
+  int64_t wp;
+  T *ring, *row_t;
   std::vector<int64_t> held;  // the x_e row each ring row holds (-1: none yet)
-  RotatedRing(const Conv2dGeometry& geometry, const ShiftedPlanes& planes, const RotatedTaps& taps, T* storage)
-      : g(geometry), sp(planes), ring(storage), held(taps.rows, -1) {}
-  static int64_t size(const Conv2dGeometry& g, const ShiftedPlanes& sp) {
-    return ((g.kh - 1) * g.dh + 1) * sp.wp * RotatedTaps::pixel(g, ChannelVectors<T>::kLanes);
+  RotatedRing(const Conv2dGeometry& input, int64_t width, int64_t rows, T* storage, T* transposed_row)
+      : g(input), wp(width), ring(storage), row_t(transposed_row), held(rows, -1) {}
+  static int64_t size(const Conv2dGeometry& g, int64_t width, int64_t rows) {
+    return rows * width * RotatedTaps::pixel(g, ChannelVectors<T>::kLanes);
   }
-  // The rows output row o_h reads, from sample x.
-  CS231N_INLINE void fill(const T* x, int64_t o_h, const RotatedTaps& taps) {
-    for (int64_t t_h = 0; t_h < g.kh; ++t_h) {
-      const int64_t i = o_h * g.sh + t_h * g.dh, slot = i % taps.rows;
-      if (held[slot] == i) continue;
-      pad_rotated_row(x, i, g, sp, ring + slot * sp.wp * taps.pixel());
-      held[slot] = i;
+  // Padded row i of sample x, in the ring.
+  CS231N_INLINE void hold(const T* x, int64_t i) {
+    const int64_t slot = i % static_cast<int64_t>(held.size());
+    if (held[slot] == i) return;
+    const int64_t row = i - g.ph;  // of the input
+    const T* src_row = nullptr;
+    if (row >= 0 && row < g.h && row_t) {  // x[:, row, :] is [C][W], W apart in planes H·W apart
+      cpu::transpose_matrix(x + row * g.w, g.h * g.w, g.c, g.w, row_t, g.c);
+      src_row = row_t;
+    } else if (row >= 0 && row < g.h) {
+      src_row = x + row * g.w * g.c;
     }
+    pad_rotated_row(src_row, g, wp, ring + slot * wp * RotatedTaps::pixel(g, ChannelVectors<T>::kLanes));
+    held[slot] = i;
   }
 };
 
-// P outputs side by side (`first` = the first one's first tap in the ring, `step` apart), every vector of
-// channels c: y[p, c] = b[c] + Σ_{(t, r)} W_e[c][t, r] · x_e[first + p·step + at[(t, r)]][c].
+// P outputs side by side (`first` = the first one's first tap in the ring, `step` apart; y_step apart in
+// y), every vector of channels c: y[p, c] = b[c] + Σ_{(t, r)} W_e[c][t, r] · x_e[first + p·step + at[(t, r)]][c].
 template <int P, typename T>
 CS231N_INLINE void rotated_outputs(const T* first, int64_t step, const T* w_e, const int64_t* at, int n, const T* b,
-                                   T* y, int64_t C, int64_t k) {
+                                   T* y, int64_t y_step, int64_t C, int64_t k) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
   for (int64_t c = 0; c < C; c += V::kLanes) {
@@ -151,8 +160,21 @@ CS231N_INLINE void rotated_outputs(const T* first, int64_t step, const T* w_e, c
       for (int p = 0; p < P; ++p) acc[p] += w * V::at(src + p * step);
     }
 #pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) V::at(y + p * C + c) = acc[p];
+    for (int p = 0; p < P; ++p) V::at(y + p * y_step + c) = acc[p];
   }
+}
+
+// `count` outputs of a row, `step` apart from `first` in the ring and y_step apart from y: blocks of 8, 4
+// and 1.
+template <typename T>
+CS231N_INLINE void rotated_row(const T* first, int64_t step, const T* w_e, const int64_t* at, int n, const T* b, T* y,
+                               int64_t y_step, int64_t count, int64_t C, int64_t k) {
+  int64_t o = 0;
+  for (; o + 8 <= count; o += 8)
+    rotated_outputs<8>(first + o * step, step, w_e, at, n, b, y + o * y_step, y_step, C, k);
+  for (; o + 4 <= count; o += 4)
+    rotated_outputs<4>(first + o * step, step, w_e, at, n, b, y + o * y_step, y_step, C, k);
+  for (; o < count; ++o) rotated_outputs<1>(first + o * step, step, w_e, at, n, b, y + o * y_step, y_step, C, k);
 }
 
 // The same over P outputs for d_W: dw_e[c][t, r] += Σ_p dY[p, c] · x_e[first + p·step + at[(t, r)]][c], the
@@ -178,35 +200,32 @@ CS231N_INLINE void rotated_weight_grad_outputs(const T* first, int64_t step, con
   }
 }
 
-// One NHWC sample's y: per output row, its x_e rows, then blocks of 8, 4 and 1 outputs.
+// One sample's y ([oH·oW][F]): per output row, its x_e rows, then blocks of 8, 4 and 1 outputs.
 template <typename T>
 CS231N_INLINE void rotated_forward_sample(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,
-                                          const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring) {
-  RotatedRing<T> rows(g, sp, taps, ring);
+                                          const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+  RotatedRing<T> rows(g, sp.wp, taps.rows, ring, row_t);
   const int64_t step = g.sw * taps.pixel(), C = g.c, k = g.c_per_group();
   const int64_t* at = taps.at.data();
   const int n = taps.n();
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    rows.fill(x, o_h, taps);
+    for (int64_t t_h = 0; t_h < g.kh; ++t_h) rows.hold(x, o_h * g.sh + t_h * g.dh);
     taps.set(o_h, sp.wp);
     T* y_row = y + o_h * g.ow * C;
-    int64_t o = 0;
-    for (; o + 8 <= g.ow; o += 8) rotated_outputs<8>(ring + o * step, step, w_e, at, n, b, y_row + o * C, C, k);
-    for (; o + 4 <= g.ow; o += 4) rotated_outputs<4>(ring + o * step, step, w_e, at, n, b, y_row + o * C, C, k);
-    for (; o < g.ow; ++o) rotated_outputs<1>(ring + o * step, step, w_e, at, n, b, y_row + o * C, C, k);
+    rotated_row(ring, step, w_e, at, n, b, y_row, C, g.ow, C, k);
   }
 }
 
-// One NHWC sample's d_W, added into dw_e [C/L][taps][k][L].
+// One sample's d_W (dY as [oH·oW][F]), added into dw_e [C/L][taps][k][L].
 template <typename T>
 CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, RotatedTaps& taps, T* dw_e,
-                                              const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring) {
-  RotatedRing<T> rows(g, sp, taps, ring);
+                                              const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+  RotatedRing<T> rows(g, sp.wp, taps.rows, ring, row_t);
   const int64_t step = g.sw * taps.pixel(), C = g.c, k = g.c_per_group();
   const int64_t* at = taps.at.data();
   const int n = taps.n();
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    rows.fill(x, o_h, taps);
+    for (int64_t t_h = 0; t_h < g.kh; ++t_h) rows.hold(x, o_h * g.sh + t_h * g.dh);
     taps.set(o_h, sp.wp);
     const T* d = dy + o_h * g.ow * C;
     int64_t o = 0;
@@ -216,17 +235,95 @@ CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, RotatedTa
   }
 }
 
-// The two loops compiled for each instruction set (their bodies inline into each).
+// ------------------------------------------------------------------ d_x of strided layers by phases
+// d_x[i, c] = Σ_{f in c's group} Σ_t W[f, c mod k, t] · dY[o, f] over the taps t and outputs o with
+// o·s = i + p - t·d (per axis). Along an axis the input indices i = a + s·m of phase a (0 <= a < s) take
+// the taps with (a + p - t·d) mod s = 0, at o = m + off(t), off(t) = (a + p - t·d) / s: each phase is a
+// stride-1 correlation of dY with its own taps, and all of them together compute each d_x pixel once (the
+// forward's count of products). Rotated as the forward, with dY as the input:
+//     d_x[a + s·m, c] = Σ_{t of the phase} Σ_r V_r[c, t] · dY_r[m + off(t), c],
+//     dY_r[o, c] = dY[o, base(c) + (c mod k + r) mod k],   V_r[c, t] = W[base(c) + (c mod k + r) mod k, c mod k, t]
+// dY is padded by P = ceil((kH - 1)·dH / sH) + 1 rows (and columns alike), enough for every off(t).
+struct InputGradPhases {
+  struct Phase {
+    int64_t a_h, a_w, outputs_h, outputs_w;   // its first input row and column; how many of each
+    std::vector<int64_t> taps, off_h, off_w;  // its taps (t_h·kW + t_w), and where each reads in padded dY
+  };
+  Conv2dGeometry dy;                        // dY as the ring's input: oH x oW pixels of F channels, padded by P
+  int64_t wp = 0, rows = 0, min_off_h = 0;  // the ring's width and rows; the least row offset
+  std::vector<Phase> phases;
+
+  explicit InputGradPhases(const Conv2dGeometry& g) : dy(g) {
+    dy.h = g.oh, dy.w = g.ow, dy.c = g.f, dy.f = g.c;
+    dy.ph = (g.kh - 1) * g.dh / g.sh + 2, dy.pw = (g.kw - 1) * g.dw / g.sw + 2;
+    int64_t max_off_h = INT64_MIN, max_col = dy.pw + g.ow;
+    min_off_h = INT64_MAX;
+    for (int64_t a_h = 0; a_h < std::min(g.sh, g.h); ++a_h) {
+      for (int64_t a_w = 0; a_w < std::min(g.sw, g.w); ++a_w) {
+        Phase q{a_h, a_w, (g.h - a_h + g.sh - 1) / g.sh, (g.w - a_w + g.sw - 1) / g.sw, {}, {}, {}};
+        for (int64_t t = 0; t < g.taps(); ++t) {
+          const int64_t rh = a_h + g.ph - (t / g.kw) * g.dh, rw = a_w + g.pw - (t % g.kw) * g.dw;
+          if (floor_mod(rh, g.sh) != 0 || floor_mod(rw, g.sw) != 0) continue;
+          q.taps.push_back(t);
+          q.off_h.push_back(rh / g.sh + dy.ph);  // exact divisions
+          q.off_w.push_back(rw / g.sw + dy.pw);
+          min_off_h = std::min(min_off_h, q.off_h.back());
+          max_off_h = std::max(max_off_h, q.off_h.back());
+          max_col = std::max(max_col, q.outputs_w + q.off_w.back());
+        }
+        phases.push_back(std::move(q));
+      }
+    }
+    if (max_off_h == INT64_MIN) min_off_h = max_off_h = 0;  // no phase has a tap: d_x is zero
+    rows = max_off_h - min_off_h + 1;
+    wp = max_col;
+  }
+  static int64_t floor_mod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
+};
+
+// One NHWC sample's d_x ([H·W][C]) from its dY ([oH·oW][F]): output rows m of every phase in turn, the
+// ring holding the dY rows that row m of any phase reads.
+template <typename T>
+CS231N_INLINE void rotated_input_grad_sample(const T* dy, const std::vector<std::vector<T>>& w_e,
+                                             const InputGradPhases& ph, T* dx, const Conv2dGeometry& g, T* ring) {
+  RotatedRing<T> rows(ph.dy, ph.wp, ph.rows, ring, /*transposed_row=*/nullptr);
+  const int64_t k = g.c_per_group(), C = g.c, lanes = ChannelVectors<T>::kLanes;
+  const int64_t pixel = RotatedTaps::pixel(ph.dy, lanes);
+  std::vector<int64_t> at;
+  const int64_t rows_m = (g.h + g.sh - 1) / g.sh;
+  for (int64_t m = 0; m < rows_m; ++m) {
+    for (int64_t i = m + ph.min_off_h; i < m + ph.min_off_h + ph.rows; ++i) rows.hold(dy, i);
+    for (size_t p = 0; p < ph.phases.size(); ++p) {
+      const InputGradPhases::Phase& q = ph.phases[p];
+      if (m >= q.outputs_h) continue;
+      at.clear();
+      for (size_t j = 0; j < q.taps.size(); ++j) {
+        const int64_t slot = (m + q.off_h[j]) % ph.rows;
+        for (int64_t r = 0; r < k; ++r) at.push_back((slot * ph.wp + q.off_w[j]) * pixel + r * lanes);
+      }
+      T* out = dx + ((q.a_h + m * g.sh) * g.w + q.a_w) * C;
+      rotated_row(ring, pixel, w_e[p].data(), at.data(), static_cast<int>(at.size()), static_cast<const T*>(nullptr),
+                  out, g.sw * C, q.outputs_w, C, k);
+    }
+  }
+}
+
+// The three loops compiled for each instruction set (their bodies inline into each).
 #define CS231N_ROTATED_KERNELS(SUFFIX, ATTR)                                                                           \
   template <typename T>                                                                                                \
   ATTR void rotated_forward_##SUFFIX(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,                    \
-                                     const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring) {                      \
-    rotated_forward_sample(x, w_e, taps, b, y, g, sp, ring);                                                           \
+                                     const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {            \
+    rotated_forward_sample(x, w_e, taps, b, y, g, sp, ring, row_t);                                                    \
   }                                                                                                                    \
   template <typename T>                                                                                                \
   ATTR void rotated_weight_grad_##SUFFIX(const T* dy, const T* x, RotatedTaps& taps, T* dw_e, const Conv2dGeometry& g, \
-                                         const ShiftedPlanes& sp, T* ring) {                                           \
-    rotated_weight_grad_sample(dy, x, taps, dw_e, g, sp, ring);                                                        \
+                                         const ShiftedPlanes& sp, T* ring, T* row_t) {                                 \
+    rotated_weight_grad_sample(dy, x, taps, dw_e, g, sp, ring, row_t);                                                 \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  ATTR void rotated_input_grad_##SUFFIX(const T* dy, const std::vector<std::vector<T>>& w_e,                           \
+                                        const InputGradPhases& ph, T* dx, const Conv2dGeometry& g, T* ring) {          \
+    rotated_input_grad_sample(dy, w_e, ph, dx, g, ring);                                                               \
   }
 CS231N_ROTATED_KERNELS(baseline, )
 CS231N_ROTATED_KERNELS(avx2, CS231N_AVX2)
@@ -253,35 +350,41 @@ std::vector<T> rotated_filters(const at::Tensor& w, const Conv2dGeometry& g) {
   return w_e;
 }
 
-// y = conv(x, W) + b, x and y NHWC (W: the layer's filters, or when g is a transposed convolution those
-// of transposed_filters).
+// y = conv(x, W) + b, x and y NHWC, or NCHW when `planes` (x's rows transposed as the ring takes them, y a
+// sample at a time from [oH·oW][F]). W: the layer's filters, or when g is a transposed convolution those
+// of transposed_filters.
 template <typename T>
-void grouped_forward_rotated(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g) {
+void grouped_forward_rotated(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g,
+                             bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_e = rotated_filters<T>(w, g);
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    T* x_e = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(g, sp));
+    T* x_e = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(g, sp.wp, (g.kh - 1) * g.dh + 1));
+    T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * g.c) : nullptr;
+    T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample) : nullptr;
     RotatedTaps taps(g, ChannelVectors<T>::kLanes);
     for (int64_t n = n0; n < n1; ++n) {
       const T* x_n = x + n * in_sample;
-      T* y_n = y + n * out_sample;
+      T* y_n = planes ? out : y + n * out_sample;
       if (isa == cpu::Isa::kAvx512) {
-        rotated_forward_avx512(x_n, w_e.data(), taps, b, y_n, g, sp, x_e);
+        rotated_forward_avx512(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
       } else if (isa == cpu::Isa::kAvx2) {
-        rotated_forward_avx2(x_n, w_e.data(), taps, b, y_n, g, sp, x_e);
+        rotated_forward_avx2(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
       } else {
-        rotated_forward_baseline(x_n, w_e.data(), taps, b, y_n, g, sp, x_e);
+        rotated_forward_baseline(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
       }
+      if (planes) cpu::transpose_matrix(out, g.f, g.col_cols(), g.f, y + n * out_sample, g.col_cols());
     }
   });
 }
 
-// d_W into dw (W's shape, any strides) from NHWC dY and x. Each chunk of samples sums into its own d_W_r,
-// the chunks added in order (deterministic for a thread count).
+// d_W into dw (W's shape, any strides) from dY and x, NHWC or (`planes`) NCHW. Each chunk of samples sums
+// into its own d_W_r, the chunks added in order (deterministic for a thread count).
 template <typename T>
-void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const Conv2dGeometry& g) {
+void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const Conv2dGeometry& g,
+                                 bool planes = false) {
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t k = g.c_per_group(), C = g.f, size = g.taps() * k * C;
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
@@ -289,19 +392,25 @@ void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const 
   const ChunkPartials<T> partial(chunks, size);
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    T* x_e = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(g, sp));
+    T* x_e = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(g, sp.wp, (g.kh - 1) * g.dh + 1));
+    T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * g.c) : nullptr;
+    T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [oH·oW][F]
     RotatedTaps taps(g, ChannelVectors<T>::kLanes);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       T* dw_e = partial.of(chunk);
       std::fill(dw_e, dw_e + size, T(0));
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         const T *dy_n = dy + n * out_sample, *x_n = x + n * in_sample;
+        if (planes) {
+          cpu::transpose_matrix(dy_n, g.col_cols(), g.f, g.col_cols(), dy_t, g.f);
+          dy_n = dy_t;
+        }
         if (isa == cpu::Isa::kAvx512) {
-          rotated_weight_grad_avx512(dy_n, x_n, taps, dw_e, g, sp, x_e);
+          rotated_weight_grad_avx512(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
         } else if (isa == cpu::Isa::kAvx2) {
-          rotated_weight_grad_avx2(dy_n, x_n, taps, dw_e, g, sp, x_e);
+          rotated_weight_grad_avx2(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
         } else {
-          rotated_weight_grad_baseline(dy_n, x_n, taps, dw_e, g, sp, x_e);
+          rotated_weight_grad_baseline(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
         }
       }
     }
@@ -317,6 +426,45 @@ void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const 
       }
     }
   }
+}
+
+// d_x of a strided layer from dY, both NHWC, by phases (InputGradPhases, above). (NCHW layers keep their
+// own kernels: transposing their large d_x cost more than the phases saved.)
+template <typename T>
+void grouped_input_grad_rotated(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g) {
+  const InputGradPhases ph(g);
+  const int64_t k = g.c_per_group(), lanes = ChannelVectors<T>::kLanes, in_sample = g.h * g.w * g.c,
+                out_sample = g.col_cols() * g.f;
+  const auto a = w.accessor<T, 4>();
+  std::vector<std::vector<T>> w_e;  // each phase's V_r, [C/L][its taps][k][L]
+  for (const InputGradPhases::Phase& q : ph.phases) {
+    const int64_t n = q.taps.size();
+    std::vector<T> v(n * k * g.c);
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = q.taps[j];
+        for (int64_t r = 0; r < k; ++r) {
+          v[rotated_index(c, j, r, k, n, lanes)] = a[c - c % k + (c % k + r) % k][c % k][t / g.kw][t % g.kw];
+        }
+      }
+    }
+    w_e.push_back(std::move(v));
+  }
+  const cpu::Isa isa = cpu::cpu_isa();
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    T* ring = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(ph.dy, ph.wp, ph.rows));
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* dy_n = dy + n * out_sample;
+      T* dx_n = dx + n * in_sample;
+      if (isa == cpu::Isa::kAvx512) {
+        rotated_input_grad_avx512(dy_n, w_e, ph, dx_n, g, ring);
+      } else if (isa == cpu::Isa::kAvx2) {
+        rotated_input_grad_avx2(dy_n, w_e, ph, dx_n, g, ring);
+      } else {
+        rotated_input_grad_baseline(dy_n, w_e, ph, dx_n, g, ring);
+      }
+    }
+  });
 }
 
 }  // namespace conv2d_cpu

@@ -194,6 +194,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 40, 10, 11), f=24, k=1, stride=1, padding=0, groups=1),
     # 8960 pixels: more than one block of gemm_segments' row table (d_x) and of d_W's pixel table a chunk
     dict(shape=(2, 24, 64, 70), f=16, k=1, stride=1, padding=0, groups=1),
+    # few pixels and C·F of 2^18 or more: d_W one packed product over all the pixels (F not a whole tile)
+    dict(shape=(2, 512, 3, 5), f=520, k=1, stride=1, padding=0, groups=1),
     # few channels, which channels_last runs by the windows' rows of taps (conv2d_windows.h; stem_like above
     # too; d_W by window rows): blocks that end mid-row, windows cut by the padding or lying wholly in it,
     # and a dilation along the height (the rows' segments apart) with strides of each size
@@ -243,7 +245,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
         "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
-        "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "windows_blocks", "windows_in_padding",
+        "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "pointwise_few_pixels", "windows_blocks", "windows_in_padding",
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",

@@ -200,39 +200,42 @@ CS231N_INLINE void rotated_weight_grad_outputs(const T* first, int64_t step, con
   }
 }
 
-// One sample's y ([oH·oW][F]): per output row, its x_e rows, then blocks of 8, 4 and 1 outputs.
-template <typename T>
-CS231N_INLINE void rotated_forward_sample(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,
-                                          const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+// Walks one sample's output rows: each row's input rows into the ring, the taps' places set, then
+// row(o_h, step, at, n) with the ring's step between outputs and the taps' n offsets `at`.
+template <typename T, typename Row>
+CS231N_INLINE void rotated_rows(const T* x, RotatedTaps& taps, const Conv2dGeometry& g, const ShiftedPlanes& sp,
+                                T* ring, T* row_t, Row&& row) {
   RotatedRing<T> rows(g, sp.wp, taps.rows, ring, row_t);
-  const int64_t step = g.sw * taps.pixel(), C = g.c, k = g.c_per_group();
-  const int64_t* at = taps.at.data();
-  const int n = taps.n();
+  const int64_t step = g.sw * taps.pixel();
   for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
     for (int64_t t_h = 0; t_h < g.kh; ++t_h) rows.hold(x, o_h * g.sh + t_h * g.dh);
     taps.set(o_h, sp.wp);
-    T* y_row = y + o_h * g.ow * C;
-    rotated_row(ring, step, w_e, at, n, b, y_row, C, g.ow, C, k);
+    row(o_h, step, taps.at.data(), taps.n());
   }
+}
+
+// One sample's y ([oH·oW][F]): per output row, blocks of 8, 4 and 1 outputs.
+template <typename T>
+CS231N_INLINE void rotated_forward_sample(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,
+                                          const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+  const int64_t C = g.c, k = g.c_per_group();
+  rotated_rows(x, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
+    rotated_row(ring, step, w_e, at, n, b, y + o_h * g.ow * C, C, g.ow, C, k);
+  });
 }
 
 // One sample's d_W (dY as [oH·oW][F]), added into dw_e [C/L][taps][k][L].
 template <typename T>
 CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, RotatedTaps& taps, T* dw_e,
                                               const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
-  RotatedRing<T> rows(g, sp.wp, taps.rows, ring, row_t);
-  const int64_t step = g.sw * taps.pixel(), C = g.c, k = g.c_per_group();
-  const int64_t* at = taps.at.data();
-  const int n = taps.n();
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-    for (int64_t t_h = 0; t_h < g.kh; ++t_h) rows.hold(x, o_h * g.sh + t_h * g.dh);
-    taps.set(o_h, sp.wp);
+  const int64_t C = g.c, k = g.c_per_group();
+  rotated_rows(x, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
     const T* d = dy + o_h * g.ow * C;
     int64_t o = 0;
     for (; o + 8 <= g.ow; o += 8) rotated_weight_grad_outputs<8>(ring + o * step, step, d + o * C, at, n, dw_e, C, k);
     for (; o + 4 <= g.ow; o += 4) rotated_weight_grad_outputs<4>(ring + o * step, step, d + o * C, at, n, dw_e, C, k);
     for (; o < g.ow; ++o) rotated_weight_grad_outputs<1>(ring + o * step, step, d + o * C, at, n, dw_e, C, k);
-  }
+  });
 }
 
 // ------------------------------------------------------------------ d_x of strided layers by phases
@@ -244,6 +247,9 @@ CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, RotatedTa
 //     d_x[a + s·m, c] = Σ_{t of the phase} Σ_r V_r[c, t] · dY_r[m + off(t), c],
 //     dY_r[o, c] = dY[o, base(c) + (c mod k + r) mod k],   V_r[c, t] = W[base(c) + (c mod k + r) mod k, c mod k, t]
 // dY is padded by P = ceil((kH - 1)·dH / sH) + 1 rows (and columns alike), enough for every off(t).
+// (conv2d_shifted.h's input_phases covers dilation 1 only, each phase a transposed convolution of its own
+// padding; a dilated layer's taps fall into the phases unevenly, so here each phase lists its taps and their
+// offsets into one padded dY.)
 struct InputGradPhases {
   struct Phase {
     int64_t a_h, a_w, outputs_h, outputs_w;   // its first input row and column; how many of each

@@ -241,6 +241,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
     dict(shape=(3, 16, 10, 12), f=16, k=3, stride=1, padding=2, groups=8, dilation=2),
     dict(shape=(2, 16, 6, 7), f=16, k=2, stride=(4, 2), padding=0, groups=4),
+    # one sample (batch-1 inference): a single chunk, run outside any parallel region so that its products
+    # split among the threads themselves (conv2d_blocks.h's for_chunks); 3x3 stride 1 and 2, and a stem
+    dict(shape=(1, 32, 16, 18), f=48, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(1, 32, 21, 20), f=70, k=3, stride=2, padding=1, groups=1),
+    dict(shape=(1, 3, 45, 50), f=70, k=7, stride=2, padding=3, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -249,7 +254,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
-        "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps"])
+        "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
+        "one_sample", "one_sample_strided", "one_sample_stem"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

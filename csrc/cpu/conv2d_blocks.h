@@ -37,6 +37,20 @@ inline int64_t chunk_count(const Conv2dGeometry& g) {
 }
 inline int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t n) { return chunk * n / chunks; }
 
+// f(cb, ce) over the chunks [0, chunks) among the threads, as at::parallel_for(0, chunks, 1, f), except
+// that a single chunk runs on the calling thread outside any parallel region, so that the GEMMs in it
+// split among the threads as said above: inside at::parallel_for even one chunk, run serially, marks its
+// region parallel, and they ran on one thread (a batch-1 (1, 256, 14, 14) 3x3 layer took as long on two
+// threads as on one).
+template <typename F>
+void for_chunks(int64_t chunks, const F& f) {
+  if (chunks == 1) {
+    f(int64_t(0), int64_t(1));
+    return;
+  }
+  at::parallel_for(0, chunks, 1, f);
+}
+
 // The d_W of each chunk of samples, then their sum, added in chunk order: deterministic for a given
 // thread count. The chunks' buffers are the calling thread's scratch, kept from call to call (a fresh
 // 5 MiB came back one page fault per 4 KiB, and zeroing it cost as much again: 1 ms of a 9 ms d_W); a

@@ -36,7 +36,7 @@ void conv_forward_gemm(const T* x, const T* w, const T* b, T* y, const Conv2dGeo
   const int64_t fg = g.f_per_group(), kg = g.c_per_group() * g.taps(), cols = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = block_size(g, n_end - n_begin);
@@ -114,7 +114,7 @@ void conv_backward_gemm(const T* dy, const T* x, const T* w, T* dx, T* dw, const
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * cols;
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(dw ? chunks : 0, g.f * kg);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), n_end = chunk_begin(chunk + 1, chunks, g.n);
       const int64_t nb_max = block_size(g, n_end - n_begin);

@@ -163,7 +163,7 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   // The GEMM's rows are the real outputs only: row (o_h, o_w) reads the pixels at its place in the pitch
   // Wq, and the pitch's thrown-away pixels (2 of 16 in a 14x14 image) are never computed.
   const std::vector<int64_t> rows = output_pixels(g, sp, g.c);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.col_cols() * g.f) : nullptr;
     std::vector<const T*> taps(g.taps());
@@ -230,7 +230,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   std::vector<int64_t> offsets(g.taps());
   for (int64_t t = 0; t < g.taps(); ++t) offsets[t] = shifted_offset(g, sp, t);
   const bool gather = std::is_same_v<T, float> && cpu::gather_a_available();
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [pixels x F]
     std::vector<const T*> a_row(gather ? kg : 0);  // where each row (t, c) of a group's col(x)ᵀ starts
@@ -627,7 +627,7 @@ void conv_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Conv2
   if (channels_last_direct(g)) {  // a sample a GEMM, the samples cut among the threads
     const std::vector<std::vector<int64_t>> rows = block_rows(1);
     const int64_t chunks = chunk_count(g);
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for_chunks(chunks, [&](int64_t cb, int64_t ce) {
       T* dy_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, dy_plane);
       T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample);
       for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {

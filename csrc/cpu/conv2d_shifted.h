@@ -110,7 +110,7 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv2d
   const int64_t chunks = chunk_count(g);
   std::vector<int64_t> offsets(g.col_rows());  // B's rows in x_pad, all groups
   for (int64_t r = 0; r < g.col_rows(); ++r) offsets[r] = shifted_offset(g, sp, r);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane() + cpu::kRowsBSlack);
     T* out = cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -145,7 +145,7 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeomet
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(chunks, g.f * kg);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
     T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
     std::fill(dy_pitch, dy_pitch + g.f * sp.cols, T(0));  // the gaps stay zero

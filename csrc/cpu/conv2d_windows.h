@@ -136,7 +136,7 @@ void conv_forward_row_segments(const T* x, const at::Tensor& w, const T* b, T* y
     return;
   }
   const int64_t chunks = chunk_count(g);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     std::vector<const T*> segments(g.kh);
     for (int64_t th = 0; th < g.kh; ++th) segments[th] = x_pad + dw_in_pixel(g, sp, 0, 0, th * g.kw) * g.c;
@@ -160,7 +160,7 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
   const std::vector<int64_t> places = window_places(g, sp);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   const ChunkPartials<float> partial(chunks, k * g.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     float* dy_t = planes ? cpu::thread_scratch<float>(cpu::Scratch::kGrad, p * g.f) : nullptr;  // [pixels x F]
     std::vector<const float*> a_row(k);  // row (t, c) of Aᵀ: tap t's place in x_pad, plus c
@@ -206,7 +206,7 @@ void conv_weight_grad_windows(const T* dy, const T* x, T* dw, const Conv2dGeomet
     std::fill(dw, dw + g.f * k, T(0));
     return;
   }
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* a = cpu::thread_scratch<T>(cpu::Scratch::kRows, block * k);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       const int64_t first = chunk_begin(chunk, chunks, items);

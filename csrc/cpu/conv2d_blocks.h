@@ -51,6 +51,21 @@ void for_chunks(int64_t chunks, const F& f) {
   at::parallel_for(0, chunks, 1, f);
 }
 
+// f(grp) for each of the layer's groups. With at least as many groups as threads they go among the threads,
+// each group's product then on one (a group's product is small: ResNeXt's groups of 16 channels at
+// batch 1 made products too small to split, and ran on one thread); otherwise one after the other, each
+// product splitting itself. Inside a parallel region (a chunk of samples a thread) on the calling thread.
+template <typename F>
+void for_each_group(const Conv2dGeometry& g, const F& f) {
+  if (g.groups > 1 && g.groups >= at::get_num_threads()) {
+    at::parallel_for(0, g.groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t grp = g0; grp < g1; ++grp) f(grp);
+    });
+    return;
+  }
+  for (int64_t grp = 0; grp < g.groups; ++grp) f(grp);
+}
+
 // The d_W of each chunk of samples, then their sum, added in chunk order: deterministic for a given
 // thread count. The chunks' buffers are the calling thread's scratch, kept from call to call (a fresh
 // 5 MiB came back one page fault per 4 KiB, and zeroing it cost as much again: 1 ms of a 9 ms d_W); a

@@ -166,7 +166,6 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
   for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, g.col_cols() * g.f) : nullptr;
-    std::vector<const T*> taps(g.taps());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
@@ -176,13 +175,14 @@ void conv_forward_nhwc(const T* x, const at::Tensor& w, bool transposed, const T
         }
         T* y_n = y + n * out_sample;
         T* pixels = planes ? out : y_n;  // [pixels x F]: NHWC's y itself
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for_each_group(g, [&](int64_t grp) {
+          std::vector<const T*> taps(g.taps());
           for (int64_t t = 0; t < g.taps(); ++t) taps[t] = x_pad + shifted_offset(g, sp, t) * g.c + grp * cg;
           cpu::GemmEpilogue<T> ep;
           ep.col_bias = b ? b + grp * fg : nullptr;
           cpu::gemm_segments<T>(g.col_cols(), taps.data(), g.c, filters.groups[grp], pixels + grp * fg, g.f, ep,
                                 rows.data());
-        }
+        });
         if (planes) cpu::transpose_matrix(out, g.f, g.col_cols(), g.f, y_n, g.col_cols());  // -> y[n][F][pixels]
       }
     }
@@ -233,7 +233,6 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
   for_chunks(chunks, [&](int64_t cb, int64_t ce) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * g.c);
     T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;  // [pixels x F]
-    std::vector<const T*> a_row(gather ? kg : 0);  // where each row (t, c) of a group's col(x)ᵀ starts
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
         if (planes) {
@@ -243,16 +242,17 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
           pad_pixel_phases(x + n * in_sample, g, sp, x_pad);
         }
         const T* dy_n = planes ? dy_t : dy + n * out_sample;
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for_each_group(g, [&](int64_t grp) {
           const T* x_grp = x_pad + grp * cg;
           if constexpr (std::is_same_v<T, float>) {
-            if (gather) {  // d_W_gᵀ [kg x fg] into the chunk's buffer
+            if (gather) {                       // d_W_gᵀ [kg x fg] into the chunk's buffer
+              std::vector<const T*> a_row(kg);  // where each row (t, c) of the group's col(x)ᵀ starts
               col_rows_from(x_grp, g, sp, cg, a_row.data());
               cpu::GemmEpilogue<T> ep;
               ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
               cpu::gemm_gather_a(kg, fg, outputs, a_row.data(), pixels.data(), dy_n + grp * fg, g.f,
                                  partial.of(chunk) + grp * kg * fg, fg, ep);
-              continue;
+              return;
             }
           }
           // Runs of channels, one tap at a time (the same cut for every row p), copied in the CPU's widest
@@ -273,7 +273,7 @@ void conv_weight_grad_nhwc(const T* dy, const T* x, T* dw, const Conv2dGeometry&
           cpu::GemmEpilogue<T> ep;
           ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
           cpu::gemm<T>(fg, kg, outputs, {dy_n + grp * fg, 1, g.f}, pack, partial.of(chunk) + grp * fg * kg, kg, ep);
-        }
+        });
       }
     }
   });
@@ -444,15 +444,15 @@ void conv_forward_pixel_rows(const T* x, const at::Tensor& w, bool transposed, c
   const int64_t fg = g.f_per_group(), cg = g.c_per_group();
   // group grp's product: its segments (a tap each, cg channels from a_grp + the tap's shift), its
   // filters, its fg columns of the [pixels x F] result (NHWC's y itself, when not `planes`)
-  std::vector<const T*> taps(g.taps());
   const auto products = [&](int64_t m, const T* a, int64_t lda, int64_t group_step, const int64_t* shift,
                             const int64_t* rows, T* out) {
-    for (int64_t grp = 0; grp < g.groups; ++grp) {  // each product splits its rows among the threads
+    for_each_group(g, [&](int64_t grp) {
+      std::vector<const T*> taps(g.taps());
       for (int64_t t = 0; t < g.taps(); ++t) taps[t] = a + grp * group_step + shift[t];
       cpu::GemmEpilogue<T> ep;
       ep.col_bias = b ? b + grp * fg : nullptr;
       cpu::gemm_segments<T>(m, taps.data(), lda, filters.groups[grp], out + grp * fg, g.f, ep, rows);
-    }
+    });
   };
   std::vector<int64_t> shift(g.taps());
   if (pixel_rows_padded(g, planes)) {
@@ -606,14 +606,13 @@ void conv_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Conv2
   };
   // out = the products for a block of samples padded dy_plane apart from dy_pad, phase after phase
   const auto products = [&](const T* dy_pad, const std::vector<std::vector<int64_t>>& rows, T* out) {
-    std::vector<const T*> segments;
     for (size_t q = 0; q < np; ++q) {
-      for (int64_t grp = 0; grp < g.groups; ++grp) {  // dY's channels of the group; d_x's columns
-        segments.clear();
+      for_each_group(g, [&](int64_t grp) {  // dY's channels of the group; d_x's columns
+        std::vector<const T*> segments;
         for (const int64_t shift : pp.taps[q]) segments.push_back(dy_pad + shift * g.f + grp * fg);
         cpu::gemm_segments<T>(rows[q].size(), segments.data(), g.f, filters[q].groups[grp], out + grp * cg, g.c, {},
                               rows[q].data());
-      }
+      });
       out += rows[q].size() * g.c;
     }
   };

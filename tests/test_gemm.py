@@ -250,6 +250,10 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # (for_each_group), for the forward, d_W and d_x by the transposed convolution or by phases
     dict(shape=(1, 32, 12, 14), f=32, k=3, stride=1, padding=1, groups=2),
     dict(shape=(1, 48, 24, 26), f=36, k=3, stride=2, padding=1, groups=3),
+    # ... and in groups of 4 and 8 channels (rotated, conv2d_grouped.h): each sample's rows in bands, a band
+    # a thread (SampleBands), for the forward, d_W and d_x (by the transposed convolution; strided, by phases)
+    dict(shape=(1, 32, 9, 11), f=32, k=3, stride=1, padding=1, groups=8),
+    dict(shape=(1, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -259,7 +263,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
-        "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided"])
+        "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
+        "one_sample_rotated", "one_sample_rotated_strided"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

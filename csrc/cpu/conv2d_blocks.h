@@ -66,6 +66,29 @@ void for_each_group(const Conv2dGeometry& g, const F& f) {
   for (int64_t grp = 0; grp < g.groups; ++grp) f(grp);
 }
 
+// The batch cut into chunks among the threads for the kernels that walk a sample's output rows with state
+// of their own (a ring of input rows: conv2d_grouped.h): whole samples, a chunk a thread; or, with fewer
+// samples than threads (batch-1 inference, where one sample was all one thread's), each sample's `rows`
+// rows in bands, a chunk a band.
+struct SampleBands {
+  int64_t n, rows, bands, chunks;
+  SampleBands(int64_t samples, int64_t rows_) : n(samples), rows(rows_) {
+    const int64_t threads = at::get_num_threads();
+    bands = n == 0 || n >= threads || rows <= 1 ? 1 : std::min<int64_t>(rows, (threads + n - 1) / n);
+    chunks = bands > 1 ? n * bands : std::max<int64_t>(1, std::min<int64_t>(n, threads));
+  }
+  // Chunk `chunk`'s samples [n0, n1), and the rows [r0, r1) of each.
+  void of(int64_t chunk, int64_t* n0, int64_t* n1, int64_t* r0, int64_t* r1) const {
+    if (bands == 1) {
+      *n0 = chunk_begin(chunk, chunks, n), *n1 = chunk_begin(chunk + 1, chunks, n), *r0 = 0, *r1 = rows;
+      return;
+    }
+    const int64_t band = chunk % bands;
+    *n0 = chunk / bands, *n1 = *n0 + 1;
+    *r0 = chunk_begin(band, bands, rows), *r1 = chunk_begin(band + 1, bands, rows);
+  }
+};
+
 // The d_W of each chunk of samples, then their sum, added in chunk order: deterministic for a given
 // thread count. The chunks' buffers are the calling thread's scratch, kept from call to call (a fresh
 // 5 MiB came back one page fault per 4 KiB, and zeroing it cost as much again: 1 ms of a 9 ms d_W); a

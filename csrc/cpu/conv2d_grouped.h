@@ -200,36 +200,39 @@ CS231N_INLINE void rotated_weight_grad_outputs(const T* first, int64_t step, con
   }
 }
 
-// Walks one sample's output rows: each row's input rows into the ring, the taps' places set, then
+// Walks one sample's output rows [r0, r1): each row's input rows into the ring, the taps' places set, then
 // row(o_h, step, at, n) with the ring's step between outputs and the taps' n offsets `at`.
 template <typename T, typename Row>
-CS231N_INLINE void rotated_rows(const T* x, RotatedTaps& taps, const Conv2dGeometry& g, const ShiftedPlanes& sp,
-                                T* ring, T* row_t, Row&& row) {
+CS231N_INLINE void rotated_rows(const T* x, int64_t r0, int64_t r1, RotatedTaps& taps, const Conv2dGeometry& g,
+                                const ShiftedPlanes& sp, T* ring, T* row_t, Row&& row) {
   RotatedRing<T> rows(g, sp.wp, taps.rows, ring, row_t);
   const int64_t step = g.sw * taps.pixel();
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+  for (int64_t o_h = r0; o_h < r1; ++o_h) {
     for (int64_t t_h = 0; t_h < g.kh; ++t_h) rows.hold(x, o_h * g.sh + t_h * g.dh);
     taps.set(o_h, sp.wp);
     row(o_h, step, taps.at.data(), taps.n());
   }
 }
 
-// One sample's y ([oH·oW][F]): per output row, blocks of 8, 4 and 1 outputs.
+// Output rows [r0, r1) of one sample's y ([oH·oW][F]; y points at row r0): per row, blocks of 8, 4 and 1
+// outputs.
 template <typename T>
-CS231N_INLINE void rotated_forward_sample(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,
-                                          const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+CS231N_INLINE void rotated_forward_sample(const T* x, int64_t r0, int64_t r1, const T* w_e, RotatedTaps& taps,
+                                          const T* b, T* y, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring,
+                                          T* row_t) {
   const int64_t C = g.c, k = g.c_per_group();
-  rotated_rows(x, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
-    rotated_row(ring, step, w_e, at, n, b, y + o_h * g.ow * C, C, g.ow, C, k);
+  rotated_rows(x, r0, r1, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
+    rotated_row(ring, step, w_e, at, n, b, y + (o_h - r0) * g.ow * C, C, g.ow, C, k);
   });
 }
 
-// One sample's d_W (dY as [oH·oW][F]), added into dw_e [C/L][taps][k][L].
+// One sample's d_W over its output rows [r0, r1) (dY as [oH·oW][F]), added into dw_e [C/L][taps][k][L].
 template <typename T>
-CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, RotatedTaps& taps, T* dw_e,
-                                              const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {
+CS231N_INLINE void rotated_weight_grad_sample(const T* dy, const T* x, int64_t r0, int64_t r1, RotatedTaps& taps,
+                                              T* dw_e, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring,
+                                              T* row_t) {
   const int64_t C = g.c, k = g.c_per_group();
-  rotated_rows(x, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
+  rotated_rows(x, r0, r1, taps, g, sp, ring, row_t, [&](int64_t o_h, int64_t step, const int64_t* at, int n) {
     const T* d = dy + o_h * g.ow * C;
     int64_t o = 0;
     for (; o + 8 <= g.ow; o += 8) rotated_weight_grad_outputs<8>(ring + o * step, step, d + o * C, at, n, dw_e, C, k);
@@ -285,19 +288,21 @@ struct InputGradPhases {
     wp = max_col;
   }
   static int64_t floor_mod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
+  // The rows m of the phases' outputs: those of the first phase, which has the most.
+  static int64_t rows_m(const Conv2dGeometry& g) { return (g.h + g.sh - 1) / g.sh; }
 };
 
-// One NHWC sample's d_x ([H·W][C]) from its dY ([oH·oW][F]): output rows m of every phase in turn, the
-// ring holding the dY rows that row m of any phase reads.
+// One NHWC sample's d_x ([H·W][C]) from its dY ([oH·oW][F]): output rows m in [m0, m1) (InputGradPhases'
+// rows()) of every phase in turn, the ring holding the dY rows that row m of any phase reads.
 template <typename T>
-CS231N_INLINE void rotated_input_grad_sample(const T* dy, const std::vector<std::vector<T>>& w_e,
-                                             const InputGradPhases& ph, T* dx, const Conv2dGeometry& g, T* ring) {
+CS231N_INLINE void rotated_input_grad_sample(const T* dy, int64_t m0, int64_t m1,
+                                             const std::vector<std::vector<T>>& w_e, const InputGradPhases& ph, T* dx,
+                                             const Conv2dGeometry& g, T* ring) {
   RotatedRing<T> rows(ph.dy, ph.wp, ph.rows, ring, /*transposed_row=*/nullptr);
   const int64_t k = g.c_per_group(), C = g.c, lanes = ChannelVectors<T>::kLanes;
   const int64_t pixel = RotatedTaps::pixel(ph.dy, lanes);
   std::vector<int64_t> at;
-  const int64_t rows_m = (g.h + g.sh - 1) / g.sh;
-  for (int64_t m = 0; m < rows_m; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t i = m + ph.min_off_h; i < m + ph.min_off_h + ph.rows; ++i) rows.hold(dy, i);
     for (size_t p = 0; p < ph.phases.size(); ++p) {
       const InputGradPhases::Phase& q = ph.phases[p];
@@ -315,21 +320,21 @@ CS231N_INLINE void rotated_input_grad_sample(const T* dy, const std::vector<std:
 }
 
 // The three loops compiled for each instruction set (their bodies inline into each).
-#define CS231N_ROTATED_KERNELS(SUFFIX, ATTR)                                                                           \
-  template <typename T>                                                                                                \
-  ATTR void rotated_forward_##SUFFIX(const T* x, const T* w_e, RotatedTaps& taps, const T* b, T* y,                    \
-                                     const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {            \
-    rotated_forward_sample(x, w_e, taps, b, y, g, sp, ring, row_t);                                                    \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  ATTR void rotated_weight_grad_##SUFFIX(const T* dy, const T* x, RotatedTaps& taps, T* dw_e, const Conv2dGeometry& g, \
-                                         const ShiftedPlanes& sp, T* ring, T* row_t) {                                 \
-    rotated_weight_grad_sample(dy, x, taps, dw_e, g, sp, ring, row_t);                                                 \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  ATTR void rotated_input_grad_##SUFFIX(const T* dy, const std::vector<std::vector<T>>& w_e,                           \
-                                        const InputGradPhases& ph, T* dx, const Conv2dGeometry& g, T* ring) {          \
-    rotated_input_grad_sample(dy, w_e, ph, dx, g, ring);                                                               \
+#define CS231N_ROTATED_KERNELS(SUFFIX, ATTR)                                                                          \
+  template <typename T>                                                                                               \
+  ATTR void rotated_forward_##SUFFIX(const T* x, int64_t r0, int64_t r1, const T* w_e, RotatedTaps& taps, const T* b, \
+                                     T* y, const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {     \
+    rotated_forward_sample(x, r0, r1, w_e, taps, b, y, g, sp, ring, row_t);                                           \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  ATTR void rotated_weight_grad_##SUFFIX(const T* dy, const T* x, int64_t r0, int64_t r1, RotatedTaps& taps, T* dw_e, \
+                                         const Conv2dGeometry& g, const ShiftedPlanes& sp, T* ring, T* row_t) {       \
+    rotated_weight_grad_sample(dy, x, r0, r1, taps, dw_e, g, sp, ring, row_t);                                        \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  ATTR void rotated_input_grad_##SUFFIX(const T* dy, int64_t m0, int64_t m1, const std::vector<std::vector<T>>& w_e,  \
+                                        const InputGradPhases& ph, T* dx, const Conv2dGeometry& g, T* ring) {         \
+    rotated_input_grad_sample(dy, m0, m1, w_e, ph, dx, g, ring);                                                      \
   }
 CS231N_ROTATED_KERNELS(baseline, )
 CS231N_ROTATED_KERNELS(avx2, CS231N_AVX2)
@@ -366,22 +371,28 @@ void grouped_forward_rotated(const T* x, const at::Tensor& w, const T* b, T* y, 
   const std::vector<T> w_e = rotated_filters<T>(w, g);
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
   const cpu::Isa isa = cpu::cpu_isa();
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+  const SampleBands split(g.n, g.oh);
+  at::parallel_for(0, split.chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_e = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(g, sp.wp, (g.kh - 1) * g.dh + 1));
     T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * g.c) : nullptr;
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample) : nullptr;
     RotatedTaps taps(g, ChannelVectors<T>::kLanes);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* x_n = x + n * in_sample;
-      T* y_n = planes ? out : y + n * out_sample;
-      if (isa == cpu::Isa::kAvx512) {
-        rotated_forward_avx512(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
-      } else if (isa == cpu::Isa::kAvx2) {
-        rotated_forward_avx2(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
-      } else {
-        rotated_forward_baseline(x_n, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      int64_t n0, n1, r0, r1;
+      split.of(chunk, &n0, &n1, &r0, &r1);
+      const int64_t p0 = r0 * g.ow, pixels = (r1 - r0) * g.ow;  // the band's outputs
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* x_n = x + n * in_sample;
+        T* y_n = planes ? out : y + n * out_sample + p0 * g.f;
+        if (isa == cpu::Isa::kAvx512) {
+          rotated_forward_avx512(x_n, r0, r1, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
+        } else if (isa == cpu::Isa::kAvx2) {
+          rotated_forward_avx2(x_n, r0, r1, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
+        } else {
+          rotated_forward_baseline(x_n, r0, r1, w_e.data(), taps, b, y_n, g, sp, x_e, row_t);
+        }
+        if (planes) cpu::transpose_matrix(out, g.f, pixels, g.f, y + n * out_sample + p0, g.col_cols());
       }
-      if (planes) cpu::transpose_matrix(out, g.f, g.col_cols(), g.f, y + n * out_sample, g.col_cols());
     }
   });
 }
@@ -394,7 +405,8 @@ void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const 
   const ShiftedPlanes sp = shifted_planes(g);
   const int64_t k = g.c_per_group(), C = g.f, size = g.taps() * k * C;
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  const SampleBands split(g.n, g.oh);
+  const int64_t chunks = split.chunks;
   const ChunkPartials<T> partial(chunks, size);
   const cpu::Isa isa = cpu::cpu_isa();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -405,18 +417,21 @@ void grouped_weight_grad_rotated(const T* dy, const T* x, at::Tensor& dw, const 
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       T* dw_e = partial.of(chunk);
       std::fill(dw_e, dw_e + size, T(0));
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+      int64_t n0, n1, r0, r1;
+      split.of(chunk, &n0, &n1, &r0, &r1);
+      for (int64_t n = n0; n < n1; ++n) {
         const T *dy_n = dy + n * out_sample, *x_n = x + n * in_sample;
-        if (planes) {
-          cpu::transpose_matrix(dy_n, g.col_cols(), g.f, g.col_cols(), dy_t, g.f);
+        if (planes) {  // the band's rows of dY, transposed where the whole sample's would lie
+          const int64_t p0 = r0 * g.ow;
+          cpu::transpose_matrix(dy_n + p0, g.col_cols(), g.f, (r1 - r0) * g.ow, dy_t + p0 * g.f, g.f);
           dy_n = dy_t;
         }
         if (isa == cpu::Isa::kAvx512) {
-          rotated_weight_grad_avx512(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
+          rotated_weight_grad_avx512(dy_n, x_n, r0, r1, taps, dw_e, g, sp, x_e, row_t);
         } else if (isa == cpu::Isa::kAvx2) {
-          rotated_weight_grad_avx2(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
+          rotated_weight_grad_avx2(dy_n, x_n, r0, r1, taps, dw_e, g, sp, x_e, row_t);
         } else {
-          rotated_weight_grad_baseline(dy_n, x_n, taps, dw_e, g, sp, x_e, row_t);
+          rotated_weight_grad_baseline(dy_n, x_n, r0, r1, taps, dw_e, g, sp, x_e, row_t);
         }
       }
     }
@@ -457,17 +472,22 @@ void grouped_input_grad_rotated(const T* dy, const at::Tensor& w, T* dx, const C
     w_e.push_back(std::move(v));
   }
   const cpu::Isa isa = cpu::cpu_isa();
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+  const SampleBands split(g.n, InputGradPhases::rows_m(g));
+  at::parallel_for(0, split.chunks, 1, [&](int64_t cb, int64_t ce) {
     T* ring = cpu::thread_scratch<T>(cpu::Scratch::kPadded, RotatedRing<T>::size(ph.dy, ph.wp, ph.rows));
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* dy_n = dy + n * out_sample;
-      T* dx_n = dx + n * in_sample;
-      if (isa == cpu::Isa::kAvx512) {
-        rotated_input_grad_avx512(dy_n, w_e, ph, dx_n, g, ring);
-      } else if (isa == cpu::Isa::kAvx2) {
-        rotated_input_grad_avx2(dy_n, w_e, ph, dx_n, g, ring);
-      } else {
-        rotated_input_grad_baseline(dy_n, w_e, ph, dx_n, g, ring);
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      int64_t n0, n1, m0, m1;
+      split.of(chunk, &n0, &n1, &m0, &m1);
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* dy_n = dy + n * out_sample;
+        T* dx_n = dx + n * in_sample;
+        if (isa == cpu::Isa::kAvx512) {
+          rotated_input_grad_avx512(dy_n, m0, m1, w_e, ph, dx_n, g, ring);
+        } else if (isa == cpu::Isa::kAvx2) {
+          rotated_input_grad_avx2(dy_n, m0, m1, w_e, ph, dx_n, g, ring);
+        } else {
+          rotated_input_grad_baseline(dy_n, m0, m1, w_e, ph, dx_n, g, ring);
+        }
       }
     }
   });

@@ -254,6 +254,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # a thread (SampleBands), for the forward, d_W and d_x (by the transposed convolution; strided, by phases)
     dict(shape=(1, 32, 9, 11), f=32, k=3, stride=1, padding=1, groups=8),
     dict(shape=(1, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
+    # NCHW 1x1 layers by shifted planes read x and write y in place (no padding, a pitch of oW): at batch 1
+    # on 14 x 14 (5 column tiles, the last of 4 columns) the product splits its 72 rows among the threads;
+    # padded, x is copied but y still written in place
+    dict(shape=(1, 64, 14, 14), f=72, k=1, stride=1, padding=0, groups=1),
+    dict(shape=(2, 20, 9, 30), f=24, k=1, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -264,7 +269,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
-        "one_sample_rotated", "one_sample_rotated_strided"])
+        "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

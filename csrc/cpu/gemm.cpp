@@ -651,12 +651,22 @@ void gemm_rows_b_avx512(int64_t m, int64_t n, int64_t k, const MatrixView<float>
       pack_a(a, ic, pc, mc, kc, mr, a_pack);
       for (int64_t j = 0; j < n; j += nr) {
         const int n_tile = static_cast<int>(std::min<int64_t>(nr, n - j));
-        for (int64_t ir = 0; ir < mc; ir += mr) {
-          const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
-          const int64_t i = ic + ir;
-          const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
-          microkernel_avx512_rows_b<mr, 3>(kc, a_pack + ir * kc, b + j, b_off + pc, c + i * ldc + j, ldc, m_tile,
-                                           n_tile, tile);
+        // a last tile of 16 or 32 columns or fewer in as many vectors (14 x 14 pixels end in one of 4)
+        const auto tiles = [&](auto nv) {
+          for (int64_t ir = 0; ir < mc; ir += mr) {
+            const int m_tile = static_cast<int>(std::min<int64_t>(mr, mc - ir));
+            const int64_t i = ic + ir;
+            const TileEpilogue<float> tile = tile_epilogue(ep, first, i, j);
+            microkernel_avx512_rows_b<mr, decltype(nv)::value>(kc, a_pack + ir * kc, b + j, b_off + pc, c + i * ldc + j,
+                                                               ldc, m_tile, n_tile, tile);
+          }
+        };
+        if (n_tile <= 16) {
+          tiles(std::integral_constant<int, 1>{});
+        } else if (n_tile <= 32) {
+          tiles(std::integral_constant<int, 2>{});
+        } else {
+          tiles(std::integral_constant<int, 3>{});
         }
       }
     }
@@ -674,13 +684,25 @@ void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, c
     if (cpu_isa() == Isa::kAvx512 && m > 0 && n > 0 && k > 0) {
       // columns among the threads outside a parallel region (B is read in place: nothing is duplicated
       // but A's small panels)
+      // When the columns share out unevenly and the rows evenly (a 1x1 layer on 14 x 14 pixels: 5 column
+      // tiles for 2 threads, 1024 filters), the rows instead: every thread reads all of B, from L2.
       const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-      const int64_t units = (n + 47) / 48,
-                    parts = 2 * m * n * k < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, units);
+      const int64_t units = (n + 47) / 48, row_units = (m + 7) / 8;
+      const int64_t parts = 2 * m * n * k < (int64_t(1) << 20) ? 1 : std::min<int64_t>(threads, units);
+      const auto evenness = [](int64_t u, int64_t p) { return double(u) / double(p * ((u + p - 1) / p)); };
+      const bool by_rows = parts > 1 && row_units >= parts && evenness(row_units, parts) > evenness(units, parts);
       at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
         for (int64_t part = begin; part < end; ++part) {
-          const int64_t j0 = part * units / parts * 48, j1 = std::min(n, (part + 1) * units / parts * 48);
           GemmEpilogue<float> e = ep;
+          if (by_rows) {
+            const int64_t i0 = part * row_units / parts * 8, i1 = std::min(m, (part + 1) * row_units / parts * 8);
+            if (e.row_bias) e.row_bias += i0;
+            const MatrixView<float> a_part = a.rows ? MatrixView<float>{a.data, a.rs, a.cs, a.rows + i0}
+                                                    : MatrixView<float>{a.data + i0 * a.rs, a.rs, a.cs};
+            gemm_rows_b_avx512(i1 - i0, n, k, a_part, b, b_off, c + i0 * ldc, ldc, e);
+            continue;
+          }
+          const int64_t j0 = part * units / parts * 48, j1 = std::min(n, (part + 1) * units / parts * 48);
           if (e.col_bias) e.col_bias += j0;
           gemm_rows_b_avx512(m, j1 - j0, k, a, b + j0, b_off, c + j0, ldc, e);
         }

@@ -68,12 +68,11 @@ inline void scatter_row_to_slivers(const T* row, int64_t p, int64_t kc, int64_t 
 }
 
 // C (m x n) = A · B with B's rows read in place: B[p, j] = b[b_off[p] + j] (the shifted planes of a
-// convolution). On AVX-512 (float32) B is never packed and the caller must leave 48 elements of
-// slack readable after the end of every row; elsewhere it is packed by copying the rows.
+// convolution, or a 1x1 layer's input planes). On AVX-512 (float32) B is never packed (and no row is
+// read past its n elements); elsewhere it is packed by copying the rows.
 template <typename T>
 void gemm_rows_b(int64_t m, int64_t n, int64_t k, MatrixView<T> a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
                  const GemmEpilogue<T>& epilogue = {});
-constexpr int64_t kRowsBSlack = 48;
 
 // For a PackB whose B is the transpose of rows that lie in memory: B[p0 + p, j] = rows[j][p0 + p] for
 // p < kc, j < nc (d_W's col(x)ᵀ, whose columns are runs of the input). Reads each run once and writes

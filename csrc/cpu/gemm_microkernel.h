@@ -152,16 +152,18 @@ CS231N_AVX512_INLINE void fma_step(__m512 (&acc)[MR][NV], const float* b_row, co
   }
 }
 
+// The first `lanes` of a vector's 16 (none below 0, all above 16).
+CS231N_AVX512_INLINE __mmask16 lane_mask(int lanes) {
+  return static_cast<__mmask16>((1u << std::clamp(lanes, 0, 16)) - 1u);
+}
+
 // The tile written: its first m rows and n columns, with the epilogue's terms, through lane masks.
 template <int MR, int NV>
 CS231N_AVX512_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, int m, int n,
                                      const TileEpilogue<float>& ep) {
   __mmask16 mask[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int lanes = std::clamp(n - 16 * v, 0, 16);
-    mask[v] = static_cast<__mmask16>((1u << lanes) - 1u);
-  }
+  for (int v = 0; v < NV; ++v) mask[v] = lane_mask(n - 16 * v);
 #pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     if (r >= m) break;
@@ -203,16 +205,33 @@ CS231N_AVX512 void microkernel_avx512(int64_t kc, const float* __restrict__ a, c
 
 // B read in place, row by row: row p of the tile's B starts at b + b_off[p]. For the shifted planes of a
 // stride-1 convolution (conv2d.cpp), where every row of col(x) is a run of the padded input, so that B
-// is never packed. Columns past n are loaded (the caller leaves NR elements of slack after its last
-// row) but never stored.
+// is never packed; and for a 1x1 layer's input planes as they lie. A last tile of fewer than 16 * NV
+// columns reads its n through lane masks, so no row is read past its end.
 template <int MR, int NV>
 CS231N_AVX512 void microkernel_avx512_rows_b(int64_t kc, const float* __restrict__ a, const float* b,
                                              const int64_t* __restrict__ b_off, float* __restrict__ c, int64_t ldc,
                                              int m, int n, const TileEpilogue<float>& ep) {
   __m512 acc[MR][NV];
   zero_tile(acc);
+  if (n >= 16 * NV) {
 #pragma GCC unroll 2
-  for (int64_t p = 0; p < kc; ++p, a += MR) fma_step(acc, b + b_off[p], [a](int r) { return a[r]; });
+    for (int64_t p = 0; p < kc; ++p, a += MR) fma_step(acc, b + b_off[p], [a](int r) { return a[r]; });
+  } else {
+    __mmask16 mask[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) mask[v] = lane_mask(n - 16 * v);
+    for (int64_t p = 0; p < kc; ++p, a += MR) {
+      __m512 bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + b_off[p] + 16 * v);
+#pragma GCC unroll 24
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+    }
+  }
   store_tile(acc, c, ldc, m, n, ep);
 }
 

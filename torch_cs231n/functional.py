@@ -834,6 +834,13 @@ def batch_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError("running_mean must be defined in evaluation mode" if running_mean is None
                                else "running_var must be defined in evaluation mode")
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+        if not needs_grad and not _transforms_active() and not torch.jit.is_tracing():
+            # Nothing to differentiate (inference under no_grad): the op itself. The Function's Python
+            # bookkeeping cost more than the kernel of a small layer (MobileNetV2 at batch 1: 52 of them,
+            # 1.27 -> 0.91-0.95 of torch's time). (A trace takes the Function whatever the grad mode, so that
+            # torch.jit.trace's check, which reruns it, records the same graph.)
+            return ops.batch_norm_forward_eval(input, running_mean, running_var, weight, bias, eps)
         return _fn(_BatchNormEval).apply(input, running_mean, running_var, weight, bias, eps)
 
     running = [t for t in (running_mean, running_var) if t is not None]

@@ -2,9 +2,10 @@
 step (forward, cross-entropy loss, backward to every parameter) at batch 16 x 3x128x128, converted with
 torch_cs231n.convert() against the same model with torch's layers. Target (the CPU-convolution issue):
 <= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics).
-ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input, and at batch 1 in eval
-mode at 224x224 (inference: its fwd column; a small batch leaves the last layers few output pixels, where
-the convolution takes its dot products, cpu/conv2d_dots.h): informative (no target), not part of --quick.
+ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input; it, ResNet-50 and
+MobileNetV2 at batch 1 in eval mode at 224x224 (inference: their fwd column; a small batch leaves the last
+layers few output pixels, where the convolution takes its dot products, cpu/conv2d_dots.h, and one sample
+to share among the threads): informative (no target), not part of --quick.
 ResNeXt-50 (grouped 3 x 3 layers) likewise, in NCHW and in channels_last."""
 import copy
 
@@ -111,23 +112,26 @@ def cases():
     )
 
     # Inference of one image, as a CPU serves a model: eval mode (running statistics), batch 1, 224x224.
-    models = {}
+    # ResNet-18, and ResNet-50 and MobileNetV2 (1x1 layers in NCHW, 52 batch norms: where the Python
+    # around each layer and a single sample's parallelism show).
+    for name in ("resnet18", "resnet50", "mobilenet_v2"):
+        models = {}
 
-    def make_inference_inputs(device, dtype, models=models):
-        ours, reference = _models("resnet18")
-        models["ours"], models["torch"] = ours.eval().to(device), reference.eval().to(device)
-        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-        labels = torch.zeros(1, dtype=torch.long, device=device)
-        return x, labels
+        def make_inference_inputs(device, dtype, name=name, models=models):
+            ours, reference = _models(name)
+            models["ours"], models["torch"] = ours.eval().to(device), reference.eval().to(device)
+            x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+            labels = torch.zeros(1, dtype=torch.long, device=device)
+            return x, labels
 
-    yield Case(
-        op="model",
-        name="resnet18_b1",
-        describe="resnet18 eval 1x3x224x224 (inference: fwd)",
-        make_inputs=make_inference_inputs,
-        ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
-        reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
-        target=None,
-        quick=False,
-        grad_targets=lambda who, models=models: list(models[who].parameters()),
-    )
+        yield Case(
+            op="model",
+            name=f"{name}_b1",
+            describe=f"{name} eval 1x3x224x224 (inference: fwd)",
+            make_inputs=make_inference_inputs,
+            ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
+            reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
+            target=None,
+            quick=False,
+            grad_targets=lambda who, models=models: list(models[who].parameters()),
+        )

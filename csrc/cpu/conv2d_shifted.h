@@ -100,6 +100,16 @@ inline int64_t shifted_offset(const Conv2dGeometry& g, const ShiftedPlanes& sp, 
   return c * sp.plane() + phase_pixel(sp, th * g.dh, tw * g.dw);  // the tap's offset in the padded plane
 }
 
+// Where the planes are the tensors themselves: without padding and with stride 1 x_pad would be x, and
+// with one column a tap (kW = 1) the pitch Wq is oW, so that Y' (the forward's) and dY' (d_W's) are y and
+// dY as they lie. A 1x1 layer's products then copy nothing (the copies were 40% of a batch-1
+// (1, 64, 56, 56) -> 256 layer's forward).
+struct ShiftedInPlace {
+  bool x, y;
+  ShiftedInPlace(const Conv2dGeometry& g, const ShiftedPlanes& sp)
+      : x(g.ph == 0 && g.pw == 0 && sp.sh == 1 && sp.sw == 1), y(sp.cols == g.col_cols()) {}
+};
+
 // The forward by shifted planes, one sample at a time: Y'_g (Fg x cols) = W_g · B_g + b_g, in pitch Wq,
 // then the oW real columns of each row copied to y.
 template <typename T>
@@ -110,26 +120,23 @@ void conv_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv2d
   const int64_t chunks = chunk_count(g);
   std::vector<int64_t> offsets(g.col_rows());  // B's rows in x_pad, all groups
   for (int64_t r = 0; r < g.col_rows(); ++r) offsets[r] = shifted_offset(g, sp, r);
-  // Unpadded with stride 1, x_pad would be x itself, and with one column a tap (kW = 1) the pitch is oW,
-  // so that Y' is y: a 1x1 layer's product reads x and writes y in place (their copies were 40% of a
-  // (1, 64, 56, 56) -> 256 layer's time).
-  const bool x_in_place = g.ph == 0 && g.pw == 0 && sp.sh == 1 && sp.sw == 1, y_in_place = sp.cols == g.col_cols();
+  const ShiftedInPlace in_place(g, sp);
   for_chunks(chunks, [&](int64_t cb, int64_t ce) {
-    T* x_pad = x_in_place ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
-    T* out = y_in_place ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
+    T* x_pad = in_place.x ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
+    T* out = in_place.y ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kOut, g.f * sp.cols);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        if (!x_in_place) pad_planes(x + n * in_sample, g, sp, x_pad);
-        const T* b_n = x_in_place ? x + n * in_sample : x_pad;
+        if (!in_place.x) pad_planes(x + n * in_sample, g, sp, x_pad);
+        const T* b_n = in_place.x ? x + n * in_sample : x_pad;
         T* y_n = y + n * out_sample;
-        T* out_n = y_in_place ? y_n : out;
+        T* out_n = in_place.y ? y_n : out;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::GemmEpilogue<T> ep;
           ep.row_bias = b ? b + grp * fg : nullptr;
           cpu::gemm_rows_b<T>(fg, sp.cols, kg, {w + grp * fg * kg, kg, 1}, b_n, offsets.data() + grp * kg,
                               out_n + grp * fg * sp.cols, sp.cols, ep);
         }
-        if (y_in_place) continue;
+        if (in_place.y) continue;
         for (int64_t f = 0; f < g.f; ++f) {
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
             const T* src = out + f * sp.cols + o_h * sp.wq;
@@ -152,28 +159,31 @@ void conv_weight_grad_shifted(const T* dy, const T* x, T* dw, const Conv2dGeomet
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.col_cols();
   const int64_t chunks = chunk_count(g);
   const ChunkPartials<T> partial(chunks, g.f * kg);
+  const ShiftedInPlace in_place(g, sp);
   for_chunks(chunks, [&](int64_t cb, int64_t ce) {
-    T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
-    T* dy_pitch = cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
-    std::fill(dy_pitch, dy_pitch + g.f * sp.cols, T(0));  // the gaps stay zero
+    T* x_pad = in_place.x ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kPadded, g.c * sp.plane());
+    T* dy_pitch = in_place.y ? nullptr : cpu::thread_scratch<T>(cpu::Scratch::kGrad, g.f * sp.cols);
+    if (dy_pitch) std::fill(dy_pitch, dy_pitch + g.f * sp.cols, T(0));  // the gaps stay zero
     std::vector<const T*> runs(kg);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_planes(x + n * in_sample, g, sp, x_pad);
-        for (int64_t f = 0; f < g.f; ++f) {  // the gaps stay zero from the allocation
+        if (x_pad) pad_planes(x + n * in_sample, g, sp, x_pad);
+        const T* x_n = x_pad ? x_pad : x + n * in_sample;
+        for (int64_t f = 0; dy_pitch && f < g.f; ++f) {  // the gaps stay zero from the allocation
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
             const T* src = dy + n * out_sample + (f * g.oh + o_h) * g.ow;
             std::copy(src, src + g.ow, dy_pitch + f * sp.cols + o_h * sp.wq);
           }
         }
+        const T* dy_n = dy_pitch ? dy_pitch : dy + n * out_sample;
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          for (int64_t r = 0; r < kg; ++r) runs[r] = x_pad + shifted_offset(g, sp, grp * kg + r);
+          for (int64_t r = 0; r < kg; ++r) runs[r] = x_n + shifted_offset(g, sp, grp * kg + r);
           const cpu::PackB<T> pack = [&runs](int64_t p0, int64_t j0, int64_t kc, int64_t nc, int nr, T* dst) {
             cpu::pack_transposed_rows(runs.data() + j0, p0, kc, nc, nr, dst);
           };
           cpu::GemmEpilogue<T> ep;
           ep.accumulate = n > chunk_begin(chunk, chunks, g.n);
-          cpu::gemm<T>(fg, kg, sp.cols, {dy_pitch + grp * fg * sp.cols, sp.cols, 1}, pack,
+          cpu::gemm<T>(fg, kg, sp.cols, {dy_n + grp * fg * sp.cols, sp.cols, 1}, pack,
                        partial.of(chunk) + grp * fg * kg, kg, ep);
         }
       }

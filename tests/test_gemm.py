@@ -259,6 +259,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # padded, x is copied but y still written in place
     dict(shape=(1, 64, 14, 14), f=72, k=1, stride=1, padding=0, groups=1),
     dict(shape=(2, 20, 9, 30), f=24, k=1, stride=1, padding=1, groups=1),
+    # depthwise at batch 1: channels_last's forward in bands of output rows among the threads
+    dict(shape=(1, 32, 9, 40), f=32, k=3, stride=1, padding=1, groups=32),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -269,7 +271,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
-        "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded"])
+        "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
+        "one_sample_depthwise"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -598,10 +598,11 @@ CS231N_INLINE void dw_interior_nhwc(const T* x, int64_t step, const T* w_t, cons
 // plane ran that select, one vector of channels at a time over the whole row (1.7x oneDNN's time at
 // 32 x 32). At most kMaxDepthwiseTaps taps (the caller pads for more).
 template <typename T>
-CS231N_INLINE void dw_forward_nhwc(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
+CS231N_INLINE void dw_forward_nhwc(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+                                   const Conv2dGeometry& g) {
   const int64_t C = g.c, step = g.sw * C;
   DepthwiseRowTaps r(g);
-  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+  for (int64_t o_h = r0; o_h < r1; ++o_h) {
     r.set(o_h);
     T* y = out + o_h * g.ow * C;
     dw_interior_nhwc(x, step, w_t, r.w_at, r.at, r.n, b, y, C, r.lo, r.hi);
@@ -776,16 +777,19 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
 
 // The loops above compiled for each instruction set (their bodies inline into each).
 template <typename T>
-void dw_forward_nhwc_baseline(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
-  dw_forward_nhwc(x, w_t, b, out, g);
+void dw_forward_nhwc_baseline(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+                              const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
 template <typename T>
-CS231N_AVX2 void dw_forward_nhwc_avx2(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
-  dw_forward_nhwc(x, w_t, b, out, g);
+CS231N_AVX2 void dw_forward_nhwc_avx2(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+                                      const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
 template <typename T>
-CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, const T* w_t, const T* b, T* out, const Conv2dGeometry& g) {
-  dw_forward_nhwc(x, w_t, b, out, g);
+CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+                                          const Conv2dGeometry& g) {
+  dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
 template <typename T>
 void dw_weight_grad_nhwc_baseline(const T* dy, const T* x, T* dw_t, T* db, const Conv2dGeometry& g) {
@@ -848,16 +852,21 @@ void depthwise_forward_pixels(const T* x, const T* w, const T* b, T* y, const Co
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
   if (!planes && g.taps() <= kMaxDepthwiseTaps) {  // NHWC read where it lies (dw_forward_nhwc)
-    at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const T *x_n = x + n * in_sample, *w = w_t.data();
-        T* y_n = y + n * out_sample;
-        if (isa == cpu::Isa::kAvx512) {
-          dw_forward_nhwc_avx512(x_n, w, b, y_n, g);
-        } else if (isa == cpu::Isa::kAvx2) {
-          dw_forward_nhwc_avx2(x_n, w, b, y_n, g);
-        } else {
-          dw_forward_nhwc_baseline(x_n, w, b, y_n, g);
+    const SampleBands split(g.n, g.oh);            // at batch 1, a sample's rows in bands among the threads
+    at::parallel_for(0, split.chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        int64_t n0, n1, r0, r1;
+        split.of(chunk, &n0, &n1, &r0, &r1);
+        for (int64_t n = n0; n < n1; ++n) {
+          const T *x_n = x + n * in_sample, *w = w_t.data();
+          T* y_n = y + n * out_sample;
+          if (isa == cpu::Isa::kAvx512) {
+            dw_forward_nhwc_avx512(x_n, r0, r1, w, b, y_n, g);
+          } else if (isa == cpu::Isa::kAvx2) {
+            dw_forward_nhwc_avx2(x_n, r0, r1, w, b, y_n, g);
+          } else {
+            dw_forward_nhwc_baseline(x_n, r0, r1, w, b, y_n, g);
+          }
         }
       }
     });

@@ -28,6 +28,22 @@ def _models(name):
     return ours.train(), reference.train()
 
 
+def _loss_case(name, describe, make_inputs, models, target=None):
+    """A model case timing cross_entropy(model(x), labels), ours against torch's, models["ours"] and
+    models["torch"] being set by make_inputs; backward to every parameter."""
+    return Case(
+        op="model",
+        name=name,
+        describe=describe,
+        make_inputs=make_inputs,
+        ours=lambda x, labels: F.cross_entropy(models["ours"](x), labels),
+        reference=lambda x, labels: F.cross_entropy(models["torch"](x), labels),
+        target=target,
+        quick=False,
+        grad_targets=lambda who: list(models[who].parameters()),
+    )
+
+
 def cases():
     try:
         import torchvision  # noqa: F401
@@ -44,17 +60,7 @@ def cases():
             labels = torch.randint(CLASSES, (BATCH,), generator=g).to(device)
             return x, labels
 
-        yield Case(
-            op="model",
-            name=name,
-            describe=f"{name} train step {BATCH}x3x{SIZE}x{SIZE}",
-            make_inputs=make_inputs,
-            ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
-            reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
-            target=1.15,
-            quick=False,
-            grad_targets=lambda who, models=models: list(models[who].parameters()),
-        )
+        yield _loss_case(name, f"{name} train step {BATCH}x3x{SIZE}x{SIZE}", make_inputs, models, target=1.15)
 
     # ResNeXt-50 (32 groups of 4 to 32 channels in its 3 x 3 layers: conv2d_grouped.h and the pixel rows),
     # in NCHW as torchvision builds it and in channels_last: informative (no target).
@@ -71,17 +77,8 @@ def cases():
             return x, labels
 
         suffix = "_cl" if layout == torch.channels_last else ""
-        yield Case(
-            op="model",
-            name="resnext50" + suffix,
-            describe=f"resnext50_32x4d train step {BATCH}x3x{SIZE}x{SIZE}" + (" channels_last" if suffix else ""),
-            make_inputs=make_resnext_inputs,
-            ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
-            reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
-            target=None,
-            quick=False,
-            grad_targets=lambda who, models=models: list(models[who].parameters()),
-        )
+        describe = f"resnext50_32x4d train step {BATCH}x3x{SIZE}x{SIZE}" + (" channels_last" if suffix else "")
+        yield _loss_case("resnext50" + suffix, describe, make_resnext_inputs, models)
 
     # Mixed precision, as a user trains on a CPU with AVX512-BF16: autocast runs the convolutions in
     # bfloat16 (torch's policy for conv2d); batch norm, ReLU and max-pool take what they are given.
@@ -124,14 +121,4 @@ def cases():
             labels = torch.zeros(1, dtype=torch.long, device=device)
             return x, labels
 
-        yield Case(
-            op="model",
-            name=f"{name}_b1",
-            describe=f"{name} eval 1x3x224x224 (inference: fwd)",
-            make_inputs=make_inference_inputs,
-            ours=lambda x, labels, models=models: F.cross_entropy(models["ours"](x), labels),
-            reference=lambda x, labels, models=models: F.cross_entropy(models["torch"](x), labels),
-            target=None,
-            quick=False,
-            grad_targets=lambda who, models=models: list(models[who].parameters()),
-        )
+        yield _loss_case(f"{name}_b1", f"{name} eval 1x3x224x224 (inference: fwd)", make_inference_inputs, models)

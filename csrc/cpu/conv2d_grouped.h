@@ -292,8 +292,8 @@ struct InputGradPhases {
   static int64_t rows_m(const Conv2dGeometry& g) { return (g.h + g.sh - 1) / g.sh; }
 };
 
-// One NHWC sample's d_x ([H·W][C]) from its dY ([oH·oW][F]): output rows m in [m0, m1) (InputGradPhases'
-// rows()) of every phase in turn, the ring holding the dY rows that row m of any phase reads.
+// One NHWC sample's d_x ([H·W][C]) from its dY ([oH·oW][F]): output rows m in [m0, m1) (InputGradPhases::rows_m
+// counts them) of every phase in turn, the ring holding the dY rows that row m of any phase reads.
 template <typename T>
 CS231N_INLINE void rotated_input_grad_sample(const T* dy, int64_t m0, int64_t m1,
                                              const std::vector<std::vector<T>>& w_e, const InputGradPhases& ph, T* dx,

@@ -357,6 +357,27 @@ def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c,
     check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=1), "amx", gen)
 
 
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c,f,k,hw,stride,padding", [
+    (48, 40, 3, (23, 27), 1, 1),  # a sample's output rows in bands among the threads (SampleBands)
+    (40, 36, 3, (25, 30), 2, 1),  # ... strided
+    (3, 40, 7, (90, 80), 2, 3),   # a stem by windows (1800 outputs): its blocks of outputs in bands
+])
+def test_bfloat16_forward_of_one_sample_against_float64(isa, layout, c, f, k, hw, stride, padding):
+    """Batch-1 inference in bfloat16: one sample's forward shared among the threads, by bands of its
+    output rows (or of its blocks of outputs, for a stem), each band stored alone."""
+    if isa == "avx512" and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c + f)
+    x = torch.randn(1, c, *hw, generator=gen).bfloat16()
+    w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16()
+    b = torch.randn(f, generator=gen).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=padding), isa, gen)
+
+
 def check_bfloat16_convolution(x, w, b, args, isa, gen):
     """Our bfloat16 y, d_x, d_W (and d_b) with the CPU kernels capped at `isa` against float64 on the same
     bfloat16 operands: within one bfloat16 ulp, plus float32's error on the sum."""

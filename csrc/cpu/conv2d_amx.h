@@ -48,10 +48,12 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   const std::vector<uint32_t> filters = pack_bf16_filters(w, g, pairs);
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, outputs = g.col_cols(), out_sample = g.f * outputs;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
-  // One sample a block, its rows the pitch's pixels read in place from x_pad; or, by rows, as many samples
-  // as fit kBf16RowsBytes, their rows (each output's taps, one after the other) copied.
+  // One sample a block, its rows the pitch's pixels read in place from x_pad (with fewer samples than
+  // threads, a sample's output rows in bands, each band's thread padding the sample itself); or, by rows,
+  // as many samples as fit kBf16RowsBytes, their rows (each output's taps, one after the other) copied.
   const bool by_rows = bf16_pixel_rows(g);
+  const SampleBands split(g.n, by_rows ? 1 : g.oh);
+  const int64_t chunks = split.chunks;
   const int64_t row_values = taps * cp;
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_values * 2), 1, (g.n + chunks - 1) / chunks) : 1;
@@ -70,8 +72,9 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
     const uint16_t* a = by_rows ? a_rows.data() : x_pad.data();
     const int64_t a_row = by_rows ? row_values : cp;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
-      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
+      int64_t n_begin, n_end, r0, r1;
+      split.of(chunk, &n_begin, &n_end, &r0, &r1);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
         const int64_t nb = std::min(block, n_end - n0);
         for (int64_t s = 0; s < nb; ++s) {
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
@@ -83,12 +86,12 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
             }
           }
         }
-        // the block's rows: its outputs (by rows), or the pitch's pixels up to the last output
-        const int64_t m = by_rows ? nb * outputs : sp.cols;
+        // the block's rows: its outputs (by rows), or the pitch's pixels of the band's output rows
+        const int64_t i0 = by_rows ? 0 : r0 * sp.wq, m = by_rows ? nb * outputs : std::min(sp.cols, r1 * sp.wq);
         for (int64_t j = 0; j < g.f; j += kAmxBlock) {
           const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr + j % kBf16Nr;
-          for (int64_t i = 0; i < m; i += kAmxBlock) {
+          for (int64_t i = i0; i < m; i += kAmxBlock) {
             amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c, kAmxBlock,
                       /*accumulate=*/false);
             for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
@@ -98,6 +101,11 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
               amx_store_row(c + r * kAmxBlock, out.data() + o * g.f + j, n, b ? b + j : nullptr);
             }
           }
+        }
+        if (split.bands > 1) {  // the band's outputs only
+          store_bf16_outputs(out.data() + r0 * g.ow * g.f, r0 * g.ow, (r1 - r0) * g.ow, g, planes, planes_out.data(),
+                             y + n0 * out_sample);
+          continue;
         }
         for (int64_t s = 0; s < nb; ++s) {
           store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);

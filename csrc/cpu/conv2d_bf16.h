@@ -449,7 +449,9 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
       }
     }
   }
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // with fewer samples than threads, a sample's blocks of outputs in bands, each thread padding it itself
+  const SampleBands split(g.n, (outputs + kBf16WindowRows - 1) / kBf16WindowRows);
+  const int64_t chunks = split.chunks;
   const int64_t tap0 = 0;               // one segment: the whole row
   std::vector<int64_t> tap_rows(g.kh);  // on AMX: tap row t_h's values from a row's start
   for (int64_t t_h = 0; t_h < g.kh; ++t_h) tap_rows[t_h] = t_h * 2 * run_words;
@@ -466,7 +468,9 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
     std::vector<float> out(kBf16WindowRows * g.f), planes_out(planes ? kBf16WindowRows * g.f : 0);
     const auto* a = reinterpret_cast<const bf16_word*>(rows.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+      int64_t n_begin, n_end, b0, b1;
+      split.of(chunk, &n_begin, &n_end, &b0, &b1);
+      for (int64_t n = n_begin; n < n_end; ++n) {
         const auto* xn = reinterpret_cast<const uint16_t*>(x) + n * in_sample;
         for (int64_t i = 0; i < g.h; ++i) {
           uint16_t* dst = x_win.data() + ((g.ph + i) * wp + g.pw) * g.c;
@@ -476,7 +480,7 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
             std::memcpy(dst, xn + i * g.w * g.c, g.w * g.c * sizeof(uint16_t));
           }
         }
-        for (int64_t o0 = 0; o0 < outputs; o0 += kBf16WindowRows) {
+        for (int64_t o0 = b0 * kBf16WindowRows; o0 < std::min(outputs, b1 * kBf16WindowRows); o0 += kBf16WindowRows) {
           const int64_t m = std::min(kBf16WindowRows, outputs - o0);
           bf16_window_rows_of(x_win.data(), wp, g, run_words, o0, o0 + m, rows.data());
           if (amx) {
@@ -527,11 +531,13 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
   const std::vector<uint32_t> filters = pack_bf16_filters(w, g, pairs);
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * g.oh * g.ow;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
   // Samples per block: one, its rows read in place from the padded plane (the real outputs' pixels in the
-  // pitch Wq, through a table: the pitch's padding is never computed); or, by rows, as many samples as
+  // pitch Wq, through a table: the pitch's padding is never computed; with fewer samples than threads its
+  // output rows in bands, each band's thread padding the sample itself); or, by rows, as many samples as
   // fit kBf16RowsBytes, their rows copied.
   const bool by_rows = bf16_pixel_rows(g);
+  const SampleBands split(g.n, by_rows ? 1 : g.oh);
+  const int64_t chunks = split.chunks;
   const int64_t row_words = taps * pairs, outputs = g.col_cols();
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_words * 4), 1, (g.n + chunks - 1) / chunks) : 1;
@@ -551,9 +557,12 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
     const bf16_word* a =
         by_rows ? reinterpret_cast<const bf16_word*>(a_rows.data()) : reinterpret_cast<const bf16_word*>(x_pad.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      const int64_t n_end = chunk_begin(chunk + 1, chunks, g.n);
-      for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
-        const int64_t nb = std::min(block, n_end - n0), m = nb * outputs;
+      int64_t n_begin, n_end, r0, r1;
+      split.of(chunk, &n_begin, &n_end, &r0, &r1);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
+        const int64_t nb = std::min(block, n_end - n0);
+        // the block's rows: all its samples' outputs, or (one sample) those of the band's output rows
+        const int64_t i0 = by_rows ? 0 : r0 * g.ow, m = by_rows ? nb * outputs : r1 * g.ow;
         for (int64_t s = 0; s < nb; ++s) {
           pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
           if (!by_rows) break;  // one sample a block
@@ -568,11 +577,15 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
         for (int64_t j = 0; j < g.f; j += kBf16Nr) {
           const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
-          for (int64_t i = 0; i < m; i += kBf16Mr) {
+          for (int64_t i = i0; i < m; i += kBf16Mr) {
             const int m_tile = static_cast<int>(std::min<int64_t>(kBf16Mr, m - i));
             bf16_tile(taps, pairs, a, a_tap.data(), row_table.data() + i, sliver, out.data() + i * g.f + j, g.f, m_tile,
                       n_tile, b ? b + j : nullptr);
           }
+        }
+        if (split.bands > 1) {  // the band's outputs only
+          store_bf16_outputs(out.data() + i0 * g.f, i0, m - i0, g, planes, planes_out.data(), y + n0 * out_sample);
+          continue;
         }
         for (int64_t s = 0; s < nb; ++s) {
           store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);

@@ -110,7 +110,7 @@ CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a
 // The block's row r into out's row (n columns of it, plus the bias when there is one).
 CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, const float* bias) {
   for (int v = 0; v < 2; ++v) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+    const __mmask16 mask = cpu::lane_mask(n - 16 * v);
     __m512 x = _mm512_loadu_ps(c_row + 16 * v);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
     _mm512_mask_storeu_ps(out + 16 * v, mask, x);

@@ -326,7 +326,7 @@ CS231N_BF16_INLINE void bf16_store(const Bf16Tile& acc, float* c, int64_t ldc, i
                                    bool accumulate) {
   __mmask16 mask[kBf16Nv];
 #pragma GCC unroll 4
-  for (int v = 0; v < kBf16Nv; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+  for (int v = 0; v < kBf16Nv; ++v) mask[v] = cpu::lane_mask(n - 16 * v);
 #pragma GCC unroll 8
   for (int r = 0; r < kBf16Mr; ++r) {
     if (r >= m) break;

@@ -13,7 +13,9 @@
 // torch.ops.torch_cs231n.set_cpu_isa ("amx", "avx512", "avx2", "baseline" or "auto").
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -44,6 +46,10 @@
 
 namespace torch_cs231n {
 namespace cpu {
+
+// The mask of the first `lanes` of a vector's 16 (none below 0, all above 16): an AVX-512 __mmask16 for a
+// tile's last, partial vector of floats.
+inline uint16_t lane_mask(int lanes) { return static_cast<uint16_t>((1u << std::clamp(lanes, 0, 16)) - 1u); }
 
 // Ordered: a path may run wherever the CPU has at least its level.
 enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };

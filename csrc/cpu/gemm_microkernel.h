@@ -152,11 +152,6 @@ CS231N_AVX512_INLINE void fma_step(__m512 (&acc)[MR][NV], const float* b_row, co
   }
 }
 
-// The first `lanes` of a vector's 16 (none below 0, all above 16).
-CS231N_AVX512_INLINE __mmask16 lane_mask(int lanes) {
-  return static_cast<__mmask16>((1u << std::clamp(lanes, 0, 16)) - 1u);
-}
-
 // The tile written: its first m rows and n columns, with the epilogue's terms, through lane masks.
 template <int MR, int NV>
 CS231N_AVX512_INLINE void store_tile(const __m512 (&acc)[MR][NV], float* c, int64_t ldc, int m, int n,
@@ -273,7 +268,7 @@ CS231N_AVX512 void microkernel_avx512_gather_a(int64_t kc, const float* const* a
   for (int r = 0; r < MR; ++r) ar[r] = a_row[r < m ? r : 0];
   __mmask16 mask[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) mask[v] = static_cast<__mmask16>((1u << std::clamp(n - 16 * v, 0, 16)) - 1u);
+  for (int v = 0; v < NV; ++v) mask[v] = lane_mask(n - 16 * v);
 #pragma GCC unroll 2
   for (int64_t p = 0; p < kc; ++p, b += ldb) {
     const int64_t at = a_col[p];

@@ -102,8 +102,9 @@ struct ChunkPartials {
       : data(cpu::thread_scratch<T>(cpu::Scratch::kPartial, chunks * size_)), size(size_) {}
   T* of(int64_t chunk) const { return data + chunk * size; }
 
-  // out[i] = Σ_chunk of(chunk)[i], in parallel over i.
+  // out[i] = Σ_chunk of(chunk)[i], in parallel over i (nothing to do for one chunk summed into itself).
   void sum_into(int64_t chunks, T* out) const {
+    if (chunks == 1 && out == data) return;
     at::parallel_for(0, size, 16384, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T sum = data[i];

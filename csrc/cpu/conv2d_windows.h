@@ -186,10 +186,7 @@ inline void conv_weight_grad_row_segments(const float* dy, const float* x, float
     }
   });
   partial.sum_into(chunks, partial.of(0));
-  // d_Wᵀ [(t, c) x F] -> [F][taps][C] (W's channels_last order), then NCHW's order when `planes`
-  float* taps_major = planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, g.f * k) : dw;
-  cpu::transpose_matrix(partial.of(0), g.f, k, g.f, taps_major, k);
-  if (planes) taps_major_to_nchw(taps_major, dw, g);
+  weight_grad_from_transposed(partial.of(0), dw, g, planes);
 }
 
 // d_W = Σ dYᵀ · A into dw ([F][kH][kW][C]: W's shape in channels_last memory), from NHWC dy and x, where

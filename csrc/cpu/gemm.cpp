@@ -280,7 +280,7 @@ CS231N_AVX512 void transpose_matrix_avx512(const float* src, int64_t src_stride,
 #endif
 
 template <typename T>
-void transpose_matrix(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+void transpose_on_thread(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
 #if CS231N_X86
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_isa() == Isa::kAvx512) {
@@ -298,6 +298,27 @@ void transpose_matrix(const T* src, int64_t src_stride, int64_t rows, int64_t co
         for (int64_t i = i0; i < i1; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
       }
     }
+  }
+}
+
+// Outside a parallel region (a sample's transposes at batch 1; d_W's last one), a large matrix in bands
+// of 64 rows or columns among the threads.
+template <typename T>
+void transpose_matrix(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  constexpr int64_t kBand = 64;
+  const bool split = rows * cols >= (int64_t(1) << 16) && !at::in_parallel_region() && at::get_num_threads() > 1;
+  if (split && rows >= cols) {
+    at::parallel_for(0, (rows + kBand - 1) / kBand, 1, [&](int64_t begin, int64_t end) {
+      const int64_t i0 = begin * kBand, i1 = std::min(rows, end * kBand);
+      transpose_on_thread(src + i0 * src_stride, src_stride, i1 - i0, cols, dst + i0, dst_stride);
+    });
+  } else if (split) {
+    at::parallel_for(0, (cols + kBand - 1) / kBand, 1, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = begin * kBand, j1 = std::min(cols, end * kBand);
+      transpose_on_thread(src + j0, src_stride, rows, j1 - j0, dst + j0 * dst_stride, dst_stride);
+    });
+  } else {
+    transpose_on_thread(src, src_stride, rows, cols, dst, dst_stride);
   }
 }
 
@@ -622,15 +643,29 @@ void gemm_gather_a(int64_t m, int64_t n, int64_t k, const float* const* a_row, c
     return;
   }
 #if CS231N_X86
-  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
-    const int64_t kc = std::min(kKc, k - p0);
-    for (int64_t j = 0; j < n; j += 64) {
-      const int nc = static_cast<int>(std::min<int64_t>(64, n - j));
-      with_tile_for(nc, [&](auto mr, auto nv) {
-        gather_a_sliver<decltype(mr)::value, decltype(nv)::value>(m, j, nc, p0, kc, a_row, a_col, b, ldb, c, ldc, ep);
-      });
+  // Outside a parallel region (a convolution of one sample), the rows among the threads, in parts of
+  // whole 24-row units: every tile shape divides 24, so each row is summed as on one thread.
+  constexpr int64_t kUnit = 24;
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t units = (m + kUnit - 1) / kUnit;
+  const int64_t parts = 2 * m * n * k < (int64_t(1) << 21) ? 1 : std::min<int64_t>(threads, units);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t i0 = part * units / parts * kUnit, i1 = std::min(m, (part + 1) * units / parts * kUnit);
+      GemmEpilogue<float> e = ep;
+      if (e.row_bias) e.row_bias += i0;
+      for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+        const int64_t kc = std::min(kKc, k - p0);
+        for (int64_t j = 0; j < n; j += 64) {
+          const int nc = static_cast<int>(std::min<int64_t>(64, n - j));
+          with_tile_for(nc, [&](auto mr, auto nv) {
+            gather_a_sliver<decltype(mr)::value, decltype(nv)::value>(i1 - i0, j, nc, p0, kc, a_row + i0, a_col, b, ldb,
+                                                                      c + i0 * ldc, ldc, e);
+          });
+        }
+      }
     }
-  }
+  });
 #endif
 }
 

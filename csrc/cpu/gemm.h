@@ -108,6 +108,7 @@ inline void copy_run_to_slivers(const T* run, int64_t q, int64_t len, int64_t p,
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (the layout changes of the
 // convolution: NCHW samples to pixels x channels and back); AVX-512 moves 16 x 16 blocks in registers.
+// Outside a parallel region a large matrix is split among the threads.
 template <typename T>
 void transpose_matrix(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride);
 
@@ -162,8 +163,8 @@ void gemm_segments(int64_t m, const T* const* a_seg, int64_t lda, const Segments
 //     A[i, p] = a_row[i][a_col[p]]     row i's start, plus column p's offset (a tap's shift of the padded
 //                                      input, plus an output's pixel: a column's rows are channels side by side)
 //     B[p, j] = b[p * ldb + j]         dY's rows as they lie
-// Only where the AVX-512 kernel runs (float32: gather_a_available()); elsewhere the caller packs. On the
-// calling thread.
+// Only where the AVX-512 kernel runs (float32: gather_a_available()); elsewhere the caller packs. Inside
+// a parallel region on the calling thread; outside one, its rows are split among the threads.
 bool gather_a_available();
 void gemm_gather_a(int64_t m, int64_t n, int64_t k, const float* const* a_row, const int64_t* a_col, const float* b,
                    int64_t ldb, float* c, int64_t ldc, const GemmEpilogue<float>& epilogue = {});

@@ -261,6 +261,16 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 20, 9, 30), f=24, k=1, stride=1, padding=1, groups=1),
     # depthwise at batch 1: channels_last's forward in bands of output rows among the threads
     dict(shape=(1, 32, 9, 40), f=32, k=3, stride=1, padding=1, groups=32),
+    # d_W of one sample in NHWC: the gathered product's 576 rows split among the threads in 24-row units,
+    # d_Wᵀ (576 x 136) transposed in bands among them, and NCHW's order 16 filters at a time (the last 8)
+    dict(shape=(1, 64, 12, 12), f=136, k=3, stride=1, padding=1, groups=1),
+    # NCHW d_x of a grouped 1x1 layer by its transposed convolution: W_t by 16 x 16 block transposes
+    # (20 filters a group: a block of 16 and one of 4)
+    dict(shape=(1, 48, 14, 15), f=40, k=1, stride=1, padding=0, groups=2),
+    # strided layers of at most 256 outputs (AVX-512): d_x as d_colᵀ = dYᵀ·W with W's rows read in place,
+    # then col2im; 3x3 over 2 samples, and 1x1 strides (2, 3) whose d_x is zero where no output reads
+    dict(shape=(2, 40, 9, 8), f=36, k=3, stride=2, padding=1, groups=1),
+    dict(shape=(1, 24, 10, 13), f=20, k=1, stride=(2, 3), padding=0, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -272,7 +282,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
         "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
-        "one_sample_depthwise"])
+        "one_sample_depthwise", "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
+        "few_pixels_dx_1x1"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

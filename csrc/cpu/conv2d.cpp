@@ -17,7 +17,8 @@
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //   conv2d_grouped.h    groups of 2 to 8 channels (ResNeXt's): each group's channels rotated into depthwise
 //                       taps
-//   conv2d_dots.h       the forward of few output pixels: dot products of W's rows, read in place
+//   conv2d_dots.h       few output pixels: the forward by dot products of W's rows, read in place; d_x by
+//                       the product with W's rows in place as B, then col2im
 //   conv2d_integer.h    integer dtypes (forward only): im2col of pixel chunks and a product, sums wrapping
 //                       around as torch's
 //   layout_copy.h       channels_last <-> NCHW copies, for the layers that run NCHW kernels on copies
@@ -355,8 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     }
     return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
-  const bool need_dx = output_mask[0];
-  bool need_dw = output_mask[1], need_db = output_mask[2];  // cleared once a route has computed them
+  bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];  // cleared once computed
   const at::MemoryFormat format = conv2d_memory_format(input, weight);
   auto [dx, dw, db] = conv2d_grad_buffers(input, weight, g, output_mask, format);
   if (g.n == 0 || g.f == 0 || g.c == 0) {  // nothing flows: every gradient is zero
@@ -366,6 +366,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     return {dx, dw, db};
   }
   if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
+  if (need_dx && use_input_grad_dots(g, weight)) {  // few output pixels: W's rows read in place, then col2im
+    conv_input_grad_dots(grad_output, weight, dx, g);
+    if (!need_dw && !need_db) return {dx, dw, db};
+    need_dx = false;
+  }
   // channels_last in NHWC kernels, and small images as pixel rows of NHWC. d_x: the transposed convolution
   // (stride 1; a small image's has its input's size, so it goes by pixel rows too), or for strided layers
   // that of each of the stride's phases (conv_input_grad_phases).

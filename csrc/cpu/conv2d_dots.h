@@ -51,6 +51,13 @@ inline DotsOrder dots_order(const at::Tensor& w) {
   return DotsOrder::kNone;
 }
 
+// Output pixel p of the whole batch, p = (n·oH + o_h)·oW + o_w: its sample and place (the rows of colT
+// and of d_colᵀ below).
+struct BatchPixel {
+  int64_t n, o_h, o_w;
+  BatchPixel(int64_t p, const Conv2dGeometry& g) : n(p / g.col_cols()), o_h(p % g.col_cols() / g.ow), o_w(p % g.ow) {}
+};
+
 // Whether a float32 layer takes the dot products: AVX-512, one group, few output pixels, W's rows in a run.
 inline bool use_dots(const Conv2dGeometry& g, const at::Tensor& w) {
   return cpu::cpu_isa() >= cpu::Isa::kAvx512 && w.scalar_type() == at::kFloat && g.groups == 1 &&
@@ -62,10 +69,10 @@ inline bool use_dots(const Conv2dGeometry& g, const at::Tensor& w) {
 // W's order of k. x is read through its strides (NCHW or channels_last alike).
 inline void build_dots_rows(const float* x, const int64_t (&xs)[4], const Conv2dGeometry& g, DotsOrder order,
                             int64_t p0, int64_t p1, float* col) {
-  const int64_t pixels = g.col_cols(), k = g.c * g.taps();
+  const int64_t k = g.c * g.taps();
   std::vector<int64_t> offsets(g.taps());
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p / pixels, o_h = p % pixels / g.ow, o_w = p % g.ow;
+    const auto [n, o_h, o_w] = BatchPixel(p, g);
     float* row = col + p * k;
     const float* sample = x + n * xs[0];
     for (int64_t t = 0; t < g.taps(); ++t) {  // where each tap reads in a channel's plane, -1 in the padding
@@ -146,7 +153,7 @@ struct DotsProblem {
 
 CS231N_AVX512 inline void dots_filter_block(const DotsProblem& d, const Conv2dGeometry& g, int64_t f0,
                                             std::vector<float>& partial) {
-  const int64_t pixel_blocks = (d.total + kP - 1) / kP, pixels = g.col_cols();
+  const int64_t pixel_blocks = (d.total + kP - 1) / kP;
   partial.resize(pixel_blocks * kF * kP * 16);
   const float* w_rows[kF];
   for (int64_t i = 0; i < kF; ++i) w_rows[i] = d.w + std::min(f0 + i, g.f - 1) * d.ldw;  // past F: the last again
@@ -158,7 +165,7 @@ CS231N_AVX512 inline void dots_filter_block(const DotsProblem& d, const Conv2dGe
     }
   }
   for (int64_t p = 0; p < d.total; ++p) {
-    const int64_t n = p / pixels, o_h = p % pixels / g.ow, o_w = p % g.ow;
+    const auto [n, o_h, o_w] = BatchPixel(p, g);
     float* out = d.y + n * d.ys[0] + o_h * d.ys[2] + o_w * d.ys[3];
     for (int64_t i = 0; i < kF && f0 + i < g.f; ++i) {
       const float* sums = &partial[((p / kP * kF + i) * kP + p % kP) * 16];
@@ -219,10 +226,10 @@ inline bool use_input_grad_dots(const Conv2dGeometry& g, const at::Tensor& w) {
 // columns among the threads (gemm_rows_b), then col2im with the channels among them, each d_x value summed
 // by one thread in the order of p and t.
 inline void conv_input_grad_dots(const at::Tensor& dy, const at::Tensor& w, at::Tensor& dx, const Conv2dGeometry& g) {
-  const int64_t total = g.n * g.col_cols(), k = g.c * g.taps(), pixels = g.col_cols();
+  const int64_t total = g.n * g.col_cols(), k = g.c * g.taps();
   std::vector<int64_t> dy_rows(total), w_rows(g.f);
   for (int64_t p = 0; p < total; ++p) {
-    const int64_t n = p / pixels, o_h = p % pixels / g.ow, o_w = p % g.ow;
+    const auto [n, o_h, o_w] = BatchPixel(p, g);
     dy_rows[p] = n * dy.stride(0) + o_h * dy.stride(2) + o_w * dy.stride(3);  // row p of dYᵀ, along f
   }
   for (int64_t f = 0; f < g.f; ++f) w_rows[f] = f * w.stride(0);
@@ -237,7 +244,7 @@ inline void conv_input_grad_dots(const at::Tensor& dy, const at::Tensor& w, at::
   float* out = dx.mutable_data_ptr<float>();
   at::parallel_for(0, g.c, 16, [&](int64_t c0, int64_t c1) {
     for (int64_t p = 0; p < total; ++p) {
-      const int64_t n = p / pixels, o_h = p % pixels / g.ow, o_w = p % g.ow;
+      const auto [n, o_h, o_w] = BatchPixel(p, g);
       for (int64_t t = 0; t < g.taps(); ++t) {
         const int64_t i_h = conv_in_index(o_h, t / g.kw, g.sh, g.ph, g.dh);
         const int64_t i_w = conv_in_index(o_w, t % g.kw, g.sw, g.pw, g.dw);

@@ -259,8 +259,12 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # padded, x is copied but y still written in place
     dict(shape=(1, 64, 14, 14), f=72, k=1, stride=1, padding=0, groups=1),
     dict(shape=(2, 20, 9, 30), f=24, k=1, stride=1, padding=1, groups=1),
-    # depthwise at batch 1: channels_last's forward in bands of output rows among the threads
+    # depthwise at batch 1: channels_last's forward and d_W in bands of output rows among the threads;
+    # small NCHW planes in slices of whole 16-channel vectors, a slice a thread (depthwise_by_channel_slices):
+    # 100 channels as 48 + 52 (the last 4 past the vectors), at stride 1 and 2
     dict(shape=(1, 32, 9, 40), f=32, k=3, stride=1, padding=1, groups=32),
+    dict(shape=(1, 100, 13, 13), f=100, k=3, stride=1, padding=1, groups=100),
+    dict(shape=(1, 100, 25, 26), f=100, k=3, stride=2, padding=1, groups=100),
     # d_W of one sample in NHWC: the gathered product's 576 rows split among the threads in 24-row units,
     # d_Wᵀ (576 x 136) transposed in bands among them, and NCHW's order 16 filters at a time (the last 8)
     dict(shape=(1, 64, 12, 12), f=136, k=3, stride=1, padding=1, groups=1),
@@ -282,7 +286,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
         "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
-        "one_sample_depthwise", "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
+        "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided",
+        "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
         "few_pixels_dx_1x1"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)

@@ -265,6 +265,10 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(1, 32, 9, 40), f=32, k=3, stride=1, padding=1, groups=32),
     dict(shape=(1, 100, 13, 13), f=100, k=3, stride=1, padding=1, groups=100),
     dict(shape=(1, 100, 25, 26), f=100, k=3, stride=2, padding=1, groups=100),
+    # NCHW strided depthwise up to 32 x 32 outputs by channels innermost (420 outputs), d_x gathered; a 9 x 9
+    # filter (more taps than kMaxDepthwiseTaps: the scalar loops, and a gather of up to 81 pairs a pixel)
+    dict(shape=(2, 20, 40, 42), f=20, k=3, stride=2, padding=1, groups=20),
+    dict(shape=(2, 20, 12, 12), f=20, k=9, stride=1, padding=4, groups=20),
     # d_W of one sample in NHWC: the gathered product's 576 rows split among the threads in 24-row units,
     # d_Wᵀ (576 x 136) transposed in bands among them, and NCHW's order 16 filters at a time (the last 8)
     dict(shape=(1, 64, 12, 12), f=136, k=3, stride=1, padding=1, groups=1),
@@ -286,7 +290,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
         "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
-        "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided",
+        "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided", "depthwise_strided_pixels", "depthwise_9x9",
         "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
         "few_pixels_dx_1x1"])
 @pytest.mark.parametrize("channels_last", [False, True])

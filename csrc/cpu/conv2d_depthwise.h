@@ -401,21 +401,26 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // channels, vectorised across channels whatever the size of the plane (a 4x4 plane gives a row loop of
 // 4), then transposed back. With positions in the padded plane (any stride, dilation and padding):
 //   y[o, c]                 = b[c] + Σ_t W[c, t] · x_pad[o*s + t*d, c]
-//   d_x_pad[o*s + t*d, c]  += W[c, t] · dY[o, c]          (the transposed convolution, as a scatter)
+//   d_x[i, c]               = Σ_{(t, o): o*s + t*d = i} W[c, t] · dY[o, c]   (a gather: InputGradReaches)
 //   d_W[c, t]              += dY[o, c] · x_pad[o*s + t*d, c],   d_b[c] += dY[o, c]
 // The backward runs the samples of a chunk in order on one thread, so its sums are deterministic.
 // NCHW layers take it for planes of up to 16 x 16 outputs, where the plane kernels (above) spend more on
 // their short rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and
-// slower on large planes (56 x 56: the two transposes cost more than the short rows). channels_last
+// slower on large planes (56 x 56: the two transposes cost more than the short rows). Strided layers,
+// whose plane kernels add a row into the output tap by tap, take it up to 32 x 32 outputs: (1, 144, 56, 56)
+// stride 2, ms: forward 0.36 -> 0.18, with d_x 1.07 -> 0.79, with d_W 0.94 -> 0.55 (torch 0.27, 0.89,
+// 0.74); at (8, 96, 112, 112), 56 x 56 outputs, it lost (forward 5.2 -> 7.9). channels_last
 // layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC); their
 // forward reads x unpadded (dw_forward_nhwc), and so does their d_W on rows of 16 outputs or more
 // (dw_weight_grad_nhwc).
-constexpr int64_t kMaxDepthwisePixels = 256;
+constexpr int64_t kMaxDepthwisePixels = 256, kMaxDepthwiseStridedPixels = 1024;
 // Taps the kernels below hold a vector of weights (and an offset) each for, in registers or on the
 // stack: up to 7 x 7. Larger filters take the padded form's scalar loops.
 constexpr int kMaxDepthwiseTaps = 49;
 inline bool depthwise_by_pixels(const Conv2dGeometry& g) {
-  return conv2d_is_depthwise(g) && g.f == g.c && g.col_cols() <= kMaxDepthwisePixels;
+  const bool strided = g.sh > 1 || g.sw > 1;
+  return conv2d_is_depthwise(g) && g.f == g.c &&
+         g.col_cols() <= (strided ? kMaxDepthwiseStridedPixels : kMaxDepthwisePixels);
 }
 inline bool depthwise_channels_last_direct(const Conv2dGeometry& g) { return conv2d_is_depthwise(g) && g.f == g.c; }
 
@@ -665,7 +670,7 @@ CS231N_INLINE void dw_weight_grad_outputs_nhwc(const T* first, int64_t step, con
 
 // NHWC d_W in place (dw_weight_grad_nhwc) for rows of 16 outputs or more, where blocks of 8 carry the
 // work. On shorter rows (MobileNetV2's 8 x 8 and 4 x 4 stages) most outputs run alone, each adding its
-// taps' sums into d_W; the padded copy's loop (dw_backward_pixels), whose sums stay in registers over the
+// taps' sums into d_W; the padded copy's loop (dw_weight_grad_pixels), whose sums stay in registers over the
 // whole sample, took 0.6-0.8x the time there.
 inline bool depthwise_weight_grad_in_place(const Conv2dGeometry& g) {
   return g.ow >= 16 && g.taps() <= kMaxDepthwiseTaps;
@@ -706,59 +711,41 @@ CS231N_INLINE void dw_weight_grad_nhwc(const T* dy, const T* x, int64_t r0, int6
   }
 }
 
-// The backward's sums for one sample: dx_pad (zeroed here; the transposed convolution as a scatter) and
-// the running dw_t [taps][C] and db [C]. One vector of channels at a time over all the pixels, its
-// weights read once and its d_W (one vector per tap) and d_b held in registers.
+// One sample's d_W and d_b from its padded x: added into the running dw_t [taps][C] and db [C]. One vector
+// of channels at a time over all the pixels, its d_W (one vector per tap) and d_b held in registers; a
+// 3x3 filter's nine sums with a fixed count. (d_x is the gather, depthwise_input_grad_rows.)
 template <typename T>
-CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                      const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+CS231N_INLINE void dw_weight_grad_pixels(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+                                         const ShiftedPlanes& sp, const int64_t* offset) {
   using V = ChannelVectors<T>;
   using Vec = typename V::Vec;
   const int64_t C = g.c, taps = g.taps(), whole = C / V::kLanes * V::kLanes;
-  if (dx_pad) std::fill(dx_pad, dx_pad + sp.hp * sp.wp * C, T(0));
   const bool few_taps = taps <= kMaxDepthwiseTaps;
-  bool whole_done = false;  // the whole vectors of channels, by the 3x3 loop
   int64_t at[kMaxDepthwiseTaps];
   for (int64_t t = 0; few_taps && t < taps; ++t) at[t] = offset[t] * C;
   const auto first = [&](int64_t o_h, int64_t o_w) { return dw_in_pixel(g, sp, o_h, o_w, 0) * C; };
-  if (taps == 9 && dw_t && !dx_pad) {  // d_W of a 3x3 layer alone: its nine sums in registers (a fixed count)
+  const auto vectors = [&](auto fixed_taps) {  // the whole vectors of channels; fixed_taps: 9, or 0 (any)
+    constexpr int kFixed = decltype(fixed_taps)::value;
+    const int64_t count = kFixed > 0 ? kFixed : taps;
     for (int64_t c = 0; c < whole; c += V::kLanes) {
-      Vec dw_acc[9] = {}, db_acc = {};
+      Vec dw_acc[kFixed > 0 ? kFixed : kMaxDepthwiseTaps] = {}, db_acc = {};
       for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
         for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
           const Vec d = V::at(dy_t + (o_h * g.ow + o_w) * C + c);
           db_acc += d;
           const T* x = x_pad + first(o_h, o_w) + c;
 #pragma GCC unroll 9
-          for (int t = 0; t < 9; ++t) dw_acc[t] += d * V::at(x + at[t]);
+          for (int64_t t = 0; dw_t && t < count; ++t) dw_acc[t] += d * V::at(x + at[t]);
         }
       }
       if (db) V::at(db + c) += db_acc;
-      for (int t = 0; dw_t && t < 9; ++t) V::at(dw_t + t * C + c) += dw_acc[t];
+      for (int64_t t = 0; dw_t && t < count; ++t) V::at(dw_t + t * C + c) += dw_acc[t];
     }
-    whole_done = true;
-  }
-  for (int64_t c = 0; c < whole && few_taps && !whole_done; c += V::kLanes) {
-    Vec w[kMaxDepthwiseTaps], dw_acc[kMaxDepthwiseTaps], db_acc = {};
-    for (int64_t t = 0; t < taps; ++t) {
-      w[t] = V::at(w_t + t * C + c);
-      dw_acc[t] = Vec{};
-    }
-    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-      for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
-        const Vec d = V::at(dy_t + (o_h * g.ow + o_w) * C + c);
-        db_acc += d;
-        const int64_t base = first(o_h, o_w) + c;
-        if (dx_pad) {
-          for (int64_t t = 0; t < taps; ++t) V::at(dx_pad + base + at[t]) += w[t] * d;
-        }
-        if (dw_t) {
-          for (int64_t t = 0; t < taps; ++t) dw_acc[t] += d * V::at(x_pad + base + at[t]);
-        }
-      }
-    }
-    if (db) V::at(db + c) += db_acc;
-    for (int64_t t = 0; dw_t && t < taps; ++t) V::at(dw_t + t * C + c) += dw_acc[t];
+  };
+  if (taps == 9) {
+    vectors(std::integral_constant<int, 9>{});
+  } else if (few_taps) {
+    vectors(std::integral_constant<int, 0>{});
   }
   for (int64_t c = few_taps ? whole : 0; c < C; ++c) {  // the channels past the vectors (all, for huge filters)
     for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
@@ -766,11 +753,7 @@ CS231N_INLINE void dw_backward_pixels(const T* dy_t, const T* x_pad, const T* w_
         const T d = dy_t[(o_h * g.ow + o_w) * C + c];
         if (db) db[c] += d;
         const int64_t base = first(o_h, o_w) + c;
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t e = base + offset[t] * C;
-          if (dx_pad) dx_pad[e] += w_t[t * C + c] * d;
-          if (dw_t) dw_t[t * C + c] += d * x_pad[e];
-        }
+        for (int64_t t = 0; dw_t && t < taps; ++t) dw_t[t * C + c] += d * x_pad[base + offset[t] * C];
       }
     }
   }
@@ -823,19 +806,20 @@ CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const 
   dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
 }
 template <typename T>
-void dw_backward_pixels_baseline(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                 const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
+void dw_weight_grad_pixels_baseline(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+                                    const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
 template <typename T>
-CS231N_AVX2 void dw_backward_pixels_avx2(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                         const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
+CS231N_AVX2 void dw_weight_grad_pixels_avx2(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+                                            const ShiftedPlanes& sp, const int64_t* offset) {
+  dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
 template <typename T>
-CS231N_AVX512 void dw_backward_pixels_avx512(const T* dy_t, const T* x_pad, const T* w_t, T* dx_pad, T* dw_t, T* db,
-                                             const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
-  dw_backward_pixels(dy_t, x_pad, w_t, dx_pad, dw_t, db, g, sp, offset);
+CS231N_AVX512 void dw_weight_grad_pixels_avx512(const T* dy_t, const T* x_pad, T* dw_t, T* db,
+                                                const Conv2dGeometry& g, const ShiftedPlanes& sp,
+                                                const int64_t* offset) {
+  dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
 
 // W [C, 1, kH, kW] as [taps][C].
@@ -956,18 +940,22 @@ CS231N_INLINE void depthwise_input_grad_pixel(const T* w_t, const T* dy, const i
   }
 }
 
-// d_x of a strided depthwise layer in NHWC as a gather: each input pixel sums the taps that reach it,
+// d_x of a depthwise layer in NHWC as a gather: each input pixel sums the taps that reach it,
 //     d_x[i_h, i_w, c] = Σ W[c, t_h, t_w] · dY[o_h, o_w, c]   over i_h + pH - t_h·dH = o_h·sH, 0 <= o_h < oH
 // (and the same along the width: conv_out_index). Which (tap, output) pairs reach a row depends on the
-// row alone, so they are listed once per row and per column: at stride 2 a pixel sums 1, 2 or 4 taps.
-// The scatter it replaces added each output's nine taps into a padded d_x, every update queued behind a
-// neighbouring output's; the forward with flipped filters serves stride 1 (depthwise_forward_pixels).
-template <typename T>
-void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeometry& g) {
+// row alone, so they are listed once per row and per column (InputGradReaches): at stride 2 a pixel sums
+// 1, 2 or 4 taps. The scatter it replaces added each output's nine taps into a padded d_x, every update
+// queued behind a neighbouring output's.
+struct InputGradReaches {
   struct Reach {
     int64_t t, o;  // a tap and the output it comes from
   };
-  const auto reaches = [](int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
+  std::vector<std::vector<Reach>> rows, cols;
+
+  explicit InputGradReaches(const Conv2dGeometry& g)
+      : rows(list(g.h, g.oh, g.kh, g.sh, g.ph, g.dh)), cols(list(g.w, g.ow, g.kw, g.sw, g.pw, g.dw)) {}
+
+  static std::vector<std::vector<Reach>> list(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
     std::vector<std::vector<Reach>> r(in);
     for (int64_t i = 0; i < in; ++i) {
       for (int64_t t = 0; t < k; ++t) {
@@ -976,41 +964,57 @@ void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeome
       }
     }
     return r;
-  };
-  const auto rows = reaches(g.h, g.oh, g.kh, g.sh, g.ph, g.dh), cols = reaches(g.w, g.ow, g.kw, g.sw, g.pw, g.dw);
+  }
+};
+
+// Input rows [i0, i1) of one sample's d_x (dx_n [H][W][C]) from its dY (dy_n [oH*oW][C]) and w_t [taps][C];
+// at_w and at_dy hold g.taps() offsets each.
+template <typename T>
+CS231N_INLINE void depthwise_input_grad_rows(const T* dy_n, const T* w_t, T* dx_n, const Conv2dGeometry& g,
+                                             const InputGradReaches& r, int64_t i0, int64_t i1, int64_t* at_w,
+                                             int64_t* at_dy) {
+  const int64_t C = g.c;
+  for (int64_t i_h = i0; i_h < i1; ++i_h) {
+    T* dx_row = dx_n + i_h * g.w * C;
+    for (int64_t i_w = 0; i_w < g.w; ++i_w) {
+      int pairs = 0;
+      for (const InputGradReaches::Reach& rh : r.rows[i_h]) {
+        for (const InputGradReaches::Reach& rw : r.cols[i_w]) {
+          at_w[pairs] = (rh.t * g.kw + rw.t) * C;
+          at_dy[pairs++] = (rh.o * g.ow + rw.o) * C;
+        }
+      }
+      T* out = dx_row + i_w * C;
+      switch (pairs) {
+        case 1:
+          depthwise_input_grad_pixel<1>(w_t, dy_n, at_w, at_dy, pairs, out, C);
+          break;
+        case 2:
+          depthwise_input_grad_pixel<2>(w_t, dy_n, at_w, at_dy, pairs, out, C);
+          break;
+        case 4:
+          depthwise_input_grad_pixel<4>(w_t, dy_n, at_w, at_dy, pairs, out, C);
+          break;
+        default:
+          depthwise_input_grad_pixel<0>(w_t, dy_n, at_w, at_dy, pairs, out, C);
+      }
+    }
+  }
+}
+
+// A strided NHWC layer's d_x, a row of a sample a task (stride 1 takes the forward with flipped filters).
+template <typename T>
+void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeometry& g) {
+  const InputGradReaches reaches(g);
   const std::vector<T> w_t = taps_by_channel(w, g);  // [taps][C]
-  const int64_t C = g.c, in_sample = g.h * g.w * C, out_sample = g.col_cols() * C;
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.c;
   at::parallel_for(0, g.n * g.h, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> at_w(g.taps()), at_dy(g.taps());  // a pixel's (weight, dY) offsets, one pair per tap
     cpu::with_best_isa([&] {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / g.h, i_h = item % g.h;
-        const T* dy_n = dy + n * out_sample;
-        T* dx_row = dx + n * in_sample + i_h * g.w * C;
-        for (int64_t i_w = 0; i_w < g.w; ++i_w) {
-          int pairs = 0;
-          for (const Reach& rh : rows[i_h]) {
-            for (const Reach& rw : cols[i_w]) {
-              at_w[pairs] = (rh.t * g.kw + rw.t) * C;
-              at_dy[pairs++] = (rh.o * g.ow + rw.o) * C;
-            }
-          }
-          const int64_t *aw = at_w.data(), *ad = at_dy.data();
-          T* out = dx_row + i_w * C;
-          switch (pairs) {
-            case 1:
-              depthwise_input_grad_pixel<1>(w_t.data(), dy_n, aw, ad, pairs, out, C);
-              break;
-            case 2:
-              depthwise_input_grad_pixel<2>(w_t.data(), dy_n, aw, ad, pairs, out, C);
-              break;
-            case 4:
-              depthwise_input_grad_pixel<4>(w_t.data(), dy_n, aw, ad, pairs, out, C);
-              break;
-            default:
-              depthwise_input_grad_pixel<0>(w_t.data(), dy_n, aw, ad, pairs, out, C);
-          }
-        }
+        depthwise_input_grad_rows(dy + n * out_sample, w_t.data(), dx + n * in_sample, g, reaches, i_h, i_h + 1,
+                                  at_w.data(), at_dy.data());
       }
     });
   });
@@ -1031,9 +1035,13 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
   // each chunk's d_W [taps][C] and d_b [C], summed in chunk order below
   std::vector<T> dw_part(dw ? chunks * g.taps() * g.c : 0, T(0)), db_part(db ? chunks * g.c : 0, T(0));
   const cpu::Isa isa = cpu::cpu_isa();
+  const InputGradReaches reaches(dx ? g : Conv2dGeometry{});
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     T* x_pad = dw && !in_place ? cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c) : nullptr;
-    T* dx_pad = dx ? cpu::thread_scratch<T>(cpu::Scratch::kOut, sp.hp * sp.wp * g.c) : nullptr;
+    // d_x gathered into [H*W][C] (NCHW's transposed afterwards); the scatter into a padded d_x it replaced
+    // queued each pixel's updates behind its neighbours': (32, 576, 14, 14) forward and d_x 10.5 -> 8.9 ms
+    T* dx_pixels = dx && planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample) : nullptr;
+    std::vector<int64_t> at_w(dx ? g.taps() : 0), at_dy(dx ? g.taps() : 0);
     T* dy_scratch = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       T* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
@@ -1059,21 +1067,21 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
         }
         if (dw && planes) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
         if (dw && !planes) pad_pixels(x + n * in_sample, g, sp, x_pad);
-        T* dxp = dx_pad;
-        if (isa == cpu::Isa::kAvx512) {
-          dw_backward_pixels_avx512(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
-        } else if (isa == cpu::Isa::kAvx2) {
-          dw_backward_pixels_avx2(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
-        } else {
-          dw_backward_pixels_baseline(dy_t, x_pad, w_t.data(), dxp, dw_c, db_c, g, sp, offset.data());
-        }
-        for (int64_t i = 0; dx && i < g.h; ++i) {  // the interior of d_x_pad, back to [C][H][W] or [H][W][C]
-          const T* src = dx_pad + ((g.ph + i) * sp.wp + g.pw) * g.c;
-          if (planes) {
-            cpu::transpose_matrix(src, g.c, g.w, g.c, dx + n * in_sample + i * g.w, g.h * g.w);
+        if (dw || db) {
+          if (isa == cpu::Isa::kAvx512) {
+            dw_weight_grad_pixels_avx512(dy_t, x_pad, dw_c, db_c, g, sp, offset.data());
+          } else if (isa == cpu::Isa::kAvx2) {
+            dw_weight_grad_pixels_avx2(dy_t, x_pad, dw_c, db_c, g, sp, offset.data());
           } else {
-            std::copy(src, src + g.w * g.c, dx + n * in_sample + i * g.w * g.c);
+            dw_weight_grad_pixels_baseline(dy_t, x_pad, dw_c, db_c, g, sp, offset.data());
           }
+        }
+        if (dx) {
+          T* out = planes ? dx_pixels : dx + n * in_sample;
+          cpu::with_best_isa([&] {
+            depthwise_input_grad_rows(dy_t, w_t.data(), out, g, reaches, 0, g.h, at_w.data(), at_dy.data());
+          });
+          if (planes) cpu::transpose_matrix(out, g.c, g.h * g.w, g.c, dx + n * in_sample, g.h * g.w);  // [C][H*W]
         }
       }
     }

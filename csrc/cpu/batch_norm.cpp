@@ -497,6 +497,46 @@ void grad_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const T* me
   }
 }
 
+// Channel-last, float and double: one block's nr rows of dy and dy * (x - mean) summed into a[c] and p[c],
+// in bands of up to 4 * kLanes channels with the sums in registers (as rows_two_pass; the same order per
+// lane as grad_sums_row, whose arrays in L1 were loaded and stored again every row).
+template <int B, typename T>
+void band_grad_sums(const T* dy, const T* x, int64_t nr, int64_t C, int64_t c0, const T* mean, T* a, T* p) {
+  using V = wide_t<T>;
+  constexpr int L = kLanes<T>;
+  V m[B], sa[B] = {}, sp[B] = {};
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) m[b] = wload(mean + c0 + b * L);
+  for (int64_t r = 0; r < nr; ++r) {
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) {
+      const V g = wload(dy + r * C + c0 + b * L);
+      sa[b] += g;
+      sp[b] += g * (wload(x + r * C + c0 + b * L) - m[b]);
+    }
+  }
+  std::memcpy(a + c0, sa, sizeof sa);
+  std::memcpy(p + c0, sp, sizeof sp);
+}
+
+template <typename T>
+void rows_grad_sums(const T* dy, const T* x, int64_t nr, int64_t C, const T* mean, T* a, T* p) {
+  constexpr int L = kLanes<T>;
+  int64_t c0 = 0;
+  for (; c0 + 4 * L <= C; c0 += 4 * L) band_grad_sums<4>(dy, x, nr, C, c0, mean, a, p);
+  for (; c0 + 2 * L <= C; c0 += 2 * L) band_grad_sums<2>(dy, x, nr, C, c0, mean, a, p);
+  for (; c0 + L <= C; c0 += L) band_grad_sums<1>(dy, x, nr, C, c0, mean, a, p);
+  for (int64_t c = c0; c < C; ++c) {  // the channels past the vectors
+    T sa = 0, sp = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      sa += dy[r * C + c];
+      sp += dy[r * C + c] * (x[r * C + c] - mean[c]);
+    }
+    a[c] = sa;
+    p[c] = sp;
+  }
+}
+
 // Per-channel sum dy and sum dy * (x - mean), the two sums of the backward.
 template <typename scalar_t, typename acc_t, typename T = opmath_t<scalar_t>>
 void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, const BatchNormLayout& lay,
@@ -531,10 +571,14 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const T* mean, con
     for (int64_t g = gb; g < ge; ++g) {
       for (int64_t blk = g * blocks / G; blk < (g + 1) * blocks / G; ++blk) {
         const int64_t r0 = blk * rows, nr = std::min(rows, R - r0);
-        std::fill(a.begin(), a.end(), T(0));
-        std::fill(p.begin(), p.end(), T(0));
-        for (int64_t r = 0; r < nr; ++r)
-          grad_sums_row(dy + (r0 + r) * C, x + (r0 + r) * C, C, mean, a.data(), p.data());
+        if constexpr (!kNarrow<scalar_t>) {
+          rows_grad_sums<T>(dy + r0 * C, x + r0 * C, nr, C, mean, a.data(), p.data());
+        } else {
+          std::fill(a.begin(), a.end(), T(0));
+          std::fill(p.begin(), p.end(), T(0));
+          for (int64_t r = 0; r < nr; ++r)
+            grad_sums_row(dy + (r0 + r) * C, x + (r0 + r) * C, C, mean, a.data(), p.data());
+        }
         for (int64_t c = 0; c < C; ++c) {
           g_dy[g * C + c] += a[c];
           g_dyx[g * C + c] += p[c];

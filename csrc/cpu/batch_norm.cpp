@@ -156,7 +156,7 @@ constexpr int kWidth = 16 / sizeof(T);  // values per vector
 template <typename T>
 constexpr int kLanes = 4 * kWidth<T>;  // values per step of four accumulators
 
-// kLanes values as one vector of 64 bytes, for the channel-last statistics (band_two_pass): the AVX-512
+// kLanes values as one vector of 64 bytes, for the channel-last sums (band_two_pass, band_grad_sums): the AVX-512
 // build runs it as one register, the others split it as they can; its lanes are those of the four
 // 16-byte vectors above, in the same order.
 template <typename T>
@@ -375,8 +375,8 @@ void unit_grad_sums(const scalar_t* dy, const scalar_t* x, const BatchNormLayout
 // 4 * kLanes (256 bytes of each row, four cache lines), their accumulators in registers, walking down the
 // rows; the last C % kLanes channels one by one. A band of one vector, a cache line a row 256 bytes apart
 // at 64 channels, left the hardware prefetchers behind, and the prefetches issued for the next block
-// stalled on the misses in flight: (32, 64, 56, 56) statistics 1.6-2.0 -> 1.15-1.2 ms (torch's x.sum
-// over the same dimensions 1.4-1.6), training forward 1.2-1.3 -> 0.97-1.0 of torch's time.
+// stalled on the misses in flight (Zen 4): (32, 64, 56, 56) statistics 1.6-2.0 -> 1.15-1.2 ms (torch's
+// x.sum over the same dimensions 1.4-1.6), training forward 1.20 -> 0.90 of torch's time.
 // band_two_pass: the band of B vectors of channels from c0. Per lane the sums run down the rows in order
 // as before, so the results are the same bits.
 template <int B, typename scalar_t>

@@ -816,9 +816,8 @@ CS231N_AVX2 void dw_weight_grad_pixels_avx2(const T* dy_t, const T* x_pad, T* dw
   dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
 template <typename T>
-CS231N_AVX512 void dw_weight_grad_pixels_avx512(const T* dy_t, const T* x_pad, T* dw_t, T* db,
-                                                const Conv2dGeometry& g, const ShiftedPlanes& sp,
-                                                const int64_t* offset) {
+CS231N_AVX512 void dw_weight_grad_pixels_avx512(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+                                                const ShiftedPlanes& sp, const int64_t* offset) {
   dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
 
@@ -1078,9 +1077,8 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
         }
         if (dx) {
           T* out = planes ? dx_pixels : dx + n * in_sample;
-          cpu::with_best_isa([&] {
-            depthwise_input_grad_rows(dy_t, w_t.data(), out, g, reaches, 0, g.h, at_w.data(), at_dy.data());
-          });
+          cpu::with_best_isa(
+              [&] { depthwise_input_grad_rows(dy_t, w_t.data(), out, g, reaches, 0, g.h, at_w.data(), at_dy.data()); });
           if (planes) cpu::transpose_matrix(out, g.c, g.h * g.w, g.c, dx + n * in_sample, g.h * g.w);  // [C][H*W]
         }
       }
@@ -1107,8 +1105,9 @@ void depthwise_backward_pixels(const T* dy, const T* x, const T* w, T* dx, T* dw
                                bool planes = true) {
   const int64_t plane_in = g.h * g.w, plane_out = g.col_cols(), taps = g.taps();
   const bool sliced = depthwise_by_channel_slices(g, planes, [&](int64_t c0, const Conv2dGeometry& sub) {
-    depthwise_backward_by_samples(dy + c0 * plane_out, x + c0 * plane_in, w + c0 * taps, dx ? dx + c0 * plane_in : nullptr,
-                                  dw ? dw + c0 * taps : nullptr, db ? db + c0 : nullptr, sub, planes);
+    depthwise_backward_by_samples(dy + c0 * plane_out, x + c0 * plane_in, w + c0 * taps,
+                                  dx ? dx + c0 * plane_in : nullptr, dw ? dw + c0 * taps : nullptr,
+                                  db ? db + c0 : nullptr, sub, planes);
   });
   if (!sliced) depthwise_backward_by_samples(dy, x, w, dx, dw, db, g, planes);
 }

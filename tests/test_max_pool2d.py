@@ -142,6 +142,22 @@ def test_matches_torch(device, problem, n, c, unbatched, layout, dtype_index, ti
 
 
 # ------------------------------------------------------------------------------------ ties, NaN, -inf
+def test_the_backward_node_is_the_cpp_one(device):
+    """Eager autograd records max_pool2d_forward's C++ node (csrc/autograd/max_pool2d_autograd.cpp), not a
+    Python Function; the indices are not differentiable; with create_graph=True the backward records the
+    differentiable max_pool2d_backward; no graph without grad. Values: the gradchecks above."""
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    y, indices = ours.max_pool2d(x, 2, return_indices=True)
+    assert "MaxPool2dFn" in y.grad_fn.name()
+    assert not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
+    assert not indices.requires_grad
+    (gx,) = torch.autograd.grad(ours.max_pool2d(x, 2).square().sum(), x, create_graph=True)
+    assert gx.grad_fn is not None
+    with torch.no_grad():
+        assert ours.max_pool2d(x, 2).grad_fn is None
+    assert ours.max_pool2d(x.detach(), 2).grad_fn is None
+
+
 def test_ties_go_to_first_maximum_in_scan_order(device):
     x = torch.tensor([[[[1.0, 5.0, 5.0],
                         [5.0, 2.0, 5.0],

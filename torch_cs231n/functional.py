@@ -494,8 +494,11 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     kernel = _pool_pair(kernel_size, "kernel_size")
     strides = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else \
         _pool_pair(stride, "stride")
-    output, indices = _fn(_MaxPool2d).apply(input, kernel, strides, _pool_pair(padding, "padding"),
-                                       _pool_pair(dilation, "dilation"), bool(ceil_mode))
+    geometry = (kernel, strides, _pool_pair(padding, "padding"), _pool_pair(dilation, "dilation"), bool(ceil_mode))
+    if _transforms_active():
+        output, indices = _fn(_MaxPool2d).apply(input, *geometry)
+    else:  # the op's derivative in C++ (csrc/autograd/max_pool2d_autograd.cpp)
+        output, indices = ops.max_pool2d_forward(input, *geometry)
     return (output, indices) if return_indices else output
 
 
@@ -668,16 +671,16 @@ class _BatchNormBackward(torch.autograd.Function):
 # ------------------------------------------------------------------------------------- the ops' own autograd
 # Each op is differentiable by itself, called as torch.ops.torch_cs231n.<op>. The layers' ops: their
 # Function's setup_context and backward are registered as the op's autograd (ReLU's ops, the convolution's
-# forward and batch norm's training forward have C++ ones); the backward ops take their non-tensor arguments
-# loose where their Functions take them as _Static values, hence adapters. The functional API applies the
-# Functions, which also carry torch.func's jvp and batching (under transforms only, for ReLU, the
-# convolution and batch norm's training).
+# and max-pool's forwards and batch norm's forwards have C++ ones); the backward ops take their non-tensor
+# arguments loose where their Functions take them as _Static values, hence adapters. The functional API
+# applies the Functions, which also carry torch.func's jvp and batching (under transforms only, for ReLU,
+# the convolution, max-pool and batch norm).
 def _register(op, setup_context, backward):
     torch.library.register_autograd("torch_cs231n::" + op, backward, setup_context=setup_context)
 
 
-# conv2d_forward's and batch norm's forwards' are in C++ (csrc/autograd/), as ReLU's.
-_register("max_pool2d_forward", _MaxPool2d.setup_context, _MaxPool2d.backward)
+# The forwards' derivatives (conv2d_forward's, max_pool2d_forward's, batch norm's forwards', ReLU's) are in
+# C++ (csrc/autograd/).
 
 
 def _max_pool2d_backward_setup(ctx, inputs, output):

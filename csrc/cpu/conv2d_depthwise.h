@@ -408,8 +408,8 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 // their short rows than on the sums: measured 4-7x faster there (MobileNetV2's 16x16 to 4x4 stages), and
 // slower on large planes (56 x 56: the two transposes cost more than the short rows). Strided layers,
 // whose plane kernels add a row into the output tap by tap, take it up to 32 x 32 outputs: (1, 144, 56, 56)
-// stride 2, ms: forward 0.36 -> 0.18, with d_x 1.07 -> 0.79, with d_W 0.94 -> 0.55 (torch 0.27, 0.89,
-// 0.74); at (8, 96, 112, 112), 56 x 56 outputs, it lost (forward 5.2 -> 7.9). channels_last
+// stride 2, ms, on a Zen 4: forward 0.36 -> 0.18, with d_x 1.07 -> 0.79, with d_W 0.94 -> 0.55 (torch
+// 0.27, 0.89, 0.74); at (8, 96, 112, 112), 56 x 56 outputs, it lost (forward 5.2 -> 7.9). channels_last
 // layers need no transposes, and take it for every size (`planes` false: x, y, dY and d_x in NHWC); their
 // forward reads x unpadded (dw_forward_nhwc), and so does their d_W on rows of 16 outputs or more
 // (dw_weight_grad_nhwc).
@@ -733,9 +733,10 @@ CS231N_INLINE void dw_weight_grad_pixels(const T* dy_t, const T* x_pad, T* dw_t,
         for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
           const Vec d = V::at(dy_t + (o_h * g.ow + o_w) * C + c);
           db_acc += d;
+          if (!dw_t) continue;  // d_b alone: no padded x
           const T* x = x_pad + first(o_h, o_w) + c;
 #pragma GCC unroll 9
-          for (int64_t t = 0; dw_t && t < count; ++t) dw_acc[t] += d * V::at(x + at[t]);
+          for (int64_t t = 0; t < count; ++t) dw_acc[t] += d * V::at(x + at[t]);
         }
       }
       if (db) V::at(db + c) += db_acc;
@@ -1039,6 +1040,7 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
     T* x_pad = dw && !in_place ? cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c) : nullptr;
     // d_x gathered into [H*W][C] (NCHW's transposed afterwards); the scatter into a padded d_x it replaced
     // queued each pixel's updates behind its neighbours': (32, 576, 14, 14) forward and d_x 10.5 -> 8.9 ms
+    // (Zen 4)
     T* dx_pixels = dx && planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, in_sample) : nullptr;
     std::vector<int64_t> at_w(dx ? g.taps() : 0), at_dy(dx ? g.taps() : 0);
     T* dy_scratch = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;

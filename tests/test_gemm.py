@@ -279,6 +279,15 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # then col2im; 3x3 over 2 samples, and 1x1 strides (2, 3) whose d_x is zero where no output reads
     dict(shape=(2, 40, 9, 8), f=36, k=3, stride=2, padding=1, groups=1),
     dict(shape=(1, 24, 10, 13), f=20, k=1, stride=(2, 3), padding=0, groups=1),
+    # Winograd's F(2x2, 3x3) (conv2d_winograd.h; float32 3x3 stride 1 on AVX-512, 32+ channels and filters
+    # in whole vectors): odd output sizes (the last tiles' outputs partly outside), 48 filters (a sliver of
+    # 64 with zero columns), paddings 0 and 2 (d_x's transposed convolution pads 2 and 0); one sample whose
+    # tiles go among the threads in blocks; 150 tiles a sample (two blocks) over two samples
+    dict(shape=(2, 32, 13, 15), f=48, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(2, 48, 9, 10), f=32, k=3, stride=1, padding=0, groups=1),
+    dict(shape=(1, 32, 7, 9), f=32, k=3, stride=1, padding=2, groups=1),
+    dict(shape=(1, 64, 20, 22), f=64, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(2, 32, 30, 20), f=32, k=3, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -292,12 +301,49 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
         "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided", "depthwise_strided_pixels", "depthwise_9x9",
         "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
-        "few_pixels_dx_1x1"])
+        "few_pixels_dx_1x1", "winograd_odd", "winograd_padding_0", "winograd_padding_2", "winograd_one_sample",
+        "winograd_blocks"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):
     with forced_isa(isa):
         _conv_against_float64(case, channels_last, seed=1, weight_layout=weight_layout)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, f", [((2, 64, 14, 14), 64), ((1, 128, 15, 13), 96)])
+def test_winograd_is_as_close_to_float64_as_the_direct_route(monkeypatch, shape, f, channels_last):
+    """Winograd's transforms only add, subtract and halve: its outputs and gradients stay within 1e-5 of the
+    largest (as the CUDA route's test asks), and TORCH_CS231N_CPU_CONV=direct gives the same layer to the
+    direct kernels, whose results differ from Winograd's in rounding only."""
+    if ops.cpu_isa() not in ("avx512", "amx"):
+        pytest.skip("Winograd's route needs AVX-512")
+    gen = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(f, shape[1], 3, 3, generator=gen, dtype=torch.float64) / (9 * shape[1]) ** 0.5
+    b = torch.randn(f, generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape[0], f, shape[2], shape[3], generator=gen, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    want = (F.conv2d(*leaves, padding=1), *torch.autograd.grad(F.conv2d(*leaves, padding=1), leaves, dy))
+
+    def run():
+        ls = [t.detach().float().requires_grad_() for t in (x, w, b)]
+        y = ours.conv2d(*ls, padding=1)
+        return (y, *torch.autograd.grad(y, ls, dy.float()))
+
+    by_winograd = run()
+    monkeypatch.setenv("TORCH_CS231N_CPU_CONV", "direct")
+    direct = run()
+    for got, other, ref in zip(by_winograd, direct, want):
+        largest = ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * largest
+        assert (other.double() - ref).abs().max().item() <= 1e-5 * largest
+    # the routes differ: y and d_x went by another sum (d_W and d_b are the direct kernels' either way)
+    assert not torch.equal(by_winograd[0], direct[0]) and not torch.equal(by_winograd[1], direct[1])
+    monkeypatch.setenv("TORCH_CS231N_CPU_CONV", "fast")
+    with pytest.raises(RuntimeError, match="TORCH_CS231N_CPU_CONV: expected 'winograd' or 'direct'.*got 'fast'"):
+        run()
 
 
 def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():

@@ -60,6 +60,7 @@
 #include "cpu/conv2d_pointwise.h"
 #include "cpu/conv2d_shifted.h"
 #include "cpu/conv2d_windows.h"
+#include "cpu/conv2d_winograd.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
 #include "cpu/layout_copy.h"
@@ -86,6 +87,9 @@ bool nchw_through_pixels(const Conv2dGeometry& g) {
 template <typename T>
 void forward_nchw_dense(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y, const Conv2dGeometry& g,
                         const Conv2dGeometry& layer) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (winograd_applies(g)) return winograd_forward(x, w, transposed, b, y, g, /*planes=*/true);
+  }
   if (use_pixel_rows(g)) {
     conv_forward_pixel_rows<T>(x, w, transposed, b, y, g);
   } else if (nchw_through_pixels(g)) {
@@ -272,6 +276,12 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
       grouped_forward_rotated<scalar_t>(x.const_data_ptr<scalar_t>(), weight,
                                         b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
     });
+    return y;
+  }
+  if (cl && input.scalar_type() == at::kFloat && winograd_applies(g)) {  // 3 x 3, stride 1: by 2 x 2 blocks
+    const at::Tensor x = input.contiguous(format);
+    winograd_forward(x.const_data_ptr<float>(), weight, /*transposed=*/false, b ? b->const_data_ptr<float>() : nullptr,
+                     y.mutable_data_ptr<float>(), g, /*planes=*/false);
     return y;
   }
   if (cl && (channels_last_direct(g) || use_pixel_rows(g) || depthwise_channels_last_direct(g))) {
@@ -472,6 +482,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       if (dx_transposed && use_pixel_rows(t) && !channels_last_direct(t)) {
         conv_forward_pixel_rows<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t,
                                           /*planes=*/false);
+      } else if (dx_transposed && std::is_same_v<scalar_t, float> && winograd_applies(t)) {
+        winograd_forward(reinterpret_cast<const float*>(dyp), weight, /*transposed=*/true, nullptr,
+                         reinterpret_cast<float*>(dx.mutable_data_ptr<scalar_t>()), t, /*planes=*/false);
       } else if (dx_transposed) {
         conv_forward_nhwc<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t);
       }

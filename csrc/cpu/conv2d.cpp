@@ -88,7 +88,7 @@ template <typename T>
 void forward_nchw_dense(const T* x, const at::Tensor& w, bool transposed, const T* b, T* y, const Conv2dGeometry& g,
                         const Conv2dGeometry& layer) {
   if constexpr (std::is_same_v<T, float>) {
-    if (winograd_applies(g)) return winograd_forward(x, w, transposed, b, y, g, /*planes=*/true);
+    if (winograd_forward_applies(g)) return winograd_forward(x, w, transposed, b, y, g, /*planes=*/true);
   }
   if (use_pixel_rows(g)) {
     conv_forward_pixel_rows<T>(x, w, transposed, b, y, g);
@@ -156,6 +156,12 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     need_dw = false;
   }
   if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
+  if constexpr (std::is_same_v<T, float>) {  // 3 x 3, stride 1: d_W by Winograd's 2 x 2 blocks
+    if (need_dw && winograd_weight_grad_applies(g)) {
+      winograd_weight_grad(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dw, g, /*planes=*/true);
+      need_dw = false;
+    }
+  }
   // d_x: stride 1 as the convolution of dY with the transposed filters, when its out channels (our in
   // channels) fill the micro-kernel's rows; otherwise d_col and col2im.
   // Strided (dilation 1), when the layer goes by pixels: that of each of the stride's phases.
@@ -278,7 +284,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
-  if (cl && input.scalar_type() == at::kFloat && winograd_applies(g)) {  // 3 x 3, stride 1: by 2 x 2 blocks
+  if (cl && input.scalar_type() == at::kFloat && winograd_forward_applies(g)) {  // 3 x 3, stride 1: by 2 x 2 blocks
     const at::Tensor x = input.contiguous(format);
     winograd_forward(x.const_data_ptr<float>(), weight, /*transposed=*/false, b ? b->const_data_ptr<float>() : nullptr,
                      y.mutable_data_ptr<float>(), g, /*planes=*/false);
@@ -472,7 +478,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     if (need_db) db.copy_(dy.sum({0, 2, 3}));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
       const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-      if (need_dw && rows) {
+      if (need_dw && std::is_same_v<scalar_t, float> && winograd_weight_grad_applies(g)) {
+        winograd_weight_grad(reinterpret_cast<const float*>(dyp), reinterpret_cast<const float*>(xp), dw, g,
+                             /*planes=*/false);
+      } else if (need_dw && rows) {
         conv_weight_grad_pixel_rows<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g, /*planes=*/false);
       } else if (need_dw) {
         conv_weight_grad_nhwc<scalar_t>(dyp, xp, dw.mutable_data_ptr<scalar_t>(), g);
@@ -482,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       if (dx_transposed && use_pixel_rows(t) && !channels_last_direct(t)) {
         conv_forward_pixel_rows<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t,
                                           /*planes=*/false);
-      } else if (dx_transposed && std::is_same_v<scalar_t, float> && winograd_applies(t)) {
+      } else if (dx_transposed && std::is_same_v<scalar_t, float> && winograd_forward_applies(t)) {
         winograd_forward(reinterpret_cast<const float*>(dyp), weight, /*transposed=*/true, nullptr,
                          reinterpret_cast<float*>(dx.mutable_data_ptr<scalar_t>()), t, /*planes=*/false);
       } else if (dx_transposed) {

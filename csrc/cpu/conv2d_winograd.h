@@ -1,5 +1,5 @@
-// The CPU convolution by Winograd's F(2×2, 3×3): float32 3×3 layers of stride 1 on AVX-512, their forward
-// and d_x (the transposed convolution, the same form). Part of the CPU convolution (cpu/conv2d.cpp, which
+// The CPU convolution by Winograd's F(2×2, 3×3): float32 3×3 layers of stride 1 on AVX-512, their forward,
+// d_x (the transposed convolution, the same form) and d_W. Part of the CPU convolution (cpu/conv2d.cpp, which
 // routes each layer; docs/conv2d.md has the table and the derivation; the transforms are common/winograd.h's,
 // which the CUDA kernels share).
 //
@@ -11,7 +11,8 @@
 //     y_t,f      = Aᵀ M[·][t][f] A + b[f]       the block's 2×2 outputs (those inside the image)
 // with U[ξ][c][f] = (G g_f,c Gᵀ)[ξ] computed once a call, straight into the GEMM's packed slivers. The
 // transforms run on 16 channels (or filters) at a time, the pixels' channels being contiguous in NHWC; an
-// NCHW sample is transposed in cache on the way in and out, as conv_forward_nhwc does.
+// NCHW sample is transposed in cache on the way in and out, as conv_forward_nhwc does. d_W is 16 GEMMs too,
+// of the same V and the output gradient's transform (winograd_weight_grad, below).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,12 +37,9 @@
 namespace torch_cs231n {
 namespace conv2d_cpu {
 
-// Whether the convolution that runs (a layer, or its transposed convolution for d_x) goes by Winograd:
-// float32 on AVX-512, 3×3, stride and dilation 1, one group, channels and filters whole vectors and at
-// least kWinogradMinChannels (fewer leave the 16 GEMMs too short to pay for the transforms), and outputs
-// of at least 4×4. TORCH_CS231N_CPU_CONV=direct gives these layers back to the direct kernels.
-constexpr int64_t kWinogradMinChannels = 32;
-
+// Whether a layer goes by Winograd: float32 on AVX-512, 3×3, stride and dilation 1, one group, channels
+// and filters whole vectors, outputs of at least 4×4; then, by pass (below), enough channels and tiles.
+// TORCH_CS231N_CPU_CONV=direct gives these layers back to the direct kernels.
 inline bool winograd_wanted() {
   const char* env = std::getenv("TORCH_CS231N_CPU_CONV");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "winograd") == 0) return true;
@@ -50,10 +48,46 @@ inline bool winograd_wanted() {
   return false;
 }
 
-inline bool winograd_applies(const Conv2dGeometry& g) {
+inline bool winograd_shape(const Conv2dGeometry& g) {
   return cpu::cpu_isa() == cpu::Isa::kAvx512 && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.dh == 1 &&
-         g.dw == 1 && g.groups == 1 && g.c % 16 == 0 && g.f % 16 == 0 && g.c >= kWinogradMinChannels &&
-         g.f >= kWinogradMinChannels && g.oh >= 4 && g.ow >= 4 && winograd_wanted();
+         g.dw == 1 && g.groups == 1 && g.c % 16 == 0 && g.f % 16 == 0 && g.oh >= 4 && g.ow >= 4;
+}
+
+// A sample's tiles: tile t = (t_h, t_w) reads the padded input's rows 2t_h .. 2t_h+3 and columns
+// 2t_w .. 2t_w+3, and writes the outputs (2t_h + i, 2t_w + j) that lie inside oH × oW.
+struct WinogradTiles {
+  int64_t th, tw;  // tiles per column and per row
+  int64_t hp, wp;  // the padded input, large enough for every tile's window
+  int64_t count() const { return th * tw; }
+};
+inline WinogradTiles winograd_tiles(const Conv2dGeometry& g) {
+  const int64_t th = (g.oh + 1) / 2, tw = (g.ow + 1) / 2;
+  return {th, tw, 2 * th + 2, 2 * tw + 2};
+}
+
+// The forward (and d_x, the transposed convolution's forward: g is then that convolution). Its 16 GEMMs
+// have depth C, and under 64 channels or filters the transforms cost as much as they save (32 channels
+// on 56 × 56: d_x 0.89 of torch's time by Winograd, 0.82 direct). A sample's tiles go in blocks, each
+// reading all of U (64·C·F bytes): a sample of few tiles and many channels read more U than it computed
+// with (512 channels on 7 × 7, 16 tiles: 1.36 of torch's time, direct 1.32), so it needs C·F / 4096 tiles.
+constexpr int64_t kWinogradMinChannels = 64;
+constexpr int64_t kWinogradChannelProductPerTile = 4096;
+
+inline bool winograd_forward_applies(const Conv2dGeometry& g) {
+  return winograd_shape(g) && g.c >= kWinogradMinChannels && g.f >= kWinogradMinChannels &&
+         winograd_tiles(g).count() * kWinogradChannelProductPerTile >= g.c * g.f && winograd_wanted();
+}
+
+// d_W: its ∂U (16·F·C) is written and read again whatever the batch, and under kWinogradMinGradTiles
+// tiles in all that outweighs the product (batch 1 of 256 channels on 14 × 14, 49 tiles: 2.6 ms against
+// 2.3 direct). Its depth is the tiles, so 32 channels are enough (2 × 32 × 56 × 56: 0.82 of torch's time
+// with the forward, 0.91 direct).
+constexpr int64_t kWinogradMinGradChannels = 32;
+constexpr int64_t kWinogradMinGradTiles = 96;
+
+inline bool winograd_weight_grad_applies(const Conv2dGeometry& g) {
+  return winograd_shape(g) && g.c >= kWinogradMinGradChannels && g.f >= kWinogradMinGradChannels &&
+         g.n * winograd_tiles(g).count() >= kWinogradMinGradTiles && winograd_wanted();
 }
 
 #if CS231N_X86
@@ -72,21 +106,8 @@ struct Lanes16 {
 inline Lanes16 operator+(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v + b.v); }
 inline Lanes16 operator-(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v - b.v); }
 inline Lanes16 operator*(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v * b.v); }
+inline Lanes16 operator-(Lanes16 a) { return Lanes16::of(-a.v); }
 
-// A sample's tiles: tile t = (t_h, t_w) reads the padded input's rows 2t_h .. 2t_h+3 and columns
-// 2t_w .. 2t_w+3, and writes the outputs (2t_h + i, 2t_w + j) that lie inside oH × oW.
-struct WinogradTiles {
-  int64_t th, tw;  // tiles per column and per row
-  int64_t hp, wp;  // the padded input, large enough for every tile's window
-  int64_t count() const { return th * tw; }
-};
-inline WinogradTiles winograd_tiles(const Conv2dGeometry& g) {
-  const int64_t th = (g.oh + 1) / 2, tw = (g.ow + 1) / 2;
-  return {th, tw, 2 * th + 2, 2 * tw + 2};
-}
-
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_i32gather_ps, as pack_bf16_tap_runs
 // U[ξ] = (G g Gᵀ)[ξ] for rows [i0, i1) of the GEMM's B (kc × n), in gemm_segments' packed form: U[ξ] at
 // u + ξ·kc·np (np: n rounded up to slivers of 64), sliver s at + s·kc·64, row i at + i·64. The filter at
 // (row i, column j) has its tap (a, b) at w + i·s_row + j·s_col + a·s_a + b·s_b; 16 columns are gathered
@@ -155,6 +176,44 @@ CS231N_AVX512 inline void winograd_outputs(const float* m, int64_t pitch, const 
     }
   }
 }
+// Z[ξ][t - t0][f] = (A dy Aᵀ)[ξ] for tiles [t0, t1), from dy_pad: the NHWC output gradient, f channels,
+// wq pixels a row, zeros past the output (so that every tile's 2×2 block lies inside it).
+CS231N_AVX512 inline void winograd_grad_outputs(const float* dy_pad, int64_t wq, const WinogradTiles& tiles,
+                                                int64_t f, int64_t t0, int64_t t1, float* z, int64_t pitch) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* origin = dy_pad + (t / tiles.tw * 2 * wq + t % tiles.tw * 2) * f;
+    float* row = z + (t - t0) * f;
+    for (int64_t k = 0; k < f; k += 16) {
+      Lanes16 dy[2][2], tz[4][4];
+      for (int a = 0; a < 2; ++a) {
+        for (int b = 0; b < 2; ++b) dy[a][b] = Lanes16::of(_mm512_loadu_ps(origin + (a * wq + b) * f + k));
+      }
+      winograd::grad_output_tile(dy, tz);
+      for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(row + xi * pitch * f + k, tz[xi / 4][xi % 4].v);
+    }
+  }
+}
+
+// d_W[f, c] = Gᵀ ∂U[f, c] G for filters [f0, f1), from ∂U[ξ][f][c] (c channels, F·C a ξ), 16 channels at a
+// time, into dw through its strides (tap (a, b) of filter f, channel c at dw + f·s0 + c·s1 + a·s2 + b·s3).
+CS231N_AVX512 inline void winograd_filter_grads(const float* du, int64_t f_count, int64_t c, int64_t f0, int64_t f1,
+                                                float* dw, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(s1)));
+  for (int64_t f = f0; f < f1; ++f) {
+    for (int64_t k = 0; k < c; k += 16) {
+      Lanes16 u[4][4], g[3][3];
+      for (int xi = 0; xi < 16; ++xi) {
+        u[xi / 4][xi % 4] = Lanes16::of(_mm512_loadu_ps(du + (xi * f_count + f) * c + k));
+      }
+      winograd::grad_filter_tile(u, g);
+      float* out = dw + f * s0 + k * s1;
+      for (int a = 0; a < 3; ++a) {
+        for (int b = 0; b < 3; ++b) _mm512_i32scatter_ps(out + a * s2 + b * s3, lanes, g[a][b].v, 4);
+      }
+    }
+  }
+}
 #endif  // CS231N_X86
 
 // x_pad (tiles.hp × tiles.wp × C, zeros around) from a sample x, NHWC or (planes) NCHW.
@@ -177,7 +236,7 @@ inline void winograd_pad(const float* x, const Conv2dGeometry& g, const Winograd
 
 // y = conv(x, W) + b by Winograd, with W the filters of w or, when `transposed`, those of its transposed
 // convolution (d_x: g is then that convolution, W[f, c] turned by 180° with f and c trading places); x and
-// y NHWC, or NCHW when `planes`. winograd_applies(g) must hold.
+// y NHWC, or NCHW when `planes`. winograd_forward_applies(g) must hold.
 inline void winograd_forward(const float* x, const at::Tensor& w, bool transposed, const float* b, float* y,
                              const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
@@ -239,6 +298,90 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   });
 #else
   (void)x, (void)w, (void)transposed, (void)b, (void)y, (void)g, (void)planes;
+  TORCH_CHECK(false, "conv2d: Winograd's route needs an x86 CPU");
+#endif
+}
+
+// d_W by Winograd (winograd_weight_grad_applies(g), g the layer): Y is linear in U = G g Gᵀ, so
+//     ∂U[ξ][f][c] = Σ_t Z[ξ][t][f] · V[ξ][t][c]       Z_t,f = A dY_t,f Aᵀ (tile t's 2×2 block of dY)
+//     d_W[f, c]   = Gᵀ ∂U[·][f][c] G
+// the sum 16 GEMMs of (F × tiles)·(tiles × C), Z read in place through a table of its rows (gemm_gather_a)
+// and V as it lies. Work among the threads, one part each: where each thread gets at least
+// kWinogradTilesPerPart tiles, the batch's tiles (in sample order) in even ranges, each summed into a ∂U of
+// its own, those added in part order (deterministic for a given thread count; a sample shared by two
+// ranges is padded by both); with fewer (batch 1 of 28 × 28: 196 tiles, where each thread's ∂U of 16·F·C
+// would be read and written for a few tiles), all the tiles by every thread, each summing its own ξ of
+// the one ∂U. A block of tiles may span samples (small images). dy and x NHWC, or NCHW when `planes`; dw of any strides.
+constexpr int64_t kWinogradTilesPerPart = 128;
+constexpr int64_t kWinogradGradBlock = 96;  // tiles a block: each block reads and writes ∂U once
+
+inline void winograd_weight_grad(const float* dy, const float* x, at::Tensor& dw, const Conv2dGeometry& g,
+                                 bool planes) {
+#if CS231N_X86
+  const WinogradTiles tiles = winograd_tiles(g);
+  // dY padded with zeros to whole 2×2 blocks: the geometry of a "layer" of dY's size, padding 0
+  Conv2dGeometry gy = g;
+  gy.c = g.f, gy.h = g.oh, gy.w = g.ow, gy.ph = 0, gy.pw = 0;
+  const WinogradTiles dy_tiles{tiles.th, tiles.tw, 2 * tiles.th, 2 * tiles.tw};
+  const int64_t total = g.n * tiles.count(), du_size = 16 * g.f * g.c, threads = at::get_num_threads();
+  const bool by_tiles = total >= threads * kWinogradTilesPerPart;
+  const int64_t tile_parts = by_tiles ? threads : 1, xi_parts = by_tiles ? 1 : std::min<int64_t>(threads, 16);
+  const int64_t block = kWinogradGradBlock;
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
+  ChunkPartials<float> partials(tile_parts, du_size);
+  std::vector<int64_t> a_col(block);
+  for (int64_t p = 0; p < block; ++p) a_col[p] = p * g.f;
+  at::parallel_for(0, tile_parts * xi_parts, 1, [&](int64_t p0, int64_t p1) {
+    float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, tiles.hp * tiles.wp * g.c);
+    float* dy_pad = cpu::thread_scratch<float>(cpu::Scratch::kOut, dy_tiles.hp * dy_tiles.wp * g.f);
+    float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * block * g.c);
+    float* z = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * block * g.f);
+    std::vector<const float*> a_row(g.f);
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t tp = part / xi_parts, xp = part % xi_parts;
+      const int xi0 = static_cast<int>(chunk_begin(xp, xi_parts, 16)),
+                xi1 = static_cast<int>(chunk_begin(xp + 1, xi_parts, 16));
+      float* du = partials.of(tp);
+      bool first = true;
+      int64_t filled = 0;  // tiles in the block, from one sample or several (small images)
+      const auto flush = [&] {
+        for (int xi = xi0; xi < xi1 && filled > 0; ++xi) {
+          for (int64_t f = 0; f < g.f; ++f) a_row[f] = z + xi * block * g.f + f;
+          cpu::GemmEpilogue<float> ep;
+          ep.accumulate = !first;
+          cpu::gemm_gather_a(g.f, g.c, filled, a_row.data(), a_col.data(), v + xi * block * g.c, g.c,
+                             du + xi * g.f * g.c, g.c, ep);
+        }
+        first = first && filled == 0;
+        filled = 0;
+      };
+      const int64_t r0 = chunk_begin(tp, tile_parts, total), r1 = chunk_begin(tp + 1, tile_parts, total);
+      for (int64_t n = r0 / tiles.count(); n * tiles.count() < r1; ++n) {
+        winograd_pad(x + n * in_sample, g, tiles, planes, x_pad);
+        winograd_pad(dy + n * out_sample, gy, dy_tiles, planes, dy_pad);
+        const int64_t s0 = std::max(r0 - n * tiles.count(), int64_t(0)),
+                      s1 = std::min(r1 - n * tiles.count(), tiles.count());
+        for (int64_t t0 = s0; t0 < s1;) {
+          const int64_t t1 = std::min(s1, t0 + block - filled);
+          winograd_inputs(x_pad, tiles, g.c, t0, t1, v + filled * g.c, block);
+          winograd_grad_outputs(dy_pad, dy_tiles.wp, tiles, g.f, t0, t1, z + filled * g.f, block);
+          filled += t1 - t0;
+          t0 = t1;
+          if (filled == block) flush();
+        }
+      }
+      flush();
+      if (first) std::fill(du + xi0 * g.f * g.c, du + xi1 * g.f * g.c, 0.0f);  // a range without tiles
+    }
+  });
+  partials.sum_into(tile_parts, partials.of(0));
+  float* out = dw.mutable_data_ptr<float>();
+  at::parallel_for(0, g.f, 4, [&](int64_t f0, int64_t f1) {
+    winograd_filter_grads(partials.of(0), g.f, g.c, f0, f1, out, dw.stride(0), dw.stride(1), dw.stride(2),
+                          dw.stride(3));
+  });
+#else
+  (void)dy, (void)x, (void)dw, (void)g, (void)planes;
   TORCH_CHECK(false, "conv2d: Winograd's route needs an x86 CPU");
 #endif
 }

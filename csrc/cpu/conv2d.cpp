@@ -17,6 +17,7 @@
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //   conv2d_grouped.h    groups of 2 to 8 channels (ResNeXt's): each group's channels rotated into depthwise
 //                       taps
+//   conv2d_winograd.h   3 x 3 layers of stride 1 by Winograd's F(2x2, 3x3): 16 GEMMs between transforms
 //   conv2d_dots.h       few output pixels: the forward by dot products of W's rows, read in place; d_x by
 //                       the product with W's rows in place as B, then col2im
 //   conv2d_integer.h    integer dtypes (forward only): im2col of pixel chunks and a product, sums wrapping

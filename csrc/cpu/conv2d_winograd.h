@@ -29,6 +29,7 @@
 #include "cpu/conv2d_blocks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/gemm.h"
+#include "cpu/transpose16.h"
 
 #if CS231N_X86
 #include <immintrin.h>
@@ -109,32 +110,41 @@ inline Lanes16 operator*(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v * b.v); 
 inline Lanes16 operator-(Lanes16 a) { return Lanes16::of(-a.v); }
 
 // U[ξ] = (G g Gᵀ)[ξ] for rows [i0, i1) of the GEMM's B (kc × n), in gemm_segments' packed form: U[ξ] at
-// u + ξ·kc·np (np: n rounded up to slivers of 64), sliver s at + s·kc·64, row i at + i·64. The filter at
-// (row i, column j) has its tap (a, b) at w + i·s_row + j·s_col + a·s_a + b·s_b; 16 columns are gathered
-// at a time. Columns past n are zeros.
+// u + ξ·plane (plane ≥ kc·n rounded up to slivers of 64), sliver s at + s·kc·64, row i at + i·64. The filter at
+// (row i, column j) has its tap (a, b) at w + i·s_row + j·s_col + a·s_a + b·s_b; 16 columns at a time.
+// Where a filter's 9 taps lie together (s_b = ±1, s_a = 3·s_b: NCHW weights, forwards or turned by 180°),
+// the 16 filters' runs are loaded and transposed in registers; otherwise each tap is gathered (16
+// gathers of stride s_col took as long as the 16 GEMMs at batch 1). Columns past n are zeros.
 CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_t s_col, int64_t s_a, int64_t s_b,
-                                           int64_t kc, int64_t n, int64_t i0, int64_t i1, float* u) {
-  const int64_t np = (n + 63) / 64 * 64;
+                                           int64_t kc, int64_t n, int64_t i0, int64_t i1, float* u, int64_t plane) {
+  const bool runs = (s_b == 1 || s_b == -1) && s_a == 3 * s_b;
   const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(static_cast<int>(s_col)));
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = 0; j < np; j += 16) {
+    for (int64_t j = 0; j < (n + 63) / 64 * 64; j += 16) {
       float* out = u + j / 64 * kc * 64 + i * 64 + j % 64;
       if (j >= n) {
-        for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(out + xi * kc * np, _mm512_setzero_ps());
+        for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(out + xi * plane, _mm512_setzero_ps());
         continue;
       }
       Lanes16 g[3][3], t[4][4];
       const float* base = w + i * s_row + j * s_col;
-      for (int a = 0; a < 3; ++a) {
-        for (int b = 0; b < 3; ++b) g[a][b] = Lanes16::of(_mm512_i32gather_ps(lanes, base + a * s_a + b * s_b, 4));
+      if (runs) {
+        __m512 r[16];
+        const float* lowest = s_b > 0 ? base : base - 8;  // the run's first tap in memory
+        for (int q = 0; q < 16; ++q) r[q] = _mm512_maskz_loadu_ps(0x1ff, lowest + q * s_col);
+        cpu::transpose16(r);  // r[m]: the 16 filters' tap at memory position m of their runs
+        for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = Lanes16::of(r[s_b > 0 ? k : 8 - k]);
+      } else {
+        for (int a = 0; a < 3; ++a) {
+          for (int b = 0; b < 3; ++b) g[a][b] = Lanes16::of(_mm512_i32gather_ps(lanes, base + a * s_a + b * s_b, 4));
+        }
       }
       winograd::filter_tile(g, t);
-      for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(out + xi * kc * np, t[xi / 4][xi % 4].v);
+      for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(out + xi * plane, t[xi / 4][xi % 4].v);
     }
   }
 }
-
 #pragma GCC diagnostic pop
 
 // V[ξ][t - t0][c] = (Bᵀ d B)[ξ] for tiles [t0, t1) of the padded NHWC sample x_pad (hp × wp × c), into v
@@ -241,23 +251,27 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
                              const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
   const WinogradTiles tiles = winograd_tiles(g);
-  const int64_t np = (g.f + 63) / 64 * 64, u_size = g.c * np;
-  // The filters, transformed once: row i of B is an input channel of the convolution that runs.
-  float* u = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * u_size);
+  // The filters, transformed once: row i of B is an input channel of the convolution that runs. Each
+  // U[ξ] 64-byte aligned, as the packed slivers' rows are read, and the planes a quarter of a page past a
+  // whole number of pages, so that one row's 16 stores (one to each plane) fall in different cache sets
+  // (at batch 1 of 256 channels on 14 × 14, those stores took longer than the 16 GEMMs).
+  const int64_t plane = (g.c * ((g.f + 63) / 64 * 64) + 1023) / 1024 * 1024 + 256;
+  float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
+  float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
   {
     const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
     const float* w0 = w.const_data_ptr<float>();
     at::parallel_for(0, g.c, 16, [&](int64_t i0, int64_t i1) {
       if (transposed) {  // row f of the layer, column c, taps turned by 180°
-        winograd_filters(w0 + 2 * s2 + 2 * s3, s0, s1, -s2, -s3, g.c, g.f, i0, i1, u);
+        winograd_filters(w0 + 2 * s2 + 2 * s3, s0, s1, -s2, -s3, g.c, g.f, i0, i1, u, plane);
       } else {
-        winograd_filters(w0, s1, s0, s2, s3, g.c, g.f, i0, i1, u);
+        winograd_filters(w0, s1, s0, s2, s3, g.c, g.f, i0, i1, u, plane);
       }
     });
   }
   std::vector<cpu::SegmentsB<float>> filters;
   for (int xi = 0; xi < 16; ++xi) {
-    filters.push_back({cpu::SegmentedView<float>{nullptr, 0, 0, 0}, 1, g.c, g.f, u + xi * u_size});
+    filters.push_back({cpu::SegmentedView<float>{nullptr, 0, 0, 0}, 1, g.c, g.f, u + xi * plane});
   }
   // Tiles a block: its V and M (16 floats a channel and a filter each) about 512 KiB, in L2; a multiple of
   // 6, the GEMM tile's rows.

@@ -186,10 +186,11 @@ CS231N_AVX512 inline void winograd_outputs(const float* m, int64_t pitch, const 
     }
   }
 }
+
 // Z[ξ][t - t0][f] = (A dy Aᵀ)[ξ] for tiles [t0, t1), from dy_pad: the NHWC output gradient, f channels,
 // wq pixels a row, zeros past the output (so that every tile's 2×2 block lies inside it).
-CS231N_AVX512 inline void winograd_grad_outputs(const float* dy_pad, int64_t wq, const WinogradTiles& tiles,
-                                                int64_t f, int64_t t0, int64_t t1, float* z, int64_t pitch) {
+CS231N_AVX512 inline void winograd_grad_outputs(const float* dy_pad, int64_t wq, const WinogradTiles& tiles, int64_t f,
+                                                int64_t t0, int64_t t1, float* z, int64_t pitch) {
   for (int64_t t = t0; t < t1; ++t) {
     const float* origin = dy_pad + (t / tiles.tw * 2 * wq + t % tiles.tw * 2) * f;
     float* row = z + (t - t0) * f;
@@ -325,7 +326,8 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
 // its own, those added in part order (deterministic for a given thread count; a sample shared by two
 // ranges is padded by both); with fewer (batch 1 of 28 × 28: 196 tiles, where each thread's ∂U of 16·F·C
 // would be read and written for a few tiles), all the tiles by every thread, each summing its own ξ of
-// the one ∂U. A block of tiles may span samples (small images). dy and x NHWC, or NCHW when `planes`; dw of any strides.
+// the one ∂U. A block of tiles may span samples (small images). dy and x NHWC, or NCHW when `planes`;
+// dw of any strides.
 constexpr int64_t kWinogradTilesPerPart = 128;
 constexpr int64_t kWinogradGradBlock = 96;  // tiles a block: each block reads and writes ∂U once
 

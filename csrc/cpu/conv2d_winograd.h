@@ -227,22 +227,26 @@ CS231N_AVX512 inline void winograd_filter_grads(const float* du, int64_t f_count
 }
 #endif  // CS231N_X86
 
-// x_pad (tiles.hp × tiles.wp × C, zeros around) from a sample x, NHWC or (planes) NCHW.
-inline void winograd_pad(const float* x, const Conv2dGeometry& g, const WinogradTiles& tiles, bool planes,
-                         float* x_pad) {
+// Rows [r0, r1) of x_pad (tiles.hp × tiles.wp × C: the sample x with pH rows and pW columns of zeros
+// before it, zeros after) from a sample x, NHWC or (planes) NCHW, into x_rows (row r0 first).
+inline void winograd_pad(const float* x, const Conv2dGeometry& g, const WinogradTiles& tiles, bool planes, int64_t r0,
+                         int64_t r1, float* x_rows) {
   const int64_t row = tiles.wp * g.c;
-  std::fill(x_pad, x_pad + g.ph * row, 0.0f);
-  for (int64_t i = 0; i < g.h; ++i) {
-    float* dst = x_pad + (g.ph + i) * row;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = x_rows + (r - r0) * row;
+    const int64_t i = r - g.ph;  // the input row
+    if (i < 0 || i >= g.h) {
+      std::fill(dst, dst + row, 0.0f);
+      continue;
+    }
     std::fill(dst, dst + g.pw * g.c, 0.0f);
-    if (planes) {  // input row i: the [C x W] slice x[:, i, :], transposed
+    if (planes) {  // the [C x W] slice x[:, i, :], transposed
       cpu::transpose_matrix(x + i * g.w, g.h * g.w, g.c, g.w, dst + g.pw * g.c, g.c);
     } else {
       std::copy(x + i * g.w * g.c, x + (i + 1) * g.w * g.c, dst + g.pw * g.c);
     }
     std::fill(dst + (g.pw + g.w) * g.c, dst + row, 0.0f);
   }
-  std::fill(x_pad + (g.ph + g.h) * row, x_pad + tiles.hp * row, 0.0f);
 }
 
 // y = conv(x, W) + b by Winograd, with W the filters of w or, when `transposed`, those of its transposed
@@ -279,38 +283,55 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   const int64_t block = std::clamp<int64_t>(8192 / (g.c + g.f) / 6 * 6, 24, 96);
   std::vector<int64_t> a_rows(block);
   for (int64_t i = 0; i < block; ++i) a_rows[i] = i * g.c;
-  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
-  const int64_t chunks = chunk_count(g);
-  for_chunks(chunks, [&](int64_t cb, int64_t ce) {
-    float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, tiles.hp * tiles.wp * g.c);
-    float* out_t = planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, out_sample) : nullptr;
-    for (int64_t n = chunk_begin(cb, chunks, g.n); n < chunk_begin(ce, chunks, g.n); ++n) {
-      winograd_pad(x + n * in_sample, g, tiles, planes, x_pad);
-      float* out = planes ? out_t : y + n * out_sample;
-      // The sample's tiles in blocks; with one chunk (a single sample) the blocks go among the threads,
-      // as many a thread.
-      int64_t items = (tiles.count() + block - 1) / block;
-      if (chunks == 1) {
-        const int64_t threads = at::get_num_threads();
-        items = (items + threads - 1) / threads * threads;
-      }
-      at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-        float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * block * g.c);
-        float* m = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * block * g.f);
-        for (int64_t item = i0; item < i1; ++item) {
-          const int64_t t0 = item * tiles.count() / items, t1 = (item + 1) * tiles.count() / items;
-          if (t1 <= t0) continue;
-          winograd_inputs(x_pad, tiles, g.c, t0, t1, v, block);
-          for (int xi = 0; xi < 16; ++xi) {
-            const float* a = v + xi * block * g.c;
-            cpu::gemm_segments<float>(t1 - t0, &a, g.c, filters[xi], m + xi * block * g.f, g.f, {}, a_rows.data());
-          }
-          winograd_outputs(m, block, tiles, g, g.f, t0, t1, b, out);
+  // Each sample in bands of tile rows, a band about two blocks of tiles (a whole small image): a band's
+  // input rows, padded (transposed from NCHW), its V and M, and (NCHW) its outputs before they are
+  // transposed into y stay in L2, where a whole 56 × 56 sample's did not. The bands of all samples go
+  // among the threads; with fewer samples than threads (batch 1) a sample is one band, whose blocks go
+  // among them (bands of whole tile rows would split 14 × 14's 7 unevenly).
+  const int64_t threads = at::get_num_threads(), in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
+  const bool by_bands = g.n >= threads;
+  const int64_t band = by_bands ? std::clamp<int64_t>((2 * block + tiles.tw - 1) / tiles.tw, 1, tiles.th) : tiles.th;
+  const int64_t bands = (tiles.th + band - 1) / band;
+  // Tile rows [r0, r1) of sample n, from its padded rows in x_rows, through out_rows when NCHW.
+  const auto run_band = [&](int64_t n, int64_t r0, int64_t r1, float* x_rows, float* out_rows) {
+    winograd_pad(x + n * in_sample, g, tiles, planes, 2 * r0, 2 * r1 + 2, x_rows);
+    Conv2dGeometry gb = g;  // the band as an image of its own, its first output row 2·r0
+    gb.oh = std::min(2 * (r1 - r0), g.oh - 2 * r0);
+    const WinogradTiles tb{r1 - r0, tiles.tw, 2 * (r1 - r0) + 2, tiles.wp};
+    float* y_rows = y + n * out_sample + (planes ? 2 * r0 * g.ow : 2 * r0 * g.ow * g.f);
+    int64_t blocks = (tb.count() + block - 1) / block;
+    if (!by_bands) blocks = (blocks + threads - 1) / threads * threads;
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {  // inside a band's item: on this thread
+      float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * block * g.c);
+      float* m = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * block * g.f);
+      for (int64_t k = k0; k < k1; ++k) {  // even blocks of at most `block` tiles
+        const int64_t t0 = k * tb.count() / blocks, t1 = (k + 1) * tb.count() / blocks;
+        if (t1 <= t0) continue;
+        winograd_inputs(x_rows, tb, g.c, t0, t1, v, block);
+        for (int xi = 0; xi < 16; ++xi) {
+          const float* a = v + xi * block * g.c;
+          cpu::gemm_segments<float>(t1 - t0, &a, g.c, filters[xi], m + xi * block * g.f, g.f, {}, a_rows.data());
         }
-      });
-      if (planes) cpu::transpose_matrix(out_t, g.f, g.oh * g.ow, g.f, y + n * out_sample, g.oh * g.ow);
-    }
-  });
+        winograd_outputs(m, block, tb, gb, g.f, t0, t1, b, planes ? out_rows : y_rows);
+      }
+    });
+    // -> y[n][F][rows]: the band's pixels are a run of each filter's plane
+    if (planes) cpu::transpose_matrix(out_rows, g.f, gb.oh * g.ow, g.f, y_rows, g.oh * g.ow);
+  };
+  const auto x_rows = [&] { return cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c); };
+  const auto out_rows = [&] {
+    return planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, 2 * band * g.ow * g.f) : nullptr;
+  };
+  if (by_bands) {
+    at::parallel_for(0, g.n * bands, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t r0 = item % bands * band;
+        run_band(item / bands, r0, std::min(tiles.th, r0 + band), x_rows(), out_rows());
+      }
+    });
+  } else {
+    for (int64_t n = 0; n < g.n; ++n) run_band(n, 0, tiles.th, x_rows(), out_rows());
+  }
 #else
   (void)x, (void)w, (void)transposed, (void)b, (void)y, (void)g, (void)planes;
   TORCH_CHECK(false, "conv2d: Winograd's route needs an x86 CPU");
@@ -373,8 +394,8 @@ inline void winograd_weight_grad(const float* dy, const float* x, at::Tensor& dw
       };
       const int64_t r0 = chunk_begin(tp, tile_parts, total), r1 = chunk_begin(tp + 1, tile_parts, total);
       for (int64_t n = r0 / tiles.count(); n * tiles.count() < r1; ++n) {
-        winograd_pad(x + n * in_sample, g, tiles, planes, x_pad);
-        winograd_pad(dy + n * out_sample, gy, dy_tiles, planes, dy_pad);
+        winograd_pad(x + n * in_sample, g, tiles, planes, 0, tiles.hp, x_pad);
+        winograd_pad(dy + n * out_sample, gy, dy_tiles, planes, 0, dy_tiles.hp, dy_pad);
         const int64_t s0 = std::max(r0 - n * tiles.count(), int64_t(0)),
                       s1 = std::min(r1 - n * tiles.count(), tiles.count());
         for (int64_t t0 = s0; t0 < s1;) {

@@ -318,7 +318,9 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
     // -> y[n][F][rows]: the band's pixels are a run of each filter's plane
     if (planes) cpu::transpose_matrix(out_rows, g.f, gb.oh * g.ow, g.f, y_rows, g.oh * g.ow);
   };
-  const auto x_rows = [&] { return cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c); };
+  const auto x_rows = [&] {
+    return cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c);
+  };
   const auto out_rows = [&] {
     return planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, 2 * band * g.ow * g.f) : nullptr;
   };

@@ -489,12 +489,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       }
       // d_x = the transposed convolution t of w's filters on dY, in NHWC: by pixel rows for small images;
       // the filters read through w's strides (filter_segments)
-      if (dx_transposed && use_pixel_rows(t) && !channels_last_direct(t)) {
-        conv_forward_pixel_rows<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t,
-                                          /*planes=*/false);
-      } else if (dx_transposed && std::is_same_v<scalar_t, float> && winograd_forward_applies(t)) {
+      if (dx_transposed && std::is_same_v<scalar_t, float> && winograd_forward_applies(t)) {  // as the forward
         winograd_forward(reinterpret_cast<const float*>(dyp), weight, /*transposed=*/true, nullptr,
                          reinterpret_cast<float*>(dx.mutable_data_ptr<scalar_t>()), t, /*planes=*/false);
+      } else if (dx_transposed && use_pixel_rows(t) && !channels_last_direct(t)) {
+        conv_forward_pixel_rows<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t,
+                                          /*planes=*/false);
       } else if (dx_transposed) {
         conv_forward_nhwc<scalar_t>(dyp, weight, /*transposed=*/true, nullptr, dx.mutable_data_ptr<scalar_t>(), t);
       }

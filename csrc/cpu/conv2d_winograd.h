@@ -346,8 +346,8 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
 // the sum 16 GEMMs of (F × tiles)·(tiles × C), Z read in place through a table of its rows (gemm_gather_a)
 // and V as it lies. Work among the threads, one part each: where each thread gets at least
 // kWinogradTilesPerPart tiles, the batch's tiles (in sample order) in even ranges, each summed into a ∂U of
-// its own, those added in part order (deterministic for a given thread count; a sample shared by two
-// ranges is padded by both); with fewer (batch 1 of 28 × 28: 196 tiles, where each thread's ∂U of 16·F·C
+// its own, those added in part order (deterministic for a given thread count); a range in bands of tile
+// rows, as the forward's; with fewer (batch 1 of 28 × 28: 196 tiles, where each thread's ∂U of 16·F·C
 // would be read and written for a few tiles), all the tiles by every thread, each summing its own ξ of
 // the one ∂U. A block of tiles may span samples (small images). dy and x NHWC, or NCHW when `planes`;
 // dw of any strides.
@@ -365,14 +365,14 @@ inline void winograd_weight_grad(const float* dy, const float* x, at::Tensor& dw
   const int64_t total = g.n * tiles.count(), du_size = 16 * g.f * g.c, threads = at::get_num_threads();
   const bool by_tiles = total >= threads * kWinogradTilesPerPart;
   const int64_t tile_parts = by_tiles ? threads : 1, xi_parts = by_tiles ? 1 : std::min<int64_t>(threads, 16);
-  const int64_t block = kWinogradGradBlock;
+  const int64_t block = kWinogradGradBlock, band = std::max<int64_t>(1, block / tiles.tw);
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
   ChunkPartials<float> partials(tile_parts, du_size);
   std::vector<int64_t> a_col(block);
   for (int64_t p = 0; p < block; ++p) a_col[p] = p * g.f;
   at::parallel_for(0, tile_parts * xi_parts, 1, [&](int64_t p0, int64_t p1) {
-    float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, tiles.hp * tiles.wp * g.c);
-    float* dy_pad = cpu::thread_scratch<float>(cpu::Scratch::kOut, dy_tiles.hp * dy_tiles.wp * g.f);
+    float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c);
+    float* dy_pad = cpu::thread_scratch<float>(cpu::Scratch::kOut, 2 * band * dy_tiles.wp * g.f);
     float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * block * g.c);
     float* z = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * block * g.f);
     std::vector<const float*> a_row(g.f);
@@ -396,17 +396,21 @@ inline void winograd_weight_grad(const float* dy, const float* x, at::Tensor& dw
       };
       const int64_t r0 = chunk_begin(tp, tile_parts, total), r1 = chunk_begin(tp + 1, tile_parts, total);
       for (int64_t n = r0 / tiles.count(); n * tiles.count() < r1; ++n) {
-        winograd_pad(x + n * in_sample, g, tiles, planes, 0, tiles.hp, x_pad);
-        winograd_pad(dy + n * out_sample, gy, dy_tiles, planes, 0, dy_tiles.hp, dy_pad);
         const int64_t s0 = std::max(r0 - n * tiles.count(), int64_t(0)),
                       s1 = std::min(r1 - n * tiles.count(), tiles.count());
-        for (int64_t t0 = s0; t0 < s1;) {
-          const int64_t t1 = std::min(s1, t0 + block - filled);
-          winograd_inputs(x_pad, tiles, g.c, t0, t1, v + filled * g.c, block);
-          winograd_grad_outputs(dy_pad, dy_tiles.wp, tiles, g.f, t0, t1, z + filled * g.f, block);
-          filled += t1 - t0;
-          t0 = t1;
-          if (filled == block) flush();
+        // the range in bands of tile rows, each band's x and dY rows padded (transposed) in L2
+        for (int64_t q0 = s0 / tiles.tw; q0 * tiles.tw < s1; q0 += band) {
+          const int64_t q1 = std::min(tiles.th, q0 + band), base = q0 * tiles.tw, end = std::min(s1, q1 * tiles.tw);
+          winograd_pad(x + n * in_sample, g, tiles, planes, 2 * q0, 2 * q1 + 2, x_pad);
+          winograd_pad(dy + n * out_sample, gy, dy_tiles, planes, 2 * q0, 2 * q1, dy_pad);
+          for (int64_t t0 = std::max(s0, base); t0 < end;) {
+            const int64_t t1 = std::min(end, t0 + block - filled);
+            winograd_inputs(x_pad, tiles, g.c, t0 - base, t1 - base, v + filled * g.c, block);
+            winograd_grad_outputs(dy_pad, dy_tiles.wp, tiles, g.f, t0 - base, t1 - base, z + filled * g.f, block);
+            filled += t1 - t0;
+            t0 = t1;
+            if (filled == block) flush();
+          }
         }
       }
       flush();

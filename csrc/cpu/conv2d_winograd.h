@@ -318,21 +318,21 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
     // -> y[n][F][rows]: the band's pixels are a run of each filter's plane
     if (planes) cpu::transpose_matrix(out_rows, g.f, gb.oh * g.ow, g.f, y_rows, g.oh * g.ow);
   };
-  const auto x_rows = [&] {
+  const auto input_rows = [&] {  // the calling thread's buffers for a band
     return cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c);
   };
-  const auto out_rows = [&] {
+  const auto output_rows = [&] {
     return planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, 2 * band * g.ow * g.f) : nullptr;
   };
   if (by_bands) {
     at::parallel_for(0, g.n * bands, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t r0 = item % bands * band;
-        run_band(item / bands, r0, std::min(tiles.th, r0 + band), x_rows(), out_rows());
+        run_band(item / bands, r0, std::min(tiles.th, r0 + band), input_rows(), output_rows());
       }
     });
   } else {
-    for (int64_t n = 0; n < g.n; ++n) run_band(n, 0, tiles.th, x_rows(), out_rows());
+    for (int64_t n = 0; n < g.n; ++n) run_band(n, 0, tiles.th, input_rows(), output_rows());
   }
 #else
   (void)x, (void)w, (void)transposed, (void)b, (void)y, (void)g, (void)planes;

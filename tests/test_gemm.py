@@ -284,8 +284,8 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # (the last tiles' outputs partly outside), 80 filters (a sliver of 64 and one with zero columns),
     # paddings 0 and 2 (d_x's transposed convolution pads 2 and 0); one sample whose tiles go among the
     # threads in blocks; 61 x 30 outputs in bands of 8 tile rows (the last of 7, its last row half outside);
-    # d_W of 450 tiles in a range a thread (the second sample split between them), and
-    # of 140 small-image tiles (7 samples of 20) in blocks that span samples, each thread its own ξ
+    # d_W of 450 tiles in a range a thread (the second sample split between them, mid-row), and of 140
+    # small-image tiles (7 samples of 20) in blocks that span samples, each thread its own ξ
     dict(shape=(2, 64, 13, 15), f=80, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 64, 9, 10), f=64, k=3, stride=1, padding=0, groups=1),
     dict(shape=(1, 64, 7, 9), f=64, k=3, stride=1, padding=2, groups=1),

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common/conv2d.h"
@@ -109,6 +110,13 @@ inline Lanes16 operator-(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v - b.v); 
 inline Lanes16 operator*(Lanes16 a, Lanes16 b) { return Lanes16::of(a.v * b.v); }
 inline Lanes16 operator-(Lanes16 a) { return Lanes16::of(-a.v); }
 
+// Lane l's offset l·stride, for the gathers and scatters below (strides within int32: winograd_forward
+// copies a weight whose are not).
+CS231N_AVX512 inline __m512i lane_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
 // U[ξ] = (G g Gᵀ)[ξ] for rows [i0, i1) of the GEMM's B (kc × n), in gemm_segments' packed form: U[ξ] at
 // u + ξ·plane (plane ≥ kc·n rounded up to slivers of 64), sliver s at + s·kc·64, row i at + i·64. The filter at
 // (row i, column j) has its tap (a, b) at w + i·s_row + j·s_col + a·s_a + b·s_b; 16 columns at a time.
@@ -118,8 +126,7 @@ inline Lanes16 operator-(Lanes16 a) { return Lanes16::of(-a.v); }
 CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_t s_col, int64_t s_a, int64_t s_b,
                                            int64_t kc, int64_t n, int64_t i0, int64_t i1, float* u, int64_t plane) {
   const bool runs = (s_b == 1 || s_b == -1) && s_a == 3 * s_b;
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(s_col)));
+  const __m512i lanes = lane_offsets(s_col);
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t j = 0; j < (n + 63) / 64 * 64; j += 16) {
       float* out = u + j / 64 * kc * 64 + i * 64 + j % 64;
@@ -209,8 +216,7 @@ CS231N_AVX512 inline void winograd_grad_outputs(const float* dy_pad, int64_t wq,
 // time, into dw through its strides (tap (a, b) of filter f, channel c at dw + f·s0 + c·s1 + a·s2 + b·s3).
 CS231N_AVX512 inline void winograd_filter_grads(const float* du, int64_t f_count, int64_t c, int64_t f0, int64_t f1,
                                                 float* dw, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(s1)));
+  const __m512i lanes = lane_offsets(s1);
   for (int64_t f = f0; f < f1; ++f) {
     for (int64_t k = 0; k < c; k += 16) {
       Lanes16 u[4][4], g[3][3];
@@ -264,8 +270,11 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
   float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
   {
-    const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
-    const float* w0 = w.const_data_ptr<float>();
+    // the gathers' lane offsets (15 columns apart) are int32: a view with larger strides is copied
+    const bool narrow = 15 * std::max(w.stride(0), w.stride(1)) <= std::numeric_limits<int32_t>::max();
+    const at::Tensor wc = narrow ? w : w.contiguous();
+    const int64_t s0 = wc.stride(0), s1 = wc.stride(1), s2 = wc.stride(2), s3 = wc.stride(3);
+    const float* w0 = wc.const_data_ptr<float>();
     at::parallel_for(0, g.c, 16, [&](int64_t i0, int64_t i1) {
       if (transposed) {  // row f of the layer, column c, taps turned by 180°
         winograd_filters(w0 + 2 * s2 + 2 * s3, s0, s1, -s2, -s3, g.c, g.f, i0, i1, u, plane);

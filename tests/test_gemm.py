@@ -285,7 +285,9 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # paddings 0 and 2 (d_x's transposed convolution pads 2 and 0); one sample whose tiles go among the
     # threads in blocks; 61 x 30 outputs in bands of 8 tile rows (the last of 7, its last row half outside);
     # d_W of 450 tiles in a range a thread (the second sample split between them, mid-row), and of 140
-    # small-image tiles (7 samples of 20) in blocks that span samples, each thread its own ξ
+    # small-image tiles (7 samples of 20) in blocks that span samples, each thread its own ξ; and 5 small
+    # images of 128 channels and 144 filters (U past 1 MiB: blocks of up to 96 tiles) in a group of 2
+    # samples and one of 3 (with 2 threads), a group's tiles (12 a sample) one block
     dict(shape=(2, 64, 13, 15), f=80, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 64, 9, 10), f=64, k=3, stride=1, padding=0, groups=1),
     dict(shape=(1, 64, 7, 9), f=64, k=3, stride=1, padding=2, groups=1),
@@ -293,6 +295,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(2, 64, 61, 30), f=64, k=3, stride=1, padding=1, groups=1),
     dict(shape=(3, 32, 30, 20), f=32, k=3, stride=1, padding=1, groups=1),
     dict(shape=(7, 32, 8, 9), f=48, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(5, 128, 5, 7), f=144, k=3, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -307,7 +310,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided", "depthwise_strided_pixels", "depthwise_9x9",
         "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
         "few_pixels_dx_1x1", "winograd_odd", "winograd_padding_0", "winograd_padding_2", "winograd_one_sample",
-        "winograd_bands", "winograd_dw_ranges", "winograd_dw_small_images"])
+        "winograd_bands", "winograd_dw_ranges", "winograd_dw_small_images", "winograd_sample_groups"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):

@@ -67,17 +67,41 @@ inline WinogradTiles winograd_tiles(const Conv2dGeometry& g) {
   return {th, tw, 2 * th + 2, 2 * tw + 2};
 }
 
-// The forward (and d_x, the transposed convolution's forward: g is then that convolution). Its 16 GEMMs
-// have depth C, and under 64 channels or filters the transforms cost as much as they save (32 channels
-// on 56 × 56: d_x 0.89 of torch's time by Winograd, 0.82 direct). A sample's tiles go in blocks, each
-// reading all of U (64·C·F bytes): a sample of few tiles and many channels read more U than it computed
-// with (512 channels on 7 × 7, 16 tiles: 1.36 of torch's time, direct 1.32), so it needs C·F / 4096 tiles.
+// The forward (and d_x, the transposed convolution's forward: g is then that convolution): its tiles go
+// in blocks, each block's 16 GEMMs (block × C)·(C × F) reading all of U (64·C·F bytes). Where U fits in L2
+// with the block's V and M (C·F ≤ 2¹⁴, 1 MiB), a block of those two about 512 KiB; where it does not, U
+// comes from L3 or memory once per block, and the block grows with it, about C·F / (C + F) tiles so that
+// U's share of the traffic is V's and M's (on a Xeon of 2 MiB L2, 24 tiles of 256 channels on 14 × 14
+// took 16.6 ms, 96 took 12.5; 512 channels on 28 × 28: 64 → 39 ms from 24 to 288 tiles). Small images
+// put several whole samples in one block.
+struct WinogradForwardPlan {
+  int64_t block;    // tiles a block at most: the rows of V and M in a thread's scratch
+  int64_t groups;   // the batch's samples in this many even groups, each group's tiles one block (small
+                    // images), a multiple of the threads; 0: each sample on its own, in bands
+  int64_t samples;  // the largest group's samples (1 without groups)
+  int64_t tiles;    // tiles a block holds, given the batch: what U's reading is spread over
+};
+inline WinogradForwardPlan winograd_forward_plan(const Conv2dGeometry& g) {
+  const int64_t per_sample = winograd_tiles(g).count(), threads = at::get_num_threads();
+  const int64_t block = 64 * g.c * g.f <= (int64_t(1) << 20)
+                            ? std::clamp<int64_t>(8192 / (g.c + g.f) / 6 * 6, 24, 96)
+                            : std::clamp<int64_t>(g.c * g.f / (g.c + g.f) / 6 * 6, 96, 288);
+  const int64_t fit = block / per_sample;  // whole samples a block could hold
+  if (fit < 2 || g.n < 2 * threads) return {block, 0, 1, std::min(block, per_sample)};
+  const int64_t groups = ((g.n + fit - 1) / fit + threads - 1) / threads * threads;
+  const int64_t samples = (g.n + groups - 1) / groups;
+  return {block, groups, samples, samples * per_sample};
+}
+
+// Under 64 channels or filters the transforms cost as much as they save (32 channels on 56 × 56: d_x 0.89
+// of torch's time by Winograd, 0.82 direct); under C·F / 4096 tiles a block, U's reading does (512
+// channels on 7 × 7, one sample's 16 tiles a block: 1.36 of torch's time, direct 1.32).
 constexpr int64_t kWinogradMinChannels = 64;
 constexpr int64_t kWinogradChannelProductPerTile = 4096;
 
 inline bool winograd_forward_applies(const Conv2dGeometry& g) {
   return winograd_shape(g) && g.c >= kWinogradMinChannels && g.f >= kWinogradMinChannels &&
-         winograd_tiles(g).count() * kWinogradChannelProductPerTile >= g.c * g.f && winograd_wanted();
+         winograd_forward_plan(g).tiles * kWinogradChannelProductPerTile >= g.c * g.f && winograd_wanted();
 }
 
 // d_W: its ∂U (16·F·C) is written and read again whatever the batch, and under kWinogradMinGradTiles
@@ -121,15 +145,50 @@ CS231N_AVX512 inline __m512i lane_offsets(int64_t stride) {
 // u + ξ·plane (plane ≥ kc·n rounded up to slivers of 64), sliver s at + s·kc·64, row i at + i·64. The filter at
 // (row i, column j) has its tap (a, b) at w + i·s_row + j·s_col + a·s_a + b·s_b; 16 columns at a time.
 // Where a filter's 9 taps lie together (s_b = ±1, s_a = 3·s_b: NCHW weights, forwards or turned by 180°),
-// the 16 filters' runs are loaded and transposed in registers; otherwise each tap is gathered (16
-// gathers of stride s_col took as long as the 16 GEMMs at batch 1). Columns past n are zeros.
+// the 16 filters' runs are loaded and transposed in registers; where rows do (s_row = 1) or columns do
+// (s_col = 1: channels_last weights, forwards and turned), a tap of 16 filters is one load; otherwise
+// each tap is gathered (16 gathers of stride s_col took as long as the 16 GEMMs at batch 1). Columns
+// past n are zeros.
 CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_t s_col, int64_t s_a, int64_t s_b,
                                            int64_t kc, int64_t n, int64_t i0, int64_t i1, float* u, int64_t plane) {
+  const int64_t n_pad = (n + 63) / 64 * 64;
+  const auto out_at = [&](int64_t i, int64_t j) { return u + j / 64 * kc * 64 + i * 64 + j % 64; };
+  if (s_row == 1) {
+    // Rows lie together (channels_last filters, forwards): 16 rows a vector, column by column, and each ξ's
+    // 16 × 16 block transposed into the slivers' rows (the gathers of 16 columns took a third of a
+    // 512-channel 7 × 7 layer's forward)
+    for (int64_t i = i0; i < i1; i += 16) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, i1 - i));
+      const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1u);
+      for (int64_t j = 0; j < n_pad; j += 16) {
+        alignas(64) float block[16][16][16];  // [ξ][column j + q][row i + lane]
+        for (int q = 0; q < 16; ++q) {
+          Lanes16 g[3][3], t[4][4];
+          const float* base = w + i + (j + q) * s_col;
+          for (int a = 0; a < 3; ++a) {
+            for (int b = 0; b < 3; ++b) {
+              g[a][b] = Lanes16::of(j + q < n ? _mm512_maskz_loadu_ps(mask, base + a * s_a + b * s_b)
+                                              : _mm512_setzero_ps());
+            }
+          }
+          winograd::filter_tile(g, t);
+          for (int xi = 0; xi < 16; ++xi) _mm512_store_ps(block[xi][q], t[xi / 4][xi % 4].v);
+        }
+        for (int xi = 0; xi < 16; ++xi) {
+          __m512 r[16];
+          for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(block[xi][q]);
+          cpu::transpose16(r);  // r[m]: row i + m's 16 columns
+          for (int m = 0; m < rows; ++m) _mm512_storeu_ps(out_at(i + m, j) + xi * plane, r[m]);
+        }
+      }
+    }
+    return;
+  }
   const bool runs = (s_b == 1 || s_b == -1) && s_a == 3 * s_b;
   const __m512i lanes = lane_offsets(s_col);
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = 0; j < (n + 63) / 64 * 64; j += 16) {
-      float* out = u + j / 64 * kc * 64 + i * 64 + j % 64;
+    for (int64_t j = 0; j < n_pad; j += 16) {
+      float* out = out_at(i, j);
       if (j >= n) {
         for (int xi = 0; xi < 16; ++xi) _mm512_storeu_ps(out + xi * plane, _mm512_setzero_ps());
         continue;
@@ -142,9 +201,12 @@ CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_
         for (int q = 0; q < 16; ++q) r[q] = _mm512_maskz_loadu_ps(0x1ff, lowest + q * s_col);
         cpu::transpose16(r);  // r[m]: the 16 filters' tap at memory position m of their runs
         for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = Lanes16::of(r[s_b > 0 ? k : 8 - k]);
-      } else {
+      } else {  // columns together (channels_last filters, turned for d_x) or apart
         for (int a = 0; a < 3; ++a) {
-          for (int b = 0; b < 3; ++b) g[a][b] = Lanes16::of(_mm512_i32gather_ps(lanes, base + a * s_a + b * s_b, 4));
+          for (int b = 0; b < 3; ++b) {
+            const float* tap = base + a * s_a + b * s_b;
+            g[a][b] = Lanes16::of(s_col == 1 ? _mm512_loadu_ps(tap) : _mm512_i32gather_ps(lanes, tap, 4));
+          }
         }
       }
       winograd::filter_tile(g, t);
@@ -287,61 +349,93 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   for (int xi = 0; xi < 16; ++xi) {
     filters.push_back({cpu::SegmentedView<float>{nullptr, 0, 0, 0}, 1, g.c, g.f, u + xi * plane});
   }
-  // Tiles a block: its V and M (16 floats a channel and a filter each) about 512 KiB, in L2; a multiple of
-  // 6, the GEMM tile's rows.
-  const int64_t block = std::clamp<int64_t>(8192 / (g.c + g.f) / 6 * 6, 24, 96);
+  const WinogradForwardPlan plan = winograd_forward_plan(g);
+  const int64_t block = plan.block;
   std::vector<int64_t> a_rows(block);
   for (int64_t i = 0; i < block; ++i) a_rows[i] = i * g.c;
   // Each sample in bands of tile rows, a band about two blocks of tiles (a whole small image): a band's
   // input rows, padded (transposed from NCHW), its V and M, and (NCHW) its outputs before they are
-  // transposed into y stay in L2, where a whole 56 × 56 sample's did not. The bands of all samples go
+  // transposed into y stay in L2, where a whole 56 × 56 sample's did not. Small images go in groups of
+  // plan.samples whole samples instead, their tiles one block. The bands (or groups) of all samples go
   // among the threads; with fewer samples than threads (batch 1) a sample is one band, whose blocks go
   // among them (bands of whole tile rows would split 14 × 14's 7 unevenly).
   const int64_t threads = at::get_num_threads(), in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
   const bool by_bands = g.n >= threads;
-  const int64_t band = by_bands ? std::clamp<int64_t>((2 * block + tiles.tw - 1) / tiles.tw, 1, tiles.th) : tiles.th;
+  const int64_t band = by_bands && plan.groups == 0
+                           ? std::clamp<int64_t>((2 * block + tiles.tw - 1) / tiles.tw, 1, tiles.th)
+                           : tiles.th;
   const int64_t bands = (tiles.th + band - 1) / band;
-  // Tile rows [r0, r1) of sample n, from its padded rows in x_rows, through out_rows when NCHW.
-  const auto run_band = [&](int64_t n, int64_t r0, int64_t r1, float* x_rows, float* out_rows) {
-    winograd_pad(x + n * in_sample, g, tiles, planes, 2 * r0, 2 * r1 + 2, x_rows);
+  // Tile rows [r0, r1) of samples [n0, n1), their tiles one after the other, from their padded rows in
+  // x_rows (one after the other), through out_rows when NCHW.
+  const auto run_band = [&](int64_t n0, int64_t n1, int64_t r0, int64_t r1, float* x_rows, float* out_rows) {
+    const int64_t rows_size = (2 * (r1 - r0) + 2) * tiles.wp * g.c;
+    for (int64_t n = n0; n < n1; ++n) {
+      winograd_pad(x + n * in_sample, g, tiles, planes, 2 * r0, 2 * r1 + 2, x_rows + (n - n0) * rows_size);
+    }
     Conv2dGeometry gb = g;  // the band as an image of its own, its first output row 2·r0
     gb.oh = std::min(2 * (r1 - r0), g.oh - 2 * r0);
     const WinogradTiles tb{r1 - r0, tiles.tw, 2 * (r1 - r0) + 2, tiles.wp};
-    float* y_rows = y + n * out_sample + (planes ? 2 * r0 * g.ow : 2 * r0 * g.ow * g.f);
-    int64_t blocks = (tb.count() + block - 1) / block;
+    const int64_t per_sample = tb.count(), count = (n1 - n0) * per_sample, band_out = gb.oh * g.ow * g.f;
+    const auto y_rows = [&](int64_t n) {
+      return planes ? out_rows + (n - n0) * band_out : y + n * out_sample + 2 * r0 * g.ow * g.f;
+    };
+    int64_t blocks = (count + block - 1) / block;
     if (!by_bands) blocks = (blocks + threads - 1) / threads * threads;
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {  // inside a band's item: on this thread
       float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * block * g.c);
       float* m = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * block * g.f);
       for (int64_t k = k0; k < k1; ++k) {  // even blocks of at most `block` tiles
-        const int64_t t0 = k * tb.count() / blocks, t1 = (k + 1) * tb.count() / blocks;
+        const int64_t t0 = k * count / blocks, t1 = (k + 1) * count / blocks;
         if (t1 <= t0) continue;
-        winograd_inputs(x_rows, tb, g.c, t0, t1, v, block);
+        // the block's tiles, by sample: tiles [s0, s1) of sample n are its rows s0 + n_first - t0 ..
+        const auto by_sample = [&](auto&& fn) {
+          for (int64_t n = n0 + t0 / per_sample; n < n1 && (n - n0) * per_sample < t1; ++n) {
+            const int64_t first = (n - n0) * per_sample;
+            const int64_t s0 = std::max(t0, first) - first, s1 = std::min(t1, first + per_sample) - first;
+            fn(n, s0, s1, first + s0 - t0);
+          }
+        };
+        by_sample([&](int64_t n, int64_t s0, int64_t s1, int64_t row) {
+          winograd_inputs(x_rows + (n - n0) * rows_size, tb, g.c, s0, s1, v + row * g.c, block);
+        });
         for (int xi = 0; xi < 16; ++xi) {
           const float* a = v + xi * block * g.c;
           cpu::gemm_segments<float>(t1 - t0, &a, g.c, filters[xi], m + xi * block * g.f, g.f, {}, a_rows.data());
         }
-        winograd_outputs(m, block, tb, gb, g.f, t0, t1, b, planes ? out_rows : y_rows);
+        by_sample([&](int64_t n, int64_t s0, int64_t s1, int64_t row) {
+          winograd_outputs(m + row * g.f, block, tb, gb, g.f, s0, s1, b, y_rows(n));
+        });
       }
     });
     // -> y[n][F][rows]: the band's pixels are a run of each filter's plane
-    if (planes) cpu::transpose_matrix(out_rows, g.f, gb.oh * g.ow, g.f, y_rows, g.oh * g.ow);
+    if (planes) {
+      for (int64_t n = n0; n < n1; ++n) {
+        cpu::transpose_matrix(y_rows(n), g.f, gb.oh * g.ow, g.f, y + n * out_sample + 2 * r0 * g.ow, g.oh * g.ow);
+      }
+    }
   };
   const auto input_rows = [&] {  // the calling thread's buffers for a band
-    return cpu::thread_scratch<float>(cpu::Scratch::kPadded, (2 * band + 2) * tiles.wp * g.c);
+    return cpu::thread_scratch<float>(cpu::Scratch::kPadded, plan.samples * (2 * band + 2) * tiles.wp * g.c);
   };
   const auto output_rows = [&] {
-    return planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, 2 * band * g.ow * g.f) : nullptr;
+    return planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, plan.samples * 2 * band * g.ow * g.f) : nullptr;
   };
-  if (by_bands) {
+  if (plan.groups > 0) {
+    at::parallel_for(0, plan.groups, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t k = i0; k < i1; ++k) {
+        run_band(chunk_begin(k, plan.groups, g.n), chunk_begin(k + 1, plan.groups, g.n), 0, tiles.th, input_rows(),
+                 output_rows());
+      }
+    });
+  } else if (by_bands) {
     at::parallel_for(0, g.n * bands, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t r0 = item % bands * band;
-        run_band(item / bands, r0, std::min(tiles.th, r0 + band), input_rows(), output_rows());
+        run_band(item / bands, item / bands + 1, r0, std::min(tiles.th, r0 + band), input_rows(), output_rows());
       }
     });
   } else {
-    for (int64_t n = 0; n < g.n; ++n) run_band(n, 0, tiles.th, input_rows(), output_rows());
+    for (int64_t n = 0; n < g.n; ++n) run_band(n, n + 1, 0, tiles.th, input_rows(), output_rows());
   }
 #else
   (void)x, (void)w, (void)transposed, (void)b, (void)y, (void)g, (void)planes;

@@ -167,8 +167,8 @@ CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_
           const float* base = w + i + (j + q) * s_col;
           for (int a = 0; a < 3; ++a) {
             for (int b = 0; b < 3; ++b) {
-              g[a][b] = Lanes16::of(j + q < n ? _mm512_maskz_loadu_ps(mask, base + a * s_a + b * s_b)
-                                              : _mm512_setzero_ps());
+              g[a][b] =
+                  Lanes16::of(j + q < n ? _mm512_maskz_loadu_ps(mask, base + a * s_a + b * s_b) : _mm512_setzero_ps());
             }
           }
           winograd::filter_tile(g, t);
@@ -361,9 +361,8 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   // among them (bands of whole tile rows would split 14 × 14's 7 unevenly).
   const int64_t threads = at::get_num_threads(), in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
   const bool by_bands = g.n >= threads;
-  const int64_t band = by_bands && plan.groups == 0
-                           ? std::clamp<int64_t>((2 * block + tiles.tw - 1) / tiles.tw, 1, tiles.th)
-                           : tiles.th;
+  const int64_t band =
+      by_bands && plan.groups == 0 ? std::clamp<int64_t>((2 * block + tiles.tw - 1) / tiles.tw, 1, tiles.th) : tiles.th;
   const int64_t bands = (tiles.th + band - 1) / band;
   // Tile rows [r0, r1) of samples [n0, n1), their tiles one after the other, from their padded rows in
   // x_rows (one after the other), through out_rows when NCHW.

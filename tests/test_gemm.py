@@ -431,6 +431,26 @@ def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c,
     check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=1), "amx", gen)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n,c,f,k,hw,stride,padding", [
+    (13, 40, 36, 3, (8, 8), 1, 1),  # chunks of 6 and 7 samples: blocks of 6, then 3 and 4 planes
+    (11, 64, 48, 1, (5, 7), 1, 0),  # 1x1: planes without padding, 5 and 6 samples a block
+    (7, 48, 40, 3, (9, 10), 2, 1),  # strided: a sample's four phases one plane, blocks of 3 and 4
+    # chunks of 22 samples in blocks of 5, 6, 5, 6, whose 1x1 sums run past a 5-block's 500 pixels to 512:
+    # into the planes a 6-block left
+    (44, 32, 40, 1, (10, 10), 1, 0),
+])
+def test_amx_bfloat16_weight_grad_of_small_images_against_float64(layout, n, c, f, k, hw, stride, padding):
+    """d_W on the AMX tiles for images of under 128 outputs: blocks of samples whose padded planes lie one
+    after another as one plane (conv2d_amx.h), a smaller block's tail cleared of the larger one's dY."""
+    gen = torch.Generator().manual_seed(n + c + f)
+    x = torch.randn(n, c, *hw, generator=gen).bfloat16()
+    w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_bfloat16_convolution(x, w, None, dict(stride=stride, padding=padding), "amx", gen)
+
+
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("c,f,k,hw,stride,padding", [

@@ -200,12 +200,15 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
 //                                   pair q, (x_pad[2q + o, c], x_pad[2q + 1 + o, c]), is row q of a tile
 //                                   read from pixel o = offset(t) on with a row stride of 2 pixels
 // C, 32 filters x 32 channels of one tap, is loaded from the chunk's d_W, summed over the sample's
-// pixels and stored back. Layers of 32 channels or more, as the vdpbf16ps d_W with its pixel pairs, and
-// layers of few channels (a stem) by taps (below); small images keep that route's pixel rows
-// (bf16_pixel_rows).
+// pixels and stored back. Small images (bf16_pixel_rows) go in blocks of samples, their padded planes
+// one after another as one longer plane, so that a load and store of C is spread over about
+// kAmxGradPixels pixels rather than one small sample's (an output's taps stay inside its own sample's
+// plane; between the samples dY' is zero). Layers of 32 channels or more, as the vdpbf16ps d_W with its
+// pixel pairs, and large-image layers of few channels (a stem) by taps (below).
 inline bool amx_weight_grad(const Conv2dGeometry& g) {
-  return cpu::cpu_amx() && bf16_direct(g) && (2 * g.c >= kBf16Nr || bf16_weight_grad_by_taps(g)) && !bf16_pixel_rows(g);
+  return cpu::cpu_amx() && bf16_direct(g) && (2 * g.c >= kBf16Nr || bf16_weight_grad_by_taps(g));
 }
+constexpr int64_t kAmxGradPixels = 512;
 
 // d_W of a layer of few channels (bf16_weight_grad_by_taps: a stem's 3) by taps: d_Wᵀ[(t, c), f] =
 // Σ_p x_pad[p + offset(t), c] · dY'[p, f], the taps·C rows (t, c) in blocks of 32, k the pixel p:
@@ -315,7 +318,7 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const auto round_up = [](int64_t v) { return (v + kAmxBlock - 1) / kAmxBlock * kAmxBlock; };
-  const int64_t cp = g.c + (g.c & 1), cw = round_up(g.c), fw = round_up(g.f), kp = round_up(sp.cols);
+  const int64_t cp = g.c + (g.c & 1), cw = round_up(g.c), fw = round_up(g.f);
   const int64_t taps = g.taps(), plane = sp.plane(), ldc = taps * g.c, outputs = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
@@ -324,34 +327,53 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
   for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);
   const int64_t no_shift = 0;                          // d_W's A has one tap, unshifted
   TileBuffer<float> partial(chunks * taps * fw * cw);  // chunk's [t][f][c]
+  // samples a block: one, or (small images) enough for kAmxGradPixels, at most a chunk's
+  const int64_t most = bf16_pixel_rows(g)
+                           ? std::clamp<int64_t>((kAmxGradPixels + plane - 1) / plane, 1, (g.n + chunks - 1) / chunks)
+                           : 1;
+  const int64_t kp = round_up((most - 1) * plane + sp.cols);  // the pixels of a block's dY' rows
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
-    std::vector<uint16_t> x_pad((plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
-    // the tiles read up to 32 pixels past the plane (and past the pitch's last output): zeros
-    TileBuffer<uint32_t> x_pairs((plane + kAmxBlock) * cw);
+    std::vector<uint16_t> x_pad((most * plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
+    // the tiles read up to 32 pixels past the last plane (and past the pitch's last output): zeros, or
+    // (a smaller block) an earlier block's pixels, which meet zeros of dY'
+    TileBuffer<uint32_t> x_pairs((most * plane + kAmxBlock) * cw);
     TileBuffer<uint16_t> dy_planes(fw * kp);  // the thrown-away columns and the rows past F stay 0
     const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       float* dw_chunk = partial.data() + chunk * taps * fw * cw;
-      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
-        pair_pixels(x_pad.data(), plane, cp, g.c, cw, x_pairs.data());
-        const uint16_t* dy_n = dyb + n * out_sample;
-        for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
-          uint16_t* row = dy_planes.data() + o_h * sp.wq;  // filter f's at row + f * kp
-          if (planes) {
-            for (int64_t f = 0; f < g.f; ++f) {
-              std::memcpy(row + f * kp, dy_n + f * outputs + o_h * g.ow, g.ow * sizeof(uint16_t));
+      const int64_t n_begin = chunk_begin(chunk, chunks, g.n), count = chunk_begin(chunk + 1, chunks, g.n) - n_begin;
+      const int64_t blocks = (count + most - 1) / most;
+      for (int64_t block = 0; block < blocks; ++block) {  // even blocks of at most `most` samples
+        const int64_t n0 = n_begin + chunk_begin(block, blocks, count);
+        const int64_t nb = n_begin + chunk_begin(block + 1, blocks, count) - n0;
+        for (int64_t s = 0; s < nb; ++s) {
+          const int64_t n = n0 + s, first = s * plane;  // sample n's plane: from pixel `first` on
+          pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data() + first * cp);
+          const uint16_t* dy_n = dyb + n * out_sample;
+          for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+            uint16_t* row = dy_planes.data() + first + o_h * sp.wq;  // filter f's at row + f * kp
+            if (planes) {
+              for (int64_t f = 0; f < g.f; ++f) {
+                std::memcpy(row + f * kp, dy_n + f * outputs + o_h * g.ow, g.ow * sizeof(uint16_t));
+              }
+            } else {  // dst[f * kp + o_w] = src[o_w * F + f]
+              planes_to_pixels(dy_n + o_h * g.ow * g.f, g.f, g.ow, g.f, row, kp);
             }
-          } else {  // dst[f * kp + o_w] = src[o_w * F + f]
-            planes_to_pixels(dy_n + o_h * g.ow * g.f, g.f, g.ow, g.f, row, kp);
           }
         }
+        if (nb < most) {  // a smaller block: the samples past it are not in its sums
+          for (int64_t f = 0; f < g.f; ++f) {
+            std::fill(dy_planes.data() + f * kp + nb * plane, dy_planes.data() + (f + 1) * kp, uint16_t(0));
+          }
+        }
+        pair_pixels(x_pad.data(), nb * plane, cp, g.c, cw, x_pairs.data());
+        const int64_t k = round_up((nb - 1) * plane + sp.cols);
         for (int64_t t = 0; t < taps; ++t) {
           for (int64_t f0 = 0; f0 < fw; f0 += kAmxBlock) {
             for (int64_t c0 = 0; c0 < cw; c0 += kAmxBlock) {
-              // one "tap" of kp pixels: A's rows are filters, B's pairs pixel pairs, its columns channels
-              amx_block(1, kp / kAmxK, dy_planes.data() + f0 * kp, kp, &no_shift, x_pairs.data() + offsets[t] * cw + c0,
+              // one "tap" of k pixels: A's rows are filters, B's pairs pixel pairs, its columns channels
+              amx_block(1, k / kAmxK, dy_planes.data() + f0 * kp, kp, &no_shift, x_pairs.data() + offsets[t] * cw + c0,
                         0, 2 * cw, dw_chunk + (t * fw + f0) * cw + c0, cw, /*accumulate=*/true);
             }
           }

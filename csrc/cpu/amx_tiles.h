@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/reduced_float.h"
 
 #if CS231N_X86
 #include <immintrin.h>
@@ -114,6 +115,16 @@ CS231N_AMX inline void amx_store_row(const float* c_row, float* out, int n, cons
     __m512 x = _mm512_loadu_ps(c_row + 16 * v);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
     _mm512_mask_storeu_ps(out + 16 * v, mask, x);
+  }
+}
+
+// The same, rounded to bfloat16 as it is stored (cpu::from_float's rounding), into a bfloat16 row.
+CS231N_AMX inline void amx_store_row_bf16(const float* c_row, c10::BFloat16* out, int n, const float* bias) {
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 mask = cpu::lane_mask(n - 16 * v);
+    __m512 x = _mm512_loadu_ps(c_row + 16 * v);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
+    _mm256_mask_storeu_epi16(out + 16 * v, mask, cpu::bf16_bits_avx512(x));
   }
 }
 

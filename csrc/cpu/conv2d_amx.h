@@ -67,7 +67,8 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
     const AmxScope tiles;
     TileBuffer<uint16_t> x_pad((sp.plane() + kAmxBlock) * cp);
     TileBuffer<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0);
-    std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
+    // NCHW's outputs in float32 until transposed into y's planes; NHWC's are rounded into y as stored
+    std::vector<float> out(planes ? block * outputs * g.f : 0), planes_out(planes ? outputs * g.f : 0);
     alignas(64) float c[kAmxBlock * kAmxBlock];
     const uint16_t* a = by_rows ? a_rows.data() : x_pad.data();
     const int64_t a_row = by_rows ? row_values : cp;
@@ -95,13 +96,18 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
             amx_block(taps, ksteps, a + i * a_row, a_row, a_tap.data(), sliver, pairs * kBf16Nr, kBf16Nr, c, kAmxBlock,
                       /*accumulate=*/false);
             for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
-              const int64_t p = i + r, o_w = p % sp.wq;  // by rows, p is the output
-              if (!by_rows && o_w >= g.ow) continue;     // a thrown-away column of the pitch
-              const int64_t o = by_rows ? p : p / sp.wq * g.ow + o_w;
-              amx_store_row(c + r * kAmxBlock, out.data() + o * g.f + j, n, b ? b + j : nullptr);
+              const int64_t p = i + r, o_w = p % sp.wq;                // by rows, p is the output
+              if (!by_rows && o_w >= g.ow) continue;                   // a thrown-away column of the pitch
+              const int64_t o = by_rows ? p : p / sp.wq * g.ow + o_w;  // of sample n0 (by rows: on from it)
+              if (planes) {
+                amx_store_row(c + r * kAmxBlock, out.data() + o * g.f + j, n, b ? b + j : nullptr);
+              } else {
+                amx_store_row_bf16(c + r * kAmxBlock, y + n0 * out_sample + o * g.f + j, n, b ? b + j : nullptr);
+              }
             }
           }
         }
+        if (!planes) continue;
         if (split.bands > 1) {  // the band's outputs only
           store_bf16_outputs(out.data() + r0 * g.ow * g.f, r0 * g.ow, (r1 - r0) * g.ow, g, planes, planes_out.data(),
                              y + n0 * out_sample);

@@ -85,6 +85,17 @@ CS231N_AVX2 inline int64_t from_float_avx2(const float* src, int64_t n, c10::BFl
   }
   return i;
 }
+
+// The same rounding of 16 values on AVX-512 (for kernels that round as they store: AMX's tiles), their
+// bfloat16 bits in order.
+CS231N_AVX512 inline __m256i bf16_bits_avx512(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc0)));
+}
 #endif
 
 inline void to_float(const c10::BFloat16* src, int64_t n, float* dst) {

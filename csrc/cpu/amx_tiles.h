@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -26,20 +27,22 @@ namespace conv2d_cpu {
 constexpr int kAmxBlock = 32;  // pixels and filters a block: 2 x 2 tiles of 16
 constexpr int kAmxK = 32;      // bfloat16 values of k a tile step (a tile row: 64 bytes)
 
-// A zeroed buffer of n values whose first lies on a 64-byte boundary: a tile row of 64 bytes then fills one
-// cache line instead of straddling two.
+// A buffer of n values whose first lies on a 64-byte boundary: a tile row of 64 bytes then fills one cache
+// line instead of straddling two. Zeroed, unless the caller writes every value a kept result reads (the
+// forward's rows of A: a tile's rows past the last are read, but only into rows of C that are not stored).
 template <typename T>
 class TileBuffer {
  public:
-  explicit TileBuffer(int64_t n) : values_(n + 64 / sizeof(T), T(0)) {
-    const auto address = reinterpret_cast<uintptr_t>(values_.data());
-    data_ = values_.data() + ((64 - address % 64) % 64) / sizeof(T);
+  explicit TileBuffer(int64_t n, bool zeroed = true)
+      : values_(zeroed ? new T[n + 64 / sizeof(T)]() : new T[n + 64 / sizeof(T)]) {
+    const auto address = reinterpret_cast<uintptr_t>(values_.get());
+    data_ = values_.get() + ((64 - address % 64) % 64) / sizeof(T);
   }
   T* data() { return data_; }
   const T* data() const { return data_; }
 
  private:
-  std::vector<T> values_;
+  std::unique_ptr<T[]> values_;
   T* data_;
 };
 

@@ -66,7 +66,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
     TileBuffer<uint16_t> x_pad((sp.plane() + kAmxBlock) * cp);
-    TileBuffer<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0);
+    TileBuffer<uint16_t> a_rows(by_rows ? (block * outputs + kAmxBlock) * row_values : 0, /*zeroed=*/false);
     // NCHW's outputs in float32 until transposed into y's planes; NHWC's are rounded into y as stored
     std::vector<float> out(planes ? block * outputs * g.f : 0), planes_out(planes ? outputs * g.f : 0);
     alignas(64) float c[kAmxBlock * kAmxBlock];

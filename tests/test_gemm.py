@@ -287,7 +287,9 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # d_W of 450 tiles in a range a thread (the second sample split between them, mid-row), and of 140
     # small-image tiles (7 samples of 20) in blocks that span samples, each thread its own ξ; and 5 small
     # images of 128 channels and 144 filters (U past 1 MiB: blocks of up to 96 tiles) in a group of 2
-    # samples and one of 3 (with 2 threads), a group's tiles (12 a sample) one block
+    # samples and one of 3 (with 2 threads), a group's tiles (12 a sample) one block; one sample of those
+    # channels (156 outputs: past the dot products) by slivers of filters among the threads (64, 64 and 16
+    # filters; d_x: 64, 64)
     dict(shape=(2, 64, 13, 15), f=80, k=3, stride=1, padding=1, groups=1),
     dict(shape=(2, 64, 9, 10), f=64, k=3, stride=1, padding=0, groups=1),
     dict(shape=(1, 64, 7, 9), f=64, k=3, stride=1, padding=2, groups=1),
@@ -296,6 +298,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 32, 30, 20), f=32, k=3, stride=1, padding=1, groups=1),
     dict(shape=(7, 32, 8, 9), f=48, k=3, stride=1, padding=1, groups=1),
     dict(shape=(5, 128, 5, 7), f=144, k=3, stride=1, padding=1, groups=1),
+    dict(shape=(1, 128, 12, 13), f=144, k=3, stride=1, padding=1, groups=1),
 ], ids=["k1", "deep_k", "long_row", "groups", "depthwise_3x3", "depthwise_small", "short_rows", "stem_like",
         "stride3", "dilated_strided", "pointwise_strided", "grouped_strided", "anisotropic_stride",
         "small_strided", "depthwise_vectors", "depthwise_5x5", "depthwise_rows", "depthwise_rows_strided", "depthwise_block4",
@@ -310,7 +313,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided", "depthwise_strided_pixels", "depthwise_9x9",
         "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
         "few_pixels_dx_1x1", "winograd_odd", "winograd_padding_0", "winograd_padding_2", "winograd_one_sample",
-        "winograd_bands", "winograd_dw_ranges", "winograd_dw_small_images", "winograd_sample_groups"])
+        "winograd_bands", "winograd_dw_ranges", "winograd_dw_small_images", "winograd_sample_groups", "winograd_slivers"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 def test_conv2d_blocks_and_edges(isa, case, channels_last, weight_layout):
@@ -352,6 +355,21 @@ def test_winograd_is_as_close_to_float64_as_the_direct_route(monkeypatch, shape,
     monkeypatch.setenv("TORCH_CS231N_CPU_CONV", "fast")
     with pytest.raises(RuntimeError, match="TORCH_CS231N_CPU_CONV: expected 'winograd' or 'direct'.*got 'fast'"):
         run()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_slivers_shared_by_more_threads_than_slivers(channels_last):
+    """One sample by Winograd's slivers with six threads and three slivers: each sliver's tiles in two
+    ranges, each range's thread transforming the sliver's filters itself."""
+    if ops.cpu_isa() not in ("avx512", "amx"):
+        pytest.skip("Winograd's route needs AVX-512")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        _conv_against_float64(dict(shape=(1, 128, 12, 13), f=144, k=3, stride=1, padding=1, groups=1),
+                              channels_last, seed=2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_an_unknown_isa_in_the_environment_is_ignored_with_a_warning():

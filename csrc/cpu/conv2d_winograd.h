@@ -234,23 +234,23 @@ CS231N_AVX512 inline void winograd_inputs(const float* x_pad, const WinogradTile
   }
 }
 
-// The outputs of tiles [t0, t1) from M[ξ][t - t0][f] (a row of f per tile, `pitch` rows per ξ): Aᵀ M A,
-// plus b, into the NHWC output `out` (oH × oW × f), only the pixels inside it.
-CS231N_AVX512 inline void winograd_outputs(const float* m, int64_t pitch, const WinogradTiles& tiles,
-                                           const Conv2dGeometry& g, int64_t f, int64_t t0, int64_t t1, const float* b,
-                                           float* out) {
+// The outputs of tiles [t0, t1) for f filters from M[ξ][t - t0][f] (a row of ldm per tile, `pitch` rows
+// per ξ): Aᵀ M A, plus b, into the NHWC output `out` (oH × oW pixels, ldo apart), only the pixels inside it.
+CS231N_AVX512 inline void winograd_outputs(const float* m, int64_t ldm, int64_t pitch, const WinogradTiles& tiles,
+                                           const Conv2dGeometry& g, int64_t f, int64_t ldo, int64_t t0, int64_t t1,
+                                           const float* b, float* out) {
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t o_h = t / tiles.tw * 2, o_w = t % tiles.tw * 2;
     const int rows = o_h + 1 < g.oh ? 2 : 1, cols = o_w + 1 < g.ow ? 2 : 1;
-    const float* row = m + (t - t0) * f;
-    float* corner = out + (o_h * g.ow + o_w) * f;
+    const float* row = m + (t - t0) * ldm;
+    float* corner = out + (o_h * g.ow + o_w) * ldo;
     for (int64_t k = 0; k < f; k += 16) {
       Lanes16 mt[4][4], y[2][2];
-      for (int xi = 0; xi < 16; ++xi) mt[xi / 4][xi % 4] = Lanes16::of(_mm512_loadu_ps(row + xi * pitch * f + k));
+      for (int xi = 0; xi < 16; ++xi) mt[xi / 4][xi % 4] = Lanes16::of(_mm512_loadu_ps(row + xi * pitch * ldm + k));
       winograd::output_tile(mt, y);
       const __m512 bias = b ? _mm512_loadu_ps(b + k) : _mm512_setzero_ps();
       for (int a = 0; a < rows; ++a) {
-        for (int c = 0; c < cols; ++c) _mm512_storeu_ps(corner + (a * g.ow + c) * f + k, y[a][c].v + bias);
+        for (int c = 0; c < cols; ++c) _mm512_storeu_ps(corner + (a * g.ow + c) * ldo + k, y[a][c].v + bias);
       }
     }
   }
@@ -317,34 +317,96 @@ inline void winograd_pad(const float* x, const Conv2dGeometry& g, const Winograd
   }
 }
 
+// W for winograd_filters: row i of B an input channel of the convolution that runs, column j a filter,
+// from w or (`transposed`, d_x) from w turned by 180° with its channels and filters trading places.
+struct WinogradFilterView {
+  at::Tensor kept;  // w, or its copy
+  const float* w;
+  int64_t s_row, s_col, s_a, s_b;
+};
+inline WinogradFilterView winograd_filter_view(const at::Tensor& w, bool transposed) {
+  // the gathers' lane offsets (15 columns apart) are int32: a view with larger strides is copied
+  const bool narrow = 15 * std::max(w.stride(0), w.stride(1)) <= std::numeric_limits<int32_t>::max();
+  at::Tensor wc = narrow ? w : w.contiguous();
+  const int64_t s0 = wc.stride(0), s1 = wc.stride(1), s2 = wc.stride(2), s3 = wc.stride(3);
+  const float* w0 = wc.const_data_ptr<float>();
+  if (transposed) return {wc, w0 + 2 * s2 + 2 * s3, s0, s1, -s2, -s3};  // row f of the layer, column c
+  return {wc, w0, s1, s0, s2, s3};
+}
+
+// With fewer samples than threads and U past L2, the tile blocks among the threads each read all of U
+// (256 channels on 14 × 14 at batch 1: two blocks of 25 tiles, each reading 4 MiB; 0.93 ms against
+// oneDNN's 0.83). The filters go among them instead, by slivers of 64: an item transforms its sliver's
+// U (C × 64 a ξ, in L2) and runs all the sample's tiles against it, V made once and shared. Where V
+// itself leaves L2 (large images) it would be read once a sliver: those keep the blocks.
+constexpr int64_t kWinogradSliver = 64;
+inline bool winograd_by_slivers(const Conv2dGeometry& g) {
+  return g.n < at::get_num_threads() && 64 * g.c * g.f > (int64_t(1) << 20) && g.f > kWinogradSliver &&
+         winograd_tiles(g).count() * g.c <= (int64_t(1) << 15);
+}
+
+#if CS231N_X86
+inline void winograd_forward_by_slivers(const float* x, const WinogradFilterView& fv, const float* b, float* y,
+                                        const Conv2dGeometry& g, bool planes) {
+  const WinogradTiles tiles = winograd_tiles(g);
+  const int64_t count = tiles.count(), slivers = (g.f + kWinogradSliver - 1) / kWinogradSliver;
+  const int64_t parts = std::max<int64_t>(1, at::get_num_threads() / slivers);  // tile ranges a sliver
+  const int64_t plane = (g.c * kWinogradSliver + 1023) / 1024 * 1024 + 256;     // as winograd_forward's
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
+  std::vector<int64_t> a_rows(count);
+  for (int64_t i = 0; i < count; ++i) a_rows[i] = i * g.c;
+  float* x_pad = cpu::thread_scratch<float>(cpu::Scratch::kPadded, tiles.hp * tiles.wp * g.c);
+  float* v = cpu::thread_scratch<float>(cpu::Scratch::kRows, 16 * count * g.c);  // all the tiles' V
+  float* out = planes ? cpu::thread_scratch<float>(cpu::Scratch::kOut, out_sample) : nullptr;
+  for (int64_t n = 0; n < g.n; ++n) {
+    winograd_pad(x + n * in_sample, g, tiles, planes, 0, tiles.hp, x_pad);
+    at::parallel_for(0, count, 8,
+                     [&](int64_t t0, int64_t t1) { winograd_inputs(x_pad, tiles, g.c, t0, t1, v + t0 * g.c, count); });
+    float* y_n = planes ? out : y + n * out_sample;  // NHWC
+    at::parallel_for(0, slivers * parts, 1, [&](int64_t i0, int64_t i1) {
+      float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
+      float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
+      float* m = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * count * kWinogradSliver);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t s = item / parts, part = item % parts, j0 = s * kWinogradSliver;
+        const int64_t nf = std::min<int64_t>(kWinogradSliver, g.f - j0);
+        if (item == i0 || part == 0) {  // this sliver's U, unless the item before made it
+          winograd_filters(fv.w + j0 * fv.s_col, fv.s_row, fv.s_col, fv.s_a, fv.s_b, g.c, nf, 0, g.c, u, plane);
+        }
+        const int64_t t0 = chunk_begin(part, parts, count), t1 = chunk_begin(part + 1, parts, count);
+        for (int xi = 0; xi < 16; ++xi) {
+          const cpu::SegmentsB<float> filters{cpu::SegmentedView<float>{nullptr, 0, 0, 0}, 1, g.c, nf, u + xi * plane};
+          const float* a = v + (xi * count + t0) * g.c;
+          cpu::gemm_segments<float>(t1 - t0, &a, g.c, filters, m + xi * count * kWinogradSliver, kWinogradSliver, {},
+                                    a_rows.data());
+        }
+        winograd_outputs(m, kWinogradSliver, count, tiles, g, nf, g.f, t0, t1, b ? b + j0 : nullptr, y_n + j0);
+      }
+    });
+    if (planes) cpu::transpose_matrix(out, g.f, g.oh * g.ow, g.f, y + n * out_sample, g.oh * g.ow);
+  }
+}
+#endif  // CS231N_X86
+
 // y = conv(x, W) + b by Winograd, with W the filters of w or, when `transposed`, those of its transposed
 // convolution (d_x: g is then that convolution, W[f, c] turned by 180° with f and c trading places); x and
 // y NHWC, or NCHW when `planes`. winograd_forward_applies(g) must hold.
 inline void winograd_forward(const float* x, const at::Tensor& w, bool transposed, const float* b, float* y,
                              const Conv2dGeometry& g, bool planes) {
 #if CS231N_X86
+  const WinogradFilterView fv = winograd_filter_view(w, transposed);
+  if (winograd_by_slivers(g)) return winograd_forward_by_slivers(x, fv, b, y, g, planes);
   const WinogradTiles tiles = winograd_tiles(g);
-  // The filters, transformed once: row i of B is an input channel of the convolution that runs. Each
-  // U[ξ] 64-byte aligned, as the packed slivers' rows are read, and the planes a quarter of a page past a
-  // whole number of pages, so that one row's 16 stores (one to each plane) fall in different cache sets
-  // (at batch 1 of 256 channels on 14 × 14, those stores took longer than the 16 GEMMs).
+  // The filters, transformed once. Each U[ξ] 64-byte aligned, as the packed slivers' rows are read, and the
+  // planes a quarter of a page past a whole number of pages, so that one row's 16 stores (one to each
+  // plane) fall in different cache sets (at batch 1 of 256 channels on 14 × 14, those stores took longer
+  // than the 16 GEMMs).
   const int64_t plane = (g.c * ((g.f + 63) / 64 * 64) + 1023) / 1024 * 1024 + 256;
   float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
   float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
-  {
-    // the gathers' lane offsets (15 columns apart) are int32: a view with larger strides is copied
-    const bool narrow = 15 * std::max(w.stride(0), w.stride(1)) <= std::numeric_limits<int32_t>::max();
-    const at::Tensor wc = narrow ? w : w.contiguous();
-    const int64_t s0 = wc.stride(0), s1 = wc.stride(1), s2 = wc.stride(2), s3 = wc.stride(3);
-    const float* w0 = wc.const_data_ptr<float>();
-    at::parallel_for(0, g.c, 16, [&](int64_t i0, int64_t i1) {
-      if (transposed) {  // row f of the layer, column c, taps turned by 180°
-        winograd_filters(w0 + 2 * s2 + 2 * s3, s0, s1, -s2, -s3, g.c, g.f, i0, i1, u, plane);
-      } else {
-        winograd_filters(w0, s1, s0, s2, s3, g.c, g.f, i0, i1, u, plane);
-      }
-    });
-  }
+  at::parallel_for(0, g.c, 16, [&](int64_t i0, int64_t i1) {
+    winograd_filters(fv.w, fv.s_row, fv.s_col, fv.s_a, fv.s_b, g.c, g.f, i0, i1, u, plane);
+  });
   std::vector<cpu::SegmentsB<float>> filters;
   for (int xi = 0; xi < 16; ++xi) {
     filters.push_back({cpu::SegmentedView<float>{nullptr, 0, 0, 0}, 1, g.c, g.f, u + xi * plane});
@@ -402,7 +464,7 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
           cpu::gemm_segments<float>(t1 - t0, &a, g.c, filters[xi], m + xi * block * g.f, g.f, {}, a_rows.data());
         }
         by_sample([&](int64_t n, int64_t s0, int64_t s1, int64_t row) {
-          winograd_outputs(m + row * g.f, block, tb, gb, g.f, s0, s1, b, y_rows(n));
+          winograd_outputs(m + row * g.f, g.f, block, tb, gb, g.f, g.f, s0, s1, b, y_rows(n));
         });
       }
     });

@@ -457,6 +457,10 @@ def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c,
     # chunks of 22 samples in blocks of 5, 6, 5, 6, whose 1x1 sums run past a 5-block's 500 pixels to 512:
     # into the planes a 6-block left
     (44, 32, 40, 1, (10, 10), 1, 0),
+    # few pixels against many filters: the filters among the threads in blocks of 32 (150: the last block
+    # past F), every sample by each
+    (4, 32, 150, 1, (4, 4), 1, 0),
+    (3, 40, 100, 3, (4, 5), 1, 1),
 ])
 def test_amx_bfloat16_weight_grad_of_small_images_against_float64(layout, n, c, f, k, hw, stride, padding):
     """d_W on the AMX tiles for images of under 128 outputs: blocks of samples whose padded planes lie one

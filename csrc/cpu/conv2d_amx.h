@@ -328,7 +328,13 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
   const int64_t taps = g.taps(), plane = sp.plane(), ldc = taps * g.c, outputs = g.col_cols();
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
   const std::vector<uint8_t> used = bf16_used_phases(g, sp);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.n, at::get_num_threads()));
+  // Few pixels in the whole batch against many filters (1 x 1 layers of 1024-2048 filters on 4 x 4 images):
+  // each chunk's partial d_W, and their sum, outweighed the products; there the filters go among the
+  // threads instead, 32 a block, each thread summing every sample for its own (x's pairs made by each).
+  const int64_t threads = at::get_num_threads();
+  const bool by_filters = bf16_pixel_rows(g) && fw >= kAmxBlock * threads && g.n * plane * threads <= taps * fw;
+  const int64_t chunks = by_filters ? 1 : std::max<int64_t>(1, std::min<int64_t>(g.n, threads));
+  const int64_t f_parts = by_filters ? std::min<int64_t>(threads, fw / kAmxBlock) : 1;
   std::vector<int64_t> offsets(taps);
   for (int64_t t = 0; t < taps; ++t) offsets[t] = shifted_offset(g, sp, t);
   const int64_t no_shift = 0;                          // d_W's A has one tap, unshifted
@@ -338,7 +344,7 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
                            ? std::clamp<int64_t>((kAmxGradPixels + plane - 1) / plane, 1, (g.n + chunks - 1) / chunks)
                            : 1;
   const int64_t kp = round_up((most - 1) * plane + sp.cols);  // the pixels of a block's dY' rows
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, chunks * f_parts, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
     std::vector<uint16_t> x_pad((most * plane + 1) * cp, 0);  // one zero pixel more: the last one's pair
     // the tiles read up to 32 pixels past the last plane (and past the pitch's last output): zeros, or
@@ -346,7 +352,11 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
     TileBuffer<uint32_t> x_pairs((most * plane + kAmxBlock) * cw);
     TileBuffer<uint16_t> dy_planes(fw * kp);  // the thrown-away columns and the rows past F stay 0
     const auto* dyb = reinterpret_cast<const uint16_t*>(dy);
-    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+    for (int64_t item = cb; item < ce; ++item) {
+      const int64_t chunk = item / f_parts, part = item % f_parts, f_blocks = fw / kAmxBlock;
+      const int64_t fa = chunk_begin(part, f_parts, f_blocks) * kAmxBlock,
+                    fb = chunk_begin(part + 1, f_parts, f_blocks) * kAmxBlock;
+      const int64_t fe = std::min(fb, g.f);  // this item's filters [fa, fe), blocks [fa, fb)
       float* dw_chunk = partial.data() + chunk * taps * fw * cw;
       const int64_t n_begin = chunk_begin(chunk, chunks, g.n), count = chunk_begin(chunk + 1, chunks, g.n) - n_begin;
       const int64_t blocks = (count + most - 1) / most;
@@ -360,23 +370,23 @@ inline at::Tensor conv_weight_grad_bf16_amx(const c10::BFloat16* dy, const c10::
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
             uint16_t* row = dy_planes.data() + first + o_h * sp.wq;  // filter f's at row + f * kp
             if (planes) {
-              for (int64_t f = 0; f < g.f; ++f) {
+              for (int64_t f = fa; f < fe; ++f) {
                 std::memcpy(row + f * kp, dy_n + f * outputs + o_h * g.ow, g.ow * sizeof(uint16_t));
               }
             } else {  // dst[f * kp + o_w] = src[o_w * F + f]
-              planes_to_pixels(dy_n + o_h * g.ow * g.f, g.f, g.ow, g.f, row, kp);
+              planes_to_pixels(dy_n + o_h * g.ow * g.f + fa, g.f, g.ow, fe - fa, row + fa * kp, kp);
             }
           }
         }
         if (nb < most) {  // a smaller block: the samples past it are not in its sums
-          for (int64_t f = 0; f < g.f; ++f) {
+          for (int64_t f = fa; f < fe; ++f) {
             std::fill(dy_planes.data() + f * kp + nb * plane, dy_planes.data() + (f + 1) * kp, uint16_t(0));
           }
         }
         pair_pixels(x_pad.data(), nb * plane, cp, g.c, cw, x_pairs.data());
         const int64_t k = round_up((nb - 1) * plane + sp.cols);
         for (int64_t t = 0; t < taps; ++t) {
-          for (int64_t f0 = 0; f0 < fw; f0 += kAmxBlock) {
+          for (int64_t f0 = fa; f0 < fb; f0 += kAmxBlock) {
             for (int64_t c0 = 0; c0 < cw; c0 += kAmxBlock) {
               // one "tap" of k pixels: A's rows are filters, B's pairs pixel pairs, its columns channels
               amx_block(1, k / kAmxK, dy_planes.data() + f0 * kp, kp, &no_shift, x_pairs.data() + offsets[t] * cw + c0,

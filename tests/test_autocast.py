@@ -75,6 +75,30 @@ def test_the_op_itself_follows_autocast(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_weight_is_cast_once_an_autocast_region_as_torch_casts_it(device, dtype, grad):
+    """torch's conv2d keeps the cast of a weight (a leaf that requires grad) for the whole autocast region;
+    so does ours (its Autocast kernel's cached cast): over three calls, the one cast of the float32 weight
+    is the first call's, with grad mode on or off (inference). (A kernel's own conversions of the narrow
+    weight to float32, where it computes in float32, are not casts of the weight.)"""
+    from torch.profiler import profile
+
+    def weight_casts(layer, x):
+        with torch.set_grad_enabled(grad), torch.autocast(device, dtype=dtype):
+            with profile(record_shapes=True) as prof:
+                for _ in range(3):
+                    layer(x)
+        return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                   and tuple(e.input_shapes[0]) == tuple(layer.weight.shape) and e.input_dtypes[0] == "float")
+
+    reference = nn.Conv2d(16, 24, 3, padding=1).to(device)
+    ours = torch_cs231n.convert(copy.deepcopy(reference))
+    x = torch.randn(2, 16, 8, 8, device=device)
+    assert weight_casts(reference, x) == 1
+    assert weight_casts(ours, x) == 1
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
 def test_a_converted_model_cast_to_the_narrow_dtype_runs(device, dtype):
     """model.to(dtype) without autocast: parameters, buffers and activations all narrow, as torch's."""
     torch.manual_seed(1)

@@ -5,11 +5,12 @@
 //
 // A direct 3×3 layer does 9·C·F multiply-adds an output pixel; by 2×2 blocks of outputs, each from a 4×4
 // tile of the input, it is 16·C·F a block, 4 a pixel: 2.25 times fewer. A sample's tiles in bands of tile
-// rows, each in blocks of a few dozen tiles, so that a block's transformed values stay in L2:
+// rows (small images: several whole samples), each in blocks of tiles sized by U (winograd_forward_plan):
 //     V[ξ][t][c] = (Bᵀ d_t,c B)[ξ]              d_t,c: tile t's 4×4 window of channel c (zeros outside)
 //     M[ξ]       = V[ξ] · U[ξ]                  16 GEMMs, (tiles × C)·(C × F): gemm_segments, A in place
 //     y_t,f      = Aᵀ M[·][t][f] A + b[f]       the block's 2×2 outputs (those inside the image)
-// with U[ξ][c][f] = (G g_f,c Gᵀ)[ξ] computed once a call, straight into the GEMM's packed slivers. The
+// with U[ξ][c][f] = (G g_f,c Gᵀ)[ξ] computed once a call, straight into the GEMM's packed slivers (one
+// sample among the threads with a large U: a sliver of 64 filters an item, winograd_forward_by_slivers). The
 // transforms run on 16 channels (or filters) at a time, the pixels' channels being contiguous in NHWC; an
 // NCHW band is transposed in cache on the way in and out, as conv_forward_nhwc does a sample. d_W is 16 GEMMs too,
 // of the same V and the output gradient's transform (winograd_weight_grad, below).

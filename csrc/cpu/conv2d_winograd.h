@@ -160,7 +160,7 @@ CS231N_AVX512 inline void winograd_filters(const float* w, int64_t s_row, int64_
     // 512-channel 7 × 7 layer's forward)
     for (int64_t i = i0; i < i1; i += 16) {
       const int rows = static_cast<int>(std::min<int64_t>(16, i1 - i));
-      const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1u);
+      const __mmask16 mask = cpu::lane_mask(rows);
       for (int64_t j = 0; j < n_pad; j += 16) {
         alignas(64) float block[16][16][16];  // [ξ][column j + q][row i + lane]
         for (int q = 0; q < 16; ++q) {
@@ -318,6 +318,20 @@ inline void winograd_pad(const float* x, const Conv2dGeometry& g, const Winograd
   }
 }
 
+// The calling thread's buffer for U of kc rows and n columns (winograd_filters' packed form), and its
+// plane: each U[ξ] 64-byte aligned, as the packed slivers' rows are read, and the planes a quarter of a
+// page past a whole number of pages, so that one row's 16 stores (one to each plane) fall in different
+// cache sets (at batch 1 of 256 channels on 14 × 14, those stores took longer than the 16 GEMMs).
+struct WinogradU {
+  float* u;
+  int64_t plane;
+};
+inline WinogradU winograd_u_buffer(int64_t kc, int64_t n) {
+  const int64_t plane = (kc * ((n + 63) / 64 * 64) + 1023) / 1024 * 1024 + 256;
+  float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
+  return {scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float), plane};
+}
+
 // W for winograd_filters: row i of B an input channel of the convolution that runs, column j a filter,
 // from w or (`transposed`, d_x) from w turned by 180° with its channels and filters trading places.
 struct WinogradFilterView {
@@ -352,7 +366,6 @@ inline void winograd_forward_by_slivers(const float* x, const WinogradFilterView
   const WinogradTiles tiles = winograd_tiles(g);
   const int64_t count = tiles.count(), slivers = (g.f + kWinogradSliver - 1) / kWinogradSliver;
   const int64_t parts = std::max<int64_t>(1, at::get_num_threads() / slivers);  // tile ranges a sliver
-  const int64_t plane = (g.c * kWinogradSliver + 1023) / 1024 * 1024 + 256;     // as winograd_forward's
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.oh * g.ow * g.f;
   std::vector<int64_t> a_rows(count);
   for (int64_t i = 0; i < count; ++i) a_rows[i] = i * g.c;
@@ -365,8 +378,9 @@ inline void winograd_forward_by_slivers(const float* x, const WinogradFilterView
                      [&](int64_t t0, int64_t t1) { winograd_inputs(x_pad, tiles, g.c, t0, t1, v + t0 * g.c, count); });
     float* y_n = planes ? out : y + n * out_sample;  // NHWC
     at::parallel_for(0, slivers * parts, 1, [&](int64_t i0, int64_t i1) {
-      float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
-      float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
+      const WinogradU sliver = winograd_u_buffer(g.c, kWinogradSliver);  // this item's sliver of U
+      float* const u = sliver.u;
+      const int64_t plane = sliver.plane;
       float* m = cpu::thread_scratch<float>(cpu::Scratch::kGrad, 16 * count * kWinogradSliver);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t s = item / parts, part = item % parts, j0 = s * kWinogradSliver;
@@ -398,13 +412,9 @@ inline void winograd_forward(const float* x, const at::Tensor& w, bool transpose
   const WinogradFilterView fv = winograd_filter_view(w, transposed);
   if (winograd_by_slivers(g)) return winograd_forward_by_slivers(x, fv, b, y, g, planes);
   const WinogradTiles tiles = winograd_tiles(g);
-  // The filters, transformed once. Each U[ξ] 64-byte aligned, as the packed slivers' rows are read, and the
-  // planes a quarter of a page past a whole number of pages, so that one row's 16 stores (one to each
-  // plane) fall in different cache sets (at batch 1 of 256 channels on 14 × 14, those stores took longer
-  // than the 16 GEMMs).
-  const int64_t plane = (g.c * ((g.f + 63) / 64 * 64) + 1023) / 1024 * 1024 + 256;
-  float* scratch = cpu::thread_scratch<float>(cpu::Scratch::kFilters, 16 * plane + 16);
-  float* u = scratch + (64 - reinterpret_cast<uintptr_t>(scratch) % 64) % 64 / sizeof(float);
+  const WinogradU buffer = winograd_u_buffer(g.c, g.f);  // the filters, transformed once
+  float* const u = buffer.u;
+  const int64_t plane = buffer.plane;
   at::parallel_for(0, g.c, 16, [&](int64_t i0, int64_t i1) {
     winograd_filters(fv.w, fv.s_row, fv.s_col, fv.s_a, fv.s_b, g.c, g.f, i0, i1, u, plane);
   });

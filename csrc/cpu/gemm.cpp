@@ -257,9 +257,8 @@ void pack_transposed_rows(const T* const* rows, int64_t p0, int64_t kc, int64_t 
 }
 
 #if CS231N_X86
-// transpose_matrix for float on AVX-512: 16 x 16 blocks in registers, the partial ones at the edges
-// through lane masks (a 14-pixel row is one partial block, not 14 x C scalar copies).
-// dst's rows [j0, j0 + 16) from src's [i0, i0 + 16) (fewer at the edges), in registers.
+// dst's rows [j0, j0 + 16) from src's [i0, i0 + 16), in registers; fewer at the edges, through lane
+// masks (a 14-pixel row is one partial block, not 14 x C scalar copies).
 CS231N_AVX512 inline void transpose_block_avx512(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
                                                  float* dst, int64_t dst_stride, int64_t i0, int64_t j0) {
   const int row_count = static_cast<int>(std::min<int64_t>(16, rows - i0));
@@ -275,7 +274,8 @@ CS231N_AVX512 inline void transpose_block_avx512(const float* src, int64_t src_s
   for (int j = 0; j < col_count; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * dst_stride + i0, row_mask, r[j]);
 }
 
-// Many rows and few columns (a block of pixels' filters into NCHW planes): 16 columns at a time down all
+// transpose_matrix for float on AVX-512, by those 16 x 16 blocks. Many rows and few columns (a block of
+// pixels' filters into NCHW planes): 16 columns at a time down all
 // the rows, so that dst is written as 16 runs, not a 64-byte piece of each of its rows in turn (the 7 x 7
 // stem's NCHW forward spent a third of its time here); otherwise 16 rows at a time across the columns,
 // src read as 16 runs.
@@ -283,13 +283,15 @@ CS231N_AVX512 void transpose_matrix_avx512(const float* src, int64_t src_stride,
                                            int64_t dst_stride) {
   if (rows > 4 * cols) {
     for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-      for (int64_t i0 = 0; i0 < rows; i0 += 16)
+      for (int64_t i0 = 0; i0 < rows; i0 += 16) {
         transpose_block_avx512(src, src_stride, rows, cols, dst, dst_stride, i0, j0);
+      }
     }
   } else {
     for (int64_t i0 = 0; i0 < rows; i0 += 16) {
-      for (int64_t j0 = 0; j0 < cols; j0 += 16)
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
         transpose_block_avx512(src, src_stride, rows, cols, dst, dst_stride, i0, j0);
+      }
     }
   }
 }

@@ -215,6 +215,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # strided, 81 outputs: d_W gathered from the block's planes split into phases; d_x by phases, a block
     # of samples a product
     dict(shape=(3, 16, 17, 18), f=20, k=3, stride=2, padding=1, groups=1),
+    # ... and 128 filters: dY's rows (transposed from NCHW, copied from NHWC) a cache line past 512 bytes
+    # apart (dy_rows_pitch)
+    dict(shape=(3, 16, 17, 18), f=128, k=3, stride=2, padding=1, groups=1),
+    # a 1 x 1 layer of 72 outputs a sample: d_W as a packed product of its pixel rows
+    dict(shape=(3, 24, 8, 9), f=20, k=1, stride=1, padding=0, groups=1),
     # one input row, which no even tap reaches: d_x's first phase is (1, 0), of fewer taps than (0, 0)
     dict(shape=(2, 16, 1, 2), f=20, k=3, stride=2, padding=1, groups=1),
     # 40 outputs, dilated along the height only: NCHW d_W's pixel rows in W's (c, t) order, each output's
@@ -305,7 +310,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "depthwise_dw_blocks", "depthwise_rows_outside", "pointwise_expansion", "pointwise_16",
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "pointwise_few_pixels", "windows_blocks", "windows_in_padding",
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
-        "padded_block_strided", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
+        "padded_block_strided", "padded_block_pitch", "pixel_rows_1x1", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
         "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
         "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",

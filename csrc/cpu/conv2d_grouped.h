@@ -31,7 +31,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/conv2d.h"
@@ -489,6 +491,516 @@ void grouped_input_grad_rotated(const T* dy, const at::Tensor& w, T* dx, const C
           rotated_input_grad_baseline(dy_n, m0, m1, w_e, ph, dx_n, g, ring);
         }
       }
+    }
+  });
+}
+
+// ======================================================================= groups interleaved in the lanes
+// NEW ROUTE (draft): each vector of L channels holds G = L / k whole groups; lane l = j·G + gi stands for
+// channel gi·k + j of the vector (group gi, place j in it). Then for input channel i of the groups,
+// x[q, gi·k + i] over gi is G values side by side (in the interleaved input), and one broadcast of those G
+// values against the weights W[gi·k + j, i, t] in lane j·G + gi adds every lane's product:
+//     acc[q][j·G + gi] += W_b[t][i][j·G + gi] · x_b[q + off(t)][i·G + gi]
+inline bool grouped_by_broadcasts(const Conv2dGeometry& g, int64_t element_size) {
+  const int64_t lanes = 64 / element_size, k = g.c_per_group();
+  return g.groups > 1 && k >= 2 && k <= lanes && lanes % k == 0 && g.f_per_group() == k && g.c % lanes == 0;
+}
+
+template <typename T>
+struct GroupLanes {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  static constexpr int L = V::kLanes;
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Lane;
+  typedef Lane Mask __attribute__((vector_size(64)));
+  int64_t k, G;
+  Mask in, out;  // in[l]: the channel lane l holds; out[c]: the lane channel c is in
+  explicit GroupLanes(int64_t k_) : k(k_), G(L / k_) {
+    for (int l = 0; l < L; ++l) {
+      in[l] = static_cast<Lane>(channel(l));
+      out[l] = static_cast<Lane>(lane(l));
+    }
+  }
+  int64_t channel(int64_t l) const { return l % G * k + l / G; }
+  int64_t lane(int64_t c) const { return c % k * G + c / k; }
+};
+
+// v = the G values at p in every G lanes (lane l = p[l mod G]): G·sizeof(T) bytes broadcast, one load
+// instruction on AVX-512 (vbroadcastss/sd, vbroadcastf32x4, vbroadcastf64x4). kIsa: the caller's
+// (cpu::Isa), which these bodies inline into.
+template <int kIsa, int G, typename T>
+CS231N_INLINE void broadcast_lanes(const T* p, typename ChannelVectors<T>::Vec& v) {
+  using Vec = typename ChannelVectors<T>::Vec;
+  constexpr int bytes = G * sizeof(T);
+  if constexpr (bytes == 4 || bytes == 8) {  // a scalar of that size, broadcast
+    using U = std::conditional_t<bytes == 4, uint32_t, uint64_t>;
+    typedef U UVec __attribute__((vector_size(64)));
+    U u;
+    std::memcpy(&u, p, bytes);
+    v = (Vec)(UVec{} + u);
+  } else {
+    typedef float F4 __attribute__((vector_size(16), aligned(4), may_alias));
+    typedef double D4 __attribute__((vector_size(32), aligned(8), may_alias));
+#if CS231N_X86
+    if constexpr (kIsa >= static_cast<int>(cpu::Isa::kAvx512)) {
+      // the builtins themselves: their intrinsic wrappers carry a target this shared body lacks
+      typedef float F16 __attribute__((vector_size(64)));
+      typedef double D8 __attribute__((vector_size(64)));
+      if constexpr (bytes == 16) {
+        v = (Vec)__builtin_ia32_broadcastf32x4_512(*reinterpret_cast<const F4*>(p), F16{}, 0xffff);
+      } else {
+        v = (Vec)__builtin_ia32_broadcastf64x4_512(*reinterpret_cast<const D4*>(p), D8{}, 0xff);
+      }
+      return;
+    }
+#endif
+    T lanes[G];
+    std::memcpy(lanes, p, bytes);
+    for (int l = 0; l < ChannelVectors<T>::kLanes; ++l) v[l] = lanes[l % G];
+  }
+}
+
+// P outputs from virtual output q0 (the input's pixel q0 + off[t] for tap t), one vector of channels.
+template <int kIsa, int P, int G, typename T>
+CS231N_INLINE void interleaved_block(const T* xv, int64_t q0, const int64_t* off, int n, const T* wv,
+                                     const typename ChannelVectors<T>::Vec& init,
+                                     typename ChannelVectors<T>::Vec (&acc)[P]) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int L = V::kLanes, k = L / G;
+#pragma GCC unroll 24
+  for (int p = 0; p < P; ++p) acc[p] = init;
+  for (int t = 0; t < n; ++t) {
+    const T* src = xv + (q0 + off[t]) * L;
+    const T* w_t = wv + t * k * L;
+#pragma GCC unroll 16
+    for (int i = 0; i < k; ++i) {
+      const Vec w = V::at(w_t + i * L);
+#pragma GCC unroll 24
+      for (int p = 0; p < P; ++p) {
+        Vec x;
+        broadcast_lanes<kIsa, G>(src + p * L + i * G, x);
+        acc[p] += w * x;
+      }
+    }
+  }
+}
+
+// Where one vector's outputs go: output (m, c) of rows x cols at y + m·row_step + c·col_step.
+template <typename T>
+struct OutputRows {
+  T* y;
+  int64_t rows, cols, row_step, col_step;
+};
+
+template <int kIsa, int P, int G, typename T>
+CS231N_INLINE void interleaved_blocks(const T* xv, const int64_t* off, int n, const T* wv, const T* bias,
+                                      int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes,
+                                      int64_t total) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  const Vec init = bias ? V::at(bias) : Vec{};
+  const typename GroupLanes<T>::Mask to_channels = lanes.out;
+  Vec acc[P];
+  for (int64_t b0 = 0; b0 < total; b0 += P) {
+    const int64_t q0 = std::min(b0, total - P);  // the last block overlaps the one before
+    interleaved_block<kIsa, P, G>(xv, q0, off, n, wv, init, acc);
+    int64_t m = q0 / pitch, c = q0 % pitch;
+#pragma GCC unroll 24
+    for (int p = 0; p < P; ++p) {
+      if (c < out.cols) V::at(out.y + m * out.row_step + c * out.col_step) = __builtin_shuffle(acc[p], to_channels);
+      if (++c == pitch) c = 0, ++m;
+    }
+  }
+}
+
+// Blocks of P outputs, P the size (of those the ISA's registers hold) that computes the fewest outputs
+// in all, the larger on a tie: at 8 x 8 (78 virtual outputs) 80 by 16 where 24 computed 96.
+template <int kIsa, int P1, int P2, int P3, int G, typename T>
+CS231N_INLINE void interleaved_vector(const T* xv, const int64_t* off, int n, const T* wv, const T* bias,
+                                      int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes) {
+  if (out.rows <= 0 || out.cols <= 0) return;
+  const int64_t total = (out.rows - 1) * pitch + out.cols;
+  const auto computed = [&](int64_t p) { return total >= p ? (total + p - 1) / p * p : INT64_MAX; };
+  if (total < P3) {
+    interleaved_blocks<kIsa, 1, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
+  } else if (computed(P1) <= std::min(computed(P2), computed(P3))) {
+    interleaved_blocks<kIsa, P1, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
+  } else if (computed(P2) <= computed(P3)) {
+    interleaved_blocks<kIsa, P2, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
+  } else {
+    interleaved_blocks<kIsa, P3, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
+  }
+}
+
+// d_W of one vector: dwv[t][i] += Σ_{(m, c)} dyv[m·cols + c] · broadcast(xv[m·pitch + c + off[t]], i), the
+// sums of U outputs at a time apart (16 accumulators).
+template <int kIsa, int G, typename T>
+CS231N_INLINE void interleaved_weight_grad_vector(const T* xv, const T* dyv, const int64_t* off, int n,
+                                                  int64_t rows, int64_t cols, int64_t pitch, T* dwv) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int L = V::kLanes, k = L / G, U = k >= 16 ? 1 : 16 / k;
+  for (int t = 0; t < n; ++t) {
+    Vec acc[U][k];
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+      for (int i = 0; i < k; ++i) acc[u][i] = Vec{};
+    for (int64_t m = 0; m < rows; ++m) {
+      const T* d = dyv + m * cols * L;
+      const T* src = xv + (m * pitch + off[t]) * L;
+      int64_t c = 0;
+      for (; c + U <= cols; c += U) {
+#pragma GCC unroll 16
+        for (int u = 0; u < U; ++u) {
+          const Vec dv = V::at(d + (c + u) * L);
+#pragma GCC unroll 16
+          for (int i = 0; i < k; ++i) {
+            Vec x;
+            broadcast_lanes<kIsa, G>(src + (c + u) * L + i * G, x);
+            acc[u][i] += dv * x;
+          }
+        }
+      }
+      for (; c < cols; ++c) {
+        const Vec dv = V::at(d + c * L);
+#pragma GCC unroll 16
+        for (int i = 0; i < k; ++i) {
+          Vec x;
+          broadcast_lanes<kIsa, G>(src + c * L + i * G, x);
+          acc[0][i] += dv * x;
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < k; ++i) {
+      Vec sum = acc[0][i];
+#pragma GCC unroll 16
+      for (int u = 1; u < U; ++u) sum += acc[u][i];
+      V::at(dwv + (t * k + i) * L) += sum;
+    }
+  }
+}
+
+// count pixels, `pixel` apart from src (null: zeros), of `vectors` vectors of channels each, interleaved into
+// dst: vector v of pixel w at dst + v·plane + w·L.
+template <typename T>
+CS231N_INLINE void interleave_run(const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst, int64_t plane,
+                                  const GroupLanes<T>& lanes) {
+  using V = ChannelVectors<T>;
+  using Vec = typename V::Vec;
+  constexpr int L = V::kLanes;
+  const typename GroupLanes<T>::Mask to_lanes = lanes.in;
+  for (int64_t w = 0; w < count; ++w) {
+    for (int64_t v = 0; v < vectors; ++v) {
+      V::at(dst + v * plane + w * L) = src ? __builtin_shuffle(V::at(src + w * pixel + v * L), to_lanes) : Vec{};
+    }
+  }
+}
+
+#define CS231N_INTERLEAVED_KERNELS(SUFFIX, ATTR, ISA, P1, P2, P3)                                                \
+  template <int G, typename T>                                                                                     \
+  ATTR void interleaved_vector_##SUFFIX(const T* xv, const int64_t* off, int n, const T* wv, const T* bias,        \
+                                        int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes) {     \
+    interleaved_vector<static_cast<int>(ISA), P1, P2, P3, G>(xv, off, n, wv, bias, pitch, out, lanes);           \
+  }                                                                                                                \
+  template <int G, typename T>                                                                                     \
+  ATTR void interleaved_weight_grad_##SUFFIX(const T* xv, const T* dyv, const int64_t* off, int n, int64_t rows,   \
+                                             int64_t cols, int64_t pitch, T* dwv) {                                \
+    interleaved_weight_grad_vector<static_cast<int>(ISA), G>(xv, dyv, off, n, rows, cols, pitch, dwv);             \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  ATTR void interleave_run_##SUFFIX(const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst,           \
+                                    int64_t plane, const GroupLanes<T>& lanes) {                                   \
+    interleave_run(src, pixel, count, vectors, dst, plane, lanes);                                                 \
+  }
+CS231N_INTERLEAVED_KERNELS(baseline, , cpu::Isa::kBaseline, 2, 2, 2)
+CS231N_INTERLEAVED_KERNELS(avx2, CS231N_AVX2, cpu::Isa::kAvx2, 6, 4, 2)
+CS231N_INTERLEAVED_KERNELS(avx512, CS231N_AVX512, cpu::Isa::kAvx512, 24, 16, 8)
+#undef CS231N_INTERLEAVED_KERNELS
+
+// f(std::integral_constant<int, G>) for the layer's G (1, 2, 4 or 8 groups a vector).
+template <typename F>
+void with_groups_per_vector(int64_t G, const F& f) {
+  switch (G) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+template <typename T>
+void interleaved_vector_for(cpu::Isa isa, int64_t G, const T* xv, const int64_t* off, int n, const T* wv,
+                            const T* bias, int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes) {
+  with_groups_per_vector(G, [&](auto g_) {
+    constexpr int Gc = decltype(g_)::value;
+    if (isa >= cpu::Isa::kAvx512) {
+      interleaved_vector_avx512<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
+    } else if (isa == cpu::Isa::kAvx2) {
+      interleaved_vector_avx2<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
+    } else {
+      interleaved_vector_baseline<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
+    }
+  });
+}
+
+template <typename T>
+void interleaved_weight_grad_for(cpu::Isa isa, int64_t G, const T* xv, const T* dyv, const int64_t* off, int n,
+                                 int64_t rows, int64_t cols, int64_t pitch, T* dwv) {
+  with_groups_per_vector(G, [&](auto g_) {
+    constexpr int Gc = decltype(g_)::value;
+    if (isa >= cpu::Isa::kAvx512) {
+      interleaved_weight_grad_avx512<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
+    } else if (isa == cpu::Isa::kAvx2) {
+      interleaved_weight_grad_avx2<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
+    } else {
+      interleaved_weight_grad_baseline<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
+    }
+  });
+}
+
+template <typename T>
+void interleave_run_for(cpu::Isa isa, const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst,
+                        int64_t plane, const GroupLanes<T>& lanes) {
+  if (isa >= cpu::Isa::kAvx512) {
+    interleave_run_avx512(src, pixel, count, vectors, dst, plane, lanes);
+  } else if (isa == cpu::Isa::kAvx2) {
+    interleave_run_avx2(src, pixel, count, vectors, dst, plane, lanes);
+  } else {
+    interleave_run_baseline(src, pixel, count, vectors, dst, plane, lanes);
+  }
+}
+
+// Vectors [v0, v1) of one sample's x (NHWC [H][W][C], or NCHW when `planes`) into xb, vector after vector
+// sp.plane() pixels of L interleaved channels, in the stride's phases (conv2d_shifted.h's layout), zeros in
+// the padding: every pixel of the phases written.
+template <typename T>
+void interleaved_input(cpu::Isa isa, const T* x, bool planes, const Conv2dGeometry& g, const ShiftedPlanes& sp,
+                       int64_t v0, int64_t v1, const GroupLanes<T>& lanes, T* xb, T* row_t) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const int64_t plane = sp.plane() * L, vectors = v1 - v0, cs = vectors * L;
+  for (int64_t a = 0; a < sp.sh; ++a) {
+    for (int64_t u = 0; u < sp.hq; ++u) {
+      const int64_t i = a + u * sp.sh - g.ph;  // the input row of the phases' row u
+      const bool row_in = i >= 0 && i < g.h;
+      const T* src = nullptr;
+      int64_t pixel = g.c;
+      if (row_in && planes) {
+        cpu::transpose_matrix(x + v0 * L * g.h * g.w + i * g.w, g.h * g.w, cs, g.w, row_t, cs);
+        src = row_t, pixel = cs;
+      } else if (row_in) {
+        src = x + i * g.w * g.c + v0 * L;
+      }
+      for (int64_t b = 0; b < sp.sw; ++b) {
+        T* dst = xb + ((a * sp.sw + b) * sp.hq + u) * sp.wq * L;
+        // phase column w is input column b + w·sW - pW: those in [0, W) from w0 to w1
+        const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+        const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+        interleave_run_for<T>(isa, nullptr, 0, w0, vectors, dst, plane, lanes);
+        if (w1 > w0) {
+          interleave_run_for(isa, src + (b + w0 * sp.sw - g.pw) * pixel, sp.sw * pixel, w1 - w0, vectors,
+                             dst + w0 * L, plane, lanes);
+        }
+        interleave_run_for<T>(isa, nullptr, 0, sp.wq - w1, vectors, dst + w1 * L, plane, lanes);
+      }
+    }
+  }
+}
+
+// Vectors [v0, v1) of one sample's dY (NHWC, or NCHW when `planes`) into dyb, vector after vector the
+// outputs' L interleaved channels.
+template <typename T>
+void interleaved_grad(cpu::Isa isa, const T* dy, bool planes, const Conv2dGeometry& g, int64_t v0, int64_t v1,
+                      const GroupLanes<T>& lanes, T* dyb, T* dy_t) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const int64_t outputs = g.col_cols(), cs = (v1 - v0) * L;
+  const T* src = dy + v0 * L;
+  int64_t pixel = g.f;
+  if (planes) {
+    cpu::transpose_matrix(dy + v0 * L * outputs, outputs, cs, outputs, dy_t, cs);
+    src = dy_t, pixel = cs;
+  }
+  interleave_run_for(isa, src, pixel, outputs, v1 - v0, dyb, outputs * L, lanes);
+}
+
+// W_b [C/L][n][k][L]: lane l of vector v (its channel o = v·L + lanes.channel(l)) holds value(o, i, j) for
+// input channel i of the group and tap j.
+template <typename T, typename F>
+std::vector<T> interleaved_filters(int64_t channels, int64_t n, const GroupLanes<T>& lanes, const F& value) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const int64_t k = lanes.k;
+  std::vector<T> w(channels * n * k);
+  for (int64_t v = 0; v < channels / L; ++v)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t l = 0; l < L; ++l) w[((v * n + j) * k + i) * L + l] = value(v * L + lanes.channel(l), i, j);
+  return w;
+}
+
+// Items: samples, and at fewer samples than threads each sample's vectors in slices among the threads.
+struct VectorSlices {
+  int64_t n, vectors, slices, items;
+  VectorSlices(int64_t samples, int64_t vectors_) : n(samples), vectors(vectors_) {
+    const int64_t threads = at::get_num_threads();
+    slices = n >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(vectors, (threads + n - 1) / n));
+    items = n * slices;
+  }
+  void of(int64_t item, int64_t* sample, int64_t* v0, int64_t* v1) const {
+    *sample = item / slices;
+    const int64_t s = item % slices;
+    *v0 = chunk_begin(s, slices, vectors), *v1 = chunk_begin(s + 1, slices, vectors);
+  }
+};
+
+template <typename T>
+void grouped_forward_interleaved(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g,
+                                 bool planes = false) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const GroupLanes<T> lanes(g.c_per_group());
+  const ShiftedPlanes sp = shifted_planes(g);
+  const auto a = w.accessor<T, 4>();
+  const std::vector<T> w_b = interleaved_filters<T>(g.f, g.taps(), lanes, [&](int64_t o, int64_t i, int64_t t) {
+    return a[o][i][t / g.kw][t % g.kw];
+  });
+  std::vector<T> b_b(b ? g.f : 0);
+  for (int64_t o = 0; o < static_cast<int64_t>(b_b.size()); ++o) b_b[o] = b[o - o % L + lanes.channel(o % L)];
+  std::vector<int64_t> off(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t) off[t] = shifted_offset(g, sp, t);
+  const int64_t in_sample = g.h * g.w * g.c, outputs = g.col_cols(), out_sample = outputs * g.f;
+  const cpu::Isa isa = cpu::cpu_isa();
+  const VectorSlices split(g.n, g.c / L);
+  at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, v0, v1;
+      split.of(item, &n, &v0, &v1);
+      const int64_t cs = (v1 - v0) * L;
+      T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
+      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * cs) : nullptr;
+      T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, outputs * cs) : nullptr;
+      interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, row_t);
+      T* y_n = y + n * out_sample;
+      for (int64_t v = v0; v < v1; ++v) {
+        const OutputRows<T> rows = planes ? OutputRows<T>{out + (v - v0) * L, g.oh, g.ow, g.ow * cs, cs}
+                                          : OutputRows<T>{y_n + v * L, g.oh, g.ow, g.ow * g.f, g.f};
+        interleaved_vector_for<T>(isa, lanes.G, xb + (v - v0) * sp.plane() * L, off.data(), g.taps(),
+                                  w_b.data() + v * g.taps() * lanes.k * L, b ? b_b.data() + v * L : nullptr, sp.wq,
+                                  rows, lanes);
+      }
+      if (planes) cpu::transpose_matrix(out, cs, outputs, cs, y_n + v0 * L * outputs, outputs);
+    }
+  });
+}
+
+template <typename T>
+void grouped_weight_grad_interleaved(const T* dy, const T* x, at::Tensor& dw, const Conv2dGeometry& g,
+                                     bool planes = false) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const GroupLanes<T> lanes(g.c_per_group());
+  const ShiftedPlanes sp = shifted_planes(g);
+  const int64_t k = lanes.k, taps = g.taps(), vectors = g.c / L, per_vector = taps * k * L;
+  std::vector<int64_t> off(taps);
+  for (int64_t t = 0; t < taps; ++t) off[t] = shifted_offset(g, sp, t);
+  const int64_t in_sample = g.h * g.w * g.c, outputs = g.col_cols(), out_sample = outputs * g.f;
+  const int64_t threads = at::get_num_threads(), chunks = std::max<int64_t>(1, std::min(g.n, threads));
+  const VectorSlices slices(chunks, vectors);  // chunks of samples in place of samples
+  const ChunkPartials<T> partial(chunks, vectors * per_vector);
+  const cpu::Isa isa = cpu::cpu_isa();
+  at::parallel_for(0, slices.items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t chunk, v0, v1;
+      slices.of(item, &chunk, &v0, &v1);
+      const int64_t cs = (v1 - v0) * L;
+      T* dwb = partial.of(chunk);
+      std::fill(dwb + v0 * per_vector, dwb + v1 * per_vector, T(0));
+      T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
+      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * cs) : nullptr;
+      T* dyb = cpu::thread_scratch<T>(cpu::Scratch::kGrad, outputs * cs);
+      T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kRows, outputs * cs) : nullptr;
+      for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
+        interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, row_t);
+        interleaved_grad(isa, dy + n * out_sample, planes, g, v0, v1, lanes, dyb, dy_t);
+        for (int64_t v = v0; v < v1; ++v) {
+          interleaved_weight_grad_for<T>(isa, lanes.G, xb + (v - v0) * sp.plane() * L, dyb + (v - v0) * outputs * L,
+                                         off.data(), taps, g.oh, g.ow, sp.wq, dwb + v * per_vector);
+        }
+      }
+    }
+  });
+  partial.sum_into(chunks, partial.of(0));
+  const T* dwb = partial.of(0);
+  auto out = dw.accessor<T, 4>();
+  for (int64_t v = 0; v < vectors; ++v)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t l = 0; l < L; ++l)
+          out[v * L + lanes.channel(l)][i][t / g.kw][t % g.kw] = dwb[v * per_vector + (t * k + i) * L + l];
+}
+
+// d_x of a strided layer by the phases of InputGradPhases, each a forward over dY padded.
+template <typename T>
+void grouped_input_grad_interleaved(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g,
+                                    bool planes = false) {
+  constexpr int L = ChannelVectors<T>::kLanes;
+  const InputGradPhases ph(g);
+  const GroupLanes<T> lanes(g.c_per_group());
+  const int64_t k = lanes.k;
+  // dY padded (stride 1) into the rows and columns the phases read, from the least offset on: one
+  // plane's pitch covers the reads of all phases (a plane padded by InputGradPhases' margins was a third
+  // wider at 16 x 16)
+  int64_t min_h = INT64_MAX, min_w = INT64_MAX, end_h = 0, end_w = 0;
+  for (const InputGradPhases::Phase& q : ph.phases)
+    for (size_t j = 0; j < q.taps.size(); ++j) {
+      min_h = std::min(min_h, q.off_h[j]), min_w = std::min(min_w, q.off_w[j]);
+      end_h = std::max(end_h, q.outputs_h + q.off_h[j]), end_w = std::max(end_w, q.outputs_w + q.off_w[j]);
+    }
+  if (min_h == INT64_MAX) min_h = min_w = 0;  // no phase has a tap: every d_x is zero, dY is not read
+  int64_t hp = std::max<int64_t>(1, end_h - min_h), wp = std::max<int64_t>(1, end_w - min_w);
+  for (const InputGradPhases::Phase& q : ph.phases) wp = std::max(wp, q.outputs_w);  // the outputs' pitch too
+  const ShiftedPlanes sp{hp, wp, 1, 1, hp, wp, 0};
+  Conv2dGeometry dyg = ph.dy;  // dY as the input: oH x oW pixels of F channels, its first read at (0, 0)
+  dyg.sh = dyg.sw = 1, dyg.ph = ph.dy.ph - min_h, dyg.pw = ph.dy.pw - min_w;
+  const auto a = w.accessor<T, 4>();
+  std::vector<std::vector<T>> w_b;
+  std::vector<std::vector<int64_t>> off;
+  for (const InputGradPhases::Phase& q : ph.phases) {
+    w_b.push_back(interleaved_filters<T>(g.c, q.taps.size(), lanes, [&](int64_t c, int64_t i, int64_t j) {
+      const int64_t t = q.taps[j];
+      return a[c - c % k + i][c % k][t / g.kw][t % g.kw];
+    }));
+    std::vector<int64_t> o;
+    for (size_t j = 0; j < q.taps.size(); ++j) o.push_back((q.off_h[j] - min_h) * wp + q.off_w[j] - min_w);
+    off.push_back(std::move(o));
+  }
+  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f, pixels = g.h * g.w;
+  const cpu::Isa isa = cpu::cpu_isa();
+  const VectorSlices split(g.n, g.c / L);
+  at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t n, v0, v1;
+      split.of(item, &n, &v0, &v1);
+      const int64_t cs = (v1 - v0) * L;
+      T* dyb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
+      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.ow * cs) : nullptr;
+      T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, pixels * cs) : nullptr;
+      interleaved_input(isa, dy + n * out_sample, planes, dyg, sp, v0, v1, lanes, dyb, row_t);
+      T* dx_n = dx + n * in_sample;
+      for (int64_t v = v0; v < v1; ++v) {
+        for (size_t p = 0; p < ph.phases.size(); ++p) {
+          const InputGradPhases::Phase& q = ph.phases[p];
+          const int64_t first = q.a_h * g.w + q.a_w;
+          const OutputRows<T> rows =
+              planes ? OutputRows<T>{out + first * cs + (v - v0) * L, q.outputs_h, q.outputs_w, g.sh * g.w * cs,
+                                     g.sw * cs}
+                     : OutputRows<T>{dx_n + first * g.c + v * L, q.outputs_h, q.outputs_w, g.sh * g.w * g.c,
+                                     g.sw * g.c};
+          interleaved_vector_for<T>(isa, lanes.G, dyb + (v - v0) * sp.plane() * L, off[p].data(),
+                                    static_cast<int>(off[p].size()), w_b[p].data() + v * off[p].size() * k * L,
+                                    nullptr, wp, rows, lanes);
+        }
+      }
+      if (planes) cpu::transpose_matrix(out, cs, pixels, cs, dx_n + v0 * L * pixels, pixels);
     }
   });
 }

@@ -79,6 +79,10 @@ GRID = [
     ((2, 4, 3, 5), (5, 4, 1, 1), 1, 0, 1, 1),  # pointwise fast path
     ((2, 4, 5, 5), (4, 2, 1, 1), 2, 1, 1, 2),  # 1x1 but strided and padded: the im2col path
     ((1, 2, 3, 3), (2, 2, 3, 3), 3, 2, 2, 1),  # stride larger than the kernel's step
+    # whole groups in the lanes of a vector of 8 doubles (conv2d_grouped.h): 4 groups of 2 (a broadcast of
+    # 4 lanes), strided (d_x by phases); 4 groups of 4 over two vectors (a broadcast of 2 lanes)
+    ((2, 8, 5, 6), (8, 2, 3, 3), 2, 1, 1, 4),
+    ((2, 16, 5, 5), (16, 4, 3, 3), 1, 1, 1, 4),
 ]
 
 

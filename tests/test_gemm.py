@@ -237,26 +237,34 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     # and 24 filters strided on 5 x 5 outputs (the planes padded into phases even for NCHW; d_x by phases)
     dict(shape=(3, 64, 7, 7), f=64, k=3, stride=1, padding=1, groups=2),
     dict(shape=(3, 48, 9, 10), f=72, k=3, stride=2, padding=1, groups=3),
-    # groups of 2 to 8 channels (ResNeXt's first stages): rotated into depthwise taps (conv2d_grouped.h;
-    # the forward in channels_last, d_x and d_W in both layouts). Groups of 4 over two vectors of channels,
-    # 11 outputs a row (a block of 8, then single outputs); groups of 8, strided (d_x by the stride's
-    # phases), a block of 4; groups of 2 dilated with padding 2 (the ring of x_e rows 5 deep); strides
-    # (4, 2) with a 2 x 2 kernel: phases with no tap, whose d_x is zero
+    # groups of 2 to 16 channels and as many filters (ResNeXt's): whole groups side by side in a vector's
+    # lanes (conv2d_grouped.h; both layouts, the forward, d_x and d_W). Groups of 4 over two vectors of
+    # channels, 11 outputs a row (119 places of the pitch: blocks of 24, the last overlapping the one
+    # before); groups of 8, strided (d_x by the stride's phases, from one plane of dY); groups of 2 (a
+    # broadcast of 8 lanes) dilated with padding 2; strides (4, 2) with a 2 x 2 kernel: phases with no tap,
+    # whose d_x is zero; groups of 16 (a broadcast of one lane) on 8 x 8 (78 places: blocks of 16) and
+    # strided; one output row of 3 (blocks of 1)
     dict(shape=(2, 32, 9, 11), f=32, k=3, stride=1, padding=1, groups=8),
     dict(shape=(2, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
     dict(shape=(3, 16, 10, 12), f=16, k=3, stride=1, padding=2, groups=8, dilation=2),
     dict(shape=(2, 16, 6, 7), f=16, k=2, stride=(4, 2), padding=0, groups=4),
+    dict(shape=(3, 32, 8, 8), f=32, k=3, stride=1, padding=1, groups=2),
+    dict(shape=(3, 32, 15, 13), f=32, k=3, stride=2, padding=1, groups=2),
+    dict(shape=(2, 16, 1, 3), f=16, k=3, stride=1, padding=1, groups=4),
     # one sample (batch-1 inference): a single chunk, run outside any parallel region so that its products
     # split among the threads themselves (conv2d_blocks.h's for_chunks); 3x3 stride 1 and 2, and a stem
     dict(shape=(1, 32, 16, 18), f=48, k=3, stride=1, padding=1, groups=1),
     dict(shape=(1, 32, 21, 20), f=70, k=3, stride=2, padding=1, groups=1),
     dict(shape=(1, 3, 45, 50), f=70, k=7, stride=2, padding=3, groups=1),
-    # ... and grouped (16 channels a group, 168 and 156 outputs): the groups' products among the threads
-    # (for_each_group), for the forward, d_W and d_x by the transposed convolution or by phases
+    # ... and grouped (16 channels a group, 168 and 156 outputs): 16 filters a group in a vector's lanes, the
+    # sample's two vectors a thread each (conv2d_grouped.h's VectorSlices); 12 filters a group by the groups'
+    # products among the threads (for_each_group); the forward, d_W and d_x by the transposed convolution or
+    # by phases
     dict(shape=(1, 32, 12, 14), f=32, k=3, stride=1, padding=1, groups=2),
     dict(shape=(1, 48, 24, 26), f=36, k=3, stride=2, padding=1, groups=3),
-    # ... and in groups of 4 and 8 channels (rotated, conv2d_grouped.h): each sample's rows in bands, a band
-    # a thread (SampleBands), for the forward, d_W and d_x (by the transposed convolution; strided, by phases)
+    # ... and in groups of 4 and 8 channels (in lanes, conv2d_grouped.h): the sample's vectors in slices, a
+    # slice a thread (VectorSlices), for the forward, d_W and d_x (by the transposed convolution; strided,
+    # by phases)
     dict(shape=(1, 32, 9, 11), f=32, k=3, stride=1, padding=1, groups=8),
     dict(shape=(1, 32, 13, 12), f=32, k=3, stride=2, padding=1, groups=4),
     # NCHW 1x1 layers by shifted planes read x and write y in place (no padding, a pitch of oW): at batch 1
@@ -311,10 +319,11 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
         "pointwise_24", "pointwise_100", "pointwise_chunks", "pointwise_blocks", "pointwise_few_pixels", "windows_blocks", "windows_in_padding",
         "windows_dilated", "windows_nchw_blocks", "windows_nchw_anisotropic", "gathered_dw", "padded_block",
         "padded_block_strided", "padded_block_pitch", "pixel_rows_1x1", "first_phase_odd", "pixel_rows_dilated", "dots", "dots_chunks", "dots_1x1",
-        "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "rotated_groups_4",
-        "rotated_groups_8_strided", "rotated_groups_2_dilated", "rotated_groups_phases_without_taps",
+        "dots_padding", "grouped_pixel_rows", "grouped_pixel_rows_strided", "lanes_groups_4",
+        "lanes_groups_8_strided", "lanes_groups_2_dilated", "lanes_groups_phases_without_taps", "lanes_groups_16",
+        "lanes_groups_16_strided", "lanes_one_row",
         "one_sample", "one_sample_strided", "one_sample_stem", "one_sample_groups", "one_sample_groups_strided",
-        "one_sample_rotated", "one_sample_rotated_strided", "one_sample_1x1", "pointwise_padded",
+        "one_sample_lanes", "one_sample_lanes_strided", "one_sample_1x1", "pointwise_padded",
         "one_sample_depthwise", "one_sample_depthwise_slices", "one_sample_depthwise_slices_strided", "depthwise_strided_pixels", "depthwise_9x9",
         "one_sample_dw_split", "pointwise_dx_groups", "few_pixels_dx_strided",
         "few_pixels_dx_1x1", "winograd_odd", "winograd_padding_0", "winograd_padding_2", "winograd_one_sample",

@@ -15,8 +15,8 @@
 //   conv2d_bf16.h       bfloat16 on AVX512-BF16 (vdpbf16ps), in the same forms
 //   conv2d_amx.h        bfloat16 on AMX tiles where the CPU has them: the forward, d_x and d_W
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
-//   conv2d_grouped.h    groups of 2 to 8 channels (ResNeXt's): each group's channels rotated into depthwise
-//                       taps
+//   conv2d_grouped.h    groups of 2 to 16 channels (ResNeXt's): whole groups side by side in a vector's
+//                       lanes, each input channel of them one broadcast
 //   conv2d_winograd.h   3 x 3 layers of stride 1 by Winograd's F(2x2, 3x3): 16 GEMMs between transforms
 //   conv2d_dots.h       few output pixels: the forward by dot products of W's rows, read in place; d_x by
 //                       the product with W's rows in place as B, then col2im
@@ -101,17 +101,13 @@ void forward_nchw_dense(const T* x, const at::Tensor& w, bool transposed, const 
   }
 }
 
-inline bool grouped_new(const Conv2dGeometry& g, int64_t es) {
-  return getenv("CS_NEW") && grouped_by_broadcasts(g, es);
-}
-
 // The NCHW kernels, on contiguous tensors.
 template <typename T>
 void forward_nchw(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, at::Tensor& y,
                   const Conv2dGeometry& g) {
-  if (grouped_new(g, sizeof(T))) {
-    grouped_forward_interleaved<T>(x.const_data_ptr<T>(), w, b ? b->const_data_ptr<T>() : nullptr,
-                                   y.mutable_data_ptr<T>(), g, /*planes=*/true);
+  if (grouped_by_broadcasts(g, sizeof(T))) {  // few channels a group (conv2d_grouped.h)
+    grouped_forward<T>(x.const_data_ptr<T>(), w, b ? b->const_data_ptr<T>() : nullptr, y.mutable_data_ptr<T>(), g,
+                       /*planes=*/true);
   } else if (depthwise_by_pixels(g)) {
     depthwise_forward_pixels<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(), b ? b->const_data_ptr<T>() : nullptr,
                                 y.mutable_data_ptr<T>(), g);
@@ -148,30 +144,18 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     }
     return;
   }
-  // Groups of few channels (conv2d_grouped.h), rows transposed as the ring takes them: d_x of stride 1 as
-  // the transposed convolution's forward, and d_W of groups of up to 4, by the rotated taps. Against the
-  // kernels below at (16, 128, 56, 56) in groups of 4: d_x 0.43, d_W 0.83 of their time; (256, 28, 28) in
-  // groups of 8: d_x 0.75, d_W 0.99. Where the output is large the NCHW transposes outweigh the gain:
-  // strided d_x (groups of 8, 56 x 56) 1.25 times, the forward 1.8-2.8 times, and they stay below.
-  Conv2dGeometry u;
-  if (grouped_new(g, sizeof(T))) {
+  // Groups of few channels (conv2d_grouped.h), NCHW rows transposed as they are laid out: d_W, and d_x as
+  // the transposed convolution (stride 1) or by the stride's phases.
+  if (grouped_by_broadcasts(g, sizeof(T))) {
+    Conv2dGeometry u;
     if (need_dx && transposed_geometry(g, &u)) {
-      grouped_forward_interleaved<T>(dy.const_data_ptr<T>(), transposed_filters(w, g), nullptr,
-                                     dx.mutable_data_ptr<T>(), u, /*planes=*/true);
+      grouped_forward<T>(dy.const_data_ptr<T>(), transposed_filters(w, g), nullptr, dx.mutable_data_ptr<T>(), u,
+                         /*planes=*/true);
     } else if (need_dx) {
-      grouped_input_grad_interleaved<T>(dy.const_data_ptr<T>(), w, dx.mutable_data_ptr<T>(), g, /*planes=*/true);
+      grouped_input_grad_phases<T>(dy.const_data_ptr<T>(), w, dx.mutable_data_ptr<T>(), g, /*planes=*/true);
     }
-    if (need_dw) grouped_weight_grad_interleaved<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw, g, true);
+    if (need_dw) grouped_weight_grad<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw, g, /*planes=*/true);
     need_dx = need_dw = false;
-  }
-  if (need_dx && grouped_by_rotations(g, sizeof(T)) && transposed_geometry(g, &u)) {
-    grouped_forward_rotated<T>(dy.const_data_ptr<T>(), transposed_filters(w, g), nullptr, dx.mutable_data_ptr<T>(), u,
-                               /*planes=*/true);
-    need_dx = false;
-  }
-  if (need_dw && grouped_by_rotations(g, sizeof(T)) && g.c_per_group() <= 4) {
-    grouped_weight_grad_rotated<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dw, g, /*planes=*/true);
-    need_dw = false;
   }
   if (need_db) db.copy_(dy.sum({0, 2, 3}));  // d_b[f] = Σ_{n, o_h, o_w} dY[n, f, o_h, o_w]
   if constexpr (std::is_same_v<T, float>) {  // 3 x 3, stride 1: d_W by Winograd's 2 x 2 blocks
@@ -294,19 +278,11 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return y;
   }
-  if (cl && grouped_new(g, input.element_size())) {
+  if (cl && grouped_by_broadcasts(g, input.element_size())) {  // few channels a group: whole groups in lanes
     const at::Tensor x = input.contiguous(format);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
-      grouped_forward_interleaved<scalar_t>(x.const_data_ptr<scalar_t>(), weight,
-                                        b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
-    });
-    return y;
-  }
-  if (cl && grouped_by_rotations(g, input.element_size())) {  // few channels a group: rotated into depthwise taps
-    const at::Tensor x = input.contiguous(format);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_cpu", [&] {
-      grouped_forward_rotated<scalar_t>(x.const_data_ptr<scalar_t>(), weight,
-                                        b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), g);
+      grouped_forward<scalar_t>(x.const_data_ptr<scalar_t>(), weight, b ? b->const_data_ptr<scalar_t>() : nullptr,
+                                y.mutable_data_ptr<scalar_t>(), g);
     });
     return y;
   }
@@ -455,38 +431,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     if (!need_dx) return {dx, dw, db};
     need_dw = need_db = false;
   }
-  if (format == at::MemoryFormat::ChannelsLast && grouped_new(g, input.element_size())) {
+  if (format == at::MemoryFormat::ChannelsLast && grouped_by_broadcasts(g, input.element_size())) {  // as the forward
+    // d_W; d_x of a stride-1 layer as the forward of the transposed convolution (grouped alike), of a
+    // strided one by the stride's phases
     const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
     Conv2dGeometry u;
     const bool dx_transposed = need_dx && transposed_geometry(g, &u);
     if (need_db) db.copy_(dy.sum({0, 2, 3}));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
       const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-      if (need_dw) grouped_weight_grad_interleaved<scalar_t>(dyp, xp, dw, g);
+      if (need_dw) grouped_weight_grad<scalar_t>(dyp, xp, dw, g);
       if (dx_transposed) {
-        grouped_forward_interleaved<scalar_t>(dyp, transposed_filters(weight, g), nullptr, dx.mutable_data_ptr<scalar_t>(),
-                                          u);
+        grouped_forward<scalar_t>(dyp, transposed_filters(weight, g), nullptr, dx.mutable_data_ptr<scalar_t>(), u);
       } else if (need_dx) {
-        grouped_input_grad_interleaved<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g);
-      }
-    });
-    return {dx, dw, db};
-  }
-  if (format == at::MemoryFormat::ChannelsLast && grouped_by_rotations(g, input.element_size())) {  // as the forward
-    // d_W by the rotated taps; d_x of a stride-1 layer as the forward of the transposed convolution (grouped
-    // alike), of a strided one by the stride's phases
-    const at::Tensor dy = grad_output.contiguous(format), x = input.contiguous(format);
-    Conv2dGeometry u;
-    const bool dx_transposed = need_dx && transposed_geometry(g, &u);
-    if (need_db) db.copy_(dy.sum({0, 2, 3}));
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_backward_cpu", [&] {
-      const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-      if (need_dw) grouped_weight_grad_rotated<scalar_t>(dyp, xp, dw, g);
-      if (dx_transposed) {
-        grouped_forward_rotated<scalar_t>(dyp, transposed_filters(weight, g), nullptr, dx.mutable_data_ptr<scalar_t>(),
-                                          u);
-      } else if (need_dx) {
-        grouped_input_grad_rotated<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g);
+        grouped_input_grad_phases<scalar_t>(dyp, weight, dx.mutable_data_ptr<scalar_t>(), g);
       }
     });
     return {dx, dw, db};

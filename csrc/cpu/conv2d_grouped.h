@@ -70,42 +70,59 @@ struct GroupLanes {
   int64_t lane(int64_t c) const { return c % k * G + c / k; }
 };
 
-// v = the G values at p in every G lanes (lane l = p[l mod G]): G·sizeof(T) bytes broadcast, one load
-// instruction on AVX-512 (vbroadcastss/sd, vbroadcastf32x4, vbroadcastf64x4). kIsa: the caller's
-// (cpu::Isa), which these bodies inline into.
+// r = the lanes of s (n of them) repeated over r's sizeof...(l) lanes.
+template <int n, typename S, typename R, int... l>
+CS231N_INLINE void repeat_lanes(const S& s, R& r, std::integer_sequence<int, l...>) {
+  r = __builtin_shufflevector(s, s, (l % n)...);
+}
+
+// v = the G values at p in every G lanes (lane l = p[l mod G]): G·sizeof(T) bytes broadcast. On AVX-512 one
+// load instruction (vpbroadcastd/q, vbroadcastf32x4/f64x4); below it a 32-byte broadcast twice (two
+// registers of AVX2's, four of SSE's: GCC built the 64-byte vector through the stack, and each of its loads
+// waited on the stores before it, 50 times slower). kIsa: the caller's (cpu::Isa), which these bodies
+// inline into.
 template <int kIsa, int G, typename T>
 CS231N_INLINE void broadcast_lanes(const T* p, typename ChannelVectors<T>::Vec& v) {
   using Vec = typename ChannelVectors<T>::Vec;
-  constexpr int bytes = G * sizeof(T);
-  if constexpr (bytes == 4 || bytes == 8) {  // a scalar of that size, broadcast
-    using U = std::conditional_t<bytes == 4, uint32_t, uint64_t>;
+  constexpr int bytes = G * sizeof(T), half = 32 / sizeof(T);
+  using U = std::conditional_t<bytes == 4, uint32_t, uint64_t>;  // a group of 4 or 8 bytes as a scalar
+  if constexpr (kIsa >= static_cast<int>(cpu::Isa::kAvx512) && bytes <= 8) {
     typedef U UVec __attribute__((vector_size(64)));
     U u;
     std::memcpy(&u, p, bytes);
     v = (Vec)(UVec{} + u);
-  } else {
 #if CS231N_X86 && !defined(__clang__)
-    if constexpr (kIsa >= static_cast<int>(cpu::Isa::kAvx512)) {
-      typedef float F4 __attribute__((vector_size(16), aligned(4), may_alias));
-      typedef double D4 __attribute__((vector_size(32), aligned(8), may_alias));
-      // GCC's builtins themselves: their intrinsic wrappers carry a target this shared body lacks (and
-      // the 64-byte value they return warns of an ABI that, inlined, never applies)
-      typedef float F16 __attribute__((vector_size(64)));
-      typedef double D8 __attribute__((vector_size(64)));
+  } else if constexpr (kIsa >= static_cast<int>(cpu::Isa::kAvx512)) {
+    // GCC's builtins themselves: their intrinsic wrappers carry a target this shared body lacks (and
+    // the 64-byte value they return warns of an ABI that, inlined, never applies)
+    typedef float F4 __attribute__((vector_size(16), aligned(4), may_alias));
+    typedef double D4 __attribute__((vector_size(32), aligned(8), may_alias));
+    typedef float F16 __attribute__((vector_size(64)));
+    typedef double D8 __attribute__((vector_size(64)));
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-      if constexpr (bytes == 16) {
-        v = (Vec)__builtin_ia32_broadcastf32x4_512(*reinterpret_cast<const F4*>(p), F16{}, 0xffff);
-      } else {
-        v = (Vec)__builtin_ia32_broadcastf64x4_512(*reinterpret_cast<const D4*>(p), D8{}, 0xff);
-      }
-#pragma GCC diagnostic pop
-      return;
+    if constexpr (bytes == 16) {
+      v = (Vec)__builtin_ia32_broadcastf32x4_512(*reinterpret_cast<const F4*>(p), F16{}, 0xffff);
+    } else {
+      v = (Vec)__builtin_ia32_broadcastf64x4_512(*reinterpret_cast<const D4*>(p), D8{}, 0xff);
     }
+#pragma GCC diagnostic pop
 #endif
-    T lanes[G];
-    std::memcpy(lanes, p, bytes);
-    for (int l = 0; l < ChannelVectors<T>::kLanes; ++l) v[l] = lanes[l % G];
+  } else if constexpr (kIsa == static_cast<int>(cpu::Isa::kBaseline)) {
+    for (int l = 0; l < ChannelVectors<T>::kLanes; ++l) v[l] = p[l % G];
+  } else {
+    typedef T Half __attribute__((vector_size(32)));
+    Half h;
+    if constexpr (bytes <= 8) {
+      typedef U UHalf __attribute__((vector_size(32)));
+      U u;
+      std::memcpy(&u, p, bytes);
+      h = (Half)(UHalf{} + u);
+    } else {
+      typedef T Group __attribute__((vector_size(bytes), aligned(sizeof(T)), may_alias));
+      repeat_lanes<G>(*reinterpret_cast<const Group*>(p), h, std::make_integer_sequence<int, half>{});
+    }
+    repeat_lanes<half>(h, v, std::make_integer_sequence<int, 2 * half>{});
   }
 }
 

@@ -20,6 +20,9 @@ CONV_CASES = {
     "resnet_cl": ((32, 64, 56, 56), 64, 3, 1, 1, 1, True, 1.25),
     "pointwise_cl": ((32, 256, 28, 28), 128, 1, 1, 0, 1, True, 1.25),
     "strided_cl": ((32, 128, 28, 28), 256, 3, 2, 1, 1, True, 1.25),
+    # ResNeXt-50 32x4d's second stage: 32 groups of 8 channels (cpu/conv2d_grouped.h)
+    "grouped": ((32, 256, 28, 28), 256, 3, 1, 1, 32, False, 1.25),
+    "grouped_cl": ((32, 256, 28, 28), 256, 3, 1, 1, 32, True, 1.25),
 }
 
 

@@ -344,54 +344,63 @@ void interleave_run_for(cpu::Isa isa, const T* src, int64_t pixel, int64_t count
 
 // Vectors [v0, v1) of one sample's x (NHWC [H][W][C], or NCHW when `planes`) into xb, vector after vector
 // sp.plane() pixels of L interleaved channels, in the stride's phases (conv2d_shifted.h's layout), zeros in
-// the padding: every pixel of the phases written.
+// the padding: every pixel of the phases written. An NCHW sample goes a vector at a time, its L planes
+// transposed whole into `planes_t` (H·W·L) and laid out from there: a row of all the channels at a time
+// read a piece of every plane, too many streams for the prefetchers (the forward of (32, 256, 28, 28) in
+// groups of 8 spent half its time in the transposes).
 template <typename T>
 void interleaved_input(cpu::Isa isa, const T* x, bool planes, const Conv2dGeometry& g, const ShiftedPlanes& sp,
-                       int64_t v0, int64_t v1, const GroupLanes<T>& lanes, T* xb, T* row_t) {
+                       int64_t v0, int64_t v1, const GroupLanes<T>& lanes, T* xb, T* planes_t) {
   constexpr int L = ChannelVectors<T>::kLanes;
-  const int64_t plane = sp.plane() * L, vectors = v1 - v0, cs = vectors * L;
-  for (int64_t a = 0; a < sp.sh; ++a) {
-    for (int64_t u = 0; u < sp.hq; ++u) {
-      const int64_t i = a + u * sp.sh - g.ph;  // the input row of the phases' row u
-      const bool row_in = i >= 0 && i < g.h;
-      const T* src = nullptr;
-      int64_t pixel = g.c;
-      if (row_in && planes) {
-        cpu::transpose_matrix(x + v0 * L * g.h * g.w + i * g.w, g.h * g.w, cs, g.w, row_t, cs);
-        src = row_t, pixel = cs;
-      } else if (row_in) {
-        src = x + i * g.w * g.c + v0 * L;
-      }
-      for (int64_t b = 0; b < sp.sw; ++b) {
-        T* dst = xb + ((a * sp.sw + b) * sp.hq + u) * sp.wq * L;
-        // phase column w is input column b + w·sW - pW: those in [0, W) from w0 to w1
-        const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-        const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-        interleave_run_for<T>(isa, nullptr, 0, w0, vectors, dst, plane, lanes);
-        if (w1 > w0) {
-          interleave_run_for(isa, src + (b + w0 * sp.sw - g.pw) * pixel, sp.sw * pixel, w1 - w0, vectors, dst + w0 * L,
-                             plane, lanes);
+  const int64_t plane = sp.plane() * L;
+  // `vectors` vectors from x_rows (input row i at x_rows + i·row, pixels `pixel` apart) into dst
+  const auto lay_out = [&](const T* x_rows, int64_t row, int64_t pixel, int64_t vectors, T* dst_planes) {
+    for (int64_t a = 0; a < sp.sh; ++a) {
+      for (int64_t u = 0; u < sp.hq; ++u) {
+        const int64_t i = a + u * sp.sh - g.ph;  // the input row of the phases' row u
+        const bool row_in = i >= 0 && i < g.h;
+        const T* src = row_in ? x_rows + i * row : nullptr;
+        for (int64_t b = 0; b < sp.sw; ++b) {
+          T* dst = dst_planes + ((a * sp.sw + b) * sp.hq + u) * sp.wq * L;
+          // phase column w is input column b + w·sW - pW: those in [0, W) from w0 to w1
+          const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+          const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+          interleave_run_for<T>(isa, nullptr, 0, w0, vectors, dst, plane, lanes);
+          if (w1 > w0) {
+            interleave_run_for(isa, src + (b + w0 * sp.sw - g.pw) * pixel, sp.sw * pixel, w1 - w0, vectors,
+                               dst + w0 * L, plane, lanes);
+          }
+          interleave_run_for<T>(isa, nullptr, 0, sp.wq - w1, vectors, dst + w1 * L, plane, lanes);
         }
-        interleave_run_for<T>(isa, nullptr, 0, sp.wq - w1, vectors, dst + w1 * L, plane, lanes);
       }
     }
+  };
+  if (!planes) {
+    lay_out(x + v0 * L, g.w * g.c, g.c, v1 - v0, xb);
+    return;
+  }
+  const int64_t hw = g.h * g.w;
+  for (int64_t v = v0; v < v1; ++v) {
+    cpu::transpose_matrix(x + v * L * hw, hw, L, hw, planes_t, L);
+    lay_out(planes_t, g.w * L, L, 1, xb + (v - v0) * plane);
   }
 }
 
-// Vectors [v0, v1) of one sample's dY (NHWC, or NCHW when `planes`) into dyb, vector after vector the
-// outputs' L interleaved channels.
+// Vectors [v0, v1) of one sample's dY (NHWC, or NCHW when `planes`: a vector's planes at a time through
+// dy_t, oH·oW·L) into dyb, vector after vector the outputs' L interleaved channels.
 template <typename T>
 void interleaved_grad(cpu::Isa isa, const T* dy, bool planes, const Conv2dGeometry& g, int64_t v0, int64_t v1,
                       const GroupLanes<T>& lanes, T* dyb, T* dy_t) {
   constexpr int L = ChannelVectors<T>::kLanes;
-  const int64_t outputs = g.col_cols(), cs = (v1 - v0) * L;
-  const T* src = dy + v0 * L;
-  int64_t pixel = g.f;
-  if (planes) {
-    cpu::transpose_matrix(dy + v0 * L * outputs, outputs, cs, outputs, dy_t, cs);
-    src = dy_t, pixel = cs;
+  const int64_t outputs = g.col_cols();
+  if (!planes) {
+    interleave_run_for(isa, dy + v0 * L, g.f, outputs, v1 - v0, dyb, outputs * L, lanes);
+    return;
   }
-  interleave_run_for(isa, src, pixel, outputs, v1 - v0, dyb, outputs * L, lanes);
+  for (int64_t v = v0; v < v1; ++v) {
+    cpu::transpose_matrix(dy + v * L * outputs, outputs, L, outputs, dy_t, L);
+    interleave_run_for(isa, dy_t, L, outputs, 1, dyb + (v - v0) * outputs * L, outputs * L, lanes);
+  }
 }
 
 // W_b [C/L][n][k][L]: lane l of vector v (its channel o = v·L + lanes.channel(l)) holds value(o, i, j) for
@@ -498,9 +507,9 @@ void grouped_forward(const T* x, const at::Tensor& w, const T* b, T* y, const Co
       split.of(item, &n, &v0, &v1);
       const int64_t cs = (v1 - v0) * L;
       T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
-      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * cs) : nullptr;
+      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.h * g.w * L) : nullptr;
       T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, outputs * cs) : nullptr;
-      interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, row_t);
+      interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, planes_t);
       T* y_n = y + n * out_sample;
       for (int64_t v = v0; v < v1; ++v) {
         const OutputRows<T> rows = planes ? OutputRows<T>{out + (v - v0) * L, g.oh, g.ow, g.ow * cs, cs}
@@ -509,7 +518,9 @@ void grouped_forward(const T* x, const at::Tensor& w, const T* b, T* y, const Co
                                   w_b.data() + v * g.taps() * lanes.k * L, b ? b_b.data() + v * L : nullptr, sp.wq,
                                   rows, lanes);
       }
-      if (planes) cpu::transpose_matrix(out, cs, outputs, cs, y_n + v0 * L * outputs, outputs);
+      for (int64_t v = v0; planes && v < v1; ++v) {  // a vector's planes at a time, as the input's
+        cpu::transpose_matrix(out + (v - v0) * L, cs, outputs, L, y_n + v * L * outputs, outputs);
+      }
     }
   });
 }
@@ -535,11 +546,11 @@ void grouped_weight_grad(const T* dy, const T* x, at::Tensor& dw, const Conv2dGe
       T* dwb = partial.of(chunk);
       std::fill(dwb + v0 * per_vector, dwb + v1 * per_vector, T(0));
       T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
-      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.w * cs) : nullptr;
+      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.h * g.w * L) : nullptr;
       T* dyb = cpu::thread_scratch<T>(cpu::Scratch::kGrad, outputs * cs);
-      T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kRows, outputs * cs) : nullptr;
+      T* dy_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kRows, outputs * L) : nullptr;
       for (int64_t n = chunk_begin(chunk, chunks, g.n); n < chunk_begin(chunk + 1, chunks, g.n); ++n) {
-        interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, row_t);
+        interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, planes_t);
         interleaved_grad(isa, dy + n * out_sample, planes, g, v0, v1, lanes, dyb, dy_t);
         for (int64_t v = v0; v < v1; ++v) {
           interleaved_weight_grad_for<T>(isa, lanes.G, xb + (v - v0) * sp.plane() * L, dyb + (v - v0) * outputs * L,
@@ -587,9 +598,9 @@ void grouped_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Co
       split.of(item, &n, &v0, &v1);
       const int64_t cs = (v1 - v0) * L;
       T* dyb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
-      T* row_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.ow * cs) : nullptr;
+      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.oh * g.ow * L) : nullptr;
       T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, pixels * cs) : nullptr;
-      interleaved_input(isa, dy + n * out_sample, planes, ph.dy, sp, v0, v1, lanes, dyb, row_t);
+      interleaved_input(isa, dy + n * out_sample, planes, ph.dy, sp, v0, v1, lanes, dyb, planes_t);
       T* dx_n = dx + n * in_sample;
       for (int64_t v = v0; v < v1; ++v) {
         for (size_t p = 0; p < ph.phases.size(); ++p) {
@@ -604,7 +615,9 @@ void grouped_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Co
                                     sp.wp, rows, lanes);
         }
       }
-      if (planes) cpu::transpose_matrix(out, cs, pixels, cs, dx_n + v0 * L * pixels, pixels);
+      for (int64_t v = v0; planes && v < v1; ++v) {
+        cpu::transpose_matrix(out + (v - v0) * L, cs, pixels, L, dx_n + v * L * pixels, pixels);
+      }
     }
   });
 }

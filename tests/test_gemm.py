@@ -527,6 +527,33 @@ def check_bfloat16_convolution(x, w, b, args, isa, gen):
         torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * scale + 1e-6)
 
 
+@pytest.mark.parametrize("c,k,stride,padding,dilation,hw", [
+    (32, 8, 1, 1, 1, (9, 11)),    # groups of 8 (2 a vector, pairs broadcast 8 bytes), two vectors
+    (16, 2, 1, 2, 2, (10, 12)),   # groups of 2 (8 a vector: 32 bytes), dilated
+    (32, 4, 2, 1, 1, (13, 12)),   # groups of 4, strided: d_x by the stride's phases
+    (32, 16, 2, 1, 1, (15, 13)),  # groups of 16 (one pair broadcast), strided
+    (16, 4, (4, 2), 0, 1, (6, 7)),  # a 2 x 2 kernel, strides (4, 2): phases with no tap
+    (16, 8, 1, 1, 1, (1, 3)),     # one output row of 3 (blocks of 1)
+])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_bfloat16_grouped_in_lanes_against_float64(c, k, stride, padding, dilation, hw, isa, weight_layout):
+    """Groups of 2 to 16 channels in bfloat16, channels_last: on AVX512-BF16 the lanes of conv2d_grouped.h
+    by pairs of channels (conv2d_grouped_bf16.h: the forward and d_x, d_W in float32); avx2 the float32
+    kernels. Within one bfloat16 ulp of float64 on the same operands."""
+    if isa == "avx512" and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(c * 10 + k)
+    kh = 2 if stride == (4, 2) else 3
+    x = torch.randn(3, c, *hw, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, k, kh, kh, generator=gen) / (k * kh * kh) ** 0.5).bfloat16()
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(c, generator=gen).bfloat16()
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=c // k)
+    check_bfloat16_convolution(x, w, b, args, isa, gen)
+
+
 @pytest.mark.parametrize("k,padding", [(1, 0), (3, 1)])
 def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
     """d_W of small images on the bfloat16 route sums the output pixels of a block of samples at once, in

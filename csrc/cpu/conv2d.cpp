@@ -55,6 +55,7 @@
 #include "cpu/conv2d_dots.h"
 #include "cpu/conv2d_gemm.h"
 #include "cpu/conv2d_grouped.h"
+#include "cpu/conv2d_grouped_bf16.h"
 #include "cpu/conv2d_im2col.h"
 #include "cpu/conv2d_integer.h"
 #include "cpu/conv2d_pixels.h"
@@ -242,6 +243,17 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     }
     return y_nchw.contiguous(format);
   }
+#if CS231N_X86
+  if (input.scalar_type() == at::kBFloat16 && format == at::MemoryFormat::ChannelsLast && grouped_bf16_applies(g)) {
+    // few channels a group: the lanes by pairs of channels (conv2d_grouped_bf16.h)
+    at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
+    const at::Tensor x = input.contiguous(format);
+    const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    grouped_forward_bf16(x.const_data_ptr<c10::BFloat16>(), weight, b.defined() ? b.const_data_ptr<float>() : nullptr,
+                         y.mutable_data_ptr<c10::BFloat16>(), g);
+    return y;
+  }
+#endif
   if (input.scalar_type() == at::kBFloat16 && bf16_direct(g)) {
     at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
     bf16_forward(input, Bf16Filters::of(weight), bias, y, g, format);
@@ -334,8 +346,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
                            g.dw == 1 && (g.sh > 1 || g.sw > 1);
     const bool dx_bf16 = dx_stride1 || dx_phases;
     const bool dw_bf16 = output_mask[1] && bf16 && bf16_weight_grad_direct(g);
+#if CS231N_X86
+    // few channels a group, channels_last: d_x by the lanes by pairs of channels (conv2d_grouped_bf16.h)
+    const bool dx_grouped = output_mask[0] && input.scalar_type() == at::kBFloat16 &&
+                            conv2d_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
+                            grouped_bf16_applies(g);
+#else
+    const bool dx_grouped = false;
+#endif
     std::array<bool, 3> mask_f32 = output_mask;
-    if (dx_bf16) mask_f32[0] = false;
+    if (dx_bf16 || dx_grouped) mask_f32[0] = false;
     if (dw_bf16) mask_f32[1] = false;
     // The rest in float32, rounded once (reduced_float.h).
     const auto dtype = input.scalar_type();
@@ -357,6 +377,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       const auto input_grad = cpu::cpu_amx() ? conv_input_grad_bf16_phases_amx : conv_input_grad_bf16_phases;
       input_grad(grad_output.contiguous(format), weight, dx, g, format != at::MemoryFormat::ChannelsLast);
     }
+#if CS231N_X86
+    if (dx_grouped) {
+      dx = at::empty(input.sizes(), input.options().memory_format(format));
+      const at::Tensor dy = grad_output.contiguous(format);
+      if (transposed_geometry(g, &t)) {
+        grouped_forward_bf16(dy.const_data_ptr<c10::BFloat16>(), transposed_filters(weight, g), nullptr,
+                             dx.mutable_data_ptr<c10::BFloat16>(), t);
+      } else {
+        grouped_input_grad_phases_bf16(dy.const_data_ptr<c10::BFloat16>(), weight, dx.mutable_data_ptr<c10::BFloat16>(),
+                                       g);
+      }
+    }
+#endif
     if (dw_bf16) {
       const bool planes = format != at::MemoryFormat::ChannelsLast;
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
@@ -372,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       }
       dw = dw_ordered.to(dtype);
     }
-    return {dx_bf16 ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
+    return {dx_bf16 || dx_grouped ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype),
+            cpu::round_to(db, dtype)};
   }
   bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];  // cleared once computed
   const at::MemoryFormat format = conv2d_memory_format(input, weight);

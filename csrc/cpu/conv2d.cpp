@@ -17,6 +17,7 @@
 //   conv2d_depthwise.h  plane kernels for large planes, channels innermost for small ones
 //   conv2d_grouped.h    groups of 2 to 16 channels (ResNeXt's): whole groups side by side in a vector's
 //                       lanes, each input channel of them one broadcast
+//   conv2d_grouped_bf16.h  the same in bfloat16 by pairs of channels (vdpbf16ps), channels_last
 //   conv2d_winograd.h   3 x 3 layers of stride 1 by Winograd's F(2x2, 3x3): 16 GEMMs between transforms
 //   conv2d_dots.h       few output pixels: the forward by dot products of W's rows, read in place; d_x by
 //                       the product with W's rows in place as B, then col2im

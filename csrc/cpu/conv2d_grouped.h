@@ -264,81 +264,92 @@ CS231N_INLINE void interleave_run(const T* src, int64_t pixel, int64_t count, in
   }
 }
 
-#define CS231N_INTERLEAVED_KERNELS(SUFFIX, ATTR, ISA, P1, P2, P3)                                                \
-  template <int G, typename T>                                                                                   \
-  ATTR void interleaved_vector_##SUFFIX(const T* xv, const int64_t* off, int n, const T* wv, const T* bias,      \
-                                        int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes) {   \
-    interleaved_vector<static_cast<int>(ISA), P1, P2, P3, G>(xv, off, n, wv, bias, pitch, out, lanes);           \
-  }                                                                                                              \
-  template <int G, typename T>                                                                                   \
-  ATTR void interleaved_weight_grad_##SUFFIX(const T* xv, const T* dyv, const int64_t* off, int n, int64_t rows, \
-                                             int64_t cols, int64_t pitch, T* dwv) {                              \
-    interleaved_weight_grad_vector<static_cast<int>(ISA), G>(xv, dyv, off, n, rows, cols, pitch, dwv);           \
-  }                                                                                                              \
-  template <typename T>                                                                                          \
-  ATTR void interleave_run_##SUFFIX(const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst,         \
-                                    int64_t plane, const GroupLanes<T>& lanes) {                                 \
-    interleave_run(src, pixel, count, vectors, dst, plane, lanes);                                               \
-  }
-CS231N_INTERLEAVED_KERNELS(baseline, , cpu::Isa::kBaseline, 2, 2, 2)
-CS231N_INTERLEAVED_KERNELS(avx2, CS231N_AVX2, cpu::Isa::kAvx2, 6, 4, 2)
-CS231N_INTERLEAVED_KERNELS(avx512, CS231N_AVX512, cpu::Isa::kAvx512, 24, 16, 8)
+// The kernels above compiled for one instruction set (ATTR) with its blocks of outputs (P1-P3).
+#define CS231N_INTERLEAVED_KERNELS(NAME, ATTR, ISA, P1, P2, P3)                                                    \
+  struct NAME {                                                                                                    \
+    template <int G, typename T>                                                                                   \
+    ATTR static void vector(const T* xv, const int64_t* off, int n, const T* wv, const T* bias, int64_t pitch,     \
+                            const OutputRows<T>& out, const GroupLanes<T>& lanes) {                                \
+      interleaved_vector<static_cast<int>(ISA), P1, P2, P3, G>(xv, off, n, wv, bias, pitch, out, lanes);           \
+    }                                                                                                              \
+    template <int G, typename T>                                                                                   \
+    ATTR static void weight_grad(const T* xv, const T* dyv, const int64_t* off, int n, int64_t rows, int64_t cols, \
+                                 int64_t pitch, T* dwv) {                                                          \
+      interleaved_weight_grad_vector<static_cast<int>(ISA), G>(xv, dyv, off, n, rows, cols, pitch, dwv);           \
+    }                                                                                                              \
+    template <typename T>                                                                                          \
+    ATTR static void run(const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst, int64_t plane,       \
+                         const GroupLanes<T>& lanes) {                                                             \
+      interleave_run(src, pixel, count, vectors, dst, plane, lanes);                                               \
+    }                                                                                                              \
+  };
+CS231N_INTERLEAVED_KERNELS(InterleavedBaseline, , cpu::Isa::kBaseline, 2, 2, 2)
+CS231N_INTERLEAVED_KERNELS(InterleavedAvx2, CS231N_AVX2, cpu::Isa::kAvx2, 6, 4, 2)
+CS231N_INTERLEAVED_KERNELS(InterleavedAvx512, CS231N_AVX512, cpu::Isa::kAvx512, 24, 16, 8)
 #undef CS231N_INTERLEAVED_KERNELS
 
-// f(std::integral_constant<int, G>) for the layer's G (1, 2, 4 or 8 groups a vector).
+// f(kernels, std::integral_constant<int, G>) with the kernels of `isa` and the layer's G (1, 2, 4 or 8
+// groups a vector).
 template <typename F>
-void with_groups_per_vector(int64_t G, const F& f) {
-  switch (G) {
-    case 1:
-      return f(std::integral_constant<int, 1>{});
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    default:
-      return f(std::integral_constant<int, 8>{});
-  }
+void with_interleaved_kernels(cpu::Isa isa, int64_t G, const F& f) {
+  const auto with_g = [&](auto kernels) {
+    switch (G) {
+      case 1:
+        return f(kernels, std::integral_constant<int, 1>{});
+      case 2:
+        return f(kernels, std::integral_constant<int, 2>{});
+      case 4:
+        return f(kernels, std::integral_constant<int, 4>{});
+      default:
+        return f(kernels, std::integral_constant<int, 8>{});
+    }
+  };
+  if (isa >= cpu::Isa::kAvx512) return with_g(InterleavedAvx512{});
+  if (isa == cpu::Isa::kAvx2) return with_g(InterleavedAvx2{});
+  with_g(InterleavedBaseline{});
 }
 
 template <typename T>
 void interleaved_vector_for(cpu::Isa isa, int64_t G, const T* xv, const int64_t* off, int n, const T* wv, const T* bias,
                             int64_t pitch, const OutputRows<T>& out, const GroupLanes<T>& lanes) {
-  with_groups_per_vector(G, [&](auto g_) {
-    constexpr int Gc = decltype(g_)::value;
-    if (isa >= cpu::Isa::kAvx512) {
-      interleaved_vector_avx512<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
-    } else if (isa == cpu::Isa::kAvx2) {
-      interleaved_vector_avx2<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
-    } else {
-      interleaved_vector_baseline<Gc>(xv, off, n, wv, bias, pitch, out, lanes);
-    }
+  with_interleaved_kernels(isa, G, [&](auto kernels, auto g_) {
+    decltype(kernels)::template vector<decltype(g_)::value>(xv, off, n, wv, bias, pitch, out, lanes);
   });
 }
 
 template <typename T>
 void interleaved_weight_grad_for(cpu::Isa isa, int64_t G, const T* xv, const T* dyv, const int64_t* off, int n,
                                  int64_t rows, int64_t cols, int64_t pitch, T* dwv) {
-  with_groups_per_vector(G, [&](auto g_) {
-    constexpr int Gc = decltype(g_)::value;
-    if (isa >= cpu::Isa::kAvx512) {
-      interleaved_weight_grad_avx512<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
-    } else if (isa == cpu::Isa::kAvx2) {
-      interleaved_weight_grad_avx2<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
-    } else {
-      interleaved_weight_grad_baseline<Gc>(xv, dyv, off, n, rows, cols, pitch, dwv);
-    }
+  with_interleaved_kernels(isa, G, [&](auto kernels, auto g_) {
+    decltype(kernels)::template weight_grad<decltype(g_)::value>(xv, dyv, off, n, rows, cols, pitch, dwv);
   });
 }
 
 template <typename T>
 void interleave_run_for(cpu::Isa isa, const T* src, int64_t pixel, int64_t count, int64_t vectors, T* dst,
                         int64_t plane, const GroupLanes<T>& lanes) {
-  if (isa >= cpu::Isa::kAvx512) {
-    interleave_run_avx512(src, pixel, count, vectors, dst, plane, lanes);
-  } else if (isa == cpu::Isa::kAvx2) {
-    interleave_run_avx2(src, pixel, count, vectors, dst, plane, lanes);
-  } else {
-    interleave_run_baseline(src, pixel, count, vectors, dst, plane, lanes);
+  with_interleaved_kernels(
+      isa, 1, [&](auto kernels, auto) { decltype(kernels)::run(src, pixel, count, vectors, dst, plane, lanes); });
+}
+
+// run(src, w0, w1, dst) for each row of a padded sample's stride phases (conv2d_shifted.h's layout, sp.wq
+// places a row, L values a place, dst the row's first): places [w0, w1) hold input columns
+// b + w·sW - pW of input row i, their first at src = x_rows + i·row + (b + w0·sW - pW)·pixel (null for a
+// padding row); the rest are padding. Every place of the phases is in one call.
+template <typename T, typename Run>
+void for_phase_rows(const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t L, const T* x_rows, int64_t row,
+                    int64_t pixel, T* dst_planes, const Run& run) {
+  for (int64_t a = 0; a < sp.sh; ++a) {
+    for (int64_t u = 0; u < sp.hq; ++u) {
+      const int64_t i = a + u * sp.sh - g.ph;  // the input row of the phases' row u
+      const bool row_in = i >= 0 && i < g.h;
+      for (int64_t b = 0; b < sp.sw; ++b) {
+        T* dst = dst_planes + ((a * sp.sw + b) * sp.hq + u) * sp.wq * L;
+        const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+        const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
+        run(row_in ? x_rows + i * row + (b + w0 * sp.sw - g.pw) * pixel : nullptr, w0, w1, dst);
+      }
+    }
   }
 }
 
@@ -355,25 +366,11 @@ void interleaved_input(cpu::Isa isa, const T* x, bool planes, const Conv2dGeomet
   const int64_t plane = sp.plane() * L;
   // `vectors` vectors from x_rows (input row i at x_rows + i·row, pixels `pixel` apart) into dst
   const auto lay_out = [&](const T* x_rows, int64_t row, int64_t pixel, int64_t vectors, T* dst_planes) {
-    for (int64_t a = 0; a < sp.sh; ++a) {
-      for (int64_t u = 0; u < sp.hq; ++u) {
-        const int64_t i = a + u * sp.sh - g.ph;  // the input row of the phases' row u
-        const bool row_in = i >= 0 && i < g.h;
-        const T* src = row_in ? x_rows + i * row : nullptr;
-        for (int64_t b = 0; b < sp.sw; ++b) {
-          T* dst = dst_planes + ((a * sp.sw + b) * sp.hq + u) * sp.wq * L;
-          // phase column w is input column b + w·sW - pW: those in [0, W) from w0 to w1
-          const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-          const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-          interleave_run_for<T>(isa, nullptr, 0, w0, vectors, dst, plane, lanes);
-          if (w1 > w0) {
-            interleave_run_for(isa, src + (b + w0 * sp.sw - g.pw) * pixel, sp.sw * pixel, w1 - w0, vectors,
-                               dst + w0 * L, plane, lanes);
-          }
-          interleave_run_for<T>(isa, nullptr, 0, sp.wq - w1, vectors, dst + w1 * L, plane, lanes);
-        }
-      }
-    }
+    for_phase_rows(g, sp, L, x_rows, row, pixel, dst_planes, [&](const T* src, int64_t w0, int64_t w1, T* dst) {
+      interleave_run_for<T>(isa, nullptr, 0, w0, vectors, dst, plane, lanes);
+      interleave_run_for(isa, src, sp.sw * pixel, w1 - w0, vectors, dst + w0 * L, plane, lanes);
+      interleave_run_for<T>(isa, nullptr, 0, sp.wq - w1, vectors, dst + w1 * L, plane, lanes);
+    });
   };
   if (!planes) {
     lay_out(x + v0 * L, g.w * g.c, g.c, v1 - v0, xb);
@@ -486,43 +483,68 @@ struct VectorSlices {
   }
 };
 
+// One pass over a sample's laid-out input: tap j reads place q + off[j] of the planes (pitch Wq), with the
+// filters W_b; output (m, c) of rows x cols is pixel first + m·row_step + c·col_step of the result. The
+// forward is one pass; d_x of a strided layer one a phase.
 template <typename T>
-void grouped_forward(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g, bool planes = false) {
+struct LanesPass {
+  std::vector<int64_t> off;
+  std::vector<T> w_b;
+  int64_t first, rows, cols, row_step, col_step;
+};
+
+// The passes over every sample of x (geometry `in`, laid out as sp; NHWC, or NCHW when `planes`) into y
+// (in.f channels, `pixels` a sample, the same layout), plus b (in.f, or null).
+template <typename T>
+void interleaved_passes(const T* x, bool planes, const Conv2dGeometry& in, const ShiftedPlanes& sp,
+                        const std::vector<LanesPass<T>>& passes, const T* b, const GroupLanes<T>& lanes, T* y,
+                        int64_t pixels) {
   constexpr int L = ChannelVectors<T>::kLanes;
-  const GroupLanes<T> lanes(g.c_per_group());
-  const ShiftedPlanes sp = shifted_planes(g);
-  const auto a = w.accessor<T, 4>();
-  const std::vector<T> w_b = interleaved_filters<T>(
-      g.f, g.taps(), lanes, [&](int64_t o, int64_t i, int64_t t) { return a[o][i][t / g.kw][t % g.kw]; });
-  std::vector<T> b_b(b ? g.f : 0);
+  std::vector<T> b_b(b ? in.f : 0);  // the bias in the lanes' order
   for (int64_t o = 0; o < static_cast<int64_t>(b_b.size()); ++o) b_b[o] = b[o - o % L + lanes.channel(o % L)];
-  std::vector<int64_t> off(g.taps());
-  for (int64_t t = 0; t < g.taps(); ++t) off[t] = shifted_offset(g, sp, t);
-  const int64_t in_sample = g.h * g.w * g.c, outputs = g.col_cols(), out_sample = outputs * g.f;
+  const int64_t in_sample = in.h * in.w * in.c, out_sample = pixels * in.f, plane = sp.plane() * L;
   const cpu::Isa isa = cpu::cpu_isa();
-  const VectorSlices split(g.n, g.c / L);
+  const VectorSlices split(in.n, in.c / L);
   at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, v0, v1;
       split.of(item, &n, &v0, &v1);
       const int64_t cs = (v1 - v0) * L;
-      T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
-      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.h * g.w * L) : nullptr;
-      T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, outputs * cs) : nullptr;
-      interleaved_input(isa, x + n * in_sample, planes, g, sp, v0, v1, lanes, xb, planes_t);
+      T* xb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, (v1 - v0) * plane);
+      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, in.h * in.w * L) : nullptr;
+      T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, pixels * cs) : nullptr;  // [pixels][cs]
+      interleaved_input(isa, x + n * in_sample, planes, in, sp, v0, v1, lanes, xb, planes_t);
       T* y_n = y + n * out_sample;
+      const int64_t pixel = planes ? cs : in.f;  // between the result's pixels
       for (int64_t v = v0; v < v1; ++v) {
-        const OutputRows<T> rows = planes ? OutputRows<T>{out + (v - v0) * L, g.oh, g.ow, g.ow * cs, cs}
-                                          : OutputRows<T>{y_n + v * L, g.oh, g.ow, g.ow * g.f, g.f};
-        interleaved_vector_for<T>(isa, lanes.G, xb + (v - v0) * sp.plane() * L, off.data(), g.taps(),
-                                  w_b.data() + v * g.taps() * lanes.k * L, b ? b_b.data() + v * L : nullptr, sp.wq,
-                                  rows, lanes);
+        T* y_v = planes ? out + (v - v0) * L : y_n + v * L;
+        for (const LanesPass<T>& q : passes) {
+          const int taps = static_cast<int>(q.off.size());
+          const OutputRows<T> rows{y_v + q.first * pixel, q.rows, q.cols, q.row_step * pixel, q.col_step * pixel};
+          interleaved_vector_for<T>(isa, lanes.G, xb + (v - v0) * plane, q.off.data(), taps,
+                                    q.w_b.data() + v * taps * lanes.k * L, b ? b_b.data() + v * L : nullptr, sp.wq,
+                                    rows, lanes);
+        }
       }
       for (int64_t v = v0; planes && v < v1; ++v) {  // a vector's planes at a time, as the input's
-        cpu::transpose_matrix(out + (v - v0) * L, cs, outputs, L, y_n + v * L * outputs, outputs);
+        cpu::transpose_matrix(out + (v - v0) * L, cs, pixels, L, y_n + v * L * pixels, pixels);
       }
     }
   });
+}
+
+// y = conv(x, W) + b, x and y NHWC, or NCHW when `planes`. W: the layer's filters (any strides), or when g is
+// a transposed convolution those of transposed_filters.
+template <typename T>
+void grouped_forward(const T* x, const at::Tensor& w, const T* b, T* y, const Conv2dGeometry& g, bool planes = false) {
+  const GroupLanes<T> lanes(g.c_per_group());
+  const ShiftedPlanes sp = shifted_planes(g);
+  const auto a = w.accessor<T, 4>();
+  LanesPass<T> all{{}, {}, 0, g.oh, g.ow, g.ow, 1};
+  for (int64_t t = 0; t < g.taps(); ++t) all.off.push_back(shifted_offset(g, sp, t));
+  all.w_b = interleaved_filters<T>(g.f, g.taps(), lanes,
+                                   [&](int64_t o, int64_t i, int64_t t) { return a[o][i][t / g.kw][t % g.kw]; });
+  interleaved_passes(x, planes, g, sp, {all}, b, lanes, y, g.col_cols());
 }
 
 template <typename T>
@@ -569,57 +591,24 @@ void grouped_weight_grad(const T* dy, const T* x, at::Tensor& dw, const Conv2dGe
           out[v * L + lanes.channel(l)][i][t / g.kw][t % g.kw] = dwb[v * per_vector + (t * k + i) * L + l];
 }
 
-// d_x of a strided layer by the phases of InputGradPhases, each a forward over dY padded.
+// d_x of a strided layer by the phases of InputGradPhases, a pass each over dY (NHWC, or NCHW when `planes`).
 template <typename T>
 void grouped_input_grad_phases(const T* dy, const at::Tensor& w, T* dx, const Conv2dGeometry& g, bool planes = false) {
-  constexpr int L = ChannelVectors<T>::kLanes;
   const InputGradPhases ph(g);
   const GroupLanes<T> lanes(g.c_per_group());
   const int64_t k = lanes.k;
-  const ShiftedPlanes& sp = ph.plane;
   const auto a = w.accessor<T, 4>();
-  std::vector<std::vector<T>> w_b;
-  std::vector<std::vector<int64_t>> off;
+  std::vector<LanesPass<T>> passes;
   for (const InputGradPhases::Phase& q : ph.phases) {
-    w_b.push_back(interleaved_filters<T>(g.c, q.taps.size(), lanes, [&](int64_t c, int64_t i, int64_t j) {
+    LanesPass<T> pass{{}, {}, q.a_h * g.w + q.a_w, q.outputs_h, q.outputs_w, g.sh * g.w, g.sw};
+    for (size_t j = 0; j < q.taps.size(); ++j) pass.off.push_back(q.off_h[j] * ph.plane.wq + q.off_w[j]);
+    pass.w_b = interleaved_filters<T>(g.c, q.taps.size(), lanes, [&](int64_t c, int64_t i, int64_t j) {
       const int64_t t = q.taps[j];
       return a[c - c % k + i][c % k][t / g.kw][t % g.kw];
-    }));
-    std::vector<int64_t> o;
-    for (size_t j = 0; j < q.taps.size(); ++j) o.push_back(q.off_h[j] * sp.wp + q.off_w[j]);
-    off.push_back(std::move(o));
+    });
+    passes.push_back(std::move(pass));
   }
-  const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.f, pixels = g.h * g.w;
-  const cpu::Isa isa = cpu::cpu_isa();
-  const VectorSlices split(g.n, g.c / L);
-  at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t n, v0, v1;
-      split.of(item, &n, &v0, &v1);
-      const int64_t cs = (v1 - v0) * L;
-      T* dyb = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.plane() * cs);
-      T* planes_t = planes ? cpu::thread_scratch<T>(cpu::Scratch::kTransposed, g.oh * g.ow * L) : nullptr;
-      T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, pixels * cs) : nullptr;
-      interleaved_input(isa, dy + n * out_sample, planes, ph.dy, sp, v0, v1, lanes, dyb, planes_t);
-      T* dx_n = dx + n * in_sample;
-      for (int64_t v = v0; v < v1; ++v) {
-        for (size_t p = 0; p < ph.phases.size(); ++p) {
-          const InputGradPhases::Phase& q = ph.phases[p];
-          const int64_t first = q.a_h * g.w + q.a_w;
-          const OutputRows<T> rows =
-              planes
-                  ? OutputRows<T>{out + first * cs + (v - v0) * L, q.outputs_h, q.outputs_w, g.sh * g.w * cs, g.sw * cs}
-                  : OutputRows<T>{dx_n + first * g.c + v * L, q.outputs_h, q.outputs_w, g.sh * g.w * g.c, g.sw * g.c};
-          interleaved_vector_for<T>(isa, lanes.G, dyb + (v - v0) * sp.plane() * L, off[p].data(),
-                                    static_cast<int>(off[p].size()), w_b[p].data() + v * off[p].size() * k * L, nullptr,
-                                    sp.wp, rows, lanes);
-        }
-      }
-      for (int64_t v = v0; planes && v < v1; ++v) {
-        cpu::transpose_matrix(out + (v - v0) * L, cs, pixels, L, dx_n + v * L * pixels, pixels);
-      }
-    }
-  });
+  interleaved_passes(dy, planes, ph.dy, ph.plane, passes, static_cast<const T*>(nullptr), lanes, dx, g.h * g.w);
 }
 
 }  // namespace conv2d_cpu

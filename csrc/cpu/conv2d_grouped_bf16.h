@@ -157,24 +157,12 @@ CS231N_AVX512_BF16 inline void bf16_pairs_run(const uint16_t* src, int64_t pixel
 inline void bf16_pairs_input(const uint16_t* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t v0,
                              int64_t v1, const int16_t* order, uint16_t* xb) {
   const int64_t plane = sp.plane() * 16, vectors = v1 - v0;
-  for (int64_t a = 0; a < sp.sh; ++a) {
-    for (int64_t u = 0; u < sp.hq; ++u) {
-      const int64_t i = a + u * sp.sh - g.ph;
-      const bool row_in = i >= 0 && i < g.h;
-      const uint16_t* src = row_in ? x + i * g.w * g.c + v0 * 16 : nullptr;
-      for (int64_t b = 0; b < sp.sw; ++b) {
-        uint16_t* dst = xb + ((a * sp.sw + b) * sp.hq + u) * sp.wq * 16;
-        const int64_t w0 = row_in ? std::min(sp.wq, std::max<int64_t>(0, (g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-        const int64_t w1 = row_in ? std::max(w0, std::min(sp.wq, (g.w + g.pw - b + sp.sw - 1) / sp.sw)) : sp.wq;
-        bf16_pairs_run(nullptr, 0, w0, vectors, dst, plane, order);
-        if (w1 > w0) {
-          bf16_pairs_run(src + (b + w0 * sp.sw - g.pw) * g.c, sp.sw * g.c, w1 - w0, vectors, dst + w0 * 16, plane,
-                         order);
-        }
-        bf16_pairs_run(nullptr, 0, sp.wq - w1, vectors, dst + w1 * 16, plane, order);
-      }
-    }
-  }
+  for_phase_rows(g, sp, 16, x + v0 * 16, g.w * g.c, g.c, xb,
+                 [&](const uint16_t* src, int64_t w0, int64_t w1, uint16_t* dst) {
+                   bf16_pairs_run(nullptr, 0, w0, vectors, dst, plane, order);
+                   bf16_pairs_run(src, sp.sw * g.c, w1 - w0, vectors, dst + w0 * 16, plane, order);
+                   bf16_pairs_run(nullptr, 0, sp.wq - w1, vectors, dst + w1 * 16, plane, order);
+                 });
 }
 
 // W_b [C/16][n][k/2][16][2] (bfloat16 bits): value(o, i, j) for lane l's filter o = v·16 + lanes.channel(l),
@@ -207,20 +195,15 @@ inline void bf16_pairs_vector_for(int64_t G, const uint16_t* xv, const int64_t* 
   }
 }
 
-// The outputs of `phases` (each: its taps' offsets into the plane, its filters W_b, where its outputs go) over
-// every sample's planes of x (NHWC, geometry `in`, laid out as sp), into y (NHWC, `out_sample` apart).
-struct Bf16Phase {
-  std::vector<int64_t> off;
-  std::vector<uint16_t> w_b;
-  int64_t first, rows, cols, row_step, col_step;  // output (m, c) at y + first + m·row_step + c·col_step
-};
-inline void bf16_pairs_forward(const uint16_t* x, const Conv2dGeometry& in, const ShiftedPlanes& sp,
-                               const std::vector<Bf16Phase>& phases, const float* b, const GroupLanes<float>& lanes,
-                               uint16_t* y, int64_t out_sample) {
+// The passes (conv2d_grouped.h's LanesPass, W_b by bf16_pair_filters) over every sample of x (NHWC, geometry
+// `in`, laid out as sp) into y (NHWC, in.f channels, `pixels` a sample), plus b (float32, or null).
+inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const ShiftedPlanes& sp,
+                              const std::vector<LanesPass<uint16_t>>& passes, const float* b,
+                              const GroupLanes<float>& lanes, uint16_t* y, int64_t pixels) {
   const std::vector<int16_t> order = bf16_pair_order(lanes);
   std::vector<float> b_b(b ? in.f : 0);  // the bias in the lanes' order
   for (int64_t o = 0; o < static_cast<int64_t>(b_b.size()); ++o) b_b[o] = b[o - o % 16 + lanes.channel(o % 16)];
-  const int64_t in_sample = in.h * in.w * in.c, plane = sp.plane() * 16;
+  const int64_t in_sample = in.h * in.w * in.c, out_sample = pixels * in.f, plane = sp.plane() * 16;
   const VectorSlices split(in.n, in.c / 16);
   at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -229,10 +212,10 @@ inline void bf16_pairs_forward(const uint16_t* x, const Conv2dGeometry& in, cons
       uint16_t* xb = cpu::thread_scratch<uint16_t>(cpu::Scratch::kPadded, (v1 - v0) * plane);
       bf16_pairs_input(x + n * in_sample, in, sp, v0, v1, order.data(), xb);
       for (int64_t v = v0; v < v1; ++v) {
-        for (const Bf16Phase& q : phases) {
+        for (const LanesPass<uint16_t>& q : passes) {
           const int taps = static_cast<int>(q.off.size());
-          const OutputRows<uint16_t> rows{y + n * out_sample + q.first + v * 16, q.rows, q.cols, q.row_step,
-                                          q.col_step};
+          const OutputRows<uint16_t> rows{y + n * out_sample + q.first * in.f + v * 16, q.rows, q.cols,
+                                          q.row_step * in.f, q.col_step * in.f};
           bf16_pairs_vector_for(lanes.G, xb + (v - v0) * plane, q.off.data(), taps,
                                 q.w_b.data() + v * taps * lanes.k * 16, b ? b_b.data() + v * 16 : nullptr, lanes, sp.wq,
                                 rows);
@@ -249,12 +232,12 @@ inline void grouped_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, co
   const GroupLanes<float> lanes(g.c_per_group());
   const ShiftedPlanes sp = shifted_planes(g);
   const auto a = w.accessor<c10::BFloat16, 4>();
-  Bf16Phase all{{}, {}, 0, g.oh, g.ow, g.ow * g.f, g.f};
+  LanesPass<uint16_t> all{{}, {}, 0, g.oh, g.ow, g.ow, 1};
   for (int64_t t = 0; t < g.taps(); ++t) all.off.push_back(shifted_offset(g, sp, t));
   all.w_b = bf16_pair_filters(g.f, g.taps(), lanes,
                               [&](int64_t o, int64_t i, int64_t t) { return a[o][i][t / g.kw][t % g.kw].x; });
-  bf16_pairs_forward(reinterpret_cast<const uint16_t*>(x), g, sp, {all}, b, lanes, reinterpret_cast<uint16_t*>(y),
-                     g.col_cols() * g.f);
+  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(x), g, sp, {all}, b, lanes, reinterpret_cast<uint16_t*>(y),
+                    g.col_cols());
 }
 
 // d_x of a strided layer by the stride's phases (InputGradPhases), channels_last bfloat16.
@@ -264,18 +247,18 @@ inline void grouped_input_grad_phases_bf16(const c10::BFloat16* dy, const at::Te
   const InputGradPhases ph(g);
   const int64_t k = lanes.k;
   const auto a = w.accessor<c10::BFloat16, 4>();
-  std::vector<Bf16Phase> phases;
+  std::vector<LanesPass<uint16_t>> passes;
   for (const InputGradPhases::Phase& q : ph.phases) {
-    Bf16Phase p{{}, {}, (q.a_h * g.w + q.a_w) * g.c, q.outputs_h, q.outputs_w, g.sh * g.w * g.c, g.sw * g.c};
-    for (size_t j = 0; j < q.taps.size(); ++j) p.off.push_back(q.off_h[j] * ph.plane.wp + q.off_w[j]);
+    LanesPass<uint16_t> p{{}, {}, q.a_h * g.w + q.a_w, q.outputs_h, q.outputs_w, g.sh * g.w, g.sw};
+    for (size_t j = 0; j < q.taps.size(); ++j) p.off.push_back(q.off_h[j] * ph.plane.wq + q.off_w[j]);
     p.w_b = bf16_pair_filters(g.c, q.taps.size(), lanes, [&](int64_t c, int64_t i, int64_t j) {
       const int64_t t = q.taps[j];
       return a[c - c % k + i][c % k][t / g.kw][t % g.kw].x;
     });
-    phases.push_back(std::move(p));
+    passes.push_back(std::move(p));
   }
-  bf16_pairs_forward(reinterpret_cast<const uint16_t*>(dy), ph.dy, ph.plane, phases, nullptr, lanes,
-                     reinterpret_cast<uint16_t*>(dx), g.h * g.w * g.c);
+  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(dy), ph.dy, ph.plane, passes, nullptr, lanes,
+                    reinterpret_cast<uint16_t*>(dx), g.h * g.w);
 }
 
 }  // namespace conv2d_cpu

@@ -146,7 +146,7 @@ void backward_nchw(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     }
     return;
   }
-  // Groups of few channels (conv2d_grouped.h), NCHW rows transposed as they are laid out: d_W, and d_x as
+  // Groups of few channels (conv2d_grouped.h), NCHW planes transposed a vector's at a time: d_W, and d_x as
   // the transposed convolution (stride 1) or by the stride's phases.
   if (grouped_by_broadcasts(g, sizeof(T))) {
     Conv2dGeometry u;

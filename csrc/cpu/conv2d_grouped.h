@@ -70,11 +70,21 @@ struct GroupLanes {
   int64_t lane(int64_t c) const { return c % k * G + c / k; }
 };
 
-// r = the lanes of s (n of them) repeated over r's sizeof...(l) lanes.
+// r = the lanes of s (n of them) repeated over r's sizeof...(l) lanes: __builtin_shufflevector, whose result
+// may be wider than its operands (clang; GCC from 12 on).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+constexpr bool kHasShuffleVector = true;
 template <int n, typename S, typename R, int... l>
 CS231N_INLINE void repeat_lanes(const S& s, R& r, std::integer_sequence<int, l...>) {
   r = __builtin_shufflevector(s, s, (l % n)...);
 }
+#else
+constexpr bool kHasShuffleVector = false;
+template <int n, typename S, typename R, int... l>
+CS231N_INLINE void repeat_lanes(const S& s, R& r, std::integer_sequence<int, l...>) {
+  ((r[l] = s[l % n]), ...);
+}
+#endif
 
 // v = the G values at p in every G lanes (lane l = p[l mod G]): G·sizeof(T) bytes broadcast. On AVX-512 one
 // load instruction (vpbroadcastd/q, vbroadcastf32x4/f64x4); below it a 32-byte broadcast twice (two
@@ -108,7 +118,7 @@ CS231N_INLINE void broadcast_lanes(const T* p, typename ChannelVectors<T>::Vec& 
     }
 #pragma GCC diagnostic pop
 #endif
-  } else if constexpr (kIsa == static_cast<int>(cpu::Isa::kBaseline)) {
+  } else if constexpr (kIsa == static_cast<int>(cpu::Isa::kBaseline) || !kHasShuffleVector) {
     for (int l = 0; l < ChannelVectors<T>::kLanes; ++l) v[l] = p[l % G];
   } else {
     typedef T Half __attribute__((vector_size(32)));

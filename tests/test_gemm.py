@@ -239,7 +239,7 @@ def test_conv2d_routes_match_float64(isa, case, channels_last, weight_layout, se
     dict(shape=(3, 48, 9, 10), f=72, k=3, stride=2, padding=1, groups=3),
     # groups of 2 to 16 channels and as many filters (ResNeXt's): whole groups side by side in a vector's
     # lanes (conv2d_grouped.h; both layouts, the forward, d_x and d_W). Groups of 4 over two vectors of
-    # channels, 11 outputs a row (119 places of the pitch: blocks of 24, the last overlapping the one
+    # channels, 11 outputs a row (115 places of the pitch: blocks of 24, the last overlapping the one
     # before); groups of 8, strided (d_x by the stride's phases, from one plane of dY); groups of 2 (a
     # broadcast of 8 lanes) dilated with padding 2; strides (4, 2) with a 2 x 2 kernel: phases with no tap,
     # whose d_x is zero; groups of 16 (a broadcast of one lane) on 8 x 8 (78 places: blocks of 16) and

@@ -67,9 +67,9 @@ void for_each_group(const Conv2dGeometry& g, const F& f) {
 }
 
 // The batch cut into chunks among the threads for the kernels that walk a sample's output rows with state
-// of their own (conv2d_grouped.h's ring of input rows, conv2d_depthwise.h's row taps, the bfloat16
-// forwards' padded sample): whole samples, a chunk a thread; or, with fewer samples than threads (batch-1
-// inference, where one sample was all one thread's), each sample's `rows` rows in bands, a chunk a band.
+// of their own (conv2d_depthwise.h's row taps, the bfloat16 forwards' padded sample): whole samples, a chunk a thread;
+// or, with fewer samples than threads (batch-1 inference, where one sample was all one thread's), each sample's `rows`
+// rows in bands, a chunk a band.
 struct SampleBands {
   int64_t n, rows, bands, chunks;
   SampleBands(int64_t samples, int64_t rows_) : n(samples), rows(rows_) {

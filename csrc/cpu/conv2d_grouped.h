@@ -189,22 +189,29 @@ CS231N_INLINE void interleaved_blocks(const T* xv, const int64_t* off, int n, co
   }
 }
 
-// Blocks of P outputs, P the size (of those the ISA's registers hold) that computes the fewest outputs
-// in all, the larger on a tie: at 8 x 8 (78 virtual outputs) 80 by 16 where 24 computed 96.
+// The block of P1, P2 or P3 outputs (of those the ISA's registers hold, P1 > P2 > P3) that computes the
+// fewest of `total` outputs in all, the larger on a tie; 1 under P3. At 8 x 8 (78 places of the pitch) 16
+// computes 80 where 24 computed 96.
+inline int64_t lanes_block(int64_t total, int64_t p1, int64_t p2, int64_t p3) {
+  if (total < p3) return 1;
+  const auto computed = [&](int64_t p) { return total >= p ? (total + p - 1) / p * p : INT64_MAX; };
+  if (computed(p1) <= std::min(computed(p2), computed(p3))) return p1;
+  return computed(p2) <= computed(p3) ? p2 : p3;
+}
+
 template <int kIsa, int P1, int P2, int P3, int G, typename T>
 CS231N_INLINE void interleaved_vector(const T* xv, const int64_t* off, int n, const T* wv, const T* bias, int64_t pitch,
                                       const OutputRows<T>& out, const GroupLanes<T>& lanes) {
   if (out.rows <= 0 || out.cols <= 0) return;
-  const int64_t total = (out.rows - 1) * pitch + out.cols;
-  const auto computed = [&](int64_t p) { return total >= p ? (total + p - 1) / p * p : INT64_MAX; };
-  if (total < P3) {
-    interleaved_blocks<kIsa, 1, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
-  } else if (computed(P1) <= std::min(computed(P2), computed(P3))) {
+  const int64_t total = (out.rows - 1) * pitch + out.cols, p = lanes_block(total, P1, P2, P3);
+  if (p == P1) {
     interleaved_blocks<kIsa, P1, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
-  } else if (computed(P2) <= computed(P3)) {
+  } else if (p == P2) {
     interleaved_blocks<kIsa, P2, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
-  } else {
+  } else if (p == P3) {
     interleaved_blocks<kIsa, P3, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
+  } else {
+    interleaved_blocks<kIsa, 1, G>(xv, off, n, wv, bias, pitch, out, lanes, total);
   }
 }
 

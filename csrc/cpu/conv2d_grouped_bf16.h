@@ -125,15 +125,15 @@ CS231N_AVX512_BF16 void bf16_pairs_vector(const uint16_t* xv, const int64_t* off
   int32_t order[16];
   for (int c = 0; c < 16; ++c) order[c] = static_cast<int32_t>(lanes.lane(c));
   const __m512i to_channels = _mm512_loadu_si512(order);
-  const auto computed = [&](int64_t p) { return (total + p - 1) / p * p; };  // (as interleaved_vector)
-  if (total < 8) {
-    bf16_pairs_blocks<1, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
-  } else if (total >= 24 && computed(24) <= std::min(computed(16), computed(8))) {
-    bf16_pairs_blocks<24, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
-  } else if (total >= 16 && computed(16) <= computed(8)) {
-    bf16_pairs_blocks<16, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
-  } else {
-    bf16_pairs_blocks<8, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
+  switch (lanes_block(total, 24, 16, 8)) {
+    case 24:
+      return bf16_pairs_blocks<24, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
+    case 16:
+      return bf16_pairs_blocks<16, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
+    case 8:
+      return bf16_pairs_blocks<8, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
+    default:
+      return bf16_pairs_blocks<1, G>(xv, off, n, wv, init, to_channels, pitch, out, total);
   }
 }
 

@@ -196,8 +196,9 @@ inline void bf16_pairs_vector_for(int64_t G, const uint16_t* xv, const int64_t* 
 }
 
 // The passes (conv2d_grouped.h's LanesPass, W_b by bf16_pair_filters) over every sample of x (NHWC, geometry
-// `in`, laid out as sp) into y (NHWC, in.f channels, `pixels` a sample), plus b (float32, or null).
-inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const ShiftedPlanes& sp,
+// `in`, laid out as sp with `tail` places of zeros after) into y (NHWC, in.f channels, `pixels` a sample),
+// plus b (float32, or null).
+inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const ShiftedPlanes& sp, int64_t tail,
                               const std::vector<LanesPass<uint16_t>>& passes, const float* b,
                               const GroupLanes<float>& lanes, uint16_t* y, int64_t pixels) {
   const std::vector<int16_t> order = bf16_pair_order(lanes);
@@ -209,8 +210,9 @@ inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, v0, v1;
       split.of(item, &n, &v0, &v1);
-      uint16_t* xb = cpu::thread_scratch<uint16_t>(cpu::Scratch::kPadded, (v1 - v0) * plane);
+      uint16_t* xb = cpu::thread_scratch<uint16_t>(cpu::Scratch::kPadded, (v1 - v0) * plane + tail * 16);
       bf16_pairs_input(x + n * in_sample, in, sp, v0, v1, order.data(), xb);
+      std::fill(xb + (v1 - v0) * plane, xb + (v1 - v0) * plane + tail * 16, uint16_t(0));
       for (int64_t v = v0; v < v1; ++v) {
         for (const LanesPass<uint16_t>& q : passes) {
           const int taps = static_cast<int>(q.off.size());
@@ -230,14 +232,15 @@ inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const
 inline void grouped_forward_bf16(const c10::BFloat16* x, const at::Tensor& w, const float* b, c10::BFloat16* y,
                                  const Conv2dGeometry& g) {
   const GroupLanes<float> lanes(g.c_per_group());
-  const ShiftedPlanes sp = shifted_planes(g);
+  const LanesPlanes lp = lanes_planes(g);
+  const ShiftedPlanes& sp = lp.sp;
   const auto a = w.accessor<c10::BFloat16, 4>();
   LanesPass<uint16_t> all{{}, {}, 0, g.oh, g.ow, g.ow, 1};
   for (int64_t t = 0; t < g.taps(); ++t) all.off.push_back(shifted_offset(g, sp, t));
   all.w_b = bf16_pair_filters(g.f, g.taps(), lanes,
                               [&](int64_t o, int64_t i, int64_t t) { return a[o][i][t / g.kw][t % g.kw].x; });
-  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(x), g, sp, {all}, b, lanes, reinterpret_cast<uint16_t*>(y),
-                    g.col_cols());
+  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(x), g, sp, lp.tail, {all}, b, lanes,
+                    reinterpret_cast<uint16_t*>(y), g.col_cols());
 }
 
 // d_x of a strided layer by the stride's phases (InputGradPhases), channels_last bfloat16.
@@ -257,7 +260,7 @@ inline void grouped_input_grad_phases_bf16(const c10::BFloat16* dy, const at::Te
     });
     passes.push_back(std::move(p));
   }
-  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(dy), ph.dy, ph.plane, passes, nullptr, lanes,
+  bf16_pairs_passes(reinterpret_cast<const uint16_t*>(dy), ph.dy, ph.plane, /*tail=*/0, passes, nullptr, lanes,
                     reinterpret_cast<uint16_t*>(dx), g.h * g.w);
 }
 

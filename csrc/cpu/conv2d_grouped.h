@@ -51,6 +51,9 @@ inline bool grouped_by_broadcasts(const Conv2dGeometry& g, int64_t element_size)
   return g.groups > 1 && k >= 2 && k <= lanes && lanes % k == 0 && g.f_per_group() == k && g.c % lanes == 0;
 }
 
+// A vector's lanes in the groups' order (k channels a group, G groups a vector): lane l holds channel
+// channel(l) = (l mod G)·k + l / G of the vector, and channel c lies in lane lane(c); `in` and `out` are
+// those maps as shuffle masks (x into the lanes' order, y back out of it).
 template <typename T>
 struct GroupLanes {
   using V = ChannelVectors<T>;

@@ -71,6 +71,12 @@ struct GroupLanes {
   }
   int64_t channel(int64_t l) const { return l % G * k + l / G; }
   int64_t lane(int64_t c) const { return c % k * G + c / k; }
+  // count per-channel values (a bias; count a whole number of vectors) in the lanes' order, or none
+  std::vector<T> in_lanes(const T* values, int64_t count) const {
+    std::vector<T> out(values ? count : 0);
+    for (int64_t o = 0; o < static_cast<int64_t>(out.size()); ++o) out[o] = values[o - o % L + channel(o % L)];
+    return out;
+  }
 };
 
 // r = the lanes of s (n of them) repeated over r's sizeof...(l) lanes: __builtin_shufflevector, whose result
@@ -538,8 +544,7 @@ void interleaved_passes(const T* x, bool planes, const Conv2dGeometry& in, const
                         const std::vector<LanesPass<T>>& passes, const T* b, const GroupLanes<T>& lanes, T* y,
                         int64_t pixels) {
   constexpr int L = ChannelVectors<T>::kLanes;
-  std::vector<T> b_b(b ? in.f : 0);  // the bias in the lanes' order
-  for (int64_t o = 0; o < static_cast<int64_t>(b_b.size()); ++o) b_b[o] = b[o - o % L + lanes.channel(o % L)];
+  const std::vector<T> b_b = lanes.in_lanes(b, in.f);
   const int64_t in_sample = in.h * in.w * in.c, out_sample = pixels * in.f, plane = sp.plane() * L;
   const cpu::Isa isa = cpu::cpu_isa();
   const VectorSlices split(in.n, in.c / L);

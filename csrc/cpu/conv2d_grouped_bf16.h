@@ -202,8 +202,7 @@ inline void bf16_pairs_passes(const uint16_t* x, const Conv2dGeometry& in, const
                               const std::vector<LanesPass<uint16_t>>& passes, const float* b,
                               const GroupLanes<float>& lanes, uint16_t* y, int64_t pixels) {
   const std::vector<int16_t> order = bf16_pair_order(lanes);
-  std::vector<float> b_b(b ? in.f : 0);  // the bias in the lanes' order
-  for (int64_t o = 0; o < static_cast<int64_t>(b_b.size()); ++o) b_b[o] = b[o - o % 16 + lanes.channel(o % 16)];
+  const std::vector<float> b_b = lanes.in_lanes(b, in.f);
   const int64_t in_sample = in.h * in.w * in.c, out_sample = pixels * in.f, plane = sp.plane() * 16;
   const VectorSlices split(in.n, in.c / 16);
   at::parallel_for(0, split.items, 1, [&](int64_t begin, int64_t end) {

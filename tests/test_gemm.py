@@ -443,24 +443,27 @@ def test_bfloat16_convolution_against_float64(layout, c, f, k, stride, padding, 
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("n,c,f,hw,stride", [
-    (5, 48, 40, (30, 27), 1),  # channels not a multiple of 32 (zero k), filters past a block, 5 samples
-    (4, 96, 70, (20, 21), 2),  # strided: the phases, each tap one shift of the pitch
-    (3, 32, 33, (70, 9), 1),   # a narrow image: blocks of 32 pixels straddle many rows of the pitch
-    (3, 3, 40, (45, 38), 2),   # a stem's few channels: d_W by taps (rows (t, c)), chunks of 512 pixels
-    (2, 16, 48, (33, 35), 1),  # 16 channels: 144 rows (t, c), the last block partly past them
+@pytest.mark.parametrize("n,c,f,k,hw,stride", [
+    (5, 48, 40, 3, (30, 27), 1),  # channels not a multiple of 32 (zero k), filters past a block, 5 samples
+    (4, 96, 70, 3, (20, 21), 2),  # strided: the phases, each tap one shift of the pitch
+    (3, 32, 33, 3, (70, 9), 1),   # a narrow image: blocks of 32 pixels straddle many rows of the pitch
+    (3, 3, 40, 3, (45, 38), 2),   # a stem's few channels: d_W by taps (rows (t, c)), chunks of 512 pixels
+    (2, 16, 48, 3, (33, 35), 1),  # 16 channels: 144 rows (t, c), the last block partly past them
+    # 1x1 in NHWC: the rows x's own pixels, read in place; the batch's last block (585 = 18 * 32 + 9
+    # pixels) from a copy, not past x's end
+    (3, 64, 40, 1, (15, 13), 1),
 ])
-def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c, f, hw, stride):
+def test_amx_bfloat16_convolution_of_larger_images_against_float64(layout, n, c, f, k, hw, stride):
     """The AMX tiles (conv2d_amx.h) on images larger than the test above's: blocks of 32 pixels whose
     thrown-away columns of the pitch are skipped when stored, the padded x read 32 pixels past its plane,
     and d_W summed over each sample's whole pitch (by taps for few channels)."""
     gen = torch.Generator().manual_seed(c + f)
     x = torch.randn(n, c, *hw, generator=gen).bfloat16()
-    w = (torch.randn(f, c, 3, 3, generator=gen) / (c * 9) ** 0.5).bfloat16()
+    w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16()
     b = torch.randn(f, generator=gen).bfloat16()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=1), "amx", gen)
+    check_bfloat16_convolution(x, w, b, dict(stride=stride, padding=k // 2), "amx", gen)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -493,6 +496,7 @@ def test_amx_bfloat16_weight_grad_of_small_images_against_float64(layout, n, c, 
     (48, 40, 3, (23, 27), 1, 1),  # a sample's output rows in bands among the threads (SampleBands)
     (40, 36, 3, (25, 30), 2, 1),  # ... strided
     (3, 40, 7, (90, 80), 2, 3),   # a stem by windows (1800 outputs): its blocks of outputs in bands
+    (64, 40, 1, (15, 13), 1, 0),  # 1x1 read in place (AMX, NHWC), in bands: the last band's last rows copied
 ])
 def test_bfloat16_forward_of_one_sample_against_float64(isa, layout, c, f, k, hw, stride, padding):
     """Batch-1 inference in bfloat16: one sample's forward shared among the threads, by bands of its
@@ -636,6 +640,35 @@ def test_bfloat16_outputs_are_rounded_as_torch_rounds(isa, layout):
     want = F.conv2d(x.double(), w.double(), b.double()).float().bfloat16()
     nan = want.isnan()
     assert nan.sum() == 2 and (y.isnan() == nan).all()
+    assert (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_outputs_of_many_channels_are_rounded_as_torch_rounds(isa, layout):
+    """The same bit for bit on a 1 x 1 layer of 32 channels (the tiles' route on AMX, whose NHWC outputs
+    are rounded 32 at a time by vcvtne2ps2bf16 as they are stored): an identity filter makes y[f] = x[f] +
+    b[f]. Filters 0-15 have a bias of 1 (ties; a NaN among the inputs). Filters 16-31 have inputs in
+    [1, 1.5) * 2^-126 and a bias of -2^-126, so that their outputs, added in float32 after the products,
+    are denormals, which vcvtne2ps2bf16 would flush to zero and torch's rounding keeps. (The products
+    themselves are normal: the tiles and vdpbf16ps flush denormal ones.)"""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(3, 32, 9, 16, generator=gen)  # 144 outputs a sample: the padded planes' route
+    x[:, :16] = x[:, :16] * 8 - 4
+    x[:, 16:] = (1 + x[:, 16:] / 2) * 2.0**-126
+    x = x.bfloat16()
+    x[1, 0, 2, 3] = float("nan")  # (into all 32 outputs of its pixel: 0 * NaN is NaN)
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    w = torch.eye(32).view(32, 32, 1, 1).bfloat16()
+    b = torch.cat([torch.ones(16), torch.full((16,), -(2.0**-126))]).bfloat16()
+    with forced_isa(isa):
+        y = ours.conv2d(x, w, b)
+    want = F.conv2d(x.double(), w.double(), b.double()).float().bfloat16()
+    nan = want.isnan()
+    denormal = (want != 0) & (want.abs() < 2.0**-126)
+    assert nan.sum() == 32 and (y.isnan() == nan).all() and denormal[:, 16:].float().mean() > 0.9
     assert (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
 
 

@@ -289,6 +289,24 @@ inline void planes_to_pixels(const uint16_t* src, int64_t src_stride, int64_t ch
 inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, const ShiftedPlanes& sp, int64_t cp,
                             bool planes, const std::vector<uint8_t>& used, uint16_t* x_pad) {
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  if (!planes && sp.sh == 1 && sp.sw == 1) {  // one phase from NHWC: rows copied, only what lies between zeroed
+    uint16_t* next = x_pad;                   // the first value not yet written
+    for (int64_t i = 0; i < g.h; ++i) {
+      uint16_t* row = x_pad + phase_pixel(sp, g.ph + i, g.pw) * cp;
+      std::fill(next, row, uint16_t(0));  // the row before's right border, this one's left (the top rows)
+      if (cp == g.c) {
+        std::memcpy(row, xb + i * g.w * g.c, g.w * g.c * sizeof(uint16_t));
+      } else {
+        for (int64_t j = 0; j < g.w; ++j) {
+          std::memcpy(row + j * cp, xb + (i * g.w + j) * g.c, g.c * sizeof(uint16_t));
+          std::fill(row + j * cp + g.c, row + (j + 1) * cp, uint16_t(0));
+        }
+      }
+      next = row + g.w * cp;
+    }
+    std::fill(next, x_pad + sp.plane() * cp, uint16_t(0));
+    return;
+  }
   std::fill(x_pad, x_pad + sp.plane() * cp, uint16_t(0));
   if (planes && sp.sh == 1 && sp.sw == 1) {  // one phase: each input row is a run of pixels
     for (int64_t i = 0; i < g.h; ++i) {
@@ -507,6 +525,8 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
     for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
     // a block's outputs in float32, rounded into y while in cache (a whole sample's were 3.2 MB for a stem)
     std::vector<float> out(kBf16WindowRows * g.f), planes_out(planes ? kBf16WindowRows * g.f : 0);
+    std::vector<int64_t> out_rows(kBf16WindowRows);  // AMX: a block's row r in `out`
+    for (int64_t j = 0; j < kBf16WindowRows; ++j) out_rows[j] = j * g.f;
     const auto* a = reinterpret_cast<const bf16_word*>(rows.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       int64_t n_begin, n_end, b0, b1;
@@ -532,9 +552,8 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
               for (int64_t i = 0; i < m; i += kAmxBlock) {
                 amx_block(g.kh, 1, values + i * 2 * row_words, 2 * row_words, tap_rows.data(), sliver,
                           run_words * kBf16Nr, kBf16Nr, c, kAmxBlock, /*accumulate=*/false);
-                for (int64_t r = 0; r < kAmxBlock && i + r < m; ++r) {
-                  amx_store_row(c + r * kAmxBlock, out.data() + (i + r) * g.f + j, n, b ? b + j : nullptr);
-                }
+                amx_store_block(c, out_rows.data() + i, std::min<int64_t>(kAmxBlock, m - i), n, b ? b + j : nullptr,
+                                out.data() + j);
               }
             }
             store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);

@@ -83,7 +83,7 @@ class AmxScope {
 // all four products: 4-8% faster forwards on the 2-core Xeon (docs/benchmarks.md). The products of each C
 // tile come in the same order either way, so the sums are the same, bit for bit.
 CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a, int64_t a_row, const int64_t* a_tap,
-                                const uint32_t* b, int64_t b_tap, int64_t b_row, float* c, int64_t ldc,
+                                 const uint32_t* b, int64_t b_tap, int64_t b_row, float* c, int64_t ldc,
                                  bool accumulate) {
   __asm__ volatile("" ::: "memory");                                             // (see the top)
   const int64_t a_stride = a_row * 2, b_stride = b_row * 4, c_stride = ldc * 4;  // bytes

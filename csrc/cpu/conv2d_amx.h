@@ -162,7 +162,7 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
   const int64_t plane = pp.sp.plane(), pixels = g.h * g.w, in_sample = g.c * pixels;
   const int64_t out_sample = g.f * g.col_cols();
   const std::vector<std::vector<uint32_t>> filters = pack_bf16_phase_filters(pp, w, g, pairs);
-  std::vector<std::vector<int64_t>> taps(np);  // phase q's taps: their shifts in dY_pad, in values
+  std::vector<std::vector<int64_t>> taps(np);   // phase q's taps: their shifts in dY_pad, in values
   std::vector<std::vector<int64_t>> place(np);  // phase q's row i of dY_pad's pitch: its place in `out`
   for (size_t q = 0; q < np; ++q) {
     for (const int64_t t : pp.taps[q]) taps[q].push_back(t * cp);

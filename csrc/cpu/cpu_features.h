@@ -31,8 +31,7 @@
 #define CS231N_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define CS231N_F16C __attribute__((target("avx,f16c")))
 #define CS231N_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-#define CS231N_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")))
+#define CS231N_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")))
 #else
 #define CS231N_X86 0
 #define CS231N_AVX2

@@ -619,6 +619,29 @@ def test_bfloat16_forward_of_few_channels_by_windows(c, f, k, stride, padding, d
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_stem_with_an_infinity_spreads_it_only_to_its_windows(layout, isa):
+    """On AMX the stem's tiles read x in place, 32 values a tap row where the run is 21: the rest, times
+    zero weights, belongs to other windows. An infinity there would make NaN of outputs whose windows do
+    not hold it, so a sample holding one has its rows built with zeros past the runs: its infinities and
+    NaNs land where torch's do, and the other sample is read in place."""
+    if not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 40, 36, generator=gen).bfloat16()
+    x[1, 1, 17, 20] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    w = (torch.randn(64, 3, 7, 7, generator=gen) / 147**0.5).bfloat16()
+    with forced_isa(isa):
+        y = ours.conv2d(x, w, None, stride=2, padding=3)
+    y_ref = F.conv2d(x.double(), w.double(), None, stride=2, padding=3)
+    assert y_ref[1].isinf().any() and y_ref[1].isfinite().float().mean() > 0.9
+    assert (y.isfinite() == y_ref.isfinite()).all()
+    finite = y_ref.isfinite()
+    torch.testing.assert_close(y.double()[finite], y_ref[finite], rtol=2**-8, atol=1e-5 * y_ref[finite].abs().max())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
 def test_bfloat16_outputs_are_rounded_as_torch_rounds(isa, layout):
     """The float32 sums are rounded to bfloat16 as torch rounds (to nearest, ties to even), bit for bit, by
     reduced_float.h's vector loop and its scalar tail. A 2 x 2 filter [[1, 0], [0, 0]] and a bias

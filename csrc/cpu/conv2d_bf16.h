@@ -481,6 +481,18 @@ CS231N_AVX512_BF16 inline void bf16_window_rows_of(const uint16_t* x_win, int64_
     }
   }
 }
+
+// Whether the bfloat16 values v[0, n) are all finite (none has the exponent of all ones of an infinity or NaN).
+CS231N_AVX512 inline bool bf16_all_finite(const uint16_t* v, int64_t n) {
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  __mmask32 odd = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    odd |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_loadu_si512(v + i), exponent), exponent);
+  }
+  for (; i < n; ++i) odd |= (v[i] & 0x7f80) == 0x7f80;
+  return odd == 0;
+}
 #endif
 
 // y = conv(x, w) + b by windows (bf16_window_rows), in the layouts of conv_forward_bf16.
@@ -511,19 +523,24 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
   // with fewer samples than threads, a sample's blocks of outputs in bands, each thread padding it itself
   const SampleBands split(g.n, (outputs + kBf16WindowRows - 1) / kBf16WindowRows);
   const int64_t chunks = split.chunks;
-  const int64_t tap0 = 0;               // one segment: the whole row
-  std::vector<int64_t> tap_rows(g.kh);  // on AMX: tap row t_h's values from a row's start
-  for (int64_t t_h = 0; t_h < g.kh; ++t_h) tap_rows[t_h] = t_h * 2 * run_words;
+  const int64_t tap0 = 0;                               // one segment: the whole row
+  std::vector<int64_t> tap_rows(g.kh), win_taps(g.kh);  // on AMX: tap row t_h's values from a row's start,
+  for (int64_t t_h = 0; t_h < g.kh; ++t_h) {            // in the rows built or in x_win
+    tap_rows[t_h] = t_h * 2 * run_words;
+    win_taps[t_h] = t_h * g.dh * wp * g.c;
+  }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::optional<AmxScope> tiles;
     if (amx) tiles.emplace();
     alignas(64) float c[kAmxBlock * kAmxBlock];
-    // the sample padded, channels innermost; 32 values more, read (not kept) by a run's masked load
-    std::vector<uint16_t> x_win(hp * wp * g.c + 32, 0);
+    // the sample padded, channels innermost; values more, read (not kept) by a run's masked load (32) or
+    // by AMX's 32 rows read in place (up to 31 strides of sW·C and a row of 32 past the last output)
+    std::vector<uint16_t> x_win(hp * wp * g.c + 32 * g.sw * g.c + 64, 0);
     TileBuffer<uint32_t> rows((kBf16WindowRows + kAmxBlock) * row_words);  // AMX's blocks read 32 rows past
     std::vector<int64_t> row_table(kBf16WindowRows);
     for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
-    // a block's outputs in float32, rounded into y while in cache (a whole sample's were 3.2 MB for a stem)
+    // a block's outputs in float32 (but AMX's NHWC ones, rounded as stored), rounded into y while in cache (a
+    // whole sample's were 3.2 MB for a stem)
     std::vector<float> out(kBf16WindowRows * g.f), planes_out(planes ? kBf16WindowRows * g.f : 0);
     std::vector<int64_t> out_rows(kBf16WindowRows);  // AMX: a block's row r in `out`
     for (int64_t j = 0; j < kBf16WindowRows; ++j) out_rows[j] = j * g.f;
@@ -541,22 +558,41 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
             std::memcpy(dst, xn + i * g.w * g.c, g.w * g.c * sizeof(uint16_t));
           }
         }
+        // On AMX a tile row is 32 values, the run and what follows it in x_win, times zero weights past the
+        // run: read in place unless the sample holds an infinity or NaN (times zero: NaN in an output whose
+        // window does not hold it), when the rows are built with zeros past the runs instead.
+        const bool in_place = amx && bf16_all_finite(x_win.data(), hp * wp * g.c);
         for (int64_t o0 = b0 * kBf16WindowRows; o0 < std::min(outputs, b1 * kBf16WindowRows); o0 += kBf16WindowRows) {
           const int64_t m = std::min(kBf16WindowRows, outputs - o0);
-          bf16_window_rows_of(x_win.data(), wp, g, run_words, o0, o0 + m, rows.data());
+          if (!in_place) bf16_window_rows_of(x_win.data(), wp, g, run_words, o0, o0 + m, rows.data());
           if (amx) {
-            const auto* values = reinterpret_cast<const uint16_t*>(rows.data());
-            for (int64_t j = 0; j < g.f; j += kAmxBlock) {
-              const int n = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
-              const uint32_t* sliver = filters.data() + (j / kBf16Nr) * row_words * kBf16Nr + j % kBf16Nr;
-              for (int64_t i = 0; i < m; i += kAmxBlock) {
-                amx_block(g.kh, 1, values + i * 2 * row_words, 2 * row_words, tap_rows.data(), sliver,
+            // blocks of up to 32 outputs: in place, along one output row (their rows sW·C values apart in
+            // x_win); or 32 of the rows built above
+            const auto* built = reinterpret_cast<const uint16_t*>(rows.data());
+            c10::BFloat16* y_rows = y + n * out_sample + o0 * g.f;  // NHWC: the block's outputs in y
+            for (int64_t i = 0; i < m;) {
+              const int64_t o = o0 + i, o_w = o % g.ow;
+              const int64_t kept =
+                  in_place ? std::min({int64_t{kAmxBlock}, g.ow - o_w, m - i}) : std::min<int64_t>(kAmxBlock, m - i);
+              const uint16_t* a_block =
+                  in_place ? x_win.data() + (o / g.ow * g.sh * wp + o_w * g.sw) * g.c : built + i * 2 * row_words;
+              const int64_t a_row = in_place ? g.sw * g.c : 2 * row_words;
+              for (int64_t j = 0; j < g.f; j += kAmxBlock) {
+                const int cols = static_cast<int>(std::min<int64_t>(kAmxBlock, g.f - j));
+                const uint32_t* sliver = filters.data() + (j / kBf16Nr) * row_words * kBf16Nr + j % kBf16Nr;
+                amx_block(g.kh, 1, a_block, a_row, in_place ? win_taps.data() : tap_rows.data(), sliver,
                           run_words * kBf16Nr, kBf16Nr, c, kAmxBlock, /*accumulate=*/false);
-                amx_store_block(c, out_rows.data() + i, std::min<int64_t>(kAmxBlock, m - i), n, b ? b + j : nullptr,
-                                out.data() + j);
+                // NHWC outputs rounded into y as they are stored; NCHW's transposed from `out` below
+                const float* bias = b ? b + j : nullptr;
+                if (planes) {
+                  amx_store_block(c, out_rows.data() + i, kept, cols, bias, out.data() + j);
+                } else {
+                  amx_store_block(c, out_rows.data() + i, kept, cols, bias, y_rows + j);
+                }
               }
+              i += kept;
             }
-            store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);
+            if (planes) store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);
             continue;
           }
           for (int64_t s = 0; s < slivers; ++s) {

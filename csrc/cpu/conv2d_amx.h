@@ -67,13 +67,15 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
     offsets[t] = shifted_offset(g, sp, t);          // the tap's pixel from an output's
     a_tap[t] = by_rows ? t * cp : offsets[t] * cp;  // the tap's values from a row's start
   }
-  // place[p]: where the blocks' row p (an output by rows; else a pixel of the pitch, -1 for a thrown-away
-  // column) puts its F outputs, from the block's first sample's
+  // place[p]: where the blocks' row p (an output by rows, of the block's samples; else a pixel of the
+  // pitch, -1 for a thrown-away column) puts its outputs in y from the block's first sample's: NHWC its F
+  // values from y[place], NCHW filter f's at y[place + f * outputs]
   const int64_t block_rows = by_rows ? block * outputs : sp.cols;
   std::vector<int64_t> place(block_rows);
   for (int64_t p = 0; p < block_rows; ++p) {
-    const int64_t o_w = p % sp.wq;
-    place[p] = by_rows ? p * g.f : o_w < g.ow ? (p / sp.wq * g.ow + o_w) * g.f : -1;
+    const int64_t s = by_rows ? p / outputs : 0, o_w = p % sp.wq;
+    const int64_t o = by_rows ? p % outputs : o_w < g.ow ? p / sp.wq * g.ow + o_w : -1;
+    place[p] = o < 0 ? -1 : s * out_sample + (planes ? o : o * g.f);
   }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
@@ -81,8 +83,6 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
     TileBuffer<uint16_t> a_rows(by_rows && !in_place ? (block * outputs + kAmxBlock) * row_values : 0,
                                 /*zeroed=*/false);
     TileBuffer<uint16_t> tail(in_place ? kAmxBlock * cp : 0);  // in place: the batch's last rows, copied
-    // NCHW's outputs in float32 until transposed into y's planes; NHWC's are rounded into y as stored
-    std::vector<float> out(planes ? block * outputs * g.f : 0), planes_out(planes ? outputs * g.f : 0);
     alignas(64) float c[kAmxBlock * kAmxBlock];
     const int64_t a_row = by_rows ? row_values : cp;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -117,26 +117,19 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
                     /*accumulate=*/false);
           const float* bias = b ? b + j : nullptr;
           if (planes) {
-            amx_store_block(c, place.data() + i, rows, n, bias, out.data() + j);
+            amx_store_block_planes(c, place.data() + i, rows, n, bias, y + n0 * out_sample + j * outputs, outputs);
           } else {
             amx_store_block(c, place.data() + i, rows, n, bias, y + n0 * out_sample + j);
           }
         };
+        // 1 x 1: a block of rows stays in L1 across the filters' blocks (6-13% faster at ResNet-50's 1 x 1
+        // layers); with more taps a block's rows are taps times larger and a filter sliver stays instead
         if (taps == 1) {
           for (int64_t i = i0; i < m; i += kAmxBlock)
             for (int64_t j = 0; j < g.f; j += kAmxBlock) block_at(i, j);
         } else {
           for (int64_t j = 0; j < g.f; j += kAmxBlock)
             for (int64_t i = i0; i < m; i += kAmxBlock) block_at(i, j);
-        }
-        if (!planes) continue;
-        if (split.bands > 1) {  // the band's outputs only
-          store_bf16_outputs(out.data() + r0 * g.ow * g.f, r0 * g.ow, (r1 - r0) * g.ow, g, planes, planes_out.data(),
-                             y + n0 * out_sample);
-          continue;
-        }
-        for (int64_t s = 0; s < nb; ++s) {
-          store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);
         }
       }
     }

@@ -539,11 +539,15 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
     TileBuffer<uint32_t> rows((kBf16WindowRows + kAmxBlock) * row_words);  // AMX's blocks read 32 rows past
     std::vector<int64_t> row_table(kBf16WindowRows);
     for (int64_t j = 0; j < kBf16WindowRows; ++j) row_table[j] = j * row_words;
-    // a block's outputs in float32 (but AMX's NHWC ones, rounded as stored), rounded into y while in cache (a
-    // whole sample's were 3.2 MB for a stem)
+    // a block's outputs in float32 (not on AMX: rounded as stored), rounded into y while in cache (a whole
+    // sample's were 3.2 MB for a stem)
     std::vector<float> out(kBf16WindowRows * g.f), planes_out(planes ? kBf16WindowRows * g.f : 0);
-    std::vector<int64_t> out_rows(kBf16WindowRows);  // AMX: a block's row r in `out`
-    for (int64_t j = 0; j < kBf16WindowRows; ++j) out_rows[j] = j * g.f;
+    // AMX: output o0 + r's place in y from output o0's: NHWC its F values, NCHW filter 0's (planes_at)
+    std::vector<int64_t> pixels_at(kBf16WindowRows), planes_at(kBf16WindowRows);
+    for (int64_t r = 0; r < kBf16WindowRows; ++r) {
+      pixels_at[r] = r * g.f;
+      planes_at[r] = r;
+    }
     const auto* a = reinterpret_cast<const bf16_word*>(rows.data());
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       int64_t n_begin, n_end, b0, b1;
@@ -569,7 +573,7 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
             // blocks of up to 32 outputs: in place, along one output row (their rows sW·C values apart in
             // x_win); or 32 of the rows built above
             const auto* built = reinterpret_cast<const uint16_t*>(rows.data());
-            c10::BFloat16* y_rows = y + n * out_sample + o0 * g.f;  // NHWC: the block's outputs in y
+            c10::BFloat16* y_o0 = y + n * out_sample + (planes ? o0 : o0 * g.f);  // output o0's (filter 0)
             for (int64_t i = 0; i < m;) {
               const int64_t o = o0 + i, o_w = o % g.ow;
               const int64_t kept =
@@ -582,17 +586,15 @@ inline void conv_forward_bf16_windows(const c10::BFloat16* x, const Bf16Filters&
                 const uint32_t* sliver = filters.data() + (j / kBf16Nr) * row_words * kBf16Nr + j % kBf16Nr;
                 amx_block(g.kh, 1, a_block, a_row, in_place ? win_taps.data() : tap_rows.data(), sliver,
                           run_words * kBf16Nr, kBf16Nr, c, kAmxBlock, /*accumulate=*/false);
-                // NHWC outputs rounded into y as they are stored; NCHW's transposed from `out` below
                 const float* bias = b ? b + j : nullptr;
                 if (planes) {
-                  amx_store_block(c, out_rows.data() + i, kept, cols, bias, out.data() + j);
+                  amx_store_block_planes(c, planes_at.data() + i, kept, cols, bias, y_o0 + j * outputs, outputs);
                 } else {
-                  amx_store_block(c, out_rows.data() + i, kept, cols, bias, y_rows + j);
+                  amx_store_block(c, pixels_at.data() + i, kept, cols, bias, y_o0 + j);
                 }
               }
               i += kept;
             }
-            if (planes) store_bf16_outputs(out.data(), o0, m, g, planes, planes_out.data(), y + n * out_sample);
             continue;
           }
           for (int64_t s = 0; s < slivers; ++s) {

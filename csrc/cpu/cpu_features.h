@@ -31,7 +31,8 @@
 #define CS231N_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define CS231N_F16C __attribute__((target("avx,f16c")))
 #define CS231N_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-#define CS231N_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")))
+#define CS231N_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vbmi2,avx2,fma")))
 #else
 #define CS231N_X86 0
 #define CS231N_AVX2
@@ -67,7 +68,10 @@ inline bool amx_bf16_usable() {
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
   const bool amx = (d >> 24 & 1) && (d >> 22 & 1);  // AMX-TILE, AMX-BF16
   // (the kernels' AVX-512 part: every CPU with the tiles has these, but the target attribute names them)
-  if (!amx || !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512dq")) return false;
+  if (!amx || !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512dq") ||
+      !__builtin_cpu_supports("avx512vbmi2")) {
+    return false;
+  }
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   if ((lo >> 17 & 3) != 3) return false;

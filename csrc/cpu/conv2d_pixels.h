@@ -386,6 +386,20 @@ void build_pixel_rows(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& 
 template <typename T>
 void build_pixel_rows_channels_major(const T* x, int64_t n0, int64_t nb, const Conv2dGeometry& g, T* rows) {
   const int64_t taps = g.taps(), k = taps * g.c, p = g.col_cols(), plane = g.h * g.w;
+  constexpr bool kTransposable = std::is_same_v<T, float> || std::is_same_v<T, double>;  // (transpose_matrix's)
+  if (kTransposable && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0) {
+    // 1 x 1 of stride 1 without padding: a sample's rows are its [C][P] planes transposed, by 16 x 16 blocks
+    // (element by element, each plane's outputs were written C values apart: a quarter of (16, 1024, 8, 8)
+    // -> 256's forward and d_W)
+    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+      if constexpr (kTransposable) {
+        for (int64_t s = begin; s < end; ++s) {
+          cpu::transpose_matrix(x + (n0 + s) * g.c * plane, plane, g.c, plane, rows + s * p * k, k);
+        }
+      }
+    });
+    return;
+  }
   std::vector<int64_t> offset(p * taps);  // [output][tap]: the tap's element of the input plane
   for (int64_t o = 0; o < p; ++o) {
     for (int64_t t = 0; t < taps; ++t) {

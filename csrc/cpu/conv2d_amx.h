@@ -93,7 +93,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
         const auto* xb = reinterpret_cast<const uint16_t*>(x);
         const uint16_t* a = in_place ? xb + n0 * in_sample : by_rows ? a_rows.data() : x_pad.data();
         for (int64_t s = 0; s < nb && !in_place; ++s) {
-          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data());
+          pad_bf16_pixels(x + (n0 + s) * in_sample, g, sp, cp, planes, used, x_pad.data(), /*zeroed=*/true);
           if (!by_rows) break;  // one sample a block
           for (int64_t o = 0; o < outputs; ++o) {
             uint16_t* row = a_rows.data() + (s * outputs + o) * row_values;
@@ -180,7 +180,8 @@ inline void conv_input_grad_bf16_phases_amx(const at::Tensor& dy, const at::Tens
       for (int64_t n0 = chunk_begin(chunk, chunks, g.n); n0 < n_end; n0 += block) {
         const int64_t nb = std::min(block, n_end - n0);
         for (int64_t s = 0; s < nb; ++s) {
-          pad_bf16_pixels(dyp + (n0 + s) * out_sample, pp.t0, pp.sp, cp, planes, used, dy_pad.data() + s * plane * cp);
+          pad_bf16_pixels(dyp + (n0 + s) * out_sample, pp.t0, pp.sp, cp, planes, used, dy_pad.data() + s * plane * cp,
+                          /*zeroed=*/true);
         }
         float* o = out.data();  // phase after phase, the block's rows of each
         for (size_t q = 0; q < np; ++q) {

@@ -101,6 +101,13 @@ CS231N_AMX inline void amx_block(int64_t taps, int64_t ksteps, const uint16_t* a
   }
   // step (t, k): A's rows 0-15 and 16-31 (tiles 4, 5) and B's columns 0-15 and 16-31 (tiles 6, 7)
   const int64_t steps = taps * ksteps, a_half = 16 * a_row, b_step = (kAmxK / 2) * b_row;
+  if (steps == 0) {  // no products: C as it was, or zeros
+    _tile_stored(0, c, c_stride);
+    _tile_stored(1, c + 16, c_stride);
+    _tile_stored(2, c + 16 * ldc, c_stride);
+    _tile_stored(3, c + 16 * ldc + 16, c_stride);
+    return;
+  }
   _tile_loadd(4, a + a_tap[0], a_stride);
   _tile_loadd(6, b, b_stride);
   _tile_loadd(5, a + a_tap[0] + a_half, a_stride);

@@ -1027,17 +1027,21 @@ inline at::Tensor conv_weight_grad_bf16(const c10::BFloat16* dy, const c10::BFlo
       }
     }
   });
+  // the chunks' partial sums added in chunk order (so the same whatever the threads' timing), the filters
+  // among the threads
   float* out = dw.mutable_data_ptr<float>();
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* part = partial.data() + chunk * g.f * ldc;
-    if (by_taps) {  // d_Wᵀ[k][f] -> d_W[f][k]
-      for (int64_t k = 0; k < ldc; ++k) {
-        for (int64_t f = 0; f < g.f; ++f) out[f * ldc + k] += part[k * g.f + f];
+  at::parallel_for(0, g.f, 16, [&](int64_t f_begin, int64_t f_end) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* part = partial.data() + chunk * g.f * ldc;
+      for (int64_t f = f_begin; f < f_end; ++f) {
+        if (by_taps) {  // d_Wᵀ[k][f] -> d_W[f][k]
+          for (int64_t k = 0; k < ldc; ++k) out[f * ldc + k] += part[k * g.f + f];
+        } else {
+          for (int64_t k = 0; k < ldc; ++k) out[f * ldc + k] += part[f * ldc + k];
+        }
       }
-      continue;
     }
-    for (int64_t i = 0; i < g.f * ldc; ++i) out[i] += part[i];
-  }
+  });
 #else
   (void)dy, (void)x, (void)g, (void)planes;
   TORCH_CHECK(false, "conv_weight_grad_bf16: AVX512-BF16 is an x86 instruction set");

@@ -643,8 +643,9 @@ def test_bfloat16_stem_with_an_infinity_spreads_it_only_to_its_windows(layout, i
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
 def test_bfloat16_outputs_are_rounded_as_torch_rounds(isa, layout):
-    """The float32 sums are rounded to bfloat16 as torch rounds (to nearest, ties to even), bit for bit, by
-    reduced_float.h's vector loop and its scalar tail. A 2 x 2 filter [[1, 0], [0, 0]] and a bias
+    """The float32 sums are rounded to bfloat16 as torch rounds (to nearest, ties to even), bit for bit: on
+    avx512 by reduced_float.h's vector loop and its scalar tail, on AMX as each block is stored
+    (amx_store_block). A 2 x 2 filter [[1, 0], [0, 0]] and a bias
     of 1 make each output x + 1, exact in float32 for x in [-4, 4] and rounded once: half of such sums are
     ties. NaN, infinities and a sum that rounds up to 2^8 are among the inputs; 41 x 38 outputs make
     blocks of 768 and 790 rows, the second not a whole number of 8-value vectors (the scalar tail). A

@@ -14,11 +14,11 @@
 //
 // Blocks (amx_block: 32 pixels x 32 filters) run over the pitch's pixels, the thrown-away columns of the
 // padding included (3% at 56 x 56), and may run past the last output: x_pad and the rows' copies have 32
-// zero pixels more; only real outputs are stored. Small images go by pixel rows, as in conv2d_bf16.h, the
-// rows then taps * pitch values apart. Here: the forward and the stride-1 d_x (its transposed
-// convolution), a strided layer's d_x by phases, and d_W (by taps for few channels). The stems' forward
-// by windows runs its tiles in conv2d_bf16.h; d_W of small images and d_x of few channels keep their
-// vdpbf16ps or float32 routes.
+// zero pixels more (1 x 1 NHWC layers, read in place, copy the batch's last block); only real outputs are
+// stored. Small images go by pixel rows, as in conv2d_bf16.h, the rows then taps * pitch values apart.
+// Here: the forward and the stride-1 d_x (its transposed convolution), a strided layer's d_x by phases,
+// and d_W (by taps for few channels; small images by blocks of samples). The stems' forward by windows
+// runs its tiles in conv2d_bf16.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -70,12 +70,11 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   // place[p]: where the blocks' row p (an output by rows, of the block's samples; else a pixel of the
   // pitch, -1 for a thrown-away column) puts its outputs in y from the block's first sample's: NHWC its F
   // values from y[place], NCHW filter f's at y[place + f * outputs]
-  const int64_t block_rows = by_rows ? block * outputs : sp.cols;
-  std::vector<int64_t> place(block_rows);
-  for (int64_t p = 0; p < block_rows; ++p) {
-    const int64_t s = by_rows ? p / outputs : 0, o_w = p % sp.wq;
-    const int64_t o = by_rows ? p % outputs : o_w < g.ow ? p / sp.wq * g.ow + o_w : -1;
-    place[p] = o < 0 ? -1 : s * out_sample + (planes ? o : o * g.f);
+  const auto place_of = [&](int64_t o) { return planes ? o : o * g.f; };  // output o's of filter 0
+  std::vector<int64_t> place(by_rows ? block * outputs : sp.cols, -1);
+  for (int64_t o = 0; o < outputs; ++o) place[by_rows ? o : in_pitch[o]] = place_of(o);
+  for (int64_t p = outputs; by_rows && p < block * outputs; ++p) {  // by rows: the block's other samples
+    place[p] = p / outputs * out_sample + place_of(p % outputs);
   }
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;

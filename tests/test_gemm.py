@@ -558,6 +558,65 @@ def test_bfloat16_grouped_in_lanes_against_float64(c, k, stride, padding, dilati
     check_bfloat16_convolution(x, w, b, args, isa, gen)
 
 
+@pytest.mark.parametrize("c", [144, 56, 40, 16, 7])  # vectors of 32 and 16 channels, and the last few alone
+@pytest.mark.parametrize("k,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), ((2, 5), (1, 2), (0, 2), (2, 1)), (7, 3, 3, 1),
+])
+@pytest.mark.parametrize("n,hw", [(3, (9, 21)), (1, (14, 14))])  # at batch 1 a sample's rows in bands
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_depthwise_channels_last_is_the_float32_kernel_rounded(c, k, stride, padding, dilation, n, hw, isa):
+    """The channels_last bfloat16 depthwise forward reads and writes bfloat16 (conv2d_depthwise.h, Bf16Pairs:
+    even and odd channels as two float32 vectors, filters and bias reordered to match), and must give the
+    bits of the float32 kernel on converted copies, rounded once: the sums are the same in the same order.
+    Every instruction set (GCC's generic vectors); NaN and infinities among the inputs."""
+    gen = torch.Generator().manual_seed(c + n)
+    x = torch.randn(n, c, *hw, generator=gen).bfloat16()
+    x.view(-1)[[5, 77, 300]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = (torch.randn(c, 1, kh, kw, generator=gen) / kh).bfloat16()
+    b = torch.randn(c, generator=gen).bfloat16()
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=c)
+    with forced_isa(isa):
+        for bias in (b, None):
+            y = ours.conv2d(x, w, bias, **args)
+            want = ours.conv2d(x.float(), w.float(), None if bias is None else bias.float(), **args).bfloat16()
+            assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+            nan = want.isnan()
+            assert nan.any() and (y.isnan() == nan).all()
+            assert (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
+
+
+@pytest.mark.parametrize("c", [48, 40])
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_depthwise_outputs_are_rounded_as_torch_rounds(c, isa):
+    """The rounding of that kernel, bit for bit against torch's of float64 sums: a 2 x 2 filter [[1, 0], [0,
+    0]] makes each output x + b. Channels 0-15 (and the scalar tail past 32) have inputs in [-4, 4] and a
+    bias of 1 (channel 0: 1.5): sums exact in float32, many of them ties, 254 + 1.5 one that rounds up to
+    2^8. Channels 16-31 have inputs
+    in [1, 1.5) * 2^-126 and a bias of -2^-126: denormal outputs, which the rounding keeps. A NaN and an
+    infinity, which the filter's zeros make NaN in 4 + 3 outputs: c10::BFloat16's 0x7fc0 (torch's vectorised
+    conversion keeps sign and payload, so their bits are not compared with its)."""
+    gen = torch.Generator().manual_seed(c)
+    x = torch.rand(2, c, 13, 17, generator=gen) * 8 - 4
+    x[:, 16:32] = (1 + x[:, 16:32].abs() / 8) * 2.0**-126
+    x = x.bfloat16()
+    x[0, 3, 4, 5], x[1, 0, 0, 0], x[1, 1, 1, 1] = float("nan"), 254.0, float("inf")
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).expand(c, 1, 2, 2).bfloat16()
+    b = torch.ones(c)
+    b[0], b[16:32] = 1.5, -(2.0**-126)
+    b = b.bfloat16()
+    with forced_isa(isa):
+        y = ours.conv2d(x, w, b, groups=c)
+    want = F.conv2d(x.double(), w.double(), b.double(), groups=c).float().bfloat16()
+    nan = want.isnan()
+    denormal = (want != 0) & (want.abs() < 2.0**-126)
+    assert nan.sum() == 7 and (y.isnan() == nan).all() and (y.view(torch.int16)[nan] == 0x7FC0).all()
+    assert denormal[:, 16:32].float().mean() > 0.9
+    assert (want[1, 0, 0, 0] == 256) and (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
+
+
 @pytest.mark.parametrize("k,padding", [(1, 0), (3, 1)])
 def test_bfloat16_weight_grad_sums_pixel_rows_in_blocks(k, padding):
     """d_W of small images on the bfloat16 route sums the output pixels of a block of samples at once, in

@@ -260,6 +260,17 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     bf16_forward(input, Bf16Filters::of(weight), bias, y, g, format);
     return y;
   }
+  if (input.scalar_type() == at::kBFloat16 && format == at::MemoryFormat::ChannelsLast &&
+      depthwise_forward_in_place(g)) {
+    // depthwise: x read and y written in bfloat16, the float32 kernel's sums (conv2d_depthwise.h: Bf16Pairs)
+    at::Tensor y = at::empty({g.n, g.f, g.oh, g.ow}, input.options().memory_format(format));
+    if (y.numel() == 0) return y;
+    const at::Tensor x = input.contiguous(format), w = weight.to(at::kFloat).contiguous();
+    const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    depthwise_forward_nhwc(x.const_data_ptr<c10::BFloat16>(), w.const_data_ptr<float>(),
+                           b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<c10::BFloat16>(), g);
+    return y;
+  }
   if (cpu::is_reduced_float(input)) {  // float16/bfloat16: the float32 kernels, rounded once (reduced_float.h)
     const at::Tensor y = conv2d_forward_cpu(cpu::to_float(input), cpu::to_float(weight), cpu::to_float(bias), stride,
                                             padding, dilation, groups);

@@ -74,6 +74,54 @@ struct ChannelVectors {
   static Vec& at(T* p) { return *reinterpret_cast<Vec*>(p); }
 };
 
+// bfloat16 channels as float32 vectors, in pairs (the channels_last bfloat16 forward, dw_outputs_nhwc). 2L
+// bfloat16 channels read as L 32-bit words hold channel 2i in word i's low half and 2i + 1 in its high
+// half: the words shifted up 16 bits are the even channels as float32, the words with their low halves
+// cleared the odd ones. (Widening 16 values in place took three shuffles a vector, GCC's lowering, and
+// the shuffle port bound the kernel.) The kernels keep the even and the odd channels' sums apart, their
+// filters and bias in the same order (bf16_pair_lanes), and store each pair of vectors as one again, every
+// sum rounded to nearest even and a NaN made torch's 0x7fc0 (reduced_float.h's from_float, on L lanes):
+// the bits of the float32 kernel on converted copies, without the copies. kWords: 16 (64 bytes) or 8.
+// (Vectors go in and out through references, which keeps them out of the baseline build's ABI.)
+template <int kWords>
+struct Bf16Pairs {
+  static constexpr int kChannels = 2 * kWords;
+  typedef uint32_t Words __attribute__((vector_size(4 * kWords), aligned(2), may_alias));
+  typedef float Floats __attribute__((vector_size(4 * kWords), aligned(4), may_alias));
+  CS231N_INLINE static const Floats& at(const float* p) { return *reinterpret_cast<const Floats*>(p); }
+  CS231N_INLINE static void load(const c10::BFloat16* p, Floats& even, Floats& odd) {
+    const Words u = *reinterpret_cast<const Words*>(p);
+    even = (Floats)(u << 16);
+    odd = (Floats)(u & 0xffff0000u);
+  }
+  CS231N_INLINE static void round(const Floats& v, Words& bits) {  // v's bfloat16 bits, in each word's low half
+    const Words u = (Words)v;
+    const Words nan = (Words)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where v is a NaN
+    bits = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
+  }
+  CS231N_INLINE static void store(c10::BFloat16* p, const Floats& even, const Floats& odd) {
+    Words low, high;
+    round(even, low);
+    round(odd, high);
+    *reinterpret_cast<Words*>(p) = low | (high << 16);
+  }
+};
+
+// The order of a [.][C] float32 row (filters, bias) that dw_outputs_nhwc's bfloat16 kernel reads: each
+// block of 32 channels as its 16 even then its 16 odd channels, a block of 16 after them as its 8 even
+// then 8 odd; the last C mod 16 as they are. order[j] = the channel at place j.
+inline std::vector<int64_t> bf16_pair_lanes(int64_t C) {
+  std::vector<int64_t> order(C);
+  int64_t c = 0;
+  for (const int64_t block : {int64_t(32), int64_t(16)}) {
+    for (; c + block <= C; c += block) {
+      for (int64_t i = 0; i < block; ++i) order[c + i] = c + (i < block / 2 ? 2 * i : 2 * (i - block / 2) + 1);
+    }
+  }
+  for (; c < C; ++c) order[c] = c;
+  return order;
+}
+
 // The same for stride 1, with every output's sum over the taps kept in registers: the loop above adds each
 // tap into y's row in memory, a load and a store per tap and output (measured 1.4 times oneDNN's forward
 // on an AVX-512 Xeon). Each plane is copied once into a padded scratch plane (zeros around it, as the
@@ -558,6 +606,40 @@ CS231N_INLINE void dw_outputs_nhwc(const T* first, int64_t step, const T* w_t, c
   }
 }
 
+// The same in bfloat16, summed in float32 (Bf16Pairs; w_t and b float32, in bf16_pair_lanes' order): blocks
+// of 32 channels, then one of 16; the channels past whole 16s are left to the caller's scalar loop.
+template <int P, int kWords>
+CS231N_INLINE void dw_outputs_bf16(const c10::BFloat16* first, int64_t step, const float* w_t, const int64_t* w_at,
+                                   const int64_t* at, int n, const float* b, c10::BFloat16* y, int64_t C, int64_t c) {
+  using B = Bf16Pairs<kWords>;
+  using Floats = typename B::Floats;
+  constexpr int kHalf = kWords;  // (the odd channels' filters and bias follow the even ones')
+  Floats even[P], odd[P];
+  const Floats init_even = b ? B::at(b + c) : Floats{}, init_odd = b ? B::at(b + c + kHalf) : Floats{};
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) even[p] = init_even, odd[p] = init_odd;
+  for (int k = 0; k < n; ++k) {
+    const Floats w_even = B::at(w_t + w_at[k] + c), w_odd = B::at(w_t + w_at[k] + c + kHalf);
+    const c10::BFloat16* src = first + at[k] + c;
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      Floats x_even, x_odd;
+      B::load(src + p * step, x_even, x_odd);
+      even[p] += w_even * x_even;
+      odd[p] += w_odd * x_odd;
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) B::store(y + p * C + c, even[p], odd[p]);
+}
+template <int P>
+CS231N_INLINE void dw_outputs_nhwc(const c10::BFloat16* first, int64_t step, const float* w_t, const int64_t* w_at,
+                                   const int64_t* at, int n, const float* b, c10::BFloat16* y, int64_t C) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) dw_outputs_bf16<P, 16>(first, step, w_t, w_at, at, n, b, y, C, c);
+  if (c + 16 <= C) dw_outputs_bf16<P, 8>(first, step, w_t, w_at, at, n, b, y, C, c);
+}
+
 // Prefetch into L1 what `count` outputs from o read beyond the outputs before them, in the row of taps
 // that no earlier output row read (the others are in cache): `last` = the last tap's first element for
 // output 0, outputs `step` elements apart, pixels of C elements. The new elements lie after output o - 1's
@@ -573,9 +655,9 @@ CS231N_INLINE void prefetch_new_pixels(const T* last, int64_t o, int64_t count, 
 // The outputs [lo, hi) of a row, all of whose taps lie in the image: blocks of 8, then of 4, then single
 // outputs; a last short block overlaps its predecessor where the run is long enough (an output computed
 // twice is stored twice, the same value).
-template <typename T>
-CS231N_INLINE void dw_interior_nhwc(const T* x, int64_t step, const T* w_t, const int64_t* w_at, const int64_t* at,
-                                    int n, const T* b, T* y, int64_t C, int64_t lo, int64_t hi) {
+template <typename T, typename S>
+CS231N_INLINE void dw_interior_nhwc(const T* x, int64_t step, const S* w_t, const int64_t* w_at, const int64_t* at,
+                                    int n, const S* b, T* y, int64_t C, int64_t lo, int64_t hi) {
   int64_t o = lo;
   for (; o + 8 <= hi; o += 8) {
     // The next block's new pixels, fetched into L1 a block ahead: 3.9-5.4 -> 2.7 ms at (32, 128, 56, 56),
@@ -602,8 +684,8 @@ CS231N_INLINE void dw_interior_nhwc(const T* x, int64_t step, const T* w_t, cons
 // image. Where one block of 8 chose per tap between x and a vector of zeros, every output of a small
 // plane ran that select, one vector of channels at a time over the whole row (1.7x oneDNN's time at
 // 32 x 32). At most kMaxDepthwiseTaps taps (the caller pads for more).
-template <typename T>
-CS231N_INLINE void dw_forward_nhwc(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+template <typename T, typename S>
+CS231N_INLINE void dw_forward_nhwc(const T* x, int64_t r0, int64_t r1, const S* w_t, const S* b, T* out,
                                    const Conv2dGeometry& g) {
   const int64_t C = g.c, step = g.sw * C;
   DepthwiseRowTaps r(g);
@@ -618,14 +700,14 @@ CS231N_INLINE void dw_forward_nhwc(const T* x, int64_t r0, int64_t r1, const T* 
     };
     for (int64_t o_w = 0; o_w < r.lo; ++o_w) border(o_w);
     for (int64_t o_w = r.hi; o_w < g.ow; ++o_w) border(o_w);
-    using V = ChannelVectors<T>;
+    using V = ChannelVectors<S>;
     for (int64_t c = C / V::kLanes * V::kLanes; c < C; ++c) {  // the channels past the vectors, one output at a time
       for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
-        T acc = b ? b[c] : T(0);
+        S acc = b ? b[c] : S(0);
         for (int k = 0; k < r.n; ++k) {
-          if (r.in_image(o_w, k)) acc += w_t[r.w_at[k] + c] * x[r.at[k] + o_w * step + c];
+          if (r.in_image(o_w, k)) acc += w_t[r.w_at[k] + c] * static_cast<S>(x[r.at[k] + o_w * step + c]);
         }
-        y[o_w * C + c] = acc;
+        y[o_w * C + c] = static_cast<T>(acc);
       }
     }
   }
@@ -761,18 +843,18 @@ CS231N_INLINE void dw_weight_grad_pixels(const T* dy_t, const T* x_pad, T* dw_t,
 }
 
 // The loops above compiled for each instruction set (their bodies inline into each).
-template <typename T>
-void dw_forward_nhwc_baseline(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+template <typename T, typename S>
+void dw_forward_nhwc_baseline(const T* x, int64_t r0, int64_t r1, const S* w_t, const S* b, T* out,
                               const Conv2dGeometry& g) {
   dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
-template <typename T>
-CS231N_AVX2 void dw_forward_nhwc_avx2(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+template <typename T, typename S>
+CS231N_AVX2 void dw_forward_nhwc_avx2(const T* x, int64_t r0, int64_t r1, const S* w_t, const S* b, T* out,
                                       const Conv2dGeometry& g) {
   dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
-template <typename T>
-CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, int64_t r0, int64_t r1, const T* w_t, const T* b, T* out,
+template <typename T, typename S>
+CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, int64_t r0, int64_t r1, const S* w_t, const S* b, T* out,
                                           const Conv2dGeometry& g) {
   dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
@@ -855,34 +937,55 @@ bool depthwise_by_channel_slices(const Conv2dGeometry& g, bool planes, const F& 
   return true;
 }
 
+// An NHWC layer read where it lies (dw_forward_nhwc), up to kMaxDepthwiseTaps taps; T float32, float64, or
+// bfloat16 with float32 filters and bias (Bf16Pairs): the bfloat16 forward, channels_last, of cpu/conv2d.cpp.
+inline bool depthwise_forward_in_place(const Conv2dGeometry& g) {
+  return depthwise_channels_last_direct(g) && g.taps() <= kMaxDepthwiseTaps;
+}
+template <typename T, typename S>
+void depthwise_forward_nhwc(const T* x, const S* w, const S* b, T* y, const Conv2dGeometry& g) {
+  std::vector<S> w_t = taps_by_channel(w, g), b_lanes;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // filters and bias in the pairs' order (Bf16Pairs)
+    const std::vector<int64_t> order = bf16_pair_lanes(g.c);
+    const std::vector<S> w_c = w_t;
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      for (int64_t j = 0; j < g.c; ++j) w_t[t * g.c + j] = w_c[t * g.c + order[j]];
+    }
+    if (b) {
+      for (int64_t j = 0; j < g.c; ++j) b_lanes.push_back(b[order[j]]);
+      b = b_lanes.data();
+    }
+  }
+  const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
+  const cpu::Isa isa = cpu::cpu_isa();
+  const SampleBands split(g.n, g.oh);  // at batch 1, a sample's rows in bands among the threads
+  at::parallel_for(0, split.chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+      int64_t n0, n1, r0, r1;
+      split.of(chunk, &n0, &n1, &r0, &r1);
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* x_n = x + n * in_sample;
+        T* y_n = y + n * out_sample;
+        if (isa == cpu::Isa::kAvx512) {
+          dw_forward_nhwc_avx512(x_n, r0, r1, w_t.data(), b, y_n, g);
+        } else if (isa == cpu::Isa::kAvx2) {
+          dw_forward_nhwc_avx2(x_n, r0, r1, w_t.data(), b, y_n, g);
+        } else {
+          dw_forward_nhwc_baseline(x_n, r0, r1, w_t.data(), b, y_n, g);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void depthwise_forward_by_samples(const T* x, const T* w, const T* b, T* y, const Conv2dGeometry& g, bool planes) {
+  if (!planes && g.taps() <= kMaxDepthwiseTaps) return depthwise_forward_nhwc(x, w, b, y, g);
   const ShiftedPlanes sp = shifted_planes(g);
   const std::vector<T> w_t = taps_by_channel(w, g);
   const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const cpu::Isa isa = cpu::cpu_isa();
-  if (!planes && g.taps() <= kMaxDepthwiseTaps) {  // NHWC read where it lies (dw_forward_nhwc)
-    const SampleBands split(g.n, g.oh);            // at batch 1, a sample's rows in bands among the threads
-    at::parallel_for(0, split.chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        int64_t n0, n1, r0, r1;
-        split.of(chunk, &n0, &n1, &r0, &r1);
-        for (int64_t n = n0; n < n1; ++n) {
-          const T *x_n = x + n * in_sample, *w = w_t.data();
-          T* y_n = y + n * out_sample;
-          if (isa == cpu::Isa::kAvx512) {
-            dw_forward_nhwc_avx512(x_n, r0, r1, w, b, y_n, g);
-          } else if (isa == cpu::Isa::kAvx2) {
-            dw_forward_nhwc_avx2(x_n, r0, r1, w, b, y_n, g);
-          } else {
-            dw_forward_nhwc_baseline(x_n, r0, r1, w, b, y_n, g);
-          }
-        }
-      }
-    });
-    return;
-  }
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     T* x_pad = cpu::thread_scratch<T>(cpu::Scratch::kPadded, sp.hp * sp.wp * g.c);
     T* out = planes ? cpu::thread_scratch<T>(cpu::Scratch::kOut, out_sample) : nullptr;

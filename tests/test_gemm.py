@@ -788,18 +788,23 @@ def test_bfloat16_input_grad_of_few_filters_by_windows(c, f, k, padding, dilatio
     (3, 64, 7, 2, "channels_last"),
     (20, 72, 3, 1, "contiguous"),     # 180 rows (30 tiles), a second, partial sliver of 8 filters
     (5, 33, 3, 2, "channels_last"),   # a last tile of 3 rows (45 = 7 x 6 + 3), 33 filters
+    (3, 32, 3, 2, "channels_last"),   # MobileNetV2's stem
+    (4, 40, 5, 3, "channels_last"),   # 3 column phases, the first pixel in phase 2 (padding 2)
 ])
-def test_bfloat16_weight_grad_of_few_channels_by_taps(c, f, k, stride, layout):
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_bfloat16_weight_grad_of_few_channels_by_taps(c, f, k, stride, layout, isa):
     """Layers of fewer than 32 channels take d_W's tiles along the filters, (tap, channel) as the rows
-    (conv2d_bf16.h, bf16_weight_grad_by_taps): every row of a tile, and the filters past a whole sliver,
-    against float64 on the same bfloat16 operands. Input that needs no gradient, as a stem's."""
+    (conv2d_bf16.h, bf16_weight_grad_by_taps; on AMX its channels_last x put into channel planes of the
+    stride's phases straight from NHWC, pad_bf16_channel_planes): every row of a tile, and the filters past
+    a whole sliver, against float64 on the same bfloat16 operands. Input that needs no gradient, as a
+    stem's."""
     if not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     gen = torch.Generator().manual_seed(c * 100 + f)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(3, c, 40, 38, generator=gen).bfloat16().contiguous(memory_format=fmt)
     w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16().requires_grad_()
-    with forced_isa("avx512"):
+    with forced_isa(isa):
         y = ours.conv2d(x, w, stride=stride, padding=k // 2)
         dy = torch.randn(y.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
         (dw,) = torch.autograd.grad(y, w, dy)

@@ -247,7 +247,7 @@ inline at::Tensor conv_weight_grad_bf16_amx_by_taps(const c10::BFloat16* dy, con
 #if CS231N_X86
   const ShiftedPlanes sp = shifted_planes(g);
   const auto round_up = [](int64_t v, int64_t unit) { return (v + unit - 1) / unit * unit; };
-  const int64_t cp = g.c + (g.c & 1), taps = g.taps(), plane = sp.plane(), rows = taps * g.c;
+  const int64_t taps = g.taps(), plane = sp.plane(), rows = taps * g.c;
   const int64_t rw = round_up(rows, kAmxBlock), fw = round_up(g.f, kAmxBlock), kp = round_up(sp.cols, kAmxTapsChunk);
   const int64_t xc_plane = plane + kAmxTapsChunk;  // a channel's phases and the last chunk's reach past them
   const int64_t outputs = g.col_cols(), in_sample = g.c * g.h * g.w, out_sample = g.f * outputs;
@@ -259,8 +259,8 @@ inline at::Tensor conv_weight_grad_bf16_amx_by_taps(const c10::BFloat16* dy, con
   TileBuffer<float> partial(chunks * rw * fw);  // chunk's d_Wᵀ [(t, c)][f]
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
-    // x: channel planes, each its padded phases (from NCHW directly; from NHWC through x_pad, pixel-major)
-    std::vector<uint16_t> x_pad(planes ? g.c * plane : plane * cp), xc(g.c * xc_plane, 0);
+    // x: channel planes, each its padded phases (from NCHW through x_pad; from NHWC directly)
+    std::vector<uint16_t> x_pad(planes ? g.c * plane : 0), xc(g.c * xc_plane, 0);
     // dY' in the pitch Wq, its gaps and past it 0: as planes [F][kp] from NCHW, pixels [kp][F] from NHWC
     std::vector<uint16_t> dy_pitch(kp * g.f, 0);
     TileBuffer<uint16_t> a_rows(rw * kAmxTapsChunk);  // rows past taps·C stay 0
@@ -287,10 +287,7 @@ inline at::Tensor conv_weight_grad_bf16_amx_by_taps(const c10::BFloat16* dy, con
           cpu::transpose_matrix(reinterpret_cast<const float*>(dy_pitch.data()), kp / 2, g.f, kp / 2, dy_pairs.data(),
                                 fw);
         } else {
-          pad_bf16_pixels(x + n * in_sample, g, sp, cp, planes, used, x_pad.data());
-          for (int64_t p = 0; p < plane; ++p) {
-            for (int64_t c = 0; c < g.c; ++c) xc[c * xc_plane + p] = x_pad[p * cp + c];
-          }
+          pad_bf16_channel_planes(x + n * in_sample, g, sp, used, xc.data(), xc_plane);
           for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
             std::memcpy(dy_pitch.data() + o_h * sp.wq * g.f, dy_n + o_h * g.ow * g.f, g.ow * g.f * sizeof(uint16_t));
           }

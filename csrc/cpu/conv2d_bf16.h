@@ -320,7 +320,9 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
     }
     return;
   }
-  // Strided: the pixels of an input row (from NCHW, transposed into `row` first) to their phases.
+  // Strided: the pixels of an input row (from NCHW, transposed into `row` first) to their phases, each
+  // column phase's pixels (every sW-th) side by side in it. (A pixel a memcpy, its place found by
+  // divisions, had been most of a 3-channel stem's d_W.)
   std::vector<uint16_t> row(planes ? g.w * g.c : 0);
   for (int64_t i = 0; i < g.h; ++i) {
     const int64_t pi = g.ph + i;
@@ -329,10 +331,41 @@ inline void pad_bf16_pixels(const c10::BFloat16* x, const Conv2dGeometry& g, con
       planes_to_pixels(xb + i * g.w, g.h * g.w, g.c, g.w, row.data(), g.c);
       pixels = row.data();
     }
-    for (int64_t j = 0; j < g.w; ++j) {
-      const int64_t pj = g.pw + j;
-      if (!used[(pi % sp.sh) * sp.sw + pj % sp.sw]) continue;  // a phase no tap reads
-      std::memcpy(x_pad + phase_pixel(sp, pi, pj) * cp, pixels + j * g.c, g.c * sizeof(uint16_t));
+    for (int64_t r = 0; r < sp.sw; ++r) {                          // column phase r: columns j = j0 + q·sW
+      const int64_t j0 = ((r - g.pw) % sp.sw + sp.sw) % sp.sw;     // the first with (pW + j) mod sW = r
+      if (j0 >= g.w || !used[(pi % sp.sh) * sp.sw + r]) continue;  // (a phase no tap reads)
+      uint16_t* dst = x_pad + phase_pixel(sp, pi, g.pw + j0) * cp;
+      const uint16_t* src = pixels + j0 * g.c;
+      const int64_t count = (g.w - j0 + sp.sw - 1) / sp.sw, step = sp.sw * g.c;
+      for (int64_t q = 0; q < count; ++q) {
+        if (g.c >= 16) {
+          std::memcpy(dst + q * cp, src + q * step, g.c * sizeof(uint16_t));
+        } else {  // a stem's few channels: no call a pixel
+          for (int64_t c = 0; c < g.c; ++c) dst[q * cp + c] = src[q * step + c];
+        }
+      }
+    }
+  }
+}
+
+// The same phases as channel planes, xc[c * pitch + phase_pixel(pi, pj)], straight from an NHWC sample:
+// only the image's pixels are written, the zeros around them (written once by the caller) staying. For
+// d_W by taps (conv2d_amx.h), in place of pad_bf16_pixels and a transpose of its result.
+inline void pad_bf16_channel_planes(const c10::BFloat16* x, const Conv2dGeometry& g, const ShiftedPlanes& sp,
+                                    const std::vector<uint8_t>& used, uint16_t* xc, int64_t pitch) {
+  const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t i = 0; i < g.h; ++i) {
+    const int64_t pi = g.ph + i;
+    for (int64_t r = 0; r < sp.sw; ++r) {  // column phase r, as in pad_bf16_pixels
+      const int64_t j0 = ((r - g.pw) % sp.sw + sp.sw) % sp.sw;
+      if (j0 >= g.w || !used[(pi % sp.sh) * sp.sw + r]) continue;
+      const int64_t first = phase_pixel(sp, pi, g.pw + j0), count = (g.w - j0 + sp.sw - 1) / sp.sw;
+      const int64_t step = sp.sw * g.c;
+      const uint16_t* src = xb + (i * g.w + j0) * g.c;
+      for (int64_t c = 0; c < g.c; ++c) {
+        uint16_t* dst = xc + c * pitch + first;
+        for (int64_t q = 0; q < count; ++q) dst[q] = src[q * step + c];
+      }
     }
   }
 }

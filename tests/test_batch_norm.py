@@ -385,11 +385,12 @@ def test_module_eval_without_buffers_uses_batch_statistics(device):
 
 
 # ------------------------------------------------------------------------------------ float16, bfloat16
-@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (3, 5, 7, 9), (2, 3, 70, 70)])  # tails; a plane > 4096 values
+# tails; a plane > 4096 values; channels_last rows of 16 values and a tail (the vector loops' rows)
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (3, 5, 7, 9), (2, 3, 70, 70), (2, 20, 9, 11)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", ["same", "float"])
-@pytest.mark.parametrize("isa", ["auto", "baseline"])  # the CPU's AVX2 loops, and the portable ones
+@pytest.mark.parametrize("isa", ["auto", "avx2", "baseline"])  # the CPU's loops (AVX-512's), AVX2's, the portable
 def test_half_inputs(device, dtype, param_dtype, layout, shape, isa):
     """float16/bfloat16 input, with parameters of its dtype or float32 (mixed, as autocast leaves them).
     Statistics and arithmetic in float32, one rounding at the end: the output is the float64 result on
@@ -418,6 +419,27 @@ def test_half_inputs(device, dtype, param_dtype, layout, shape, isa):
             torch.testing.assert_close(a.float(), b_.float(), rtol=5e-2, atol=5e-2)
         torch.testing.assert_close(rm, rm_ref, **tol)
         torch.testing.assert_close(rv, rv_ref, **tol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("isa", ["auto", "avx2", "baseline"])
+def test_bfloat16_results_are_rounded_as_torch_rounds(layout, isa):
+    """The narrow loops round each float32 result once, to nearest with ties to even, bit for bit as torch
+    rounds: eval with a running mean of 0, a running variance of 1, eps 0, weight 1 and bias 1 makes y =
+    x + 1, exact in float32 for x in [-4, 4] and rounded once (half of such sums are ties; 254 + 1.5 rounds
+    up to 2^8). 20 channels: rows of 16 and a tail of 4 in channels_last. A NaN becomes c10's 0x7fc0."""
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.rand(2, 20, 9, 11, generator=gen) * 8 - 4).bfloat16()
+    x[1, 0, 0, 0], x[0, 5, 3, 3] = 254.0, float("nan")
+    x = with_layout(x, layout)
+    bias = torch.ones(20)
+    bias[0] = 1.5
+    with contextlib.nullcontext() if isa == "auto" else forced_isa(isa):
+        y = ours.batch_norm(x, torch.zeros(20), torch.ones(20), torch.ones(20), bias, training=False, eps=0.0)
+    want = (x.double() + bias.double().view(1, -1, 1, 1)).float().bfloat16()
+    nan = want.isnan()
+    assert want[1, 0, 0, 0] == 256 and nan.sum() == 1 and (y.isnan() == nan).all()
+    assert (y.view(torch.int16)[nan] == 0x7FC0).all() and (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

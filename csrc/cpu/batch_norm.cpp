@@ -620,6 +620,10 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t off, int64_t len, int
                    const T* mean, const T* mean_lo, const T* scale, const T* beta) {
 #if CS231N_X86
   if constexpr (kNarrow<scalar_t>) {
+    if (cpu::cpu_isa() == cpu::Isa::kAvx512) {
+      if (channels_last) return cpu::narrow_normalize_row_avx512(x + off, y + off, len, mean, mean_lo, scale, beta);
+      return cpu::narrow_normalize_avx512(x + off, y + off, len, mean[c], mean_lo[c], scale[c], beta[c]);
+    }
     if (cpu::narrow_avx2_available<scalar_t>()) {
       if (channels_last) return cpu::narrow_normalize_row(x + off, y + off, len, mean, mean_lo, scale, beta);
       return cpu::narrow_normalize(x + off, y + off, len, mean[c], mean_lo[c], scale[c], beta[c]);
@@ -670,6 +674,14 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t
                     bool channels_last, const T* mean, const GradConstants<T>& k, bool training) {
 #if CS231N_X86
   if constexpr (kNarrow<scalar_t>) {
+    if (cpu::cpu_isa() == cpu::Isa::kAvx512) {
+      if (channels_last) {
+        return cpu::narrow_grad_input_row_avx512(dy + off, x + off, dx + off, len, mean, k.dy_mean.data(),
+                                                 k.proj.data(), k.gi.data(), training);
+      }
+      return cpu::narrow_grad_input_avx512(dy + off, x + off, dx + off, len, mean[c], k.dy_mean[c], k.proj[c], k.gi[c],
+                                           training);
+    }
     if (cpu::narrow_avx2_available<scalar_t>()) {
       if (channels_last) {
         return cpu::narrow_grad_input_row(dy + off, x + off, dx + off, len, mean, k.dy_mean.data(), k.proj.data(),

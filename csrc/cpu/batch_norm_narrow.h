@@ -15,6 +15,7 @@
 
 #include "common/batch_norm.h"
 #include "cpu/cpu_features.h"
+#include "cpu/reduced_float.h"
 
 #if CS231N_X86
 #include <immintrin.h>
@@ -229,6 +230,96 @@ CS231N_NARROW void narrow_grad_sums_row(const scalar_t* dy, const scalar_t* x, i
     const float g = static_cast<float>(dy[i]);
     a[i] += g;
     p[i] += g * (static_cast<float>(x[i]) - mean[i]);
+  }
+}
+
+// ---- the elementwise passes on AVX-512, 16 values at a time ----
+// At 8 values a vector the passes that read and write the narrow dtype were bound by their own arithmetic
+// (the rounding is ten operations), not by memory: bfloat16 channels_last eval (16, 32, 112, 112) ran at
+// 20 GB/s, 1.35 times oneDNN's time.
+CS231N_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+CS231N_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+CS231N_AVX512 inline void store16(__m512 v, c10::BFloat16* p) {  // (reduced_float.h's rounding)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits_avx512(v));
+}
+CS231N_AVX512 inline void store16(__m512 v, c10::Half* p) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// narrow_normalize and narrow_normalize_row, 16 at a time (the last few as they do).
+template <typename scalar_t>
+CS231N_AVX512 void narrow_normalize_avx512(const scalar_t* x, scalar_t* y, int64_t len, float mean, float mean_lo,
+                                           float scale, float beta) {
+  const __m512 m = _mm512_set1_ps(mean), lo = _mm512_set1_ps(mean_lo), s = _mm512_set1_ps(scale);
+  const __m512 b = _mm512_set1_ps(beta);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    store16(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(load16(x + i), m), lo), s, b), y + i);
+  }
+  for (; i < len; ++i) y[i] = static_cast<scalar_t>(bn_normalize(static_cast<float>(x[i]), mean, mean_lo, scale, beta));
+}
+
+template <typename scalar_t>
+CS231N_AVX512 void narrow_normalize_row_avx512(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
+                                               const float* mean_lo, const float* scale, const float* beta) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 centred =
+        _mm512_sub_ps(_mm512_sub_ps(load16(x + i), _mm512_loadu_ps(mean + i)), _mm512_loadu_ps(mean_lo + i));
+    store16(_mm512_fmadd_ps(centred, _mm512_loadu_ps(scale + i), _mm512_loadu_ps(beta + i)), y + i);
+  }
+  for (; i < len; ++i) {
+    y[i] = static_cast<scalar_t>(bn_normalize(static_cast<float>(x[i]), mean[i], mean_lo[i], scale[i], beta[i]));
+  }
+}
+
+// narrow_grad_input and narrow_grad_input_row, 16 at a time.
+template <typename scalar_t>
+CS231N_AVX512 void narrow_grad_input_avx512(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
+                                            float mean, float dy_mean, float proj, float gi, bool training) {
+  const __m512 m = _mm512_set1_ps(mean), dm = _mm512_set1_ps(dy_mean), pj = _mm512_set1_ps(proj);
+  const __m512 s = _mm512_set1_ps(gi);
+  int64_t i = 0;
+  if (training) {
+    for (; i + 16 <= len; i += 16) {
+      const __m512 centred = _mm512_sub_ps(load16(x + i), m);
+      const __m512 inner = _mm512_fnmadd_ps(centred, pj, _mm512_sub_ps(load16(dy + i), dm));  // dy - dm - (x-m)pj
+      store16(_mm512_mul_ps(inner, s), dx + i);
+    }
+    for (; i < len; ++i) {
+      dx[i] = static_cast<scalar_t>(
+          bn_backward_train(static_cast<float>(dy[i]), static_cast<float>(x[i]), mean, dy_mean, proj, gi));
+    }
+  } else {
+    for (; i + 16 <= len; i += 16) store16(_mm512_mul_ps(load16(dy + i), s), dx + i);
+    for (; i < len; ++i) dx[i] = static_cast<scalar_t>(bn_backward_eval(static_cast<float>(dy[i]), gi));
+  }
+}
+
+template <typename scalar_t>
+CS231N_AVX512 void narrow_grad_input_row_avx512(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
+                                                const float* mean, const float* dy_mean, const float* proj,
+                                                const float* gi, bool training) {
+  int64_t i = 0;
+  if (training) {
+    for (; i + 16 <= len; i += 16) {
+      const __m512 centred = _mm512_sub_ps(load16(x + i), _mm512_loadu_ps(mean + i));
+      const __m512 inner = _mm512_fnmadd_ps(centred, _mm512_loadu_ps(proj + i),
+                                            _mm512_sub_ps(load16(dy + i), _mm512_loadu_ps(dy_mean + i)));
+      store16(_mm512_mul_ps(inner, _mm512_loadu_ps(gi + i)), dx + i);
+    }
+    for (; i < len; ++i) {
+      dx[i] = static_cast<scalar_t>(
+          bn_backward_train(static_cast<float>(dy[i]), static_cast<float>(x[i]), mean[i], dy_mean[i], proj[i], gi[i]));
+    }
+  } else {
+    for (; i + 16 <= len; i += 16) store16(_mm512_mul_ps(load16(dy + i), _mm512_loadu_ps(gi + i)), dx + i);
+    for (; i < len; ++i) dx[i] = static_cast<scalar_t>(bn_backward_eval(static_cast<float>(dy[i]), gi[i]));
   }
 }
 

@@ -1,6 +1,7 @@
 // Batch norm's hot loops for float16 and bfloat16 on AVX2 (cpu/batch_norm.cpp calls them where the CPU has
 // AVX2, and F16C for float16): each value is widened to float32 as it is loaded and rounded once as it is
-// stored, 8 at a time, with the arithmetic of common/batch_norm.h in between. In the portable loops of
+// stored, 8 at a time (the elementwise passes 16 at a time on AVX-512, at the end), with the arithmetic of
+// common/batch_norm.h in between. In the portable loops of
 // batch_norm.cpp a piece is converted into an L1 buffer, computed there, and converted back: three
 // passes where these make one, which matters once the narrow dtype has halved the bytes from memory.
 //

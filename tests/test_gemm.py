@@ -565,26 +565,42 @@ def test_bfloat16_grouped_in_lanes_against_float64(c, k, stride, padding, dilati
 @pytest.mark.parametrize("n,hw", [(3, (9, 21)), (1, (14, 14))])  # at batch 1 a sample's rows in bands
 @pytest.mark.parametrize("isa", ISAS)
 def test_bfloat16_depthwise_channels_last_is_the_float32_kernel_rounded(c, k, stride, padding, dilation, n, hw, isa):
-    """The channels_last bfloat16 depthwise forward reads and writes bfloat16 (conv2d_depthwise.h, Bf16Pairs:
-    even and odd channels as two float32 vectors, filters and bias reordered to match), and must give the
-    bits of the float32 kernel on converted copies, rounded once: the sums are the same in the same order.
-    Every instruction set (GCC's generic vectors); NaN and infinities among the inputs."""
+    """The channels_last bfloat16 depthwise layer reads and writes bfloat16 (conv2d_depthwise.h, Bf16Pairs:
+    even and odd channels as two float32 vectors, filters, bias, d_W and d_b reordered to match): the
+    forward, d_x of stride 1 (the forward on dY with the flipped filters), d_W and d_b (in place from rows of
+    16 outputs, else from the padded sample). Each must give the bits of the float32 kernels on converted
+    copies, rounded once: the same sums in the same order. Every instruction set (GCC's generic vectors);
+    NaN and infinities among the forward's inputs (the backward's are finite, where NaN would fill d_W)."""
     gen = torch.Generator().manual_seed(c + n)
     x = torch.randn(n, c, *hw, generator=gen).bfloat16()
-    x.view(-1)[[5, 77, 300]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).bfloat16()
-    x = x.contiguous(memory_format=torch.channels_last)
+    x_odd = x.clone()
+    x_odd.view(-1)[[5, 77, 300]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).bfloat16()
+    x, x_odd = (t.contiguous(memory_format=torch.channels_last) for t in (x, x_odd))
     kh, kw = (k, k) if isinstance(k, int) else k
     w = (torch.randn(c, 1, kh, kw, generator=gen) / kh).bfloat16()
     b = torch.randn(c, generator=gen).bfloat16()
     args = dict(stride=stride, padding=padding, dilation=dilation, groups=c)
+
+    def same_bits(got, want):
+        nan = want.isnan()
+        assert got.dtype == torch.bfloat16 and (got.isnan() == nan).all()
+        assert (got.view(torch.int16) == want.view(torch.int16))[~nan].all()
+
     with forced_isa(isa):
         for bias in (b, None):
-            y = ours.conv2d(x, w, bias, **args)
-            want = ours.conv2d(x.float(), w.float(), None if bias is None else bias.float(), **args).bfloat16()
-            assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
-            nan = want.isnan()
-            assert nan.any() and (y.isnan() == nan).all()
-            assert (y.view(torch.int16) == want.view(torch.int16))[~nan].all()
+            y = ours.conv2d(x_odd, w, bias, **args)
+            want = ours.conv2d(x_odd.float(), w.float(), None if bias is None else bias.float(), **args).bfloat16()
+            assert y.is_contiguous(memory_format=torch.channels_last) and want.isnan().any()
+            same_bits(y, want)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = ours.conv2d(*leaves, **args)
+        dy = torch.randn(y.shape, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(y, leaves, dy)
+        leaves32 = [t.float().requires_grad_() for t in (x, w, b)]
+        grads32 = torch.autograd.grad(ours.conv2d(*leaves32, **args), leaves32, dy.float())
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+        for got, want in zip(grads, grads32):
+            same_bits(got, want.bfloat16())
 
 
 @pytest.mark.parametrize("c", [48, 40])

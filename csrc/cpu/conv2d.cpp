@@ -366,9 +366,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
 #else
     const bool dx_grouped = false;
 #endif
+    // depthwise, channels_last: read and written in bfloat16, the float32 kernels' sums (conv2d_depthwise.h:
+    // Bf16Pairs); d_x of a stride-1 layer as the forward with the flipped filters, a strided one's in float32
+    const bool depthwise = input.scalar_type() == at::kBFloat16 &&
+                           conv2d_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
+                           depthwise_forward_in_place(g);
+    Conv2dGeometry u;
+    const bool dx_depthwise = output_mask[0] && depthwise && transposed_geometry(g, &u);
     std::array<bool, 3> mask_f32 = output_mask;
-    if (dx_bf16 || dx_grouped) mask_f32[0] = false;
-    if (dw_bf16) mask_f32[1] = false;
+    if (dx_bf16 || dx_grouped || dx_depthwise) mask_f32[0] = false;
+    if (dw_bf16 || depthwise) mask_f32[1] = false;
+    if (depthwise) mask_f32[2] = false;
     // The rest in float32, rounded once (reduced_float.h).
     const auto dtype = input.scalar_type();
     at::Tensor dx, dw, db;
@@ -402,6 +410,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       }
     }
 #endif
+    if (dx_depthwise) {
+      dx = at::empty(input.sizes(), input.options().memory_format(format));
+      const at::Tensor dy = grad_output.contiguous(format), w_flipped = transposed_filters(weight.to(at::kFloat), g);
+      depthwise_forward_nhwc(dy.const_data_ptr<c10::BFloat16>(), w_flipped.const_data_ptr<float>(),
+                             static_cast<const float*>(nullptr), dx.mutable_data_ptr<c10::BFloat16>(), u);
+    }
+    if (depthwise && (output_mask[1] || output_mask[2])) {
+      const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
+      const at::TensorOptions f32 = weight.options().dtype(at::kFloat);
+      if (output_mask[1]) dw = at::empty(weight.sizes(), f32.memory_format(format));  // (rounded below)
+      if (output_mask[2]) db = at::empty({g.f}, f32);
+      depthwise_backward_by_samples<c10::BFloat16, float>(
+          dy.const_data_ptr<c10::BFloat16>(), x.const_data_ptr<c10::BFloat16>(), nullptr, nullptr,
+          output_mask[1] ? dw.mutable_data_ptr<float>() : nullptr,
+          output_mask[2] ? db.mutable_data_ptr<float>() : nullptr, g, /*planes=*/false);
+    }
     if (dw_bf16) {
       const bool planes = format != at::MemoryFormat::ChannelsLast;
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
@@ -417,8 +441,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
       }
       dw = dw_ordered.to(dtype);
     }
-    return {dx_bf16 || dx_grouped ? dx : cpu::round_to(dx, dtype), dw_bf16 ? dw : cpu::round_to(dw, dtype),
-            cpu::round_to(db, dtype)};
+    return {dx_bf16 || dx_grouped || dx_depthwise ? dx : cpu::round_to(dx, dtype),
+            dw_bf16 ? dw : cpu::round_to(dw, dtype), cpu::round_to(db, dtype)};
   }
   bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];  // cleared once computed
   const at::MemoryFormat format = conv2d_memory_format(input, weight);

@@ -89,6 +89,7 @@ struct Bf16Pairs {
   typedef uint32_t Words __attribute__((vector_size(4 * kWords), aligned(2), may_alias));
   typedef float Floats __attribute__((vector_size(4 * kWords), aligned(4), may_alias));
   CS231N_INLINE static const Floats& at(const float* p) { return *reinterpret_cast<const Floats*>(p); }
+  CS231N_INLINE static Floats& at(float* p) { return *reinterpret_cast<Floats*>(p); }
   CS231N_INLINE static void load(const c10::BFloat16* p, Floats& even, Floats& odd) {
     const Words u = *reinterpret_cast<const Words*>(p);
     even = (Floats)(u << 16);
@@ -107,7 +108,7 @@ struct Bf16Pairs {
   }
 };
 
-// The order of a [.][C] float32 row (filters, bias) that dw_outputs_nhwc's bfloat16 kernel reads: each
+// The order of a [.][C] float32 row (filters, bias; d_W and d_b) that the bfloat16 kernels use: each
 // block of 32 channels as its 16 even then its 16 odd channels, a block of 16 after them as its 8 even
 // then 8 odd; the last C mod 16 as they are. order[j] = the channel at place j.
 inline std::vector<int64_t> bf16_pair_lanes(int64_t C) {
@@ -750,6 +751,55 @@ CS231N_INLINE void dw_weight_grad_outputs_nhwc(const T* first, int64_t step, con
   }
 }
 
+// The same in bfloat16 (Bf16Pairs), the sums float32 in bf16_pair_lanes' order: blocks of 32 channels,
+// then one of 16, then the last few one at a time as above.
+template <int P, int kWords>
+CS231N_INLINE void dw_weight_grad_bf16(const c10::BFloat16* first, int64_t step, const c10::BFloat16* dy,
+                                       const int64_t* w_at, const int64_t* at, int n, float* dw_t, float* db, int64_t C,
+                                       int64_t c) {
+  using B = Bf16Pairs<kWords>;
+  using Floats = typename B::Floats;
+  Floats d_even[P], d_odd[P];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) B::load(dy + p * C + c, d_even[p], d_odd[p]);
+  if (db) {
+    Floats even = d_even[0], odd = d_odd[0];
+#pragma GCC unroll 8
+    for (int p = 1; p < P; ++p) even += d_even[p], odd += d_odd[p];
+    B::at(db + c) += even;
+    B::at(db + c + kWords) += odd;
+  }
+  for (int k = 0; k < n && dw_t; ++k) {
+    const c10::BFloat16* src = first + at[k] + c;
+    Floats x_even, x_odd;
+    B::load(src, x_even, x_odd);
+    Floats even = d_even[0] * x_even, odd = d_odd[0] * x_odd;
+#pragma GCC unroll 8
+    for (int p = 1; p < P; ++p) {
+      B::load(src + p * step, x_even, x_odd);
+      even += d_even[p] * x_even;
+      odd += d_odd[p] * x_odd;
+    }
+    B::at(dw_t + w_at[k] + c) += even;
+    B::at(dw_t + w_at[k] + c + kWords) += odd;
+  }
+}
+template <int P>
+CS231N_INLINE void dw_weight_grad_outputs_nhwc(const c10::BFloat16* first, int64_t step, const c10::BFloat16* dy,
+                                               const int64_t* w_at, const int64_t* at, int n, float* dw_t, float* db,
+                                               int64_t C) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) dw_weight_grad_bf16<P, 16>(first, step, dy, w_at, at, n, dw_t, db, C, c);
+  if (c + 16 <= C) dw_weight_grad_bf16<P, 8>(first, step, dy, w_at, at, n, dw_t, db, C, c), c += 16;
+  for (; c < C; ++c) {  // the channels past the vectors
+    for (int p = 0; p < P; ++p) {
+      const float dv = static_cast<float>(dy[p * C + c]);
+      if (db) db[c] += dv;
+      for (int k = 0; k < n && dw_t; ++k) dw_t[w_at[k] + c] += dv * static_cast<float>(first[at[k] + p * step + c]);
+    }
+  }
+}
+
 // NHWC d_W in place (dw_weight_grad_nhwc) for rows of 16 outputs or more, where blocks of 8 carry the
 // work. On shorter rows (MobileNetV2's 8 x 8 and 4 x 4 stages) most outputs run alone, each adding its
 // taps' sums into d_W; the padded copy's loop (dw_weight_grad_pixels), whose sums stay in registers over the
@@ -763,8 +813,8 @@ inline bool depthwise_weight_grad_in_place(const Conv2dGeometry& g) {
 // whose taps' columns all lie in the image in blocks of 8, 4 and 1 (none overlapping: these are sums), the
 // borders' outputs over their own taps. Replaces a loop over the whole sample per vector of channels,
 // with the input padded: (32, 128, 56, 56) d_W and d_b 4.6 -> 3.7 ms (oneDNN 4.7).
-template <typename T>
-CS231N_INLINE void dw_weight_grad_nhwc(const T* dy, const T* x, int64_t r0, int64_t r1, T* dw_t, T* db,
+template <typename T, typename S>
+CS231N_INLINE void dw_weight_grad_nhwc(const T* dy, const T* x, int64_t r0, int64_t r1, S* dw_t, S* db,
                                        const Conv2dGeometry& g) {
   const int64_t C = g.c, step = g.sw * C;
   DepthwiseRowTaps r(g);
@@ -842,6 +892,64 @@ CS231N_INLINE void dw_weight_grad_pixels(const T* dy_t, const T* x_pad, T* dw_t,
   }
 }
 
+// The same in bfloat16 (Bf16Pairs), the sums float32 in bf16_pair_lanes' order; at most
+// kMaxDepthwiseTaps taps (the caller's condition). kWords channels of each parity a block.
+template <int kWords, int kFixed>
+CS231N_INLINE void dw_weight_grad_pixels_bf16(const c10::BFloat16* dy_t, const c10::BFloat16* x_pad, float* dw_t,
+                                              float* db, const Conv2dGeometry& g, const ShiftedPlanes& sp,
+                                              const int64_t* at, int64_t c) {
+  using B = Bf16Pairs<kWords>;
+  using Floats = typename B::Floats;
+  const int64_t C = g.c, count = kFixed > 0 ? kFixed : g.taps();
+  Floats even[kFixed > 0 ? kFixed : kMaxDepthwiseTaps] = {}, odd[kFixed > 0 ? kFixed : kMaxDepthwiseTaps] = {};
+  Floats db_even = {}, db_odd = {};
+  for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+    for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+      Floats d_even, d_odd, x_even, x_odd;
+      B::load(dy_t + (o_h * g.ow + o_w) * C + c, d_even, d_odd);
+      db_even += d_even;
+      db_odd += d_odd;
+      if (!dw_t) continue;  // d_b alone: no padded x
+      const c10::BFloat16* x = x_pad + dw_in_pixel(g, sp, o_h, o_w, 0) * C + c;
+#pragma GCC unroll 9
+      for (int64_t t = 0; t < count; ++t) {
+        B::load(x + at[t], x_even, x_odd);
+        even[t] += d_even * x_even;
+        odd[t] += d_odd * x_odd;
+      }
+    }
+  }
+  if (db) B::at(db + c) += db_even, B::at(db + c + kWords) += db_odd;
+  for (int64_t t = 0; dw_t && t < count; ++t) {
+    B::at(dw_t + t * C + c) += even[t];
+    B::at(dw_t + t * C + c + kWords) += odd[t];
+  }
+}
+CS231N_INLINE void dw_weight_grad_pixels(const c10::BFloat16* dy_t, const c10::BFloat16* x_pad, float* dw_t, float* db,
+                                         const Conv2dGeometry& g, const ShiftedPlanes& sp, const int64_t* offset) {
+  const int64_t C = g.c, taps = g.taps();
+  int64_t at[kMaxDepthwiseTaps];
+  for (int64_t t = 0; t < taps; ++t) at[t] = offset[t] * C;
+  int64_t c = 0;
+  if (taps == 9) {
+    for (; c + 32 <= C; c += 32) dw_weight_grad_pixels_bf16<16, 9>(dy_t, x_pad, dw_t, db, g, sp, at, c);
+    if (c + 16 <= C) dw_weight_grad_pixels_bf16<8, 9>(dy_t, x_pad, dw_t, db, g, sp, at, c), c += 16;
+  } else {
+    for (; c + 32 <= C; c += 32) dw_weight_grad_pixels_bf16<16, 0>(dy_t, x_pad, dw_t, db, g, sp, at, c);
+    if (c + 16 <= C) dw_weight_grad_pixels_bf16<8, 0>(dy_t, x_pad, dw_t, db, g, sp, at, c), c += 16;
+  }
+  for (; c < C; ++c) {  // the channels past the vectors, as the float32 loop's
+    for (int64_t o_h = 0; o_h < g.oh; ++o_h) {
+      for (int64_t o_w = 0; o_w < g.ow; ++o_w) {
+        const float d = static_cast<float>(dy_t[(o_h * g.ow + o_w) * C + c]);
+        if (db) db[c] += d;
+        const int64_t base = dw_in_pixel(g, sp, o_h, o_w, 0) * C + c;
+        for (int64_t t = 0; dw_t && t < taps; ++t) dw_t[t * C + c] += d * static_cast<float>(x_pad[base + at[t]]);
+      }
+    }
+  }
+}
+
 // The loops above compiled for each instruction set (their bodies inline into each).
 template <typename T, typename S>
 void dw_forward_nhwc_baseline(const T* x, int64_t r0, int64_t r1, const S* w_t, const S* b, T* out,
@@ -858,18 +966,18 @@ CS231N_AVX512 void dw_forward_nhwc_avx512(const T* x, int64_t r0, int64_t r1, co
                                           const Conv2dGeometry& g) {
   dw_forward_nhwc(x, r0, r1, w_t, b, out, g);
 }
-template <typename T>
-void dw_weight_grad_nhwc_baseline(const T* dy, const T* x, int64_t r0, int64_t r1, T* dw_t, T* db,
+template <typename T, typename S>
+void dw_weight_grad_nhwc_baseline(const T* dy, const T* x, int64_t r0, int64_t r1, S* dw_t, S* db,
                                   const Conv2dGeometry& g) {
   dw_weight_grad_nhwc(dy, x, r0, r1, dw_t, db, g);
 }
-template <typename T>
-CS231N_AVX2 void dw_weight_grad_nhwc_avx2(const T* dy, const T* x, int64_t r0, int64_t r1, T* dw_t, T* db,
+template <typename T, typename S>
+CS231N_AVX2 void dw_weight_grad_nhwc_avx2(const T* dy, const T* x, int64_t r0, int64_t r1, S* dw_t, S* db,
                                           const Conv2dGeometry& g) {
   dw_weight_grad_nhwc(dy, x, r0, r1, dw_t, db, g);
 }
-template <typename T>
-CS231N_AVX512 void dw_weight_grad_nhwc_avx512(const T* dy, const T* x, int64_t r0, int64_t r1, T* dw_t, T* db,
+template <typename T, typename S>
+CS231N_AVX512 void dw_weight_grad_nhwc_avx512(const T* dy, const T* x, int64_t r0, int64_t r1, S* dw_t, S* db,
                                               const Conv2dGeometry& g) {
   dw_weight_grad_nhwc(dy, x, r0, r1, dw_t, db, g);
 }
@@ -888,18 +996,18 @@ CS231N_AVX512 void dw_forward_pixels_avx512(const T* x_pad, const T* w_t, const 
                                             const ShiftedPlanes& sp, const int64_t* offset) {
   dw_forward_pixels(x_pad, w_t, b, out, g, sp, offset);
 }
-template <typename T>
-void dw_weight_grad_pixels_baseline(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+template <typename T, typename S>
+void dw_weight_grad_pixels_baseline(const T* dy_t, const T* x_pad, S* dw_t, S* db, const Conv2dGeometry& g,
                                     const ShiftedPlanes& sp, const int64_t* offset) {
   dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
-template <typename T>
-CS231N_AVX2 void dw_weight_grad_pixels_avx2(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+template <typename T, typename S>
+CS231N_AVX2 void dw_weight_grad_pixels_avx2(const T* dy_t, const T* x_pad, S* dw_t, S* db, const Conv2dGeometry& g,
                                             const ShiftedPlanes& sp, const int64_t* offset) {
   dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
-template <typename T>
-CS231N_AVX512 void dw_weight_grad_pixels_avx512(const T* dy_t, const T* x_pad, T* dw_t, T* db, const Conv2dGeometry& g,
+template <typename T, typename S>
+CS231N_AVX512 void dw_weight_grad_pixels_avx512(const T* dy_t, const T* x_pad, S* dw_t, S* db, const Conv2dGeometry& g,
                                                 const ShiftedPlanes& sp, const int64_t* offset) {
   dw_weight_grad_pixels(dy_t, x_pad, dw_t, db, g, sp, offset);
 }
@@ -1123,11 +1231,13 @@ void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeome
   });
 }
 
-template <typename T>
-void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T* dw, T* db, const Conv2dGeometry& g,
+// T: float32 and float64; or bfloat16, its d_W and d_b float32 (S; no d_x, which the caller gives the
+// forward, and NHWC, up to kMaxDepthwiseTaps taps: Bf16Pairs' kernels).
+template <typename T, typename S = T>
+void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, S* dw, S* db, const Conv2dGeometry& g,
                                    bool planes) {
   const ShiftedPlanes sp = shifted_planes(g);
-  const std::vector<T> w_t = taps_by_channel(w, g);
+  const std::vector<T> w_t = dx ? taps_by_channel(w, g) : std::vector<T>();
   const std::vector<int64_t> offset = depthwise_tap_offsets(g, sp);
   const int64_t in_sample = g.c * g.h * g.w, out_sample = g.c * g.col_cols();
   const bool in_place = !planes && !dx && depthwise_weight_grad_in_place(g);  // NHWC d_W without the padded copy
@@ -1136,7 +1246,7 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
   const SampleBands split(g.n, in_place ? g.oh : 1);
   const int64_t chunks = split.chunks;
   // each chunk's d_W [taps][C] and d_b [C], summed in chunk order below
-  std::vector<T> dw_part(dw ? chunks * g.taps() * g.c : 0, T(0)), db_part(db ? chunks * g.c : 0, T(0));
+  std::vector<S> dw_part(dw ? chunks * g.taps() * g.c : 0, S(0)), db_part(db ? chunks * g.c : 0, S(0));
   const cpu::Isa isa = cpu::cpu_isa();
   const InputGradReaches reaches(dx ? g : Conv2dGeometry{});
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -1148,15 +1258,18 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
     std::vector<int64_t> at_w(dx ? g.taps() : 0), at_dy(dx ? g.taps() : 0);
     T* dy_scratch = planes ? cpu::thread_scratch<T>(cpu::Scratch::kGrad, out_sample) : nullptr;
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
-      T* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
-      T* db_c = db ? db_part.data() + chunk * g.c : nullptr;
+      S* dw_c = dw ? dw_part.data() + chunk * g.taps() * g.c : nullptr;
+      S* db_c = db ? db_part.data() + chunk * g.c : nullptr;
       int64_t n0, n1, r0, r1;  // rows [r0, r1) in place only
       split.of(chunk, &n0, &n1, &r0, &r1);
       for (int64_t n = n0; n < n1; ++n) {
-        const T* dy_t = dy + n * out_sample;  // [oH*oW][C]: NHWC's dY as it lies
-        if (planes) {
-          cpu::transpose_matrix(dy_t, g.col_cols(), g.c, g.col_cols(), dy_scratch, g.c);
-          dy_t = dy_scratch;
+        const T* dy_t = dy + n * out_sample;   // [oH*oW][C]: NHWC's dY as it lies
+        if constexpr (std::is_same_v<T, S>) {  // (bfloat16: NHWC only)
+          if (planes) {
+            cpu::transpose_matrix(dy_t, g.col_cols(), g.c, g.col_cols(), dy_scratch, g.c);
+            dy_t = dy_scratch;
+          }
+          if (dw && planes) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
         }
         if (in_place) {
           const T* x_n = x + n * in_sample;
@@ -1169,7 +1282,6 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
           }
           continue;
         }
-        if (dw && planes) pad_pixels_from_planes(x + n * in_sample, g, sp, x_pad);
         if (dw && !planes) pad_pixels(x + n * in_sample, g, sp, x_pad);
         if (dw || db) {
           if (isa == cpu::Isa::kAvx512) {
@@ -1180,24 +1292,33 @@ void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, T
             dw_weight_grad_pixels_baseline(dy_t, x_pad, dw_c, db_c, g, sp, offset.data());
           }
         }
-        if (dx) {
-          T* out = planes ? dx_pixels : dx + n * in_sample;
-          cpu::with_best_isa(
-              [&] { depthwise_input_grad_rows(dy_t, w_t.data(), out, g, reaches, 0, g.h, at_w.data(), at_dy.data()); });
-          if (planes) cpu::transpose_matrix(out, g.c, g.h * g.w, g.c, dx + n * in_sample, g.h * g.w);  // [C][H*W]
+        if constexpr (std::is_same_v<T, S>) {
+          if (dx) {
+            T* out = planes ? dx_pixels : dx + n * in_sample;
+            cpu::with_best_isa([&] {
+              depthwise_input_grad_rows(dy_t, w_t.data(), out, g, reaches, 0, g.h, at_w.data(), at_dy.data());
+            });
+            if (planes) cpu::transpose_matrix(out, g.c, g.h * g.w, g.c, dx + n * in_sample, g.h * g.w);  // [C][H*W]
+          }
         }
       }
     }
   });
+  std::vector<int64_t> lane(g.c);  // channel c's place in the rows of sums (bfloat16: the pairs' order)
+  for (int64_t c = 0; c < g.c; ++c) lane[c] = c;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const std::vector<int64_t> order = bf16_pair_lanes(g.c);
+    for (int64_t j = 0; j < g.c; ++j) lane[order[j]] = j;
+  }
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t t = 0; dw && t < g.taps(); ++t) {
-      T sum = T(0);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += dw_part[(chunk * g.taps() + t) * g.c + c];
+      S sum = S(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += dw_part[(chunk * g.taps() + t) * g.c + lane[c]];
       dw[c * g.taps() + t] = sum;
     }
     if (db) {
-      T sum = T(0);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += db_part[chunk * g.c + c];
+      S sum = S(0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += db_part[chunk * g.c + lane[c]];
       db[c] = sum;
     }
   }

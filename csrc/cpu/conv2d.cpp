@@ -367,12 +367,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
     const bool dx_grouped = false;
 #endif
     // depthwise, channels_last: read and written in bfloat16, the float32 kernels' sums (conv2d_depthwise.h:
-    // Bf16Pairs); d_x of a stride-1 layer as the forward with the flipped filters, a strided one's in float32
+    // Bf16Pairs); d_x of a stride-1 layer as the forward with the flipped filters, a strided one's a gather
     const bool depthwise = input.scalar_type() == at::kBFloat16 &&
                            conv2d_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
                            depthwise_forward_in_place(g);
-    Conv2dGeometry u;
-    const bool dx_depthwise = output_mask[0] && depthwise && transposed_geometry(g, &u);
+    const bool dx_depthwise = output_mask[0] && depthwise;
     std::array<bool, 3> mask_f32 = output_mask;
     if (dx_bf16 || dx_grouped || dx_depthwise) mask_f32[0] = false;
     if (dw_bf16 || depthwise) mask_f32[1] = false;
@@ -412,9 +411,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_buffers(
 #endif
     if (dx_depthwise) {
       dx = at::empty(input.sizes(), input.options().memory_format(format));
-      const at::Tensor dy = grad_output.contiguous(format), w_flipped = transposed_filters(weight.to(at::kFloat), g);
-      depthwise_forward_nhwc(dy.const_data_ptr<c10::BFloat16>(), w_flipped.const_data_ptr<float>(),
-                             static_cast<const float*>(nullptr), dx.mutable_data_ptr<c10::BFloat16>(), u);
+      const at::Tensor dy = grad_output.contiguous(format), w = weight.to(at::kFloat).contiguous();
+      const auto* dyp = dy.const_data_ptr<c10::BFloat16>();
+      if (Conv2dGeometry u; transposed_geometry(g, &u)) {
+        depthwise_forward_nhwc(dyp, transposed_filters(w, g).const_data_ptr<float>(),
+                               static_cast<const float*>(nullptr), dx.mutable_data_ptr<c10::BFloat16>(), u);
+      } else {
+        depthwise_input_grad_nhwc(dyp, w.const_data_ptr<float>(), dx.mutable_data_ptr<c10::BFloat16>(), g);
+      }
     }
     if (depthwise && (output_mask[1] || output_mask[2])) {
       const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);

@@ -1022,6 +1022,21 @@ std::vector<T> taps_by_channel(const T* w, const Conv2dGeometry& g) {
   return w_t;
 }
 
+// W [C, 1, kH, kW] as [taps][C] for the NHWC kernels reading T: bfloat16's filters (float32) in
+// bf16_pair_lanes' order.
+template <typename T, typename S>
+std::vector<S> channel_taps(const S* w, const Conv2dGeometry& g) {
+  std::vector<S> w_t = taps_by_channel(w, g);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const std::vector<int64_t> order = bf16_pair_lanes(g.c);
+    const std::vector<S> w_c = w_t;
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      for (int64_t j = 0; j < g.c; ++j) w_t[t * g.c + j] = w_c[t * g.c + order[j]];
+    }
+  }
+  return w_t;
+}
+
 // At batch 1 a sample a thread leaves the other threads idle. An NCHW sample's channels [c0, c1) lie
 // together (x, y, dY and d_x planes; W's and d_W's rows), so a slice of channels is a depthwise layer of
 // its own: f(c0, sub) runs each slice, in parallel, sub being g with its c1 - c0 channels, whole vectors of
@@ -1052,15 +1067,11 @@ inline bool depthwise_forward_in_place(const Conv2dGeometry& g) {
 }
 template <typename T, typename S>
 void depthwise_forward_nhwc(const T* x, const S* w, const S* b, T* y, const Conv2dGeometry& g) {
-  std::vector<S> w_t = taps_by_channel(w, g), b_lanes;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // filters and bias in the pairs' order (Bf16Pairs)
-    const std::vector<int64_t> order = bf16_pair_lanes(g.c);
-    const std::vector<S> w_c = w_t;
-    for (int64_t t = 0; t < g.taps(); ++t) {
-      for (int64_t j = 0; j < g.c; ++j) w_t[t * g.c + j] = w_c[t * g.c + order[j]];
-    }
+  const std::vector<S> w_t = channel_taps<T>(w, g);
+  std::vector<S> b_lanes;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // the bias in the pairs' order too (Bf16Pairs)
     if (b) {
-      for (int64_t j = 0; j < g.c; ++j) b_lanes.push_back(b[order[j]]);
+      for (const int64_t c : bf16_pair_lanes(g.c)) b_lanes.push_back(b[c]);
       b = b_lanes.data();
     }
   }
@@ -1151,6 +1162,39 @@ CS231N_INLINE void depthwise_input_grad_pixel(const T* w_t, const T* dy, const i
   }
 }
 
+// The same in bfloat16 (Bf16Pairs; w_t float32 in bf16_pair_lanes' order).
+template <int Q, int kWords>
+CS231N_INLINE void depthwise_input_grad_bf16(const float* w_t, const c10::BFloat16* dy,
+                                             const int64_t* __restrict__ at_w, const int64_t* __restrict__ at_dy,
+                                             int pairs, c10::BFloat16* out, int64_t c) {
+  using B = Bf16Pairs<kWords>;
+  using Floats = typename B::Floats;
+  const int count = Q > 0 ? Q : pairs;
+  Floats even = {}, odd = {};
+#pragma GCC unroll 4
+  for (int q = 0; q < count; ++q) {
+    Floats d_even, d_odd;
+    B::load(dy + at_dy[q] + c, d_even, d_odd);
+    even += B::at(w_t + at_w[q] + c) * d_even;
+    odd += B::at(w_t + at_w[q] + c + kWords) * d_odd;
+  }
+  B::store(out + c, even, odd);
+}
+template <int Q>
+CS231N_INLINE void depthwise_input_grad_pixel(const float* w_t, const c10::BFloat16* dy,
+                                              const int64_t* __restrict__ at_w, const int64_t* __restrict__ at_dy,
+                                              int pairs, c10::BFloat16* out, int64_t C) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) depthwise_input_grad_bf16<Q, 16>(w_t, dy, at_w, at_dy, pairs, out, c);
+  if (c + 16 <= C) depthwise_input_grad_bf16<Q, 8>(w_t, dy, at_w, at_dy, pairs, out, c), c += 16;
+  const int count = Q > 0 ? Q : pairs;
+  for (; c < C; ++c) {  // the channels past the vectors
+    float acc = 0.0f;
+    for (int q = 0; q < count; ++q) acc += w_t[at_w[q] + c] * static_cast<float>(dy[at_dy[q] + c]);
+    out[c] = static_cast<c10::BFloat16>(acc);
+  }
+}
+
 // d_x of a depthwise layer in NHWC as a gather: each input pixel sums the taps that reach it,
 //     d_x[i_h, i_w, c] = Σ W[c, t_h, t_w] · dY[o_h, o_w, c]   over i_h + pH - t_h·dH = o_h·sH, 0 <= o_h < oH
 // (and the same along the width: conv_out_index). Which (tap, output) pairs reach a row depends on the
@@ -1180,8 +1224,8 @@ struct InputGradReaches {
 
 // Input rows [i0, i1) of one sample's d_x (dx_n [H][W][C]) from its dY (dy_n [oH*oW][C]) and w_t [taps][C];
 // at_w and at_dy hold g.taps() offsets each.
-template <typename T>
-CS231N_INLINE void depthwise_input_grad_rows(const T* dy_n, const T* w_t, T* dx_n, const Conv2dGeometry& g,
+template <typename T, typename S>
+CS231N_INLINE void depthwise_input_grad_rows(const T* dy_n, const S* w_t, T* dx_n, const Conv2dGeometry& g,
                                              const InputGradReaches& r, int64_t i0, int64_t i1, int64_t* at_w,
                                              int64_t* at_dy) {
   const int64_t C = g.c;
@@ -1214,10 +1258,11 @@ CS231N_INLINE void depthwise_input_grad_rows(const T* dy_n, const T* w_t, T* dx_
 }
 
 // A strided NHWC layer's d_x, a row of a sample a task (stride 1 takes the forward with flipped filters).
-template <typename T>
-void depthwise_input_grad_nhwc(const T* dy, const T* w, T* dx, const Conv2dGeometry& g) {
+// T float32, float64, or bfloat16 with float32 filters (Bf16Pairs).
+template <typename T, typename S>
+void depthwise_input_grad_nhwc(const T* dy, const S* w, T* dx, const Conv2dGeometry& g) {
   const InputGradReaches reaches(g);
-  const std::vector<T> w_t = taps_by_channel(w, g);  // [taps][C]
+  const std::vector<S> w_t = channel_taps<T>(w, g);  // [taps][C]
   const int64_t in_sample = g.h * g.w * g.c, out_sample = g.col_cols() * g.c;
   at::parallel_for(0, g.n * g.h, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> at_w(g.taps()), at_dy(g.taps());  // a pixel's (weight, dY) offsets, one pair per tap

@@ -2,10 +2,11 @@
 step (forward, cross-entropy loss, backward to every parameter) at batch 16 x 3x128x128, converted with
 torch_cs231n.convert() against the same model with torch's layers. Target (the CPU-convolution issue):
 <= 1.15 for both. Forward alone is the model under no_grad, in training mode (batch statistics).
-ResNet-18 is timed under torch.autocast(bfloat16) too, float32 parameters and input; it, ResNet-50 and
-MobileNetV2 at batch 1 in eval mode at 224x224 (inference: their fwd column; a small batch leaves the last
-layers few output pixels, where the convolution takes its dot products, cpu/conv2d_dots.h, and one sample
-to share among the threads): informative (no target), not part of --quick.
+ResNet-18 (NCHW) and MobileNetV2 (channels_last) are timed under torch.autocast(bfloat16) too, float32
+parameters and input; those, and ResNet-18, ResNet-50 and MobileNetV2 at batch 1 in eval mode at 224x224
+(inference: their fwd column; a small batch leaves the last layers few output pixels, where the
+convolution takes its dot products, cpu/conv2d_dots.h, and one sample to share among the threads), are
+informative (no target), not part of --quick.
 ResNeXt-50 (grouped 3 x 3 layers) likewise, in NCHW and in channels_last."""
 import copy
 
@@ -82,31 +83,37 @@ def cases():
 
     # Mixed precision, as a user trains on a CPU with AVX512-BF16: autocast runs the convolutions in
     # bfloat16 (torch's policy for conv2d); batch norm, ReLU and max-pool take what they are given.
-    models = {}
+    # ResNet-18 in NCHW, and MobileNetV2 in channels_last (its depthwise layers read bfloat16 as it lies).
+    for name, layout, case in (
+        ("resnet18", torch.contiguous_format, "resnet18_autocast"),
+        ("mobilenet_v2", torch.channels_last, "mobilenet_v2_autocast_cl"),
+    ):
+        models = {}
 
-    def make_autocast_inputs(device, dtype, models=models):
-        ours, reference = _models("resnet18")
-        models["ours"], models["torch"] = ours.to(device), reference.to(device)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device)
-        labels = torch.randint(CLASSES, (BATCH,), generator=g).to(device)
-        return x, labels
+        def make_autocast_inputs(device, dtype, name=name, layout=layout, models=models):
+            ours, reference = _models(name)
+            models["ours"], models["torch"] = (m.to(device).to(memory_format=layout) for m in (ours, reference))
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(device).contiguous(memory_format=layout)
+            labels = torch.randint(CLASSES, (BATCH,), generator=g).to(device)
+            return x, labels
 
-    def autocast_step(who, x, labels, models=models):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return F.cross_entropy(models[who](x), labels)
+        def autocast_step(who, x, labels, models=models):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return F.cross_entropy(models[who](x), labels)
 
-    yield Case(
-        op="model",
-        name="resnet18_autocast",
-        describe=f"resnet18 train step {BATCH}x3x{SIZE}x{SIZE} autocast bfloat16",
-        make_inputs=make_autocast_inputs,
-        ours=lambda x, labels: autocast_step("ours", x, labels),
-        reference=lambda x, labels: autocast_step("torch", x, labels),
-        target=None,
-        quick=False,
-        grad_targets=lambda who, models=models: list(models[who].parameters()),
-    )
+        describe = f"{name} train step {BATCH}x3x{SIZE}x{SIZE} autocast bfloat16"
+        yield Case(
+            op="model",
+            name=case,
+            describe=describe + (" channels_last" if layout == torch.channels_last else ""),
+            make_inputs=make_autocast_inputs,
+            ours=lambda x, labels, step=autocast_step: step("ours", x, labels),
+            reference=lambda x, labels, step=autocast_step: step("torch", x, labels),
+            target=None,
+            quick=False,
+            grad_targets=lambda who, models=models: list(models[who].parameters()),
+        )
 
     # Inference of one image, as a CPU serves a model: eval mode (running statistics), batch 1, 224x224.
     # ResNet-18, and ResNet-50 and MobileNetV2 (1x1 layers in NCHW, 52 batch norms: where the Python

@@ -497,12 +497,24 @@ def test_amx_bfloat16_weight_grad_of_small_images_against_float64(layout, n, c, 
     (40, 36, 3, (25, 30), 2, 1),  # ... strided
     (3, 40, 7, (90, 80), 2, 3),   # a stem by windows (1800 outputs): its blocks of outputs in bands
     (64, 40, 1, (15, 13), 1, 0),  # 1x1 read in place (AMX, NHWC), in bands: the last band's last rows copied
+    (64, 160, 3, (7, 7), 1, 1),   # by rows (49 outputs): the filters' blocks among the threads, a last partial
+    (96, 200, 1, (5, 6), 1, 0),   # ... a 1 x 1 layer
 ])
 def test_bfloat16_forward_of_one_sample_against_float64(isa, layout, c, f, k, hw, stride, padding):
-    """Batch-1 inference in bfloat16: one sample's forward shared among the threads, by bands of its
-    output rows (or of its blocks of outputs, for a stem), each band stored alone."""
+    """Batch-1 inference in bfloat16: one sample's forward shared among the threads (two here), by bands of
+    its output rows (or of its blocks of outputs, for a stem), each band stored alone; small images, whose
+    outputs go by rows, by the filters' blocks (AMX: 32, AVX512-BF16: 64), each thread storing its own."""
     if isa == "avx512" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _one_sample_against_float64(isa, layout, c, f, k, hw, stride, padding)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_sample_against_float64(isa, layout, c, f, k, hw, stride, padding):
     gen = torch.Generator().manual_seed(c + f)
     x = torch.randn(1, c, *hw, generator=gen).bfloat16()
     w = (torch.randn(f, c, k, k, generator=gen) / (c * k * k) ** 0.5).bfloat16()

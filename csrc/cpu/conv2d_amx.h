@@ -54,6 +54,10 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   const bool by_rows = bf16_pixel_rows(g);
   const SampleBands split(g.n, by_rows ? 1 : g.oh);
   const int64_t chunks = split.chunks;
+  // By rows with fewer samples than threads (a batch of 1 on 7 x 7 images), the filters' blocks go among
+  // the threads too, each building its samples' rows itself: one thread had run the whole layer.
+  const int64_t f_blocks = (g.f + kAmxBlock - 1) / kAmxBlock;
+  const int64_t f_parts = by_rows ? std::clamp<int64_t>(at::get_num_threads() / chunks, 1, f_blocks) : 1;
   const int64_t row_values = taps * cp;
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_values * 2), 1, (g.n + chunks - 1) / chunks) : 1;
@@ -76,7 +80,7 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
   for (int64_t p = outputs; by_rows && p < block * outputs; ++p) {  // by rows: the block's other samples
     place[p] = p / outputs * out_sample + place_of(p % outputs);
   }
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, chunks * f_parts, 1, [&](int64_t cb, int64_t ce) {
     const AmxScope tiles;
     TileBuffer<uint16_t> x_pad(in_place ? 0 : (sp.plane() + kAmxBlock) * cp);
     TileBuffer<uint16_t> a_rows(by_rows && !in_place ? (block * outputs + kAmxBlock) * row_values : 0,
@@ -84,7 +88,10 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
     TileBuffer<uint16_t> tail(in_place ? kAmxBlock * cp : 0);  // in place: the batch's last rows, copied
     alignas(64) float c[kAmxBlock * kAmxBlock];
     const int64_t a_row = by_rows ? row_values : cp;
-    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+    for (int64_t item = cb; item < ce; ++item) {
+      const int64_t chunk = item / f_parts, part = item % f_parts;
+      const int64_t j0 = chunk_begin(part, f_parts, f_blocks) * kAmxBlock;  // its filters [j0, j1)
+      const int64_t j1 = std::min(g.f, chunk_begin(part + 1, f_parts, f_blocks) * kAmxBlock);
       int64_t n_begin, n_end, r0, r1;
       split.of(chunk, &n_begin, &n_end, &r0, &r1);
       for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
@@ -125,9 +132,9 @@ inline void conv_forward_bf16_amx(const c10::BFloat16* x, const Bf16Filters& w, 
         // layers); with more taps a block's rows are taps times larger and a filter sliver stays instead
         if (taps == 1) {
           for (int64_t i = i0; i < m; i += kAmxBlock)
-            for (int64_t j = 0; j < g.f; j += kAmxBlock) block_at(i, j);
+            for (int64_t j = j0; j < j1; j += kAmxBlock) block_at(i, j);
         } else {
-          for (int64_t j = 0; j < g.f; j += kAmxBlock)
+          for (int64_t j = j0; j < j1; j += kAmxBlock)
             for (int64_t i = i0; i < m; i += kAmxBlock) block_at(i, j);
         }
       }

@@ -480,6 +480,18 @@ inline void store_bf16_sample(const float* out, const Conv2dGeometry& g, bool pl
   cpu::from_float(out, outputs * g.f, y_n);
 }
 
+// The same for the filters [j0, j1) alone (a thread's share of the filters: conv_forward_bf16 at batch 1).
+inline void store_bf16_filters(const float* out, int64_t j0, int64_t j1, const Conv2dGeometry& g, bool planes,
+                               float* planes_out, c10::BFloat16* y_n) {
+  const int64_t outputs = g.col_cols(), nf = j1 - j0;
+  if (!planes) {
+    for (int64_t o = 0; o < outputs; ++o) cpu::from_float(out + o * g.f + j0, nf, y_n + o * g.f + j0);
+    return;
+  }
+  cpu::transpose_matrix(out + j0, g.f, outputs, nf, planes_out, outputs);
+  cpu::from_float(planes_out, nf * outputs, y_n + j0 * outputs);
+}
+
 // The same for outputs [o0, o0 + m) of a sample, [m x F] in float32 at `out` (NCHW: transposed through
 // planes_out, m x F floats, then rounded plane by plane).
 inline void store_bf16_outputs(const float* out, int64_t o0, int64_t m, const Conv2dGeometry& g, bool planes,
@@ -675,13 +687,16 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
   const bool by_rows = bf16_pixel_rows(g);
   const SampleBands split(g.n, by_rows ? 1 : g.oh);
   const int64_t chunks = split.chunks;
+  // by rows with fewer samples than threads, the filters' slivers among the threads too (conv2d_amx.h)
+  const int64_t slivers = (g.f + kBf16Nr - 1) / kBf16Nr;
+  const int64_t f_parts = by_rows ? std::clamp<int64_t>(at::get_num_threads() / chunks, 1, slivers) : 1;
   const int64_t row_words = taps * pairs, outputs = g.col_cols();
   const int64_t block =
       by_rows ? std::clamp<int64_t>(kBf16RowsBytes / (outputs * row_words * 4), 1, (g.n + chunks - 1) / chunks) : 1;
   const std::vector<int64_t> in_pitch = output_pixels(g, sp, 1);  // output o's pixel in the pitch Wq
   std::vector<int64_t> row_table(block * outputs);                // row j's first word in the rows' words (a)
   for (int64_t j = 0; j < block * outputs; ++j) row_table[j] = by_rows ? j * row_words : in_pitch[j] * pairs;
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, chunks * f_parts, 1, [&](int64_t cb, int64_t ce) {
     std::vector<uint16_t> x_pad(sp.plane() * cp);
     std::vector<uint32_t> a_rows(by_rows ? block * outputs * row_words : 0);
     std::vector<float> out(block * outputs * g.f), planes_out(planes ? outputs * g.f : 0);
@@ -693,7 +708,10 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
     // the rows' words: the block's copied rows, or the padded plane read in place
     const bf16_word* a =
         by_rows ? reinterpret_cast<const bf16_word*>(a_rows.data()) : reinterpret_cast<const bf16_word*>(x_pad.data());
-    for (int64_t chunk = cb; chunk < ce; ++chunk) {
+    for (int64_t item = cb; item < ce; ++item) {
+      const int64_t chunk = item / f_parts, part = item % f_parts;
+      const int64_t j0 = chunk_begin(part, f_parts, slivers) * kBf16Nr;  // its filters [j0, j1)
+      const int64_t j1 = std::min(g.f, chunk_begin(part + 1, f_parts, slivers) * kBf16Nr);
       int64_t n_begin, n_end, r0, r1;
       split.of(chunk, &n_begin, &n_end, &r0, &r1);
       for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
@@ -711,7 +729,7 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
             }
           }
         }
-        for (int64_t j = 0; j < g.f; j += kBf16Nr) {
+        for (int64_t j = j0; j < j1; j += kBf16Nr) {
           const int n_tile = static_cast<int>(std::min<int64_t>(kBf16Nr, g.f - j));
           const uint32_t* sliver = filters.data() + (j / kBf16Nr) * taps * pairs * kBf16Nr;
           for (int64_t i = i0; i < m; i += kBf16Mr) {
@@ -725,7 +743,13 @@ inline void conv_forward_bf16(const c10::BFloat16* x, const Bf16Filters& w, cons
           continue;
         }
         for (int64_t s = 0; s < nb; ++s) {
-          store_bf16_sample(out.data() + s * outputs * g.f, g, planes, planes_out.data(), y + (n0 + s) * out_sample);
+          const float* out_s = out.data() + s * outputs * g.f;
+          c10::BFloat16* y_s = y + (n0 + s) * out_sample;
+          if (f_parts > 1) {
+            store_bf16_filters(out_s, j0, j1, g, planes, planes_out.data(), y_s);
+          } else {
+            store_bf16_sample(out_s, g, planes, planes_out.data(), y_s);
+          }
         }
       }
     }

@@ -74,7 +74,8 @@ struct ChannelVectors {
   static Vec& at(T* p) { return *reinterpret_cast<Vec*>(p); }
 };
 
-// bfloat16 channels as float32 vectors, in pairs (the channels_last bfloat16 forward, dw_outputs_nhwc). 2L
+// bfloat16 channels as float32 vectors, in pairs (the channels_last bfloat16 kernels: the forward, the
+// gather of d_x, d_W and d_b). 2L
 // bfloat16 channels read as L 32-bit words hold channel 2i in word i's low half and 2i + 1 in its high
 // half: the words shifted up 16 bits are the even channels as float32, the words with their low halves
 // cleared the odd ones. (Widening 16 values in place took three shuffles a vector, GCC's lowering, and
@@ -85,7 +86,6 @@ struct ChannelVectors {
 // (Vectors go in and out through references, which keeps them out of the baseline build's ABI.)
 template <int kWords>
 struct Bf16Pairs {
-  static constexpr int kChannels = 2 * kWords;
   typedef uint32_t Words __attribute__((vector_size(4 * kWords), aligned(2), may_alias));
   typedef float Floats __attribute__((vector_size(4 * kWords), aligned(4), may_alias));
   CS231N_INLINE static const Floats& at(const float* p) { return *reinterpret_cast<const Floats*>(p); }
@@ -614,13 +614,12 @@ CS231N_INLINE void dw_outputs_bf16(const c10::BFloat16* first, int64_t step, con
                                    const int64_t* at, int n, const float* b, c10::BFloat16* y, int64_t C, int64_t c) {
   using B = Bf16Pairs<kWords>;
   using Floats = typename B::Floats;
-  constexpr int kHalf = kWords;  // (the odd channels' filters and bias follow the even ones')
-  Floats even[P], odd[P];
-  const Floats init_even = b ? B::at(b + c) : Floats{}, init_odd = b ? B::at(b + c + kHalf) : Floats{};
+  Floats even[P], odd[P];  // (the odd channels' filters and bias follow the even ones', kWords on)
+  const Floats init_even = b ? B::at(b + c) : Floats{}, init_odd = b ? B::at(b + c + kWords) : Floats{};
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) even[p] = init_even, odd[p] = init_odd;
   for (int k = 0; k < n; ++k) {
-    const Floats w_even = B::at(w_t + w_at[k] + c), w_odd = B::at(w_t + w_at[k] + c + kHalf);
+    const Floats w_even = B::at(w_t + w_at[k] + c), w_odd = B::at(w_t + w_at[k] + c + kWords);
     const c10::BFloat16* src = first + at[k] + c;
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
@@ -1276,8 +1275,8 @@ void depthwise_input_grad_nhwc(const T* dy, const S* w, T* dx, const Conv2dGeome
   });
 }
 
-// T: float32 and float64; or bfloat16, its d_W and d_b float32 (S; no d_x, which the caller gives the
-// forward, and NHWC, up to kMaxDepthwiseTaps taps: Bf16Pairs' kernels).
+// T: float32 and float64; or bfloat16 with d_W and d_b in float32 (S), NHWC and up to kMaxDepthwiseTaps
+// taps (Bf16Pairs' kernels), and no d_x (the caller's: depthwise_forward_nhwc or depthwise_input_grad_nhwc).
 template <typename T, typename S = T>
 void depthwise_backward_by_samples(const T* dy, const T* x, const T* w, T* dx, S* dw, S* db, const Conv2dGeometry& g,
                                    bool planes) {

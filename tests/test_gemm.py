@@ -579,8 +579,8 @@ def test_bfloat16_grouped_in_lanes_against_float64(c, k, stride, padding, dilati
 def test_bfloat16_depthwise_channels_last_is_the_float32_kernel_rounded(c, k, stride, padding, dilation, n, hw, isa):
     """The channels_last bfloat16 depthwise layer reads and writes bfloat16 (conv2d_depthwise.h, Bf16Pairs:
     even and odd channels as two float32 vectors, filters, bias, d_W and d_b reordered to match): the
-    forward, d_x of stride 1 (the forward on dY with the flipped filters), d_W and d_b (in place from rows of
-    16 outputs, else from the padded sample). Each must give the bits of the float32 kernels on converted
+    forward, d_x (stride 1: the forward on dY with the flipped filters; strided: the gather), d_W and d_b
+    (in place from rows of 16 outputs, else from the padded sample). Each must give the bits of the float32 kernels on converted
     copies, rounded once: the same sums in the same order. Every instruction set (GCC's generic vectors);
     NaN and infinities among the forward's inputs (the backward's are finite, where NaN would fill d_W)."""
     gen = torch.Generator().manual_seed(c + n)
